@@ -1,0 +1,168 @@
+"""Parity of the Triton kernels with their torch twin and with QuantizedWeight.dequantize().
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 on the CPU. The interpreter is chosen when
+`@triton.jit` decorates a kernel, so the variable is set here, before kbitrt.kernels.triton_kbit is
+imported (kbitrt imports it lazily, on the first CUDA call only); `test_runs_triton` fails if some
+earlier import compiled the kernels instead. With a GPU the same tests run the compiled kernels.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "kbitrt.kernels.triton_kbit" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kbitrt.formats.blockwise import quantize_weight  # noqa: E402
+from kbitrt.formats.spec import OutlierSpec, QuantConfig  # noqa: E402
+from kbitrt.kernels import kbit_linear, pad_codebook  # noqa: E402
+from kbitrt.kernels import triton_kbit as tk  # noqa: E402
+from kbitrt.kernels.reference import dequantize_packed, kbit_linear_torch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
+
+
+def _quantized(n, k, bits, block, dtype="nf", outliers=None, seed=0, zero_blocks=False):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    if zero_blocks:
+        w[:, :block] = 0.0  # every row's first block
+        w[n // 2] = 0.0  # one whole row
+    cfg = QuantConfig(bits=bits, block_size=block, dtype=dtype,
+                      outliers=OutlierSpec.parse(outliers) if outliers else None)
+    return quantize_weight(w, cfg)
+
+
+def _args(qw, device=DEVICE):
+    """The kernel arguments of a QuantizedWeight (absmax decoded to fp16/fp32 once, as at load)."""
+    absmax = qw.absmax_float() if qw.absmax_scale is not None else qw.absmax
+    idx = qw.outlier_idx.to(device) if qw.outlier_idx is not None else None
+    ow = qw.outlier_weight.to(device) if qw.outlier_weight is not None else None
+    return (qw.qweight.to(device), absmax.to(device), pad_codebook(qw.codebook, qw.bits).to(device),
+            idx, ow)
+
+
+def _nan_empty(monkeypatch):
+    """Make torch.empty return NaN-filled memory, so an output element never written shows."""
+    real = torch.empty
+
+    def empty(*a, **kw):
+        t = real(*a, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def _check(qw, m, act=torch.float16, bias=False, config=None, monkeypatch=None, seed=1):
+    n, k = qw.shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(act).to(DEVICE)
+    b = torch.randn(n, generator=g).to(act).to(DEVICE) if bias else None
+    qweight, absmax, cb, idx, ow = _args(qw)
+    if monkeypatch is not None:
+        _nan_empty(monkeypatch)
+    y = tk.kbit_linear_triton(x, qweight, absmax, cb, b, idx, ow, qw.bits, qw.block_size, k,
+                              config=config)
+    if monkeypatch is not None:
+        monkeypatch.undo()
+    ref = kbit_linear_torch(x, qweight, absmax, cb, b, idx, ow, qw.bits, qw.block_size, k)
+    full = x.float() @ qw.dequantize().to(DEVICE).t() + (b.float() if bias else 0)
+    assert y.shape == (m, n) and y.dtype == act
+    assert not torch.isnan(y).any(), "NaN in the kernel output (an element not written?)"
+    scale = ref.float().abs().max().item() + 1.0
+    tol = TOL[act] * scale
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= tol, f"kernel vs torch twin: max err {err:.3g} > {tol:.3g}"
+    err_full = (y.float() - full).abs().max().item()
+    assert err_full <= tol + TOL[act] * scale, f"kernel vs dequantize(): {err_full:.3g}"
+
+
+def test_runs_triton():
+    if DEVICE == "cpu":
+        assert tk.interpreted(), "triton_kbit was imported before TRITON_INTERPRET=1 was set"
+
+
+@pytest.mark.parametrize("bits", range(3, 9))
+@pytest.mark.parametrize("dtype", ["nf", "int", "fp", "quantile", "dynamic"])
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+def test_bits_dtypes(bits, dtype, m):
+    # K = 203: ragged against the block (64) and not a multiple of 8 (padding codes in the row)
+    _check(_quantized(37, 203, bits, 64, dtype), m)
+
+
+@pytest.mark.parametrize("block", [32, 64, 128, 256, 1024, 4096])
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+def test_block_sizes(block, m):
+    _check(_quantized(40, 300, 4, block, seed=block), m)
+
+
+# tiles smaller and larger than the absmax block, with and without split-K
+CONFIGS = [(16, 32, 1), (16, 64, 2), (32, 128, 3), (16, 256, 1)]
+
+
+@pytest.mark.parametrize("bits", [3, 4, 5, 8])
+@pytest.mark.parametrize("block_n,block_k,split", CONFIGS)
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_configs(bits, block_n, block_k, split, m, monkeypatch):
+    block_m = 1 if m == 1 else 16 if m <= 16 else 32
+    cfg = tk.KernelConfig(block_m, block_n, block_k, split)
+    _check(_quantized(50, 260, bits, 64, seed=bits), m, bias=True, config=cfg,
+           monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16, torch.float32])
+def test_outliers_bias_dtypes(m, act, monkeypatch):
+    _check(_quantized(33, 150, 4, 32, outliers="top:5%"), m, act=act, bias=True,
+           monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+@pytest.mark.parametrize("m", [1, 16, 33])
+def test_zero_blocks(bits, m):
+    _check(_quantized(24, 192, bits, 32, zero_blocks=True), m, bias=True)
+
+
+def test_dq8_absmax():
+    qw = quantize_weight(torch.randn(30, 256), QuantConfig(bits=4, block_size=64,
+                                                           absmax_dtype="dq8"))
+    _check(qw, 1)
+    _check(qw, 20)
+
+
+def test_dispatch_by_m():
+    dev = torch.device(DEVICE)
+    assert tk.pick_config(1, 4096, 4096, 4, 64, dev).block_m == 1
+    assert tk.pick_config(16, 4096, 4096, 4, 64, dev).block_m == 16
+    assert tk.pick_config(512, 4096, 4096, 4, 64, dev).split_k == 1
+
+
+def test_rejects_bad_codebook():
+    qw = _quantized(16, 64, 4, 32)
+    qweight, absmax, _, _, _ = _args(qw)
+    with pytest.raises(ValueError, match="codebook"):
+        tk.kbit_linear_triton(torch.randn(1, 64, device=DEVICE), qweight, absmax,
+                              qw.codebook[:3].to(DEVICE), None, None, None, 4, 32, 64)
+
+
+def test_dequantize_packed_exact():
+    for bits in range(3, 9):
+        qw = _quantized(9, 77, bits, 32, dtype="quantile", outliers="top:3%")
+        got = dequantize_packed(qw.qweight, qw.absmax.float(), pad_codebook(qw.codebook, bits),
+                                bits, 32, 77)
+        want = qw.dequantize()
+        want[:, qw.outlier_idx] = 0.0
+        assert torch.equal(got, want)
+
+
+def test_custom_op_cpu():
+    qw = _quantized(20, 96, 5, 32, outliers="top:4%")
+    qweight, absmax, cb, idx, ow = (a.cpu() if a is not None else None for a in _args(qw, "cpu"))
+    x = torch.randn(2, 3, 96)
+    y = kbit_linear(x, qweight, absmax, cb, None, idx, ow, 5, 32, 96)
+    assert y.shape == (2, 3, 20)
+    torch.testing.assert_close(y, x @ qw.dequantize().t(), rtol=1e-4, atol=1e-4)
+    torch.library.opcheck(torch.ops.kbitrt.kbit_linear.default,
+                          (x.reshape(6, 96), qweight, absmax, cb, None, idx, ow, 5, 32, 96))
