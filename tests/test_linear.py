@@ -1,0 +1,83 @@
+"""KbitLinear and replace_linears on the CPU (the torch path; the kernels have test_kernels.py)."""
+
+import pytest
+import torch
+from torch import nn
+
+from kbitrt.formats.blockwise import quantize_weight
+from kbitrt.formats.spec import OutlierSpec, QuantConfig
+from kbitrt.linear import KbitLinear, replace_linears
+
+
+def _qw(n=48, k=100, bits=4, block=32, outliers=None, absmax="fp16", seed=0):
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed))
+    cfg = QuantConfig(bits=bits, block_size=block, absmax_dtype=absmax,
+                      outliers=OutlierSpec.parse(outliers) if outliers else None)
+    return quantize_weight(w, cfg)
+
+
+@pytest.mark.parametrize("cpu_cache", [True, False])
+@pytest.mark.parametrize("bits,outliers,absmax", [(3, None, "fp16"), (4, "top:5%", "fp32"),
+                                                  (5, "top:2%", "dq8"), (8, None, "fp16")])
+def test_forward_matches_dequantize(cpu_cache, bits, outliers, absmax):
+    qw = _qw(bits=bits, outliers=outliers, absmax=absmax)
+    bias = torch.randn(48)
+    lin = KbitLinear.from_quantized(qw, bias, compute_dtype=torch.float32, cpu_cache=cpu_cache)
+    x = torch.randn(2, 5, 100)
+    want = x @ qw.dequantize().t() + bias
+    tol = 2e-2 if absmax == "dq8" else 1e-4  # dq8 is decoded to fp16 scales at load
+    torch.testing.assert_close(lin(x), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(lin.dequantize(), qw.dequantize(), rtol=tol, atol=tol)
+    assert (lin.in_features, lin.out_features) == (100, 48)
+
+
+def test_bf16_activations():
+    qw = _qw()
+    lin = KbitLinear.from_quantized(qw, None, compute_dtype=torch.bfloat16)
+    x = torch.randn(3, 100)
+    y = lin(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), x @ qw.dequantize().t(), rtol=2e-2, atol=5e-2)
+
+
+def test_state_dict_roundtrip_and_cache_invalidation():
+    a = KbitLinear.from_quantized(_qw(outliers="top:5%", seed=1), torch.randn(48))
+    x = torch.randn(4, 100)
+    _ = a(x)  # fills a's CPU cache
+    names = set(a.state_dict())
+    assert {"qweight", "absmax", "codebook", "outlier_idx", "outlier_weight", "bias"} <= names
+    b = KbitLinear(100, 48, 4, 32, bias=True, n_outliers=a.outlier_idx.numel())
+    _ = b(x)  # a cache of the zero weight, which loading must invalidate
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b(x), a(x))
+
+
+def test_half_keeps_codebook_and_absmax_dtype():
+    lin = KbitLinear.from_quantized(_qw(absmax="fp32"), torch.randn(48)).half()
+    assert lin.codebook.dtype == torch.float32 and lin.absmax.dtype == torch.float32
+    assert lin.bias.dtype == torch.float16 and lin.qweight.dtype == torch.uint8
+
+
+def test_extra_repr():
+    lin = KbitLinear.from_quantized(_qw(bits=3, block=64, outliers="top:5%"), None, data_type="nf")
+    r = repr(lin)
+    assert "nf3" in r and "block=64" in r and "outliers=5" in r and "absmax=float16" in r
+
+
+def test_replace_linears():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 48), nn.ReLU(), nn.Sequential(nn.Linear(48, 20)))
+    q0 = quantize_weight(model[0].weight.detach(), QuantConfig(bits=8, block_size=32))
+    q2 = quantize_weight(model[2][0].weight.detach(), QuantConfig(bits=8, block_size=32))
+    x = torch.randn(3, 100)
+    want = model(x)
+    done = replace_linears(model, {"0": q0, "2.0": (q2, model[2][0].bias.detach())},
+                           compute_dtype=torch.float32)
+    assert done == ["0", "2.0"]
+    assert isinstance(model[0], KbitLinear) and isinstance(model[2][0], KbitLinear)
+    assert model[0].bias is not None  # taken from the replaced nn.Linear
+    torch.testing.assert_close(model(x), want, rtol=0.05, atol=0.05)
+    with pytest.raises(TypeError):
+        replace_linears(model, {"1": q0})
+    with pytest.raises(ValueError, match="quantized weight"):
+        replace_linears(nn.Sequential(nn.Linear(10, 10)), {"0": q0})
