@@ -1,0 +1,303 @@
+"""One small spec per model family: which config keys give the shapes, which switches it sets, and
+where each of the native decoder's tensors lives in a checkpoint (`{layer}` is the layer index).
+
+The decoder (decoder.py) names its own modules `tok_emb`, `layers.3.attn.wq`, ...; a spec maps
+those names to the checkpoint's (the transformers state-dict names, which kbit folders keep).
+Families the native decoder lacks run through the transformers backend instead (loader.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    model_types: tuple[str, ...]
+    # ModelArgs field -> config attributes, the first one present wins
+    keys: dict[str, tuple[str, ...]]
+    # decoder module -> checkpoint module, `{layer}` for the layer index; `a|b`: a, else b
+    weights: dict[str, str]
+    # variant switches, fixed per family (ModelArgs fields)
+    switches: dict[str, Any] = field(default_factory=dict)
+    # config -> more ModelArgs fields, for switches a config turns on or off
+    derive: Callable[[Any], dict] | None = None
+    # config -> why the native decoder cannot run it (None: it can)
+    unsupported: Callable[[Any], str | None] | None = None
+
+
+@dataclass
+class ModelArgs:
+    """Everything the generic decoder needs; built from a transformers config by `model_args`."""
+
+    family: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    hidden_dim: int
+    max_positions: int | None = None
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    norm_eps: float = 1e-5
+    act: str = "gelu"  # a transformers ACT2FN name, so activations match its forward exactly
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    positions: str = "learned"  # learned | rotary | alibi
+    pos_offset: int = 0  # OPT's learned positions start at 2
+    qkv: str = "separate"  # separate (wq, wk, wv) | fused (q|k|v rows) | interleaved (per head q,k,v)
+    mlp: str = "plain"  # plain: down(act(up x)) | gated: down(act(gate x) * up x)
+    parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x)  (NeoX)
+    post_norm: bool = False  # norm after the residual add (OPT-350m)
+    residual_from_norm: bool = False  # the residual is the normed input (BLOOM option)
+    emb_norm: bool = False  # a norm right after the embedding (BLOOM)
+    final_norm: bool = True
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    project_dim: int | None = None  # OPT-350m: embeddings narrower than the model (project_in/out)
+    rotary_fraction: float = 1.0  # NeoX: rotary on the first part of each head only
+    sliding_windows: tuple[int | None, ...] | None = None  # per layer, None = full attention
+
+    def __post_init__(self) -> None:
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_fraction)
+
+
+def _get(config, names: tuple[str, ...], default=_MISSING):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    if default is _MISSING:
+        raise KeyError(names[0])
+    return default
+
+
+def _rope(config) -> dict:
+    return dict(getattr(config, "rope_parameters", None) or {})
+
+
+# -------------------------------------------------------------------------------------- families
+
+GPT2 = FamilySpec(
+    name="gpt2", model_types=("gpt2",),
+    keys=dict(vocab_size=("vocab_size",), dim=("n_embd", "hidden_size"), n_layers=("n_layer",),
+              n_heads=("n_head",), hidden_dim=("n_inner",), max_positions=("n_positions",),
+              norm_eps=("layer_norm_epsilon",), act=("activation_function",)),
+    weights={
+        "tok_emb": "transformer.wte", "pos_emb": "transformer.wpe",
+        "layers.{layer}.attn_norm": "transformer.h.{layer}.ln_1",
+        "layers.{layer}.attn.wqkv": "transformer.h.{layer}.attn.c_attn",
+        "layers.{layer}.attn.wo": "transformer.h.{layer}.attn.c_proj",
+        "layers.{layer}.mlp_norm": "transformer.h.{layer}.ln_2",
+        "layers.{layer}.mlp.up": "transformer.h.{layer}.mlp.c_fc",
+        "layers.{layer}.mlp.down": "transformer.h.{layer}.mlp.c_proj",
+        "norm": "transformer.ln_f", "lm_head": "lm_head"},
+    switches=dict(positions="learned", qkv="fused", qkv_bias=True, o_bias=True, mlp_bias=True),
+    derive=lambda c: dict(hidden_dim=c.n_inner or 4 * c.n_embd,
+                          tie_embeddings=bool(getattr(c, "tie_word_embeddings", True))),
+    unsupported=lambda c: ("scale_attn_by_inverse_layer_idx" if getattr(
+        c, "scale_attn_by_inverse_layer_idx", False) else None),
+)
+
+OPT = FamilySpec(
+    name="opt", model_types=("opt",),
+    keys=dict(vocab_size=("vocab_size",), dim=("hidden_size",), n_layers=("num_hidden_layers",),
+              n_heads=("num_attention_heads",), hidden_dim=("ffn_dim",),
+              max_positions=("max_position_embeddings",), act=("activation_function",)),
+    weights={
+        "tok_emb": "model.decoder.embed_tokens", "pos_emb": "model.decoder.embed_positions",
+        "project_in": "model.decoder.project_in", "project_out": "model.decoder.project_out",
+        "layers.{layer}.attn_norm": "model.decoder.layers.{layer}.self_attn_layer_norm",
+        "layers.{layer}.attn.wq": "model.decoder.layers.{layer}.self_attn.q_proj",
+        "layers.{layer}.attn.wk": "model.decoder.layers.{layer}.self_attn.k_proj",
+        "layers.{layer}.attn.wv": "model.decoder.layers.{layer}.self_attn.v_proj",
+        "layers.{layer}.attn.wo": "model.decoder.layers.{layer}.self_attn.out_proj",
+        "layers.{layer}.mlp_norm": "model.decoder.layers.{layer}.final_layer_norm",
+        "layers.{layer}.mlp.up": "model.decoder.layers.{layer}.fc1",
+        "layers.{layer}.mlp.down": "model.decoder.layers.{layer}.fc2",
+        "norm": "model.decoder.final_layer_norm", "lm_head": "lm_head"},
+    switches=dict(positions="learned", pos_offset=2, qkv="separate"),
+    derive=lambda c: dict(
+        qkv_bias=c.enable_bias, o_bias=c.enable_bias, mlp_bias=c.enable_bias,
+        post_norm=not c.do_layer_norm_before,
+        final_norm=c.do_layer_norm_before and not getattr(c, "_remove_final_layer_norm", False),
+        project_dim=c.word_embed_proj_dim if c.word_embed_proj_dim != c.hidden_size else None,
+        tie_embeddings=bool(getattr(c, "tie_word_embeddings", True))),
+    unsupported=lambda c: (None if getattr(c, "layer_norm_elementwise_affine", True)
+                           else "layer_norm_elementwise_affine=False"),
+)
+
+BLOOM = FamilySpec(
+    name="bloom", model_types=("bloom",),
+    keys=dict(vocab_size=("vocab_size",), dim=("hidden_size", "n_embed"), n_layers=("n_layer",),
+              n_heads=("n_head",), norm_eps=("layer_norm_epsilon",)),
+    weights={
+        "tok_emb": "transformer.word_embeddings",
+        "emb_norm": "transformer.word_embeddings_layernorm",
+        "layers.{layer}.attn_norm": "transformer.h.{layer}.input_layernorm",
+        "layers.{layer}.attn.wqkv": "transformer.h.{layer}.self_attention.query_key_value",
+        "layers.{layer}.attn.wo": "transformer.h.{layer}.self_attention.dense",
+        "layers.{layer}.mlp_norm": "transformer.h.{layer}.post_attention_layernorm",
+        "layers.{layer}.mlp.up": "transformer.h.{layer}.mlp.dense_h_to_4h",
+        "layers.{layer}.mlp.down": "transformer.h.{layer}.mlp.dense_4h_to_h",
+        "norm": "transformer.ln_f", "lm_head": "lm_head"},
+    switches=dict(positions="alibi", qkv="interleaved", emb_norm=True, act="gelu_pytorch_tanh",
+                  qkv_bias=True, o_bias=True, mlp_bias=True),
+    derive=lambda c: dict(hidden_dim=4 * c.hidden_size,
+                          residual_from_norm=c.apply_residual_connection_post_layernorm,
+                          tie_embeddings=bool(getattr(c, "tie_word_embeddings", True))),
+)
+
+GPT_NEOX = FamilySpec(
+    name="gpt_neox", model_types=("gpt_neox",),
+    keys=dict(vocab_size=("vocab_size",), dim=("hidden_size",), n_layers=("num_hidden_layers",),
+              n_heads=("num_attention_heads",), hidden_dim=("intermediate_size",),
+              max_positions=("max_position_embeddings",), norm_eps=("layer_norm_eps",),
+              act=("hidden_act",)),
+    weights={
+        "tok_emb": "gpt_neox.embed_in",
+        "layers.{layer}.attn_norm": "gpt_neox.layers.{layer}.input_layernorm",
+        "layers.{layer}.attn.wqkv": "gpt_neox.layers.{layer}.attention.query_key_value",
+        "layers.{layer}.attn.wo": "gpt_neox.layers.{layer}.attention.dense",
+        "layers.{layer}.mlp_norm": "gpt_neox.layers.{layer}.post_attention_layernorm",
+        "layers.{layer}.mlp.up": "gpt_neox.layers.{layer}.mlp.dense_h_to_4h",
+        "layers.{layer}.mlp.down": "gpt_neox.layers.{layer}.mlp.dense_4h_to_h",
+        "norm": "gpt_neox.final_layer_norm",
+        "lm_head": "lm_head|embed_out"},  # transformers 5 renamed embed_out
+    switches=dict(positions="rotary", qkv="interleaved", mlp_bias=True),
+    derive=lambda c: dict(
+        parallel_residual=c.use_parallel_residual, qkv_bias=c.attention_bias,
+        o_bias=c.attention_bias,
+        rotary_fraction=_rope(c).get("partial_rotary_factor", getattr(c, "rotary_pct", 1.0)),
+        tie_embeddings=bool(getattr(c, "tie_word_embeddings", False))),
+)
+
+
+def _llama_windows(c) -> tuple[int | None, ...] | None:
+    layer_types = getattr(c, "layer_types", None)
+    window = getattr(c, "sliding_window", None)
+    if layer_types:
+        return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    if window and c.model_type == "mistral":
+        return (window,) * c.num_hidden_layers
+    return None
+
+
+LLAMA = FamilySpec(
+    name="llama", model_types=("llama", "mistral", "qwen2", "smollm", "smollm2"),
+    keys=dict(vocab_size=("vocab_size",), dim=("hidden_size",), n_layers=("num_hidden_layers",),
+              n_heads=("num_attention_heads",), n_kv_heads=("num_key_value_heads",),
+              head_dim=("head_dim",), hidden_dim=("intermediate_size",),
+              max_positions=("max_position_embeddings",), norm_eps=("rms_norm_eps",),
+              act=("hidden_act",)),
+    weights={
+        "tok_emb": "model.embed_tokens",
+        "layers.{layer}.attn_norm": "model.layers.{layer}.input_layernorm",
+        "layers.{layer}.attn.wq": "model.layers.{layer}.self_attn.q_proj",
+        "layers.{layer}.attn.wk": "model.layers.{layer}.self_attn.k_proj",
+        "layers.{layer}.attn.wv": "model.layers.{layer}.self_attn.v_proj",
+        "layers.{layer}.attn.wo": "model.layers.{layer}.self_attn.o_proj",
+        "layers.{layer}.mlp_norm": "model.layers.{layer}.post_attention_layernorm",
+        "layers.{layer}.mlp.gate": "model.layers.{layer}.mlp.gate_proj",
+        "layers.{layer}.mlp.up": "model.layers.{layer}.mlp.up_proj",
+        "layers.{layer}.mlp.down": "model.layers.{layer}.mlp.down_proj",
+        "norm": "model.norm", "lm_head": "lm_head"},
+    switches=dict(positions="rotary", norm="rmsnorm", mlp="gated"),
+    derive=lambda c: dict(
+        # Qwen2 always has q/k/v biases; Llama has `attention_bias` for all four projections
+        qkv_bias=True if c.model_type == "qwen2" else bool(getattr(c, "attention_bias", False)),
+        o_bias=False if c.model_type == "qwen2" else bool(getattr(c, "attention_bias", False)),
+        mlp_bias=bool(getattr(c, "mlp_bias", False)),
+        rotary_fraction=_rope(c).get("partial_rotary_factor", 1.0),
+        sliding_windows=_llama_windows(c),
+        tie_embeddings=bool(getattr(c, "tie_word_embeddings", False))),
+    unsupported=lambda c: (
+        f"rope_type {_rope(c).get('rope_type')!r}"
+        if _rope(c).get("rope_type", "default") not in ("default", "linear", "dynamic", "llama3", "yarn")
+        else None),
+)
+
+FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA)
+_BY_MODEL_TYPE = {t: spec for spec in FAMILIES for t in spec.model_types}
+
+
+def family_for(config) -> FamilySpec | None:
+    """The spec of a transformers config's family, None when the native decoder lacks it."""
+    return _BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+
+
+def why_not_native(config) -> str | None:
+    """None when the native decoder runs this config, else a short reason."""
+    spec = family_for(config)
+    if spec is None:
+        return f"the native decoder has no spec for model_type {config.model_type!r}"
+    reason = spec.unsupported(config) if spec.unsupported else None
+    return f"the native decoder does not support {reason}" if reason else None
+
+
+def model_args(config) -> ModelArgs:
+    """ModelArgs of a transformers config: a spec's keys, then its switches, then derived fields."""
+    spec = family_for(config)
+    if spec is None:
+        raise ValueError(why_not_native(config))
+    values: dict[str, Any] = {"family": spec.name}
+    for name, keys in spec.keys.items():
+        value = _get(config, keys, default=None)
+        if value is not None:
+            values[name] = value
+    values.update(spec.switches)
+    if spec.derive:
+        values.update(spec.derive(config))
+    for name in _REQUIRED:
+        if values.get(name) is None:
+            keys = spec.keys.get(name, (name,))
+            raise KeyError(f"config lacks {keys[0]!r}, which the {spec.name} decoder needs")
+    return ModelArgs(**values)
+
+
+_REQUIRED = ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim")
+
+
+def checkpoint_names(spec: FamilySpec, n_layers: int) -> dict[str, str]:
+    """decoder module name -> checkpoint module name, for every layer."""
+    out = {}
+    for ours, theirs in spec.weights.items():
+        if "{layer}" in ours:
+            for i in range(n_layers):
+                out[ours.format(layer=i)] = theirs.format(layer=i)
+        else:
+            out[ours] = theirs
+    return out
+
+
+def rope_frequencies(config, args: ModelArgs, seq_len: int | None = None,
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+    """(inv_freq (rotary_dim/2,), attention scaling) as transformers computes them.
+
+    RoPE scaling variants (linear, dynamic, llama3, yarn) come from transformers' own
+    ROPE_INIT_FUNCTIONS so they match its forward; `dynamic` is evaluated at `seq_len` (the cache
+    length), which equals transformers' result for a sequence of that length.
+    """
+    params = _rope(config)
+    rope_type = params.get("rope_type", "default")
+    base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    if rope_type == "default":
+        dim = args.rotary_dim
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    kwargs = {"seq_len": seq_len} if rope_type == "dynamic" and seq_len else {}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device, **kwargs)
+    return inv_freq.float(), float(scaling)

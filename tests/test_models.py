@@ -1,0 +1,192 @@
+"""One runner for every family: a tiny random transformers model, its linears quantized in memory,
+and the native decoder's logits checked against transformers' own forward on the same dequantized
+weights (fp32, CPU): full forward, prefill + token-by-token decode, batch 2 with left padding."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, BloomConfig, GemmaConfig, GPT2Config,
+                          GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config)
+
+from kbitrt.formats.spec import KbitFormatError, QuantConfig
+from kbitrt.loader import InMemoryKbit, build_model
+
+V = 96  # vocab
+TINY = dict(
+    gpt2=lambda: GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=48),
+    opt=lambda: OPTConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                          num_attention_heads=4, max_position_embeddings=48, word_embed_proj_dim=64),
+    # OPT-350m's variant: post-norm, narrower embeddings with project_in/out, no final norm
+    opt_postnorm=lambda: OPTConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                                   num_attention_heads=4, max_position_embeddings=48,
+                                   word_embed_proj_dim=32, do_layer_norm_before=False),
+    bloom=lambda: BloomConfig(vocab_size=V, hidden_size=96, n_layer=2, n_head=6),  # 6: odd ALiBi
+    neox=lambda: GPTNeoXConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=128,
+                               max_position_embeddings=48, rotary_pct=0.25),
+    neox_serial=lambda: GPTNeoXConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, intermediate_size=128,
+                                      max_position_embeddings=48, use_parallel_residual=False),
+    llama=lambda: LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=48, tie_word_embeddings=True),
+    llama3_rope=lambda: LlamaConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                             low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=16)),
+    llama_linear_rope=lambda: LlamaConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=48,
+        rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
+    mistral_window=lambda: MistralConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=1, max_position_embeddings=48,
+                                         sliding_window=5),
+    qwen2=lambda: Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=48),
+)
+QUANT = QuantConfig(bits=4, block_size=32, dtype="nf")
+ATOL = 2e-4
+
+
+def tiny_pair(name: str, quant: QuantConfig = QUANT, backend: str = "native"):
+    """(transformers model on the dequantized weights, kbit model built from the same quantization)."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(TINY[name](), dtype=torch.float32).eval()
+    for p in hf.parameters():  # larger than the default init, so errors are not hidden in noise
+        p.data.normal_(0, 0.2)
+    src = InMemoryKbit(hf, quant)
+    hf.load_state_dict(src.dequantized_state_dict(), strict=False)
+    lm = build_model(src, "cpu", backend=backend)
+    assert lm.backend == backend
+    return hf, lm
+
+
+def hf_logits(hf, ids, mask):
+    kwargs = dict(input_ids=ids, attention_mask=mask)
+    if "position_ids" in inspect.signature(hf.forward).parameters:
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return hf(**kwargs).logits
+
+
+def batch(T: int = 11, pads=(4, 0)):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (len(pads), T), generator=g)
+    mask = torch.ones_like(ids)
+    for b, p in enumerate(pads):
+        mask[b, :p] = 0
+        ids[b, :p] = 0
+    return ids, mask, torch.tensor(pads)
+
+
+def check(hf, lm):
+    model = lm.model
+    # full forward, no padding
+    ids, mask, _ = batch(pads=(0, 0))
+    with torch.no_grad():
+        ours = model(ids)
+    torch.testing.assert_close(ours, hf_logits(hf, ids, mask), atol=ATOL, rtol=1e-4)
+
+    # batch 2, left padding + attention mask: compare the real tokens
+    ids, mask, pad = batch()
+    ref = hf_logits(hf, ids, mask)
+    with torch.no_grad():
+        full = model(ids, torch.arange(ids.shape[1]), pad)
+    keep = mask.bool()
+    torch.testing.assert_close(full[keep], ref[keep], atol=ATOL, rtol=1e-4)
+
+    # prefill 6 tokens, then one token at a time through the static cache == full forward
+    T, T0 = ids.shape[1], 6
+    model.setup_caches(2, T + 3)
+    try:
+        with torch.no_grad():
+            steps = [model(ids[:, :T0], torch.arange(T0), pad)]
+            for t in range(T0, T):
+                steps.append(model(ids[:, t:t + 1], torch.tensor([t]), pad))
+    finally:
+        model.drop_caches()
+    torch.testing.assert_close(torch.cat(steps, 1)[keep], ref[keep], atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_native_matches_transformers(name):
+    hf, lm = tiny_pair(name)
+    check(hf, lm)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_transformers_backend_matches(name):
+    hf, lm = tiny_pair(name, backend="transformers")
+    check(hf, lm)
+
+
+def test_unknown_family_falls_back_to_transformers():
+    torch.manual_seed(0)
+    cfg = GemmaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                      max_position_embeddings=48)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    src = InMemoryKbit(hf, QUANT)
+    hf.load_state_dict(src.dequantized_state_dict(), strict=False)
+    lm = build_model(src, "cpu")
+    assert lm.backend == "transformers" and "gemma" in lm.note
+    check(hf, lm)
+
+
+@pytest.mark.parametrize("bits,dtype", [(3, "int"), (5, "fp"), (8, "quantile")])
+def test_other_bit_widths(bits, dtype):
+    hf, lm = tiny_pair("llama", QuantConfig(bits=bits, block_size=64, dtype=dtype))
+    check(hf, lm)
+
+
+def test_missing_tensor_is_named():
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(TINY["llama"](), dtype=torch.float32)
+    src = InMemoryKbit(hf, QUANT)
+    del src._plain["model.layers.1.post_attention_layernorm.weight"]
+    with pytest.raises(KbitFormatError, match="post_attention_layernorm"):
+        build_model(src, "cpu")
+
+
+def test_wrong_shape_is_named():
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(TINY["gpt2"](), dtype=torch.float32)
+    src = InMemoryKbit(hf, QUANT)
+    src._plain["transformer.wpe.weight"] = torch.zeros(10, 64)
+    with pytest.raises(KbitFormatError, match=r"transformer.wpe.weight has shape \(10, 64\)"):
+        build_model(src, "cpu")
+
+
+@pytest.mark.slow
+def test_smollm2_native_matches_transformers():
+    from kbitrt.smollm2 import ensure_smollm2
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_pretrained(ensure_smollm2(), dtype=torch.float32).eval()
+    src = InMemoryKbit(hf, QuantConfig(bits=4, block_size=64, dtype="nf"))
+    hf.load_state_dict(src.dequantized_state_dict(), strict=False)
+    lm = build_model(src, "cpu")
+    assert lm.backend == "native"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    pad = torch.tensor([3, 0])
+    ref = hf_logits(hf, ids, mask)
+    model = lm.model
+    model.setup_caches(2, 9)
+    try:
+        with torch.no_grad():
+            steps = [model(ids[:, :6], torch.arange(6), pad)]
+            steps += [model(ids[:, t:t + 1], torch.tensor([t]), pad) for t in range(6, 9)]
+    finally:
+        model.drop_caches()
+    keep = mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[keep], ref[keep], atol=2e-3, rtol=1e-3)
