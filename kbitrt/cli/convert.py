@@ -1,0 +1,180 @@
+"""`kbit convert`, `kbit dequantize`, `kbit inspect`."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from kbitrt.formats.spec import DTYPES, ABSMAX_DTYPES, OutlierSpec, QuantConfig
+
+err = Console(stderr=True)
+out = Console()
+
+
+@contextmanager
+def byte_progress(enabled: bool = True):
+    """A rich progress bar on stderr; yields the (what, done, total) callback the library takes."""
+    if not enabled:
+        yield None
+        return
+    bar = Progress(TextColumn("{task.description}", style="cyan"), BarColumn(), DownloadColumn(),
+                   TimeRemainingColumn(), TextColumn("{task.fields[what]}", style="dim"),
+                   console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    def update(what: str, done: int, total: int) -> None:
+        phase = "outlier statistics" if what == "outlier statistics" else "converting"
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total, what="")
+        bar.update(tasks[phase], completed=done, total=total, what=what[-48:])
+
+    with bar:
+        yield update
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> Table:
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
+
+
+@click.command("convert")
+@click.argument("source")
+@click.option("-o", "--output", required=True, type=click.Path(), help="output folder")
+@click.option("-b", "--bits", default=4, show_default=True, type=int, help="bits per weight, 3..8")
+@click.option("--block", default=64, show_default=True, type=int, help="block size, 32..4096")
+@click.option("--dtype", default="nf", show_default=True, type=click.Choice(DTYPES),
+              help="data type (codebook)")
+@click.option("--exponent-bits", type=int, default=None, help="fp only: exponent bits (default ceil(k/2))")
+@click.option("--absmax-dtype", default="fp16", show_default=True, type=click.Choice(ABSMAX_DTYPES),
+              help="how block scales are stored (dq8: 8-bit double quantization)")
+@click.option("--outliers", default=None, help="proxy quantization: 'zscore:4' or 'top:2%' (16-bit columns)")
+@click.option("--quantize-head", is_flag=True, help="also quantize the output head (lm_head)")
+@click.option("--dtype16", default="auto", show_default=True, type=click.Choice(["auto", "fp16", "bf16"]),
+              help="dtype of what stays unquantized (auto: the model's bf16, else fp16)")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="largest shard, e.g. 5GB, 500MB")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit)")
+@click.option("--trust-remote-code", is_flag=True, help="allow a Hub model's own modelling code")
+@click.option("--force", is_flag=True, help="replace the output folder if it exists")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
+def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype, outliers,
+                quantize_head, dtype16, max_shard_size, revision, trust_remote_code, force, as_json):
+    """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
+    from kbitrt.formats.converter import convert
+
+    config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,
+                         absmax_dtype=absmax_dtype, outliers=OutlierSpec.parse(outliers),
+                         quantize_head=quantize_head)
+    with byte_progress() as progress:
+        report = convert(source, output, config, force=force, dtype16=dtype16,
+                         max_shard_bytes=parse_size(max_shard_size), revision=revision,
+                         trust_remote_code=trust_remote_code, progress=progress)
+    s = report.to_json()
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    out.print(_table(f"kbit convert: {config.label}", [
+        ("source", s["source"]), ("output", s["output"]),
+        ("parameters", f"{s['params_total']:,} total, {s['params_quantized']:,} quantized "
+                       f"in {s['linears_quantized']} linears"),
+        ("bits/param", f"{s['bits_per_param_quantized']:.4f} quantized linears, "
+                       f"{s['bits_per_param_model']:.4f} whole model (from bytes on disk)"),
+        ("size", f"{s['bytes_before'] / 1e9:.3f} GB -> {s['bytes_after'] / 1e9:.3f} GB "
+                 f"({s['shards']} shard{'s' if s['shards'] > 1 else ''})"),
+        ("outlier columns", str(s["outlier_columns"])),
+        (f"mean rel. weight error ({config.dtype})", f"{s['mean_rel_weight_error']:.4f}"),
+        ("time", f"{s['seconds']:.1f} s"),
+        ("throughput", f"{s['mparams_per_s']:.1f} M params/s"),
+    ] + ([("dropped", f"{len(s['dropped_tensors'])} tensors the model does not use")]
+         if s["dropped_tensors"] else [])))
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        return int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{text!r}: use e.g. 5GB or 500MB") from None
+
+
+@click.command("dequantize")
+@click.argument("source")
+@click.option("-o", "--output", required=True, type=click.Path(), help="output folder")
+@click.option("--dtype", default="fp16", show_default=True, type=click.Choice(["fp16", "bf16", "fp32"]))
+@click.option("--force", is_flag=True, help="replace the output folder if it exists")
+@click.option("--json", "as_json", is_flag=True)
+def dequantize_cmd(source, output, dtype, force, as_json):
+    """Write a kbit model back as a plain Hugging Face model (dense 16/32-bit weights)."""
+    from kbitrt.formats.dequantize import dequantize_model
+
+    with byte_progress() as progress:
+        s = dequantize_model(source, output, dtype, force=force,
+                             progress=lambda w, d, t: progress(w, d, t) if progress else None)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+    else:
+        out.print(_table("kbit dequantize", [("source", s["source"]), ("output", s["output"]),
+                                             ("dtype", dtype), ("size", f"{s['bytes'] / 1e9:.3f} GB")]))
+
+
+def inspect_summary(path: str) -> dict:
+    from kbitrt.formats.reader import KbitModel
+    from kbitrt.formats.source import resolve_model
+
+    km = KbitModel.open(resolve_model(path))
+    qc = km.config["quantization_config"]
+    pq, pt = km.params_quantized(), km.params_total()
+    return {
+        "path": str(km.path), "model_type": km.config.get("model_type"),
+        "architectures": km.config.get("architectures"), "quantization": qc,
+        "label": km.quant.label, "linears_quantized": len(km.modules),
+        "modules_not_quantized": qc.get("modules_not_quantized", []),
+        "params_total": pt, "params_quantized": pq,
+        "bits_per_param_quantized": round(8 * km.quantized_bytes() / max(pq, 1), 6),
+        "bits_per_param_model": round(8 * km.tensor_bytes() / max(pt, 1), 6),
+        "tensor_bytes": km.tensor_bytes(), "file_bytes": km.file_bytes(), "shards": len(km.files),
+        "outlier_columns": sum(e.n_outliers for e in km.modules.values()),
+        "modules": [{"name": e.name, "out_features": e.out_features, "in_features": e.in_features,
+                     "outliers": e.n_outliers} for e in km.modules.values()],
+    }
+
+
+@click.command("inspect")
+@click.argument("path")
+@click.option("--modules", "show_modules", is_flag=True, help="list every quantized linear")
+@click.option("--json", "as_json", is_flag=True)
+def inspect_cmd(path, show_modules, as_json):
+    """Validate a kbit model and show what is in it."""
+    s = inspect_summary(path)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    qc = s["quantization"]
+    out.print(_table(f"kbit model: {s['label']}", [
+        ("path", s["path"]), ("architecture", f"{s['model_type']} {s['architectures'] or ''}"),
+        ("format", f"version {qc['format_version']}, packing {qc['packing']}"),
+        ("data type", f"{qc['dtype']}{qc['bits']}" + (f" E{qc['exponent_bits']}M{qc['bits'] - 1 - qc['exponent_bits']}"
+                                                     if qc.get("exponent_bits") else "")),
+        ("block / absmax", f"{qc['block_size']} / {qc['absmax_dtype']}"),
+        ("outliers", f"{qc.get('outliers') or 'none'} ({s['outlier_columns']} columns)"),
+        ("quantized linears", str(s["linears_quantized"])),
+        ("kept in 16 bit", ", ".join(s["modules_not_quantized"]) or "-"),
+        ("parameters", f"{s['params_total']:,} total, {s['params_quantized']:,} quantized"),
+        ("bits/param", f"{s['bits_per_param_quantized']:.4f} quantized, {s['bits_per_param_model']:.4f} model"),
+        ("size", f"{s['file_bytes'] / 1e9:.3f} GB in {s['shards']} shard(s)"),
+    ]))
+    if show_modules:
+        t = Table("module", "out", "in", "outliers")
+        for m in s["modules"]:
+            t.add_row(m["name"], str(m["out_features"]), str(m["in_features"]), str(m["outliers"]))
+        out.print(t)

@@ -1,0 +1,41 @@
+"""`kbit`: one click group; each command parses, calls one library function, renders with rich."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from kbitrt import __version__
+from kbitrt.formats.spec import KbitFormatError
+
+
+class KbitGroup(click.Group):
+    """Known failures (bad input, broken files) end as one clear line on stderr, exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (KbitFormatError, FileNotFoundError, NotADirectoryError) as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.secho("interrupted", fg="red", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=KbitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="kbit")
+def cli() -> None:
+    """kbitrt: k-bit (3..8) quantization of LLMs: convert, inspect, run, evaluate."""
+
+
+def _register() -> None:
+    from kbitrt.cli.convert import convert_cmd, dequantize_cmd, inspect_cmd
+
+    cli.add_command(convert_cmd)
+    cli.add_command(dequantize_cmd)
+    cli.add_command(inspect_cmd)
+
+
+_register()
