@@ -34,10 +34,11 @@ def test_forward_matches_dequantize(cpu_cache, bits, outliers, absmax):
 def test_bf16_activations():
     qw = _qw()
     lin = KbitLinear.from_quantized(qw, None, compute_dtype=torch.bfloat16)
-    x = torch.randn(3, 100)
-    y = lin(x.bfloat16())
+    x = torch.randn(3, 100, generator=torch.Generator().manual_seed(2)).bfloat16()
+    y = lin(x)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), x @ qw.dequantize().t(), rtol=2e-2, atol=5e-2)
+    want = x.float() @ qw.dequantize().t()
+    assert (y.float() - want).abs().max() <= 2e-2 * want.abs().max()  # bf16 weights: 8-bit mantissa
 
 
 def test_state_dict_roundtrip_and_cache_invalidation():
