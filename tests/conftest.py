@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random HF checkpoints of several families, and the real SmolLM2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TINY_CONFIGS = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                  max_position_embeddings=64, tie_word_embeddings=True),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64),
+    "opt": dict(model_type="opt", hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                num_attention_heads=4, vocab_size=128, max_position_embeddings=64,
+                word_embed_proj_dim=64),
+}
+
+
+def make_tiny_model(family: str, folder: Path, *, safe: bool = True, seed: int = 0) -> Path:
+    """Save a tiny random model of `family` as an HF folder (safetensors or .bin)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(TINY_CONFIGS[family])
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(folder, safe_serialization=safe) if safe else _save_bin(model, folder)
+    return folder
+
+
+def _save_bin(model, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    torch.save(sd, folder / "pytorch_model.bin")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {f: make_tiny_model(f, root / f) for f in TINY_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from kbitrt.smollm2 import ensure_smollm2
+
+    try:
+        return ensure_smollm2()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
