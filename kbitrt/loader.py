@@ -321,6 +321,9 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
     build = build_native if backend == "native" else build_transformers
     with torch.no_grad():
         model = build(source, config, device, dtype)
+        # one token through, so one-time work (CPU dequant caches, kernel autotuning) is not
+        # counted as prompt time later
+        model(torch.zeros(1, 1, dtype=torch.long, device=device))
     seen = {}
     for t in list(model.parameters()) + list(model.buffers()):
         seen[t.data_ptr()] = t.numel() * t.element_size()

@@ -36,6 +36,7 @@ def _register() -> None:
     cli.add_command(convert_cmd)
     cli.add_command(dequantize_cmd)
     cli.add_command(inspect_cmd)
+    cli.add_command(__import__("kbitrt.cli.run", fromlist=["run_cmd"]).run_cmd)
 
 
 _register()

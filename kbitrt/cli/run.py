@@ -1,0 +1,171 @@
+"""`kbit run`: generate text with a kbit model (one-shot, batched, piped, or interactive chat).
+
+Generated text goes to stdout; progress, notes and the stats table go to stderr, so
+`kbit run DIR -p ... > out.txt` keeps only the text. `--json` prints one JSON document instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from kbitrt.formats.spec import KbitFormatError
+
+DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _fail(message: str) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(2)
+
+
+@click.command("run")
+@click.argument("model")
+@click.option("-p", "--prompt", "prompts", multiple=True,
+              help="Prompt; repeat for a batch (left-padded). Default: read stdin.")
+@click.option("--chat", is_flag=True, help="Interactive chat with the model's chat template "
+              "(with -p: one chat turn per prompt).")
+@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("--greedy", is_flag=True, help="Greedy decoding (the default unless --temperature).")
+@click.option("-t", "--temperature", type=float, default=None, help="Sampling temperature (0: greedy).")
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@click.option("--stop", "stops", multiple=True, help="Stop string; repeatable.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--backend", type=click.Choice(["auto", "native", "transformers"]), default="auto",
+              show_default=True, help="native decoder, or transformers with KbitLinear "
+              "(auto: native when it knows the family).")
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
+              help="Activation dtype (auto: fp32 on cpu, the model's bf16/fp16 on cuda).")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the decode step (default: on for cuda).")
+@click.option("--json", "as_json", is_flag=True, help="Print results and stats as JSON.")
+def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, top_p,
+            repetition_penalty, seed, stops, device, backend, dtype, compile_, as_json):
+    """Generate text with a kbit model (a folder or a Hub repo id).
+
+    \b
+      kbit run DIR -p "The capital of France is" --max-new-tokens 64
+      kbit run DIR --chat
+      echo "Once upon a time" | kbit run DIR --temperature 0.8 --top-p 0.95 --seed 0
+      kbit run DIR -p a -p b -p c --greedy
+    """
+    from kbitrt.generate import SamplingConfig
+    from kbitrt.loader import RunError
+
+    err = Console(stderr=True)
+    try:
+        if greedy and temperature not in (None, 0):
+            raise RunError("--greedy and --temperature contradict each other: give one")
+        sampling = SamplingConfig(temperature=0.0 if greedy or temperature is None else temperature,
+                                  top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                  seed=seed)
+        interactive = chat and not prompts
+        if not prompts and not interactive:
+            if sys.stdin.isatty():
+                raise RunError("no prompt: give -p TEXT, pipe text on stdin, or use --chat")
+            text = sys.stdin.read().rstrip("\n")
+            if not text.strip():
+                raise RunError("no prompt: stdin was empty")
+            prompts = (text,)
+        from kbitrt.loader import load_model
+
+        with err.status(f"loading {model}", spinner="dots"):
+            lm = load_model(model, device=device, backend=backend, dtype=DTYPES[dtype])
+        if lm.note and not as_json:
+            err.print(f"[yellow]note:[/] {lm.note}")
+        compile_mode = "auto" if compile_ is None else compile_
+        if interactive:
+            return _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err)
+        result = _one_shot(lm, list(prompts), chat, max_new_tokens, sampling, stops,
+                           compile_mode, as_json)
+    except (RunError, KbitFormatError, FileNotFoundError, NotADirectoryError) as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(_json(model, lm, list(prompts), result), indent=2))
+    else:
+        err.print(stats_table(lm, result.stats))
+
+
+def _one_shot(lm, prompts, chat, max_new_tokens, sampling, stops, compile_mode, as_json):
+    from kbitrt.generate import generate
+
+    stream = len(prompts) == 1 and not as_json
+    if stream and not chat:
+        click.echo(prompts[0], nl=False)
+    on_text = (lambda row, text: click.echo(text, nl=False)) if stream else None
+    result = generate(lm, prompts, max_new_tokens, sampling, stops, chat, on_text, compile_mode)
+    if stream:
+        click.echo()
+    elif not as_json:
+        for i, (prompt, text) in enumerate(zip(prompts, result.texts)):
+            if i:
+                click.echo()
+            click.echo(text if chat else prompt + text)
+    return result
+
+
+def _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err: Console):
+    from kbitrt.generate import generate
+    from kbitrt.loader import RunError
+
+    err.print("[dim]chat: empty line or Ctrl-D to quit, /reset to forget the conversation[/]")
+    messages: list[dict] = []
+    stats = None
+    while True:
+        try:
+            line = click.prompt(click.style(">", fg="green"), prompt_suffix=" ", default="",
+                                show_default=False, err=True)
+        except (EOFError, click.exceptions.Abort):
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            result = generate(lm, [messages], max_new_tokens, sampling, stops, True,
+                              lambda row, text: click.echo(text, nl=False), compile_mode)
+        except RunError as e:  # e.g. the conversation outgrew the context: start over
+            err.print(f"[red]error:[/] {e}; use /reset")
+            messages.pop()
+            continue
+        click.echo()
+        messages.append({"role": "assistant", "content": result.texts[0]})
+        stats = result.stats
+        err.print(f"[dim]{stats.new_tokens} tokens, {stats.new_tokens_per_s:.1f} tok/s[/]")
+    if stats is not None:
+        err.print(stats_table(lm, stats))
+
+
+def stats_table(lm, stats) -> Table:
+    table = Table(title=f"{lm.path.name if lm.path else 'model'} ({lm.quant_label}, {lm.backend})",
+                  show_header=True, header_style="bold")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("prompt", f"{stats.prompt_tokens} tok, {stats.prompt_tokens_per_s:.1f} tok/s")
+    table.add_row("generation", f"{stats.new_tokens} tok, {stats.new_tokens_per_s:.1f} tok/s")
+    table.add_row("batch", str(stats.batch))
+    table.add_row("peak memory", f"{stats.peak_memory_bytes / 2**20:.0f} MiB")
+    table.add_row("weights", f"{lm.weight_bytes / 2**20:.1f} MiB")
+    table.add_row("device", stats.device + (" (compiled)" if stats.compiled else ""))
+    return table
+
+
+def _json(model, lm, prompts, result) -> dict:
+    return {
+        "model": str(model), "path": str(lm.path) if lm.path else None, "backend": lm.backend,
+        "note": lm.note, "quantization": lm.quant_label, "dtype": str(lm.dtype).replace("torch.", ""),
+        "results": [{"prompt": p, "text": t, "stop_reason": r, "new_tokens": len(ids)}
+                    for p, t, r, ids in zip(prompts, result.texts, result.stop_reasons,
+                                            result.token_ids)],
+        "stats": result.stats.to_json(),
+    }
