@@ -82,3 +82,12 @@ def test_replace_linears():
         replace_linears(model, {"1": q0})
     with pytest.raises(ValueError, match="quantized weight"):
         replace_linears(nn.Sequential(nn.Linear(10, 10)), {"0": q0})
+
+
+def test_compiles_fullgraph():
+    """The op path traces without graph breaks (the fake impl), as CUDA-graphed decode needs."""
+    lin = KbitLinear.from_quantized(_qw(bits=5, outliers="top:5%"), torch.randn(48),
+                                    compute_dtype=torch.float32, cpu_cache=False)
+    x = torch.randn(2, 3, 100)
+    f = torch.compile(lin, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(f(x), lin(x))
