@@ -198,7 +198,8 @@ def _git_commit() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a few shapes, M in {1, 16}, k in {3, 4, 8}")
+    p.add_argument("--quick", action="store_true",
+                   help="a few shapes, M in {1, 16}, k in {3, 4, 8}")
     p.add_argument("--check", action="store_true", help="GPU parity checks first; stop on failure")
     p.add_argument("--tune", action="store_true",
                    help="sweep launch configs per case, keep the best (slow: use with --quick)")
@@ -210,6 +211,8 @@ def main(argv=None) -> int:
               "interpreter mean nothing for the kernels. Run it on a GPU machine.", file=sys.stderr)
         return 2
     import triton
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
 
     if args.check and check() > 0:
         print("parity check failed: not benchmarking", file=sys.stderr)
@@ -223,8 +226,8 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name()
     print(f"{dev_name}: copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     rows, fp16_us, bnb_us = [], {}, {}
-    hdr = f"{'shape':>11} {'M':>3} {'k':>2} {'B':>5} {'dt':>3} {'us':>8} {'GB/s':>7} {'%copy':>6} {'x fp16':>7} {'bnb us':>7}"
-    print(hdr)
+    print(f"{'shape':>11} {'M':>3} {'k':>2} {'B':>5} {'dt':>3} {'us':>8} {'GB/s':>7} {'%copy':>6} "
+          f"{'x fp16':>7} {'bnb us':>7}")
     for name in shapes:
         n, k = SHAPES[name]
         for m in ms:
@@ -239,7 +242,7 @@ def main(argv=None) -> int:
                             for c in tune_configs(m):
                                 try:
                                     tries.append(bench_kbit(n, k, m, bits, block, dtype, config=c))
-                                except (RuntimeError, triton.runtime.errors.OutOfResources) as e:
+                                except (RuntimeError, OutOfResources, CompilationError) as e:
                                     print(f"  skip {c}: {str(e).splitlines()[0][:80]}")
                             r = min(tries, key=lambda t: t["us"])
                         else:
@@ -266,7 +269,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "device": dev_name, "copy_bandwidth_gbps": bw / 1e9, "torch": torch.__version__,
-        "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "triton": triton.__version__, "cuda": torch.version.cuda,
+        "python": platform.python_version(),
         "git_commit": _git_commit(), "date": date, "quick": args.quick, "tuned": args.tune,
         "m16_over_m1": ratios, "results": rows}, indent=1))
     print(f"wrote {out}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from kbitrt.formats import packing
 from kbitrt.formats.blockwise import FP16_MAX, QuantizedWeight
@@ -42,7 +42,8 @@ class KbitLinear(nn.Module):
         kw = dict(device=device)
         self.register_buffer("qweight", torch.zeros(
             out_features, packing.packed_row_bytes(in_features, bits), dtype=torch.uint8, **kw))
-        self.register_buffer("absmax", torch.zeros(out_features, n_blocks, dtype=absmax_dtype, **kw))
+        self.register_buffer("absmax",
+                             torch.zeros(out_features, n_blocks, dtype=absmax_dtype, **kw))
         self.register_buffer("codebook", torch.zeros(1 << bits, dtype=torch.float32, **kw))
         self.register_buffer("outlier_idx", torch.zeros(n_outliers, dtype=torch.int64, **kw))
         self.register_buffer("outlier_weight",
@@ -123,7 +124,7 @@ class KbitLinear(nn.Module):
 
 
 def replace_linears(model: nn.Module,
-                    quantized: dict[str, QuantizedWeight | tuple[QuantizedWeight, torch.Tensor | None]],
+                    quantized: dict[str, QuantizedWeight | tuple[QuantizedWeight, Tensor | None]],
                     compute_dtype: torch.dtype = torch.float16, data_type: str | None = None,
                     cpu_cache: bool = True) -> list[str]:
     """Swap the nn.Linear modules named in `quantized` for KbitLinears; returns the names swapped.

@@ -36,9 +36,9 @@ def _(x, qweight, absmax, codebook, bias, outlier_idx, outlier_weight, bits, blo
 
 
 def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
-                codebook: torch.Tensor, bias: Optional[torch.Tensor], outlier_idx: Optional[torch.Tensor],
-                outlier_weight: Optional[torch.Tensor], bits: int, block_size: int,
-                in_features: int) -> torch.Tensor:
+                codebook: torch.Tensor, bias: Optional[torch.Tensor],
+                outlier_idx: Optional[torch.Tensor], outlier_weight: Optional[torch.Tensor],
+                bits: int, block_size: int, in_features: int) -> torch.Tensor:
     """x (..., K) -> (..., N): flattens the leading dims into M and calls the op."""
     lead = x.shape[:-1]
     y = torch.ops.kbitrt.kbit_linear(x.reshape(-1, x.shape[-1]), qweight, absmax, codebook, bias,

@@ -14,7 +14,7 @@ from kbitrt.formats import packing
 
 
 def pad_codebook(codebook: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp32 (2^bits,): the codebook with its last entry repeated, so every k-bit code is an index."""
+    """fp32 (2^bits,): the codebook, last entry repeated, so that any k-bit code is an index."""
     cb = codebook.detach().float().reshape(-1)
     n = 1 << bits
     if cb.numel() > n:

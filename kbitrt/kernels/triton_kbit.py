@@ -38,7 +38,8 @@ def _slice_codes(qw_row_ptr, k0, kp8, mask_n, OFF: tl.constexpr, S: tl.constexpr
     lowest bits, so BLOCK_K*S/8 contiguous bytes cover the tile.
     """
     NBYTES: tl.constexpr = BLOCK_K * S // 8
-    offs_b = k0 * S // 8 + tl.arange(0, NBYTES)  # k0 is a multiple of BLOCK_K: hint the vector loads
+    # k0 is a multiple of BLOCK_K, so the hint holds; it lets the byte loads vectorize
+    offs_b = k0 * S // 8 + tl.arange(0, NBYTES)
     offs_b = tl.max_contiguous(tl.multiple_of(offs_b, NBYTES), NBYTES)
     mask = mask_n[:, None] & (offs_b[None, :] < kp8 * S)  # the slice's own bytes only
     b = tl.load(qw_row_ptr + OFF * kp8 + offs_b[None, :], mask=mask, other=0).to(tl.int32)
