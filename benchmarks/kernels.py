@@ -182,10 +182,11 @@ def tune_configs(m: int) -> list:
     from kbitrt.kernels.triton_kbit import KernelConfig
 
     if m == 1:
-        return [KernelConfig(1, bn, bk, s, w, 2) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024)
-                for s in (1, 2) for w in (4, 8) if bn * bk <= 16384]
-    return [KernelConfig(16, bn, bk, s, 4, st) for bn in (32, 64, 128) for bk in (64, 128)
-            for s in (1, 2) for st in (2, 3, 4)]
+        return [KernelConfig(1, bn, bk, s, w, 2, gather=g) for bn in (4, 8, 16, 32)
+                for bk in (256, 512, 1024) for s in (1, 2) for w in (4, 8) for g in (False, True)
+                if bn * bk <= 16384]
+    return [KernelConfig(16, bn, bk, s, 4, st, gather=g) for bn in (32, 64, 128) for bk in (64, 128)
+            for s in (1, 2) for st in (2, 3, 4) for g in (False, True)]
 
 
 def _git_commit() -> str:

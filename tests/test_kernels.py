@@ -99,15 +99,15 @@ def test_block_sizes(block, m):
 
 
 # tiles smaller and larger than the absmax block, with and without split-K
-CONFIGS = [(16, 32, 1), (16, 64, 2), (32, 128, 3), (16, 256, 1)]
+CONFIGS = [(16, 32, 1, False), (16, 64, 2, True), (32, 128, 3, False), (16, 256, 1, True)]
 
 
 @pytest.mark.parametrize("bits", [3, 4, 5, 8])
-@pytest.mark.parametrize("block_n,block_k,split", CONFIGS)
+@pytest.mark.parametrize("block_n,block_k,split,gather", CONFIGS)
 @pytest.mark.parametrize("m", [1, 5, 40])
-def test_configs(bits, block_n, block_k, split, m, monkeypatch):
+def test_configs(bits, block_n, block_k, split, gather, m, monkeypatch):
     block_m = 1 if m == 1 else 16 if m <= 16 else 32
-    cfg = tk.KernelConfig(block_m, block_n, block_k, split)
+    cfg = tk.KernelConfig(block_m, block_n, block_k, split, gather=gather)
     _check(_quantized(50, 260, bits, 64, seed=bits), m, bias=True, config=cfg,
            monkeypatch=monkeypatch)
 
@@ -185,14 +185,15 @@ sizes = ["N", "K", "kp8", "n_blocks", "stride_qn", "stride_an"]
 for bits, block, bk, split in [(3, 64, 32, 2), (4, 64, 512, 1), (7, 32, 128, 1)]:
     w = tk._SLICE_WIDTHS[bits] + (0, 0)
     c = dict(S0=w[0], S1=w[1], S2=w[2], B=block, HAS_BIAS=True, BLOCK_N=16, BLOCK_K=bk,
-             SPLIT_K=split)
+             SPLIT_K=split, GATHER=bits == 4)
     s = sig(sizes, "fp16", "fp32" if split > 1 else "fp16", c)
     triton.compile(ASTSource(tk._gemv_kernel, s, c), target=GPUTarget("cuda", 90, 32))
 sizes = ["M", "N", "K", "kp8", "n_blocks", "stride_xm", "stride_qn", "stride_an", "stride_om"]
 for bits, block, bm, bk, split, act in [(5, 64, 16, 128, 2, "bf16"), (6, 32, 64, 64, 1, "fp16")]:
     w = tk._SLICE_WIDTHS[bits] + (0, 0)
     c = dict(S0=w[0], S1=w[1], S2=w[2], B=block, HAS_BIAS=False, BLOCK_M=bm, BLOCK_N=64,
-             BLOCK_K=bk, SPLIT_K=split, GROUP_M=8, DOT_PRECISION="tf32", DOT_F32=False)
+             BLOCK_K=bk, SPLIT_K=split, GROUP_M=8, DOT_PRECISION="tf32", DOT_F32=False,
+             GATHER=bits == 5)
     s = sig(sizes, act, "fp32" if split > 1 else act, c)
     triton.compile(ASTSource(tk._dot_kernel, s, c), target=GPUTarget("cuda", 90, 32))
 print("compiled")

@@ -54,14 +54,22 @@ def _slice_codes(qw_row_ptr, k0, kp8, mask_n, OFF: tl.constexpr, S: tl.constexpr
 @triton.jit
 def _dequant_tile(qw_ptr, cb_ptr, offs_n, mask_n, k0, kp8, stride_qn,
                   S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """fp32 (BLOCK_N, BLOCK_K) codebook values (not yet scaled) of the weight tile."""
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr):
+    """fp32 (BLOCK_N, BLOCK_K) codebook values (not yet scaled) of the weight tile.
+
+    GATHER: look the codes up in a register copy of the codebook (tl.gather) instead of loading
+    from global memory (L1); which is faster is a per-GPU question for benchmarks/kernels.py.
+    """
     row = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
     code = _slice_codes(row, k0, kp8, mask_n, 0, S0, BLOCK_N, BLOCK_K)
     if S1 > 0:
         code |= _slice_codes(row, k0, kp8, mask_n, S0, S1, BLOCK_N, BLOCK_K) << S0
     if S2 > 0:
         code |= _slice_codes(row, k0, kp8, mask_n, S0 + S1, S2, BLOCK_N, BLOCK_K) << (S0 + S1)
+    if GATHER:
+        cb = tl.load(cb_ptr + tl.arange(0, 1 << (S0 + S1 + S2)))
+        flat = tl.gather(cb, tl.reshape(code, (BLOCK_N * BLOCK_K,)), 0)
+        return tl.reshape(flat, (BLOCK_N, BLOCK_K))
     return tl.load(cb_ptr + code)  # padded to 2^k entries: every code is a valid index
 
 
@@ -92,6 +100,7 @@ def _gemv_kernel(
     # meta-parameters
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, B: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
     """x (1, K), W packed (N, Kp*k/8), absmax (N, n_blocks), codebook (2^k,) -> out (1, N)."""
     pid_n = tl.program_id(0)
@@ -105,7 +114,7 @@ def _gemv_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         w = _dequant_tile(qw_ptr, cb_ptr, offs_n, mask_n, k0, kp8, stride_qn,
-                          S0, S1, S2, BLOCK_N, BLOCK_K)
+                          S0, S1, S2, BLOCK_N, BLOCK_K, GATHER)
         if BLOCK_K <= B:
             s = tl.load(a_row + k0 // B, mask=mask_n, other=0.0).to(tl.float32)
             acc += tl.sum(w * x[None, :], axis=1) * s
@@ -132,7 +141,7 @@ def _dot_kernel(
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, B: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, GATHER: tl.constexpr,
 ):
     """x (M, K) -> out (M, N): a dequantized (BLOCK_N, BLOCK_K) tile feeds tl.dot per step."""
     pid = tl.program_id(0)
@@ -161,7 +170,7 @@ def _dot_kernel(
         if DOT_F32:
             x = x.to(tl.float32)
         w = _dequant_tile(qw_ptr, cb_ptr, offs_n, mask_n, k0, kp8, stride_qn,
-                          S0, S1, S2, BLOCK_N, BLOCK_K)
+                          S0, S1, S2, BLOCK_N, BLOCK_K, GATHER)
         if BLOCK_K <= B:
             s = tl.load(a_row + k0 // B, mask=mask_n, other=0.0).to(tl.float32)
             part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
@@ -189,6 +198,7 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     group_m: int = 8
+    gather: bool = False  # codebook lookup with tl.gather instead of a global (L1) load
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -266,7 +276,8 @@ def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Ten
     bias_arg = bias if bias is not None else out  # never read: HAS_BIAS is False
     common = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size,
                   HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                  SPLIT_K=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  SPLIT_K=split, GATHER=cfg.gather, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
     if cfg.block_m == 1:
         if m != 1:
             raise ValueError("the GEMV config (block_m=1) needs M = 1")
