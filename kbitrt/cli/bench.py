@@ -1,0 +1,125 @@
+"""`kbit bench`: llama-bench-style prefill/decode throughput table, or --kernels."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+
+@click.command("bench")
+@click.argument("model")
+@click.option("-b", "--batch", "batches", default="1", show_default=True,
+              help="Batch sizes, comma-separated (e.g. 1,4,16).")
+@click.option("-p", "--n-prompt", "prompt", type=int, default=512, show_default=True,
+              help="Prefill length (pp N); 0 skips.")
+@click.option("-n", "--n-gen", "gen", type=int, default=128, show_default=True,
+              help="Decode length (tg N); 0 skips.")
+@click.option("-r", "--reps", type=int, default=5, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--kernels", is_flag=True, help="Kernel table instead: us, GB/s, % of copy BW.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "native", "transformers"]), default="auto",
+              show_default=True)
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the decode step (default: on for cuda).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON record file (default: <model>/bench-<timestamp>.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON record on stdout.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print the table as CSV on stdout.")
+def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backend, compile_,
+              output, as_json, as_csv):
+    """Prefill and decode tokens/s of MODEL (kbit or plain HF folder), mean ± std over reps.
+
+    \b
+      kbit bench DIR
+      kbit bench DIR --batch 1,4,16 -p 512 -n 128 --reps 5 --json
+      kbit bench DIR --kernels
+    """
+    from kbitrt.bench import kernel_table, run_bench
+    from kbitrt.eval.models import count_params, open_model
+    from kbitrt.eval.results import default_output, environment, model_record, write_json
+    from kbitrt.loader import RunError
+
+    err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+    try:
+        sizes = [int(b) for b in batches.split(",") if b.strip()]
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        click.secho(f"error: --batch {batches!r}: give positive integers, e.g. 1,4,16", fg="red",
+                    err=True)
+        sys.exit(2)
+    try:
+        with err.status(f"loading {model}", spinner="dots"):
+            lm = open_model(model, device=device, backend=backend)
+        params = count_params(lm.model)
+        record = {"kind": "bench", **environment(lm.device), "model": model_record(model, lm),
+                  "params": params, "bits_per_param": 8 * lm.weight_bytes / params,
+                  "options": dict(batches=sizes, prompt=prompt, gen=gen, reps=reps,
+                                  warmup=warmup, kernels=kernels)}
+        if kernels:
+            with err.status("timing kernels", spinner="dots"):
+                rows, bw = kernel_table(lm)
+            record.update(kernels=rows, copy_gbps=bw / 1e9)
+        else:
+            with err.status("benchmarking", spinner="dots") as status:
+                rows = run_bench(lm, sizes, prompt, gen, reps, warmup,
+                                 "auto" if compile_ is None else compile_,
+                                 on_step=lambda s: status.update(f"benchmarking {s}"))
+            record["results"] = [r.to_json() for r in rows]
+    except RunError as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    path = output or default_output(lm.path, "bench")
+    write_json(path, record)
+    table = kernels_table(record) if kernels else bench_table(record)
+    if as_json:
+        click.echo(json.dumps(record, indent=2, default=str))
+    elif as_csv:
+        click.echo(_csv(table), nl=False)
+    else:
+        err.print(table)
+    err.print(f"[dim]written to {path}[/]")
+
+
+def bench_table(record: dict) -> Table:
+    m = record["model"]
+    t = Table(title=f"{record['device']}", header_style="bold")
+    for col in ("model", "size", "params", "bits/param", "backend", "test", "batch", "t/s"):
+        t.add_column(col, justify="left" if col in ("model", "backend", "test") else "right")
+    name = Path(m["name"]).name or m["name"]
+    for r in record["results"]:
+        t.add_row(f"{name} {m['quant_label']}", f"{m['weight_bytes'] / 2**20:.1f} MiB",
+                  f"{record['params'] / 1e6:.1f} M", f"{record['bits_per_param']:.2f}",
+                  m["backend"], r["test"], str(r["batch"]),
+                  f"{r['tokens_per_s']:.2f} ± {r['std']:.2f}")
+    return t
+
+
+def kernels_table(record: dict) -> Table:
+    t = Table(title=f"{record['device']}: copy bandwidth {record['copy_gbps']:.1f} GB/s",
+              header_style="bold")
+    for col in ("module", "N x K", "M", "k", "block", "us", "GB/s", "% copy BW", "dense us",
+                "speedup"):
+        t.add_column(col, justify="left" if col == "module" else "right")
+    for r in record["kernels"]:
+        t.add_row(r["module"], f"{r['N']} x {r['K']}", str(r["M"]), str(r["bits"]), str(r["block"]),
+                  f"{r['us']:.1f}", f"{r['gbps']:.1f}", f"{r['pct_copy_bw']:.1f}",
+                  f"{r['dense_us']:.1f}", f"{r['speedup_vs_dense']:.2f}")
+    return t
+
+
+def _csv(table: Table) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([c.header for c in table.columns])
+    for i in range(table.row_count):
+        w.writerow([str(c._cells[i]) for c in table.columns])
+    return buf.getvalue()

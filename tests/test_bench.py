@@ -1,0 +1,62 @@
+"""kbit bench: the table, JSON/CSV output and the kernel table on a tiny converted model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from kbitrt.cli.main import cli
+
+
+@pytest.fixture(scope="module")
+def k4(tmp_path_factory, smollm2_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from kbitrt.formats.converter import convert
+    from kbitrt.formats.spec import QuantConfig
+
+    root = tmp_path_factory.mktemp("benchmodels")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(root / "hf")
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(root / "hf")
+    convert(root / "hf", root / "k4", QuantConfig(bits=4, block_size=64))
+    return root / "k4"
+
+
+def test_bench_json(k4, tmp_path):
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(cli, ["bench", str(k4), "-b", "1,2", "-p", "16", "-n", "4",
+                                   "-r", "2", "--json", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert [(r["test"], r["batch"]) for r in rec["results"]] == \
+        [("pp16", 1), ("tg4", 1), ("pp16", 2), ("tg4", 2)]
+    assert all(r["tokens_per_s"] > 0 and len(r["reps"]) == 2 for r in rec["results"])
+    assert rec["params"] > 0 and rec["bits_per_param"] > 0 and rec["model"]["quant_label"]
+    assert json.loads(out.read_text())["results"] == rec["results"]
+
+
+def test_bench_csv_and_kernels(k4, tmp_path):
+    res = CliRunner().invoke(cli, ["bench", str(k4), "-p", "8", "-n", "2", "-r", "1", "--csv",
+                                   "-o", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith("model,size,params,bits/param") and len(lines) == 3
+    res = CliRunner().invoke(cli, ["bench", str(k4), "--kernels", "--json",
+                                   "-o", str(tmp_path / "k.json")])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert rec["copy_gbps"] > 0 and rec["kernels"]
+    assert {"us", "gbps", "pct_copy_bw", "speedup_vs_dense"} <= set(rec["kernels"][0])
+
+
+def test_bench_too_long_is_one_line(k4):
+    res = CliRunner().invoke(cli, ["bench", str(k4), "-p", "512"])
+    assert res.exit_code == 2
+    assert res.stderr.strip() == "error: -p 512: the model holds at most 64 positions"
