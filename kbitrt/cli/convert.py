@@ -65,10 +65,19 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.option("--trust-remote-code", is_flag=True, help="allow a Hub model's own modelling code")
 @click.option("--force", is_flag=True, help="replace the output folder if it exists")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
+@click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO",
+              help="after a successful conversion, upload the folder to this Hub repo (kbit push)")
 def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype, outliers,
-                quantize_head, dtype16, max_shard_size, revision, trust_remote_code, force, as_json):
+                quantize_head, dtype16, max_shard_size, revision, trust_remote_code, force, as_json,
+                push_to_hub):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
     from kbitrt.formats.converter import convert
+
+    if push_to_hub:  # no token: say so now, not after hours of converting
+        from kbitrt.hub import check_repo_id, resolve_token
+
+        check_repo_id(push_to_hub)
+        resolve_token(None)
 
     config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,
                          absmax_dtype=absmax_dtype, outliers=OutlierSpec.parse(outliers),
@@ -78,9 +87,16 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
                          max_shard_bytes=parse_size(max_shard_size), revision=revision,
                          trust_remote_code=trust_remote_code, progress=progress)
     s = report.to_json()
+    if push_to_hub:  # only reached when the conversion succeeded
+        from kbitrt.hub import push_folder
+
+        s["push"] = push_folder(output, push_to_hub,
+                                log=lambda m: err.print(f"[dim]{m}[/dim]")).to_json()
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
+    if push_to_hub:
+        out.print(f"pushed to {s['push']['repo_url']} (commit {s['push']['commit_oid']})")
     out.print(_table(f"kbit convert: {config.label}", [
         ("source", s["source"]), ("output", s["output"]),
         ("parameters", f"{s['params_total']:,} total, {s['params_quantized']:,} quantized "

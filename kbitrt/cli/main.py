@@ -37,6 +37,7 @@ def _register() -> None:
     cli.add_command(dequantize_cmd)
     cli.add_command(inspect_cmd)
     cli.add_command(__import__("kbitrt.cli.run", fromlist=["run_cmd"]).run_cmd)
+    cli.add_command(__import__("kbitrt.cli.push", fromlist=["push_cmd"]).push_cmd)
     cli.add_command(__import__("kbitrt.cli.eval", fromlist=["eval_cmd"]).eval_cmd)
     cli.add_command(__import__("kbitrt.cli.bench", fromlist=["bench_cmd"]).bench_cmd)
 
