@@ -247,8 +247,7 @@ class Converter:
             if progress:
                 progress(lp.module, done, total_in)
         for name, key in sorted(self.plain.items()):
-            t = self.tensors.read(key)
-            writers[name].write(name, t.to(self.dtype16) if t.is_floating_point() else t)
+            self._copy_plain(name, key, writers[name])
             done += self.tensors.nbytes(key)
             if progress:
                 progress(name, done, total_in)
@@ -264,6 +263,20 @@ class Converter:
         report.bytes_quantized = sum(t.nbytes for t in planned
                                      if t.name.rpartition(".")[0] in {lp.module for lp in self.linears}
                                      and t.name.rpartition(".")[2] != "bias")
+
+    def _copy_plain(self, name: str, key: str, writer: ShardWriter) -> None:
+        """Copy a tensor that stays 16-bit in row chunks (a 250k-row embedding is GBs)."""
+        shape = self.tensors.shape(key)
+        if not shape or not shape[0]:
+            t = self.tensors.read(key)
+            writer.write(name, t.to(self.dtype16) if t.is_floating_point() else t)
+            return
+        row = _numel(shape[1:])
+        step = max(1, CHUNK_ELEMS // max(row, 1))
+        for r0 in range(0, shape[0], step):
+            t = self.tensors.read(key, (r0, min(shape[0], r0 + step)))
+            t = t.to(self.dtype16) if t.is_floating_point() else t
+            writer.write(name, t, r0 * row * t.element_size())
 
     def _write_linear(self, lp: LinearPlan, writers: dict[str, ShardWriter],
                       report: ConversionReport) -> None:

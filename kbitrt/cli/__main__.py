@@ -1,0 +1,3 @@
+from kbitrt.cli.main import cli
+
+cli()

@@ -1,0 +1,219 @@
+"""Run the grid: quantize in memory, evaluate with the eval code, append one JSON line per cell.
+
+Each model is loaded once (transformers, fp32 on the CPU); for each cell every linear but the
+output head is quantized with the format's own reference (`quantize_weight`) and its dequantized
+values are written into the model, so the model computes exactly what the kbit model would (in
+fp32). Per-window NLLs and per-question correctness are kept in the line: the summary compares
+cells on the same items (paired differences), which is far tighter than independent error bars.
+A line is appended and fsynced as soon as its cell ends: a crash loses at most the running cell.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kbitrt.sweep.grid import SCHEMA, UNQUANTIZED, Cell, linear_bytes
+from kbitrt.formats.spec import KbitFormatError
+
+
+@dataclass
+class SweepOptions:
+    ppl: list[str] = field(default_factory=list)  # text files (or dataset names when online)
+    tasks: list[str] = field(default_factory=list)  # local JSONL multiple-choice files
+    seqlen: int = 512
+    max_tokens: int | None = 32768  # per text: keeps a cell to minutes on a CPU
+    limit: int | None = None  # rows per task
+    batch_size: int = 8
+    device: str = "cpu"
+
+
+@dataclass
+class SweepReport:
+    done: int = 0
+    skipped: int = 0
+    failed_models: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def read_results(path: Path) -> list[dict]:
+    """The lines of a results file; refuses lines written by another schema."""
+    if not path.exists():
+        return []
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if lineno == len(path.read_text().splitlines()):
+                continue  # a line cut by a crash mid-write: that cell simply runs again
+            raise KbitFormatError(f"{path}:{lineno}: not JSON; is this a kbit sweep results file?") from None
+        if row.get("schema") != SCHEMA:
+            raise KbitFormatError(
+                f"{path}:{lineno} was written by schema {row.get('schema')!r}, this kbitrt writes "
+                f"{SCHEMA!r}: start a new results file (-o) rather than mixing the two")
+        rows.append(row)
+    return rows
+
+
+class ModelUnderTest:
+    """One transformers model in fp32 with its original linear weights kept for every cell."""
+
+    def __init__(self, name: str, device: str):
+        from transformers.pytorch_utils import Conv1D
+
+        from kbitrt.eval.models import load_hf
+        from kbitrt.formats.source import resolve_model
+
+        self.lm = load_hf(resolve_model(name), torch.device(device), torch.float32)
+        hf = self.lm.model.model if hasattr(self.lm.model, "model") else self.lm.model
+        head = hf.get_output_embeddings()
+        self.linears: dict[str, tuple[torch.nn.Module, bool, torch.Tensor]] = {}
+        for mname, module in hf.named_modules():
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
+                conv = isinstance(module, Conv1D)
+                w = module.weight.detach()
+                self.linears[mname] = (module, conv, (w.t() if conv else w).float().clone())
+        if not self.linears:
+            raise KbitFormatError(f"{name}: no linear layers to quantize")
+        seen = {p.data_ptr(): p.numel() for p in hf.parameters()}
+        self.params = sum(seen.values())
+        self.linear_params = sum(w.numel() for _, _, w in self.linears.values())
+
+    @torch.no_grad()
+    def apply(self, cell: Cell) -> tuple[int, float]:
+        """Put the cell's weights in place; returns (total model bits, mean rel. weight error)."""
+        from kbitrt.formats.blockwise import quantize_weight
+
+        rest_bits = 16 * (self.params - self.linear_params)
+        if cell.bits == UNQUANTIZED:
+            for module, conv, w in self.linears.values():
+                module.weight.copy_(w.t() if conv else w)
+            return 16 * self.linear_params + rest_bits, 0.0
+        config = cell.config()
+        total, errors = 0, []
+        for name, (module, conv, w) in self.linears.items():
+            qw = quantize_weight(w, config, name)
+            deq = qw.dequantize()
+            errors.append(((deq - w).norm() / w.norm().clamp(min=1e-30)).item())
+            module.weight.copy_(deq.t() if conv else deq)
+            n_out = 0 if qw.outlier_idx is None else qw.outlier_idx.numel()
+            total += 8 * linear_bytes(w.shape[0], w.shape[1], config, n_out)
+        return total + rest_bits, sum(errors) / len(errors)
+
+
+def _evaluate(mut: ModelUnderTest, texts: dict, tasks: dict, opts: SweepOptions) -> dict:
+    from kbitrt.eval.perplexity import windows
+    from kbitrt.eval.scoring import score
+    from kbitrt.eval.zeroshot import mc_metrics
+
+    out: dict = {"ppl": {}, "tasks": {}}
+    for name, tokens in texts.items():
+        wins = windows(len(tokens), "gptq", opts.seqlen)
+        scores = score(mut.lm, [(tokens[b:e - s], tokens[e - s:e]) for b, e, s in wins],
+                       batch_size=opts.batch_size, max_length=opts.seqlen)
+        nll = [-lp / s for (lp, _), (_, _, s) in zip(scores, wins)]  # mean NLL per window
+        mean = sum(nll) / len(nll)
+        se = (sum((x - mean) ** 2 for x in nll) / max(len(nll) - 1, 1) / len(nll)) ** 0.5
+        out["ppl"][name] = {"perplexity": math.exp(mean), "stderr": math.exp(mean) * se,
+                            "nll": mean, "nll_stderr": se, "window_nll": [round(x, 6) for x in nll],
+                            "protocol": "gptq", "seqlen": opts.seqlen, "tokens": len(tokens)}
+    accs = []
+    for name, (rows, requests) in tasks.items():
+        lls = [lp for lp, _ in score(mut.lm, requests, batch_size=opts.batch_size * 4)]
+        m = mc_metrics(rows, lls)
+        correct, correct_norm, k = [], [], 0
+        for row in rows:
+            ll = lls[k:k + len(row["choices"])]
+            norm = [x / len(c) if c else x for x, c in zip(ll, row["choices"])]
+            k += len(row["choices"])
+            correct.append(int(max(range(len(ll)), key=lambda i: (ll[i], -i)) == row["gold"]))
+            correct_norm.append(int(max(range(len(ll)), key=lambda i: (norm[i], -i)) == row["gold"]))
+        m["correct"] = "".join(map(str, correct))
+        m["correct_norm"] = "".join(map(str, correct_norm))
+        out["tasks"][name] = m
+        accs.append((m["acc"], m["acc_stderr"]))
+    if accs:
+        out["mean_acc"] = sum(a for a, _ in accs) / len(accs)
+        out["mean_acc_stderr"] = math.sqrt(sum(s * s for _, s in accs)) / len(accs)
+    return out
+
+
+def _inputs(mut: ModelUnderTest, opts: SweepOptions) -> tuple[dict, dict]:
+    from kbitrt.eval.perplexity import load_text, tokenize
+    from kbitrt.eval.zeroshot import encode_pair, read_jsonl, task_name
+
+    texts = {}
+    for p in opts.ppl:
+        name, text = load_text(p)
+        texts[name] = tokenize(mut.lm, text, opts.max_tokens)
+        if len(texts[name]) < opts.seqlen:
+            raise KbitFormatError(f"{p}: {len(texts[name])} tokens, fewer than --seqlen {opts.seqlen}")
+    tasks = {}
+    for t in opts.tasks:
+        rows = read_jsonl(t, opts.limit)
+        tasks[task_name(t)] = (rows, [encode_pair(mut.lm.tokenizer, r["query"], " " + c)
+                                      for r in rows for c in r["choices"]])
+    return texts, tasks
+
+
+def _versions() -> dict:
+    import kbitrt
+
+    return {"kbitrt": kbitrt.__version__, "torch": torch.__version__}
+
+
+def run_sweep(cells: list[Cell], opts: SweepOptions, results: Path,
+              on_cell: Callable[[int, int, Cell, float | None, str | None], None] | None = None,
+              ) -> SweepReport:
+    """Evaluate every cell not yet in `results`; `on_cell(done, total, cell, seconds, error)`."""
+    if not opts.ppl and not opts.tasks:
+        raise KbitFormatError("nothing to measure: give --ppl TEXT and/or --tasks FILE.jsonl")
+    done_keys = {r["cell"] for r in read_results(results)}
+    todo = [c for c in cells if c.key not in done_keys]
+    report = SweepReport(skipped=len(cells) - len(todo))
+    start, finished = time.perf_counter(), 0
+    results.parent.mkdir(parents=True, exist_ok=True)
+    for model in dict.fromkeys(c.model for c in todo):
+        mine = [c for c in todo if c.model == model]
+        try:
+            mut = ModelUnderTest(model, opts.device)
+            texts, tasks = _inputs(mut, opts)
+        except (KbitFormatError, OSError, ValueError) as e:
+            report.failed_models[model] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            for c in mine:
+                finished += 1
+                if on_cell:
+                    on_cell(finished, len(todo), c, None, report.failed_models[model])
+            continue
+        for cell in mine:
+            t0 = time.perf_counter()
+            total_bits, rel_err = mut.apply(cell)
+            row = {"schema": SCHEMA, "cell": cell.key, "model": cell.model, "label": cell.label,
+                   "bits": cell.bits, "block": cell.block, "dtype": cell.dtype,
+                   "outliers": cell.outliers, "params": mut.params, "total_bits": total_bits,
+                   "bits_per_param": total_bits / mut.params, "mean_rel_weight_error": rel_err}
+            row.update(_evaluate(mut, texts, tasks, opts))
+            row["seconds"] = time.perf_counter() - t0
+            row["versions"] = _versions()
+            row["device"] = opts.device
+            with open(results, "a") as f:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            finished += 1
+            report.done += 1
+            if on_cell:
+                on_cell(finished, len(todo), cell, row["seconds"], None)
+        del mut
+    report.seconds = time.perf_counter() - start
+    return report
