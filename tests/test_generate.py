@@ -102,12 +102,12 @@ def test_chat_template(tiny):
 
 
 @pytest.mark.slow
-def test_smollm2_4bit_says_paris(smollm2_dir, tmp_path):
-    from kbitrt.formats.converter import convert
+def test_smollm2_4bit_says_paris(smollm2_dir):
+    from test_models import smollm2_kbit_folder  # one cached conversion for both files
+
     from kbitrt.loader import load_model
 
-    convert(smollm2_dir, tmp_path / "smol-nf4", QuantConfig(bits=4, block_size=64, dtype="nf"))
-    lm = load_model(tmp_path / "smol-nf4", device="cpu")
+    lm = load_model(smollm2_kbit_folder(smollm2_dir), device="cpu")
     assert lm.backend == "native"
     out = generate(lm, ["The capital of France is"], 8)
     assert "Paris" in out.texts[0]

@@ -164,14 +164,38 @@ def test_wrong_shape_is_named():
         build_model(src, "cpu")
 
 
-@pytest.mark.slow
-def test_smollm2_native_matches_transformers():
-    from kbitrt.smollm2 import ensure_smollm2
+def smollm2_kbit_folder(smollm2_dir, bits: int = 4, block: int = 64, dtype: str = "nf"):
+    """SmolLM2 converted by `kbit convert`, cached on disk under a key of the format's source code
+    (so a change to the quantizer or the packing converts again). Shared with test_generate.py."""
+    import hashlib
+    import shutil
+    from pathlib import Path
 
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_pretrained(ensure_smollm2(), dtype=torch.float32).eval()
-    src = InMemoryKbit(hf, QuantConfig(bits=4, block_size=64, dtype="nf"))
-    hf.load_state_dict(src.dequantized_state_dict(), strict=False)
+    import kbitrt.formats as formats
+    from kbitrt.formats.converter import convert
+    from kbitrt.smollm2 import DEFAULT_CACHE
+
+    h = hashlib.sha256()
+    for f in sorted(Path(formats.__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    stem = f"SmolLM2-135M-Instruct-{dtype}{bits}-b{block}-"
+    out = DEFAULT_CACHE / f"{stem}{h.hexdigest()[:12]}"
+    if not (out / "config.json").exists():
+        for old in DEFAULT_CACHE.glob(f"{stem}*"):  # conversions by older format code
+            shutil.rmtree(old, ignore_errors=True)
+        convert(smollm2_dir, out, QuantConfig(bits=bits, block_size=block, dtype=dtype), force=True)
+    return out
+
+
+@pytest.mark.slow
+def test_smollm2_native_matches_transformers(smollm2_dir):
+    from kbitrt.formats.reader import KbitModel
+
+    src = KbitModel.open(smollm2_kbit_folder(smollm2_dir))
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    weights = {n: src.tensor(n).float() for n in src.plain_names}  # 16-bit on disk
+    weights.update({f"{n}.weight": src.quantized(n).dequantize() for n in src.quantized_modules})
+    hf.load_state_dict(weights, strict=False)
     lm = build_model(src, "cpu")
     assert lm.backend == "native"
     g = torch.Generator().manual_seed(0)
