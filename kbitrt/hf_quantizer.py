@@ -11,12 +11,13 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from kbitrt.formats.blockwise import QuantizedWeight
+from kbitrt.formats.blockwise import FP16_MAX, QuantizedWeight
 from kbitrt.formats.reader import KbitModel
 from kbitrt.formats.safetensors_io import DTYPES
 from kbitrt.formats.spec import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, OUTLIER_IDX,
                                  OUTLIER_WEIGHT, QWEIGHT, SHAPE, KbitFormatError, LinearLayout,
                                  QuantConfig, header_metadata)
+from kbitrt.kernels.reference import pad_codebook
 from kbitrt.linear import KbitLinear
 
 _KBIT_BUFFERS = ("qweight", "absmax", "codebook", "outlier_idx", "outlier_weight", "bias")
@@ -60,9 +61,26 @@ class KbitPlaceholder(nn.Module):
             absmax_offset=b.get(ABSMAX_OFFSET), outlier_idx=b.get(OUTLIER_IDX),
             outlier_weight=b.get(OUTLIER_WEIGHT))
         bias = b.get("bias")
-        mod = KbitLinear.from_quantized(qw, bias.to(compute_dtype) if bias is not None else None,
-                                        compute_dtype, data_type=quant.dtype)
-        # what from_quantized changes (padded codebook, decoded dq8 scales, 16-bit dtypes), as
+        absmax = b[ABSMAX]
+        if quant.absmax_dtype == "dq8":  # decoded once, as KbitLinear.from_quantized does
+            absmax = qw.absmax_float()
+            absmax = absmax.half() if absmax.max() <= FP16_MAX else absmax
+        n_out = b[OUTLIER_IDX].numel() if OUTLIER_IDX in b else 0
+        # built on meta and given the loaded tensors: no zero-fill and no second copy of the codes
+        mod = KbitLinear(k, n, quant.bits, quant.block_size, bias=bias is not None, n_outliers=n_out,
+                         absmax_dtype=absmax.dtype, compute_dtype=compute_dtype,
+                         data_type=quant.dtype, device="meta")
+        mod._buffers.update(qweight=b[QWEIGHT], absmax=absmax,
+                            codebook=pad_codebook(b[CODEBOOK], quant.bits).to(absmax.device))
+        if n_out:
+            mod._buffers.update(outlier_idx=b[OUTLIER_IDX],
+                                outlier_weight=b[OUTLIER_WEIGHT].to(compute_dtype))
+        else:
+            mod._buffers.update(outlier_idx=torch.zeros(0, dtype=torch.int64, device=absmax.device),
+                                outlier_weight=torch.zeros(n, 0, dtype=compute_dtype, device=absmax.device))
+        if bias is not None:
+            mod._buffers["bias"] = bias.to(compute_dtype)
+        # what the runtime form changes (padded codebook, decoded dq8 scales, 16-bit dtypes), as
         # stored: save_pretrained writes these back, so a load/save round trip is exact
         mod.kbit_stored = {name: b[name] for name in (CODEBOOK, ABSMAX, ABSMAX_SCALE, ABSMAX_OFFSET)
                            if name in b and (name != ABSMAX or quant.absmax_dtype == "dq8")}
