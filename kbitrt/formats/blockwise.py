@@ -19,6 +19,8 @@ from kbitrt.formats import codebooks, packing
 from kbitrt.formats.spec import DOUBLE_QUANT_BLOCK, KbitFormatError, QuantConfig
 
 FP16_MAX = 65504.0
+# Values per row chunk of the quantizer: its float32 and int32 buffers (~1.5 MB) stay in L2.
+CHUNK = 1 << 17
 
 
 @dataclass
@@ -59,9 +61,40 @@ def _blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
     return w.view(n, nb, block_size)
 
 
+def _row_chunks(n: int, k: int):
+    """Row ranges of about CHUNK values: every pass over a chunk then runs in cache."""
+    rows = max(1, CHUNK // max(k, 1))
+    for r0 in range(0, n, rows):
+        yield r0, min(n, r0 + rows)
+
+
+_AS_INT = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF),
+           torch.float32: (torch.int32, 0x7FFFFFFF)}
+
+
 def block_absmax(w: torch.Tensor, block_size: int) -> torch.Tensor:
-    """float32 (N, n_blocks) absmax of each block of a float (N, K) tensor."""
-    return _blocks(w, block_size).abs().amax(dim=-1).float()
+    """float32 (N, n_blocks) absmax of each block of a float (N, K) tensor (NaN/Inf propagate)."""
+    n, k = w.shape
+    full, nb = k // block_size, -(-k // block_size)
+    out = torch.empty(n, nb, dtype=torch.float32, device=w.device)
+    as_int = _AS_INT.get(w.dtype)
+    for r0, r1 in _row_chunks(n, k):
+        if as_int is not None:
+            # |x| by clearing the sign bit: magnitudes order like their bit patterns (NaN > Inf >
+            # finite), so the integer max is the float absmax, and NaN/Inf still propagate
+            mag = w[r0:r1].contiguous().view(as_int[0]) & as_int[1]
+        else:
+            mag = w[r0:r1].abs()
+
+        def to_float(m: torch.Tensor) -> torch.Tensor:
+            return m.view(w.dtype) if as_int is not None else m
+
+        if full:
+            blocks = mag[:, : full * block_size].reshape(r1 - r0, full, block_size)
+            out[r0:r1, :full] = to_float(blocks.amax(dim=-1))
+        if nb > full:
+            out[r0:r1, full] = to_float(mag[:, full * block_size:].amax(dim=-1))
+    return out
 
 
 def quantize_absmax(absmax: torch.Tensor, absmax_dtype: str, name: str = "tensor"):
@@ -102,9 +135,37 @@ def quantize_codes(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor
                    block_size: int) -> torch.Tensor:
     """uint8 (N, K) codebook indices of w (N, K) given the stored per-block absmax (N, n_blocks)."""
     n, k = w.shape
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    normed = (_blocks(w.float(), block_size) / safe[..., None]).view(n, -1)[:, :k]
-    return codebooks.nearest_index(normed.clamp(-1, 1), codebook)
+    out = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    for r0, r1, codes in _chunk_codes(w, absmax, codebook, block_size):
+        out[r0:r1] = codes
+    return out
+
+
+def _chunk_codes(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, block_size: int):
+    """Yield (r0, r1, uint8 codes (r1-r0, K)) chunk by chunk; the codes buffer is reused.
+
+    Same arithmetic as the definition: x = float32(w) / absmax (IEEE division, as stored),
+    clamped to [-1, 1], exact nearest index (codebooks.NearestTable).
+    """
+    n, k = w.shape
+    full, nb = k // block_size, -(-k // block_size)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax)).float()
+    table = codebooks.nearest_table(codebook)
+    rows = max(1, CHUNK // max(k, 1))
+    xbuf = torch.empty(rows * k, dtype=torch.float32, device=w.device)
+    cbuf = torch.empty(rows * k, dtype=torch.uint8, device=w.device)
+    scratch = (torch.empty(rows * k, dtype=torch.int32, device=w.device),
+               torch.empty(rows * k, dtype=torch.int32, device=w.device))
+    for r0, r1 in _row_chunks(n, k):
+        m = r1 - r0
+        x = xbuf[: m * k].view(m, k)
+        x.copy_(w[r0:r1])
+        if full:
+            x[:, : full * block_size].view(m, full, block_size).div_(safe[r0:r1, :full, None])
+        if nb > full:
+            x[:, full * block_size:].div_(safe[r0:r1, full:])
+        x.clamp_(-1.0, 1.0)
+        yield r0, r1, table.lookup(x, cbuf[: m * k].view(m, k), scratch)
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
@@ -150,25 +211,49 @@ def quantize_weight(w: torch.Tensor, config: QuantConfig, name: str = "tensor",
                     codebook: torch.Tensor | None = None, dtype16: torch.dtype = torch.float16,
                     ) -> QuantizedWeight:
     """Quantize a whole (N, K) matrix in memory (the converter does the same chunk by chunk)."""
-    check_finite(w, name)
-    w = w.float()
+    n, k = w.shape
     outlier_idx = outlier_weight = None
     if config.outliers is not None:
+        check_finite(w, name)
         outlier_idx = select_outliers(w, config.outliers)
         outlier_weight = w[:, outlier_idx].to(dtype16)
         w = w.clone()
         w[:, outlier_idx] = 0.0
-    stored, scale, offset, absmax = quantize_absmax(block_absmax(w, config.block_size),
-                                                    config.absmax_dtype, name)
+    raw = block_absmax(w, config.block_size)
+    if not torch.isfinite(raw).all():  # a NaN/Inf weight makes its block's absmax NaN/Inf
+        check_finite(w, name)
+    stored, scale, offset, absmax = quantize_absmax(raw, config.absmax_dtype, name)
     if codebook is None:
         codebook = codebooks.fixed_codebook(config)
     if codebook is None:  # quantile: estimated from this tensor's normalised values
-        safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        normed = (_blocks(w, config.block_size) / safe[..., None]).view(w.shape[0], -1)[:, : w.shape[1]]
-        codebook = codebooks.quantile_codebook(config.bits, normed)
-    codes = quantize_codes(w, absmax, codebook, config.block_size)
+        codebook = codebooks.quantile_codebook(config.bits, _quantile_sample(w, absmax,
+                                                                             config.block_size))
+    kp = packing.padded_len(k)
+    qweight = torch.empty(n, packing.packed_row_bytes(k, config.bits), dtype=torch.uint8,
+                          device=w.device)
+    padded = torch.zeros(max(1, CHUNK // max(k, 1)) * kp, dtype=torch.uint8, device=w.device)
+    for r0, r1, codes in _chunk_codes(w, absmax, codebook, config.block_size):
+        c = padded[: (r1 - r0) * kp].view(r1 - r0, kp)
+        if kp == k:
+            c = codes
+        else:
+            c[:, :k] = codes  # columns k..kp stay 0
+        packing.pack_padded(c, config.bits, qweight[r0:r1])
     return QuantizedWeight(
-        qweight=packing.pack(codes, config.bits), absmax=stored, codebook=codebook,
-        shape=tuple(w.shape), bits=config.bits, block_size=config.block_size,
+        qweight=qweight, absmax=stored, codebook=codebook,
+        shape=(n, k), bits=config.bits, block_size=config.block_size,
         absmax_scale=scale, absmax_offset=offset, outlier_idx=outlier_idx,
         outlier_weight=outlier_weight)
+
+
+def _quantile_sample(w: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The strided subsample quantile_codebook would take of the normalised (N, K) weights.
+
+    Only the sampled values are normalised, so no (N, K) float32 copy is made.
+    """
+    n, k = w.shape
+    step = max(1, -(-w.numel() // codebooks.QUANTILE_SAMPLE))
+    flat = torch.arange(0, w.numel(), step, device=w.device)
+    rows, cols = flat // k, flat % k
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    return w.reshape(-1)[flat].float() / safe[rows, cols // block_size]

@@ -10,6 +10,8 @@ Every slice is a power of two wide, so a kernel extracts any code with one load,
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 _SLICES = {3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}
@@ -40,15 +42,35 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     c = codes.to(torch.uint8)
     if kp != k:
         c = torch.nn.functional.pad(c, (0, kp - k))
-    parts = []
-    for width, shift, _ in slices(bits):
-        per_byte = 8 // width
-        v = ((c >> shift) & ((1 << width) - 1)).view(n, kp // per_byte, per_byte)
-        byte = v[..., 0].clone()
-        for j in range(1, per_byte):
-            byte |= v[..., j] << (j * width)
-        parts.append(byte)
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].contiguous()
+    out = torch.empty(n, kp * bits // 8, dtype=torch.uint8, device=codes.device)
+    return pack_padded(c.contiguous(), bits, out)
+
+
+def pack_padded(codes: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """Pack contiguous uint8 (N, Kp) codes (Kp % 8 == 0, padding already 0) into out (N, Kp*k/8).
+
+    Works on int64 words of 8 codes: OR-ing each word with itself shifted right by (8 - s),
+    2(8 - s), 4(8 - s) bits gathers the 8/s codes of a packed byte into its first byte, then a
+    strided copy keeps every (8/s)-th byte. Codes (masked to the slice) are < 128, so the
+    arithmetic shift of int64 brings in zeros.
+    """
+    n, kp = codes.shape
+    if sys.byteorder != "little":
+        raise RuntimeError("kbitrt packing assumes a little-endian host")
+    if bits == 8:
+        return out.copy_(codes)
+    words = codes.view(torch.int64)  # (N, Kp/8), code j of a word in its byte j
+    for width, shift, offset in slices(bits):
+        v = words >> shift if shift else words.clone()
+        if width < bits:  # keep only this slice's bits (the shift brought in the next byte's)
+            v &= ((1 << width) - 1) * 0x0101010101010101
+        step = 8 - width
+        for _ in range((8 // width).bit_length() - 1):  # log2(codes per byte) rounds
+            v |= v >> step
+            step *= 2
+        dst = out[:, offset * kp // 8: (offset + width) * kp // 8].view(n, kp // 8, width)
+        dst.copy_(v.view(torch.uint8).view(n, kp // 8, 8)[:, :, :: 8 // width])
+    return out
 
 
 def unpack(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
