@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kbitrt.formats.spec import KbitFormatError, QuantConfig
+from kbitrt.formats.spec import KbitError, KbitFormatError, QuantConfig
 from kbitrt.models.decoder import Decoder
 from kbitrt.models.spec import (checkpoint_names, family_for, model_args, rope_frequencies,
                                 why_not_native)
@@ -30,7 +30,7 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "
 _CONV1D = {"gpt2": ("attn.wqkv", "attn.wo", "mlp.up", "mlp.down")}
 
 
-class RunError(ValueError):
+class RunError(KbitError):
     """A request the runtime cannot serve (device, backend, prompt length); one clear line."""
 
 

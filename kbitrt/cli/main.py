@@ -7,7 +7,7 @@ import sys
 import click
 
 from kbitrt import __version__
-from kbitrt.formats.spec import KbitFormatError
+from kbitrt.formats.spec import KbitError
 
 
 class KbitGroup(click.Group):
@@ -16,7 +16,7 @@ class KbitGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (KbitFormatError, FileNotFoundError, NotADirectoryError) as e:
+        except (KbitError, FileNotFoundError, NotADirectoryError) as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
         except KeyboardInterrupt:

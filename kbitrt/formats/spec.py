@@ -38,7 +38,11 @@ QUANT_SUFFIXES = (QWEIGHT, ABSMAX, ABSMAX_SCALE, ABSMAX_OFFSET, CODEBOOK, SHAPE,
                   OUTLIER_WEIGHT)
 
 
-class KbitFormatError(ValueError):
+class KbitError(ValueError):
+    """A request kbitrt cannot serve; the message is one line that says what to do."""
+
+
+class KbitFormatError(KbitError):
     """A kbit model (or a request to make one) is not valid; the message says what to do."""
 
 

@@ -64,6 +64,13 @@ def plot(rows: list[dict], output: Path) -> list[Path]:
         if has_ppl:
             ax_ppl.errorbar(x, [_ppl(r)[0] for r in rs], yerr=[_ppl(r)[1] for r in rs],
                             marker="o", capsize=3, label=f"{bits}-bit")
+    # every cell, faintly: with a single model each precision is one point per setting
+    if has_acc:
+        ax_acc.scatter([r["total_bits"] for r in rows], [r["mean_acc"] for r in rows],
+                       s=12, c="0.6", zorder=0, label="all cells")
+    if has_ppl:
+        ax_ppl.scatter([r["total_bits"] for r in rows], [_ppl(r)[0] for r in rows],
+                       s=12, c="0.6", zorder=0, label="all cells")
     front = frontier(rows)
     fx = [r["total_bits"] for r in front]
     if has_acc:
