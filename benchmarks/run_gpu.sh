@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One GPU session, one command: parity checks on the device, then the kernel and decode benchmarks.
+# Results land in benchmarks/results/ (and in $OUT when run through the device tool).
+#   device tool:  bash benchmarks/run_gpu.sh          (carry .whl with bitsandbytes for the peer)
+# Expects torch with CUDA and triton on the machine; installs kbitrt without dependencies.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || exit 2
+status=0
+python3 -m pytest -q -m gpu tests/ 2>&1 | tail -5 || status=1
+python3 benchmarks/kernels.py --check --quick || status=1
+python3 benchmarks/kernels.py || status=1
+python3 benchmarks/decode.py || status=1
+if [ -n "${OUT:-}" ]; then cp benchmarks/results/*.json "$OUT"/ 2>/dev/null; fi
+exit $status
