@@ -72,3 +72,13 @@ def tiny_llama_with_tokenizer(tmp_path_factory, smollm2_dir) -> Path:
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(root)
     AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(root)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests run only where CUDA is (a lent GPU), and skip on the CPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
