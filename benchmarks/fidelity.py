@@ -137,6 +137,9 @@ def render_markdown(result: dict) -> str:
         err = f"{r['rel_error']:.4f}" if r["rel_error"] is not None else "-"
         lines.append(f"| {r['setting']} | {bits} | {err} | {r['ppl']:.3f} | "
                      f"{(r['ppl'] / base - 1) * 100:+.2f}% | {r.get('note', '')} |")
+    missing = [label for label, _, _ in SETTINGS if label not in {r["setting"] for r in result["rows"]}]
+    if missing:
+        lines += ["", f"Not measured (the run was stopped for time): {', '.join(missing)}."]
     c = result["check_nf4_b64"]
     lines += [
         "",
@@ -164,7 +167,11 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated substrings of settings to run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/fidelity-smollm2-cpu.json"))
     ap.add_argument("--doc", default=str(ROOT / "docs/fidelity.md"))
+    ap.add_argument("--render", action="store_true", help="only rewrite --doc from the --out JSON")
     args = ap.parse_args()
+    if args.render:
+        Path(args.doc).write_text(render_markdown(json.loads(Path(args.out).read_text())))
+        return
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -19,7 +19,8 @@ from kbitrt.formats import codebooks, packing
 from kbitrt.formats.spec import DOUBLE_QUANT_BLOCK, KbitFormatError, QuantConfig
 
 FP16_MAX = 65504.0
-# Values per row chunk of the quantizer: its float32 and int32 buffers (~1.5 MB) stay in L2.
+# Values per row chunk of the quantizer and thread: the float32 and int32 buffers of one thread's
+# share (~1.5 MB) stay in its L2.
 CHUNK = 1 << 17
 
 
@@ -61,9 +62,13 @@ def _blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
     return w.view(n, nb, block_size)
 
 
+def _chunk_rows(k: int) -> int:
+    return max(1, CHUNK * torch.get_num_threads() // max(k, 1))
+
+
 def _row_chunks(n: int, k: int):
-    """Row ranges of about CHUNK values: every pass over a chunk then runs in cache."""
-    rows = max(1, CHUNK // max(k, 1))
+    """Row ranges of about CHUNK values per thread: every pass over a chunk then runs in cache."""
+    rows = _chunk_rows(k)
     for r0 in range(0, n, rows):
         yield r0, min(n, r0 + rows)
 
@@ -151,7 +156,7 @@ def _chunk_codes(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, 
     full, nb = k // block_size, -(-k // block_size)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax)).float()
     table = codebooks.nearest_table(codebook)
-    rows = max(1, CHUNK // max(k, 1))
+    rows = _chunk_rows(k)
     xbuf = torch.empty(rows * k, dtype=torch.float32, device=w.device)
     cbuf = torch.empty(rows * k, dtype=torch.uint8, device=w.device)
     scratch = (torch.empty(rows * k, dtype=torch.int32, device=w.device),
@@ -231,7 +236,7 @@ def quantize_weight(w: torch.Tensor, config: QuantConfig, name: str = "tensor",
     kp = packing.padded_len(k)
     qweight = torch.empty(n, packing.packed_row_bytes(k, config.bits), dtype=torch.uint8,
                           device=w.device)
-    padded = torch.zeros(max(1, CHUNK // max(k, 1)) * kp, dtype=torch.uint8, device=w.device)
+    padded = torch.zeros(_chunk_rows(k) * kp, dtype=torch.uint8, device=w.device)
     for r0, r1, codes in _chunk_codes(w, absmax, codebook, config.block_size):
         c = padded[: (r1 - r0) * kp].view(r1 - r0, kp)
         if kp == k:
