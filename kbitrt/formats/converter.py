@@ -26,7 +26,7 @@ import torch
 from kbitrt.formats import blockwise, codebooks, packing
 from kbitrt.formats.checkpoint_reader import CheckpointTensors
 from kbitrt.formats.model_map import ModelMap, build_model_map
-from kbitrt.formats.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter
+from kbitrt.formats.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter, plan_shards
 from kbitrt.formats.source import companion_files, find_checkpoint, resolve_model
 from kbitrt.formats.spec import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, OUTLIER_IDX,
                                  OUTLIER_WEIGHT, QWEIGHT, SHAPE, KbitFormatError, LinearLayout,
@@ -221,20 +221,11 @@ class Converter:
     def write(self, tmp: Path, report: ConversionReport, max_shard_bytes: int,
               progress: Progress | None = None) -> None:
         planned = self.planned_tensors()
-        shards: list[list[PlannedTensor]] = [[]]
-        size = 0
-        for t in planned:
-            if shards[-1] and size + t.nbytes > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(t)
-            size += t.nbytes
+        shards = plan_shards(planned, max_shard_bytes)
         count = len(shards)
-        names = (["model.safetensors"] if count == 1 else
-                 [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
         meta = header_metadata(self.config)
         writers: dict[str, ShardWriter] = {}
-        for fname, group in zip(names, shards):
+        for fname, group in shards:
             w = ShardWriter(tmp / fname, group, meta)
             for t in group:
                 writers[t.name] = w

@@ -10,7 +10,7 @@ import torch
 
 from kbitrt.formats.converter import MAX_SHARD_BYTES, _swap_into_place
 from kbitrt.formats.reader import KbitModel
-from kbitrt.formats.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter
+from kbitrt.formats.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter, plan_shards
 from kbitrt.formats.source import companion_files
 from kbitrt.formats.spec import KbitFormatError
 
@@ -38,23 +38,15 @@ def dequantize_model(source: str | Path, output: str | Path, dtype: str = "fp16"
         floating = info.dtype in ("F16", "BF16", "F32", "F64")
         plan.append(PlannedTensor(name, DTYPE_NAMES[target] if floating else info.dtype, info.shape))
     plan.sort(key=lambda t: t.name)
-    shards, size = [[]], 0
-    for t in plan:
-        if shards[-1] and size + t.nbytes > MAX_SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
+    shards = plan_shards(plan, MAX_SHARD_BYTES)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.kbit-partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
         weight_map = {}
         done, total = 0, len(plan)
-        for fname, group in zip(names, shards):
+        for fname, group in shards:
             w = ShardWriter(tmp / fname, group, {"format": "pt"})
             for t in group:
                 module = t.name.rpartition(".")[0]

@@ -163,6 +163,21 @@ class ShardWriter:
             raise RuntimeError(f"{self.path}: wrote {self.written} of {expected} bytes")
 
 
+def plan_shards(planned: list[PlannedTensor], max_bytes: int) -> list[tuple[str, list[PlannedTensor]]]:
+    """Tensors (in order) grouped into shards of at most `max_bytes`, with their HF file names."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in planned:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return list(zip(names, shards))
+
+
 def save_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Small, whole-dict writer (tests, dequantized output) with the same byte-exact header."""
     plan = [PlannedTensor(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
