@@ -98,6 +98,8 @@ def main() -> None:
     t0 = time.perf_counter()
     size = generate(src, a.layers)
     print(f"checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    # the commit of the code that runs (read before, not after, the long conversion)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     kbit = [sys.executable, "-m", "kbitrt.cli", "convert", str(src), "-o", str(dst), "--force", "--json",
             *a.args.split()]
     t0 = time.perf_counter()
@@ -107,7 +109,6 @@ def main() -> None:
         sys.exit(f"kbit convert failed:\n{proc.stderr}")
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     summary = json.loads(proc.stdout)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     import kbitrt
     result = {
         "benchmark": "convert_rss", "checkpoint_bytes": size, "layers": a.layers, "hidden": HIDDEN,
