@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in its interpreter. The switch is read when triton.language is
+# first imported, and transformers, bitsandbytes or lm-eval may import triton during collection, so
+# it is set here, before any test module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
