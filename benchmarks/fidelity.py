@@ -123,6 +123,10 @@ def render_markdown(result: dict) -> str:
         f"{p['windows']} windows ({p['scope']}), {p['predicted_tokens']} predicted tokens "
         f"(of {p['total_tokens']} in the text).",
         "",
+        *([f"A prefix of the text: one setting over all {p['windows_available']} windows takes "
+           "~10-20 min in fp32 on the shared 2-core CPU, so the whole table would take hours. "
+           "Every row is measured on the same tokens.", ""]
+          if p["windows"] < p["windows_available"] else []),
         "Every `nn.Linear` of the decoder layers is quantized in memory (quantize -> dequantize -> "
         "load); lm_head and embeddings stay fp32. kbit stores absmax in fp16, bitsandbytes in fp32. "
         "bits/param counts codes + absmax (+ codebook) as stored; rel. error is the mean over "
