@@ -87,3 +87,33 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def smollm2_kbit_folder(smollm2_dir, bits: int = 4, block: int = 64, dtype: str = "nf"):
+    """SmolLM2 converted by `kbit convert`, cached on disk under a key of the format's source code
+    (so a change to the quantizer or the packing converts again). Shared with test_generate.py."""
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    import kbitrt.formats as formats
+    from kbitrt.formats.converter import convert
+    from kbitrt.formats.spec import QuantConfig
+    from kbitrt.smollm2 import DEFAULT_CACHE
+
+    h = hashlib.sha256()
+    for f in sorted(Path(formats.__file__).parent.glob("*.py")):
+        h.update(f.read_bytes())
+    stem = f"SmolLM2-135M-Instruct-{dtype}{bits}-b{block}-"
+    out = DEFAULT_CACHE / f"{stem}{h.hexdigest()[:12]}"
+    if not (out / "config.json").exists():
+        for old in DEFAULT_CACHE.glob(f"{stem}*"):  # conversions by older format code
+            shutil.rmtree(old, ignore_errors=True)
+        convert(smollm2_dir, out, QuantConfig(bits=bits, block_size=block, dtype=dtype), force=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_nf4(smollm2_dir) -> Path:
+    """SmolLM2 as nf4, block 64: converted once and shared by every real-model test."""
+    return smollm2_kbit_folder(smollm2_dir)

@@ -17,14 +17,9 @@ ROWS = 100
 
 
 @pytest.fixture(scope="module")
-def models(smollm2_dir, tmp_path_factory):
-    from kbitrt.formats.converter import convert
-    from kbitrt.formats.spec import QuantConfig
-
-    out = tmp_path_factory.mktemp("smol") / "nf4"
-    convert(smollm2_dir, out, QuantConfig(bits=4, block_size=64, dtype="nf"))
+def models(smollm2_dir, smollm2_nf4):
     return {"fp32": open_model(str(smollm2_dir), device="cpu"),
-            "nf4": open_model(str(out), device="cpu")}
+            "nf4": open_model(str(smollm2_nf4), device="cpu")}
 
 
 @pytest.fixture(scope="module")

@@ -102,12 +102,10 @@ def test_chat_template(tiny):
 
 
 @pytest.mark.slow
-def test_smollm2_4bit_says_paris(smollm2_dir):
-    from test_models import smollm2_kbit_folder  # one cached conversion for both files
-
+def test_smollm2_4bit_says_paris(smollm2_nf4):
     from kbitrt.loader import load_model
 
-    lm = load_model(smollm2_kbit_folder(smollm2_dir), device="cpu")
+    lm = load_model(smollm2_nf4, device="cpu")
     assert lm.backend == "native"
     out = generate(lm, ["The capital of France is"], 8)
     assert "Paris" in out.texts[0]

@@ -134,12 +134,8 @@ def test_import_kbitrt_is_light_and_registers_when_transformers_loads():
 
 
 @pytest.mark.slow
-def test_smollm2_4bit_transformers_equals_native(smollm2_dir):
-    # converted once and cached beside SmolLM2 (the conversion is most of the cost, and both
-    # runtimes read the same folder, so a folder from an older converter tests the same thing)
-    out = smollm2_dir.parent / "SmolLM2-135M-Instruct-nf4-b64"
-    if not (out / "config.json").exists():
-        convert(smollm2_dir, out, QuantConfig(bits=4, block_size=64, dtype="nf"), force=True)
+def test_smollm2_4bit_transformers_equals_native(smollm2_nf4):
+    out = smollm2_nf4  # converted once per format version, shared by the real-model tests
     from transformers import AutoTokenizer
 
     prompt = AutoTokenizer.from_pretrained(out)("The capital of France is")["input_ids"]

@@ -164,34 +164,11 @@ def test_wrong_shape_is_named():
         build_model(src, "cpu")
 
 
-def smollm2_kbit_folder(smollm2_dir, bits: int = 4, block: int = 64, dtype: str = "nf"):
-    """SmolLM2 converted by `kbit convert`, cached on disk under a key of the format's source code
-    (so a change to the quantizer or the packing converts again). Shared with test_generate.py."""
-    import hashlib
-    import shutil
-    from pathlib import Path
-
-    import kbitrt.formats as formats
-    from kbitrt.formats.converter import convert
-    from kbitrt.smollm2 import DEFAULT_CACHE
-
-    h = hashlib.sha256()
-    for f in sorted(Path(formats.__file__).parent.glob("*.py")):
-        h.update(f.read_bytes())
-    stem = f"SmolLM2-135M-Instruct-{dtype}{bits}-b{block}-"
-    out = DEFAULT_CACHE / f"{stem}{h.hexdigest()[:12]}"
-    if not (out / "config.json").exists():
-        for old in DEFAULT_CACHE.glob(f"{stem}*"):  # conversions by older format code
-            shutil.rmtree(old, ignore_errors=True)
-        convert(smollm2_dir, out, QuantConfig(bits=bits, block_size=block, dtype=dtype), force=True)
-    return out
-
-
 @pytest.mark.slow
-def test_smollm2_native_matches_transformers(smollm2_dir):
+def test_smollm2_native_matches_transformers(smollm2_dir, smollm2_nf4):
     from kbitrt.formats.reader import KbitModel
 
-    src = KbitModel.open(smollm2_kbit_folder(smollm2_dir))
+    src = KbitModel.open(smollm2_nf4)
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     weights = {n: src.tensor(n).float() for n in src.plain_names}  # 16-bit on disk
     weights.update({f"{n}.weight": src.quantized(n).dequantize() for n in src.quantized_modules})
