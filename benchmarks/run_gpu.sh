@@ -12,8 +12,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || exit 2
 status=0
 python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_linear.py 2>&1 | tail -15 || status=1
-python3 benchmarks/kernels.py --check --quick || status=1
-python3 benchmarks/kernels.py || status=1
+python3 benchmarks/kernel_bench.py --check --quick || status=1
+python3 benchmarks/kernel_bench.py || status=1
 python3 benchmarks/decode.py || status=1
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/*.json "$OUT"/ 2>/dev/null; fi
 exit $status

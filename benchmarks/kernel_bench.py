@@ -1,8 +1,10 @@
 """Kernel benchmark: fused-dequant k-bit linear vs fp16 matmul vs the copy bandwidth (one GPU).
+# (not named kernels.py: scripts here put benchmarks/ first on sys.path, which would shadow the
+# PyPI package `kernels` that bitsandbytes imports)
 
-    python benchmarks/kernels.py --check            # parity on the GPU, then the full table
-    python benchmarks/kernels.py --check --quick    # parity + a few shapes (a minute or two)
-    python benchmarks/kernels.py --tune --quick     # sweep launch configs, report the best
+    python benchmarks/kernel_bench.py --check            # parity on the GPU, then the full table
+    python benchmarks/kernel_bench.py --check --quick    # parity + a few shapes (a minute or two)
+    python benchmarks/kernel_bench.py --tune --quick     # sweep launch configs, report the best
 
 Every timing is a CUDA-graph replay of many calls that rotate through >= 4 copies of the weight
 (more when one copy fits in L2), so no call finds its weight in L2. The device-to-device copy
@@ -208,7 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU: timings of the CPU path or of the Triton "
+        print("benchmarks/kernel_bench.py needs a CUDA GPU: timings of the CPU path or of the Triton "
               "interpreter mean nothing for the kernels. Run it on a GPU machine.", file=sys.stderr)
         return 2
     import triton
