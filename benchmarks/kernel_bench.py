@@ -1,6 +1,6 @@
 """Kernel benchmark: fused-dequant k-bit linear vs fp16 matmul vs the copy bandwidth (one GPU).
-# (not named kernels.py: scripts here put benchmarks/ first on sys.path, which would shadow the
-# PyPI package `kernels` that bitsandbytes imports)
+(Not named kernels.py: a script here puts benchmarks/ first on sys.path, which would shadow the
+PyPI package `kernels` that bitsandbytes imports.)
 
     python benchmarks/kernel_bench.py --check            # parity on the GPU, then the full table
     python benchmarks/kernel_bench.py --check --quick    # parity + a few shapes (a minute or two)

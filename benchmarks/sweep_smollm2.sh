@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The SmolLM2 bit-level scaling sweep behind docs/scaling.md (CPU, about 1-2 hours on 2 cores).
-# Resumable: rerun to finish missing cells. Results: docs/scaling/smollm2.jsonl + plots.
+# The SmolLM2 bit-level scaling sweep behind docs/scaling.md (CPU, 2 cores: ~2-5 min a cell).
+# Resumable: rerun to finish missing cells. Results: docs/scaling/smollm2.jsonl + plots + summary.
+# Grid in priority order, so a partial run still answers the main questions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SMOL=$(.venv/bin/python -m kbitrt.smollm2 2>/dev/null)
@@ -8,9 +9,12 @@ R=docs/scaling/smollm2.jsonl
 EVAL=(--ppl ../shared/data/wiki_en_dev.txt --max-tokens 16384 --seqlen 512
       --tasks ../shared/data/mc/social_iqa_dev.jsonl --limit 150 -o "$R")
 K=.venv/bin/kbit
-$K sweep --models "$SMOL" --bits 16,4,3,8,5,6 --block 64,1024 --dtype nf,int,fp "${EVAL[@]}"
-$K sweep --models "$SMOL" --bits 4 --block 64,1024 --dtype quantile,dynamic "${EVAL[@]}"
+$K sweep --models "$SMOL" --bits 16,4,3 --block 64,1024 --dtype nf,int "${EVAL[@]}"
+$K sweep --models "$SMOL" --bits 8,5,6 --block 64 --dtype nf,int "${EVAL[@]}"
 $K sweep --models "$SMOL" --bits 3 --block 64 --dtype int,nf --outliers top:2% "${EVAL[@]}"
+$K sweep --models "$SMOL" --bits 4 --block 64,1024 --dtype fp "${EVAL[@]}"
+$K sweep --models "$SMOL" --bits 4 --block 64 --dtype quantile,dynamic "${EVAL[@]}"
+$K sweep --models "$SMOL" --bits 4 --block 256 --dtype nf,int "${EVAL[@]}"
 $K sweep --summary "$R" > docs/scaling/summary.txt
 $K sweep --summary "$R" --json > docs/scaling/summary.json
 $K plot "$R" -o docs/scaling/smollm2.png
