@@ -15,6 +15,11 @@ $K sweep --models "$SMOL" --bits 3 --block 64 --dtype int,nf --outliers top:2% "
 $K sweep --models "$SMOL" --bits 4 --block 64,1024 --dtype fp "${EVAL[@]}"
 $K sweep --models "$SMOL" --bits 4 --block 64 --dtype quantile,dynamic "${EVAL[@]}"
 $K sweep --models "$SMOL" --bits 4 --block 256 --dtype nf,int "${EVAL[@]}"
+# extended grid: every data type and block at 3 and 4 bits, more proxy settings, 5/6/8 bits wider
+$K sweep --models "$SMOL" --bits 4,3 --block 64,256,1024 --dtype nf,int,fp,quantile,dynamic "${EVAL[@]}"
+$K sweep --models "$SMOL" --bits 3 --block 64 --dtype fp,quantile,dynamic --outliers top:2% "${EVAL[@]}"
+$K sweep --models "$SMOL" --bits 3 --block 64 --dtype int,nf --outliers zscore:4 "${EVAL[@]}"
+$K sweep --models "$SMOL" --bits 8,6,5 --block 64,1024 --dtype nf,int,fp "${EVAL[@]}"
 $K sweep --summary "$R" > docs/scaling/summary.txt
 $K sweep --summary "$R" --json > docs/scaling/summary.json
 $K plot "$R" -o docs/scaling/smollm2.png
