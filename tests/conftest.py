@@ -64,19 +64,23 @@ def smollm2_dir() -> Path:
         pytest.skip(str(e))
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_with_tokenizer(tmp_path_factory, smollm2_dir) -> Path:
+def make_tiny_llama(folder: Path, tokenizer_dir: Path, max_positions: int = 256, **extra) -> Path:
     """A tiny random Llama that reads text: SmolLM2's tokenizer, vocabulary to match."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    root = tmp_path_factory.mktemp("tinytok") / "llama"
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, eos_token_id=2)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(root)
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(root)
-    return root
+                      num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max_positions, tie_word_embeddings=True,
+                      **{"eos_token_id": 2, **extra})
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_with_tokenizer(tmp_path_factory, smollm2_dir) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tinytok") / "llama", smollm2_dir)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from kbitrt.cli.main import cli
@@ -13,18 +12,13 @@ from kbitrt.cli.main import cli
 
 @pytest.fixture(scope="module")
 def k4(tmp_path_factory, smollm2_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+    from conftest import make_tiny_llama
 
     from kbitrt.formats.converter import convert
     from kbitrt.formats.spec import QuantConfig
 
     root = tmp_path_factory.mktemp("benchmodels")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(root / "hf")
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(root / "hf")
+    make_tiny_llama(root / "hf", smollm2_dir, max_positions=64)
     convert(root / "hf", root / "k4", QuantConfig(bits=4, block_size=64))
     return root / "k4"
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from kbitrt.cli.main import cli
 from kbitrt.eval import perplexity as ppl
@@ -29,13 +29,10 @@ def folders(tmp_path_factory, smollm2_dir):
     from kbitrt.formats.converter import convert
     from kbitrt.formats.spec import QuantConfig
 
+    from conftest import make_tiny_llama
+
     root = tmp_path_factory.mktemp("evalmodels")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=True, eos_token_id=2)
-    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(root / "hf")
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(root / "hf")
+    make_tiny_llama(root / "hf", smollm2_dir, max_positions=128)
     convert(root / "hf", root / "k4", QuantConfig(bits=4, block_size=64))
     text = root / "wiki.txt"
     text.write_text(open(f"{DATA}/wiki_en_dev.txt", encoding="utf-8").read()[:4000])

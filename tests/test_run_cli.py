@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from kbitrt.cli.main import cli
 from kbitrt.formats.spec import QuantConfig
@@ -19,13 +18,10 @@ def folders(smollm2_dir, tmp_path_factory):
     """(plain HF folder, kbit folder) of a tiny Llama with 32 positions."""
     from kbitrt.formats.converter import convert
 
+    from conftest import make_tiny_llama
+
     root = tmp_path_factory.mktemp("run")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                      tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(root / "hf")
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(root / "hf")
+    make_tiny_llama(root / "hf", smollm2_dir, max_positions=32, bos_token_id=1)
     convert(root / "hf", root / "kbit", QuantConfig(bits=4, block_size=64, dtype="nf"))
     return root / "hf", root / "kbit"
 
