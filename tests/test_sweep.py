@@ -83,7 +83,8 @@ def test_sweep_bits_resume_summary_and_plot(tiny_llama_with_tokenizer, text, tmp
     s = summarize(rows)[model]
     assert [r["bits"] for r in s["best_per_precision"]] == [3, 4, 16]
     assert s["frontier"][0]["total_bits"] == min(r["total_bits"] for r in rows)
-    assert len(s["block_size_at_4bit"]) == 2 and len(s["outliers_at_3bit"]) == 4
+    assert len(s["block_size_at_4bit"]) == 2 * 2 and len(s["outliers_at_3bit"]) == 4 * 2  # nll + acc_norm each
+    assert {c["metric"] for c in s["block_size_at_4bit"]} == {"nll", "acc_norm"}
     r = CliRunner().invoke(cli, ["sweep", "--summary", str(results)])
     assert r.exit_code == 0 and "frontier" in r.stdout and "within noise" in r.stdout
     r = CliRunner().invoke(cli, ["plot", str(results), "-o", str(tmp_path / "fig.png")])

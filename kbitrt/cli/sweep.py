@@ -29,9 +29,11 @@ out = Console()
 @click.option("-o", "--output", default="results.jsonl", show_default=True, type=click.Path())
 @click.option("--summary", "summary_file", default=None, type=click.Path(),
               help="only summarise an existing results file")
+@click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "nll", "acc_norm"]),
+              help="what decides 'best' in --summary (auto: NLL when perplexity was measured)")
 @click.option("--json", "as_json", is_flag=True)
 def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tokens, limit,
-              batch_size, output, summary_file, as_json):
+              batch_size, output, summary_file, metric, as_json):
     """Quantize every cell of the grid in memory, evaluate it, append one JSON line per cell.
 
     Rerunning skips the cells already in the results file.
@@ -40,7 +42,7 @@ def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tok
     from kbitrt.sweep.runner import SweepOptions, read_results, run_sweep
 
     if summary_file:
-        return show_summary(read_results(Path(summary_file)), as_json)
+        return show_summary(read_results(Path(summary_file)), as_json, metric)
     cells = parse_grid([m.strip() for m in models.split(",") if m.strip()], bits, block, dtypes, outliers)
     opts = SweepOptions(ppl=list(ppl), tasks=[t for t in tasks.split(",") if t.strip()], seqlen=seqlen,
                         max_tokens=max_tokens or None, limit=limit, batch_size=batch_size)
@@ -66,10 +68,10 @@ def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tok
         raise click.exceptions.Exit(1)
 
 
-def show_summary(rows: list[dict], as_json: bool) -> None:
+def show_summary(rows: list[dict], as_json: bool, metric: str = "auto") -> None:
     from kbitrt.sweep.summary import summarize
 
-    report = summarize(rows)
+    report = summarize(rows, metric)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return

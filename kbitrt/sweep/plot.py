@@ -28,7 +28,7 @@ def _best(rows: list[dict], key) -> dict[tuple, dict]:
         k = key(r)
         name, v, _ = metric_of(r)
         cur = out.get(k)
-        if cur is None or (v > metric_of(cur)[1] if name == "acc" else v < metric_of(cur)[1]):
+        if cur is None or (v < metric_of(cur)[1] if name == "nll" else v > metric_of(cur)[1]):
             out[k] = r
     return out
 
@@ -40,12 +40,17 @@ def _ppl(r: dict) -> tuple[float, float]:
     return sum(x["perplexity"] for x in p) / len(p), math.sqrt(sum(x["stderr"] ** 2 for x in p)) / len(p)
 
 
+def _acc(r: dict) -> tuple[float, float]:
+    _, value, stderr = metric_of(r, "acc_norm")
+    return value, stderr
+
+
 def plot(rows: list[dict], output: Path) -> list[Path]:
     """Write `output` (.png) and the same figure as .svg; returns both paths."""
     if not rows:
         raise KbitFormatError("the results file has no cells to plot")
     plt = _pyplot()
-    has_acc = "mean_acc" in rows[0]
+    has_acc = bool(rows[0].get("tasks"))
     has_ppl = bool(rows[0].get("ppl"))
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     (ax_acc, ax_ppl), (ax_block, ax_dtype) = axes
@@ -59,25 +64,27 @@ def plot(rows: list[dict], output: Path) -> list[Path]:
         rs.sort(key=lambda r: r["total_bits"])
         x = [r["total_bits"] for r in rs]
         if has_acc:
-            ax_acc.errorbar(x, [r["mean_acc"] for r in rs], yerr=[r["mean_acc_stderr"] for r in rs],
+            ax_acc.errorbar(x, [_acc(r)[0] for r in rs], yerr=[_acc(r)[1] for r in rs],
                             marker="o", capsize=3, label=f"{bits}-bit")
         if has_ppl:
             ax_ppl.errorbar(x, [_ppl(r)[0] for r in rs], yerr=[_ppl(r)[1] for r in rs],
                             marker="o", capsize=3, label=f"{bits}-bit")
     # every cell, faintly: with a single model each precision is one point per setting
     if has_acc:
-        ax_acc.scatter([r["total_bits"] for r in rows], [r["mean_acc"] for r in rows],
+        ax_acc.scatter([r["total_bits"] for r in rows], [_acc(r)[0] for r in rows],
                        s=12, c="0.6", zorder=0, label="all cells")
     if has_ppl:
         ax_ppl.scatter([r["total_bits"] for r in rows], [_ppl(r)[0] for r in rows],
                        s=12, c="0.6", zorder=0, label="all cells")
-    front = frontier(rows)
-    fx = [r["total_bits"] for r in front]
     if has_acc:
-        ax_acc.plot(fx, [r["mean_acc"] for r in front], "k--", lw=1, label="bit-level frontier")
-    elif has_ppl:
-        ax_ppl.plot(fx, [_ppl(r)[0] for r in front], "k--", lw=1, label="bit-level frontier")
-    for ax, title, ylabel in ((ax_acc, "Mean zero-shot accuracy vs total model bits", "accuracy"),
+        front = frontier(rows, "acc_norm")
+        ax_acc.plot([r["total_bits"] for r in front], [_acc(r)[0] for r in front], "k--", lw=1,
+                    label="bit-level frontier")
+    if has_ppl:
+        front = frontier(rows, "nll")
+        ax_ppl.plot([r["total_bits"] for r in front], [_ppl(r)[0] for r in front], "k--", lw=1,
+                    label="bit-level frontier")
+    for ax, title, ylabel in ((ax_acc, "Mean zero-shot accuracy (acc_norm) vs total model bits", "acc_norm"),
                               (ax_ppl, "Perplexity vs total model bits", "perplexity")):
         ax.set_xscale("log")
         ax.set_xlabel("total model bits")
@@ -90,7 +97,7 @@ def plot(rows: list[dict], output: Path) -> list[Path]:
         ax_ppl.set_yscale("log")
 
     # Figure 3 style: block size at 4 bits (per data type) and data types across precisions
-    value = (lambda r: (r["mean_acc"], r["mean_acc_stderr"])) if has_acc else _ppl
+    value = _acc if has_acc else _ppl
     four = [r for r in rows if r["bits"] == 4 and r["outliers"] == "none"]
     for dtype in sorted({r["dtype"] for r in four}):
         rs = sorted((r for r in four if r["dtype"] == dtype), key=lambda r: r["block"])

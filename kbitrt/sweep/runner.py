@@ -141,10 +141,13 @@ def _evaluate(mut: ModelUnderTest, texts: dict, tasks: dict, opts: SweepOptions)
         m["correct"] = "".join(map(str, correct))
         m["correct_norm"] = "".join(map(str, correct_norm))
         out["tasks"][name] = m
-        accs.append((m["acc"], m["acc_stderr"]))
+        accs.append((m["acc"], m["acc_stderr"], m["acc_norm"], m["acc_norm_stderr"]))
     if accs:
-        out["mean_acc"] = sum(a for a, _ in accs) / len(accs)
-        out["mean_acc_stderr"] = math.sqrt(sum(s * s for _, s in accs)) / len(accs)
+        n = len(accs)
+        out["mean_acc"] = sum(a[0] for a in accs) / n
+        out["mean_acc_stderr"] = math.sqrt(sum(a[1] ** 2 for a in accs)) / n
+        out["mean_acc_norm"] = sum(a[2] for a in accs) / n
+        out["mean_acc_norm_stderr"] = math.sqrt(sum(a[3] ** 2 for a in accs)) / n
     return out
 
 
