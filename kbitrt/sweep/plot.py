@@ -97,7 +97,8 @@ def plot(rows: list[dict], output: Path) -> list[Path]:
         ax_ppl.set_yscale("log")
 
     # Figure 3 style: block size at 4 bits (per data type) and data types across precisions
-    value = _acc if has_acc else _ppl
+    # perplexity separates settings that a few hundred questions cannot; accuracy otherwise
+    value = _ppl if has_ppl else _acc
     four = [r for r in rows if r["bits"] == 4 and r["outliers"] == "none"]
     for dtype in sorted({r["dtype"] for r in four}):
         rs = sorted((r for r in four if r["dtype"] == dtype), key=lambda r: r["block"])
@@ -116,8 +117,8 @@ def plot(rows: list[dict], output: Path) -> list[Path]:
     ax_dtype.set_xlabel("bits per weight")
     ax_dtype.set_title(f"data types across precisions (block {small})")
     for ax in (ax_block, ax_dtype):
-        ax.set_ylabel("accuracy" if has_acc else "perplexity")
-        if not has_acc:
+        ax.set_ylabel("perplexity" if has_ppl else "acc_norm")
+        if has_ppl:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         if ax.has_data():
