@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kbitrt.formats.spec import KbitError, KbitFormatError, QuantConfig
-from kbitrt.models.decoder import Decoder
+from kbitrt.models.decoder import Decoder, default_positions
 from kbitrt.models.spec import (checkpoint_names, family_for, model_args, rope_frequencies,
                                 why_not_native)
 
@@ -245,12 +245,8 @@ class TransformersLM(nn.Module):
         self.past, self.use_cache = None, False
 
     def forward(self, input_ids, input_pos=None, pad=None, last_only=False):
-        B, T = input_ids.shape
         device = input_ids.device
-        if input_pos is None:
-            input_pos = torch.arange(T, device=device)
-        if pad is None:
-            pad = torch.zeros(B, dtype=torch.long, device=device)
+        input_pos, pad = default_positions(input_ids, input_pos, pad)
         seen = torch.arange(int(input_pos[-1]) + 1, device=device)
         attention_mask = (seen[None, :] >= pad[:, None]).long()  # (B, tokens so far)
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,

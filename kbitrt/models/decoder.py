@@ -31,6 +31,17 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def default_positions(input_ids: torch.Tensor, input_pos: torch.Tensor | None,
+                      pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache slots 0..T-1 and no left padding, unless given (the forward protocol's defaults)."""
+    B, T = input_ids.shape
+    if input_pos is None:
+        input_pos = torch.arange(T, device=input_ids.device)
+    if pad is None:
+        pad = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    return input_pos, pad
+
+
 def make_norm(args: ModelArgs) -> nn.Module:
     if args.norm == "rmsnorm":
         return RMSNorm(args.dim, args.norm_eps)
@@ -218,11 +229,7 @@ class Decoder(nn.Module):
         """
         a = self.args
         B, T = input_ids.shape
-        device = input_ids.device
-        if input_pos is None:
-            input_pos = torch.arange(T, device=device)
-        if pad is None:
-            pad = torch.zeros(B, dtype=torch.long, device=device)
+        input_pos, pad = default_positions(input_ids, input_pos, pad)
         pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) model positions
         x = self.tok_emb(input_ids)
         if a.project_dim:
