@@ -39,6 +39,17 @@ def make_tiny_model(family: str, folder: Path, *, safe: bool = True, seed: int =
     return folder
 
 
+def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors shards (small test models only)."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as g:
+            out.update({k: g.get_tensor(k) for k in g.keys()})
+    return out
+
+
 def _save_bin(model, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(folder)

@@ -19,19 +19,11 @@ from kbitrt.formats.dequantize import dequantize_model
 from kbitrt.formats.reader import KbitModel
 from kbitrt.formats.spec import KbitFormatError, OutlierSpec, QuantConfig
 
-from conftest import make_tiny_model
+from conftest import hf_weights, make_tiny_model
 
 
 def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
-def hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as g:
-            out.update({k: g.get_tensor(k) for k in g.keys()})
-    return out
 
 
 CONFIGS = [

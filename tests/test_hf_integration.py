@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from conftest import hf_weights
 
 import kbitrt  # noqa: F401  (registers the "kbit" quantizer)
 from kbitrt.formats.converter import convert
@@ -52,14 +52,6 @@ def hf_load(path, **kw):
     return AutoModelForCausalLM.from_pretrained(path, **kw)
 
 
-def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, "pt") as g:
-            out.update({k: g.get_tensor(k) for k in g.keys()})
-    return out
-
-
 def greedy_both(path: Path, prompt: list[int], n: int) -> tuple[list[int], list[int], object]:
     """(kbitrt native tokens, transformers tokens, transformers model), fp32 on the CPU."""
     lm = load_model(path, device="cpu", backend="native")
@@ -94,7 +86,7 @@ def test_save_pretrained_writes_the_same_kbit_folder(kbit_tiny, tmp_path, family
     model.save_pretrained(tmp_path / "again")
     again = KbitModel.open(tmp_path / "again")  # validates format, headers, shapes
     assert set(again.modules) == set(KbitModel.open(path).modules)
-    a, b = folder_tensors(path), folder_tensors(tmp_path / "again")
+    a, b = hf_weights(path), hf_weights(tmp_path / "again")
     assert set(a) == set(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
