@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kbitrt.formats.safetensors_io import PlannedTensor, ShardWriter
+from kbitrt.format.safetensors_io import PlannedTensor, ShardWriter
 
 HIDDEN, HEADS, VOCAB = 14336, 112, 1024
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,11 +30,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kbitrt.formats import codebooks, packing  # noqa: E402
-from kbitrt.formats.blockwise import QuantizedWeight  # noqa: E402
-from kbitrt.formats.spec import QuantConfig  # noqa: E402
-from kbitrt.generate import _decode_step  # noqa: E402
-from kbitrt.loader import build_model, resolve_device  # noqa: E402
+from kbitrt.format import dtypes, packing  # noqa: E402
+from kbitrt.format.blockwise import QuantizedWeight  # noqa: E402
+from kbitrt.format.config import QuantConfig  # noqa: E402
+from kbitrt.runtime.generate import decode_step  # noqa: E402
+from kbitrt.runtime.loader import build_model, resolve_device  # noqa: E402
 
 LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -69,7 +69,7 @@ class RandomSource:
                                 device=self.device, generator=self.gen)
         absmax = (torch.rand(n, -(-k // block), device=self.device, generator=self.gen) * 0.02
                   + 0.01).half()
-        codebook = codebooks.fixed_codebook(self.quant).to(self.device)
+        codebook = dtypes.fixed_codebook(self.quant).to(self.device)
         return QuantizedWeight(qweight, absmax, codebook, (n, k), bits, block)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -113,7 +113,7 @@ def _sync(device):
 @torch.no_grad()
 def time_decode(lm, batch: int, prompt: int, tokens: int, compile_mode) -> dict:
     model, device = lm.model, lm.device
-    step, compiled = _decode_step(lm, compile_mode)
+    step, compiled = decode_step(lm, compile_mode)
     ids = torch.randint(0, lm.config["vocab_size"], (batch, prompt), device=device)
     pad = torch.zeros(batch, dtype=torch.long, device=device)
     warm = 3 if compiled else 1  # compiled: the first calls record the CUDA graph

@@ -2,7 +2,7 @@
 
     python benchmarks/eval_smollm2.py [--tokens 4096] [--seqlen 512] [--rows 200]
 
-Converts the fp32 SmolLM2 folder (kbitrt.smollm2) to each setting under a temp folder, evaluates
+Converts the fp32 SmolLM2 folder (kbitrt.convert.gguf) to each setting under a temp folder, evaluates
 every model with the same code (kbitrt.eval), writes benchmarks/results/eval_smollm2-cpu.json and
 prints a Markdown table for docs/eval.md. seqlen 512 and a few thousand tokens keep it to minutes
 on a CPU; the published tables use seqlen 2048 on full test sets.
@@ -21,9 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 from kbitrt.eval import perplexity as ppl  # noqa: E402
 from kbitrt.eval import zeroshot  # noqa: E402
-from kbitrt.eval.models import open_model  # noqa: E402
+from kbitrt.eval.model_open import open_model  # noqa: E402
 from kbitrt.eval.results import environment, model_record, write_json  # noqa: E402
-from kbitrt.loader import resolve_device  # noqa: E402
+from kbitrt.runtime.loader import resolve_device  # noqa: E402
 
 DATA = Path("/work/shared/data")
 SETTINGS = [("fp32", None), ("nf4/64", ("nf", 4, 64)), ("int4/64", ("int", 4, 64)),
@@ -40,9 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("-o", "--output", default=str(ROOT / "benchmarks/results/eval_smollm2-cpu.json"))
     args = ap.parse_args(argv)
 
-    from kbitrt.formats.converter import convert
-    from kbitrt.formats.spec import QuantConfig
-    from kbitrt.smollm2 import ensure_smollm2
+    from kbitrt.convert.converter import convert
+    from kbitrt.format.config import QuantConfig
+    from kbitrt.convert.gguf import ensure_smollm2
 
     src = ensure_smollm2()
     text = ppl.load_text(args.text)[1]

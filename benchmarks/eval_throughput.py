@@ -21,9 +21,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from kbitrt.eval import perplexity as ppl  # noqa: E402
-from kbitrt.eval.models import load_hf, open_model  # noqa: E402
+from kbitrt.eval.model_open import load_hf, open_model  # noqa: E402
 from kbitrt.eval.results import environment, model_record, write_json  # noqa: E402
-from kbitrt.loader import resolve_device  # noqa: E402
+from kbitrt.runtime.loader import resolve_device  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,9 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--text", default="/work/shared/data/wiki_en_dev.txt")
     args = ap.parse_args(argv)
 
-    from kbitrt.formats.converter import convert
-    from kbitrt.formats.spec import QuantConfig
-    from kbitrt.smollm2 import ensure_smollm2
+    from kbitrt.convert.converter import convert
+    from kbitrt.format.config import QuantConfig
+    from kbitrt.convert.gguf import ensure_smollm2
 
     device = resolve_device(args.device)
     src = ensure_smollm2()

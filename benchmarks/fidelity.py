@@ -29,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kbitrt.formats.blockwise import quantize_weight  # noqa: E402
-from kbitrt.formats.spec import QuantConfig  # noqa: E402
+from kbitrt.format.blockwise import quantize_weight  # noqa: E402
+from kbitrt.format.config import QuantConfig  # noqa: E402
 
 DATA = Path("/work/shared/data/wiki_en_dev.txt")
 BNB_CPU_BUG = "bnb CPU bug above block 64"
@@ -179,7 +179,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kbitrt.smollm2 import ensure_smollm2
+    from kbitrt.convert.gguf import ensure_smollm2
 
     path = ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(path)

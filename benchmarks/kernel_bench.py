@@ -29,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kbitrt.formats import codebooks, packing  # noqa: E402
-from kbitrt.kernels.reference import kbit_linear_torch, pad_codebook  # noqa: E402
+from kbitrt.format import dtypes, packing  # noqa: E402
+from kbitrt.runtime.kernels.reference import kbit_linear_torch, pad_codebook  # noqa: E402
 
 SHAPES = {  # name: (N = out, K = in)
     "7b-qkv": (12288, 4096), "7b-o": (4096, 4096), "7b-gateup": (22016, 4096),
@@ -43,7 +43,7 @@ L2_BYTES = 50 * 2**20  # H100; rotating copies must not fit
 
 
 def _codebook(dtype: str, bits: int) -> torch.Tensor:
-    cb = codebooks.nf_codebook(bits) if dtype == "nf" else codebooks.int_codebook(bits)
+    cb = dtypes.nf_codebook(bits) if dtype == "nf" else dtypes.int_codebook(bits)
     return pad_codebook(cb, bits)
 
 
@@ -97,7 +97,7 @@ def copy_bandwidth(nbytes: int = 2**30) -> float:
 
 
 def bench_kbit(n, k, m, bits, block, dtype, act=torch.float16, config=None) -> dict:
-    from kbitrt.kernels.triton_kbit import kbit_linear_triton, pick_config
+    from kbitrt.runtime.kernels.triton_kbit import kbit_linear_triton, pick_config
 
     wbytes = n * packing.packed_row_bytes(k, bits) + n * (-(-k // block)) * 2
     copies, cb = _weights(n, k, bits, block, dtype, _n_copies(wbytes), "cuda")
@@ -144,9 +144,9 @@ def bench_bnb(n, k, m) -> float | None:
 # ------------------------------------------------------------------------------------ checks
 def check(verbose: bool = True) -> int:
     """Parity of the Triton kernels with the torch twin on the GPU; returns the failure count."""
-    from kbitrt.formats.blockwise import quantize_weight
-    from kbitrt.formats.spec import OutlierSpec, QuantConfig
-    from kbitrt.kernels.triton_kbit import kbit_linear_triton
+    from kbitrt.format.blockwise import quantize_weight
+    from kbitrt.format.config import OutlierSpec, QuantConfig
+    from kbitrt.runtime.kernels.triton_kbit import kbit_linear_triton
 
     fails, cases = 0, 0
     g = torch.Generator().manual_seed(0)
@@ -181,7 +181,7 @@ def check(verbose: bool = True) -> int:
 
 # ------------------------------------------------------------------------------------ sweep
 def tune_configs(m: int) -> list:
-    from kbitrt.kernels.triton_kbit import KernelConfig
+    from kbitrt.runtime.kernels.triton_kbit import KernelConfig
 
     if m == 1:
         return [KernelConfig(1, bn, bk, s, w, 2, gather=g) for bn in (4, 8, 16, 32)

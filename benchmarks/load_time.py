@@ -2,7 +2,7 @@
 
     python benchmarks/load_time.py [--repeats 3] [--bits 4 --block 64]
 
-Model: SmolLM2-135M-Instruct (kbitrt.smollm2), converted once to a kbit folder and saved once as
+Model: SmolLM2-135M-Instruct (kbitrt.convert.gguf), converted once to a kbit folder and saved once as
 fp16, both cached under ~/.cache/kbitrt/bench. Every load runs in this process after one untimed
 load of each (imports done, files in the page cache), so the numbers are warm-cache load times;
 GB/s is bytes on disk / seconds. kbitrt's loader runs one token through the model as part of
@@ -35,9 +35,9 @@ def folder_bytes(path: Path) -> int:
 def prepare(bits: int, block: int) -> tuple[Path, Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kbitrt.formats.converter import convert
-    from kbitrt.formats.spec import QuantConfig
-    from kbitrt.smollm2 import ensure_smollm2
+    from kbitrt.convert.converter import convert
+    from kbitrt.format.config import QuantConfig
+    from kbitrt.convert.gguf import ensure_smollm2
 
     src = ensure_smollm2()
     kbit_dir = CACHE / f"SmolLM2-135M-nf{bits}-b{block}"
@@ -80,7 +80,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from kbitrt.loader import load_model
+    from kbitrt.runtime.loader import load_model
 
     kbit_dir, fp16_dir = prepare(args.bits, args.block)
     cases = {

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.fidelity import cpu_name, git_commit  # noqa: E402
-from kbitrt.formats.blockwise import quantize_weight  # noqa: E402
-from kbitrt.formats.spec import QuantConfig  # noqa: E402
+from kbitrt.format.blockwise import quantize_weight  # noqa: E402
+from kbitrt.format.config import QuantConfig  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096)]
 DTYPES = ["int", "fp", "nf", "quantile", "dynamic"]

@@ -22,10 +22,10 @@ sys.path.insert(0, str(ROOT))
 from kbitrt.eval import zeroshot  # noqa: E402
 from kbitrt.eval.results import environment  # noqa: E402
 from kbitrt.eval.scoring import score  # noqa: E402
-from kbitrt.formats.converter import convert  # noqa: E402
-from kbitrt.formats.spec import QuantConfig  # noqa: E402
-from kbitrt.loader import load_model  # noqa: E402
-from kbitrt.smollm2 import ensure_smollm2  # noqa: E402
+from kbitrt.convert.converter import convert  # noqa: E402
+from kbitrt.format.config import QuantConfig  # noqa: E402
+from kbitrt.runtime.loader import load_model  # noqa: E402
+from kbitrt.convert.gguf import ensure_smollm2  # noqa: E402
 
 SIQA = Path("/work/shared/data/mc/social_iqa_dev.jsonl")
 

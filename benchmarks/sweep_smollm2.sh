@@ -4,7 +4,7 @@
 # Grid in priority order, so a partial run still answers the main questions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SMOL=$(.venv/bin/python -m kbitrt.smollm2 2>/dev/null)
+SMOL=$(.venv/bin/python -m kbitrt.convert.gguf 2>/dev/null)
 R=docs/scaling/smollm2.jsonl
 EVAL=(--ppl ../shared/data/wiki_en_dev.txt --max-tokens 16384 --seqlen 512
       --tasks ../shared/data/mc/social_iqa_dev.jsonl --limit 150 -o "$R")

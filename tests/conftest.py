@@ -67,7 +67,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from kbitrt.smollm2 import ensure_smollm2
+    from kbitrt.convert.gguf import ensure_smollm2
 
     try:
         return ensure_smollm2()
@@ -111,14 +111,15 @@ def smollm2_kbit_folder(smollm2_dir, bits: int = 4, block: int = 64, dtype: str 
     import shutil
     from pathlib import Path
 
-    import kbitrt.formats as formats
-    from kbitrt.formats.converter import convert
-    from kbitrt.formats.spec import QuantConfig
-    from kbitrt.smollm2 import DEFAULT_CACHE
+    import kbitrt
+    from kbitrt.convert.converter import convert
+    from kbitrt.format.config import QuantConfig
+    from kbitrt.convert.gguf import DEFAULT_CACHE
 
     h = hashlib.sha256()
-    for f in sorted(Path(formats.__file__).parent.glob("*.py")):
-        h.update(f.read_bytes())
+    for layer in ("format", "convert"):
+        for f in sorted((Path(kbitrt.__file__).parent / layer).glob("*.py")):
+            h.update(f.read_bytes())
     stem = f"SmolLM2-135M-Instruct-{dtype}{bits}-b{block}-"
     out = DEFAULT_CACHE / f"{stem}{h.hexdigest()[:12]}"
     if not (out / "config.json").exists():

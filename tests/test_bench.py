@@ -14,8 +14,8 @@ from kbitrt.cli.main import cli
 def k4(tmp_path_factory, smollm2_dir):
     from conftest import make_tiny_llama
 
-    from kbitrt.formats.converter import convert
-    from kbitrt.formats.spec import QuantConfig
+    from kbitrt.convert.converter import convert
+    from kbitrt.format.config import QuantConfig
 
     root = tmp_path_factory.mktemp("benchmodels")
     make_tiny_llama(root / "hf", smollm2_dir, max_positions=64)

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kbitrt.formats import blockwise, codebooks
-from kbitrt.formats.spec import KbitFormatError, OutlierSpec, QuantConfig
+from kbitrt.format import blockwise, dtypes
+from kbitrt.format.config import KbitFormatError, OutlierSpec, QuantConfig
 
 
 def definition_codes(w: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, b: int):
@@ -16,7 +16,7 @@ def definition_codes(w: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, b:
     x = torch.nn.functional.pad(w.float(), (0, nb * b - k)).view(n, nb, b)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     x = (x / safe[..., None]).view(n, -1)[:, :k].clamp(-1, 1)
-    return codebooks.nearest_index_reference(x, cb)
+    return dtypes.nearest_index_reference(x, cb)
 
 
 @settings(max_examples=25, deadline=None)

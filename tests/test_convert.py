@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kbitrt.formats import converter as conv_mod
-from kbitrt.formats.blockwise import quantize_weight
-from kbitrt.formats.converter import convert
-from kbitrt.formats.dequantize import dequantize_model
-from kbitrt.formats.reader import KbitModel
-from kbitrt.formats.spec import KbitFormatError, OutlierSpec, QuantConfig
+from kbitrt.convert import converter as conv_mod
+from kbitrt.format.blockwise import quantize_weight
+from kbitrt.convert.converter import convert
+from kbitrt.convert.dequantize import dequantize_model
+from kbitrt.format.reader import KbitModel
+from kbitrt.format.config import KbitFormatError, OutlierSpec, QuantConfig
 
 from conftest import hf_weights, make_tiny_model
 
@@ -148,7 +148,7 @@ def test_interrupted_conversion_leaves_nothing(tiny_models, tmp_path, monkeypatc
 
 
 def test_disk_full_is_one_clear_error(tiny_models, tmp_path, monkeypatch):
-    import kbitrt.formats.safetensors_io as sio
+    import kbitrt.format.safetensors_io as sio
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM
 from kbitrt.cli.main import cli
 from kbitrt.eval import perplexity as ppl
 from kbitrt.eval import zeroshot
-from kbitrt.eval.models import open_model, wrap_hf
+from kbitrt.eval.model_open import open_model, wrap_hf
 from kbitrt.eval.scoring import score
-from kbitrt.formats.spec import KbitFormatError
+from kbitrt.errors import KbitFormatError
 
 DATA = "/work/shared/data"
 MC = f"{DATA}/mc/cause_and_effect_dev.jsonl"
@@ -26,8 +26,8 @@ MC = f"{DATA}/mc/cause_and_effect_dev.jsonl"
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, smollm2_dir):
     """A tiny random Llama with SmolLM2's tokenizer: plain HF folder and its nf4 conversion."""
-    from kbitrt.formats.converter import convert
-    from kbitrt.formats.spec import QuantConfig
+    from kbitrt.convert.converter import convert
+    from kbitrt.format.config import QuantConfig
 
     from conftest import make_tiny_llama
 
@@ -82,7 +82,7 @@ def test_sliding_windows_cover_each_token_once():
 
 def test_kbit_matches_dequantized_transformers(folders):
     """The kbit model's perplexity is what transformers gives on its dequantized weights."""
-    from kbitrt.formats.reader import KbitModel
+    from kbitrt.format.reader import KbitModel
 
     lm = open_model(str(folders["k4"]), device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(folders["hf"], dtype=torch.float32)

@@ -8,7 +8,7 @@ import pytest
 
 from kbitrt.eval import perplexity as ppl
 from kbitrt.eval import zeroshot
-from kbitrt.eval.models import open_model
+from kbitrt.eval.model_open import open_model
 
 pytestmark = pytest.mark.slow
 DATA = "/work/shared/data"

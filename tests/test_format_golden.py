@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from kbitrt.formats import packing
-from kbitrt.formats.blockwise import quantize_weight
-from kbitrt.formats.spec import FORMAT_VERSION, PACKING, QuantConfig
+from kbitrt.format import packing
+from kbitrt.format.blockwise import quantize_weight
+from kbitrt.format.config import FORMAT_VERSION, PACKING, QuantConfig
 
 GOLDEN = Path(__file__).parent / "golden" / "format_v1.json"
 SLICE_WIDTHS = {3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 7: (4, 2, 1), 8: (8,)}

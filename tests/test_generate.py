@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from kbitrt.formats.spec import QuantConfig
-from kbitrt.generate import SamplingConfig, apply_repetition_penalty, generate, sample
-from kbitrt.loader import InMemoryKbit, RunError, build_model
+from kbitrt.format.config import QuantConfig
+from kbitrt.runtime.generate import SamplingConfig, apply_repetition_penalty, generate, sample
+from kbitrt.runtime.loader import InMemoryKbit, RunError, build_model
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_chat_template(tiny):
 
 @pytest.mark.slow
 def test_smollm2_4bit_says_paris(smollm2_nf4):
-    from kbitrt.loader import load_model
+    from kbitrt.runtime.loader import load_model
 
     lm = load_model(smollm2_nf4, device="cpu")
     assert lm.backend == "native"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kbitrt.formats.blockwise import quantize_weight
-from kbitrt.formats.spec import QuantConfig
-from kbitrt.linear import KbitLinear
+from kbitrt.format.blockwise import quantize_weight
+from kbitrt.format.config import QuantConfig
+from kbitrt.runtime.linear import KbitLinear
 
 pytestmark = pytest.mark.gpu
 
@@ -33,9 +33,9 @@ def test_kbit_linear_cuda_graph_matches_reference(bits, m):
 
 
 def test_smollm2_greedy_on_cuda_matches_cpu(smollm2_dir, tmp_path):
-    from kbitrt.formats.converter import convert
-    from kbitrt.generate import SamplingConfig, generate
-    from kbitrt.loader import load_model
+    from kbitrt.convert.converter import convert
+    from kbitrt.runtime.generate import SamplingConfig, generate
+    from kbitrt.runtime.loader import load_model
 
     convert(smollm2_dir, tmp_path / "q", QuantConfig(bits=4, block_size=64, dtype="nf"))
     texts = []

@@ -13,12 +13,12 @@ import torch
 from conftest import hf_weights
 
 import kbitrt  # noqa: F401  (registers the "kbit" quantizer)
-from kbitrt.formats.converter import convert
-from kbitrt.formats.reader import KbitModel
-from kbitrt.formats.spec import KbitFormatError, OutlierSpec, QuantConfig
-from kbitrt.generate import eos_ids, generate
-from kbitrt.linear import KbitLinear
-from kbitrt.loader import load_model
+from kbitrt.convert.converter import convert
+from kbitrt.format.reader import KbitModel
+from kbitrt.format.config import KbitFormatError, OutlierSpec, QuantConfig
+from kbitrt.runtime.generate import eos_ids, generate
+from kbitrt.runtime.linear import KbitLinear
+from kbitrt.runtime.loader import load_model
 
 from conftest import TINY_CONFIGS
 

@@ -15,10 +15,10 @@ from huggingface_hub import ModelCard
 from huggingface_hub import errors as hf_errors
 
 from kbitrt.cli.main import cli
-from kbitrt.formats.card import load_eval_results, refresh_model_card
-from kbitrt.formats.converter import convert
-from kbitrt.formats.spec import KbitFormatError, QuantConfig
-from kbitrt.hub import PushError, push_folder
+from kbitrt.convert.card import load_eval_results, refresh_model_card
+from kbitrt.convert.converter import convert
+from kbitrt.format.config import KbitFormatError, QuantConfig
+from kbitrt.publish.hub import PushError, push_folder
 
 SECRET = "hf_SECRETtoken1234567890"
 EVAL = {"kind": "eval", "timestamp": "2025-06-01T12:00:00+00:00", "interrupted": False,
@@ -189,7 +189,7 @@ def test_convert_push_to_hub(tiny_models, tmp_path, fake_hub, monkeypatch):
     assert json.loads(r.stdout)["push"]["repo_url"].endswith("you/opt-4bit")
     assert "model.safetensors" in fake_hub[-1].uploaded and SECRET not in r.output
 
-    from kbitrt.formats import converter
+    from kbitrt.convert import converter
 
     def broken(*a, **k):
         raise KbitFormatError("weight model.decoder.layers.0.fc1.weight holds NaN")

@@ -1,7 +1,7 @@
 """Parity of the Triton kernels with their torch twin and with QuantizedWeight.dequantize().
 
 Without a GPU the kernels run under TRITON_INTERPRET=1 on the CPU. The interpreter is chosen when
-`@triton.jit` decorates a kernel, so the variable is set here, before kbitrt.kernels.triton_kbit is
+`@triton.jit` decorates a kernel, so the variable is set here, before kbitrt.runtime.kernels.triton_kbit is
 imported (kbitrt imports it lazily, on the first CUDA call only); `test_runs_triton` fails if some
 earlier import compiled the kernels instead. With a GPU the same tests run the compiled kernels.
 """
@@ -12,14 +12,14 @@ import sys
 import pytest
 import torch
 
-if not torch.cuda.is_available() and "kbitrt.kernels.triton_kbit" not in sys.modules:
+if not torch.cuda.is_available() and "kbitrt.runtime.kernels.triton_kbit" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kbitrt.formats.blockwise import quantize_weight  # noqa: E402
-from kbitrt.formats.spec import OutlierSpec, QuantConfig  # noqa: E402
-from kbitrt.kernels import kbit_linear, pad_codebook  # noqa: E402
-from kbitrt.kernels import triton_kbit as tk  # noqa: E402
-from kbitrt.kernels.reference import dequantize_packed, kbit_linear_torch  # noqa: E402
+from kbitrt.format.blockwise import quantize_weight  # noqa: E402
+from kbitrt.format.config import OutlierSpec, QuantConfig  # noqa: E402
+from kbitrt.runtime.kernels import kbit_linear, pad_codebook  # noqa: E402
+from kbitrt.runtime.kernels import triton_kbit as tk  # noqa: E402
+from kbitrt.runtime.kernels.reference import dequantize_packed, kbit_linear_torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5}
@@ -172,7 +172,7 @@ _COMPILE_SCRIPT = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kbitrt.kernels import triton_kbit as tk
+from kbitrt.runtime.kernels import triton_kbit as tk
 
 def sig(names, act, out, consts):
     s = {n: "i32" for n in names}

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from kbitrt.formats.blockwise import quantize_weight
-from kbitrt.formats.spec import OutlierSpec, QuantConfig
-from kbitrt.linear import KbitLinear, replace_linears
+from kbitrt.format.blockwise import quantize_weight
+from kbitrt.format.config import OutlierSpec, QuantConfig
+from kbitrt.runtime.linear import KbitLinear, replace_linears
 
 
 def _qw(n=48, k=100, bits=4, block=32, outliers=None, absmax="fp16", seed=0):

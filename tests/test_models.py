@@ -11,8 +11,8 @@ import torch
 from transformers import (AutoModelForCausalLM, BloomConfig, GemmaConfig, GPT2Config,
                           GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config)
 
-from kbitrt.formats.spec import KbitFormatError, QuantConfig
-from kbitrt.loader import InMemoryKbit, build_model
+from kbitrt.format.config import KbitFormatError, QuantConfig
+from kbitrt.runtime.loader import InMemoryKbit, build_model
 
 V = 96  # vocab
 TINY = dict(
@@ -166,7 +166,7 @@ def test_wrong_shape_is_named():
 
 @pytest.mark.slow
 def test_smollm2_native_matches_transformers(smollm2_dir, smollm2_nf4):
-    from kbitrt.formats.reader import KbitModel
+    from kbitrt.format.reader import KbitModel
 
     src = KbitModel.open(smollm2_nf4)
     hf = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kbitrt.formats import packing
+from kbitrt.format import packing
 
 
 def pack_by_spec(codes: torch.Tensor, bits: int) -> torch.Tensor:

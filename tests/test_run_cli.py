@@ -10,13 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from kbitrt.cli.main import cli
-from kbitrt.formats.spec import QuantConfig
+from kbitrt.format.config import QuantConfig
 
 
 @pytest.fixture(scope="module")
 def folders(smollm2_dir, tmp_path_factory):
     """(plain HF folder, kbit folder) of a tiny Llama with 32 positions."""
-    from kbitrt.formats.converter import convert
+    from kbitrt.convert.converter import convert
 
     from conftest import make_tiny_llama
 

@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from kbitrt.cli.main import cli
-from kbitrt.formats.converter import convert
-from kbitrt.formats.spec import KbitFormatError
+from kbitrt.convert.converter import convert
+from kbitrt.errors import KbitFormatError
 from kbitrt.sweep import runner
 from kbitrt.sweep.grid import SCHEMA, parse_grid
 from kbitrt.sweep.runner import SweepOptions, read_results, run_sweep

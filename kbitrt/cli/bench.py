@@ -42,10 +42,10 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
       kbit bench DIR --batch 1,4,16 -p 512 -n 128 --reps 5 --json
       kbit bench DIR --kernels
     """
-    from kbitrt.bench import kernel_table, run_bench
-    from kbitrt.eval.models import count_params, open_model
+    from kbitrt.eval.latency import kernel_table, run_bench
+    from kbitrt.eval.model_open import count_params, open_model
     from kbitrt.eval.results import default_output, environment, model_record, write_json
-    from kbitrt.loader import RunError
+    from kbitrt.runtime.loader import RunError
 
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     try:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from kbitrt.formats.spec import DTYPES, ABSMAX_DTYPES, OutlierSpec, QuantConfig
+from kbitrt.format.config import DTYPES, ABSMAX_DTYPES, OutlierSpec, QuantConfig
 
 err = Console(stderr=True)
 out = Console()
@@ -71,10 +71,10 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
                 quantize_head, dtype16, max_shard_size, revision, trust_remote_code, force, as_json,
                 push_to_hub):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
-    from kbitrt.formats.converter import convert
+    from kbitrt.convert.converter import convert
 
     if push_to_hub:  # no token: say so now, not after hours of converting
-        from kbitrt.hub import check_repo_id, resolve_token
+        from kbitrt.publish.hub import check_repo_id, resolve_token
 
         check_repo_id(push_to_hub)
         resolve_token(None)
@@ -88,7 +88,7 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
                          trust_remote_code=trust_remote_code, progress=progress)
     s = report.to_json()
     if push_to_hub:  # only reached when the conversion succeeded
-        from kbitrt.hub import push_folder
+        from kbitrt.publish.hub import push_folder
 
         s["push"] = push_folder(output, push_to_hub,
                                 log=lambda m: err.print(f"[dim]{m}[/dim]")).to_json()
@@ -131,7 +131,7 @@ def parse_size(text: str) -> int:
 @click.option("--json", "as_json", is_flag=True)
 def dequantize_cmd(source, output, dtype, force, as_json):
     """Write a kbit model back as a plain Hugging Face model (dense 16/32-bit weights)."""
-    from kbitrt.formats.dequantize import dequantize_model
+    from kbitrt.convert.dequantize import dequantize_model
 
     with byte_progress() as progress:
         s = dequantize_model(source, output, dtype, force=force,
@@ -143,35 +143,16 @@ def dequantize_cmd(source, output, dtype, force, as_json):
                                              ("dtype", dtype), ("size", f"{s['bytes'] / 1e9:.3f} GB")]))
 
 
-def inspect_summary(path: str) -> dict:
-    from kbitrt.formats.reader import KbitModel
-    from kbitrt.formats.source import resolve_model
-
-    km = KbitModel.open(resolve_model(path))
-    qc = km.config["quantization_config"]
-    pq, pt = km.params_quantized(), km.params_total()
-    return {
-        "path": str(km.path), "model_type": km.config.get("model_type"),
-        "architectures": km.config.get("architectures"), "quantization": qc,
-        "label": km.quant.label, "linears_quantized": len(km.modules),
-        "modules_not_quantized": qc.get("modules_not_quantized", []),
-        "params_total": pt, "params_quantized": pq,
-        "bits_per_param_quantized": round(8 * km.quantized_bytes() / max(pq, 1), 6),
-        "bits_per_param_model": round(8 * km.tensor_bytes() / max(pt, 1), 6),
-        "tensor_bytes": km.tensor_bytes(), "file_bytes": km.file_bytes(), "shards": len(km.files),
-        "outlier_columns": sum(e.n_outliers for e in km.modules.values()),
-        "modules": [{"name": e.name, "out_features": e.out_features, "in_features": e.in_features,
-                     "outliers": e.n_outliers} for e in km.modules.values()],
-    }
-
-
 @click.command("inspect")
 @click.argument("path")
 @click.option("--modules", "show_modules", is_flag=True, help="list every quantized linear")
 @click.option("--json", "as_json", is_flag=True)
 def inspect_cmd(path, show_modules, as_json):
     """Validate a kbit model and show what is in it."""
-    s = inspect_summary(path)
+    from kbitrt.convert.source import resolve_model
+    from kbitrt.format.reader import KbitModel
+
+    s = KbitModel.open(resolve_model(path)).summary()
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return

@@ -7,7 +7,7 @@ import sys
 import click
 
 from kbitrt import __version__
-from kbitrt.formats.spec import KbitError
+from kbitrt.errors import KbitError
 
 
 class KbitGroup(click.Group):

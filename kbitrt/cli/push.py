@@ -24,7 +24,7 @@ err = Console(stderr=True)
 def push_cmd(folder, repo_id, private, revision, create_pr, token, commit_message, base_model,
              no_card, as_json):
     """Upload the kbit model in FOLDER to the Hugging Face Hub as REPO_ID (user/name)."""
-    from kbitrt.hub import push_folder
+    from kbitrt.publish.hub import push_folder
 
     res = push_folder(folder, repo_id, private=private or None, revision=revision,
                       create_pr=create_pr, token=token, commit_message=commit_message,

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kbitrt.formats.spec import KbitFormatError
+from kbitrt.errors import KbitFormatError
 
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -57,8 +57,8 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
       echo "Once upon a time" | kbit run DIR --temperature 0.8 --top-p 0.95 --seed 0
       kbit run DIR -p a -p b -p c --greedy
     """
-    from kbitrt.generate import SamplingConfig
-    from kbitrt.loader import RunError
+    from kbitrt.runtime.generate import SamplingConfig
+    from kbitrt.runtime.loader import RunError
 
     err = Console(stderr=True)
     try:
@@ -75,7 +75,7 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
             if not text.strip():
                 raise RunError("no prompt: stdin was empty")
             prompts = (text,)
-        from kbitrt.loader import load_model
+        from kbitrt.runtime.loader import load_model
 
         with err.status(f"loading {model}", spinner="dots"):
             lm = load_model(model, device=device, backend=backend, dtype=DTYPES[dtype])
@@ -95,7 +95,7 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
 
 
 def _one_shot(lm, prompts, chat, max_new_tokens, sampling, stops, compile_mode, as_json):
-    from kbitrt.generate import generate
+    from kbitrt.runtime.generate import generate
 
     stream = len(prompts) == 1 and not as_json
     if stream and not chat:
@@ -113,8 +113,8 @@ def _one_shot(lm, prompts, chat, max_new_tokens, sampling, stops, compile_mode, 
 
 
 def _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err: Console):
-    from kbitrt.generate import generate
-    from kbitrt.loader import RunError
+    from kbitrt.runtime.generate import generate
+    from kbitrt.runtime.loader import RunError
 
     err.print("[dim]chat: empty line or Ctrl-D to quit, /reset to forget the conversation[/]")
     messages: list[dict] = []

@@ -17,7 +17,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from kbitrt.eval.scoring import score
-from kbitrt.loader import LoadedModel
+from kbitrt.runtime.loader import LoadedModel
 
 
 @register_model("kbit")
@@ -32,7 +32,7 @@ class KbitLM(TemplateLM):
         if lm is None:
             if pretrained is None:
                 raise ValueError("kbit: give model_args pretrained=DIR")
-            from kbitrt.eval.models import open_model
+            from kbitrt.eval.model_open import open_model
 
             lm = open_model(pretrained, device=device or "auto", backend=backend)
         self.lm = lm
@@ -101,7 +101,7 @@ class KbitLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy generation, one request at a time, cut at the first stop string."""
         from kbitrt.eval.progress import progress_bar
-        from kbitrt.generate import SamplingConfig, generate
+        from kbitrt.runtime.generate import SamplingConfig, generate
 
         out = []
         with progress_bar("generate_until", len(requests),

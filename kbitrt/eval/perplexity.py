@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Callable
 
 from kbitrt.eval.scoring import score
-from kbitrt.formats.spec import KbitFormatError
-from kbitrt.loader import LoadedModel
+from kbitrt.errors import KbitFormatError
+from kbitrt.runtime.loader import LoadedModel
 
 PROTOCOLS = ("gptq", "sliding")
 DATASETS = ("wikitext2", "c4", "pile-cc")

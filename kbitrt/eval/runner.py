@@ -13,7 +13,7 @@ from kbitrt.eval import perplexity as ppl_mod
 from kbitrt.eval import zeroshot
 from kbitrt.eval.progress import progress_bar
 from kbitrt.eval.results import deltas, environment, model_record, write_json
-from kbitrt.formats.spec import KbitFormatError
+from kbitrt.errors import KbitFormatError
 
 
 @dataclass
@@ -57,7 +57,7 @@ def _texts(names: list[str]) -> dict[str, tuple[str, str]]:
 def evaluate_model(name: str, opts: EvalOptions, record: dict, save: Callable[[], None],
                    texts: dict, log: Callable[[str], None] = lambda s: None) -> dict:
     """Fill `record` (model, perplexity, tasks, mean) for one model, saving after each result."""
-    from kbitrt.eval.models import open_model
+    from kbitrt.eval.model_open import open_model
 
     t0 = time.perf_counter()
     lm = open_model(name, device=opts.device, backend=opts.backend)
@@ -136,7 +136,7 @@ def run_eval(model: str, opts: EvalOptions, baseline: str | None = None,
 
 
 def environment_for(opts: EvalOptions) -> dict:
-    from kbitrt.loader import resolve_device
+    from kbitrt.runtime.loader import resolve_device
 
     return environment(resolve_device(opts.device))
 

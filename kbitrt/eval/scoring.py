@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from kbitrt.loader import LoadedModel, RunError
+from kbitrt.runtime.loader import LoadedModel, RunError
 
 Request = tuple[Sequence[int], Sequence[int]]
 MAX_BATCH_TOKENS = 16384  # padded tokens per forward: bounds the (B, T, V) logits' memory

@@ -15,8 +15,8 @@ from typing import Callable
 
 from kbitrt.eval.results import mean_stderr
 from kbitrt.eval.scoring import score
-from kbitrt.formats.spec import KbitFormatError
-from kbitrt.loader import LoadedModel
+from kbitrt.errors import KbitFormatError
+from kbitrt.runtime.loader import LoadedModel
 
 PAPER_TASKS = ("lambada_openai", "piqa", "winogrande", "hellaswag")  # 0-shot, as the paper
 

@@ -6,8 +6,8 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from kbitrt.formats.codebooks import codebook_len
-from kbitrt.formats.spec import DTYPES, KbitFormatError, LinearLayout, OutlierSpec, QuantConfig
+from kbitrt.format.dtypes import codebook_len
+from kbitrt.format.config import DTYPES, KbitFormatError, LinearLayout, OutlierSpec, QuantConfig
 
 SCHEMA = "kbit-sweep/1"  # a results line from another schema is refused, not silently mixed
 UNQUANTIZED = 16

@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from kbitrt.formats.spec import KbitFormatError
+from kbitrt.errors import KbitFormatError
 from kbitrt.sweep.summary import frontier, metric_of
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from kbitrt.sweep.grid import SCHEMA, UNQUANTIZED, Cell, linear_bytes
-from kbitrt.formats.spec import KbitFormatError
+from kbitrt.errors import KbitFormatError
 
 
 @dataclass
@@ -71,8 +71,8 @@ class ModelUnderTest:
     def __init__(self, name: str, device: str):
         from transformers.pytorch_utils import Conv1D
 
-        from kbitrt.eval.models import load_hf
-        from kbitrt.formats.source import resolve_model
+        from kbitrt.eval.model_open import load_hf
+        from kbitrt.convert.source import resolve_model
 
         self.lm = load_hf(resolve_model(name), torch.device(device), torch.float32)
         hf = self.lm.model.model if hasattr(self.lm.model, "model") else self.lm.model
@@ -92,7 +92,7 @@ class ModelUnderTest:
     @torch.no_grad()
     def apply(self, cell: Cell) -> tuple[int, float]:
         """Put the cell's weights in place; returns (total model bits, mean rel. weight error)."""
-        from kbitrt.formats.blockwise import quantize_weight
+        from kbitrt.format.blockwise import quantize_weight
 
         rest_bits = 16 * (self.params - self.linear_params)
         if cell.bits == UNQUANTIZED:

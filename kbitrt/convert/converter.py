@@ -1,0 +1,384 @@
+"""The streaming converter: a plain HF causal LM in, a kbit folder out, a few tensors in memory.
+
+Every output tensor's name, dtype and shape is planned before any data is read (outlier columns,
+when asked for, are chosen by a statistics pass first), so each shard's header is written up front
+and every quantized row chunk is written once, at its final offset. Large linears are processed in
+row chunks of about CHUNK_ELEMS values; only GPT-2's Conv1D weights (stored (in, out), so a row of
+the linear is a column on disk) are read whole, and those models are small.
+
+Output is written into a hidden sibling folder and renamed into place at the end: an interrupted
+or failed conversion leaves no folder that looks like a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kbitrt.format import blockwise, dtypes, packing
+from kbitrt.convert.card import write_model_card
+from kbitrt.convert.checkpoint import CheckpointTensors
+from kbitrt.convert.model_map import ModelMap, build_model_map
+from kbitrt.format.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter, plan_shards
+from kbitrt.convert.source import companion_files, find_checkpoint, resolve_model
+from kbitrt.convert.staging import check_output, staged_folder
+from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, OUTLIER_IDX,
+                                 OUTLIER_WEIGHT, QWEIGHT, SHAPE, KbitFormatError, LinearLayout,
+                                 QuantConfig, header_metadata)
+
+CHUNK_ELEMS = 1 << 24
+MAX_SHARD_BYTES = 5 * 10**9
+Progress = Callable[[str, int, int], None]  # (what, bytes done, bytes total)
+
+
+@dataclass
+class LinearPlan:
+    module: str
+    source: str  # checkpoint key of the weight
+    transposed: bool
+    layout: LinearLayout
+    outlier_idx: torch.Tensor
+
+
+@dataclass
+class ConversionReport:
+    source: str
+    output: str
+    config: QuantConfig
+    dtype16: str
+    params_total: int = 0
+    params_quantized: int = 0
+    linears_quantized: int = 0
+    bytes_before: int = 0  # tensor bytes of the source checkpoint
+    bytes_after: int = 0  # tensor bytes written
+    bytes_quantized: int = 0  # bytes of everything that stores the quantized linears
+    outlier_columns: int = 0
+    rel_error_sum: float = 0.0
+    shards: int = 0
+    seconds: float = 0.0
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def bits_per_param_quantized(self) -> float:
+        """Exact bits per quantized weight: codes, scales, codebooks, outliers, shapes (from bytes)."""
+        return 8 * self.bytes_quantized / max(self.params_quantized, 1)
+
+    @property
+    def bits_per_param_model(self) -> float:
+        return 8 * self.bytes_after / max(self.params_total, 1)
+
+    @property
+    def rel_error_mean(self) -> float:
+        return self.rel_error_sum / max(self.linears_quantized, 1)
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source, "output": self.output, "quantization": self.config.to_json(),
+            "label": self.config.label, "dtype16": self.dtype16,
+            "params_total": self.params_total, "params_quantized": self.params_quantized,
+            "linears_quantized": self.linears_quantized,
+            "bits_per_param_quantized": round(self.bits_per_param_quantized, 6),
+            "bits_per_param_model": round(self.bits_per_param_model, 6),
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+            "outlier_columns": self.outlier_columns,
+            "mean_rel_weight_error": round(self.rel_error_mean, 6),
+            "shards": self.shards, "seconds": round(self.seconds, 3),
+            "mparams_per_s": round(self.params_quantized / max(self.seconds, 1e-9) / 1e6, 3),
+            "dropped_tensors": self.dropped,
+        }
+
+
+def pick_dtype16(choice: str, raw_config: dict) -> torch.dtype:
+    """16-bit dtype of what is not quantized: as asked, else the model's own 16-bit dtype, else fp16."""
+    if choice in ("fp16", "float16"):
+        return torch.float16
+    if choice in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if choice != "auto":
+        raise KbitFormatError(f"--dtype16 {choice!r}: use auto, fp16 or bf16")
+    declared = str(raw_config.get("dtype") or raw_config.get("torch_dtype") or "")
+    return torch.bfloat16 if "bfloat16" in declared else torch.float16
+
+
+def _stat_rows(tensors: CheckpointTensors, key: str, transposed: bool):
+    """Yields (r0, r1, float32 rows of the (N, K) linear weight) in chunks."""
+    if transposed:
+        w = tensors.read(key).t().contiguous()
+        n, k = w.shape
+        step = max(1, CHUNK_ELEMS // max(k, 1))
+        for r0 in range(0, n, step):
+            yield r0, min(n, r0 + step), w[r0: r0 + step].float()
+        return
+    n, k = tensors.shape(key)
+    step = max(1, CHUNK_ELEMS // max(k, 1))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        yield r0, r1, tensors.read(key, (r0, r1)).float()
+
+
+def _column_std(tensors: CheckpointTensors, key: str, transposed: bool) -> torch.Tensor:
+    total = sq = None
+    count = 0
+    for _, _, w in _stat_rows(tensors, key, transposed):
+        blockwise.check_finite(w, key)
+        s, q = w.double().sum(0), w.double().square().sum(0)
+        total, sq = (s, q) if total is None else (total + s, sq + q)
+        count += w.shape[0]
+    mean = total / count
+    return (sq / count - mean.square()).clamp(min=0).sqrt()
+
+
+class Converter:
+    def __init__(self, folder: Path, config: QuantConfig, dtype16: torch.dtype,
+                 trust_remote_code: bool = False):
+        self.folder = folder
+        self.config = config
+        self.dtype16 = dtype16
+        self.raw_config = json.loads((folder / "config.json").read_text())
+        if "quantization_config" in self.raw_config:
+            method = self.raw_config["quantization_config"].get("quant_method")
+            raise KbitFormatError(f"{folder} is already quantized (quant_method {method!r}): "
+                                  "convert from the model's 16/32-bit checkpoint")
+        self.tensors = CheckpointTensors(find_checkpoint(folder))
+        self.map: ModelMap = build_model_map(folder, trust_remote_code)
+        self.linears: list[LinearPlan] = []
+        self.plain: dict[str, str] = {}  # output name -> checkpoint key
+        self.dropped: list[str] = []
+
+    def plan(self, progress: Progress | None = None) -> None:
+        """Decide what every checkpoint tensor becomes; outlier statistics are gathered here."""
+        mm, cfg = self.map, self.config
+        weights: dict[str, str] = {}  # module -> checkpoint key of its weight
+        for key in self.tensors.names():
+            name = mm.canonical(key)
+            if name is None:
+                self.dropped.append(key)
+                continue
+            module, _, leaf = name.rpartition(".")
+            if leaf == "weight" and module in mm.linears and len(self.tensors.shape(key)) == 2 \
+                    and (module != mm.head or cfg.quantize_head):
+                weights[module] = key
+            elif not (mm.tied and module == mm.head and leaf == "weight"):
+                self.plain[name] = key
+        if cfg.quantize_head and mm.head and mm.head not in weights and mm.tied and mm.embedding_key:
+            # a tied head has no tensor of its own: quantize a copy of the embedding
+            emb = next((k for k in self.tensors.names() if mm.canonical(k) == mm.embedding_key), None)
+            if emb is not None:
+                weights[mm.head] = emb
+        if not weights:
+            raise KbitFormatError(
+                f"{self.folder}: no linear layers found in the checkpoint (model_type "
+                f"{mm.model_type!r}); nothing to quantize")
+        total = sum(self.tensors.nbytes(k) for k in weights.values()) if cfg.outliers else 0
+        done = 0
+        for module in sorted(weights):
+            key = weights[module]
+            transposed = mm.linears[module]
+            shape = self.tensors.shape(key)
+            n, k = (shape[1], shape[0]) if transposed else shape
+            idx = torch.zeros(0, dtype=torch.int64)
+            if cfg.outliers:
+                idx = blockwise.outliers_from_std(_column_std(self.tensors, key, transposed),
+                                                  cfg.outliers)
+                done += self.tensors.nbytes(key)
+                if progress:
+                    progress("outlier statistics", done, total)
+            layout = LinearLayout(n, k, cfg, n_outliers=idx.numel(),
+                                  codebook_len=dtypes.codebook_len(cfg))
+            self.linears.append(LinearPlan(module, key, transposed, layout, idx))
+
+    def planned_tensors(self) -> list[PlannedTensor]:
+        out = []
+        d16 = DTYPE_NAMES[self.dtype16]
+        for lp in self.linears:
+            for suffix, (dtype, shape) in lp.layout.tensor_specs(d16).items():
+                out.append(PlannedTensor(f"{lp.module}.{suffix}", dtype, shape))
+        for name, key in self.plain.items():
+            src = self.tensors.dtype(key)
+            dtype = self.dtype16 if src.is_floating_point else src
+            out.append(PlannedTensor(name, DTYPE_NAMES[dtype], self.tensors.shape(key)))
+        return sorted(out, key=lambda t: t.name)
+
+    def output_config(self) -> dict:
+        cfg = dict(self.raw_config)
+        qc = self.config.to_json()
+        qc["modules_not_quantized"] = sorted(m for m in self.map.linears
+                                             if m not in {lp.module for lp in self.linears})
+        qc["transposed_modules"] = sorted(lp.module for lp in self.linears if lp.transposed)
+        cfg["quantization_config"] = qc
+        cfg["dtype"] = "bfloat16" if self.dtype16 == torch.bfloat16 else "float16"
+        cfg.pop("torch_dtype", None)
+        if self.config.quantize_head and self.map.tied:
+            cfg["tie_word_embeddings"] = False  # the head is now its own (quantized) tensor
+        return cfg
+
+    def write(self, tmp: Path, report: ConversionReport, max_shard_bytes: int,
+              progress: Progress | None = None) -> None:
+        planned = self.planned_tensors()
+        shards = plan_shards(planned, max_shard_bytes)
+        count = len(shards)
+        meta = header_metadata(self.config)
+        writers: dict[str, ShardWriter] = {}
+        for fname, group in shards:
+            w = ShardWriter(tmp / fname, group, meta)
+            for t in group:
+                writers[t.name] = w
+        total_in = sum(self.tensors.nbytes(lp.source) for lp in self.linears) + \
+            sum(self.tensors.nbytes(k) for k in self.plain.values())
+        done = 0
+        for lp in self.linears:
+            self._write_linear(lp, writers, report)
+            done += self.tensors.nbytes(lp.source)
+            if progress:
+                progress(lp.module, done, total_in)
+        for name, key in sorted(self.plain.items()):
+            self._copy_plain(name, key, writers[name])
+            done += self.tensors.nbytes(key)
+            if progress:
+                progress(name, done, total_in)
+        for w in {id(w): w for w in writers.values()}.values():
+            w.close()
+        if count > 1:
+            index = {"metadata": {"total_size": sum(t.nbytes for t in planned)},
+                     "weight_map": {t.name: writers[t.name].path.name for t in planned}}
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n")
+        report.shards = count
+        report.bytes_after = sum(t.nbytes for t in planned)
+        report.bytes_quantized = sum(t.nbytes for t in planned
+                                     if t.name.rpartition(".")[0] in {lp.module for lp in self.linears}
+                                     and t.name.rpartition(".")[2] != "bias")
+
+    def _copy_plain(self, name: str, key: str, writer: ShardWriter) -> None:
+        """Copy a tensor that stays 16-bit in row chunks (a 250k-row embedding is GBs)."""
+        shape = self.tensors.shape(key)
+        if not shape or not shape[0]:
+            t = self.tensors.read(key)
+            writer.write(name, t.to(self.dtype16) if t.is_floating_point() else t)
+            return
+        row = _numel(shape[1:])
+        step = max(1, CHUNK_ELEMS // max(row, 1))
+        for r0 in range(0, shape[0], step):
+            t = self.tensors.read(key, (r0, min(shape[0], r0 + step)))
+            t = t.to(self.dtype16) if t.is_floating_point() else t
+            writer.write(name, t, r0 * row * t.element_size())
+
+    def _write_linear(self, lp: LinearPlan, writers: dict[str, ShardWriter],
+                      report: ConversionReport) -> None:
+        cfg, lay, name = self.config, lp.layout, lp.module
+        idx = lp.outlier_idx
+
+        def rows():
+            for r0, r1, w in _stat_rows(self.tensors, lp.source, lp.transposed):
+                blockwise.check_finite(w, lp.source)
+                if idx.numel():
+                    out_w = w[:, idx].to(self.dtype16)
+                    w[:, idx] = 0.0
+                else:
+                    out_w = None
+                yield r0, r1, w, out_w
+
+        codebook = dtypes.fixed_codebook(cfg)
+        absmax_all = None
+        if cfg.absmax_dtype == "dq8" or codebook is None:
+            # pass 1: every block's absmax (and the quantile sample) before any code is chosen
+            parts = [blockwise.block_absmax(w, cfg.block_size) for _, _, w, _ in rows()]
+            stored, scale, offset, absmax_all = blockwise.quantize_absmax(
+                torch.cat(parts), cfg.absmax_dtype, lp.source)
+            if cfg.absmax_dtype == "dq8":
+                writers[f"{name}.{ABSMAX}"].write(f"{name}.{ABSMAX}", stored)
+                writers[f"{name}.{ABSMAX_SCALE}"].write(f"{name}.{ABSMAX_SCALE}", scale)
+                writers[f"{name}.{ABSMAX_OFFSET}"].write(f"{name}.{ABSMAX_OFFSET}", offset)
+            if codebook is None:
+                codebook = dtypes.quantile_codebook(cfg.bits, self._quantile_sample(rows, absmax_all))
+        err = norm = 0.0
+        row_bytes, d16_size = lay.row_bytes, torch.empty(0, dtype=self.dtype16).element_size()
+        for r0, r1, w, out_w in rows():
+            if absmax_all is None:
+                stored, _, _, absmax = blockwise.quantize_absmax(
+                    blockwise.block_absmax(w, cfg.block_size), cfg.absmax_dtype, lp.source)
+                writers[f"{name}.{ABSMAX}"].write(f"{name}.{ABSMAX}", stored,
+                                                  r0 * stored.shape[1] * stored.element_size())
+            elif cfg.absmax_dtype == "dq8":
+                absmax = absmax_all[r0:r1]
+            else:
+                absmax = absmax_all[r0:r1]
+                stored = absmax.half() if cfg.absmax_dtype == "fp16" else absmax
+                writers[f"{name}.{ABSMAX}"].write(f"{name}.{ABSMAX}", stored,
+                                                  r0 * stored.shape[1] * stored.element_size())
+            codes = blockwise.quantize_codes(w, absmax, codebook, cfg.block_size)
+            writers[f"{name}.{QWEIGHT}"].write(f"{name}.{QWEIGHT}", packing.pack(codes, cfg.bits),
+                                               r0 * row_bytes)
+            if out_w is not None:
+                writers[f"{name}.{OUTLIER_WEIGHT}"].write(f"{name}.{OUTLIER_WEIGHT}", out_w,
+                                                          r0 * idx.numel() * d16_size)
+                w[:, idx] = out_w.float()
+            deq = blockwise.dequantize_blockwise(codes, absmax, codebook, cfg.block_size, idx, out_w)
+            err += (deq - w).square().sum().item()
+            norm += w.square().sum().item()
+        writers[f"{name}.{CODEBOOK}"].write(f"{name}.{CODEBOOK}", codebook.float())
+        writers[f"{name}.{SHAPE}"].write(f"{name}.{SHAPE}",
+                                         torch.tensor([lay.out_features, lay.in_features]))
+        if idx.numel():
+            writers[f"{name}.{OUTLIER_IDX}"].write(f"{name}.{OUTLIER_IDX}", idx)
+        report.params_quantized += lay.out_features * lay.in_features
+        report.linears_quantized += 1
+        report.outlier_columns += idx.numel()
+        report.rel_error_sum += (err / norm) ** 0.5 if norm > 0 else 0.0
+
+    def _quantile_sample(self, rows, absmax_all: torch.Tensor) -> torch.Tensor:
+        """The same strided sample of normalised values that quantile_codebook takes in memory."""
+        picks, stride = [], None
+        for r0, _, w, _ in rows():
+            k = w.shape[1]
+            if stride is None:
+                numel = absmax_all.shape[0] * k
+                stride = -(-numel // dtypes.QUANTILE_SAMPLE) if numel > dtypes.QUANTILE_SAMPLE else 1
+            a = absmax_all[r0: r0 + w.shape[0]]
+            safe = torch.where(a > 0, a, torch.ones_like(a))
+            normed = (blockwise._blocks(w, self.config.block_size) / safe[..., None]).view(
+                w.shape[0], -1)[:, :k].reshape(-1)
+            picks.append(normed[(-r0 * k) % stride:: stride])
+        return torch.cat(picks)
+
+
+def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantConfig, *,
+            force: bool = False, dtype16: str = "auto", max_shard_bytes: int = MAX_SHARD_BYTES,
+            revision: str | None = None, trust_remote_code: bool = False,
+            progress: Progress | None = None) -> ConversionReport:
+    """Convert a local folder or Hub id into a kbit folder at `output`; returns the summary."""
+    out = Path(output).expanduser().resolve()
+    folder = resolve_model(source, revision)
+    check_output(folder, out, force)
+    start = time.perf_counter()
+    raw = json.loads((folder / "config.json").read_text())
+    conv = Converter(folder, config, pick_dtype16(dtype16, raw), trust_remote_code)
+    report = ConversionReport(str(source), str(out), config, str(conv.dtype16).replace("torch.", ""))
+    with staged_folder(out) as tmp:
+        conv.plan(progress)
+        conv.write(tmp, report, max_shard_bytes, progress)
+        report.dropped = conv.dropped
+        report.params_total = sum(_numel(conv.tensors.shape(k)) for k in conv.plain.values()) + \
+            report.params_quantized
+        report.bytes_before = sum(conv.tensors.nbytes(k) for k in conv.tensors.names()
+                                  if k not in conv.dropped)
+        (tmp / "config.json").write_text(json.dumps(conv.output_config(), indent=2, sort_keys=True) + "\n")
+        for f in companion_files(folder):
+            shutil.copyfile(f, tmp / f.name)
+        report.seconds = time.perf_counter() - start
+        write_model_card(tmp, conv.output_config(), report.to_json(), base_model=str(source))
+    return report
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

@@ -1,0 +1,151 @@
+"""Latency, llama-bench style: prefill (pp N) and decode (tg N) tokens/s, mean +/- std over
+repetitions after warm-up, per batch size; and a kernel table (us, GB/s, % of copy bandwidth).
+
+pp N: one forward over B x N random tokens into an empty KV cache (B * N / seconds).
+tg N: N single-token decode steps after a one-token prompt (B * N / seconds), greedy tokens fed
+back. On CUDA the native decode step is compiled with CUDA graphs, as `kbit run` does.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from kbitrt.runtime.loader import LoadedModel, RunError
+
+
+@dataclass
+class BenchRow:
+    test: str  # pp512 | tg128
+    batch: int
+    tokens_per_s: float  # mean over reps
+    std: float
+    reps: list[float] = field(default_factory=list)  # tokens/s per repetition
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_prefill(lm: LoadedModel, batch: int, n: int, gen: torch.Generator) -> float:
+    vocab = lm.config.get("vocab_size") or lm.tokenizer.vocab_size
+    ids = torch.randint(0, vocab, (batch, n), generator=gen).to(lm.device)
+    lm.model.setup_caches(batch, n)
+    try:
+        _sync(lm.device)
+        t0 = time.perf_counter()
+        lm.model(ids, torch.arange(n, device=lm.device), last_only=True)
+        _sync(lm.device)
+        return time.perf_counter() - t0
+    finally:
+        lm.model.drop_caches()
+
+
+@torch.no_grad()
+def time_decode(lm: LoadedModel, batch: int, n: int, gen: torch.Generator, step=None) -> float:
+    vocab = lm.config.get("vocab_size") or lm.tokenizer.vocab_size
+    model, step = lm.model, step or lm.model
+    tok = torch.randint(0, vocab, (batch, 1), generator=gen).to(lm.device)
+    model.setup_caches(batch, n + 1)
+    try:
+        logits = model(tok, torch.arange(1, device=lm.device))
+        pos = torch.ones(1, dtype=torch.long, device=lm.device)
+        _sync(lm.device)
+        t0 = time.perf_counter()
+        for i in range(n):
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            pos.fill_(1 + i)
+            logits = step(tok, pos)
+        _sync(lm.device)
+        return time.perf_counter() - t0
+    finally:
+        model.drop_caches()
+
+
+def run_bench(lm: LoadedModel, batches: list[int], prompt: int = 512, gen: int = 128,
+              reps: int = 5, warmup: int = 1, compile: bool | str = "auto",
+              on_step: Callable[[str], None] | None = None) -> list[BenchRow]:
+    """pp `prompt` and tg `gen` rows for every batch size (either length 0 skips its test)."""
+    from kbitrt.runtime.generate import decode_step
+
+    if reps < 1 or warmup < 0:
+        raise RunError("--reps must be >= 1 and --warmup >= 0")
+    limit = lm.max_positions
+    for n, what in ((prompt, "-p"), (gen + 1, "-n")):
+        if limit and n > limit:
+            raise RunError(f"{what} {n}: the model holds at most {limit} positions")
+    step, _ = decode_step(lm, compile)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for b in batches:
+        for test, n, fn in (("pp", prompt, lambda: time_prefill(lm, b, prompt, g)),
+                            ("tg", gen, lambda: time_decode(lm, b, gen, g, step))):
+            if n <= 0:
+                continue
+            if on_step:
+                on_step(f"{test}{n} batch {b}")
+            for _ in range(warmup):
+                fn()
+            speeds = [b * n / fn() for _ in range(reps)]
+            rows.append(BenchRow(f"{test}{n}", b, statistics.fmean(speeds),
+                                 statistics.stdev(speeds) if len(speeds) > 1 else 0.0, speeds))
+    return rows
+
+
+# -------------------------------------------------------------------------------------- kernels
+
+def _time(fn, device: torch.device, reps: int) -> float:
+    fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / reps
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**28) -> float:
+    """Bytes/s of a plain tensor copy, counting bytes read + written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / _time(lambda: dst.copy_(src), device, 5)
+
+
+@torch.no_grad()
+def kernel_table(lm: LoadedModel, m: int = 1, reps: int = 20) -> tuple[list[dict], float]:
+    """One row per distinct KbitLinear shape in the model: the k-bit op at M=m against a dense
+    matmul of the dequantized weight in the compute dtype. Returns (rows, copy bytes/s).
+
+    A simple version of benchmarks/kernels.py (which rotates weight copies through L2 and replays
+    CUDA graphs on a GPU): here one weight is called repeatedly, so small ones may sit in cache."""
+    from kbitrt.runtime.kernels import kbit_linear
+    from kbitrt.runtime.linear import KbitLinear
+
+    device, dtype = lm.device, lm.dtype
+    bw = copy_bandwidth(device)
+    rows, seen = [], set()
+    for name, mod in lm.model.named_modules():
+        if not isinstance(mod, KbitLinear) or (mod.out_features, mod.in_features) in seen:
+            continue
+        seen.add((mod.out_features, mod.in_features))
+        x = torch.randn(m, mod.in_features, device=device, dtype=dtype)
+        idx, ow = mod._outliers()
+        t = _time(lambda: kbit_linear(x, mod.qweight, mod.absmax, mod.codebook, mod.bias, idx, ow,
+                                      mod.bits, mod.block_size, mod.in_features), device, reps)
+        w = mod.dequantize(dtype)
+        t_dense = _time(lambda: torch.nn.functional.linear(x, w), device, reps)
+        nbytes = mod.qweight.numel() + mod.absmax.numel() * mod.absmax.element_size()
+        rows.append({"module": name, "N": mod.out_features, "K": mod.in_features, "M": m,
+                     "bits": mod.bits, "block": mod.block_size, "us": t * 1e6,
+                     "gbps": nbytes / t / 1e9, "pct_copy_bw": 100 * nbytes / t / bw,
+                     "dense_us": t_dense * 1e6, "speedup_vs_dense": t_dense / t})
+    return rows, bw

@@ -1,0 +1,211 @@
+"""What a kbit model is: the quantization settings, their validation, and the tensor names.
+
+Everything a reader needs is in `config.json["quantization_config"]` and repeated in every
+safetensors header; nothing is inferred from file names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+
+from kbitrt.errors import KbitFormatError
+
+FORMAT_VERSION = 1
+KNOWN_FORMAT_VERSIONS = (1,)
+QUANT_METHOD = "kbit"
+# Bit-slice packing, see docs/format.md.  A second layout (bit planes) gets its own name.
+PACKING = "bitslice-v1"
+KNOWN_PACKINGS = (PACKING,)
+
+DTYPES = ("int", "fp", "quantile", "dynamic", "nf")
+ABSMAX_DTYPES = ("fp16", "fp32", "dq8")
+MIN_BITS, MAX_BITS = 3, 8
+MIN_BLOCK, MAX_BLOCK = 32, 4096
+DOUBLE_QUANT_BLOCK = 256  # blocks of absmax values quantized together by `dq8`
+
+# Suffixes of the tensors that replace `<module>.weight` of a quantized linear.
+QWEIGHT = "qweight"  # uint8 (N, row_bytes): packed codes, docs/format.md
+ABSMAX = "absmax"  # fp16/fp32 (N, n_blocks); with dq8: uint8 codes
+ABSMAX_SCALE = "absmax_scale"  # dq8 only: fp32 (ceil(N*n_blocks/256),)
+ABSMAX_OFFSET = "absmax_offset"  # dq8 only: fp32 (1,)
+CODEBOOK = "codebook"  # fp32 (<= 2^k,), sorted
+SHAPE = "weight_shape"  # int64 (2,): (out_features N, in_features K) of the linear
+OUTLIER_IDX = "outlier_idx"  # int64 (n_out,): input columns kept in 16 bit
+OUTLIER_WEIGHT = "outlier_weight"  # 16-bit (N, n_out)
+QUANT_SUFFIXES = (QWEIGHT, ABSMAX, ABSMAX_SCALE, ABSMAX_OFFSET, CODEBOOK, SHAPE, OUTLIER_IDX,
+                  OUTLIER_WEIGHT)
+
+
+@dataclass(frozen=True)
+class OutlierSpec:
+    """Proxy quantization: which input columns stay in 16 bit.
+
+    `zscore:4`: columns whose weight std has a z-score above 4 (over the columns of that linear).
+    `top:2%`: the 2% of columns with the largest weight std.
+    """
+
+    method: str  # "zscore" | "top"
+    value: float
+
+    @classmethod
+    def parse(cls, text: str | None) -> OutlierSpec | None:
+        if text is None or text.strip().lower() in ("", "none", "off"):
+            return None
+        m = re.fullmatch(r"\s*(zscore|top):\s*([0-9.]+)\s*(%?)\s*", text)
+        if not m:
+            raise KbitFormatError(
+                f"--outliers {text!r} not understood: use 'zscore:4' or 'top:2%' (or 'none')")
+        method, number, pct = m.group(1), float(m.group(2)), m.group(3)
+        if method == "top":
+            if not pct:
+                raise KbitFormatError(f"--outliers {text!r}: give top as a percentage, e.g. 'top:2%'")
+            if not 0 < number < 50:
+                raise KbitFormatError(f"--outliers {text!r}: the percentage must be in (0, 50)")
+            number /= 100.0
+        elif not number > 0:
+            raise KbitFormatError(f"--outliers {text!r}: the z-score threshold must be > 0")
+        return cls(method, number)
+
+    def __str__(self) -> str:
+        return f"top:{self.value * 100:g}%" if self.method == "top" else f"zscore:{self.value:g}"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 4
+    block_size: int = 64
+    dtype: str = "nf"
+    exponent_bits: int | None = None  # fp only; None = ceil(bits/2)
+    absmax_dtype: str = "fp16"
+    outliers: OutlierSpec | None = None
+    quantize_head: bool = False
+
+    def __post_init__(self) -> None:
+        if not MIN_BITS <= self.bits <= MAX_BITS:
+            raise KbitFormatError(f"--bits {self.bits} is not supported: use {MIN_BITS}..{MAX_BITS}")
+        b = self.block_size
+        if not (MIN_BLOCK <= b <= MAX_BLOCK and b & (b - 1) == 0):
+            raise KbitFormatError(
+                f"--block {b} is not supported: use a power of two in {MIN_BLOCK}..{MAX_BLOCK}")
+        if self.dtype not in DTYPES:
+            raise KbitFormatError(f"--dtype {self.dtype!r} is unknown: use one of {', '.join(DTYPES)}")
+        if self.absmax_dtype not in ABSMAX_DTYPES:
+            raise KbitFormatError(
+                f"--absmax-dtype {self.absmax_dtype!r} is unknown: use one of {', '.join(ABSMAX_DTYPES)}")
+        if self.exponent_bits is not None:
+            if self.dtype != "fp":
+                raise KbitFormatError("--exponent-bits only applies to --dtype fp")
+            if not 1 <= self.exponent_bits <= self.bits - 1:
+                raise KbitFormatError(
+                    f"--exponent-bits {self.exponent_bits} with {self.bits} bits: use 1..{self.bits - 1}"
+                    " (one bit is the sign; the rest split into exponent and mantissa)")
+
+    @property
+    def fp_exponent_bits(self) -> int:
+        return self.exponent_bits if self.exponent_bits is not None else math.ceil(self.bits / 2)
+
+    @property
+    def label(self) -> str:
+        """Short human name, e.g. `nf4-b64` or `fp4(E3M0)-b64`."""
+        name = f"{self.dtype}{self.bits}"
+        if self.dtype == "fp":
+            e = self.fp_exponent_bits
+            name += f"(E{e}M{self.bits - 1 - e})"
+        return f"{name}-b{self.block_size}"
+
+    def to_json(self) -> dict:
+        """The `quantization_config` block of config.json."""
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": FORMAT_VERSION,
+            "packing": PACKING,
+            "bits": self.bits,
+            "block_size": self.block_size,
+            "dtype": self.dtype,
+            "exponent_bits": self.fp_exponent_bits if self.dtype == "fp" else None,
+            "absmax_dtype": self.absmax_dtype,
+            "outliers": str(self.outliers) if self.outliers else None,
+            "quantize_head": self.quantize_head,
+        }
+
+    @classmethod
+    def from_json(cls, qc: dict) -> QuantConfig:
+        """Parse and check a `quantization_config`; refuses what this version cannot read."""
+        if qc.get("quant_method") != QUANT_METHOD:
+            raise KbitFormatError(
+                f"quantization_config.quant_method is {qc.get('quant_method')!r}, not 'kbit'")
+        version = qc.get("format_version")
+        if version not in KNOWN_FORMAT_VERSIONS:
+            raise KbitFormatError(
+                f"kbit format_version {version!r} is not known to this kbitrt (it reads "
+                f"{', '.join(map(str, KNOWN_FORMAT_VERSIONS))}): upgrade kbitrt (pip install -U kbitrt)")
+        if qc.get("packing") not in KNOWN_PACKINGS:
+            raise KbitFormatError(
+                f"kbit packing {qc.get('packing')!r} is not known to this kbitrt: upgrade kbitrt")
+        try:
+            return cls(
+                bits=int(qc["bits"]),
+                block_size=int(qc["block_size"]),
+                dtype=str(qc["dtype"]),
+                exponent_bits=qc.get("exponent_bits") if qc.get("dtype") == "fp" else None,
+                absmax_dtype=str(qc.get("absmax_dtype", "fp16")),
+                outliers=OutlierSpec.parse(qc.get("outliers")),
+                quantize_head=bool(qc.get("quantize_head", False)),
+            )
+        except KeyError as e:
+            raise KbitFormatError(f"quantization_config lacks {e.args[0]!r}") from None
+
+
+def header_metadata(config: QuantConfig, extra: dict | None = None) -> dict[str, str]:
+    """Format metadata for every safetensors header (safetensors metadata is str -> str)."""
+    meta = {"format": "pt", "kbit": json.dumps(config.to_json(), sort_keys=True)}
+    meta.update(extra or {})
+    return meta
+
+
+@dataclass
+class LinearLayout:
+    """Shapes of the stored tensors of one quantized (N, K) linear."""
+
+    out_features: int
+    in_features: int
+    config: QuantConfig
+    n_outliers: int = 0
+    codebook_len: int = field(default=0)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.in_features // self.config.block_size)
+
+    @property
+    def row_bytes(self) -> int:
+        from kbitrt.format.packing import packed_row_bytes
+
+        return packed_row_bytes(self.in_features, self.config.bits)
+
+    def tensor_specs(self, dtype16: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """suffix -> (safetensors dtype, shape) of every stored tensor."""
+        n, nb = self.out_features, self.n_blocks
+        specs: dict[str, tuple[str, tuple[int, ...]]] = {
+            QWEIGHT: ("U8", (n, self.row_bytes)),
+            CODEBOOK: ("F32", (self.codebook_len,)),
+            SHAPE: ("I64", (2,)),
+        }
+        if self.config.absmax_dtype == "dq8":
+            specs[ABSMAX] = ("U8", (n, nb))
+            specs[ABSMAX_SCALE] = ("F32", (-(-n * nb // DOUBLE_QUANT_BLOCK),))
+            specs[ABSMAX_OFFSET] = ("F32", (1,))
+        else:
+            specs[ABSMAX] = ("F16" if self.config.absmax_dtype == "fp16" else "F32", (n, nb))
+        if self.n_outliers:
+            specs[OUTLIER_IDX] = ("I64", (self.n_outliers,))
+            specs[OUTLIER_WEIGHT] = (dtype16, (n, self.n_outliers))
+        return specs
+
+
+def replace(config: QuantConfig, **changes) -> QuantConfig:
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,187 @@
+"""Streaming safetensors: read row ranges with pread, write planned shards piece by piece.
+
+The safetensors library maps whole files; touched pages then count as resident memory of the
+converter. Reading with pread keeps the resident set at the size of the chunk being converted, and
+planning every output tensor's offset up front lets each piece be written once, where it belongs.
+Headers are written with sorted keys, so the same tensors give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kbitrt.errors import KbitFormatError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def itemsize(dtype: str) -> int:
+    return torch.empty(0, dtype=DTYPES[dtype]).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute file offset of the first byte
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+class SafetensorsFile:
+    """Header of one .safetensors file plus pread access to its tensors (no mmap)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) < 8:
+                    raise KbitFormatError(f"{self.path}: truncated (no safetensors header)")
+                (n,) = struct.unpack("<Q", raw)
+                if n > MAX_HEADER or 8 + n > size:
+                    raise KbitFormatError(f"{self.path}: truncated or not a safetensors file")
+                header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise KbitFormatError(f"{self.path}: corrupt safetensors header") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        start = 8 + n
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, h in header.items():
+            b, e = h["data_offsets"]
+            if h["dtype"] not in DTYPES:
+                raise KbitFormatError(f"{self.path}: tensor {name} has unsupported dtype {h['dtype']}")
+            info = TensorInfo(h["dtype"], tuple(h["shape"]), start + b, start + e)
+            if info.nbytes != math.prod(info.shape) * itemsize(info.dtype):
+                raise KbitFormatError(f"{self.path}: tensor {name} has inconsistent offsets")
+            if info.end > size:
+                raise KbitFormatError(
+                    f"{self.path} is truncated ({size} bytes; tensor {name} ends at {info.end}): "
+                    "download or convert it again")
+            self.tensors[name] = info
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or rows [r0, r1) of its first dimension, read with one pread."""
+        info = self.tensors[name]
+        shape = list(info.shape)
+        begin, nbytes = info.begin, info.nbytes
+        if rows is not None:
+            r0, r1 = rows
+            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+            begin += r0 * row_bytes
+            nbytes = (r1 - r0) * row_bytes
+            shape[0] = r1 - r0
+        buf = bytearray(nbytes)
+        with open(self.path, "rb", buffering=0) as f:
+            view, done = memoryview(buf), 0
+            while done < nbytes:
+                got = os.preadv(f.fileno(), [view[done:]], begin + done)
+                if got == 0:
+                    raise KbitFormatError(f"{self.path}: truncated while reading {name}")
+                done += got
+        if nbytes == 0:
+            return torch.empty(shape, dtype=DTYPES[info.dtype])
+        return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).view(shape)
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+
+class ShardWriter:
+    """Writes one safetensors file whose tensors (names, dtypes, shapes) are known in advance."""
+
+    def __init__(self, path: Path, planned: list[PlannedTensor], metadata: dict[str, str]):
+        self.path = path
+        header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+        offset = 0
+        self.offsets: dict[str, tuple[int, int]] = {}
+        for t in sorted(planned, key=lambda t: t.name):
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
+                              "data_offsets": [offset, offset + t.nbytes]}
+            self.offsets[t.name] = (offset, offset + t.nbytes)
+            offset += t.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+        self.data_start = 8 + len(blob)
+        self.total = self.data_start + offset
+        self.written = 0
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pwrite(struct.pack("<Q", len(blob)) + blob, 0)
+        self.written = 0
+
+    def _pwrite(self, data, pos: int) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = os.pwrite(self._fd, view, pos)
+            view, pos = view[n:], pos + n
+
+    def write(self, name: str, tensor: torch.Tensor, byte_offset: int = 0) -> None:
+        """Write `tensor` (contiguous) at `byte_offset` bytes into the planned tensor `name`."""
+        begin, end = self.offsets[name]
+        t = tensor.detach().contiguous()
+        if DTYPE_NAMES.get(t.dtype) is None:
+            raise TypeError(f"cannot store {t.dtype}")
+        data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+        if begin + byte_offset + len(data) > end:
+            raise ValueError(f"{name}: write past its planned end")
+        self._pwrite(data, self.data_start + begin + byte_offset)
+        self.written += len(data)
+
+    def close(self) -> None:
+        expected = self.total - self.data_start
+        os.fsync(self._fd)
+        os.close(self._fd)
+        if self.written != expected:
+            raise RuntimeError(f"{self.path}: wrote {self.written} of {expected} bytes")
+
+
+def plan_shards(planned: list[PlannedTensor], max_bytes: int) -> list[tuple[str, list[PlannedTensor]]]:
+    """Tensors (in order) grouped into shards of at most `max_bytes`, with their HF file names."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in planned:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return list(zip(names, shards))
+
+
+def save_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Small, whole-dict writer (tests, dequantized output) with the same byte-exact header."""
+    plan = [PlannedTensor(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+    w = ShardWriter(path, plan, metadata)
+    for n, t in tensors.items():
+        w.write(n, t)
+    w.close()

@@ -1,0 +1,210 @@
+"""The "kbit" quantization config and HfQuantizer for transformers v5 (imported by hf_integration
+once transformers is loaded; see that module for how loading and saving work)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from kbitrt.format.blockwise import FP16_MAX, QuantizedWeight
+from kbitrt.format.reader import KbitModel
+from kbitrt.format.safetensors_io import DTYPES
+from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, OUTLIER_IDX,
+                                 OUTLIER_WEIGHT, QWEIGHT, SHAPE, KbitFormatError, LinearLayout,
+                                 QuantConfig, header_metadata)
+from kbitrt.runtime.kernels.reference import pad_codebook
+from kbitrt.runtime.linear import KbitLinear
+
+_KBIT_BUFFERS = ("qweight", "absmax", "codebook", "outlier_idx", "outlier_weight", "bias")
+
+
+class KbitConfig(QuantizationConfigMixin):
+    """config.json's `quantization_config` for kbit, kept verbatim (so save_pretrained writes back
+    exactly the keys it read, `modules_not_quantized` and `transposed_modules` included)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("quant_method", "kbit")
+        QuantConfig.from_json(kwargs)  # refuses unknown format versions and packings
+        self.__dict__.update(kwargs)
+
+    @property
+    def quant_config(self) -> QuantConfig:
+        return QuantConfig.from_json(self.__dict__)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(self.__dict__))
+
+
+class KbitPlaceholder(nn.Module):
+    """Stands at a quantized linear while transformers loads: one buffer per stored tensor, with
+    the stored name, dtype and shape, so the loader copies them in as they are."""
+
+    def __init__(self, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+        super().__init__()
+        for name, (dtype, shape) in specs.items():
+            self.register_buffer(name, torch.empty(shape, dtype=dtype, device="meta"))
+        # some models' _init_weights touch `<linear>.weight` (GPT-2's c_proj); not a buffer, so
+        # it is neither loaded nor saved
+        self.weight = torch.empty(0, device="meta")
+
+    def to_kbit_linear(self, quant: QuantConfig, compute_dtype: torch.dtype) -> KbitLinear:
+        b = self._buffers
+        n, k = (int(v) for v in b[SHAPE].tolist())
+        qw = QuantizedWeight(
+            qweight=b[QWEIGHT], absmax=b[ABSMAX], codebook=b[CODEBOOK], shape=(n, k),
+            bits=quant.bits, block_size=quant.block_size, absmax_scale=b.get(ABSMAX_SCALE),
+            absmax_offset=b.get(ABSMAX_OFFSET), outlier_idx=b.get(OUTLIER_IDX),
+            outlier_weight=b.get(OUTLIER_WEIGHT))
+        bias = b.get("bias")
+        absmax = b[ABSMAX]
+        if quant.absmax_dtype == "dq8":  # decoded once, as KbitLinear.from_quantized does
+            absmax = qw.absmax_float()
+            absmax = absmax.half() if absmax.max() <= FP16_MAX else absmax
+        n_out = b[OUTLIER_IDX].numel() if OUTLIER_IDX in b else 0
+        # built on meta and given the loaded tensors: no zero-fill and no second copy of the codes
+        mod = KbitLinear(k, n, quant.bits, quant.block_size, bias=bias is not None, n_outliers=n_out,
+                         absmax_dtype=absmax.dtype, compute_dtype=compute_dtype,
+                         data_type=quant.dtype, device="meta")
+        mod._buffers.update(qweight=b[QWEIGHT], absmax=absmax,
+                            codebook=pad_codebook(b[CODEBOOK], quant.bits).to(absmax.device))
+        if n_out:
+            mod._buffers.update(outlier_idx=b[OUTLIER_IDX],
+                                outlier_weight=b[OUTLIER_WEIGHT].to(compute_dtype))
+        else:
+            mod._buffers.update(outlier_idx=torch.zeros(0, dtype=torch.int64, device=absmax.device),
+                                outlier_weight=torch.zeros(n, 0, dtype=compute_dtype, device=absmax.device))
+        if bias is not None:
+            mod._buffers["bias"] = bias.to(compute_dtype)
+        # what the runtime form changes (padded codebook, decoded dq8 scales, 16-bit dtypes), as
+        # stored: save_pretrained writes these back, so a load/save round trip is exact
+        mod.kbit_stored = {name: b[name] for name in (CODEBOOK, ABSMAX, ABSMAX_SCALE, ABSMAX_OFFSET)
+                           if name in b and (name != ABSMAX or quant.absmax_dtype == "dq8")}
+        mod.kbit_stored_dtypes = {name: b[name].dtype for name in (OUTLIER_WEIGHT, "bias") if name in b}
+        return mod
+
+
+def stored_tensors(mod: KbitLinear) -> dict[str, torch.Tensor]:
+    """The tensors of one quantized linear in the on-disk format (docs/format.md)."""
+    kept = getattr(mod, "kbit_stored", {})
+    dtypes = getattr(mod, "kbit_stored_dtypes", {})
+    d16 = torch.float16 if mod.outlier_weight.dtype == torch.float32 else mod.outlier_weight.dtype
+    out = {QWEIGHT: mod.qweight, ABSMAX: mod.absmax,
+           SHAPE: torch.tensor([mod.out_features, mod.in_features], dtype=torch.int64)}
+    if CODEBOOK not in kept:
+        raise KbitFormatError("this KbitLinear was not loaded from a kbit folder: its stored "
+                              "codebook is unknown; write it with kbit convert")
+    out.update(kept)
+    if mod.outlier_idx.numel():
+        out[OUTLIER_IDX] = mod.outlier_idx
+        out[OUTLIER_WEIGHT] = mod.outlier_weight.to(dtypes.get(OUTLIER_WEIGHT, d16))
+    if mod.bias is not None:
+        out["bias"] = mod.bias.to(dtypes.get("bias", d16))
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def _find_module(model: nn.Module, name: str) -> str | None:
+    """The model's name for a checkpoint module name (checkpoints saved with/without the prefix)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [name]
+    if prefix:
+        candidates += [f"{prefix}.{name}", name.removeprefix(prefix + ".")]
+    for cand in candidates:
+        try:
+            model.get_submodule(cand)
+            return cand
+        except AttributeError:
+            continue
+    return None
+
+
+class KbitHfQuantizer(HfQuantizer):
+    """Loads pre-quantized kbit checkpoints (quantizing on the fly is `kbit convert`'s job)."""
+
+    requires_calibration = True
+    quantization_config: KbitConfig
+
+    def validate_environment(self, *args, device_map=None, **kwargs):
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("kbit models cannot be offloaded to disk; use a device_map without 'disk'")
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
+        from transformers.pytorch_utils import Conv1D
+
+        if not checkpoint_files:
+            raise KbitFormatError("a kbit model is loaded from its folder: from_pretrained(path)")
+        km = KbitModel.open(Path(checkpoint_files[0]).parent)  # validates every shard first
+        quant = self.quantization_config.quant_config
+        self.compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float16
+        self.placed = []
+        names = set(km.plain_names)
+        for name, entry in km.modules.items():
+            target = _find_module(model, name)
+            if target is None:
+                raise KbitFormatError(f"{km.path}: quantized module {name} is not in a "
+                                      f"{type(model).__name__}")
+            old = model.get_submodule(target)
+            if not isinstance(old, (nn.Linear, Conv1D)):
+                raise KbitFormatError(f"{name} is a {type(old).__name__}, not a linear")
+            shape = tuple(old.weight.shape)
+            if isinstance(old, Conv1D):
+                shape = shape[::-1]  # Conv1D holds (in, out); kbit stores (out, in)
+            if shape != (entry.out_features, entry.in_features):
+                raise KbitFormatError(f"{km.path}: {name} is ({entry.out_features}, "
+                                      f"{entry.in_features}), the model's linear is {shape}")
+            specs = {}
+            layout = LinearLayout(entry.out_features, entry.in_features, quant, entry.n_outliers,
+                                  km.info(f"{name}.{CODEBOOK}").shape[0])
+            d16 = km.info(f"{name}.{OUTLIER_WEIGHT}").dtype if entry.n_outliers else "F16"
+            for suffix, (st_dtype, shape_) in layout.tensor_specs(d16).items():
+                specs[suffix] = (DTYPES[st_dtype], tuple(shape_))
+            if f"{name}.bias" in names:
+                info = km.info(f"{name}.bias")
+                specs["bias"] = (DTYPES[info.dtype], tuple(info.shape))
+            model.set_submodule(target, KbitPlaceholder(specs))
+            self.placed.append(target)
+        self.quant = quant
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        with torch.no_grad():
+            for name in self.placed:
+                placeholder = model.get_submodule(name)
+                if any(t.is_meta for t in placeholder.buffers()):
+                    missing = [k for k, t in placeholder._buffers.items() if t.is_meta]
+                    raise KbitFormatError(f"{name}: tensors {missing} were not loaded")
+                model.set_submodule(name, placeholder.to_kbit_linear(self.quant, self.compute_dtype))
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        """The kbit format: every KbitLinear's stored tensors, and the format block in each header."""
+        state = model.state_dict()
+        for name, mod in model.named_modules():
+            if isinstance(mod, KbitLinear):
+                for b in _KBIT_BUFFERS:
+                    state.pop(f"{name}.{b}", None)
+                state.update({f"{name}.{k}": v for k, v in stored_tensors(mod).items()})
+        meta = header_metadata(self.quant)
+        meta.pop("format")  # transformers adds it
+        return state, meta
+
+    def _dequantize(self, model, dtype=None):
+        """model.dequantize(): plain nn.Linear layers with the dequantized weights."""
+        from kbitrt.runtime.loader import plain_linear
+
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, KbitLinear):
+                w = mod.dequantize(dtype or torch.float32)
+                bias = mod.bias.to(w.dtype) if mod.bias is not None else None
+                model.set_submodule(name, plain_linear(w, bias))
+        return model
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False

@@ -1,0 +1,80 @@
+"""Pure-torch twin of the Triton kernels: y = x W^T (+ bias) from packed codes, absmax, codebook.
+
+Same signature as `triton_kbit.kbit_linear_triton`, so tests compare the two argument for argument.
+It is also the CPU path, so the dequantization is written to be fast rather than literal: the 4- and
+8-bit layouts (one slice) go through a byte -> values lookup table (one gather per byte), the others
+unpack each slice with precomputed shifts and gather the codebook once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kbitrt.format import packing
+
+
+def pad_codebook(codebook: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 (2^bits,): the codebook, last entry repeated, so that any k-bit code is an index."""
+    cb = codebook.detach().float().reshape(-1)
+    n = 1 << bits
+    if cb.numel() > n:
+        raise ValueError(f"a {bits}-bit codebook holds at most {n} entries, got {cb.numel()}")
+    if cb.numel() < n:
+        cb = torch.cat([cb, cb[-1:].expand(n - cb.numel())])
+    return cb.contiguous()
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """uint8 (N, row_bytes) -> uint8 (N, Kp) codes (the padding codes included)."""
+    n, kp = qweight.shape[0], packing.padded_len(in_features)
+    codes = None
+    for width, shift, offset in packing.slices(bits):
+        part = qweight[:, offset * kp // 8: (offset + width) * kp // 8]
+        if width < 8:
+            shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=qweight.device)
+            part = ((part.unsqueeze(-1) >> shifts) & ((1 << width) - 1)).reshape(n, kp)
+        codes = part if codes is None else codes | (part << shift)
+    return codes
+
+
+def _byte_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 (256, 8/bits) for one-slice layouts (4, 8 bits): the values a packed byte holds."""
+    b = torch.arange(256, device=codebook.device)
+    if bits == 8:
+        return codebook[b].unsqueeze(1)
+    return torch.stack([codebook[b & 15], codebook[b >> 4]], dim=1)
+
+
+def dequantize_packed(qweight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
+                      bits: int, block_size: int, in_features: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, K) weight in `dtype` (outlier columns excluded: they are 0 here).
+
+    codebook: fp32 padded to 2^bits (`pad_codebook`); absmax: float (N, n_blocks).
+    """
+    n, k, kp = qweight.shape[0], in_features, packing.padded_len(in_features)
+    cb = codebook.float()
+    if bits in (4, 8):
+        vals = _byte_table(cb, bits)[qweight.long()].view(n, kp)
+    else:
+        vals = cb[unpack_codes(qweight, bits, k).long()]
+    nb = absmax.shape[1]
+    if kp != nb * block_size:  # ragged: align the values to whole blocks
+        vals = torch.nn.functional.pad(vals[:, :k], (0, nb * block_size - k))
+    w = vals.view(n, nb, block_size) * absmax.float().unsqueeze(-1)
+    return w.view(n, nb * block_size)[:, :k].to(dtype)
+
+
+def kbit_linear_torch(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
+                      codebook: torch.Tensor, bias: torch.Tensor | None,
+                      outlier_idx: torch.Tensor | None, outlier_weight: torch.Tensor | None,
+                      bits: int, block_size: int, in_features: int) -> torch.Tensor:
+    """x (M, K) -> (M, N) in x.dtype, computed in fp32 (the reference every kernel must match)."""
+    w = dequantize_packed(qweight, absmax, codebook, bits, block_size, in_features)
+    xf = x.float()
+    y = xf @ w.t()
+    if outlier_idx is not None and outlier_idx.numel():
+        y = y + xf.index_select(1, outlier_idx) @ outlier_weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,310 @@
+"""Triton fused-dequant kernels for y = x W^T (+ bias), W read as packed k-bit codes.
+
+Twin of `reference.kbit_linear_torch` (same signature). W is never materialised: each program
+loads a (BLOCK_N, BLOCK_K) tile of packed bytes, unpacks its bit slices in registers, looks the
+codes up in the codebook (2^k fp32 values, an L1-resident table) and applies the block absmax.
+
+Three paths, chosen by M (the rows of x):
+- GEMV (M = 1): elementwise product and row reduction in fp32, no tensor cores; split-K when
+  there are too few row tiles to fill the GPU.
+- small batch (M = 2..16): tl.dot with BLOCK_M = 16 (the weight is read once for all rows), split-K.
+- prefill (M > 16): the same dot kernel tiled over M, BLOCK_M 32..128, no split-K.
+
+When BLOCK_K <= block_size a tile lies inside one absmax block per row, so the scale multiplies
+the reduced partial sum (one multiply per row, not per weight); otherwise the tile is reshaped to
+(BLOCK_N, BLOCK_K / B, B) and each block's partial sum is scaled. Split-K programs add fp32
+partials atomically into a zeroed workspace (bias added by split 0), then one cast to x.dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kbitrt.format import packing
+
+_SLICE_WIDTHS = {b: tuple(w for w, _, _ in packing.slices(b)) for b in range(3, 9)}
+
+
+@triton.jit
+def _slice_codes(qw_row_ptr, k0, kp8, mask_n, OFF: tl.constexpr, S: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 (BLOCK_N, BLOCK_K): the S-bit slice of codes k0..k0+BLOCK_K of each row.
+
+    The slice starts OFF*Kp/8 bytes into the row and holds 8/S codes per byte, lowest code in the
+    lowest bits, so BLOCK_K*S/8 contiguous bytes cover the tile.
+    """
+    NBYTES: tl.constexpr = BLOCK_K * S // 8
+    # k0 is a multiple of BLOCK_K, so the hint holds; it lets the byte loads vectorize
+    offs_b = k0 * S // 8 + tl.arange(0, NBYTES)
+    offs_b = tl.max_contiguous(tl.multiple_of(offs_b, NBYTES), NBYTES)
+    mask = mask_n[:, None] & (offs_b[None, :] < kp8 * S)  # the slice's own bytes only
+    b = tl.load(qw_row_ptr + OFF * kp8 + offs_b[None, :], mask=mask, other=0).to(tl.int32)
+    if S == 8:
+        return b
+    PPB: tl.constexpr = 8 // S
+    shifts = tl.arange(0, PPB) * S
+    v = (b[:, :, None] >> shifts[None, None, :]) & ((1 << S) - 1)  # (BLOCK_N, NBYTES, PPB)
+    return tl.reshape(v, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, cb_ptr, offs_n, mask_n, k0, kp8, stride_qn,
+                  S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr):
+    """fp32 (BLOCK_N, BLOCK_K) codebook values (not yet scaled) of the weight tile.
+
+    GATHER: look the codes up in a register copy of the codebook (tl.gather) instead of loading
+    from global memory (L1); which is faster is a per-GPU question for benchmarks/kernels.py.
+    """
+    row = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    code = _slice_codes(row, k0, kp8, mask_n, 0, S0, BLOCK_N, BLOCK_K)
+    if S1 > 0:
+        code |= _slice_codes(row, k0, kp8, mask_n, S0, S1, BLOCK_N, BLOCK_K) << S0
+    if S2 > 0:
+        code |= _slice_codes(row, k0, kp8, mask_n, S0 + S1, S2, BLOCK_N, BLOCK_K) << (S0 + S1)
+    if GATHER:
+        cb = tl.load(cb_ptr + tl.arange(0, 1 << (S0 + S1 + S2)))
+        flat = tl.gather(cb, tl.reshape(code, (BLOCK_N * BLOCK_K,)), 0)
+        return tl.reshape(flat, (BLOCK_N, BLOCK_K))
+    return tl.load(cb_ptr + code)  # padded to 2^k entries: every code is a valid index
+
+
+@triton.jit
+def _store_out(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, bias_ptr, pid_k,
+               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) fp32 -> out, bias added once; atomics into fp32 when split."""
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if pid_k == 0:
+            acc += b[None, :]
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _gemv_kernel(
+    # pointers
+    x_ptr, qw_ptr, absmax_ptr, cb_ptr, bias_ptr, out_ptr,
+    # sizes
+    N, K, kp8, n_blocks,
+    # strides (the last dimension of every tensor is contiguous)
+    stride_qn, stride_an,
+    # meta-parameters
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, B: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    """x (1, K), W packed (N, Kp*k/8), absmax (N, n_blocks), codebook (2^k,) -> out (1, N)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    a_row = absmax_ptr + offs_n.to(tl.int64) * stride_an
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for t in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        k0 = t * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        w = _dequant_tile(qw_ptr, cb_ptr, offs_n, mask_n, k0, kp8, stride_qn,
+                          S0, S1, S2, BLOCK_N, BLOCK_K, GATHER)
+        if BLOCK_K <= B:
+            s = tl.load(a_row + k0 // B, mask=mask_n, other=0.0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1) * s
+        else:
+            NBT: tl.constexpr = BLOCK_K // B
+            offs_blk = k0 // B + tl.arange(0, NBT)
+            s = tl.load(a_row[:, None] + offs_blk[None, :],
+                        mask=mask_n[:, None] & (offs_blk[None, :] < n_blocks), other=0.0)
+            part = tl.sum(tl.reshape(w * x[None, :], (BLOCK_N, NBT, B)), axis=2)
+            acc += tl.sum(part * s.to(tl.float32), axis=1)
+    _store_out(out_ptr, acc[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, mask_n, 0,
+               bias_ptr, pid_k, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _dot_kernel(
+    # pointers
+    x_ptr, qw_ptr, absmax_ptr, cb_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K, kp8, n_blocks,
+    # strides
+    stride_xm, stride_qn, stride_an, stride_om,
+    # meta-parameters
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, B: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, GATHER: tl.constexpr,
+):
+    """x (M, K) -> out (M, N): a dequantized (BLOCK_N, BLOCK_K) tile feeds tl.dot per step."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # grouped ordering: GROUP_M row tiles share a weight column tile while it sits in L2
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_row = absmax_ptr + offs_n.to(tl.int64) * stride_an
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        k0 = t * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k[None, :] < K),
+                    other=0.0)
+        if DOT_F32:
+            x = x.to(tl.float32)
+        w = _dequant_tile(qw_ptr, cb_ptr, offs_n, mask_n, k0, kp8, stride_qn,
+                          S0, S1, S2, BLOCK_N, BLOCK_K, GATHER)
+        if BLOCK_K <= B:
+            s = tl.load(a_row + k0 // B, mask=mask_n, other=0.0).to(tl.float32)
+            part = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=DOT_PRECISION)
+            acc += part * s[None, :]
+        else:
+            NBT: tl.constexpr = BLOCK_K // B
+            offs_blk = k0 // B + tl.arange(0, NBT)
+            s = tl.load(a_row[:, None] + offs_blk[None, :],
+                        mask=mask_n[:, None] & (offs_blk[None, :] < n_blocks), other=0.0)
+            w = tl.reshape(tl.reshape(w, (BLOCK_N, NBT, B)) * s.to(tl.float32)[:, :, None],
+                           (BLOCK_N, BLOCK_K))
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
+    _store_out(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, bias_ptr, pid_k,
+               HAS_BIAS, SPLIT_K)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch shape of one call; `pick_config` chooses it, benchmarks/kernels.py sweeps it."""
+
+    block_m: int  # 1 selects the GEMV kernel
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    group_m: int = 8
+    gather: bool = False  # codebook lookup with tl.gather instead of a global (L1) load
+
+
+_SM_COUNT: dict[int, int] = {}
+# (M bucket, N, K, bits, block_size) -> KernelConfig, e.g. filled from a benchmark sweep
+CONFIG_OVERRIDES: dict[tuple, KernelConfig] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: a few programs, so split-K is exercised on small shapes
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def m_bucket(m: int) -> int:
+    return 1 if m == 1 else 16 if m <= 16 else 17
+
+
+def _split_k(n_tiles: int, k_tiles: int, sms: int) -> int:
+    """Split K only when the row tiles fill less than one wave: a split costs a memset and a cast
+    (two more launches), which at ~3 us per decode GEMV is not free. Then aim at ~2 waves."""
+    if n_tiles >= sms:
+        return 1
+    want = -(-2 * sms // max(n_tiles, 1))
+    return max(1, min(want, k_tiles, 16))
+
+
+def pick_config(m: int, n: int, k: int, bits: int, block_size: int,
+                device: torch.device) -> KernelConfig:
+    """A heuristic launch shape (untuned: GPU tuning lives in benchmarks/kernels.py)."""
+    key = (m_bucket(m), n, k, bits, block_size)
+    if key in CONFIG_OVERRIDES:
+        return CONFIG_OVERRIDES[key]
+    sms = _sm_count(device)
+    kpow = max(32, triton.next_power_of_2(k))
+    if m == 1:
+        block_n, block_k = 16, min(512, kpow)
+        split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
+        return KernelConfig(1, block_n, block_k, split, num_warps=4, num_stages=2)
+    if m <= 16:
+        block_n, block_k = 64, min(128, kpow)
+        split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
+        return KernelConfig(16, block_n, block_k, split, num_warps=4, num_stages=3)
+    block_m = 64 if m <= 64 else 128
+    return KernelConfig(block_m, 128, min(64, kpow), 1, num_warps=8 if block_m == 128 else 4,
+                        num_stages=3)
+
+
+def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
+                       codebook: torch.Tensor, bias: torch.Tensor | None,
+                       outlier_idx: torch.Tensor | None, outlier_weight: torch.Tensor | None,
+                       bits: int, block_size: int, in_features: int,
+                       config: KernelConfig | None = None) -> torch.Tensor:
+    """x (M, K) fp16/bf16/fp32 -> (M, N) in x.dtype with fp32 accumulation.
+
+    qweight uint8 (N, Kp*bits/8), absmax fp16/fp32 (N, ceil(K/block_size)), codebook fp32 padded
+    to 2^bits (`reference.pad_codebook`), bias (N,) or None, outliers as in QuantizedWeight.
+    """
+    m, k = x.shape
+    n = qweight.shape[0]
+    kp = packing.padded_len(k)
+    if k != in_features or qweight.shape[1] != kp * bits // 8:
+        raise ValueError(f"x has {k} features and qweight rows {qweight.shape[1]} bytes; "
+                         f"expected K={in_features}, {kp * bits // 8} bytes at {bits} bits")
+    if codebook.numel() != 1 << bits or codebook.dtype != torch.float32:
+        raise ValueError("codebook must be fp32 with 2^bits entries (use pad_codebook)")
+    if block_size & (block_size - 1) or not 16 <= block_size <= 4096:
+        raise ValueError(f"block_size {block_size} must be a power of two in 16..4096")
+    x = x.contiguous()
+    qweight, absmax = qweight.contiguous(), absmax.contiguous()
+    cfg = config or pick_config(m, n, k, bits, block_size, x.device)
+    widths = _SLICE_WIDTHS[bits] + (0, 0)
+    split = cfg.split_k
+    out = (torch.zeros((m, n), device=x.device, dtype=torch.float32) if split > 1
+           else torch.empty((m, n), device=x.device, dtype=x.dtype))
+    bias_arg = bias if bias is not None else out  # never read: HAS_BIAS is False
+    common = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size,
+                  HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                  SPLIT_K=split, GATHER=cfg.gather, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    if cfg.block_m == 1:
+        if m != 1:
+            raise ValueError("the GEMV config (block_m=1) needs M = 1")
+        grid = (triton.cdiv(n, cfg.block_n), split)
+        _gemv_kernel[grid](x, qweight, absmax, codebook, bias_arg, out, n, k, kp // 8,
+                           absmax.shape[1], qweight.stride(0), absmax.stride(0), **common)
+    else:
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        # the interpreter's bf16 tl.dot returns garbage (triton 3.9): it multiplies in fp32 there
+        dot_f32 = x.dtype == torch.bfloat16 and interpreted()
+        _dot_kernel[grid](x, qweight, absmax, codebook, bias_arg, out, m, n, k, kp // 8,
+                          absmax.shape[1], x.stride(0), qweight.stride(0), absmax.stride(0),
+                          out.stride(0), BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
+                          DOT_PRECISION="ieee" if dot_f32 else precision, DOT_F32=dot_f32,
+                          **common)
+    if split > 1:
+        out = out.to(x.dtype)
+    if outlier_idx is not None and outlier_idx.numel():
+        out = out.addmm_(x.index_select(1, outlier_idx), outlier_weight.to(x.dtype).t())
+    return out
+
+
+def interpreted() -> bool:
+    """True when these kernels run under TRITON_INTERPRET=1 (decided when this module loaded)."""
+    return type(_gemv_kernel).__name__ == "InterpretedFunction"
+

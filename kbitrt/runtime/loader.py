@@ -1,0 +1,416 @@
+"""Build a runnable model from a kbit folder: the native decoder, or transformers with its linears
+swapped for KbitLinear when the native decoder lacks the family.
+
+Both are built on the meta device and their tensors assigned (gpt-fast style), so loading never
+materialises a randomly initialised model. Both expose the same small protocol to generate.py:
+`forward(input_ids, input_pos, pad, last_only)`, `setup_caches(batch, max_len)`, `drop_caches()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kbitrt.errors import KbitError, KbitFormatError
+from kbitrt.format.config import QuantConfig
+from kbitrt.runtime.models.decoder import Decoder, default_positions
+from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_args, rope_frequencies,
+                                why_not_native)
+
+BACKENDS = ("auto", "native", "transformers")
+# checkpoint tensors that are not weights (transformers' buffers some old checkpoints carry)
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", ".masked_bias")
+# modules stored (in, out) by GPT-2's Conv1D when kept unquantized (quantized ones are (out, in))
+_CONV1D = {"gpt2": ("attn.wqkv", "attn.wo", "mlp.up", "mlp.down")}
+
+
+class RunError(KbitError):
+    """A request the runtime cannot serve (device, backend, prompt length); one clear line."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module  # Decoder or TransformersLM, both with the protocol above
+    tokenizer: Any
+    backend: str  # native | transformers
+    device: torch.device
+    dtype: torch.dtype
+    config: dict  # config.json
+    max_positions: int | None
+    weight_bytes: int  # bytes of all weights as held in memory (for bandwidth figures)
+    quant_label: str
+    path: Path | None = None
+    note: str | None = None  # why this backend, when it was chosen automatically
+
+
+# ------------------------------------------------------------------------------------- devices
+
+def resolve_device(name: str | None) -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RunError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise RunError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def default_dtype(device: torch.device, config: dict) -> torch.dtype:
+    """fp32 on the CPU (exact reference); on the GPU the checkpoint's bf16, else fp16."""
+    if device.type == "cpu":
+        return torch.float32
+    return torch.bfloat16 if config.get("torch_dtype", config.get("dtype")) == "bfloat16" \
+        else torch.float16
+
+
+def hf_config(config: dict):
+    """A transformers config object from a config.json dict (the kbit quantization_config left out,
+    transformers does not know it)."""
+    from transformers import CONFIG_MAPPING
+
+    d = {k: v for k, v in config.items() if k != "quantization_config"}
+    model_type = d.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise KbitFormatError(f"model_type {model_type!r} is not known to the installed transformers;"
+                              " upgrade transformers")
+    return CONFIG_MAPPING[model_type].from_dict(d)
+
+
+# ------------------------------------------------------------------------------------- linears
+
+def kbit_linear(qw, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    try:
+        from kbitrt.runtime.linear import KbitLinear
+    except ImportError:  # TEMPORARY until kbitrt/runtime/linear.py lands: dequantize once
+        return plain_linear(qw.dequantize(dtype).to(device), bias)
+    layer = KbitLinear.from_quantized(qw, bias, compute_dtype=dtype)
+    return layer.to(device)
+
+
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    with torch.device("meta"):
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias, requires_grad=False)
+    return layer
+
+
+class _Tensors:
+    """Reads a source's tensors to the target device/dtype and remembers which were used."""
+
+    def __init__(self, source, device: torch.device, dtype: torch.dtype):
+        self.source, self.device, self.dtype = source, device, dtype
+        self.quantized = set(source.quantized_modules)
+        self.plain = set(source.plain_names)
+        self.used: set[str] = set()
+
+    def pick(self, names: str) -> str:
+        """The first of `a|b|...` the source holds (as a quantized module or a plain weight)."""
+        options = names.split("|")
+        for name in options:
+            if name in self.quantized or f"{name}.weight" in self.plain:
+                return name
+        return options[0]
+
+    def has(self, name: str) -> bool:
+        return name in self.plain
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None, transpose: bool = False):
+        if name not in self.plain:
+            raise KbitFormatError(f"{_where(self.source)} lacks the tensor {name!r}")
+        t = self.source.tensor(name)
+        if transpose:
+            t = t.t()
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise KbitFormatError(f"{_where(self.source)}: {name} has shape {tuple(t.shape)}, "
+                                  f"the config says {tuple(shape)}")
+        self.used.add(name)
+        return t.to(self.device, self.dtype).contiguous()
+
+    def linear(self, name: str, out_f: int, in_f: int, bias: bool, transpose: bool = False):
+        """KbitLinear when `name` is quantized, else a plain nn.Linear."""
+        b = self.get(f"{name}.bias", (out_f,)) if bias else None
+        if name in self.quantized:
+            qw = self.source.quantized(name)
+            if tuple(qw.shape) != (out_f, in_f):
+                raise KbitFormatError(f"{_where(self.source)}: {name} is {tuple(qw.shape)}, "
+                                      f"the config says {(out_f, in_f)}")
+            self.used.add(name)
+            return kbit_linear(qw, b, self.dtype, self.device)
+        return plain_linear(self.get(f"{name}.weight", (out_f, in_f), transpose), b)
+
+    def check_all_used(self) -> None:
+        left = sorted(n for n in (self.plain | self.quantized) - self.used
+                      if not n.endswith(_IGNORED_SUFFIXES))
+        if left:
+            more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+            raise KbitFormatError(f"{_where(self.source)} holds tensors the model does not use: "
+                                  f"{', '.join(left[:5])}{more}")
+
+
+def _where(source) -> str:
+    return str(getattr(source, "path", None) or "the model")
+
+
+# -------------------------------------------------------------------------------------- native
+
+def build_native(source, config, device: torch.device, dtype: torch.dtype) -> Decoder:
+    """The generic decoder with every tensor of `source` (a KbitModel or the like) assigned."""
+    args, spec = model_args(config), family_for(config)
+    with torch.device("meta"):
+        model = Decoder(args)
+    names = checkpoint_names(spec, args.n_layers)
+    tensors = _Tensors(source, device, dtype)
+    conv1d = _CONV1D.get(spec.name, ())
+    for ours, module in list(model.named_modules()):
+        if ours not in names:
+            continue
+        theirs = tensors.pick(names[ours])
+        if isinstance(module, nn.Linear):
+            if ours == "lm_head" and theirs not in tensors.quantized \
+                    and not tensors.has(f"{theirs}.weight"):
+                if not args.tie_embeddings:
+                    raise KbitFormatError(f"{_where(source)} lacks the tensor {theirs + '.weight'!r}")
+                model.lm_head.weight = model.tok_emb.weight  # tied: one tensor, two uses
+                continue
+            new = tensors.linear(theirs, module.out_features, module.in_features,
+                                 module.bias is not None, transpose=ours.endswith(conv1d))
+            model.set_submodule(ours, new)
+        else:  # embeddings and norms
+            for pname, p in list(module.named_parameters(recurse=False)):
+                t = tensors.get(f"{theirs}.{pname}", tuple(p.shape))
+                setattr(module, pname, nn.Parameter(t, requires_grad=False))
+    tensors.check_all_used()
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise KbitFormatError(f"{_where(source)}: no tensor for {', '.join(meta[:5])}")
+    if args.positions == "rotary":
+        max_len = args.max_positions or 0
+        inv_freq, scaling = rope_frequencies(config, args, seq_len=max_len, device=device)
+        model.setup_positions(inv_freq, scaling)
+    else:
+        model.setup_positions(None)
+    return model.eval()
+
+
+# -------------------------------------------------------------------------------- transformers
+
+@contextlib.contextmanager
+def _params_on_meta():
+    """Parameters on the meta device, buffers (rotary tables, masks) real: they are not stored."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+class TransformersLM(nn.Module):
+    """A transformers causal LM behind the decoder protocol (its own dynamic KV cache)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        self.past = None
+        self.use_cache = False
+
+    def setup_caches(self, batch: int, max_len: int) -> None:
+        self.past, self.use_cache = None, True
+
+    def drop_caches(self) -> None:
+        self.past, self.use_cache = None, False
+
+    def forward(self, input_ids, input_pos=None, pad=None, last_only=False):
+        device = input_ids.device
+        input_pos, pad = default_positions(input_ids, input_pos, pad)
+        seen = torch.arange(int(input_pos[-1]) + 1, device=device)
+        attention_mask = (seen[None, :] >= pad[:, None]).long()  # (B, tokens so far)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                      use_cache=self.use_cache, past_key_values=self.past)
+        if self.takes_position_ids:
+            kwargs["position_ids"] = (input_pos[None, :] - pad[:, None]).clamp(min=0)
+        if last_only:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs)
+        if self.use_cache:
+            self.past = out.past_key_values
+        return out.logits
+
+
+def build_transformers(source, config, device: torch.device, dtype: torch.dtype) -> TransformersLM:
+    from transformers import AutoModelForCausalLM
+
+    with _params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = _Tensors(source, device, dtype)
+    for name in source.quantized_modules:
+        module = model.get_submodule(name)
+        qw = source.quantized(name)
+        bias = getattr(module, "bias", None)
+        b = tensors.get(f"{name}.bias", tuple(bias.shape)) if bias is not None else None
+        tensors.used.add(name)
+        model.set_submodule(name, kbit_linear(qw, b, dtype, device))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in sorted(tensors.plain - tensors.used):
+        if name in params:
+            t = tensors.get(name, tuple(params[name].shape))
+            module_name, _, pname = name.rpartition(".")
+            setattr(model.get_submodule(module_name), pname, nn.Parameter(t, requires_grad=False))
+    if getattr(config, "tie_word_embeddings", False):
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if isinstance(out, nn.Linear) and out.weight.is_meta:
+            out.weight = inp.weight
+    tensors.check_all_used()
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise KbitFormatError(f"{_where(source)} lacks the tensor(s) {', '.join(meta[:5])}")
+    model.to(device)
+    return TransformersLM(model.eval())
+
+
+# ------------------------------------------------------------------------------------ assembly
+
+def choose_backend(config, backend: str) -> tuple[str, str | None]:
+    """(backend, note): `auto` picks native when the family has a spec, and says when it does not."""
+    if backend not in BACKENDS:
+        raise RunError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    reason = why_not_native(config)
+    if backend == "native" and reason:
+        raise RunError(f"--backend native: {reason}; use --backend transformers")
+    if backend == "auto":
+        return ("transformers", f"{reason}: running through transformers") if reason \
+            else ("native", None)
+    return backend, None
+
+
+def build_model(source, device: str | torch.device = "auto", backend: str = "auto",
+                dtype: torch.dtype | None = None, tokenizer: Any = None) -> LoadedModel:
+    """A runnable model from a source with the KbitModel interface (on disk or in memory)."""
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    dtype = dtype or default_dtype(device, source.config)
+    config = hf_config(source.config)
+    backend, note = choose_backend(config, backend)
+    build = build_native if backend == "native" else build_transformers
+    with torch.no_grad():
+        model = build(source, config, device, dtype)
+        # one token through, so one-time work (CPU dequant caches, kernel autotuning) is not
+        # counted as prompt time later
+        model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, backend=backend, device=device, dtype=dtype,
+        config=source.config, max_positions=_max_positions(config),
+        weight_bytes=sum(seen.values()), quant_label=source.quant.label,
+        path=getattr(source, "path", None), note=note)
+
+
+def _max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, key, None)
+        if value:
+            return int(value)
+    return None
+
+
+def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
+               dtype: torch.dtype | None = None) -> LoadedModel:
+    """Open a kbit folder (or Hub repo id), validate it, and build a runnable model."""
+    from transformers import AutoTokenizer
+
+    from kbitrt.format.reader import KbitModel
+    from kbitrt.convert.source import resolve_model
+
+    device_obj = resolve_device(device)  # fail on a bad device before reading anything
+    path = resolve_model(name)
+    if not (Path(path) / "config.json").exists():
+        raise KbitFormatError(f"{path} is not a kbit model: it has no config.json")
+    source = KbitModel.open(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return build_model(source, device_obj, backend, dtype, tokenizer)
+
+
+# -------------------------------------------------------------------------------------- memory
+
+class InMemoryKbit:
+    """The KbitModel interface over a transformers model quantized in memory (tests, quick runs):
+    every linear except the output head is quantized, as the converter does by default."""
+
+    def __init__(self, model: nn.Module, quant: QuantConfig, path: Path | None = None):
+        from transformers.pytorch_utils import Conv1D
+
+        from kbitrt.format.blockwise import quantize_weight
+
+        self.path, self.quant = path, quant
+        self.config = json.loads(model.config.to_json_string())
+        head = model.get_output_embeddings()
+        self._quantized, self._plain, self._conv1d = {}, {}, set()
+        linear_names = set()
+        for name, module in model.named_modules():
+            if isinstance(module, (nn.Linear, Conv1D)) and (module is not head or quant.quantize_head):
+                w = module.weight.detach()
+                if isinstance(module, Conv1D):  # stored (out, in), as the converter does
+                    w = w.t().contiguous()
+                    self._conv1d.add(name)
+                self._quantized[name] = quantize_weight(w.float(), quant, name)
+                linear_names.add(f"{name}.weight")
+        for name, t in model.state_dict().items():
+            if name not in linear_names:
+                self._plain[name] = t.detach().clone()
+        if getattr(model.config, "tie_word_embeddings", False) and head is not None:
+            self._plain.pop(_param_name(model, head), None)  # tied: stored once, as the embedding
+
+    @property
+    def quantized_modules(self) -> list[str]:
+        return list(self._quantized)
+
+    @property
+    def plain_names(self) -> list[str]:
+        return list(self._plain)
+
+    def quantized(self, name: str):
+        return self._quantized[name]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._plain[name]
+
+    def dequantized_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights transformers should see to compute exactly what the kbit model computes."""
+        out = dict(self._plain)
+        for name, qw in self._quantized.items():
+            w = qw.dequantize()
+            out[f"{name}.weight"] = w.t().contiguous() if name in self._conv1d else w
+        return out
+
+
+def _param_name(model: nn.Module, head: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is head:
+            return f"{name}.weight"
+    return ""

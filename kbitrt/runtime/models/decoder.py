@@ -1,0 +1,256 @@
+"""One generic decoder-only transformer for every native family (spec.py switches the variants).
+
+Built on the meta device and filled by loader.py (gpt-fast style); every linear is a KbitLinear or
+a plain nn.Linear. Sequences in a batch are left-padded: `pad[b]` slots at the start of row b are
+padding, cache slots are shared by the batch and a token's model position is `slot - pad[b]`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kbitrt.runtime.models.kv_cache import KVCache
+from kbitrt.runtime.models.families import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    """As transformers' Llama: normalise in fp32, scale in the input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def default_positions(input_ids: torch.Tensor, input_pos: torch.Tensor | None,
+                      pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache slots 0..T-1 and no left padding, unless given (the forward protocol's defaults)."""
+    B, T = input_ids.shape
+    if input_pos is None:
+        input_pos = torch.arange(T, device=input_ids.device)
+    if pad is None:
+        pad = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    return input_pos, pad
+
+
+def make_norm(args: ModelArgs) -> nn.Module:
+    if args.norm == "rmsnorm":
+        return RMSNorm(args.dim, args.norm_eps)
+    return nn.LayerNorm(args.dim, eps=args.norm_eps)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """BLOOM's per-head ALiBi slopes (geometric; extra heads interleaved when n is not 2^m)."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** p for p in range(1, closest + 1)]
+    if closest != n_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** p for p in range(1, 2 * min(closest, n_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, nh, T, hd); cos, sin (B, 1, T, rd): rotate the first rd dims of each head."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    rot = rot * cos + rotate_half(rot) * sin
+    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, window: int | None = None):
+        super().__init__()
+        self.args, self.window = args, window
+        nh, nkv, hd = args.n_heads, args.n_kv_heads, args.head_dim
+        if args.qkv == "separate":
+            self.wq = nn.Linear(args.dim, nh * hd, bias=args.qkv_bias)
+            self.wk = nn.Linear(args.dim, nkv * hd, bias=args.qkv_bias)
+            self.wv = nn.Linear(args.dim, nkv * hd, bias=args.qkv_bias)
+        else:
+            self.wqkv = nn.Linear(args.dim, (nh + 2 * nkv) * hd, bias=args.qkv_bias)
+        self.wo = nn.Linear(nh * hd, args.dim, bias=args.o_bias)
+        self.kv_cache: KVCache | None = None
+
+    def qkv(self, x: torch.Tensor):
+        a = self.args
+        B, T, _ = x.shape
+        if a.qkv == "separate":
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        elif a.qkv == "fused":  # GPT-2 c_attn: rows are all q, then all k, then all v
+            q, k, v = self.wqkv(x).split(
+                [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
+        else:  # BLOOM / NeoX: rows grouped by head, each head's q, k, v in turn
+            q, k, v = self.wqkv(x).view(B, T, a.n_heads, 3, a.head_dim).unbind(3)
+        q = q.reshape(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x, input_pos, rope, mask):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[self.window],
+                                           enable_gqa=self.args.n_kv_heads != self.args.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[args.act]
+        self.up = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        self.down = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
+        self.gate = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias) \
+            if args.mlp == "gated" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            return self.down(self.act(self.gate(x)) * self.up(x))
+        return self.down(self.act(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, window: int | None):
+        super().__init__()
+        self.args = args
+        self.attn_norm, self.mlp_norm = make_norm(args), make_norm(args)
+        self.attn, self.mlp = Attention(args, window), MLP(args)
+
+    def forward(self, x, input_pos, rope, mask):
+        a = self.args
+        if a.parallel_residual:  # NeoX: both branches read the block input
+            return x + self.attn(self.attn_norm(x), input_pos, rope, mask) + self.mlp(self.mlp_norm(x))
+        h = x if a.post_norm else self.attn_norm(x)
+        x = (h if a.residual_from_norm else x) + self.attn(h, input_pos, rope, mask)
+        if a.post_norm:  # OPT-350m: norm after the residual add
+            x = self.attn_norm(x)
+        h = x if a.post_norm else self.mlp_norm(x)
+        x = (h if a.residual_from_norm else x) + self.mlp(h)
+        return self.mlp_norm(x) if a.post_norm else x
+
+
+class Decoder(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        emb_dim = args.project_dim or args.dim
+        self.tok_emb = nn.Embedding(args.vocab_size, emb_dim)
+        if args.positions == "learned":
+            self.pos_emb = nn.Embedding(args.max_positions + args.pos_offset, args.dim)
+        if args.project_dim:
+            self.project_in = nn.Linear(emb_dim, args.dim, bias=False)
+            self.project_out = nn.Linear(args.dim, emb_dim, bias=False)
+        if args.emb_norm:
+            self.emb_norm = make_norm(args)
+        windows = args.sliding_windows or (None,) * args.n_layers
+        self.layers = nn.ModuleList(Block(args, windows[i]) for i in range(args.n_layers))
+        if args.final_norm:
+            self.norm = make_norm(args)
+        self.lm_head = nn.Linear(emb_dim, args.vocab_size, bias=False)
+        # position tables, set by `setup_positions` once the model is off the meta device
+        self.inv_freq: torch.Tensor | None = None
+        self.rope_scaling = 1.0
+        self.slopes: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------------------------- setup
+
+    def setup_positions(self, inv_freq: torch.Tensor | None, rope_scaling: float = 1.0) -> None:
+        device = self.tok_emb.weight.device
+        self.inv_freq = None if inv_freq is None else inv_freq.to(device)
+        self.rope_scaling = rope_scaling
+        if self.args.positions == "alibi":
+            self.slopes = alibi_slopes(self.args.n_heads).to(device)
+
+    def setup_caches(self, batch: int, max_len: int) -> None:
+        """Static KV cache of max_len slots per layer (prompt + new tokens)."""
+        a = self.args
+        if a.positions == "learned" and max_len > a.max_positions:
+            raise ValueError(f"{max_len} tokens exceed the model's {a.max_positions} positions")
+        w = self.tok_emb.weight
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, w.dtype, w.device)
+
+    def drop_caches(self) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+
+    @property
+    def cache_len(self) -> int | None:
+        cache = self.layers[0].attn.kv_cache
+        return None if cache is None else cache.k.shape[2]
+
+    # -------------------------------------------------------------------------------- forward
+
+    def masks(self, input_pos, pad, dtype) -> dict[int | None, torch.Tensor]:
+        """Additive attention masks (B, 1 or nh, T, S) per sliding window (None = full)."""
+        device = input_pos.device
+        S = self.cache_len
+        key_slot = torch.arange(S, device=device) if S is not None else input_pos  # (S,)
+        q, k = input_pos[None, :, None], key_slot[None, None, :]  # (1, T, 1), (1, 1, S)
+        # causal; padding keys hidden, except a (padding) query's own slot so no row is empty
+        allowed = (k <= q) & ((k >= pad[:, None, None]) | (k == q))  # (B, T, S)
+        out = {}
+        for window in {layer.attn.window for layer in self.layers}:
+            ok = allowed if window is None else allowed & (k > q - window)
+            mask = torch.zeros(ok.shape, dtype=dtype, device=device)
+            mask = mask.masked_fill(~ok, float("-inf"))[:, None]  # (B, 1, T, S)
+            if self.slopes is not None:  # ALiBi: slope * key position (softmax ignores the rest)
+                key_pos = (key_slot[None, :] - pad[:, None]).clamp(min=0).to(dtype)  # (B, S)
+                mask = mask + self.slopes.to(dtype)[None, :, None, None] * key_pos[:, None, None, :]
+            out[window] = mask
+        return out
+
+    def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
+                pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids (B, T); input_pos (T,) cache slots; pad (B,) left padding -> logits (B, T, V).
+
+        Without a cache (`setup_caches` not called) this is a plain full forward over input_ids.
+        """
+        a = self.args
+        B, T = input_ids.shape
+        input_pos, pad = default_positions(input_ids, input_pos, pad)
+        pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) model positions
+        x = self.tok_emb(input_ids)
+        if a.project_dim:
+            x = self.project_in(x)
+        if a.positions == "learned":
+            x = x + self.pos_emb(pos + a.pos_offset)
+        if a.emb_norm:
+            x = self.emb_norm(x)
+        rope = None
+        if a.positions == "rotary":
+            freqs = pos[..., None].float() * self.inv_freq  # (B, T, rd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, rd)
+            rope = ((emb.cos() * self.rope_scaling).to(x.dtype),
+                    (emb.sin() * self.rope_scaling).to(x.dtype))
+        mask = self.masks(input_pos, pad, x.dtype)
+        for layer in self.layers:
+            x = layer(x, input_pos, rope, mask)
+        if last_only:
+            x = x[:, -1:]
+        if a.final_norm:
+            x = self.norm(x)
+        if a.project_dim:
+            x = self.project_out(x)
+        return self.lm_head(x)
