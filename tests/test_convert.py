@@ -195,6 +195,82 @@ def test_already_quantized_source_is_refused(tiny_models, tmp_path):
         convert(tmp_path / "q", tmp_path / "qq", QuantConfig())
 
 
+# -- nothing lost: outputs that would delete the source, tensors nothing uses ------------------------
+
+def _tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_output_ancestor_inside_or_symlinked_source_is_refused_source_intact(tmp_path):
+    src = make_tiny_model("llama", tmp_path / "dir" / "model")
+    before = _tree(tmp_path)
+    (tmp_path / "link").symlink_to(tmp_path / "dir")
+    (tmp_path / "srclink").symlink_to(src)
+    cases = [(src, tmp_path / "dir", "contains the source"),  # the ancestor --force case
+             (src, tmp_path, "contains the source"),
+             (src, tmp_path / "link", "contains the source"),  # the ancestor through a symlink
+             (src, src / "sub", "lies inside the source"),
+             (src, tmp_path / "link" / "model" / "q", "lies inside the source"),
+             (tmp_path / "srclink", src, "is the source"),
+             (src, tmp_path / "srclink", "is the source")]
+    for source, out, why in cases:
+        with pytest.raises(KbitFormatError, match=why):
+            convert(source, out, QuantConfig(), force=True)
+    (tmp_path / "link").unlink()
+    (tmp_path / "srclink").unlink()
+    assert _tree(tmp_path) == before  # nothing written, nothing deleted
+
+
+def _add_tensor(src: Path, name: str, t: torch.Tensor) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(src / "model.safetensors")
+    sd[name] = t
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_tensor_nothing_uses_stops_the_conversion_by_name(tmp_path):
+    src = make_tiny_model("llama", tmp_path / "src")
+    _add_tensor(src, "model.layers.0.mlp.extra_proj.weight", torch.ones(4, 4))
+    with pytest.raises(KbitFormatError, match=r"model\.layers\.0\.mlp\.extra_proj\.weight.*--drop-unused"):
+        convert(src, tmp_path / "out", QuantConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # not even a partial folder
+    report = convert(src, tmp_path / "out", QuantConfig(), drop_unused=True)
+    assert report.dropped == ["model.layers.0.mlp.extra_proj.weight"]
+    assert report.to_json()["dropped_tensors"] == report.dropped
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "--drop-unused" in card and "model.layers.0.mlp.extra_proj.weight" in card
+
+
+def test_known_buffers_are_skipped_and_counted(tmp_path):
+    src = make_tiny_model("llama", tmp_path / "src")
+    _add_tensor(src, "model.layers.0.self_attn.rotary_emb.inv_freq", torch.ones(8))
+    report = convert(src, tmp_path / "out", QuantConfig())
+    assert report.skipped == ["model.layers.0.self_attn.rotary_emb.inv_freq"] and report.dropped == []
+
+
+def test_missing_weight_stops_the_conversion_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = make_tiny_model("gpt2", tmp_path / "src")
+    sd = load_file(src / "model.safetensors")
+    del sd["transformer.h.1.mlp.c_fc.weight"]
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KbitFormatError, match=r"lacks 1 weights.*transformer\.h\.1\.mlp\.c_fc\.weight"):
+        convert(src, tmp_path / "out", QuantConfig())
+
+
+def test_two_names_for_one_tensor_are_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    src = make_tiny_model("gpt2", tmp_path / "src")
+    wte = load_file(src / "model.safetensors")["transformer.wte.weight"]
+    _add_tensor(src, "wte.weight", wte.clone())  # the unprefixed historic name beside the new one
+    with pytest.raises(KbitFormatError, match="are both transformer.wte.weight"):
+        convert(src, tmp_path / "out", QuantConfig())
+
+
 # -- the reader refuses what is broken ------------------------------------------------------------
 
 @pytest.fixture()

@@ -64,12 +64,15 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit)")
 @click.option("--trust-remote-code", is_flag=True, help="allow a Hub model's own modelling code")
 @click.option("--force", is_flag=True, help="replace the output folder if it exists")
+@click.option("--drop-unused", is_flag=True,
+              help="drop checkpoint tensors the model has no place for (listed in the summary and "
+                   "model card) instead of stopping")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO",
               help="after a successful conversion, upload the folder to this Hub repo (kbit push)")
 def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype, outliers,
-                quantize_head, dtype16, max_shard_size, revision, trust_remote_code, force, as_json,
-                push_to_hub):
+                quantize_head, dtype16, max_shard_size, revision, trust_remote_code, force, drop_unused,
+                as_json, push_to_hub):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
     from kbitrt.convert.converter import convert
 
@@ -85,7 +88,8 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
     with byte_progress() as progress:
         report = convert(source, output, config, force=force, dtype16=dtype16,
                          max_shard_bytes=parse_size(max_shard_size), revision=revision,
-                         trust_remote_code=trust_remote_code, progress=progress)
+                         trust_remote_code=trust_remote_code, drop_unused=drop_unused,
+                         progress=progress)
     s = report.to_json()
     if push_to_hub:  # only reached when the conversion succeeded
         from kbitrt.publish.hub import push_folder
@@ -109,8 +113,9 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
         (f"mean rel. weight error ({config.dtype})", f"{s['mean_rel_weight_error']:.4f}"),
         ("time", f"{s['seconds']:.1f} s"),
         ("throughput", f"{s['mparams_per_s']:.1f} M params/s"),
-    ] + ([("dropped", f"{len(s['dropped_tensors'])} tensors the model does not use")]
-         if s["dropped_tensors"] else [])))
+    ] + ([("dropped (--drop-unused)", ", ".join(s["dropped_tensors"]))] if s["dropped_tensors"] else [])
+      + ([("skipped buffers", f"{len(s['skipped_buffers'])} non-persistent buffers (masks, rotary "
+                              "frequencies) the model recomputes")] if s["skipped_buffers"] else [])))
 
 
 def parse_size(text: str) -> int:

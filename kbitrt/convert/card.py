@@ -166,9 +166,15 @@ def render_card(name: str, config: dict, summary: dict, base_model: str | None,
                      + (f" (from {before / 1e9:.3f} GB)" if before else ""))
     if summary.get("mean_rel_weight_error") is not None:
         lines.append(f"- Mean relative weight error: {summary['mean_rel_weight_error']:.4f}")
+    dropped = summary.get("dropped_tensors") or []
+    if dropped:
+        lines.append(f"- Dropped on purpose (`--drop-unused`), {len(dropped)} source tensors the "
+                     f"model does not use: {', '.join(f'`{d}`' for d in dropped)}")
     settings = "\n".join(f"| {k} | {v} |" for k, v in sorted(qc.items())
                          if k not in ("modules_not_quantized", "transposed_modules"))
     kept = {k: summary[k] for k in _SUMMARY_KEYS if k in summary}
+    if summary.get("dropped_tensors"):  # only when a user dropped tensors on purpose
+        kept["dropped_tensors"] = summary["dropped_tensors"]
     body = f"""{MARKER}
 # {name}
 

@@ -25,7 +25,7 @@ import torch
 from kbitrt.format import blockwise, dtypes, packing
 from kbitrt.convert.card import write_model_card
 from kbitrt.convert.checkpoint import CheckpointTensors
-from kbitrt.convert.model_map import ModelMap, build_model_map
+from kbitrt.convert.model_map import ModelMap, build_model_map, skip_reason
 from kbitrt.format.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter, plan_shards
 from kbitrt.convert.source import companion_files, find_checkpoint, resolve_model
 from kbitrt.convert.staging import check_output, staged_folder
@@ -64,6 +64,7 @@ class ConversionReport:
     shards: int = 0
     seconds: float = 0.0
     dropped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def bits_per_param_quantized(self) -> float:
@@ -91,7 +92,7 @@ class ConversionReport:
             "mean_rel_weight_error": round(self.rel_error_mean, 6),
             "shards": self.shards, "seconds": round(self.seconds, 3),
             "mparams_per_s": round(self.params_quantized / max(self.seconds, 1e-9) / 1e6, 3),
-            "dropped_tensors": self.dropped,
+            "dropped_tensors": self.dropped, "skipped_buffers": self.skipped,
         }
 
 
@@ -137,7 +138,7 @@ def _column_std(tensors: CheckpointTensors, key: str, transposed: bool) -> torch
 
 class Converter:
     def __init__(self, folder: Path, config: QuantConfig, dtype16: torch.dtype,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, drop_unused: bool = False):
         self.folder = folder
         self.config = config
         self.dtype16 = dtype16
@@ -150,23 +151,61 @@ class Converter:
         self.map: ModelMap = build_model_map(folder, trust_remote_code)
         self.linears: list[LinearPlan] = []
         self.plain: dict[str, str] = {}  # output name -> checkpoint key
-        self.dropped: list[str] = []
+        self.dropped: list[str] = []  # unused tensors dropped on purpose (--drop-unused)
+        self.skipped: list[str] = []  # known non-persistent buffers (model_map.SKIPPABLE_BUFFERS)
+        self.drop_unused = drop_unused
+        if self.map.fused_experts:
+            raise KbitFormatError(
+                f"{folder}: {self.map.model_type!r} is a Mixture-of-Experts model whose experts "
+                f"transformers keeps fused in 3-D tensors ({self.map.fused_experts[0]}, ...); kbitrt "
+                "cannot quantize fused experts yet: nothing was written")
 
     def plan(self, progress: Progress | None = None) -> None:
-        """Decide what every checkpoint tensor becomes; outlier statistics are gathered here."""
+        """Decide what every checkpoint tensor becomes; outlier statistics are gathered here.
+
+        Every source tensor is accounted for: converted, skipped as a known non-persistent buffer
+        (model_map.SKIPPABLE_BUFFERS), or, with `drop_unused`, dropped on purpose and listed.
+        Anything else stops the conversion here, before a byte is written, naming the tensors."""
         mm, cfg = self.map, self.config
         weights: dict[str, str] = {}  # module -> checkpoint key of its weight
+        placed: dict[str, str] = {}  # model name -> checkpoint key
+        unused, fused = [], []
         for key in self.tensors.names():
+            need = mm.needs_conversion(key)
+            if need is not None:
+                fused.append(f"{key} ({need})")
+                continue
             name = mm.canonical(key)
             if name is None:
-                self.dropped.append(key)
+                (self.skipped if skip_reason(key) else unused).append(key)
                 continue
+            if name in placed:
+                raise KbitFormatError(
+                    f"{self.folder}: checkpoint tensors {placed[name]} and {key} are both "
+                    f"{name} for transformers: remove one of them from the checkpoint")
+            placed[name] = key
             module, _, leaf = name.rpartition(".")
             if leaf == "weight" and module in mm.linears and len(self.tensors.shape(key)) == 2 \
                     and (module != mm.head or cfg.quantize_head):
                 weights[module] = key
             elif not (mm.tied and module == mm.head and leaf == "weight"):
                 self.plain[name] = key
+        if fused:
+            raise KbitFormatError(
+                f"{self.folder}: {len(fused)} tensors need transformers' fusing conversion, which "
+                f"kbitrt does not apply (e.g. {', '.join(fused[:3])}); nothing was written")
+        if unused and not self.drop_unused:
+            raise KbitFormatError(
+                f"{self.folder}: {len(unused)} checkpoint tensors have no place in a "
+                f"{mm.model_type!r} model as transformers builds it: {_names(unused)}; nothing was "
+                "written. Check the config, or pass --drop-unused to drop them on purpose")
+        self.dropped = unused
+        missing = sorted(p for p in mm.params if p not in placed
+                         and not (mm.tied and mm.head and p == f"{mm.head}.weight"))
+        if missing:
+            raise KbitFormatError(
+                f"{self.folder}: the checkpoint lacks {len(missing)} weights the {mm.model_type!r} "
+                f"model needs: {_names(missing)}; nothing was written")
         if cfg.quantize_head and mm.head and mm.head not in weights and mm.tied and mm.embedding_key:
             # a tied head has no tensor of its own: quantize a copy of the embedding
             emb = next((k for k in self.tensors.names() if mm.canonical(k) == mm.embedding_key), None)
@@ -352,29 +391,34 @@ class Converter:
 def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantConfig, *,
             force: bool = False, dtype16: str = "auto", max_shard_bytes: int = MAX_SHARD_BYTES,
             revision: str | None = None, trust_remote_code: bool = False,
-            progress: Progress | None = None) -> ConversionReport:
+            drop_unused: bool = False, progress: Progress | None = None) -> ConversionReport:
     """Convert a local folder or Hub id into a kbit folder at `output`; returns the summary."""
     out = Path(output).expanduser().resolve()
     folder = resolve_model(source, revision)
     check_output(folder, out, force)
     start = time.perf_counter()
     raw = json.loads((folder / "config.json").read_text())
-    conv = Converter(folder, config, pick_dtype16(dtype16, raw), trust_remote_code)
+    conv = Converter(folder, config, pick_dtype16(dtype16, raw), trust_remote_code, drop_unused)
     report = ConversionReport(str(source), str(out), config, str(conv.dtype16).replace("torch.", ""))
+    conv.plan(progress)  # refuses unplaced tensors before anything is written
     with staged_folder(out) as tmp:
-        conv.plan(progress)
         conv.write(tmp, report, max_shard_bytes, progress)
         report.dropped = conv.dropped
         report.params_total = sum(_numel(conv.tensors.shape(k)) for k in conv.plain.values()) + \
             report.params_quantized
-        report.bytes_before = sum(conv.tensors.nbytes(k) for k in conv.tensors.names()
-                                  if k not in conv.dropped)
+        report.skipped = conv.skipped
+        gone = set(conv.dropped) | set(conv.skipped)
+        report.bytes_before = sum(conv.tensors.nbytes(k) for k in conv.tensors.names() if k not in gone)
         (tmp / "config.json").write_text(json.dumps(conv.output_config(), indent=2, sort_keys=True) + "\n")
         for f in companion_files(folder):
             shutil.copyfile(f, tmp / f.name)
         report.seconds = time.perf_counter() - start
         write_model_card(tmp, conv.output_config(), report.to_json(), base_model=str(source))
     return report
+
+
+def _names(keys: list[str], show: int = 6) -> str:
+    return ", ".join(keys[:show]) + (f" and {len(keys) - show} more" if len(keys) > show else "")
 
 
 def _numel(shape) -> int:

@@ -3,17 +3,56 @@
 Building the architecture on the meta device costs no memory (a 176B model included) and tells,
 for any causal LM transformers knows, which modules are nn.Linear or GPT-2's Conv1D, which one is
 the output head, and which checkpoint names belong to the model at all.
+
+Checkpoint names are resolved the way transformers resolves them when it loads that architecture:
+through its checkpoint conversion mapping (`transformers.conversion_mapping`: renames such as
+GPT-NeoX's `embed_out` -> `lm_head`, `LayerNorm.gamma` -> `.weight`) and its base-model-prefix rule
+(GPT-2 saved without `transformer.`, OPT with or without `model.`). Conversions that merge or split
+tensors (fused Mixture-of-Experts weights) are recognised and refused with one line.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from kbitrt.errors import KbitFormatError
+
+# Non-persistent buffers that old transformers versions saved into checkpoints and that every
+# current model recomputes: causal masks and rotary frequencies. A checkpoint tensor the model does
+# not have is skipped silently only when its name matches one of these; anything else stops the
+# conversion (or is dropped on purpose with --drop-unused). docs/format.md lists them.
+SKIPPABLE_BUFFERS = (
+    (re.compile(r"(^|\.)(attn|attention|self_attention)\.bias$"), "causal-mask buffer (GPT-2, GPT-Neo, GPT-J, GPT-NeoX)"),
+    (re.compile(r"(^|\.)(attn|attention|self_attention)\.masked_bias$"), "mask fill value buffer"),
+    (re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq|cos_cached|sin_cached)$"),
+     "rotary-embedding buffer"),
+    (re.compile(r"(^|\.)inv_freq$"), "rotary-embedding buffer"),
+    (re.compile(r"(^|\.)embed_positions\._float_tensor$"), "sinusoidal-position placeholder"),
+)
+
+
+ROUTERS = ("gate", "router", "shared_expert_gate")
+
+
+def _n_experts(config) -> int:
+    for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+def skip_reason(key: str) -> str | None:
+    """Why a checkpoint tensor the model has no place for may be skipped, or None."""
+    for pattern, why in SKIPPABLE_BUFFERS:
+        if pattern.search(key):
+            return why
+    return None
 
 
 @dataclass
@@ -26,17 +65,54 @@ class ModelMap:
     embedding_key: str | None  # state-dict key of the input embedding weight
     model_type: str = ""
     dropped: list[str] = field(default_factory=list)
+    params: set[str] = field(default_factory=set)  # parameter names (tied ones once)
+    renamings: list = field(default_factory=list)  # transformers WeightRenaming objects
+    converters: list = field(default_factory=list)  # transformers WeightConverter objects
+    fused_experts: list[str] = field(default_factory=list)  # 3-D+ parameters (MoE experts)
 
     def canonical(self, key: str) -> str | None:
         """The model's state-dict name of a checkpoint key, None when the model has no such tensor."""
         if key in self.state_keys:
             return key
+        name = self.renamed(key)
+        return name if name in self.state_keys else None
+
+    def renamed(self, key: str) -> str:
+        """`key` as transformers renames it at load time (renamings, then the base-model prefix)."""
+        name = key
+        for r in self.renamings:
+            name, _ = r.rename_source_key(name)
         if self.prefix:
-            if f"{self.prefix}.{key}" in self.state_keys:
-                return f"{self.prefix}.{key}"
-            if key.startswith(self.prefix + ".") and key[len(self.prefix) + 1:] in self.state_keys:
-                return key[len(self.prefix) + 1:]
+            p = self.prefix + "."
+            if name.startswith(p) and name[len(p):] in self.state_keys:
+                name = name[len(p):]
+            elif p + name in self.state_keys:
+                name = p + name
+        return name
+
+    def needs_conversion(self, key: str) -> str | None:
+        """The transformers conversion (merge/split of tensors) a key would need, or None."""
+        name = key
+        for r in self.renamings:
+            name, _ = r.rename_source_key(name)
+        for c in self.converters:
+            target, pattern = c.rename_source_key(name)
+            if pattern is not None:
+                return f"{pattern} -> {target.rpartition('.')[2] if '.' in target else target}"
         return None
+
+
+def _conversions(model) -> tuple[list, list]:
+    """transformers' own load-time renamings and tensor conversions for this model."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:  # transformers < 5: no conversion mapping, names are used as saved
+        return [], []
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return renamings, converters
 
 
 def build_model_map(folder: Path, trust_remote_code: bool = False) -> ModelMap:
@@ -65,11 +141,18 @@ def build_model_map(folder: Path, trust_remote_code: bool = False) -> ModelMap:
             head = name
         if module is in_emb:
             embedding_key = f"{name}.weight"
+        if name.rpartition(".")[2] in ROUTERS and _n_experts(config):
+            continue  # an MoE router stays 16-bit: its scores pick the experts
         if isinstance(module, Conv1D):
             linears[name] = True
         elif isinstance(module, torch.nn.Linear):
             linears[name] = False
     tied = bool(getattr(config, "tie_word_embeddings", False)) and head is not None
+    renamings, converters = _conversions(model)
+    params = {n for n, _ in model.named_parameters()}
+    fused = sorted(n for n, p in model.named_parameters() if p.dim() >= 3 and "expert" in n)
     return ModelMap(linears=linears, head=head, state_keys=set(model.state_dict().keys()),
                     prefix=getattr(model, "base_model_prefix", "") or "", tied=tied,
-                    embedding_key=embedding_key, model_type=raw.get("model_type", ""))
+                    embedding_key=embedding_key, model_type=raw.get("model_type", ""),
+                    params=params, renamings=renamings, converters=converters,
+                    fused_experts=fused)
