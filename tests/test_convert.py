@@ -341,3 +341,73 @@ def test_smollm2_conversion_fidelity(smollm2_dir, tmp_path):
     assert 4.25 <= report.bits_per_param_quantized < 4.26
     assert 0.07 < report.rel_error_mean < 0.11  # Gaussian-like weights: ~0.09 at nf4/64
     assert os.path.getsize(tmp_path / "smol" / "model.safetensors") < 0.25 * 538e6
+
+
+# -- nothing half-written: values in range, signals ----------------------------------------------
+
+@pytest.mark.parametrize("key,value,says", [
+    ("model.norm.weight", float("nan"), r"model\.norm\.weight holds 1 NaN/Inf"),
+    ("model.embed_tokens.weight", float("inf"), r"model\.embed_tokens\.weight holds 1 NaN/Inf"),
+    ("model.layers.0.input_layernorm.weight", 1e6, r"input_layernorm\.weight: \|value\| up to 1e\+06 overflows F16.*--dtype16 bf16"),
+])
+def test_plain_tensors_are_checked_finite_in_their_written_dtype(tmp_path, key, value, says):
+    from safetensors.torch import load_file, save_file
+
+    src = make_tiny_model("llama", tmp_path / "src")
+    sd = load_file(src / "model.safetensors")
+    sd[key].view(-1)[3] = value
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KbitFormatError, match=says):
+        convert(src, tmp_path / "out", QuantConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    if value == 1e6:  # bf16 holds it
+        convert(src, tmp_path / "out", QuantConfig(), dtype16="bf16")
+
+
+def test_outlier_columns_overflowing_fp16_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = make_tiny_model("llama", tmp_path / "src")
+    sd = load_file(src / "model.safetensors")
+    w = sd["model.layers.0.mlp.down_proj.weight"]
+    w[:, 7] = 1e6 * torch.linspace(-1, 1, w.shape[0])  # an outlier column beyond fp16
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KbitFormatError, match=r"down_proj\.(outlier_weight|absmax).*Inf.*F16"):
+        convert(src, tmp_path / "out", QuantConfig(outliers=OutlierSpec.parse("top:5%")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+SLOW_CONVERT = """
+import sys, time
+from kbitrt.convert import converter
+from kbitrt.format.config import QuantConfig
+orig = converter.Converter._write_linear
+def slow(self, *a, **k):
+    print("writing", flush=True)
+    time.sleep(0.5)
+    return orig(self, *a, **k)
+converter.Converter._write_linear = slow
+converter.convert(sys.argv[1], sys.argv[2], QuantConfig())
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_during_convert_removes_the_partial_folder(tiny_models, tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, "-c", SLOW_CONVERT, str(tiny_models["llama"]), str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        assert p.stdout.readline().strip() == "writing"  # inside the staged folder now
+        assert [x.name for x in tmp_path.iterdir() if "kbit-partial" in x.name]
+        p.send_signal(getattr(signal, sig))
+        p.wait(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode != 0
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())

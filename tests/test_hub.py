@@ -200,3 +200,41 @@ def test_convert_push_to_hub(tiny_models, tmp_path, fake_hub, monkeypatch):
                                  "--push-to-hub", "you/opt-4bit"])
     assert r.exit_code == 2 and "NaN" in r.stderr
     assert len(fake_hub) == n  # nothing was pushed
+
+
+def test_push_checks_token_before_touching_the_card(kbit_folder, fake_hub):
+    readme = kbit_folder / "README.md"
+    before = readme.read_bytes()
+    r = CliRunner().invoke(cli, ["push", str(kbit_folder), "you/tiny-4bit"])  # no token anywhere
+    assert r.exit_code == 2 and "no Hugging Face token" in r.stderr
+    assert readme.read_bytes() == before
+
+    class Refusing(FakeApi):
+        def whoami(self, token=None):
+            raise _http(401)
+
+    api = Refusing()
+    with pytest.raises(PushError, match="token was refused"):
+        push_folder(kbit_folder, "you/tiny-4bit", token=SECRET, api=api)
+    assert readme.read_bytes() == before and api.calls == []
+
+
+def test_token_given_as_repo_id_is_never_echoed(kbit_folder, fake_hub):
+    for repo in (SECRET, f"you/{SECRET}"):
+        r = CliRunner().invoke(cli, ["push", str(kbit_folder), repo])
+        assert r.exit_code == 2 and "looks like a Hugging Face token" in r.stderr
+        assert SECRET not in r.output and "Traceback" not in r.output
+    assert fake_hub == []
+
+
+def test_only_model_files_are_uploaded(kbit_folder):
+    partial = kbit_folder / ".x.kbit-partial-1"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    (kbit_folder / "sub").mkdir()
+    (kbit_folder / "sub" / "eval-x.json").write_text("{}")
+    api = FakeApi()
+    res = push_folder(kbit_folder, "you/tiny-4bit", token=SECRET, api=api)
+    assert not any("eval-" in f or "kbit-partial" in f or f.startswith(".") for f in api.uploaded)
+    assert "model.safetensors" in api.uploaded and "config.json" in api.uploaded
+    assert res.files == len(api.uploaded)

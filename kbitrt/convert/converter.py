@@ -300,14 +300,25 @@ class Converter:
         shape = self.tensors.shape(key)
         if not shape or not shape[0]:
             t = self.tensors.read(key)
-            writer.write(name, t.to(self.dtype16) if t.is_floating_point() else t)
+            writer.write(name, self._to16(t, key) if t.is_floating_point() else t)
             return
         row = _numel(shape[1:])
         step = max(1, CHUNK_ELEMS // max(row, 1))
         for r0 in range(0, shape[0], step):
             t = self.tensors.read(key, (r0, min(shape[0], r0 + step)))
-            t = t.to(self.dtype16) if t.is_floating_point() else t
+            t = self._to16(t, key) if t.is_floating_point() else t
             writer.write(name, t, r0 * row * t.element_size())
+
+    def _to16(self, t: torch.Tensor, key: str) -> torch.Tensor:
+        """Cast to the 16-bit dtype; a NaN/Inf in the source, or a value that overflows, is refused."""
+        blockwise.check_finite(t, key)
+        out = t.to(self.dtype16)
+        if not bool(torch.isfinite(out).all()):
+            big = t.float().abs().max().item()
+            raise KbitFormatError(
+                f"{key}: |value| up to {big:.4g} overflows {DTYPE_NAMES[self.dtype16]} (max "
+                f"{torch.finfo(self.dtype16).max:.4g}): convert with --dtype16 bf16; nothing was written")
+        return out
 
     def _write_linear(self, lp: LinearPlan, writers: dict[str, ShardWriter],
                       report: ConversionReport) -> None:

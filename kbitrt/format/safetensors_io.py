@@ -149,6 +149,7 @@ class ShardWriter:
         t = tensor.detach().contiguous()
         if DTYPE_NAMES.get(t.dtype) is None:
             raise TypeError(f"cannot store {t.dtype}")
+        check_finite_written(name, t)
         data = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
         if begin + byte_offset + len(data) > end:
             raise ValueError(f"{name}: write past its planned end")
@@ -161,6 +162,18 @@ class ShardWriter:
         os.close(self._fd)
         if self.written != expected:
             raise RuntimeError(f"{self.path}: wrote {self.written} of {expected} bytes")
+
+
+def check_finite_written(name: str, t: torch.Tensor) -> None:
+    """Every float written must be finite in the dtype it is written in (an fp32 value beyond the
+    fp16 range becomes inf when cast): refuse, naming the tensor, rather than write NaN/Inf."""
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        bad = t[~torch.isfinite(t)]
+        what = "NaN" if bool(torch.isnan(bad).any()) else "Inf"
+        hint = (f" (beyond the {DTYPE_NAMES[t.dtype]} range {torch.finfo(t.dtype).max:.4g}: use "
+                "--dtype16 bf16, or --absmax-dtype fp32 for scales)") if t.dtype == torch.float16 else ""
+        raise KbitFormatError(f"{name}: {bad.numel()} {what} value(s) would be written as "
+                              f"{DTYPE_NAMES[t.dtype]}{hint}; nothing was written")
 
 
 def plan_shards(planned: list[PlannedTensor], max_bytes: int) -> list[tuple[str, list[PlannedTensor]]]:

@@ -9,14 +9,18 @@ create_branch / upload_folder (tests pass a fake; nothing here needs the network
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from kbitrt.errors import KbitFormatError
 
-# never uploaded: partial conversions, editor/OS litter, caches
-IGNORE = [".*", "**/.*", "*.kbit-partial*", "__pycache__/*", "*.tmp"]
+# never uploaded: partial conversions, evaluation results (the model card shows them), editor/OS
+# litter, caches
+IGNORE = [".*", "**/.*", "*.kbit-partial*", "*.kbit-old*", "**/*.kbit-partial*/*", "__pycache__/*",
+          "*.tmp", "eval-*.json", "**/eval-*.json"]
+TOKEN_LIKE = re.compile(r"(^|/)hf_[A-Za-z0-9]{16,}$|^[A-Za-z0-9_\-]{32,}$")
 
 
 class PushError(KbitFormatError):
@@ -55,6 +59,9 @@ def resolve_token(token: str | None) -> str:
 def check_repo_id(repo_id: str) -> None:
     from kbitrt.convert.source import HUB_ID
 
+    if TOKEN_LIKE.search(repo_id or ""):  # a token passed by mistake: never echo it
+        raise PushError("REPO_ID looks like a Hugging Face token, not a repo id: give 'user/name' "
+                        "(pass a token with --token or HF_TOKEN, and revoke one that was exposed)")
     if "/" not in repo_id or not HUB_ID.match(repo_id):
         raise PushError(f"{repo_id!r} is not a Hub repo id: use 'user/name' or 'org/name'")
 
@@ -126,19 +133,24 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
 
     folder = Path(folder).expanduser()
     check_repo_id(repo_id)
-    km = KbitModel.open(folder)  # a broken model stops here, before any network call
+    km = KbitModel.open(folder)  # a broken model stops here, before any file or network call
     log(f"validated {folder}: {km.quant.label}, {len(km.modules)} quantized linears")
-    card_refreshed = False
-    if refresh_card:
-        _, card_refreshed = refresh_model_card(folder, repo_id=repo_id, base_model=base_model)
-        log("model card refreshed" if card_refreshed else "README.md was not written by kbitrt: left as it is")
     token = resolve_token(token)
-    files = _files(folder)
-    size = sum(p.stat().st_size for p in files)
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
+    if hasattr(api, "whoami"):  # the token is checked before the card is touched
+        try:
+            api.whoami(token=token)
+        except Exception as e:  # noqa: BLE001 -- every Hub/network failure becomes one clear line
+            raise _explain(e, repo_id, token) from None
+    card_refreshed = False
+    if refresh_card:
+        _, card_refreshed = refresh_model_card(folder, repo_id=repo_id, base_model=base_model)
+        log("model card refreshed" if card_refreshed else "README.md was not written by kbitrt: left as it is")
+    files = _files(folder)
+    size = sum(p.stat().st_size for p in files)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
         if revision and revision != "main" and not create_pr:
