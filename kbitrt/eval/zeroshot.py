@@ -132,8 +132,12 @@ def local_task_config(path: str | Path, name: str | None = None) -> dict:
 
 
 def check_lm_eval_tasks(tasks: list[str]) -> None:
-    """Fail early, one line, on a name lm-eval does not know."""
-    from lm_eval.tasks import TaskManager
+    """Fail early, one line, on a name lm-eval does not know (or when lm-eval is not installed)."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise KbitFormatError(f"task {tasks[0]!r} is not a local .jsonl file or shipped sample, and "
+                              "lm-eval tasks need lm-eval: pip install 'kbitrt[eval]'") from None
 
     known = set(TaskManager().all_tasks)
     unknown = [t for t in tasks if t not in known]
