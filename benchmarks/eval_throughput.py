@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--text", default="/work/shared/data/wiki_en_dev.txt")
+    ap.add_argument("--text", default="wiki-sample")
     args = ap.parse_args(argv)
 
     from kbitrt.convert.converter import convert

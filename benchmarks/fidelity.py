@@ -29,10 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from kbitrt.eval.data import sample_path  # noqa: E402
 from kbitrt.format.blockwise import quantize_weight  # noqa: E402
 from kbitrt.format.config import QuantConfig  # noqa: E402
 
-DATA = Path("/work/shared/data/wiki_en_dev.txt")
+DATA = sample_path("wiki-sample")  # shipped in the package
 BNB_CPU_BUG = "bnb CPU bug above block 64"
 
 # (label, kind, options); kind "kbit" takes QuantConfig fields, "bnb" a quant_type and block size

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kbitrt.eval import zeroshot  # noqa: E402
+from kbitrt.eval.data import sample_path  # noqa: E402
 from kbitrt.eval.results import environment  # noqa: E402
 from kbitrt.eval.scoring import score  # noqa: E402
 from kbitrt.convert.converter import convert  # noqa: E402
@@ -27,7 +28,7 @@ from kbitrt.format.config import QuantConfig  # noqa: E402
 from kbitrt.runtime.loader import load_model  # noqa: E402
 from kbitrt.convert.gguf import ensure_smollm2  # noqa: E402
 
-SIQA = Path("/work/shared/data/mc/social_iqa_dev.jsonl")
+SIQA = sample_path("social_iqa-sample")  # shipped in the package
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SMOL=$(.venv/bin/python -m kbitrt.convert.gguf 2>/dev/null)
 R=docs/scaling/smollm2.jsonl
-EVAL=(--ppl ../shared/data/wiki_en_dev.txt --max-tokens 16384 --seqlen 512
-      --tasks ../shared/data/mc/social_iqa_dev.jsonl --limit 150 -o "$R")
+EVAL=(--ppl wiki-sample --max-tokens 16384 --seqlen 512
+      --tasks social_iqa-sample --limit 150 -o "$R")
 K=.venv/bin/kbit
 $K sweep --models "$SMOL" --bits 16,4,3 --block 64,1024 --dtype nf,int "${EVAL[@]}"
 $K sweep --models "$SMOL" --bits 8,5,6 --block 64 --dtype nf,int "${EVAL[@]}"

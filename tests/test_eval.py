@@ -19,7 +19,7 @@ from kbitrt.eval.model_open import open_model, wrap_hf
 from kbitrt.eval.scoring import score
 from kbitrt.errors import KbitFormatError
 
-DATA = "/work/shared/data"
+from kbitrt.eval.data import HERE as DATA  # the samples shipped in the package
 MC = f"{DATA}/mc/cause_and_effect_dev.jsonl"
 
 

@@ -11,7 +11,7 @@ from kbitrt.eval import zeroshot
 from kbitrt.eval.model_open import open_model
 
 pytestmark = pytest.mark.slow
-DATA = "/work/shared/data"
+from kbitrt.eval.data import HERE as DATA  # the samples shipped in the package
 SIQA = f"{DATA}/mc/social_iqa_dev.jsonl"
 ROWS = 100
 

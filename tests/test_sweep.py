@@ -15,7 +15,7 @@ from kbitrt.sweep.grid import SCHEMA, parse_grid
 from kbitrt.sweep.runner import SweepOptions, read_results, run_sweep
 from kbitrt.sweep.summary import summarize
 
-DATA = "/work/shared/data"
+from kbitrt.eval.data import HERE as DATA  # the samples shipped in the package
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,12 @@ def _csv(values: tuple[str, ...]) -> list[str]:
 
 @click.command("eval")
 @click.argument("model")
-@click.option("--ppl", "ppl", multiple=True, help="Perplexity on wikitext2, c4, pile-cc (online) "
-              "or a local text file; repeatable or comma-separated.")
+@click.option("--ppl", "ppl", multiple=True, help="Perplexity on wikitext2, c4, pile-cc (online), "
+              "a local text file, or the shipped sample wiki-sample; repeatable or comma-separated.")
 @click.option("--tasks", "tasks", multiple=True, help="Zero-shot tasks: lm-eval names or local "
-              ".jsonl multiple-choice files (default, with no --ppl: lambada_openai,piqa,"
-              "winogrande,hellaswag).")
+              ".jsonl multiple-choice files, or shipped samples (social_iqa-sample, "
+              "general_knowledge-sample, cause_and_effect-sample); default, with no --ppl: "
+              "lambada_openai,piqa,winogrande,hellaswag.")
 @click.option("--seqlen", type=int, default=None, help="Perplexity window (default: 2048, or the "
               "model's positions if fewer).")
 @click.option("--protocol", type=click.Choice(["gptq", "sliding"]), default="gptq",
@@ -50,6 +51,7 @@ def eval_cmd(model, ppl, tasks, seqlen, protocol, stride, max_tokens, limit, bat
     """Evaluate MODEL (a kbit folder, a plain HF folder, or a Hub id).
 
     \b
+      kbit eval DIR --ppl wiki-sample --tasks social_iqa-sample --limit 100
       kbit eval DIR --ppl ./wiki.txt --seqlen 2048 --protocol sliding --stride 512
       kbit eval DIR --ppl wikitext2 --ppl c4
       kbit eval DIR --tasks ./social_iqa.jsonl --limit 500 --json

@@ -7,7 +7,8 @@
   beyond the previous one are scored (all but the first token in the first window), as in the
   Hugging Face perplexity guide. Weighted by scored tokens, so the result is exp(total NLL / N).
 
-Datasets: wikitext2, c4, pile-cc through `datasets` when online, or any local text file.
+Datasets: wikitext2, c4, pile-cc through `datasets` when online, or any local text file
+(the shipped sample `wiki-sample` by its short name).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
+from kbitrt.eval.data import SAMPLES
+from kbitrt.eval.data import resolve as resolve_data
 from kbitrt.eval.scoring import score
 from kbitrt.errors import KbitFormatError
 from kbitrt.runtime.loader import LoadedModel
@@ -116,8 +118,9 @@ def _offline_error(name: str, why: str) -> KbitFormatError:
 
 
 def load_text(name: str) -> tuple[str, str]:
-    """(label, text): a local file, or one of DATASETS' test splits joined as GPTQ does."""
-    path = Path(name).expanduser()
+    """(label, text): a local file (or a shipped sample by short name, e.g. wiki-sample), or one
+    of DATASETS' test splits joined as GPTQ does."""
+    path = resolve_data(name)
     if path.is_file():
         text = path.read_text(encoding="utf-8", errors="replace")
         if not text.strip():
@@ -125,7 +128,7 @@ def load_text(name: str) -> tuple[str, str]:
         return path.name, text
     if name not in DATASETS:
         raise FileNotFoundError(f"--ppl {name}: no such file, and not a known dataset "
-                                f"({', '.join(DATASETS)})")
+                                f"({', '.join(DATASETS + tuple(SAMPLES))})")
     if _offline():
         raise _offline_error(name, "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set")
     try:

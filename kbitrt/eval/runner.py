@@ -11,6 +11,7 @@ from typing import Callable
 
 from kbitrt.eval import perplexity as ppl_mod
 from kbitrt.eval import zeroshot
+from kbitrt.eval.data import resolve as resolve_data
 from kbitrt.eval.progress import progress_bar
 from kbitrt.eval.results import deltas, environment, model_record, write_json
 from kbitrt.errors import KbitFormatError
@@ -38,7 +39,7 @@ class EvalOptions:
             raise KbitFormatError(f"--protocol {self.protocol!r}: use one of "
                                   f"{', '.join(ppl_mod.PROTOCOLS)}")
         for name in self.ppl:
-            if not Path(name).expanduser().is_file() and name not in ppl_mod.DATASETS:
+            if not resolve_data(name).is_file() and name not in ppl_mod.DATASETS:
                 raise FileNotFoundError(f"--ppl {name}: no such file, and not a known dataset "
                                         f"({', '.join(ppl_mod.DATASETS)})")
         for task in self.tasks:

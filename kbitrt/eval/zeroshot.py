@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from kbitrt.eval.data import resolve as resolve_data
+from kbitrt.eval.data import sample_path
 from kbitrt.eval.results import mean_stderr
 from kbitrt.eval.scoring import score
 from kbitrt.errors import KbitFormatError
@@ -22,16 +24,18 @@ PAPER_TASKS = ("lambada_openai", "piqa", "winogrande", "hellaswag")  # 0-shot, a
 
 
 def is_local(task: str) -> bool:
-    return task.endswith((".jsonl", ".json")) or Path(task).expanduser().is_file()
+    """A local .jsonl file, or a shipped sample by short name (e.g. social_iqa-sample)."""
+    return (sample_path(task) is not None or task.endswith((".jsonl", ".json"))
+            or Path(task).expanduser().is_file())
 
 
 def task_name(task: str) -> str:
-    return Path(task).stem if is_local(task) else task
+    return resolve_data(task).stem if is_local(task) else task
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
     """Rows of a multiple-choice file, each checked; a bad row is one error naming file:line."""
-    path = Path(path).expanduser()
+    path = resolve_data(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such task file")
     rows = []
@@ -118,8 +122,8 @@ def n_requests(path: str | Path, limit: int | None = None) -> int:
 def local_task_config(path: str | Path, name: str | None = None) -> dict:
     """An lm-eval task config for a local JSONL file (the same scoring, through lm-eval)."""
     return {
-        "task": name or f"kbit_{Path(path).stem}", "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(Path(path).expanduser().resolve())}},
+        "task": name or f"kbit_{resolve_data(path).stem}", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(resolve_data(path).resolve())}},
         "test_split": "test", "output_type": "multiple_choice",
         "doc_to_text": "{{query}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
@@ -128,8 +132,12 @@ def local_task_config(path: str | Path, name: str | None = None) -> dict:
 
 
 def check_lm_eval_tasks(tasks: list[str]) -> None:
-    """Fail early, one line, on a name lm-eval does not know."""
-    from lm_eval.tasks import TaskManager
+    """Fail early, one line, on a name lm-eval does not know (or when lm-eval is not installed)."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise KbitFormatError(f"task {tasks[0]!r} is not a local .jsonl file or shipped sample, and "
+                              "lm-eval tasks need lm-eval: pip install 'kbitrt[eval]'") from None
 
     known = set(TaskManager().all_tasks)
     unknown = [t for t in tasks if t not in known]
