@@ -31,19 +31,41 @@ out = Console()
               help="only summarise an existing results file")
 @click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "nll", "acc_norm"]),
               help="what decides 'best' in --summary (auto: NLL when perplexity was measured)")
+@click.option("--shard", default=None, metavar="I/N",
+              help="run only the I-th (from 0) of N disjoint slices of the grid (Slurm job arrays)")
+@click.option("--merge", "merge_out", default=None, type=click.Path(), metavar="OUT",
+              help="merge the PARTS results files into OUT (a cell found twice must agree) and exit")
 @click.option("--json", "as_json", is_flag=True)
+@click.argument("parts", nargs=-1, type=click.Path())
 def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tokens, limit,
-              batch_size, output, summary_file, metric, as_json):
+              batch_size, output, summary_file, metric, shard, merge_out, as_json, parts):
     """Quantize every cell of the grid in memory, evaluate it, append one JSON line per cell.
 
     Rerunning skips the cells already in the results file.
+
+    \b
+    On a Slurm array: kbit sweep ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT -o part$SLURM_ARRAY_TASK_ID.jsonl
+    then:             kbit sweep --merge results.jsonl part*.jsonl
     """
     from kbitrt.sweep.grid import parse_grid
     from kbitrt.sweep.runner import SweepOptions, read_results, run_sweep
+    from kbitrt.sweep.shard import merge_results, parse_shard, shard_cells
 
+    if merge_out:
+        merged = merge_results(Path(merge_out), [Path(p) for p in parts])
+        if as_json:
+            click.echo(json.dumps(merged))
+        else:
+            err.print(f"{merged['cells']} cells from {merged['parts']} part(s) in {merge_out} "
+                      f"({merged['duplicates']} identical duplicate(s) dropped)")
+        return
+    if parts:
+        raise click.UsageError(f"unexpected argument(s) {' '.join(parts)}: files are only taken by --merge OUT")
     if summary_file:
         return show_summary(read_results(Path(summary_file)), as_json, metric)
     cells = parse_grid([m.strip() for m in models.split(",") if m.strip()], bits, block, dtypes, outliers)
+    if shard:
+        cells = shard_cells(cells, *parse_shard(shard))
     opts = SweepOptions(ppl=list(ppl), tasks=[t for t in tasks.split(",") if t.strip()], seqlen=seqlen,
                         max_tokens=max_tokens or None, limit=limit, batch_size=batch_size)
     bar = Progress(TextColumn("[cyan]sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

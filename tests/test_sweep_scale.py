@@ -1,0 +1,106 @@
+"""Beyond one process: `kbit sweep --shard/--merge` and the Ray executor give the cells of the
+one-process sweep."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from kbitrt.cli.main import cli
+from kbitrt.errors import KbitFormatError
+from kbitrt.sweep.grid import parse_grid
+from kbitrt.sweep.runner import SweepOptions, read_results, run_sweep
+from kbitrt.sweep.shard import VOLATILE, merge_results, parse_shard, shard_cells
+
+DATA = "/work/shared/data"
+GRID = dict(bits="3,4", blocks="32", dtypes="int,nf", outliers="none")  # 2 x 2 cells
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("scaletext") / "wiki.txt"
+    p.write_text(open(f"{DATA}/wiki_en_dev.txt", encoding="utf-8").read()[:3000])
+    return str(p)
+
+
+def opts(text) -> SweepOptions:
+    return SweepOptions(ppl=[text], tasks=[f"{DATA}/mc/cause_and_effect_dev.jsonl"], seqlen=64,
+                        limit=12, batch_size=4)
+
+
+def grid_args(model: str, text: str) -> list[str]:
+    return ["--models", model, "--bits", GRID["bits"], "--block", GRID["blocks"], "--dtype",
+            GRID["dtypes"], "--outliers", GRID["outliers"], "--ppl", text, "--tasks",
+            f"{DATA}/mc/cause_and_effect_dev.jsonl", "--seqlen", "64", "--limit", "12",
+            "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_llama_with_tokenizer, text, tmp_path_factory) -> dict[str, dict]:
+    """The one-process sweep of the 2x2 grid: the reference every other path must equal."""
+    model = str(tiny_llama_with_tokenizer)
+    cells = parse_grid([model], **GRID)
+    path = tmp_path_factory.mktemp("whole") / "whole.jsonl"
+    report = run_sweep(cells, opts(text), path)
+    assert report.done == 4
+    return {r["cell"]: r for r in read_results(path)}
+
+
+def stable(rows) -> dict[str, dict]:
+    return {r["cell"]: {k: v for k, v in r.items() if k not in VOLATILE} for r in rows}
+
+
+def test_shards_are_disjoint_and_cover_the_grid():
+    cells = parse_grid(["a", "b"], "3,4,16", "32,64", "int,nf", "none")
+    for n in (1, 2, 3, 7, len(cells), len(cells) + 3):
+        parts = [shard_cells(cells, i, n) for i in range(n)]
+        assert [c for p in parts for c in p] == cells  # disjoint, ordered, complete
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert shard_cells(cells + cells, 0, 1) == cells
+    assert parse_shard("3/8") == (3, 8)
+    for bad in ("2/2", "1", "-1/2", "0/0", "a/b"):
+        with pytest.raises(KbitFormatError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_shard_0_and_1_merged_equal_the_whole_sweep(tiny_llama_with_tokenizer, text, whole, tmp_path):
+    model = str(tiny_llama_with_tokenizer)
+    runner = CliRunner()
+    for i in (0, 1):
+        r = runner.invoke(cli, ["sweep", *grid_args(model, text), "--shard", f"{i}/2",
+                                "-o", str(tmp_path / f"part{i}.jsonl")])
+        assert r.exit_code == 0, r.output
+    part0, part1 = (read_results(tmp_path / f"part{i}.jsonl") for i in (0, 1))
+    assert len(part0) == len(part1) == 2
+    assert not {r["cell"] for r in part0} & {r["cell"] for r in part1}
+    out = tmp_path / "merged.jsonl"
+    r = runner.invoke(cli, ["sweep", "--merge", str(out), str(tmp_path / "part0.jsonl"),
+                            str(tmp_path / "part1.jsonl"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["cells"] == 4
+    merged = read_results(out)
+    assert stable(merged) == stable(whole.values())
+    assert [r["cell"] for r in merged] == list(whole)  # grid order kept
+    # merging again (a part listed twice, OUT already holding them) changes nothing
+    merge_results(out, [tmp_path / "part1.jsonl", tmp_path / "part0.jsonl"])
+    assert stable(read_results(out)) == stable(merged)
+
+
+def test_merge_refuses_conflicting_duplicates(tmp_path, whole):
+    rows = list(whole.values())
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    same = dict(rows[1], seconds=rows[1]["seconds"] + 5)  # only the timing differs: identical
+    b.write_text(json.dumps(same) + "\n" + json.dumps(rows[2]) + "\n")
+    report = merge_results(tmp_path / "ok.jsonl", [a, b])
+    assert report["cells"] == 3 and report["duplicates"] == 1
+    changed = dict(rows[1], mean_rel_weight_error=rows[1]["mean_rel_weight_error"] * 1.01)
+    b.write_text(json.dumps(changed) + "\n")
+    out = tmp_path / "bad.jsonl"
+    r = CliRunner().invoke(cli, ["sweep", "--merge", str(out), str(a), str(b)])
+    assert r.exit_code == 2 and "different results" in r.stderr and "mean_rel_weight_error" in r.stderr
+    assert not out.exists()
+    r = CliRunner().invoke(cli, ["sweep", "--merge", str(out)])
+    assert r.exit_code == 2 and "give the part files" in r.stderr
