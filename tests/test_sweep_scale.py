@@ -104,3 +104,100 @@ def test_merge_refuses_conflicting_duplicates(tmp_path, whole):
     assert not out.exists()
     r = CliRunner().invoke(cli, ["sweep", "--merge", str(out)])
     assert r.exit_code == 2 and "give the part files" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ ray
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local 2-CPU Ray cluster for the module (starting Ray takes ~10 s)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=100 * 2**20)
+    yield ray
+    ray.shutdown()
+
+
+def test_cell_resources_follow_device_and_model_size(tiny_llama_with_tokenizer):
+    from kbitrt.sweep.executors import GiB, RayOptions, cell_memory, cell_resources, model_params
+
+    model = str(tiny_llama_with_tokenizer)
+    params = model_params(model)
+    per_layer = 2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128 + 2 * 64  # q, o; k, v (2 kv heads); mlp; norms
+    assert params == 49152 * 64 + 2 * per_layer + 64  # tied embedding, 2 layers, final norm
+    cpu = cell_resources(model, SweepOptions(), RayOptions(cpus=3))
+    assert cpu == {"num_gpus": 0, "num_cpus": 3, "memory": cell_memory(params)}
+    assert GiB < cpu["memory"] < 2 * GiB
+    gpu = cell_resources(model, SweepOptions(device="cuda"), RayOptions(memory=5 * GiB))
+    assert gpu == {"num_gpus": 1, "num_cpus": 1, "memory": 5 * GiB}
+
+
+def test_ray_sweep_equals_one_process_and_recovers_a_killed_worker(
+        ray_cluster, tiny_llama_with_tokenizer, text, whole, tmp_path):
+    import os
+    import signal
+    import threading
+
+    from kbitrt.sweep.executors import RayOptions, failures_path, measure_in_worker, run_ray
+
+    model = str(tiny_llama_with_tokenizer)
+    cells = parse_grid([model], **GRID)
+    victim, marker = cells[1].key, str(tmp_path / "killed-once")
+
+    def dies_once(cell, o, cpus):
+        if cell.key == victim:
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return measure_in_worker(cell, o, cpus)
+            kill = (os.kill, (os.getpid(), signal.SIGKILL))
+            threading.Timer(0.2, kill[0], kill[1]).start()  # mid-cell ...
+            measure_in_worker(cell, o, cpus)
+            kill[0](*kill[1])  # ... or at the latest before its result is returned
+        return measure_in_worker(cell, o, cpus)
+
+    results = tmp_path / "ray.jsonl"
+    events = []
+    report = run_ray(cells, opts(text), results, RayOptions(retries=1),
+                     lambda c, cell, event: events.append((event, c.running)), cell_fn=dies_once)
+    assert report.done == 4 and not report.failed_cells
+    rows = read_results(results)
+    assert stable(rows) == stable(whole.values())  # same cells, same metrics as one process
+    assert {r["attempt"] for r in rows if r["cell"] == victim} == {2}
+    assert len({r["worker"] for r in rows}) >= 2  # the killed worker was replaced
+    failed = [json.loads(x) for x in failures_path(results).read_text().splitlines()]
+    assert [(f["cell"], f["attempt"], f["retried"]) for f in failed] == [(victim, 1, True)]
+    assert "died" in failed[0]["error"].lower() or "crash" in failed[0]["error"].lower()
+    assert ("retry", 1) in events or ("retry", 0) in events
+    assert max(running for _, running in events) == 2  # both CPUs busy
+    # re-running finds every cell done
+    again = run_ray(cells, opts(text), results, RayOptions())
+    assert again.skipped == 4 and again.done == 0
+
+
+def test_ray_failing_cell_is_recorded_retried_and_resumed(
+        ray_cluster, tiny_llama_with_tokenizer, text, whole, tmp_path):
+    from kbitrt.sweep.executors import RayOptions, failures_path, measure_in_worker, run_ray
+
+    model = str(tiny_llama_with_tokenizer)
+    cells = parse_grid([model], **GRID)
+    bad = cells[2].key
+
+    def fails(cell, o, cpus):
+        if cell.key == bad:
+            raise ValueError("cell exploded")
+        return measure_in_worker(cell, o, cpus)
+
+    results = tmp_path / "r.jsonl"
+    report = run_ray(cells, opts(text), results, RayOptions(retries=2), cell_fn=fails)
+    assert report.done == 3 and report.failed_cells == {bad: "ValueError: cell exploded"}
+    failed = [json.loads(x) for x in failures_path(results).read_text().splitlines()]
+    assert [(f["attempt"], f["retried"]) for f in failed] == [(1, True), (2, True), (3, False)]
+    assert bad not in {r["cell"] for r in read_results(results)}
+    # the CLI on the same file (and the cluster the test started) runs only the failed cell
+    r = CliRunner().invoke(cli, ["sweep", *grid_args(model, text), "--executor", "ray",
+                                 "-o", str(results), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {
+        "done": 1, "skipped": 3, "failed_cells": {}, "results": str(results)}
+    assert stable(read_results(results)) == stable(whole.values())
