@@ -31,21 +31,58 @@ out = Console()
               help="only summarise an existing results file")
 @click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "nll", "acc_norm"]),
               help="what decides 'best' in --summary (auto: NLL when perplexity was measured)")
+@click.option("--shard", default=None, metavar="I/N",
+              help="run only the I-th (from 0) of N disjoint slices of the grid (Slurm job arrays)")
+@click.option("--merge", "merge_out", default=None, type=click.Path(), metavar="OUT",
+              help="merge the PARTS results files into OUT (a cell found twice must agree) and exit")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cells run in fp32)")
+@click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
+              help="local: one process, one cell after another; ray: each cell a Ray task")
+@click.option("--address", default=None, help="Ray cluster to join (HEAD:6379, or 'auto'); "
+              "default: start a local one")
+@click.option("--retries", default=1, show_default=True, type=int,
+              help="ray: extra attempts of a cell that failed or whose worker died")
+@click.option("--cpus-per-cell", default=1, show_default=True, type=int,
+              help="ray, CPU cells: cores (torch threads) each cell takes")
 @click.option("--json", "as_json", is_flag=True)
+@click.argument("parts", nargs=-1, type=click.Path())
 def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tokens, limit,
-              batch_size, output, summary_file, metric, as_json):
+              batch_size, output, summary_file, metric, shard, merge_out, device, executor, address,
+              retries, cpus_per_cell, as_json, parts):
     """Quantize every cell of the grid in memory, evaluate it, append one JSON line per cell.
 
     Rerunning skips the cells already in the results file.
+
+    \b
+    On a Slurm array: kbit sweep ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT -o part$SLURM_ARRAY_TASK_ID.jsonl
+    then:             kbit sweep --merge results.jsonl part*.jsonl
     """
     from kbitrt.sweep.grid import parse_grid
     from kbitrt.sweep.runner import SweepOptions, read_results, run_sweep
+    from kbitrt.sweep.shard import merge_results, parse_shard, shard_cells
 
+    if merge_out:
+        merged = merge_results(Path(merge_out), [Path(p) for p in parts])
+        if as_json:
+            click.echo(json.dumps(merged))
+        else:
+            err.print(f"{merged['cells']} cells from {merged['parts']} part(s) in {merge_out} "
+                      f"({merged['duplicates']} identical duplicate(s) dropped)")
+        return
+    if parts:
+        raise click.UsageError(f"unexpected argument(s) {' '.join(parts)}: files are only taken by --merge OUT")
     if summary_file:
         return show_summary(read_results(Path(summary_file)), as_json, metric)
     cells = parse_grid([m.strip() for m in models.split(",") if m.strip()], bits, block, dtypes, outliers)
+    if shard:
+        cells = shard_cells(cells, *parse_shard(shard))
     opts = SweepOptions(ppl=list(ppl), tasks=[t for t in tasks.split(",") if t.strip()], seqlen=seqlen,
-                        max_tokens=max_tokens or None, limit=limit, batch_size=batch_size)
+                        max_tokens=max_tokens or None, limit=limit, batch_size=batch_size,
+                        device=device)
+    if executor == "ray":
+        return _sweep_ray(cells, opts, Path(output), address, retries, cpus_per_cell, as_json)
+    if address:
+        raise click.UsageError("--address is for --executor ray")
     bar = Progress(TextColumn("[cyan]sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[cell]}", style="dim"), console=err)
     with bar:
@@ -65,6 +102,38 @@ def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tok
         click.echo(json.dumps({"done": report.done, "skipped": report.skipped,
                                "failed_models": report.failed_models, "results": output}))
     if report.failed_models and not report.done and not report.skipped:
+        raise click.exceptions.Exit(1)
+
+
+def _sweep_ray(cells, opts, output: Path, address, retries, cpus, as_json) -> None:
+    from kbitrt.sweep.executors import RayOptions, failures_path, run_ray
+
+    bar = Progress(TextColumn("[cyan]sweep (ray)"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("[green]{task.fields[done]} done[/] [red]{task.fields[failed]} failed[/] "
+                              "[yellow]{task.fields[running]} running[/]"), TimeRemainingColumn(),
+                   TextColumn("{task.fields[cell]}", style="dim"), console=err)
+    with bar:
+        task = bar.add_task("sweep", total=None, cell="starting ray", done=0, failed=0, running=0)
+
+        def on_progress(counts, cell, event):
+            bar.update(task, completed=counts.done + counts.failed, total=counts.total,
+                       done=counts.done, failed=counts.failed, running=counts.running,
+                       cell=cell.label if cell else "")
+            if event in ("retry", "failed"):
+                why = counts.failed_cells.get(cell.key, "see " + str(failures_path(output)))
+                err.print(f"[red]{'retrying' if event == 'retry' else 'failed'}[/] {cell.model} "
+                          f"{cell.label}" + (f": {why}" if event == "failed" else ""))
+
+        report = run_ray(cells, opts, output, RayOptions(address=address, retries=retries, cpus=cpus),
+                         on_progress)
+    err.print(f"{report.done} cells measured, {report.skipped} already in {output}, "
+              f"{len(report.failed_cells)} failed, {report.seconds / 60:.1f} min")
+    if report.failed_cells:
+        err.print(f"errors of every attempt: {failures_path(output)}; rerun to retry the failed cells")
+    if as_json:
+        click.echo(json.dumps({"done": report.done, "skipped": report.skipped,
+                               "failed_cells": report.failed_cells, "results": str(output)}))
+    if report.failed_cells and not report.done and not report.skipped:
         raise click.exceptions.Exit(1)
 
 

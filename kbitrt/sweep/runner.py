@@ -40,6 +40,7 @@ class SweepReport:
     done: int = 0
     skipped: int = 0
     failed_models: dict[str, str] = field(default_factory=dict)
+    failed_cells: dict[str, str] = field(default_factory=dict)  # cell key -> last error (executors)
     seconds: float = 0.0
 
 
@@ -175,6 +176,36 @@ def _versions() -> dict:
     return {"kbitrt": kbitrt.__version__, "torch": torch.__version__}
 
 
+def open_model(model: str, opts: SweepOptions) -> tuple[ModelUnderTest, dict, dict]:
+    """The model of a run of cells, with its tokenized texts and tasks (shared by its cells)."""
+    mut = ModelUnderTest(model, opts.device)
+    texts, tasks = _inputs(mut, opts)
+    return mut, texts, tasks
+
+
+def measure_cell(mut: ModelUnderTest, texts: dict, tasks: dict, cell: Cell, opts: SweepOptions) -> dict:
+    """One results line: the cell's weights put in place, then evaluated."""
+    t0 = time.perf_counter()
+    total_bits, rel_err = mut.apply(cell)
+    row = {"schema": SCHEMA, "cell": cell.key, "model": cell.model, "label": cell.label,
+           "bits": cell.bits, "block": cell.block, "dtype": cell.dtype,
+           "outliers": cell.outliers, "params": mut.params, "total_bits": total_bits,
+           "bits_per_param": total_bits / mut.params, "mean_rel_weight_error": rel_err}
+    row.update(_evaluate(mut, texts, tasks, opts))
+    row["seconds"] = time.perf_counter() - t0
+    row["versions"] = _versions()
+    row["device"] = opts.device
+    return row
+
+
+def append_row(results: Path, row: dict) -> None:
+    """Append one line and fsync it: a crash loses at most the cells still running."""
+    with open(results, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def run_sweep(cells: list[Cell], opts: SweepOptions, results: Path,
               on_cell: Callable[[int, int, Cell, float | None, str | None], None] | None = None,
               ) -> SweepReport:
@@ -189,8 +220,7 @@ def run_sweep(cells: list[Cell], opts: SweepOptions, results: Path,
     for model in dict.fromkeys(c.model for c in todo):
         mine = [c for c in todo if c.model == model]
         try:
-            mut = ModelUnderTest(model, opts.device)
-            texts, tasks = _inputs(mut, opts)
+            mut, texts, tasks = open_model(model, opts)
         except (KbitFormatError, OSError, ValueError) as e:
             report.failed_models[model] = str(e).splitlines()[0] if str(e) else type(e).__name__
             for c in mine:
@@ -199,20 +229,8 @@ def run_sweep(cells: list[Cell], opts: SweepOptions, results: Path,
                     on_cell(finished, len(todo), c, None, report.failed_models[model])
             continue
         for cell in mine:
-            t0 = time.perf_counter()
-            total_bits, rel_err = mut.apply(cell)
-            row = {"schema": SCHEMA, "cell": cell.key, "model": cell.model, "label": cell.label,
-                   "bits": cell.bits, "block": cell.block, "dtype": cell.dtype,
-                   "outliers": cell.outliers, "params": mut.params, "total_bits": total_bits,
-                   "bits_per_param": total_bits / mut.params, "mean_rel_weight_error": rel_err}
-            row.update(_evaluate(mut, texts, tasks, opts))
-            row["seconds"] = time.perf_counter() - t0
-            row["versions"] = _versions()
-            row["device"] = opts.device
-            with open(results, "a") as f:
-                f.write(json.dumps(row, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            row = measure_cell(mut, texts, tasks, cell, opts)
+            append_row(results, row)
             finished += 1
             report.done += 1
             if on_cell:
