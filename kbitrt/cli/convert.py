@@ -67,9 +67,11 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO",
               help="after a successful conversion, upload the folder to this Hub repo (kbit push)")
+@click.option("--any-precision", "any_precision", default=None, metavar="LO-HI",
+              help="one file serving every width LO..HI (e.g. 3-8; bit planes, docs/any_precision.md)")
 def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype, outliers,
                 quantize_head, dtype16, max_shard_size, revision, trust_remote_code, force, as_json,
-                push_to_hub):
+                push_to_hub, any_precision):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
     from kbitrt.convert.converter import convert
 
@@ -81,7 +83,13 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
 
     config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,
                          absmax_dtype=absmax_dtype, outliers=OutlierSpec.parse(outliers),
-                         quantize_head=quantize_head)
+                         quantize_head=quantize_head) if not any_precision else None
+    if any_precision:  # kbitrt/convert/any_precision.py
+        from kbitrt.convert.any_precision import cli_config, convert_any_precision as convert
+
+        config = cli_config(any_precision, click.get_current_context(), block_size=block, dtype=dtype,
+                            exponent_bits=exponent_bits, absmax_dtype=absmax_dtype,
+                            outliers=OutlierSpec.parse(outliers), quantize_head=quantize_head)
     with byte_progress() as progress:
         report = convert(source, output, config, force=force, dtype16=dtype16,
                          max_shard_bytes=parse_size(max_shard_size), revision=revision,
@@ -110,7 +118,9 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
         ("time", f"{s['seconds']:.1f} s"),
         ("throughput", f"{s['mparams_per_s']:.1f} M params/s"),
     ] + ([("dropped", f"{len(s['dropped_tensors'])} tensors the model does not use")]
-         if s["dropped_tensors"] else [])))
+         if s["dropped_tensors"] else [])
+      + [(f"width {w['bits']}", f"{w['bits_per_param_quantized']:.4f} bits/param, rel. error "
+          f"{w['mean_rel_weight_error']:.4f}") for w in s.get("widths", [])]))
 
 
 def parse_size(text: str) -> int:
