@@ -156,13 +156,18 @@ def dequantize_cmd(source, output, dtype, force, as_json):
 @click.command("inspect")
 @click.argument("path")
 @click.option("--modules", "show_modules", is_flag=True, help="list every quantized linear")
+@click.option("--bits", default=None, help="any-precision models: show width K")
 @click.option("--json", "as_json", is_flag=True)
-def inspect_cmd(path, show_modules, as_json):
+def inspect_cmd(path, show_modules, as_json, bits=None):
     """Validate a kbit model and show what is in it."""
     from kbitrt.convert.source import resolve_model
     from kbitrt.format.reader import KbitModel
 
-    s = KbitModel.open(resolve_model(path)).summary()
+    km = KbitModel.open(resolve_model(path))
+    if bits is not None:  # kbitrt/runtime/any_precision.py
+        from kbitrt.runtime.any_precision import select_width
+        km = select_width(km, int(bits) if str(bits).isdigit() else bits)
+    s = km.summary()
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -179,7 +184,8 @@ def inspect_cmd(path, show_modules, as_json):
         ("parameters", f"{s['params_total']:,} total, {s['params_quantized']:,} quantized"),
         ("bits/param", f"{s['bits_per_param_quantized']:.4f} quantized, {s['bits_per_param_model']:.4f} model"),
         ("size", f"{s['file_bytes'] / 1e9:.3f} GB in {s['shards']} shard(s)"),
-    ]))
+    ] + [(f"width {w['bits']}", f"{w['bits_per_param_quantized']:.4f} bits/param quantized, "
+          f"{w['bits_per_param_model']:.4f} model") for w in s.get("widths", [])]))
     if show_modules:
         t = Table("module", "out", "in", "outliers")
         for m in s["modules"]:

@@ -85,7 +85,7 @@ def two_means(x: torch.Tensor, prefix: torch.Tensor, s: torch.Tensor, e: torch.T
         p = q
     p = torch.searchsorted(x, t)  # the partition that `x >= t` gives
     ok &= (p > s) & (p < e)
-    lo, hi = means(torch.where(ok, p, s + 1))
+    lo, hi = means(torch.where(ok, p, s))
     inf = torch.full_like(t, float("inf"))
     return torch.where(ok, t, inf), torch.where(ok, lo, mean).float(), torch.where(ok, hi, mean).float()
 
@@ -345,7 +345,7 @@ def cli_config(text: str, ctx=None, **options) -> AnyPrecisionConfig:
     """The config of `kbit convert --any-precision LO-HI` (an explicit --bits must lie in it)."""
     from kbitrt.format.bitplane import parse_range
 
-    lo, hi = parse_range(text)
+    lo, hi = parse_range(text, "--any-precision")
     if ctx is not None:
         import click.core
 

@@ -108,7 +108,7 @@ class AnyPrecisionConfig(QuantConfig):
                    quantize_head=seed.quantize_head, min_bits=lo, max_bits=hi)
 
 
-def parse_range(text: str) -> tuple[int, int]:
+def parse_range(text: str, what: str = "--bits") -> tuple[int, int]:
     """`3-8` -> (3, 8); `5` -> (5, 5). One clear line on anything else."""
     parts = str(text).strip().split("-")
     try:
@@ -116,7 +116,7 @@ def parse_range(text: str) -> tuple[int, int]:
     except ValueError:
         lo = hi = None
     if lo is None or not MIN_BITS <= lo <= hi <= MAX_BITS:
-        raise KbitFormatError(f"bit range {text!r}: give K or LO-HI with "
+        raise KbitFormatError(f"{what} {text}: give K or LO-HI with "
                               f"{MIN_BITS} <= LO <= HI <= {MAX_BITS}, e.g. 3-8")
     return lo, hi
 
@@ -302,6 +302,10 @@ class BitplaneModel:
         bits = bits or self.bits
         off = codebook_offset(bits, self.spec.min_bits)
         return self._read(f"{module}.{CODEBOOK}")[off: off + 2**bits].clone()
+
+    def tensor_codebooks(self, module: str) -> torch.Tensor:
+        """The stored codebook tensor of `module`: every width's codebook, lowest width first."""
+        return self._read(f"{module}.{CODEBOOK}")
 
     def quantized(self, module: str, bits: int | None = None) -> QuantizedWeight:
         """Width `bits` (default: this view's) of `module`, repacked in bitslice-v1."""
