@@ -31,10 +31,12 @@ from rich.table import Table
               help="torch.compile the decode step (default: on for cuda).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON record file (default: <model>/bench-<timestamp>.json).")
+@click.option("--bits", default=None, help="Any-precision models: the width K (reads only K "
+              "bit planes), or LO-HI to keep those widths resident.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record on stdout.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the table as CSV on stdout.")
 def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backend, compile_,
-              output, as_json, as_csv):
+              output, as_json, as_csv, bits=None):
     """Prefill and decode tokens/s of MODEL (kbit or plain HF folder), mean ± std over reps.
 
     \b
@@ -58,7 +60,7 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
         sys.exit(2)
     try:
         with err.status(f"loading {model}", spinner="dots"):
-            lm = open_model(model, device=device, backend=backend)
+            lm = open_model(model, device=device, backend=backend, bits=bits)
         params = count_params(lm.model)
         record = {"kind": "bench", **environment(lm.device), "model": model_record(model, lm),
                   "params": params, "bits_per_param": 8 * lm.weight_bytes / params,

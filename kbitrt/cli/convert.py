@@ -70,9 +70,11 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO",
               help="after a successful conversion, upload the folder to this Hub repo (kbit push)")
+@click.option("--any-precision", "any_precision", default=None, metavar="LO-HI",
+              help="one file serving every width LO..HI (e.g. 3-8; bit planes, docs/any_precision.md)")
 def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype, outliers,
                 quantize_head, dtype16, max_shard_size, revision, trust_remote_code, force, drop_unused,
-                as_json, push_to_hub):
+                as_json, push_to_hub, any_precision):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
     from kbitrt.convert.converter import convert
 
@@ -84,7 +86,13 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
 
     config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,
                          absmax_dtype=absmax_dtype, outliers=OutlierSpec.parse(outliers),
-                         quantize_head=quantize_head)
+                         quantize_head=quantize_head) if not any_precision else None
+    if any_precision:  # kbitrt/convert/any_precision.py
+        from kbitrt.convert.any_precision import cli_config, convert_any_precision as convert
+
+        config = cli_config(any_precision, click.get_current_context(), block_size=block, dtype=dtype,
+                            exponent_bits=exponent_bits, absmax_dtype=absmax_dtype,
+                            outliers=OutlierSpec.parse(outliers), quantize_head=quantize_head)
     with byte_progress() as progress:
         report = convert(source, output, config, force=force, dtype16=dtype16,
                          max_shard_bytes=parse_size(max_shard_size), revision=revision,
@@ -115,7 +123,9 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
         ("throughput", f"{s['mparams_per_s']:.1f} M params/s"),
     ] + ([("dropped (--drop-unused)", ", ".join(s["dropped_tensors"]))] if s["dropped_tensors"] else [])
       + ([("skipped buffers", f"{len(s['skipped_buffers'])} non-persistent buffers (masks, rotary "
-                              "frequencies) the model recomputes")] if s["skipped_buffers"] else [])))
+                              "frequencies) the model recomputes")] if s["skipped_buffers"] else [])
+      + [(f"width {w['bits']}", f"{w['bits_per_param_quantized']:.4f} bits/param, rel. error "
+          f"{w['mean_rel_weight_error']:.4f}") for w in s.get("widths", [])]))
 
 
 def parse_size(text: str) -> int:
@@ -151,13 +161,18 @@ def dequantize_cmd(source, output, dtype, force, as_json):
 @click.command("inspect")
 @click.argument("path")
 @click.option("--modules", "show_modules", is_flag=True, help="list every quantized linear")
+@click.option("--bits", default=None, help="any-precision models: show width K")
 @click.option("--json", "as_json", is_flag=True)
-def inspect_cmd(path, show_modules, as_json):
+def inspect_cmd(path, show_modules, as_json, bits=None):
     """Validate a kbit model and show what is in it."""
     from kbitrt.convert.source import resolve_model
     from kbitrt.format.reader import KbitModel
 
-    s = KbitModel.open(resolve_model(path)).summary()
+    km = KbitModel.open(resolve_model(path))
+    if bits is not None:  # kbitrt/runtime/any_precision.py
+        from kbitrt.runtime.any_precision import select_width
+        km = select_width(km, int(bits) if str(bits).isdigit() else bits)
+    s = km.summary()
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -174,7 +189,8 @@ def inspect_cmd(path, show_modules, as_json):
         ("parameters", f"{s['params_total']:,} total, {s['params_quantized']:,} quantized"),
         ("bits/param", f"{s['bits_per_param_quantized']:.4f} quantized, {s['bits_per_param_model']:.4f} model"),
         ("size", f"{s['file_bytes'] / 1e9:.3f} GB in {s['shards']} shard(s)"),
-    ]))
+    ] + [(f"width {w['bits']}", f"{w['bits_per_param_quantized']:.4f} bits/param quantized, "
+          f"{w['bits_per_param_model']:.4f} model") for w in s.get("widths", [])]))
     if show_modules:
         t = Table("module", "out", "in", "outliers")
         for m in s["modules"]:

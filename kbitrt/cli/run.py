@@ -46,9 +46,11 @@ def _fail(message: str) -> None:
               help="Activation dtype (auto: fp32 on cpu, the model's bf16/fp16 on cuda).")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the decode step (default: on for cuda).")
+@click.option("--bits", default=None, help="Any-precision models: the width K (reads only K "
+              "bit planes), or LO-HI to keep those widths resident.")
 @click.option("--json", "as_json", is_flag=True, help="Print results and stats as JSON.")
 def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, top_p,
-            repetition_penalty, seed, stops, device, backend, dtype, compile_, as_json):
+            repetition_penalty, seed, stops, device, backend, dtype, compile_, as_json, bits=None):
     """Generate text with a kbit model (a folder or a Hub repo id).
 
     \b
@@ -78,7 +80,7 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
         from kbitrt.runtime.loader import load_model
 
         with err.status(f"loading {model}", spinner="dots"):
-            lm = load_model(model, device=device, backend=backend, dtype=DTYPES[dtype])
+            lm = load_model(model, device=device, backend=backend, dtype=DTYPES[dtype], bits=bits)
         if lm.note and not as_json:
             err.print(f"[yellow]note:[/] {lm.note}")
         compile_mode = "auto" if compile_ is None else compile_

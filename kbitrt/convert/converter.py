@@ -137,6 +137,8 @@ def _column_std(tensors: CheckpointTensors, key: str, transposed: bool) -> torch
 
 
 class Converter:
+    report_class = ConversionReport
+
     def __init__(self, folder: Path, config: QuantConfig, dtype16: torch.dtype,
                  trust_remote_code: bool = False, drop_unused: bool = False):
         self.folder = folder
@@ -244,6 +246,9 @@ class Converter:
             dtype = self.dtype16 if src.is_floating_point else src
             out.append(PlannedTensor(name, DTYPE_NAMES[dtype], self.tensors.shape(key)))
         return sorted(out, key=lambda t: t.name)
+
+    def finish_report(self, report: ConversionReport) -> None:
+        """Add what a subclass measures to the report once every tensor is written."""
 
     def output_config(self) -> dict:
         cfg = dict(self.raw_config)
@@ -402,15 +407,20 @@ class Converter:
 def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantConfig, *,
             force: bool = False, dtype16: str = "auto", max_shard_bytes: int = MAX_SHARD_BYTES,
             revision: str | None = None, trust_remote_code: bool = False,
-            drop_unused: bool = False, progress: Progress | None = None) -> ConversionReport:
-    """Convert a local folder or Hub id into a kbit folder at `output`; returns the summary."""
+            drop_unused: bool = False, progress: Progress | None = None,
+            converter: type[Converter] | None = None) -> ConversionReport:
+    """Convert a local folder or Hub id into a kbit folder at `output`; returns the summary.
+
+    `converter` is the Converter subclass that writes the quantized linears (any-precision models
+    use their own); everything else (validation, staging, sharding, card) is shared."""
     out = Path(output).expanduser().resolve()
     folder = resolve_model(source, revision)
     check_output(folder, out, force)
     start = time.perf_counter()
     raw = json.loads((folder / "config.json").read_text())
-    conv = Converter(folder, config, pick_dtype16(dtype16, raw), trust_remote_code, drop_unused)
-    report = ConversionReport(str(source), str(out), config, str(conv.dtype16).replace("torch.", ""))
+    conv = (converter or Converter)(folder, config, pick_dtype16(dtype16, raw), trust_remote_code,
+                                    drop_unused)
+    report = conv.report_class(str(source), str(out), config, str(conv.dtype16).replace("torch.", ""))
     conv.plan(progress)  # refuses unplaced tensors before anything is written
     with staged_folder(out) as tmp:
         conv.write(tmp, report, max_shard_bytes, progress)
@@ -420,6 +430,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantC
         report.skipped = conv.skipped
         gone = set(conv.dropped) | set(conv.skipped)
         report.bytes_before = sum(conv.tensors.nbytes(k) for k in conv.tensors.names() if k not in gone)
+        conv.finish_report(report)
         (tmp / "config.json").write_text(json.dumps(conv.output_config(), indent=2, sort_keys=True) + "\n")
         for f in companion_files(folder):
             shutil.copyfile(f, tmp / f.name)

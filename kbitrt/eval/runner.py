@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,6 +32,7 @@ class EvalOptions:
     device: str = "auto"
     backend: str = "auto"
     progress: bool = True
+    bits: int | str | None = None  # width of an any-precision model (runtime/any_precision.py)
 
     def check(self) -> None:
         """Fail on bad input before any model is loaded."""
@@ -61,7 +62,7 @@ def evaluate_model(name: str, opts: EvalOptions, record: dict, save: Callable[[]
     from kbitrt.eval.model_open import open_model
 
     t0 = time.perf_counter()
-    lm = open_model(name, device=opts.device, backend=opts.backend)
+    lm = open_model(name, device=opts.device, backend=opts.backend, bits=opts.bits)
     record["model"] = model_record(name, lm)
     record["model"]["load_seconds"] = time.perf_counter() - t0
     if lm.note:
@@ -124,7 +125,7 @@ def run_eval(model: str, opts: EvalOptions, baseline: str | None = None,
         if baseline:
             base: dict = {}
             record["baseline"] = base
-            evaluate_model(baseline, opts, base, save, texts, log)
+            evaluate_model(baseline, replace(opts, bits=None), base, save, texts, log)
             record["delta"] = deltas(record, base)
             save()
     except KeyboardInterrupt:

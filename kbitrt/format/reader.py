@@ -61,6 +61,9 @@ class KbitModel:
         if not qc or qc.get("quant_method") != "kbit":
             raise KbitFormatError(f"{path} is not a kbit model (config.json has no kbit "
                                   "quantization_config): convert it first with `kbit convert`")
+        if qc.get("packing") == "bitplane-v1":  # any-precision: kbitrt/format/bitplane.py
+            from kbitrt.format.bitplane import BitplaneModel
+            return BitplaneModel.open(path, config)
         quant = QuantConfig.from_json(qc)
         index = path / "model.safetensors.index.json"
         if index.exists():

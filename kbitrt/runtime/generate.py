@@ -211,11 +211,15 @@ def decode_step(lm: LoadedModel, compile: bool | str):
 def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 64,
              sampling: SamplingConfig | None = None, stop: Sequence[str] = (), chat: bool = False,
              on_text: Callable[[int, str], None] | None = None,
-             compile: bool | str = "auto") -> GenerationResult:
+             compile: bool | str = "auto", bits: int | None = None) -> GenerationResult:
     """Generate up to max_new_tokens for each prompt (left-padded into one batch).
 
     on_text(row, text) receives each piece of new text as soon as it is final (for streaming).
+    bits: the width of an any-precision model loaded with bits='LO-HI' (runtime/any_precision.py).
     """
+    if bits is not None:
+        from kbitrt.runtime.any_precision import set_width
+        set_width(lm, bits)
     sampling = sampling or SamplingConfig()
     if max_new_tokens < 1:
         raise RunError(f"--max-new-tokens {max_new_tokens}: must be >= 1")

@@ -94,6 +94,9 @@ def hf_config(config: dict):
 # ------------------------------------------------------------------------------------- linears
 
 def kbit_linear(qw, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    if getattr(qw, "planes", None) is not None:  # any-precision, widths chosen per call
+        from kbitrt.runtime.any_precision import multi_width_linear
+        return multi_width_linear(qw, bias, dtype, device)
     try:
         from kbitrt.runtime.linear import KbitLinear
     except ImportError:  # TEMPORARY until kbitrt/runtime/linear.py lands: dequantize once
@@ -340,8 +343,11 @@ def _max_positions(config) -> int | None:
 
 
 def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
-               dtype: torch.dtype | None = None) -> LoadedModel:
-    """Open a kbit folder (or Hub repo id), validate it, and build a runnable model."""
+               dtype: torch.dtype | None = None, bits: int | str | None = None) -> LoadedModel:
+    """Open a kbit folder (or Hub repo id), validate it, and build a runnable model.
+
+    `bits`: the width of an any-precision model (K, or LO-HI to choose per call); see
+    kbitrt/runtime/any_precision.py."""
     from transformers import AutoTokenizer
 
     from kbitrt.format.reader import KbitModel
@@ -352,6 +358,9 @@ def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
     if not (Path(path) / "config.json").exists():
         raise KbitFormatError(f"{path} is not a kbit model: it has no config.json")
     source = KbitModel.open(path)
+    if bits is not None:
+        from kbitrt.runtime.any_precision import select_width
+        source = select_width(source, bits)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return build_model(source, device_obj, backend, dtype, tokenizer)
 

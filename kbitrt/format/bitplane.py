@@ -1,0 +1,373 @@
+"""Any-precision models (Park et al., ICML 2024): packing `bitplane-v1` and its validating reader.
+
+One stored n-bit parent serves every width k in [min_bits, bits]: the k-bit code of a weight is the
+top k bits of its parent code, and each width has its own 2^k-entry codebook; the block scales are
+shared. Codes are stored as bit planes, most significant first, so reading the first k planes
+reads exactly k bits per weight (docs/format.md, "Packing bitplane-v1"):
+
+    <m>.qweight   U8  (P, N, ceil(K/8))      P = bits planes; plane 0 holds bit P-1 of every code
+    <m>.codebook  F32 (2^(P+1) - 2^min_bits,) width k's 2^k values start at 2^k - 2^min_bits
+    <m>.absmax ... (as bitslice-v1: one set of block scales for all widths)
+
+Within a plane, the bit of code i sits in bit (i mod 8) of byte i div 8 of its row (rows padded to
+a multiple of 8 codes with 0). A plane is contiguous, so the first k planes are one contiguous
+prefix of the tensor: one read, k bits per weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kbitrt.format import packing
+from kbitrt.format.blockwise import QuantizedWeight
+from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, MAX_BITS, MIN_BITS,
+                                  OUTLIER_IDX, OUTLIER_WEIGHT, PACKING, QUANT_SUFFIXES, QWEIGHT,
+                                  SHAPE, KbitFormatError, LinearLayout, QuantConfig)
+from kbitrt.format.safetensors_io import SafetensorsFile
+
+BITPLANE = "bitplane-v1"
+FORMAT_VERSION = 1
+_KNOWN_KEYS = {"quant_method", "format_version", "packing", "bits", "min_bits", "block_size",
+               "dtype", "exponent_bits", "absmax_dtype", "outliers", "quantize_head",
+               "modules_not_quantized", "transposed_modules"}
+
+
+@dataclass(frozen=True)
+class AnyPrecisionConfig(QuantConfig):
+    """QuantConfig of an any-precision model: `bits` is the width in use (the parent's, max_bits,
+    when converting), `min_bits`..`max_bits` the widths the file serves. `exponent_bits` (fp) is the
+    seed's: the data type seeds the codebook at min_bits."""
+
+    min_bits: int = 3
+    max_bits: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not MIN_BITS <= self.min_bits <= self.max_bits <= MAX_BITS:
+            raise KbitFormatError(f"--any-precision {self.min_bits}-{self.max_bits}: give a range "
+                                  f"LO-HI with {MIN_BITS} <= LO <= HI <= {MAX_BITS}")
+        if not self.min_bits <= self.bits <= self.max_bits:
+            raise KbitFormatError(f"--bits {self.bits}: this any-precision model serves "
+                                  f"{self.min_bits}..{self.max_bits} bits")
+        if self.exponent_bits is not None and self.exponent_bits > self.min_bits - 1:
+            raise KbitFormatError(f"--exponent-bits {self.exponent_bits}: the fp seed has "
+                                  f"{self.min_bits} bits, so use 1..{self.min_bits - 1}")
+
+    @property
+    def widths(self) -> range:
+        return range(self.min_bits, self.max_bits + 1)
+
+    def seed(self) -> QuantConfig:
+        """The plain config of the lowest width: its data type's levels seed the codebook."""
+        return QuantConfig(bits=self.min_bits, block_size=self.block_size, dtype=self.dtype,
+                           exponent_bits=self.exponent_bits, absmax_dtype=self.absmax_dtype,
+                           outliers=self.outliers, quantize_head=self.quantize_head)
+
+    def at(self, bits: int) -> AnyPrecisionConfig:
+        return dataclasses.replace(self, bits=bits)
+
+    @property
+    def label(self) -> str:
+        """e.g. `nf5-b64-ap3-8`: width 5 of an nf any-precision model spanning 3..8 bits."""
+        return f"{self.dtype}{self.bits}-b{self.block_size}-ap{self.min_bits}-{self.max_bits}"
+
+    def to_json(self) -> dict:
+        qc = self.seed().to_json()
+        qc.update(packing=BITPLANE, format_version=FORMAT_VERSION, bits=self.max_bits,
+                  min_bits=self.min_bits)
+        return qc
+
+    @classmethod
+    def from_json(cls, qc: dict) -> AnyPrecisionConfig:
+        if qc.get("packing") != BITPLANE:
+            raise KbitFormatError(f"kbit packing {qc.get('packing')!r} is not {BITPLANE}")
+        if qc.get("format_version") != FORMAT_VERSION:
+            raise KbitFormatError(f"kbit format_version {qc.get('format_version')!r} with packing "
+                                  f"{BITPLANE} is not known to this kbitrt: upgrade kbitrt")
+        unknown = sorted(set(qc) - _KNOWN_KEYS)
+        if unknown:
+            raise KbitFormatError(f"quantization_config has keys this kbitrt does not know "
+                                  f"({', '.join(unknown)}): upgrade kbitrt")
+        try:
+            lo, hi = int(qc["min_bits"]), int(qc["bits"])
+        except KeyError as e:
+            raise KbitFormatError(f"quantization_config lacks {e.args[0]!r}") from None
+        if not MIN_BITS <= lo <= hi <= MAX_BITS:
+            raise KbitFormatError(f"quantization_config: widths {lo}..{hi} are outside "
+                                  f"{MIN_BITS}..{MAX_BITS}")
+        seed = QuantConfig.from_json({**qc, "packing": PACKING, "bits": lo})
+        return cls(bits=hi, block_size=seed.block_size, dtype=seed.dtype,
+                   exponent_bits=seed.fp_exponent_bits if seed.dtype == "fp" else None,
+                   absmax_dtype=seed.absmax_dtype, outliers=seed.outliers,
+                   quantize_head=seed.quantize_head, min_bits=lo, max_bits=hi)
+
+
+def parse_range(text: str, what: str = "--bits") -> tuple[int, int]:
+    """`3-8` -> (3, 8); `5` -> (5, 5). One clear line on anything else."""
+    parts = str(text).strip().split("-")
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
+    except ValueError:
+        lo = hi = None
+    if lo is None or not MIN_BITS <= lo <= hi <= MAX_BITS:
+        raise KbitFormatError(f"{what} {text}: give K or LO-HI with "
+                              f"{MIN_BITS} <= LO <= HI <= {MAX_BITS}, e.g. 3-8")
+    return lo, hi
+
+
+# ------------------------------------------------------------------------------------- packing
+
+def plane_bytes(k: int) -> int:
+    """Bytes of one row of one plane: ceil(K/8)."""
+    return -(-k // 8)
+
+
+def codebook_offset(bits: int, min_bits: int) -> int:
+    return 2**bits - 2**min_bits
+
+
+def codebooks_len(min_bits: int, max_bits: int) -> int:
+    return 2 ** (max_bits + 1) - 2**min_bits
+
+
+def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 (N, K) codes < 2^bits -> uint8 (bits, N, ceil(K/8)), most significant plane first."""
+    n, k = codes.shape
+    kp = packing.padded_len(k)
+    c = codes.to(torch.int32)
+    if kp != k:
+        c = torch.nn.functional.pad(c, (0, kp - k))
+    c = c.view(n, kp // 8, 8)
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=codes.device))
+    out = torch.empty(bits, n, kp // 8, dtype=torch.uint8, device=codes.device)
+    for j in range(bits):
+        out[j] = (((c >> (bits - 1 - j)) & 1) * weights).sum(-1).to(torch.uint8)
+    return out
+
+
+def unpack_planes(planes: torch.Tensor, k: int) -> torch.Tensor:
+    """uint8 (P, N, ceil(K/8)) -> uint8 (N, K) codes of P bits (the top P bits of the parent)."""
+    p, n, nb = planes.shape
+    if nb != plane_bytes(k):
+        raise ValueError(f"planes hold {nb} bytes per row; {plane_bytes(k)} expected for K={k}")
+    shifts = torch.arange(8, dtype=torch.uint8, device=planes.device)
+    codes = torch.zeros(n, nb * 8, dtype=torch.uint8, device=planes.device)
+    for j in range(p):
+        bit = ((planes[j][..., None] >> shifts) & 1).reshape(n, nb * 8)
+        codes |= bit << (p - 1 - j)
+    return codes[:, :k]
+
+
+def to_bitslice(planes: torch.Tensor, k: int) -> torch.Tensor:
+    """The first P planes repacked into bitslice-v1 at P bits (what every kernel reads)."""
+    return packing.pack(unpack_planes(planes, k), planes.shape[0])
+
+
+def tensor_specs(n: int, k: int, config: AnyPrecisionConfig, n_outliers: int,
+                 dtype16: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """suffix -> (safetensors dtype, shape) of every stored tensor of one (N, K) linear."""
+    base = LinearLayout(n, k, config.seed(), n_outliers=n_outliers).tensor_specs(dtype16)
+    base[QWEIGHT] = ("U8", (config.max_bits, n, plane_bytes(k)))
+    base[CODEBOOK] = ("F32", (codebooks_len(config.min_bits, config.max_bits),))
+    return base
+
+
+# -------------------------------------------------------------------------------------- reader
+
+@dataclass
+class PlaneEntry:
+    name: str
+    out_features: int
+    in_features: int
+    n_outliers: int
+
+
+class BitplaneModel:
+    """The KbitModel interface over an any-precision folder, at one width (`bits`, default the
+    parent's). `quantized(m)` reads only the first `bits` planes and returns them repacked in
+    bitslice-v1 with that width's codebook, so every kernel and CPU path serves it unchanged."""
+
+    def __init__(self, path: Path, config: dict, quant: AnyPrecisionConfig,
+                 files: dict[str, SafetensorsFile]):
+        self.path, self.config, self.files = path, config, files
+        self.spec = quant  # the file: widths min_bits..max_bits
+        self.quant = quant  # the width in use
+        self._file_of = {name: f for f in files.values() for name in f.tensors}
+        self.modules: dict[str, PlaneEntry] = {}
+        self.transposed = set(config["quantization_config"].get("transposed_modules") or [])
+        self._validate()
+
+    @classmethod
+    def open(cls, path: Path, config: dict) -> BitplaneModel:
+        """Called by KbitModel.open for packing bitplane-v1 (config.json already read)."""
+        quant = AnyPrecisionConfig.from_json(config["quantization_config"])
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError):
+                raise KbitFormatError(f"{index} is corrupt") from None
+        elif (path / "model.safetensors").exists():
+            shard_names = ["model.safetensors"]
+        else:
+            raise KbitFormatError(f"{path} has no model.safetensors (nor an index): incomplete model")
+        files = {}
+        for s in shard_names:
+            if not (path / s).exists():
+                raise KbitFormatError(f"{path}: shard {s} is missing")
+            f = SafetensorsFile(path / s)
+            meta = f.metadata.get("kbit")
+            if meta is None:
+                raise KbitFormatError(f"{path / s} has no kbit metadata in its header")
+            if AnyPrecisionConfig.from_json(json.loads(meta)) != quant:
+                raise KbitFormatError(f"{path / s}: its header's kbit settings differ from config.json")
+            files[s] = f
+        return cls(path, config, quant, files)
+
+    def at_bits(self, bits: int | None) -> BitplaneModel:
+        """The same files at another width (validated once; no weight is read here)."""
+        if bits is None:
+            return self
+        if not self.spec.min_bits <= bits <= self.spec.max_bits:
+            raise KbitFormatError(f"--bits {bits}: {self.path} serves {self.spec.min_bits}.."
+                                  f"{self.spec.max_bits} bits")
+        view = object.__new__(BitplaneModel)
+        view.__dict__.update(self.__dict__)
+        view.quant = self.spec.at(bits)
+        return view
+
+    @property
+    def bits(self) -> int:
+        return self.quant.bits
+
+    def _validate(self) -> None:
+        for name in sorted(self._file_of):
+            module, _, suffix = name.rpartition(".")
+            if suffix != QWEIGHT:
+                continue
+            if f"{module}.{SHAPE}" not in self._file_of:
+                raise KbitFormatError(f"{self.path}: {module} has no {SHAPE} tensor")
+            n, k = (int(v) for v in self._read(f"{module}.{SHAPE}").tolist())
+            n_out = self.info(f"{module}.{OUTLIER_IDX}").shape[0] \
+                if f"{module}.{OUTLIER_IDX}" in self._file_of else 0
+            d16 = self.info(f"{module}.{OUTLIER_WEIGHT}").dtype \
+                if f"{module}.{OUTLIER_WEIGHT}" in self._file_of else "F16"
+            for suffix, (dtype, shape) in tensor_specs(n, k, self.spec, n_out, d16).items():
+                full = f"{module}.{suffix}"
+                if full not in self._file_of:
+                    raise KbitFormatError(f"{self.path}: tensor {full} is missing")
+                info = self.info(full)
+                if info.shape != tuple(shape) or info.dtype != dtype:
+                    raise KbitFormatError(
+                        f"{self.path}: {full} is {info.dtype}{list(info.shape)}, expected "
+                        f"{dtype}{list(shape)} for a ({n}, {k}) linear at {self.spec.label}")
+            self.modules[module] = PlaneEntry(module, n, k, n_out)
+        if not self.modules:
+            raise KbitFormatError(f"{self.path}: no quantized linears found")
+
+    def _suffixes(self, module: str) -> set[str]:
+        return {s for s in QUANT_SUFFIXES if f"{module}.{s}" in self._file_of}
+
+    def info(self, name: str):
+        return self._file_of[name].tensors[name]
+
+    def _read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        return self._file_of[name].read(name, rows)
+
+    @property
+    def quantized_modules(self) -> list[str]:
+        return list(self.modules)
+
+    @property
+    def plain_names(self) -> list[str]:
+        return [n for n in sorted(self._file_of)
+                if not (n.rpartition(".")[0] in self.modules and n.rpartition(".")[2] in QUANT_SUFFIXES)]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            raise KbitFormatError(f"{self.path}: no tensor {name}")
+        return self._read(name)
+
+    def planes(self, module: str, bits: int | None = None) -> torch.Tensor:
+        """uint8 (bits, N, ceil(K/8)): the first `bits` planes, read as one contiguous prefix."""
+        return self._read(f"{module}.{QWEIGHT}", (0, bits or self.bits))
+
+    def codebook(self, module: str, bits: int | None = None) -> torch.Tensor:
+        bits = bits or self.bits
+        off = codebook_offset(bits, self.spec.min_bits)
+        return self._read(f"{module}.{CODEBOOK}")[off: off + 2**bits].clone()
+
+    def tensor_codebooks(self, module: str) -> torch.Tensor:
+        """The stored codebook tensor of `module`: every width's codebook, lowest width first."""
+        return self._read(f"{module}.{CODEBOOK}")
+
+    def quantized(self, module: str, bits: int | None = None) -> QuantizedWeight:
+        """Width `bits` (default: this view's) of `module`, repacked in bitslice-v1."""
+        e, has, bits = self.modules[module], self._suffixes(module), bits or self.bits
+        return QuantizedWeight(
+            qweight=to_bitslice(self.planes(module, bits), e.in_features),
+            absmax=self._read(f"{module}.{ABSMAX}"), codebook=self.codebook(module, bits),
+            shape=(e.out_features, e.in_features), bits=bits, block_size=self.spec.block_size,
+            absmax_scale=self._read(f"{module}.{ABSMAX_SCALE}") if ABSMAX_SCALE in has else None,
+            absmax_offset=self._read(f"{module}.{ABSMAX_OFFSET}") if ABSMAX_OFFSET in has else None,
+            outlier_idx=self._read(f"{module}.{OUTLIER_IDX}") if OUTLIER_IDX in has else None,
+            outlier_weight=self._read(f"{module}.{OUTLIER_WEIGHT}") if OUTLIER_WEIGHT in has else None)
+
+    # -- accounting ---------------------------------------------------------------------------
+    def width_bytes(self, bits: int) -> int:
+        """Bytes of the quantized linears as read at `bits`: k planes, scales, width-k codebook."""
+        total = 0
+        for m in self.modules:
+            for s in self._suffixes(m):
+                nbytes = self.info(f"{m}.{s}").nbytes
+                if s == QWEIGHT:
+                    nbytes = nbytes // self.spec.max_bits * bits
+                elif s == CODEBOOK:
+                    nbytes = 4 * 2**bits
+                total += nbytes
+        return total
+
+    def tensor_bytes(self) -> int:
+        return sum(self.info(n).nbytes for n in self._file_of)
+
+    def quantized_bytes(self) -> int:
+        return sum(self.info(n).nbytes for n in self._file_of
+                   if n.rpartition(".")[0] in self.modules and n.rpartition(".")[2] in QUANT_SUFFIXES)
+
+    def params_quantized(self) -> int:
+        return sum(e.out_features * e.in_features for e in self.modules.values())
+
+    def params_total(self) -> int:
+        return self.params_quantized() + sum(math.prod(self.info(n).shape) for n in self.plain_names)
+
+    def file_bytes(self) -> int:
+        return sum(f.path.stat().st_size for f in self.files.values())
+
+    def summary(self) -> dict:
+        """As KbitModel.summary, plus bits/param of every width (from the bytes each width reads)."""
+        qc = self.config["quantization_config"]
+        pq, pt = self.params_quantized(), self.params_total()
+        plain = self.tensor_bytes() - self.quantized_bytes()
+        return {
+            "path": str(self.path), "model_type": self.config.get("model_type"),
+            "architectures": self.config.get("architectures"), "quantization": qc,
+            "label": self.quant.label, "linears_quantized": len(self.modules),
+            "modules_not_quantized": qc.get("modules_not_quantized", []),
+            "params_total": pt, "params_quantized": pq,
+            "bits_per_param_quantized": round(8 * self.quantized_bytes() / max(pq, 1), 6),
+            "bits_per_param_model": round(8 * self.tensor_bytes() / max(pt, 1), 6),
+            "tensor_bytes": self.tensor_bytes(), "file_bytes": self.file_bytes(), "shards": len(self.files),
+            "outlier_columns": sum(e.n_outliers for e in self.modules.values()),
+            "widths": [{"bits": b, "bytes_quantized": self.width_bytes(b),
+                        "bits_per_param_quantized": round(8 * self.width_bytes(b) / max(pq, 1), 6),
+                        "bits_per_param_model": round(8 * (self.width_bytes(b) + plain) / max(pt, 1), 6)}
+                       for b in self.spec.widths],
+            "modules": [{"name": e.name, "out_features": e.out_features, "in_features": e.in_features,
+                         "outliers": e.n_outliers} for e in self.modules.values()],
+        }
