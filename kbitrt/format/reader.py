@@ -112,6 +112,7 @@ class KbitModel:
             if shard_quant != quant:
                 raise _fail(path / s, f"header says {shard_quant.label} but config.json says "
                                       f"{quant.label}", "the folder mixes two conversions; convert again")
+            _check_order(f)
             if weight_map is not None:
                 for name in f.tensors:
                     if weight_map.get(name) != s:
@@ -282,6 +283,27 @@ class KbitModel:
             "modules": [{"name": e.name, "out_features": e.out_features, "in_features": e.in_features,
                          "outliers": e.n_outliers} for e in self.modules.values()],
         }
+
+
+def _check_order(f: SafetensorsFile) -> None:
+    """kbit shards store tensors in name order (kbit convert), or grouped by dtype and in name order
+    within each group (the safetensors library, e.g. transformers' save_pretrained). Two tensors of
+    one size whose offsets were swapped break both orders and are refused."""
+    by_offset = sorted(f.tensors, key=lambda n: f.tensors[n].begin)
+    if by_offset == sorted(f.tensors):
+        return
+    groups: list[str] = []
+    for name in by_offset:
+        dtype = f.tensors[name].dtype
+        if not groups or groups[-1] != dtype:
+            groups.append(dtype)
+    in_group_order = all(
+        [n for n in by_offset if f.tensors[n].dtype == d] == sorted(n for n in f.tensors
+                                                                   if f.tensors[n].dtype == d)
+        for d in set(groups))
+    if len(groups) != len(set(groups)) or not in_group_order:
+        raise _fail(f.path, "stores its tensors out of order (data_offsets point at another "
+                            "tensor's bytes)", "download or convert the model again")
 
 
 def _read_json(path: Path):
