@@ -38,6 +38,10 @@ def one_line(e: BaseException) -> str:
         what = str(e)
     else:
         what = f"{type(e).__name__}: {e}"
+    return one_line_text(what)
+
+
+def one_line_text(what: str) -> str:
     text = " ".join(what.split())
     return text if len(text) <= 600 else text[:597] + "..."
 
@@ -53,6 +57,13 @@ class KbitGroup(click.Group):
             return super().invoke(ctx)
         except click.exceptions.Exit:
             raise
+        except click.UsageError as e:  # a bad option or argument: one line, with where to look
+            if debug:
+                raise
+            sub = e.ctx.command_path if e.ctx is not None else "kbit"
+            click.secho(f"error: {one_line_text(e.format_message())} (see {sub} --help)",
+                        fg="red", err=True)
+            sys.exit(2)
         except (KbitError, OSError, UnicodeDecodeError) + _network_errors() as e:
             if debug:
                 raise
