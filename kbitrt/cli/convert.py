@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from kbitrt.errors import KbitError
 from kbitrt.format.config import DTYPES, ABSMAX_DTYPES, OutlierSpec, QuantConfig
 
 err = Console(stderr=True)
@@ -49,18 +50,20 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.command("convert")
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(), help="output folder")
-@click.option("-b", "--bits", default=4, show_default=True, type=int, help="bits per weight, 3..8")
+@click.option("-b", "--bits", default=4, show_default=True, type=click.IntRange(3, 8),
+              help="bits per weight, 3..8")
 @click.option("--block", default=64, show_default=True, type=int, help="block size, 32..4096")
 @click.option("--dtype", default="nf", show_default=True, type=click.Choice(DTYPES),
               help="data type (codebook)")
 @click.option("--exponent-bits", type=int, default=None, help="fp only: exponent bits (default ceil(k/2))")
 @click.option("--absmax-dtype", default="fp16", show_default=True, type=click.Choice(ABSMAX_DTYPES),
               help="how block scales are stored (dq8: 8-bit double quantization)")
-@click.option("--outliers", default=None, help="proxy quantization: 'zscore:4' or 'top:2%' (16-bit columns)")
+@click.option("--outliers", default=None, callback=lambda ctx, param, v: _outliers(v), help="proxy quantization: 'zscore:4' or 'top:2%' (16-bit columns)")
 @click.option("--quantize-head", is_flag=True, help="also quantize the output head (lm_head)")
 @click.option("--dtype16", default="auto", show_default=True, type=click.Choice(["auto", "fp16", "bf16"]),
               help="dtype of what stays unquantized (auto: the model's bf16, else fp16)")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="largest shard, e.g. 5GB, 500MB")
+@click.option("--max-shard-size", default="5GB", show_default=True,
+              callback=lambda ctx, param, v: parse_size(v), help="largest shard, e.g. 5GB, 500MB")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit)")
 @click.option("--trust-remote-code", is_flag=True, help="allow a Hub model's own modelling code")
 @click.option("--force", is_flag=True, help="replace the output folder if it exists")
@@ -85,17 +88,17 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
         resolve_token(None)
 
     config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,
-                         absmax_dtype=absmax_dtype, outliers=OutlierSpec.parse(outliers),
+                         absmax_dtype=absmax_dtype, outliers=outliers,
                          quantize_head=quantize_head) if not any_precision else None
     if any_precision:  # kbitrt/convert/any_precision.py
         from kbitrt.convert.any_precision import cli_config, convert_any_precision as convert
 
         config = cli_config(any_precision, click.get_current_context(), block_size=block, dtype=dtype,
                             exponent_bits=exponent_bits, absmax_dtype=absmax_dtype,
-                            outliers=OutlierSpec.parse(outliers), quantize_head=quantize_head)
+                            outliers=outliers, quantize_head=quantize_head)
     with byte_progress() as progress:
         report = convert(source, output, config, force=force, dtype16=dtype16,
-                         max_shard_bytes=parse_size(max_shard_size), revision=revision,
+                         max_shard_bytes=max_shard_size, revision=revision,
                          trust_remote_code=trust_remote_code, drop_unused=drop_unused,
                          progress=progress)
     s = report.to_json()
@@ -128,14 +131,25 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
           f"{w['mean_rel_weight_error']:.4f}") for w in s.get("widths", [])]))
 
 
+def _outliers(text: str | None) -> OutlierSpec | None:
+    try:
+        return OutlierSpec.parse(text)
+    except KbitError as e:
+        raise click.BadParameter(str(e).removeprefix(f"--outliers {text!r}").lstrip(": ")
+                                 or str(e)) from None
+
+
 def parse_size(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     t = text.strip().upper()
     num = t.rstrip("KMGIB")
     try:
-        return int(float(num) * units[t[len(num):]])
-    except (ValueError, KeyError):
+        size = int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError, OverflowError):
         raise click.BadParameter(f"{text!r}: use e.g. 5GB or 500MB") from None
+    if size <= 0:
+        raise click.BadParameter(f"{text!r}: a shard must hold at least one byte")
+    return size
 
 
 @click.command("dequantize")

@@ -26,18 +26,18 @@ def _csv(values: tuple[str, ...]) -> list[str]:
               ".jsonl multiple-choice files, or shipped samples (social_iqa-sample, "
               "general_knowledge-sample, cause_and_effect-sample); default, with no --ppl: "
               "lambada_openai,piqa,winogrande,hellaswag.")
-@click.option("--seqlen", type=int, default=None, help="Perplexity window (default: 2048, or the "
+@click.option("--seqlen", type=click.IntRange(min=2), default=None, help="Perplexity window (default: 2048, or the "
               "model's positions if fewer).")
 @click.option("--protocol", type=click.Choice(["gptq", "sliding"]), default="gptq",
               show_default=True, help="gptq: non-overlapping windows, tail dropped; sliding: "
               "windows advance by --stride, only new tokens scored.")
-@click.option("--stride", type=int, default=None, help="Sliding stride (default seqlen/2).")
-@click.option("--max-tokens", type=int, default=None, help="Use only the first N tokens of each "
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Sliding stride (default seqlen/2).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Use only the first N tokens of each "
               "text (c4 defaults to 256 windows, as GPTQ).")
-@click.option("--limit", type=int, default=None, help="At most N rows per task.")
-@click.option("--batch-size", type=int, default=16, show_default=True,
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N rows per task.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Requests per forward for tasks (padded, capped by tokens).")
-@click.option("--num-fewshot", type=int, default=0, show_default=True, help="lm-eval tasks only.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), default=0, show_default=True, help="lm-eval tasks only.")
 @click.option("--baseline", default=None, help="Also evaluate this model (e.g. the unquantized HF "
               "folder) and print the differences.")
 @click.option("--device", default="auto", show_default=True)

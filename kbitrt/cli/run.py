@@ -30,10 +30,10 @@ def _fail(message: str) -> None:
               help="Prompt; repeat for a batch (left-padded). Default: read stdin.")
 @click.option("--chat", is_flag=True, help="Interactive chat with the model's chat template "
               "(with -p: one chat turn per prompt).")
-@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=int)
+@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--greedy", is_flag=True, help="Greedy decoding (the default unless --temperature).")
 @click.option("-t", "--temperature", type=float, default=None, help="Sampling temperature (0: greedy).")
-@click.option("--top-k", type=int, default=None)
+@click.option("--top-k", type=click.IntRange(min=1), default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")

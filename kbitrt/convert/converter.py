@@ -27,7 +27,7 @@ from kbitrt.convert.card import write_model_card
 from kbitrt.convert.checkpoint import CheckpointTensors
 from kbitrt.convert.model_map import ModelMap, build_model_map, skip_reason
 from kbitrt.format.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter, plan_shards
-from kbitrt.convert.source import companion_files, find_checkpoint, resolve_model
+from kbitrt.convert.source import companion_files, find_checkpoint, read_config, resolve_model
 from kbitrt.convert.staging import check_output, staged_folder
 from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, OUTLIER_IDX,
                                  OUTLIER_WEIGHT, QWEIGHT, SHAPE, KbitFormatError, LinearLayout,
@@ -144,9 +144,10 @@ class Converter:
         self.folder = folder
         self.config = config
         self.dtype16 = dtype16
-        self.raw_config = json.loads((folder / "config.json").read_text())
+        self.raw_config = read_config(folder)
         if "quantization_config" in self.raw_config:
-            method = self.raw_config["quantization_config"].get("quant_method")
+            qc = self.raw_config["quantization_config"]
+            method = qc.get("quant_method") if isinstance(qc, dict) else qc
             raise KbitFormatError(f"{folder} is already quantized (quant_method {method!r}): "
                                   "convert from the model's 16/32-bit checkpoint")
         self.tensors = CheckpointTensors(find_checkpoint(folder))
@@ -417,7 +418,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantC
     folder = resolve_model(source, revision)
     check_output(folder, out, force)
     start = time.perf_counter()
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_config(folder)
     conv = (converter or Converter)(folder, config, pick_dtype16(dtype16, raw), trust_remote_code,
                                     drop_unused)
     report = conv.report_class(str(source), str(out), config, str(conv.dtype16).replace("torch.", ""))

@@ -13,13 +13,13 @@ tensors (fused Mixture-of-Experts weights) are recognised and refused with one l
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from kbitrt.convert.source import read_config
 from kbitrt.errors import KbitFormatError
 
 # Non-persistent buffers that old transformers versions saved into checkpoints and that every
@@ -115,11 +115,15 @@ def _conversions(model) -> tuple[list, list]:
     return renamings, converters
 
 
+def _first(e: BaseException) -> str:
+    return str(e).splitlines()[0][:120] if str(e) else ""
+
+
 def build_model_map(folder: Path, trust_remote_code: bool = False) -> ModelMap:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_config(folder)
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as e:
@@ -127,12 +131,19 @@ def build_model_map(folder: Path, trust_remote_code: bool = False) -> ModelMap:
             f"{folder}: architecture {raw.get('model_type')!r} is not known to the installed "
             f"transformers ({e.__class__.__name__}); upgrade transformers or pass "
             "--trust-remote-code for models that ship their own code") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise KbitFormatError(f"{folder}: transformers cannot read this config.json "
+                              f"({type(e).__name__}: {_first(e)}): fix the config") from None
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except ValueError as e:
         raise KbitFormatError(f"{folder}: {raw.get('model_type')!r} is not a causal LM that "
-                              f"transformers can build: {str(e).splitlines()[0]}") from None
+                              f"transformers can build: {_first(e)}") from None
+    except (KeyError, TypeError, AttributeError, NotImplementedError) as e:  # e.g. unknown rope_type
+        raise KbitFormatError(f"{folder}: transformers cannot build this {raw.get('model_type')!r} "
+                              f"model from its config ({type(e).__name__}: {_first(e)}): it uses a "
+                              "feature the installed transformers does not support") from None
     head_module = model.get_output_embeddings()
     in_emb = model.get_input_embeddings()
     linears, head, embedding_key = {}, None, None

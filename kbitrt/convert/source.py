@@ -63,6 +63,19 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise KbitFormatError(f"cannot download {repo_id}: {e}") from None
 
 
+def read_config(folder: Path) -> dict:
+    """config.json of a source folder as a dict; a broken one is one clear error."""
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise KbitFormatError(f"{path} is not valid UTF-8 JSON ({str(e).splitlines()[0][:80]}): "
+                              "fix or re-download it") from None
+    if not isinstance(raw, dict):
+        raise KbitFormatError(f"{path} is not a JSON object: fix or re-download it")
+    return raw
+
+
 @dataclass
 class Checkpoint:
     """The weight files of a plain HF checkpoint: safetensors shards or legacy .bin files."""
@@ -78,10 +91,15 @@ def find_checkpoint(folder: Path) -> Checkpoint:
                                 ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / index).exists():
             try:
-                weight_map = json.loads((folder / index).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise KbitFormatError(f"{folder / index} is corrupt (no weight_map)") from None
-            files = [folder / f for f in sorted(set(weight_map.values()))]
+                weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+                names = set(weight_map.values())
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+                raise KbitFormatError(f"{folder / index} is corrupt (no weight_map): fix or "
+                                      "re-download it") from None
+            if not all(isinstance(n, str) and "/" not in n and n not in ("", ".", "..")
+                       for n in names):
+                raise KbitFormatError(f"{folder / index} names shards outside the folder")
+            files = [folder / f for f in sorted(names)]
             missing = [f.name for f in files if not f.exists()]
             if missing:
                 raise KbitFormatError(f"{folder}: shards listed in {index} are missing: {missing[:3]}")

@@ -55,7 +55,7 @@ class OutlierSpec:
     def parse(cls, text: str | None) -> OutlierSpec | None:
         if text is None or text.strip().lower() in ("", "none", "off"):
             return None
-        m = re.fullmatch(r"\s*(zscore|top):\s*([0-9.]+)\s*(%?)\s*", text)
+        m = re.fullmatch(r"\s*(zscore|top):\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(%?)\s*", text)
         if not m:
             raise KbitFormatError(
                 f"--outliers {text!r} not understood: use 'zscore:4' or 'top:2%' (or 'none')")
@@ -134,30 +134,73 @@ class QuantConfig:
 
     @classmethod
     def from_json(cls, qc: dict) -> QuantConfig:
-        """Parse and check a `quantization_config`; refuses what this version cannot read."""
+        """Parse and check a `quantization_config` strictly; refuses what this version cannot read.
+
+        Types are exact (an int is not a bool, `bits: 4.7` is not 4), unknown keys are refused by
+        name: a reader that guessed would run a model other than the one that was written."""
+        if not isinstance(qc, dict):
+            raise KbitFormatError("quantization_config is not a JSON object: convert the model again")
         if qc.get("quant_method") != QUANT_METHOD:
             raise KbitFormatError(
                 f"quantization_config.quant_method is {qc.get('quant_method')!r}, not 'kbit'")
         version = qc.get("format_version")
-        if version not in KNOWN_FORMAT_VERSIONS:
+        if _is_bool(version) or version not in KNOWN_FORMAT_VERSIONS:
             raise KbitFormatError(
                 f"kbit format_version {version!r} is not known to this kbitrt (it reads "
                 f"{', '.join(map(str, KNOWN_FORMAT_VERSIONS))}): upgrade kbitrt (pip install -U kbitrt)")
         if qc.get("packing") not in KNOWN_PACKINGS:
             raise KbitFormatError(
                 f"kbit packing {qc.get('packing')!r} is not known to this kbitrt: upgrade kbitrt")
-        try:
-            return cls(
-                bits=int(qc["bits"]),
-                block_size=int(qc["block_size"]),
-                dtype=str(qc["dtype"]),
-                exponent_bits=qc.get("exponent_bits") if qc.get("dtype") == "fp" else None,
-                absmax_dtype=str(qc.get("absmax_dtype", "fp16")),
-                outliers=OutlierSpec.parse(qc.get("outliers")),
-                quantize_head=bool(qc.get("quantize_head", False)),
-            )
-        except KeyError as e:
-            raise KbitFormatError(f"quantization_config lacks {e.args[0]!r}") from None
+        unknown = sorted(set(qc) - set(QC_FIELDS))
+        if unknown:
+            raise KbitFormatError(
+                f"quantization_config has keys this kbitrt does not know: {', '.join(unknown)} "
+                "(written by a newer kbitrt? upgrade kbitrt, or remove them)")
+        for key, (types, required) in QC_FIELDS.items():
+            if key not in qc:
+                if required:
+                    raise KbitFormatError(f"quantization_config lacks {key!r}: convert the model again")
+                continue
+            value = qc[key]
+            ok = isinstance(value, types) and not (_is_bool(value) and bool not in types)
+            if ok and isinstance(value, list):
+                ok = all(isinstance(v, str) for v in value)
+            if not ok:
+                names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise KbitFormatError(f"quantization_config.{key} is {value!r}: it must be {names}")
+        if qc["dtype"] != "fp" and qc.get("exponent_bits") is not None:
+            raise KbitFormatError(f"quantization_config.exponent_bits is set for dtype "
+                                  f"{qc['dtype']!r}: only fp has exponent bits")
+        return cls(
+            bits=qc["bits"],
+            block_size=qc["block_size"],
+            dtype=qc["dtype"],
+            exponent_bits=qc.get("exponent_bits") if qc["dtype"] == "fp" else None,
+            absmax_dtype=qc.get("absmax_dtype", "fp16"),
+            outliers=OutlierSpec.parse(qc.get("outliers")),
+            quantize_head=qc.get("quantize_head", False),
+        )
+
+
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+# quantization_config keys: (allowed JSON types, required)
+QC_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "quant_method": ((str,), True),
+    "format_version": ((int,), True),
+    "packing": ((str,), True),
+    "bits": ((int,), True),
+    "block_size": ((int,), True),
+    "dtype": ((str,), True),
+    "exponent_bits": ((int, type(None)), False),
+    "absmax_dtype": ((str,), False),
+    "outliers": ((str, type(None)), False),
+    "quantize_head": ((bool,), False),
+    "modules_not_quantized": ((list,), False),
+    "transposed_modules": ((list,), False),
+}
 
 
 def header_metadata(config: QuantConfig, extra: dict | None = None) -> dict[str, str]:

@@ -28,6 +28,18 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(keys) != len(set(keys)):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"the name {dup!r} appears twice")
+    return dict(pairs)
+
+
 def itemsize(dtype: str) -> int:
     return torch.empty(0, dtype=DTYPES[dtype]).element_size()
 
@@ -45,7 +57,11 @@ class TensorInfo:
 
 
 class SafetensorsFile:
-    """Header of one .safetensors file plus pread access to its tensors (no mmap)."""
+    """Header of one .safetensors file plus pread access to its tensors (no mmap).
+
+    The header is validated before any tensor byte is used (docs/format.md, "What the reader
+    checks"): its length and JSON, every entry's dtype, shape and offsets, and that the tensors
+    tile the data section exactly (in bounds, no overlap, no gap, no trailing bytes)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -54,28 +70,61 @@ class SafetensorsFile:
             with open(self.path, "rb") as f:
                 raw = f.read(8)
                 if len(raw) < 8:
-                    raise KbitFormatError(f"{self.path}: truncated (no safetensors header)")
+                    raise self._error("is truncated (no safetensors header)")
                 (n,) = struct.unpack("<Q", raw)
-                if n > MAX_HEADER or 8 + n > size:
-                    raise KbitFormatError(f"{self.path}: truncated or not a safetensors file")
-                header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise KbitFormatError(f"{self.path}: corrupt safetensors header") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+                if n < 2 or n > MAX_HEADER or 8 + n > size:
+                    raise self._error(f"has a header length of {n} bytes in a {size}-byte file: "
+                                      "truncated or not a safetensors file")
+                blob = f.read(n)
+        except PermissionError:
+            raise KbitFormatError(f"{self.path}: permission denied: make the file readable") from None
+        try:
+            header = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+            raise self._error(f"has a corrupt header ({str(e).splitlines()[0][:80]})") from None
+        if not isinstance(header, dict):
+            raise self._error("has a header that is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in meta.items()):
+            raise self._error("has __metadata__ that is not a str -> str mapping")
+        self.metadata: dict[str, str] = meta
         start = 8 + n
         self.tensors: dict[str, TensorInfo] = {}
         for name, h in header.items():
-            b, e = h["data_offsets"]
-            if h["dtype"] not in DTYPES:
-                raise KbitFormatError(f"{self.path}: tensor {name} has unsupported dtype {h['dtype']}")
-            info = TensorInfo(h["dtype"], tuple(h["shape"]), start + b, start + e)
-            if info.nbytes != math.prod(info.shape) * itemsize(info.dtype):
-                raise KbitFormatError(f"{self.path}: tensor {name} has inconsistent offsets")
-            if info.end > size:
-                raise KbitFormatError(
-                    f"{self.path} is truncated ({size} bytes; tensor {name} ends at {info.end}): "
-                    "download or convert it again")
-            self.tensors[name] = info
+            self.tensors[name] = self._entry(name, h, start)
+        spans = sorted(((t.begin, t.end, name) for name, t in self.tensors.items()))
+        pos = start
+        for b, e, name in spans:
+            if b != pos:
+                what = "overlaps the tensor before it" if b < pos else f"leaves a gap of {b - pos} bytes before it"
+                raise self._error(f"tensor {name} {what} (data_offsets do not tile the data)")
+            pos = e
+        if pos > size:
+            name = spans[-1][2]
+            raise self._error(f"is truncated ({size} bytes; tensor {name} ends at {pos})")
+        if pos != size:
+            raise self._error(f"has {size - pos} trailing bytes after the last tensor")
+
+    def _error(self, what: str) -> KbitFormatError:
+        return KbitFormatError(f"{self.path} {what}: download or convert it again")
+
+    def _entry(self, name: str, h, start: int) -> TensorInfo:
+        if not isinstance(h, dict) or set(h) != {"dtype", "shape", "data_offsets"}:
+            raise self._error(f"has a malformed entry for tensor {name} (needs exactly dtype, "
+                              "shape, data_offsets)")
+        dtype, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise self._error(f"gives tensor {name} the unsupported dtype {str(dtype)[:20]!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise self._error(f"gives tensor {name} an invalid shape {str(shape)[:40]}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise self._error(f"gives tensor {name} invalid data_offsets {str(offsets)[:40]}")
+        info = TensorInfo(dtype, tuple(shape), start + offsets[0], start + offsets[1])
+        if info.nbytes != math.prod(info.shape) * itemsize(dtype):
+            raise self._error(f"gives tensor {name} {info.nbytes} bytes for a {dtype}{list(shape)}")
+        return info
 
     def names(self) -> list[str]:
         return list(self.tensors)

@@ -1,0 +1,126 @@
+"""A kbit folder against the model its config.json describes: every tensor's name and shape.
+
+transformers builds the architecture on the meta device (no memory), which gives the state-dict
+names and shapes the model has; a folder whose tensors do not fit it (a relabelled shape, a layer
+too many or too few, a `transposed_modules` entry that is not GPT-2's Conv1D) is refused here,
+before a runtime would index out of range or compute something else. Architectures the installed
+transformers does not know (remote code) are not checked here; the runtime refuses them itself.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from kbitrt.errors import KbitFormatError
+
+STRUCTURAL_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "intermediate_size", "vocab_size", "max_position_embeddings", "n_embd", "n_layer",
+                   "n_head", "n_positions", "n_inner", "ffn_dim", "word_embed_proj_dim", "head_dim",
+                   "n_ctx")
+BOOLS = ("tie_word_embeddings", "use_parallel_residual", "do_layer_norm_before")
+
+
+@dataclass(frozen=True)
+class ModelShapes:
+    params: dict[str, tuple[int, ...]]  # parameters the model needs (tied ones once)
+    state: dict[str, tuple[int, ...]]  # everything its state dict may hold
+    linears: dict[str, tuple[int, int, bool]]  # module -> (out, in, stored transposed)
+    tied_head: str | None  # state-dict name of a head tied to the embedding
+
+
+def check_config_types(where, config: dict) -> None:
+    for key in STRUCTURAL_INTS:
+        v = config.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise KbitFormatError(f"{where}: {key} is {v!r}: it must be a positive integer: "
+                                  "restore config.json from the conversion")
+    for key in BOOLS:
+        v = config.get(key)
+        if v is not None and not isinstance(v, bool):
+            raise KbitFormatError(f"{where}: {key} is {v!r}: it must be true or false: "
+                                  "restore config.json from the conversion")
+
+
+@lru_cache(maxsize=16)
+def _shapes(config_json: str) -> ModelShapes | None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.pytorch_utils import Conv1D
+
+    d = json.loads(config_json)
+    model_type = d.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return None
+    d.pop("model_type")
+    config = AutoConfig.for_model(model_type, **d)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    linears, head_name = {}, None
+    for name, m in model.named_modules():
+        if m is head:
+            head_name = name
+        if isinstance(m, Conv1D):
+            linears[name] = (m.weight.shape[1], m.weight.shape[0], True)
+        elif isinstance(m, torch.nn.Linear):
+            linears[name] = (m.out_features, m.in_features, False)
+    tied = head_name if getattr(config, "tie_word_embeddings", False) and head_name is not None else None
+    return ModelShapes(
+        params={n: tuple(p.shape) for n, p in model.named_parameters()},
+        state={n: tuple(t.shape) for n, t in model.state_dict().items()},
+        linears=linears, tied_head=f"{tied}.weight" if tied else None)
+
+
+def model_shapes(where, config: dict) -> ModelShapes | None:
+    check_config_types(where, config)
+    plain = {k: v for k, v in config.items() if k not in ("quantization_config", "dtype", "torch_dtype")}
+    try:
+        return _shapes(json.dumps(plain, sort_keys=True))
+    except KbitFormatError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- transformers refuses a config in many ways
+        first = str(e).splitlines()[0][:120] if str(e) else ""
+        raise KbitFormatError(f"{where}: transformers cannot build this model from it "
+                              f"({type(e).__name__}: {first}): restore config.json from the "
+                              "conversion") from None
+
+
+def check_against_model(km) -> None:
+    """Every tensor of the folder `km` (a KbitModel) has its place and shape in the model."""
+    where = km.path / "config.json"
+    shapes = model_shapes(where, km.config)
+    if shapes is None:
+        return
+    for module, e in km.modules.items():
+        lin = shapes.linears.get(module)
+        if lin is None:
+            raise KbitFormatError(f"{km.path}: {module} is quantized but is no linear layer of a "
+                                  f"{km.config.get('model_type')!r} model: convert the model again")
+        if (lin[0], lin[1]) != (e.out_features, e.in_features):
+            raise KbitFormatError(f"{km.path}: {module} is stored as ({e.out_features}, "
+                                  f"{e.in_features}) but config.json makes it {lin[:2]}: "
+                                  "restore config.json or convert again")
+        if lin[2] != (module in km.transposed):
+            raise KbitFormatError(f"{where}: quantization_config.transposed_modules "
+                                  f"{'lacks' if lin[2] else 'wrongly names'} {module}: restore "
+                                  "config.json from the conversion")
+    stored = {f"{m}.weight" for m in km.modules}
+    for name in km.plain_names:
+        want = shapes.state.get(name)
+        if want is None:
+            raise KbitFormatError(f"{km.file_path(name)}: tensor {name} is not part of a "
+                                  f"{km.config.get('model_type')!r} model as config.json describes "
+                                  "it: convert the model again")
+        if tuple(km.info(name).shape) != want:
+            raise KbitFormatError(f"{km.file_path(name)}: tensor {name} has shape "
+                                  f"{list(km.info(name).shape)}, config.json makes it {list(want)}: "
+                                  "convert the model again")
+        stored.add(name)
+    missing = sorted(p for p in shapes.params if p not in stored and p != shapes.tied_head)
+    if missing:
+        raise KbitFormatError(f"{km.path}: lacks {len(missing)} tensors the model needs (e.g. "
+                              f"{missing[0]}): convert the model again")
