@@ -176,7 +176,7 @@ def _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err: Console):
                               compile_mode)
         except KeyboardInterrupt:  # Ctrl-C while answering: stop this answer, keep the session
             click.echo()
-            err.print("[yellow][stopped][/]")
+            err.print("[yellow]\\[stopped][/]")
             messages.append({"role": "assistant", "content": "".join(shown)})
             continue
         except RunError as e:  # e.g. the conversation outgrew the context: start over
