@@ -54,7 +54,7 @@ def hf_load(path, **kw):
 
 def greedy_both(path: Path, prompt: list[int], n: int) -> tuple[list[int], list[int], object]:
     """(kbitrt native tokens, transformers tokens, transformers model), fp32 on the CPU."""
-    lm = load_model(path, device="cpu", backend="native")
+    lm = load_model(path, device="cpu", backend="native", cpu_weights="fp32")
     res = generate(lm, [prompt], max_new_tokens=n)
     ours = res.token_ids[0]
     stops = sorted(eos_ids(lm))
@@ -98,6 +98,9 @@ def test_save_pretrained_writes_the_same_kbit_folder(kbit_tiny, tmp_path, family
 
 def test_dequantize_gives_plain_linears(kbit_tiny):
     model = hf_load(kbit_tiny["llama"], dtype=torch.float32)
+    for m in model.modules():  # exact fp32 CPU copies (the default holds 16-bit ones)
+        if isinstance(m, KbitLinear):
+            m.cpu_dtype = torch.float32
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         ref = model(ids).logits

@@ -63,7 +63,7 @@ def tiny_pair(name: str, quant: QuantConfig = QUANT, backend: str = "native"):
         p.data.normal_(0, 0.2)
     src = InMemoryKbit(hf, quant)
     hf.load_state_dict(src.dequantized_state_dict(), strict=False)
-    lm = build_model(src, "cpu", backend=backend)
+    lm = build_model(src, "cpu", backend=backend, cpu_weights="fp32")  # exact: vs fp32
     assert lm.backend == backend
     return hf, lm
 
@@ -135,7 +135,7 @@ def test_unknown_family_falls_back_to_transformers():
     hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     src = InMemoryKbit(hf, QUANT)
     hf.load_state_dict(src.dequantized_state_dict(), strict=False)
-    lm = build_model(src, "cpu")
+    lm = build_model(src, "cpu", cpu_weights="fp32")  # exact: compared with fp32
     assert lm.backend == "transformers" and "gemma" in lm.note
     check(hf, lm)
 
@@ -173,7 +173,7 @@ def test_smollm2_native_matches_transformers(smollm2_dir, smollm2_nf4):
     weights = {n: src.tensor(n).float() for n in src.plain_names}  # 16-bit on disk
     weights.update({f"{n}.weight": src.quantized(n).dequantize() for n in src.quantized_modules})
     hf.load_state_dict(weights, strict=False)
-    lm = build_model(src, "cpu")
+    lm = build_model(src, "cpu", cpu_weights="fp32")  # exact: compared with fp32
     assert lm.backend == "native"
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49152, (2, 9), generator=g)

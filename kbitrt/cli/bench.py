@@ -29,6 +29,11 @@ from rich.table import Table
               show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the decode step (default: on for cuda).")
+@click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit weights "
+              "resident, dequantized layer by layer at each step (slower).")
+@click.option("--cpu-weights", type=click.Choice(["fp16", "bf16", "fp32", "packed"]),
+              default=None, help="CPU: what a quantized linear holds (default fp16; packed is "
+              "--low-memory).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON record file (default: <model>/bench-<timestamp>.json).")
 @click.option("--bits", default=None, help="Any-precision models: the width K (reads only K "
@@ -36,7 +41,7 @@ from rich.table import Table
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record on stdout.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the table as CSV on stdout.")
 def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backend, compile_,
-              output, as_json, as_csv, bits=None):
+              low_memory, cpu_weights, output, as_json, as_csv, bits=None):
     """Prefill and decode tokens/s of MODEL (kbit or plain HF folder), mean ± std over reps.
 
     \b
@@ -44,10 +49,12 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
       kbit bench DIR --batch 1,4,16 -p 512 -n 128 --reps 5 --json
       kbit bench DIR --kernels
     """
-    from kbitrt.eval.latency import kernel_table, run_bench
+    from kbitrt.eval.latency import (held_weights, kernel_table, memory_record, rss_bytes,
+                                     run_bench)
     from kbitrt.eval.model_open import count_params, open_model
     from kbitrt.eval.results import default_output, environment, model_record, write_json
     from kbitrt.runtime.loader import RunError
+    from transformers import AutoTokenizer  # noqa: F401  (imported before the RSS baseline)
 
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     try:
@@ -58,14 +65,24 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
         click.secho(f"error: --batch {batches!r}: give positive integers, e.g. 1,4,16", fg="red",
                     err=True)
         sys.exit(2)
+    if low_memory and cpu_weights not in (None, "packed"):
+        click.secho(f"error: --low-memory and --cpu-weights {cpu_weights} contradict each other",
+                    fg="red", err=True)
+        sys.exit(2)
+    # the kernel table times the packed path, so it needs the packed weights
+    cpu_weights = "packed" if low_memory or kernels else (cpu_weights or "fp16")
+    rss0 = rss_bytes()
     try:
         with err.status(f"loading {model}", spinner="dots"):
-            lm = open_model(model, device=device, backend=backend, bits=bits)
+            lm = open_model(model, device=device, backend=backend, cpu_weights=cpu_weights,
+                            bits=bits)
         params = count_params(lm.model)
         record = {"kind": "bench", **environment(lm.device), "model": model_record(model, lm),
                   "params": params, "bits_per_param": 8 * lm.weight_bytes / params,
+                  "held": held_weights(lm.model),
                   "options": dict(batches=sizes, prompt=prompt, gen=gen, reps=reps,
-                                  warmup=warmup, kernels=kernels)}
+                                  warmup=warmup, kernels=kernels,
+                                  cpu_weights=lm.cpu_weights)}
         if kernels:
             with err.status("timing kernels", spinner="dots"):
                 rows, bw = kernel_table(lm)
@@ -76,6 +93,7 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
                                  "auto" if compile_ is None else compile_,
                                  on_step=lambda s: status.update(f"benchmarking {s}"))
             record["results"] = [r.to_json() for r in rows]
+        record["memory"] = memory_record(rss0)
     except RunError as e:
         click.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
@@ -88,6 +106,13 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
         click.echo(_csv(table), nl=False)
     else:
         err.print(table)
+    if not as_json and not as_csv:
+        mem, held = record["memory"], record["held"]
+        bits = held["bits_per_quantized_weight_held"]
+        err.print(f"memory: peak RSS {mem['peak_rss_mb']:.0f} MiB, model memory "
+                  f"{mem['model_memory_mb']:.0f} MiB (peak minus {mem['rss_after_imports_mb']:.0f}"
+                  f" MiB after imports)" + (f", quantized weights held at {bits:.2f} bits"
+                                            if bits else ""))
     err.print(f"[dim]written to {path}[/]")
 
 

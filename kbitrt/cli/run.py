@@ -48,14 +48,20 @@ def _fail(message: str) -> None:
               help="torch.compile the decode step (default: on for cuda).")
 @click.option("--bits", default=None, help="Any-precision models: the width K (reads only K "
               "bit planes), or LO-HI to keep those widths resident.")
+@click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit weights "
+              "resident, dequantized layer by layer at each step (slower).")
+@click.option("--cpu-weights", type=click.Choice(["fp16", "bf16", "fp32", "packed"]),
+              default=None, help="CPU: what a quantized linear holds (default fp16; packed is "
+              "--low-memory).")
 @click.option("--json", "as_json", is_flag=True, help="Print results and stats as JSON.")
 def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, top_p,
-            repetition_penalty, seed, stops, device, backend, dtype, compile_, as_json, bits=None):
+            repetition_penalty, seed, stops, device, backend, dtype, compile_, low_memory,
+            cpu_weights, as_json, bits=None):
     """Generate text with a kbit model (a folder or a Hub repo id).
 
     \b
       kbit run DIR -p "The capital of France is" --max-new-tokens 64
-      kbit run DIR --chat
+      kbit run DIR --chat                 (/reset, /exit; Ctrl-C stops an answer, Ctrl-D quits)
       echo "Once upon a time" | kbit run DIR --temperature 0.8 --top-p 0.95 --seed 0
       kbit run DIR -p a -p b -p c --greedy
     """
@@ -64,6 +70,9 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
 
     err = Console(stderr=True)
     try:
+        if low_memory and cpu_weights not in (None, "packed"):
+            raise RunError(f"--low-memory and --cpu-weights {cpu_weights} contradict each other")
+        cpu_weights = "packed" if low_memory else (cpu_weights or "fp16")
         if greedy and temperature not in (None, 0):
             raise RunError("--greedy and --temperature contradict each other: give one")
         sampling = SamplingConfig(temperature=0.0 if greedy or temperature is None else temperature,
@@ -80,7 +89,8 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
         from kbitrt.runtime.loader import load_model
 
         with err.status(f"loading {model}", spinner="dots"):
-            lm = load_model(model, device=device, backend=backend, dtype=DTYPES[dtype], bits=bits)
+            lm = load_model(model, device=device, backend=backend, dtype=DTYPES[dtype],
+                            cpu_weights=cpu_weights, bits=bits)
         if lm.note and not as_json:
             err.print(f"[yellow]note:[/] {lm.note}")
         compile_mode = "auto" if compile_ is None else compile_
@@ -114,36 +124,74 @@ def _one_shot(lm, prompts, chat, max_new_tokens, sampling, stops, compile_mode, 
     return result
 
 
+def _read_line(prompt: str) -> str:
+    """One line from the user: with line editing and history (readline) in a terminal."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        try:
+            import readline  # noqa: F401  (arrow keys and history for input())
+        except ImportError:
+            pass
+        return input(prompt)
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    return input()
+
+
 def _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err: Console):
+    """Interactive chat: answers stream as they are generated; the conversation is kept and sent
+    again each turn. /reset forgets it, /exit (or Ctrl-D) quits, Ctrl-C stops an answer (what was
+    shown is kept) or clears the line being typed, and never ends the session."""
     from kbitrt.runtime.generate import generate
     from kbitrt.runtime.loader import RunError
 
-    err.print("[dim]chat: empty line or Ctrl-D to quit, /reset to forget the conversation[/]")
+    err.print("[dim]chat: /reset forgets the conversation, /exit or Ctrl-D quits, "
+              "Ctrl-C stops an answer[/]")
     messages: list[dict] = []
     stats = None
     while True:
         try:
-            line = click.prompt(click.style(">", fg="green"), prompt_suffix=" ", default="",
-                                show_default=False, err=True)
-        except (EOFError, click.exceptions.Abort):
+            line = _read_line("> ")
+        except EOFError:  # Ctrl-D
+            click.echo(err=True)
             break
-        if not line.strip():
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, the session goes on
+            click.echo("^C", err=True)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
             break
-        if line.strip() == "/reset":
+        if text == "/reset":
             messages = []
+            err.print("[dim]conversation reset[/]")
             continue
         messages.append({"role": "user", "content": line})
+        shown: list[str] = []
+
+        def on_text(row: int, piece: str) -> None:
+            shown.append(piece)
+            click.echo(piece, nl=False)
+
         try:
-            result = generate(lm, [messages], max_new_tokens, sampling, stops, True,
-                              lambda row, text: click.echo(text, nl=False), compile_mode)
+            result = generate(lm, [messages], max_new_tokens, sampling, stops, True, on_text,
+                              compile_mode)
+        except KeyboardInterrupt:  # Ctrl-C while answering: stop this answer, keep the session
+            click.echo()
+            err.print("[yellow]\\[stopped][/]")
+            messages.append({"role": "assistant", "content": "".join(shown)})
+            continue
         except RunError as e:  # e.g. the conversation outgrew the context: start over
+            click.echo()
             err.print(f"[red]error:[/] {e}; use /reset")
             messages.pop()
             continue
         click.echo()
         messages.append({"role": "assistant", "content": result.texts[0]})
         stats = result.stats
-        err.print(f"[dim]{stats.new_tokens} tokens, {stats.new_tokens_per_s:.1f} tok/s[/]")
+        turns = sum(m["role"] == "user" for m in messages)
+        err.print(f"[dim]{stats.new_tokens} tokens, {stats.new_tokens_per_s:.1f} tok/s, "
+                  f"{turns} turn{'s' if turns != 1 else ''} in context[/]")
     if stats is not None:
         err.print(stats_table(lm, stats))
 
@@ -157,7 +205,8 @@ def stats_table(lm, stats) -> Table:
     table.add_row("generation", f"{stats.new_tokens} tok, {stats.new_tokens_per_s:.1f} tok/s")
     table.add_row("batch", str(stats.batch))
     table.add_row("peak memory", f"{stats.peak_memory_bytes / 2**20:.0f} MiB")
-    table.add_row("weights", f"{lm.weight_bytes / 2**20:.1f} MiB")
+    held = f" ({lm.cpu_weights} on the CPU)" if getattr(lm, "cpu_weights", None) else ""
+    table.add_row("weights", f"{lm.weight_bytes / 2**20:.1f} MiB{held}")
     table.add_row("device", stats.device + (" (compiled)" if stats.compiled else ""))
     return table
 

@@ -8,6 +8,8 @@ back. On CUDA the native decode step is compiled with CUDA graphs, as `kbit run`
 
 from __future__ import annotations
 
+import os
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -101,6 +103,50 @@ def run_bench(lm: LoadedModel, batches: list[int], prompt: int = 512, gen: int =
     return rows
 
 
+# -------------------------------------------------------------------------------------- memory
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; else the peak, the best we know)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if os.uname().sysname == "Darwin" else peak * 1024
+
+
+def held_weights(model: torch.nn.Module) -> dict:
+    """What the model keeps resident for its quantized linears: bits per quantized weight (packed
+    buffers, dense copies, caches, biases, all counted) and the bytes of everything else."""
+    from kbitrt.runtime.linear import KbitLinear
+
+    q_params = q_bytes = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, KbitLinear):
+            q_params += module.in_features * module.out_features
+            q_bytes += module.held_bytes()
+            seen.update(t.data_ptr() for t in module.buffers(recurse=False))
+    other = {t.data_ptr(): t.numel() * t.element_size()
+             for t in list(model.parameters()) + list(model.buffers())
+             if t.data_ptr() not in seen}
+    return {"quantized_params": q_params, "quantized_bytes_held": q_bytes,
+            "bits_per_quantized_weight_held": 8 * q_bytes / q_params if q_params else None,
+            "other_bytes_held": sum(other.values())}
+
+
+def memory_record(rss_before_load: int) -> dict:
+    """Peak RSS, the RSS after imports (before the model), and their difference (model memory)."""
+    peak = peak_rss_bytes()
+    return {"rss_after_imports_mb": rss_before_load / 2**20, "peak_rss_mb": peak / 2**20,
+            "model_memory_mb": (peak - rss_before_load) / 2**20}
+
+
 # -------------------------------------------------------------------------------------- kernels
 
 def _time(fn, device: torch.device, reps: int) -> float:
@@ -136,6 +182,9 @@ def kernel_table(lm: LoadedModel, m: int = 1, reps: int = 20) -> tuple[list[dict
     for name, mod in lm.model.named_modules():
         if not isinstance(mod, KbitLinear) or (mod.out_features, mod.in_features) in seen:
             continue
+        if mod.packed_released:
+            raise RunError("the kernel table needs the packed weights: load the model with "
+                           "cpu_weights='packed' (kbit bench --kernels does)")
         seen.add((mod.out_features, mod.in_features))
         x = torch.randn(m, mod.in_features, device=device, dtype=dtype)
         idx, ow = mod._outliers()

@@ -18,14 +18,17 @@ def is_kbit(path: Path) -> bool:
 
 
 def open_model(name: str, device: str = "auto", backend: str = "auto",
-               dtype: torch.dtype | None = None, bits: int | str | None = None) -> LoadedModel:
-    """A kbit folder or Hub id through load_model; anything else through transformers."""
+               dtype: torch.dtype | None = None, cpu_weights: str = "fp16",
+               bits: int | str | None = None) -> LoadedModel:
+    """A kbit folder or Hub id through load_model (cpu_weights: what its CPU linears hold; bits:
+    an any-precision model's width); anything else through transformers."""
     from kbitrt.convert.source import resolve_model
 
     device_obj = resolve_device(device)
     path = resolve_model(name)
     if is_kbit(path):
-        return load_model(path, device=str(device_obj), backend=backend, dtype=dtype, bits=bits)
+        return load_model(path, device=str(device_obj), backend=backend, dtype=dtype,
+                          cpu_weights=cpu_weights, bits=bits)
     return load_hf(path, device_obj, dtype)
 
 

@@ -31,6 +31,7 @@ class EvalOptions:
     num_fewshot: int = 0
     device: str = "auto"
     backend: str = "auto"
+    cpu_weights: str = "fp16"  # CPU: dense fp16/bf16/fp32 copies, or packed (--low-memory)
     progress: bool = True
     bits: int | str | None = None  # width of an any-precision model (runtime/any_precision.py)
 
@@ -62,7 +63,8 @@ def evaluate_model(name: str, opts: EvalOptions, record: dict, save: Callable[[]
     from kbitrt.eval.model_open import open_model
 
     t0 = time.perf_counter()
-    lm = open_model(name, device=opts.device, backend=opts.backend, bits=opts.bits)
+    lm = open_model(name, device=opts.device, backend=opts.backend, cpu_weights=opts.cpu_weights,
+                    bits=opts.bits)
     record["model"] = model_record(name, lm)
     record["model"]["load_seconds"] = time.perf_counter() - t0
     if lm.note:

@@ -1,10 +1,17 @@
 """KbitLinear: an nn.Linear whose weight stays packed k-bit codes + block absmax + codebook.
 
 On CUDA every forward runs the fused-dequant kernels (kbitrt::kbit_linear): W is never
-materialised in GPU memory. On the CPU the same op would dequantize the whole weight on every call,
-which measured 10-35 ms per million weights on 2 cores (~1-3 s per token for SmolLM2-135M), so by
-default a CPU KbitLinear dequantizes once, on its first forward, and keeps W in the activation
-dtype (`cpu_cache=False` turns this off: slow, but only the packed bytes stay in memory).
+materialised in GPU memory. On the CPU there is no fused kernel, and dequantizing the whole weight
+on every call costs ~10-35 ms per million weights on 2 cores, so the CPU has two modes:
+
+- `dense` (default): W is dequantized once, on the first forward, into a 16-bit copy (fp16 by
+  default: on our Xeon (AVX-512, AMX) torch's fp16 GEMV is as fast as bf16 or faster, and fp16
+  keeps 3 more mantissa bits; benchmarks/cpu_matmul.py measures it) and used by F.linear, the
+  activations cast to it and back. `release_packed()` then drops the packed buffers, so only the
+  16-bit copy stays resident (what `kbit run/bench/eval` do): at most 16 bits per weight.
+  `cpu_dtype=torch.float32` keeps an exact fp32 copy instead (tests, reference numbers).
+- `packed` (`--low-memory`): only the packed k-bit codes stay resident; each forward dequantizes
+  the weight into a temporary (one layer at a time) and multiplies.
 """
 
 from __future__ import annotations
@@ -19,6 +26,16 @@ from kbitrt.runtime.kernels import kbit_linear
 from kbitrt.runtime.kernels.reference import dequantize_packed, pad_codebook
 
 _FIXED_DTYPE_BUFFERS = ("codebook", "absmax")  # model.half() must not round these
+CPU_MODES = ("dense", "packed")
+DEFAULT_CPU_DTYPE = torch.float16  # the dense CPU copy (see the module docstring)
+
+
+def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear with W in its own dtype: x is cast to it and the result back to x.dtype."""
+    if x.dtype == w.dtype:
+        return F.linear(x, w, bias.to(w.dtype) if bias is not None else None)
+    y = F.linear(x.to(w.dtype), w).to(x.dtype)
+    return y + bias.to(x.dtype) if bias is not None else y
 
 
 class KbitLinear(nn.Module):
@@ -32,12 +49,14 @@ class KbitLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, block_size: int,
                  bias: bool = False, n_outliers: int = 0, absmax_dtype: torch.dtype = torch.float16,
                  compute_dtype: torch.dtype = torch.float16, data_type: str | None = None,
-                 device: torch.device | str | None = None, cpu_cache: bool = True):
+                 device: torch.device | str | None = None, cpu_cache: bool = True,
+                 cpu_dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.block_size = bits, block_size
         self.data_type = data_type
-        self.cpu_cache = cpu_cache
+        self.cpu_mode = "dense" if cpu_cache else "packed"
+        self.cpu_dtype = cpu_dtype or DEFAULT_CPU_DTYPE
         n_blocks = -(-in_features // block_size)
         kw = dict(device=device)
         self.register_buffer("qweight", torch.zeros(
@@ -50,12 +69,14 @@ class KbitLinear(nn.Module):
                              torch.zeros(out_features, n_outliers, dtype=compute_dtype, **kw))
         self.register_buffer("bias", torch.zeros(out_features, dtype=compute_dtype, **kw)
                              if bias else None)
+        # the dense copy once the packed buffers are released (moves with .to(device))
+        self.register_buffer("dense_weight", None, persistent=False)
         self._w_cache: tuple | None = None  # (key, dequantized W) for the CPU path
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None = None,
                        compute_dtype: torch.dtype = torch.float16, data_type: str | None = None,
-                       cpu_cache: bool = True) -> KbitLinear:
+                       cpu_cache: bool = True, cpu_dtype: torch.dtype | None = None) -> KbitLinear:
         n, k = qw.shape
         absmax = qw.absmax
         if qw.absmax_scale is not None:
@@ -66,7 +87,7 @@ class KbitLinear(nn.Module):
         n_out = qw.outlier_idx.numel() if qw.outlier_idx is not None else 0
         mod = cls(k, n, qw.bits, qw.block_size, bias=bias is not None, n_outliers=n_out,
                   absmax_dtype=absmax.dtype, compute_dtype=compute_dtype, data_type=data_type,
-                  device=qw.qweight.device, cpu_cache=cpu_cache)
+                  device=qw.qweight.device, cpu_cache=cpu_cache, cpu_dtype=cpu_dtype)
         mod.qweight.copy_(qw.qweight)
         mod.absmax.copy_(absmax)
         mod.codebook.copy_(pad_codebook(qw.codebook, qw.bits))
@@ -81,10 +102,37 @@ class KbitLinear(nn.Module):
         # codebook and absmax keep their dtype under model.half()/.to(dtype); they follow devices
         self._w_cache = None
         keep = {name: self._buffers[name] for name in _FIXED_DTYPE_BUFFERS}
+        dense = self._buffers["dense_weight"]
         super()._apply(fn, recurse)
         for name, t in keep.items():
             self._buffers[name] = t.to(self._buffers[name].device)
+        if dense is not None:  # keeps its 16-bit dtype too
+            self._buffers["dense_weight"] = dense.to(self._buffers["dense_weight"].device)
         return self
+
+    @property
+    def packed_released(self) -> bool:
+        return self.dense_weight is not None
+
+    def release_packed(self, dtype: torch.dtype | None = None) -> KbitLinear:
+        """Keep only a dense copy of W (dtype: cpu_dtype) and free the packed buffers, so a CPU
+        model holds 16 bits per weight rather than 16 + k. Irreversible for this module."""
+        if self.dense_weight is None:
+            w = self.dequantize(dtype or self.cpu_dtype)
+            for name in ("qweight", "absmax", "outlier_weight"):
+                t = self._buffers[name]
+                self._buffers[name] = t.new_empty((0,) * t.dim())
+            self._buffers["outlier_idx"] = self.outlier_idx.new_empty(0)
+            self.dense_weight = w
+            self._w_cache = None
+        return self
+
+    def held_bytes(self) -> int:
+        """Bytes this module keeps resident for W (packed buffers, dense copies, bias)."""
+        n = sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
+        if self._w_cache is not None:
+            n += self._w_cache[1].numel() * self._w_cache[1].element_size()
+        return n
 
     def _outliers(self):
         if self.outlier_idx.numel():
@@ -93,6 +141,8 @@ class KbitLinear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The full (N, K) weight, outlier columns included (tests, CPU cache, export)."""
+        if self.dense_weight is not None:
+            return self.dense_weight.to(dtype)
         w = dequantize_packed(self.qweight, self.absmax, self.codebook, self.bits,
                               self.block_size, self.in_features)
         idx, ow = self._outliers()
@@ -108,9 +158,14 @@ class KbitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features) in x.dtype."""
-        if x.device.type == "cpu" and self.cpu_cache:
-            bias = self.bias.to(x.dtype) if self.bias is not None else None
-            return F.linear(x, self._cached_weight(x.dtype), bias)
+        if self.dense_weight is not None:
+            return dense_linear(x, self.dense_weight, self.bias)
+        if x.device.type == "cpu":
+            if self.cpu_mode == "dense":
+                return dense_linear(x, self._cached_weight(self.cpu_dtype), self.bias)
+            # packed: a temporary W, one layer at a time (activation dtype, or fp32 for fp16
+            # activations: the CPU's fp16 GEMV gains nothing over a cast)
+            return dense_linear(x, self.dequantize(torch.float32), self.bias)
         idx, ow = self._outliers()
         return kbit_linear(x, self.qweight, self.absmax, self.codebook, self.bias, idx, ow,
                            self.bits, self.block_size, self.in_features)
@@ -126,7 +181,7 @@ class KbitLinear(nn.Module):
 def replace_linears(model: nn.Module,
                     quantized: dict[str, QuantizedWeight | tuple[QuantizedWeight, Tensor | None]],
                     compute_dtype: torch.dtype = torch.float16, data_type: str | None = None,
-                    cpu_cache: bool = True) -> list[str]:
+                    cpu_cache: bool = True, cpu_dtype: torch.dtype | None = None) -> list[str]:
     """Swap the nn.Linear modules named in `quantized` for KbitLinears; returns the names swapped.
 
     A value is a QuantizedWeight (the bias is taken from the module being replaced) or a
@@ -145,7 +200,7 @@ def replace_linears(model: nn.Module,
                              f"the linear's is {tuple(old.weight.shape)}")
         if not isinstance(value, tuple) and old.bias is not None and old.bias.device.type != "meta":
             bias = old.bias.detach()
-        new = KbitLinear.from_quantized(qw, bias, compute_dtype, data_type, cpu_cache)
+        new = KbitLinear.from_quantized(qw, bias, compute_dtype, data_type, cpu_cache, cpu_dtype)
         setattr(parent, child, new)
         done.append(name)
     return done

@@ -25,6 +25,10 @@ from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_
                                 why_not_native)
 
 BACKENDS = ("auto", "native", "transformers")
+# What a CPU KbitLinear holds: a dense copy in fp16 (default) / bf16 / fp32 with the packed buffers
+# freed, or only the packed codes, dequantized layer by layer at each call ("packed", --low-memory)
+CPU_WEIGHTS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+               "packed": None}
 # checkpoint tensors that are not weights (transformers' buffers some old checkpoints carry)
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", ".masked_bias")
 # modules stored (in, out) by GPT-2's Conv1D when kept unquantized (quantized ones are (out, in))
@@ -48,6 +52,7 @@ class LoadedModel:
     quant_label: str
     path: Path | None = None
     note: str | None = None  # why this backend, when it was chosen automatically
+    cpu_weights: str | None = None  # what CPU KbitLinears hold (CPU_WEIGHTS); None on CUDA
 
 
 # ------------------------------------------------------------------------------------- devices
@@ -93,16 +98,42 @@ def hf_config(config: dict):
 
 # ------------------------------------------------------------------------------------- linears
 
-def kbit_linear(qw, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def kbit_linear(qw, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device,
+                cpu_weights: str = "fp16") -> nn.Module:
+    """A KbitLinear on `device`; on the CPU holding what `cpu_weights` says (CPU_WEIGHTS)."""
     if getattr(qw, "planes", None) is not None:  # any-precision, widths chosen per call
         from kbitrt.runtime.any_precision import multi_width_linear
         return multi_width_linear(qw, bias, dtype, device)
+    from kbitrt.runtime.linear import KbitLinear
+
+    packed = cpu_weights == "packed"
+    layer = KbitLinear.from_quantized(qw, bias, compute_dtype=dtype, cpu_cache=not packed,
+                                      cpu_dtype=CPU_WEIGHTS[cpu_weights])
+    layer = layer.to(device)
+    if device.type == "cpu" and not packed:
+        layer.release_packed()
+    return layer
+
+
+def limit_heap_growth() -> None:
+    """glibc: serve allocations >= 128 KiB from mmap and give them back when freed. Loading
+    dequantizes layer after layer into temporaries of many sizes; with glibc's default adaptive
+    threshold they fragment the heap and the peak RSS measured ~600 MB above what the model holds
+    (SmolLM2, 2 cores). Harmless elsewhere (no glibc: nothing is done)."""
+    import ctypes
+    import ctypes.util
+
     try:
-        from kbitrt.runtime.linear import KbitLinear
-    except ImportError:  # TEMPORARY until kbitrt/runtime/linear.py lands: dequantize once
-        return plain_linear(qw.dequantize(dtype).to(device), bias)
-    layer = KbitLinear.from_quantized(qw, bias, compute_dtype=dtype)
-    return layer.to(device)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixed: disables the adaptive one)
+    except (OSError, AttributeError):
+        pass
+
+
+def check_cpu_weights(cpu_weights: str) -> str:
+    if cpu_weights not in CPU_WEIGHTS:
+        raise RunError(f"cpu weights {cpu_weights!r}: use one of {', '.join(CPU_WEIGHTS)}")
+    return cpu_weights
 
 
 def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -117,8 +148,9 @@ def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 class _Tensors:
     """Reads a source's tensors to the target device/dtype and remembers which were used."""
 
-    def __init__(self, source, device: torch.device, dtype: torch.dtype):
+    def __init__(self, source, device: torch.device, dtype: torch.dtype, cpu_weights: str = "fp16"):
         self.source, self.device, self.dtype = source, device, dtype
+        self.cpu_weights = cpu_weights
         self.quantized = set(source.quantized_modules)
         self.plain = set(source.plain_names)
         self.used: set[str] = set()
@@ -155,7 +187,7 @@ class _Tensors:
                 raise KbitFormatError(f"{_where(self.source)}: {name} is {tuple(qw.shape)}, "
                                       f"the config says {(out_f, in_f)}")
             self.used.add(name)
-            return kbit_linear(qw, b, self.dtype, self.device)
+            return kbit_linear(qw, b, self.dtype, self.device, self.cpu_weights)
         return plain_linear(self.get(f"{name}.weight", (out_f, in_f), transpose), b)
 
     def check_all_used(self) -> None:
@@ -173,13 +205,14 @@ def _where(source) -> str:
 
 # -------------------------------------------------------------------------------------- native
 
-def build_native(source, config, device: torch.device, dtype: torch.dtype) -> Decoder:
+def build_native(source, config, device: torch.device, dtype: torch.dtype,
+                 cpu_weights: str = "fp16") -> Decoder:
     """The generic decoder with every tensor of `source` (a KbitModel or the like) assigned."""
     args, spec = model_args(config), family_for(config)
     with torch.device("meta"):
         model = Decoder(args)
     names = checkpoint_names(spec, args.n_layers)
-    tensors = _Tensors(source, device, dtype)
+    tensors = _Tensors(source, device, dtype, cpu_weights)
     conv1d = _CONV1D.get(spec.name, ())
     for ours, module in list(model.named_modules()):
         if ours not in names:
@@ -265,19 +298,20 @@ class TransformersLM(nn.Module):
         return out.logits
 
 
-def build_transformers(source, config, device: torch.device, dtype: torch.dtype) -> TransformersLM:
+def build_transformers(source, config, device: torch.device, dtype: torch.dtype,
+                       cpu_weights: str = "fp16") -> TransformersLM:
     from transformers import AutoModelForCausalLM
 
     with _params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = _Tensors(source, device, dtype)
+    tensors = _Tensors(source, device, dtype, cpu_weights)
     for name in source.quantized_modules:
         module = model.get_submodule(name)
         qw = source.quantized(name)
         bias = getattr(module, "bias", None)
         b = tensors.get(f"{name}.bias", tuple(bias.shape)) if bias is not None else None
         tensors.used.add(name)
-        model.set_submodule(name, kbit_linear(qw, b, dtype, device))
+        model.set_submodule(name, kbit_linear(qw, b, dtype, device, cpu_weights))
     params = dict(model.named_parameters(remove_duplicate=False))
     for name in sorted(tensors.plain - tensors.used):
         if name in params:
@@ -312,15 +346,21 @@ def choose_backend(config, backend: str) -> tuple[str, str | None]:
 
 
 def build_model(source, device: str | torch.device = "auto", backend: str = "auto",
-                dtype: torch.dtype | None = None, tokenizer: Any = None) -> LoadedModel:
-    """A runnable model from a source with the KbitModel interface (on disk or in memory)."""
+                dtype: torch.dtype | None = None, tokenizer: Any = None,
+                cpu_weights: str = "fp16") -> LoadedModel:
+    """A runnable model from a source with the KbitModel interface (on disk or in memory).
+
+    cpu_weights (CPU only): fp16 (default) / bf16 / fp32 dense copies, or "packed" (low memory)."""
     device = device if isinstance(device, torch.device) else resolve_device(device)
+    check_cpu_weights(cpu_weights)
     dtype = dtype or default_dtype(device, source.config)
     config = hf_config(source.config)
     backend, note = choose_backend(config, backend)
     build = build_native if backend == "native" else build_transformers
+    if device.type == "cpu":
+        limit_heap_growth()
     with torch.no_grad():
-        model = build(source, config, device, dtype)
+        model = build(source, config, device, dtype, cpu_weights)
         # one token through, so one-time work (CPU dequant caches, kernel autotuning) is not
         # counted as prompt time later
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
@@ -331,7 +371,8 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
         model=model, tokenizer=tokenizer, backend=backend, device=device, dtype=dtype,
         config=source.config, max_positions=_max_positions(config),
         weight_bytes=sum(seen.values()), quant_label=source.quant.label,
-        path=getattr(source, "path", None), note=note)
+        path=getattr(source, "path", None), note=note,
+        cpu_weights=cpu_weights if device.type == "cpu" else None)
 
 
 def _max_positions(config) -> int | None:
@@ -343,17 +384,19 @@ def _max_positions(config) -> int | None:
 
 
 def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
-               dtype: torch.dtype | None = None, bits: int | str | None = None) -> LoadedModel:
+               dtype: torch.dtype | None = None, cpu_weights: str = "fp16",
+               bits: int | str | None = None) -> LoadedModel:
     """Open a kbit folder (or Hub repo id), validate it, and build a runnable model.
 
-    `bits`: the width of an any-precision model (K, or LO-HI to choose per call); see
-    kbitrt/runtime/any_precision.py."""
+    `cpu_weights`: what a quantized linear holds on the CPU (CPU_WEIGHTS); `bits`: the width of an
+    any-precision model (K, or LO-HI to choose per call); see kbitrt/runtime/any_precision.py."""
     from transformers import AutoTokenizer
 
     from kbitrt.format.reader import KbitModel
     from kbitrt.convert.source import resolve_model
 
     device_obj = resolve_device(device)  # fail on a bad device before reading anything
+    check_cpu_weights(cpu_weights)
     path = resolve_model(name)
     if not (Path(path) / "config.json").exists():
         raise KbitFormatError(f"{path} is not a kbit model: it has no config.json")
@@ -362,7 +405,7 @@ def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
         from kbitrt.runtime.any_precision import select_width
         source = select_width(source, bits)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return build_model(source, device_obj, backend, dtype, tokenizer)
+    return build_model(source, device_obj, backend, dtype, tokenizer, cpu_weights)
 
 
 # -------------------------------------------------------------------------------------- memory

@@ -1,0 +1,101 @@
+"""CPU matmul speed of the weight dtypes a CPU KbitLinear could hold (fp32, bf16, fp16) at decode
+shapes (M=1), over a model's worth of distinct weights (SmolLM2-135M: 30 layers of q, k, v, o,
+gate, up, down + the 49152 x 576 head), so the weights stream from memory as in a real decode.
+
+Both wall time and process CPU time are recorded: on a shared machine the CPU time is the steadier
+figure. Writes benchmarks/results/cpu_matmul-<threads>threads.json.
+
+    python benchmarks/cpu_matmul.py --threads 2 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+HEAD = (49152, 576)
+
+
+def variants():
+    out = {"fp32 F.linear": (torch.float32, lambda x, w: F.linear(x, w))}
+    for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        out[f"{name} F.linear"] = (dt, lambda x, w, dt=dt: F.linear(x.to(dt), w).float())
+        out[f"{name} mkldnn"] = (dt, lambda x, w, dt=dt: torch.ops.mkldnn._linear_pointwise(
+            x.to(dt), w, None, "none", [], "").float())
+    return out
+
+
+def run(layers: int, reps: int, head: bool) -> dict:
+    res = {}
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(n, k, generator=g) * 0.02 for _ in range(layers) for n, k in SHAPES]
+    if head:
+        base.append(torch.randn(*HEAD, generator=g) * 0.02)
+    x = {k: torch.randn(1, k, generator=g) for k in (576, 1536)}
+    ref = [F.linear(x[w.shape[1]], w) for w in base]
+    for name, (dt, fn) in variants().items():
+        ws = [w.to(dt) for w in base]
+        try:
+            outs = [fn(x[w.shape[1]], w) for w in ws]
+        except RuntimeError as e:
+            res[name] = {"error": str(e)[:200]}
+            continue
+        err = max(float((o - r).abs().max() / r.abs().max()) for o, r in zip(outs, ref))
+        walls, cpus = [], []
+        for _ in range(reps):
+            c0, t0 = time.process_time(), time.perf_counter()
+            for w in ws:
+                fn(x[w.shape[1]], w)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+        nbytes = sum(w.numel() * w.element_size() for w in ws)
+        res[name] = {"ms_per_token_wall": 1e3 * statistics.median(walls),
+                     "ms_per_token_wall_min": 1e3 * min(walls),
+                     "ms_per_token_cpu": 1e3 * statistics.median(cpus),
+                     "weight_mb": nbytes / 1e6,
+                     "gbps_at_min_wall": nbytes / min(walls) / 1e9, "max_rel_err": err}
+        del ws
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("-o", "--output", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with torch.no_grad():
+        run(2, 1, False)  # warm-up
+        res = run(args.layers, args.reps, True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
+    record = {"kind": "cpu_matmul", "machine": platform.processor() or platform.machine(),
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "threads": args.threads, "layers": args.layers, "reps": args.reps,
+              "torch": torch.__version__, "python": sys.version.split()[0], "commit": commit,
+              "loadavg_at_end": load, "results": res}
+    out = Path(args.output or ROOT / f"benchmarks/results/cpu_matmul-{args.threads}threads.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    for name, r in res.items():
+        print(f"{name:16s}", {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
