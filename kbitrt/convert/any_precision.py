@@ -111,22 +111,20 @@ class SplitTree:
         return torch.cat([self.codebooks[k] for k in range(self.min_bits, self.max_bits + 1)])
 
 
-def fit_splits(x: torch.Tensor, seed_codes: torch.Tensor, seed_codebook: torch.Tensor,
-               min_bits: int, max_bits: int) -> SplitTree:
-    """Upscale the seed codebook one bit at a time by splitting every bin with 2-means."""
+def fit_splits(x: torch.Tensor, seed_codebook: torch.Tensor, min_bits: int,
+               max_bits: int) -> SplitTree:
+    """Upscale the seed codebook one bit at a time by splitting every bin (the normalised values
+    `x` nearest to one level) with 2-means."""
     tree = SplitTree(min_bits, max_bits)
     cb = torch.empty(2**min_bits, dtype=torch.float32)
     cb[: seed_codebook.numel()] = seed_codebook.float()
     cb[seed_codebook.numel():] = seed_codebook.float().max()  # unused codes: keep it sorted
     tree.codebooks[min_bits] = cb
-    x = x.reshape(-1).float()
-    codes = seed_codes.reshape(-1).to(torch.int64)
-    order = torch.sort(x, stable=True).indices
-    x, codes = x[order], codes[order]
-    order = torch.sort(codes, stable=True).indices  # by code, then by value
-    x, codes = x[order].contiguous(), codes[order].contiguous()
+    # nearest rounding and every split are monotone in x, so sorting x sorts the codes too
+    x = x.reshape(-1).float().sort().values.contiguous()
+    codes = dtypes.nearest_index(x, seed_codebook).to(torch.int64)
     prefix = torch.cat([torch.zeros(1, dtype=torch.float64), x.double().cumsum(0)])
-    if x.numel() > 1 and not bool((x[1:] >= x[:-1]).all()):
+    if codes.numel() > 1 and not bool((codes[1:] >= codes[:-1]).all()):
         raise RuntimeError("seed codes are not monotone in the weights: the seed codebook is unsorted")
     for k in range(min_bits, max_bits):
         bounds = torch.searchsorted(codes, torch.arange(2**k + 1, dtype=torch.int64))
@@ -174,8 +172,7 @@ def quantize_any_precision(w: torch.Tensor, config: AnyPrecisionConfig) -> AnyPr
     sample = x.reshape(-1)[:: sample_positions(x.numel())].contiguous()
     cb = seed_codebook(config, sample)
     seed = dtypes.nearest_index(x.contiguous(), cb)
-    tree = fit_splits(sample, seed.reshape(-1)[:: sample_positions(x.numel())], cb,
-                      config.min_bits, config.max_bits)
+    tree = fit_splits(sample, cb, config.min_bits, config.max_bits)
     codes = tree.codes(x, seed)
     return AnyPrecisionWeight(pack_planes(codes, config.max_bits), codes, absmax, tree,
                               config.block_size)
@@ -248,7 +245,7 @@ class AnyPrecisionConverter(Converter):
             picks.append(x[(-r0 * k) % stride:: stride].clone())
         sample = torch.cat(picks).contiguous()
         cb = seed_codebook(cfg, sample)
-        tree = fit_splits(sample, dtypes.nearest_index(sample, cb), cb, cfg.min_bits, cfg.max_bits)
+        tree = fit_splits(sample, cb, cfg.min_bits, cfg.max_bits)
         # pass 2: parent codes, written plane by plane at their final offsets
         err = {b: 0.0 for b in cfg.widths}
         norm, pb = 0.0, -(-k // 8)

@@ -175,6 +175,12 @@ def _versions() -> dict:
     return {"kbitrt": kbitrt.__version__, "torch": torch.__version__}
 
 
+def model_under_test(name: str, device: str, default):
+    from kbitrt.sweep.any_precision import model_under_test as pick
+
+    return pick(name, device, default)
+
+
 def run_sweep(cells: list[Cell], opts: SweepOptions, results: Path,
               on_cell: Callable[[int, int, Cell, float | None, str | None], None] | None = None,
               ) -> SweepReport:
@@ -189,7 +195,7 @@ def run_sweep(cells: list[Cell], opts: SweepOptions, results: Path,
     for model in dict.fromkeys(c.model for c in todo):
         mine = [c for c in todo if c.model == model]
         try:
-            mut = ModelUnderTest(model, opts.device)
+            mut = model_under_test(model, opts.device, ModelUnderTest)  # sweep/any_precision.py
             texts, tasks = _inputs(mut, opts)
         except (KbitFormatError, OSError, ValueError) as e:
             report.failed_models[model] = str(e).splitlines()[0] if str(e) else type(e).__name__
