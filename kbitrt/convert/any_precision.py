@@ -328,7 +328,25 @@ def convert_any_precision(source: str | os.PathLike, output: str | os.PathLike,
             shutil.copyfile(f, tmp / f.name)
         report.seconds = time.perf_counter() - start
         write_model_card(tmp, cfg_json, report.to_json(), base_model=str(source))
+        with open(tmp / "README.md", "a") as f:
+            f.write(card_section(report.to_json(), config))
     return report
+
+
+def card_section(summary: dict, config: AnyPrecisionConfig) -> str:
+    """What the model card adds for an any-precision model: its widths and how to run them."""
+    lines = ["", "## Any-precision: one file, every width", "",
+             f"This folder stores {config.max_bits}-bit parent codes as bit planes (packing "
+             f"`bitplane-v1`); width k in {config.min_bits}..{config.max_bits} is read as the top k "
+             "bits, with its own codebook (Any-Precision LLM, Park et al., ICML 2024). Pick the "
+             "width at load time; transformers' `from_pretrained` does not serve this packing yet.",
+             "", "```bash", "kbit run <this repo or folder> --bits 4 -p \"The capital of France is\"",
+             "```", "", "| width | bits/param (quantized linears) | mean rel. weight error |",
+             "|---:|---:|---:|"]
+    for w in summary["widths"]:
+        lines.append(f"| {w['bits']} | {w['bits_per_param_quantized']:.4f} | "
+                     f"{w['mean_rel_weight_error']:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _numel(shape) -> int:
