@@ -297,5 +297,25 @@ def test_cli_run_at_any_width(tiny_llama_with_tokenizer, tmp_path):
     one_line_error(run("run", out, "-p", "x", "--bits", 9), "--bits 9")
 
 
+def test_cli_sweep_widths_of_one_file(tiny_llama_with_tokenizer, tmp_path):
+    out = tmp_path / "ap"
+    assert run("convert", tiny_llama_with_tokenizer, "-o", out, "--any-precision", "3-6").exit_code == 0
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    res = tmp_path / "r.jsonl"
+    r = run("sweep", "--models", out, "--bits", "3,4,6", "--ppl", text, "--seqlen", 64,
+            "--max-tokens", 256, "-o", res, "--json")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in res.read_text().splitlines()]
+    assert [(r["bits"], r["dtype"], r["block"]) for r in rows] == [(3, "nf", 64), (4, "nf", 64),
+                                                                     (6, "nf", 64)]
+    bpp = [r["bits_per_param"] for r in rows]
+    assert bpp[0] < bpp[1] < bpp[2]
+    ppl = {r["bits"]: next(iter(r["ppl"].values()))["perplexity"] for r in rows}
+    assert len(set(ppl.values())) == 3  # each width really ran
+    one_line_error(run("sweep", "--models", out, "--bits", "3,8", "--ppl", text, "-o", res),
+                   "--bits 8")
+
+
 if __name__ == "__main__" and "--regenerate" in sys.argv:
     GOLDEN.write_text(json.dumps(current(), indent=1) + "\n")

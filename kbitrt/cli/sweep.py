@@ -74,6 +74,7 @@ def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tok
     if summary_file:
         return show_summary(read_results(Path(summary_file)), as_json, metric)
     cells = parse_grid([m.strip() for m in models.split(",") if m.strip()], bits, block, dtypes, outliers)
+    cells = __import__("kbitrt.sweep.any_precision", fromlist=["adapt_cells"]).adapt_cells(cells)
     if shard:
         cells = shard_cells(cells, *parse_shard(shard))
     opts = SweepOptions(ppl=list(ppl), tasks=[t for t in tasks.split(",") if t.strip()], seqlen=seqlen,

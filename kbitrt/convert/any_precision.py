@@ -103,22 +103,20 @@ class SplitTree:
         return torch.cat([self.codebooks[k] for k in range(self.min_bits, self.max_bits + 1)])
 
 
-def fit_splits(x: torch.Tensor, seed_codes: torch.Tensor, seed_codebook: torch.Tensor,
-               min_bits: int, max_bits: int) -> SplitTree:
-    """Upscale the seed codebook one bit at a time by splitting every bin with 2-means."""
+def fit_splits(x: torch.Tensor, seed_codebook: torch.Tensor, min_bits: int,
+               max_bits: int) -> SplitTree:
+    """Upscale the seed codebook one bit at a time by splitting every bin (the normalised values
+    `x` nearest to one level) with 2-means."""
     tree = SplitTree(min_bits, max_bits)
     cb = torch.empty(2**min_bits, dtype=torch.float32)
     cb[: seed_codebook.numel()] = seed_codebook.float()
     cb[seed_codebook.numel():] = seed_codebook.float().max()  # unused codes: keep it sorted
     tree.codebooks[min_bits] = cb
-    x = x.reshape(-1).float()
-    codes = seed_codes.reshape(-1).to(torch.int64)
-    order = torch.sort(x, stable=True).indices
-    x, codes = x[order], codes[order]
-    order = torch.sort(codes, stable=True).indices  # by code, then by value
-    x, codes = x[order].contiguous(), codes[order].contiguous()
+    # nearest rounding and every split are monotone in x, so sorting x sorts the codes too
+    x = x.reshape(-1).float().sort().values.contiguous()
+    codes = dtypes.nearest_index(x, seed_codebook).to(torch.int64)
     prefix = torch.cat([torch.zeros(1, dtype=torch.float64), x.double().cumsum(0)])
-    if x.numel() > 1 and not bool((x[1:] >= x[:-1]).all()):
+    if codes.numel() > 1 and not bool((codes[1:] >= codes[:-1]).all()):
         raise RuntimeError("seed codes are not monotone in the weights: the seed codebook is unsorted")
     for k in range(min_bits, max_bits):
         bounds = torch.searchsorted(codes, torch.arange(2**k + 1, dtype=torch.int64))
@@ -166,8 +164,7 @@ def quantize_any_precision(w: torch.Tensor, config: AnyPrecisionConfig) -> AnyPr
     sample = x.reshape(-1)[:: sample_positions(x.numel())].contiguous()
     cb = seed_codebook(config, sample)
     seed = dtypes.nearest_index(x.contiguous(), cb)
-    tree = fit_splits(sample, seed.reshape(-1)[:: sample_positions(x.numel())], cb,
-                      config.min_bits, config.max_bits)
+    tree = fit_splits(sample, cb, config.min_bits, config.max_bits)
     codes = tree.codes(x, seed)
     return AnyPrecisionWeight(pack_planes(codes, config.max_bits), codes, absmax, tree,
                               config.block_size)
@@ -196,6 +193,10 @@ class AnyPrecisionConverter(Converter):
 
     config: AnyPrecisionConfig
     report_class = AnyPrecisionReport
+
+    def finish_folder(self, folder, report: AnyPrecisionReport) -> None:
+        with open(folder / "README.md", "a") as f:
+            f.write(card_section(report.to_json(), self.config))
 
     def finish_report(self, report: AnyPrecisionReport) -> None:
         config = self.config
@@ -250,7 +251,7 @@ class AnyPrecisionConverter(Converter):
             picks.append(x[(-r0 * k) % stride:: stride].clone())
         sample = torch.cat(picks).contiguous()
         cb = seed_codebook(cfg, sample)
-        tree = fit_splits(sample, dtypes.nearest_index(sample, cb), cb, cfg.min_bits, cfg.max_bits)
+        tree = fit_splits(sample, cb, cfg.min_bits, cfg.max_bits)
         # pass 2: parent codes, written plane by plane at their final offsets
         err = {b: 0.0 for b in cfg.widths}
         norm, pb = 0.0, -(-k // 8)
@@ -303,6 +304,22 @@ def convert_any_precision(source: str | os.PathLike, output: str | os.PathLike,
                           config: AnyPrecisionConfig, **options) -> AnyPrecisionReport:
     """`kbit convert SRC -o OUT --any-precision LO-HI`: streaming and atomic, as `convert`."""
     return convert(source, output, config, converter=AnyPrecisionConverter, **options)
+
+
+def card_section(summary: dict, config: AnyPrecisionConfig) -> str:
+    """What the model card adds for an any-precision model: its widths and how to run them."""
+    lines = ["", "## Any-precision: one file, every width", "",
+             f"This folder stores {config.max_bits}-bit parent codes as bit planes (packing "
+             f"`bitplane-v1`); width k in {config.min_bits}..{config.max_bits} is read as the top k "
+             "bits, with its own codebook (Any-Precision LLM, Park et al., ICML 2024). Pick the "
+             "width at load time; transformers' `from_pretrained` does not serve this packing yet.",
+             "", "```bash", "kbit run <this repo or folder> --bits 4 -p \"The capital of France is\"",
+             "```", "", "| width | bits/param (quantized linears) | mean rel. weight error |",
+             "|---:|---:|---:|"]
+    for w in summary["widths"]:
+        lines.append(f"| {w['bits']} | {w['bits_per_param_quantized']:.4f} | "
+                     f"{w['mean_rel_weight_error']:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def cli_config(text: str, ctx=None, **options) -> AnyPrecisionConfig:

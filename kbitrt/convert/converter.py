@@ -251,6 +251,9 @@ class Converter:
     def finish_report(self, report: ConversionReport) -> None:
         """Add what a subclass measures to the report once every tensor is written."""
 
+    def finish_folder(self, folder: Path, report: ConversionReport) -> None:
+        """Add what a subclass writes beside the model card, before the folder moves into place."""
+
     def output_config(self) -> dict:
         cfg = dict(self.raw_config)
         qc = self.config.to_json()
@@ -437,6 +440,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantC
             shutil.copyfile(f, tmp / f.name)
         report.seconds = time.perf_counter() - start
         write_model_card(tmp, conv.output_config(), report.to_json(), base_model=str(source))
+        conv.finish_folder(tmp, report)
     return report
 
 

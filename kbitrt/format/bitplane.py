@@ -137,17 +137,25 @@ def codebooks_len(min_bits: int, max_bits: int) -> int:
 
 
 def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 (N, K) codes < 2^bits -> uint8 (bits, N, ceil(K/8)), most significant plane first."""
+    """uint8 (N, K) codes < 2^bits -> uint8 (bits, N, ceil(K/8)), most significant plane first.
+
+    On int64 words of 8 codes: each plane's bit is masked to bit 0 of every byte, then OR-ing the
+    word with itself shifted right by 7, 14 and 28 bits gathers the 8 bits into its first byte
+    (as a 1-bit slice of packing.pack_padded); a strided copy keeps every 8th byte.
+    """
     n, k = codes.shape
     kp = packing.padded_len(k)
-    c = codes.to(torch.int32)
+    c = codes.to(torch.uint8)
     if kp != k:
         c = torch.nn.functional.pad(c, (0, kp - k))
-    c = c.view(n, kp // 8, 8)
-    weights = (1 << torch.arange(8, dtype=torch.int32, device=codes.device))
+    words = c.contiguous().view(torch.int64)  # (N, Kp/8), code j of a word in its byte j
     out = torch.empty(bits, n, kp // 8, dtype=torch.uint8, device=codes.device)
     for j in range(bits):
-        out[j] = (((c >> (bits - 1 - j)) & 1) * weights).sum(-1).to(torch.uint8)
+        v = (words >> (bits - 1 - j)) & 0x0101010101010101
+        v |= v >> 7
+        v |= v >> 14
+        v |= v >> 28
+        out[j] = v.view(torch.uint8).view(n, kp // 8, 8)[:, :, 0]
     return out
 
 

@@ -29,6 +29,10 @@ class KbitConfig(QuantizationConfigMixin):
 
     def __init__(self, **kwargs):
         kwargs.setdefault("quant_method", "kbit")
+        if kwargs.get("packing") == "bitplane-v1":  # docs/any_precision.md
+            raise KbitFormatError("an any-precision (bitplane-v1) kbit model: load it with "
+                                  "kbitrt.runtime.loader.load_model(path, bits=K); "
+                                  "transformers' from_pretrained does not serve it yet")
         QuantConfig.from_json(kwargs)  # refuses unknown format versions and packings
         self.__dict__.update(kwargs)
 

@@ -178,7 +178,7 @@ def _versions() -> dict:
 
 def open_model(model: str, opts: SweepOptions) -> tuple[ModelUnderTest, dict, dict]:
     """The model of a run of cells, with its tokenized texts and tasks (shared by its cells)."""
-    mut = ModelUnderTest(model, opts.device)
+    mut = model_under_test(model, opts.device, ModelUnderTest)  # sweep/any_precision.py
     texts, tasks = _inputs(mut, opts)
     return mut, texts, tasks
 
@@ -204,6 +204,12 @@ def append_row(results: Path, row: dict) -> None:
         f.write(json.dumps(row, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def model_under_test(name: str, device: str, default):
+    from kbitrt.sweep.any_precision import model_under_test as pick
+
+    return pick(name, device, default)
 
 
 def run_sweep(cells: list[Cell], opts: SweepOptions, results: Path,

@@ -1,0 +1,151 @@
+"""Any-precision fidelity on SmolLM2-135M-Instruct: every width of one nested model beside the
+directly converted model of the same data type and block size.
+
+For each width k, every nn.Linear of the decoder layers is replaced by (a) width k of the
+any-precision model (kbitrt.convert.any_precision.quantize_any_precision, the converter's
+algorithm: each of these tensors is below the 2^22-value fit sample, so it is exactly what
+`kbit convert --any-precision` writes) and (b) the direct k-bit conversion (quantize_weight), both
+dequantized into the fp32 model. lm_head and embeddings stay fp32.
+
+Protocol `gptq` on the shared dev text: tokenized once, non-overlapping windows of --seqlen tokens,
+tail dropped, mean NLL over every predicted token, exp. The standard error of the perplexity
+ratio (any-precision / direct) is paired per token: SE of the mean per-token NLL difference,
+ratio = exp(mean diff). Sizes are the bytes of the quantized linears' stored tensors.
+
+    python benchmarks/any_precision_fidelity.py --windows 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kbitrt.convert.any_precision import quantize_any_precision  # noqa: E402
+from kbitrt.format.bitplane import AnyPrecisionConfig  # noqa: E402
+from kbitrt.format.blockwise import quantize_weight  # noqa: E402
+from kbitrt.format.config import QuantConfig  # noqa: E402
+
+DATA = Path("/work/shared/data/wiki_en_dev.txt")
+OUT = ROOT / "benchmarks/results/any_precision-smollm2-cpu.json"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@torch.inference_mode()
+def token_nll(model, windows: torch.Tensor) -> torch.Tensor:
+    """float64 NLL of every predicted token of the (n, seqlen) windows, in order."""
+    out = []
+    for row in windows:
+        logits = model(row[None]).logits.float()
+        out.append(torch.nn.functional.cross_entropy(logits[0, :-1], row[1:], reduction="none"))
+    return torch.cat(out).double()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--windows", type=int, default=0, help="use only the first N windows (0: all)")
+    ap.add_argument("--dtype", default="nf")
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--widths", default="3-8")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args()
+    lo, hi = (int(v) for v in args.widths.split("-"))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kbitrt.convert.gguf import ensure_smollm2
+
+    path = ensure_smollm2()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tok(DATA.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    n_all = ids.numel() // args.seqlen
+    n_win = min(args.windows, n_all) if args.windows else n_all
+    windows = ids[: n_win * args.seqlen].view(n_win, args.seqlen)
+    print(f"{ids.numel()} tokens, {n_win}/{n_all} windows of {args.seqlen}", flush=True)
+
+    linears = {n: m for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)}
+    original = {n: m.weight.detach().clone() for n, m in linears.items()}
+    cfg = AnyPrecisionConfig(bits=hi, block_size=args.block, dtype=args.dtype, min_bits=lo,
+                             max_bits=hi)
+    t0 = time.perf_counter()
+    ap_q = {n: quantize_any_precision(w, cfg) for n, w in original.items()}
+    ap_seconds = time.perf_counter() - t0
+    ap_bytes = sum(q.planes.numel() + q.absmax.numel() * 2 + 4 * q.tree.packed_codebooks().numel()
+                   + 16 for q in ap_q.values())
+
+    result = {"model": "SmolLM2-135M-Instruct (fp32)", "dtype": args.dtype, "block": args.block,
+              "widths": [lo, hi],
+              "protocol": {"name": "gptq", "text": DATA.name, "seqlen": args.seqlen,
+                           "windows": n_win, "windows_available": n_all,
+                           "predicted_tokens": n_win * (args.seqlen - 1)},
+              "any_precision_quantize_seconds": round(ap_seconds, 1),
+              "any_precision_linear_bytes": ap_bytes, "rows": [],
+              "device": {"cpu": platform.processor() or platform.machine(),
+                         "threads": torch.get_num_threads()},
+              "versions": {"python": platform.python_version(), "torch": torch.__version__},
+              "commit": git_commit()}
+    base = token_nll(model, windows)
+    result["fp32_ppl"] = math.exp(base.mean().item())
+    print("fp32", result["fp32_ppl"], flush=True)
+    direct_sum = 0
+    for k in range(lo, hi + 1):
+        row = {"bits": k}
+        nll = {}
+        for kind in ("any_precision", "direct"):
+            errs, nbytes = [], 0
+            for n, m in linears.items():
+                w = original[n]
+                if kind == "direct":
+                    q = quantize_weight(w, QuantConfig(bits=k, block_size=args.block, dtype=args.dtype))
+                    deq = q.dequantize()
+                    nbytes += q.qweight.numel() + q.absmax.numel() * 2 + 4 * q.codebook.numel() + 16
+                else:
+                    deq = ap_q[n].dequantize(k)
+                errs.append(((deq - w).norm() / w.norm()).item())
+                m.weight.data.copy_(deq)
+            t = time.perf_counter()
+            nll[kind] = token_nll(model, windows)
+            row[kind] = {"ppl": math.exp(nll[kind].mean().item()),
+                         "rel_weight_error": sum(errs) / len(errs),
+                         "seconds": round(time.perf_counter() - t, 1)}
+            if kind == "direct":
+                row[kind]["linear_bytes"] = nbytes
+                direct_sum += nbytes
+        d = nll["any_precision"] - nll["direct"]
+        se = d.std().item() / math.sqrt(d.numel())
+        row["ppl_ratio"] = math.exp(d.mean().item())
+        row["ppl_ratio_se"] = row["ppl_ratio"] * se  # delta method
+        row["target"] = 1.10 if k == 3 else 1.03
+        row["meets_target"] = row["ppl_ratio"] <= row["target"]
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        result["direct_linear_bytes_sum"] = direct_sum
+        result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    for n, m in linears.items():
+        m.weight.data.copy_(original[n])
+
+
+if __name__ == "__main__":
+    main()
