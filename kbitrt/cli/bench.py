@@ -29,12 +29,15 @@ from rich.table import Table
               show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the decode step (default: on for cuda).")
+@click.option("--device-map", default=None, help="Split the model over devices: auto, balanced, "
+              "sequential or a JSON file (see docs/scaling.md).")
+@click.option("--max-memory", default=None, help="Per-device budget, e.g. 0=20GiB,cpu=60GiB.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON record file (default: <model>/bench-<timestamp>.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record on stdout.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the table as CSV on stdout.")
 def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backend, compile_,
-              output, as_json, as_csv):
+              device_map, max_memory, output, as_json, as_csv):
     """Prefill and decode tokens/s of MODEL (kbit or plain HF folder), mean ± std over reps.
 
     \b
@@ -58,7 +61,8 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
         sys.exit(2)
     try:
         with err.status(f"loading {model}", spinner="dots"):
-            lm = open_model(model, device=device, backend=backend)
+            lm = open_model(model, device=device, backend=backend, device_map=device_map,
+                            max_memory=max_memory)
         params = count_params(lm.model)
         record = {"kind": "bench", **environment(lm.device), "model": model_record(model, lm),
                   "params": params, "bits_per_param": 8 * lm.weight_bytes / params,

@@ -46,9 +46,14 @@ def _fail(message: str) -> None:
               help="Activation dtype (auto: fp32 on cpu, the model's bf16/fp16 on cuda).")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the decode step (default: on for cuda).")
+@click.option("--device-map", default=None, help="Split the model over devices: auto, balanced, "
+              "sequential or a JSON file {unit or module: device} (see docs/scaling.md).")
+@click.option("--max-memory", default=None, help="Per-device budget for --device-map, e.g. "
+              "0=20GiB,cpu=60GiB (accelerate's syntax).")
 @click.option("--json", "as_json", is_flag=True, help="Print results and stats as JSON.")
 def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, top_p,
-            repetition_penalty, seed, stops, device, backend, dtype, compile_, as_json):
+            repetition_penalty, seed, stops, device, backend, dtype, compile_, device_map,
+            max_memory, as_json):
     """Generate text with a kbit model (a folder or a Hub repo id).
 
     \b
@@ -78,7 +83,8 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
         from kbitrt.runtime.loader import load_model
 
         with err.status(f"loading {model}", spinner="dots"):
-            lm = load_model(model, device=device, backend=backend, dtype=DTYPES[dtype])
+            lm = load_model(model, device=device, backend=backend, dtype=DTYPES[dtype],
+                            device_map=device_map, max_memory=max_memory)
         if lm.note and not as_json:
             err.print(f"[yellow]note:[/] {lm.note}")
         compile_mode = "auto" if compile_ is None else compile_

@@ -30,6 +30,8 @@ class EvalOptions:
     num_fewshot: int = 0
     device: str = "auto"
     backend: str = "auto"
+    device_map: str | None = None  # auto, balanced, sequential or a JSON file (runtime/placement.py)
+    max_memory: str | None = None  # 0=20GiB,cpu=60GiB
     progress: bool = True
 
     def check(self) -> None:
@@ -60,7 +62,8 @@ def evaluate_model(name: str, opts: EvalOptions, record: dict, save: Callable[[]
     from kbitrt.eval.model_open import open_model
 
     t0 = time.perf_counter()
-    lm = open_model(name, device=opts.device, backend=opts.backend)
+    lm = open_model(name, device=opts.device, backend=opts.backend, device_map=opts.device_map,
+                    max_memory=opts.max_memory)
     record["model"] = model_record(name, lm)
     record["model"]["load_seconds"] = time.perf_counter() - t0
     if lm.note:

@@ -309,15 +309,28 @@ def choose_backend(config, backend: str) -> tuple[str, str | None]:
 
 
 def build_model(source, device: str | torch.device = "auto", backend: str = "auto",
-                dtype: torch.dtype | None = None, tokenizer: Any = None) -> LoadedModel:
-    """A runnable model from a source with the KbitModel interface (on disk or in memory)."""
-    device = device if isinstance(device, torch.device) else resolve_device(device)
-    dtype = dtype or default_dtype(device, source.config)
+                dtype: torch.dtype | None = None, tokenizer: Any = None,
+                device_map: str | dict | None = None, max_memory: str | dict | None = None,
+                ) -> LoadedModel:
+    """A runnable model from a source with the KbitModel interface (on disk or in memory);
+    `device_map`/`max_memory` split it over devices (runtime/placement.py)."""
     config = hf_config(source.config)
     backend, note = choose_backend(config, backend)
     build = build_native if backend == "native" else build_transformers
+    placed = None
+    if device_map is not None:  # placement hook (issue 14)
+        from kbitrt.runtime.placement import build_placed
+
+        placed, dtype = build_placed(source, config, backend, build, device, dtype, device_map,
+                                     max_memory, default_dtype)
+        model = placed.model if backend == "native" else TransformersLM(placed.model)
+        device, note = placed.device, "; ".join(filter(None, (note, placed.note)))
+    else:
+        device = device if isinstance(device, torch.device) else resolve_device(device)
+        dtype = dtype or default_dtype(device, source.config)
     with torch.no_grad():
-        model = build(source, config, device, dtype)
+        if placed is None:
+            model = build(source, config, device, dtype)
         # one token through, so one-time work (CPU dequant caches, kernel autotuning) is not
         # counted as prompt time later
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
@@ -327,7 +340,7 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
     return LoadedModel(
         model=model, tokenizer=tokenizer, backend=backend, device=device, dtype=dtype,
         config=source.config, max_positions=_max_positions(config),
-        weight_bytes=sum(seen.values()), quant_label=source.quant.label,
+        weight_bytes=placed.weight_bytes if placed else sum(seen.values()), quant_label=source.quant.label,
         path=getattr(source, "path", None), note=note)
 
 
@@ -340,7 +353,8 @@ def _max_positions(config) -> int | None:
 
 
 def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
-               dtype: torch.dtype | None = None) -> LoadedModel:
+               dtype: torch.dtype | None = None, device_map: str | dict | None = None,
+               max_memory: str | dict | None = None) -> LoadedModel:
     """Open a kbit folder (or Hub repo id), validate it, and build a runnable model."""
     from transformers import AutoTokenizer
 
@@ -353,7 +367,8 @@ def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
         raise KbitFormatError(f"{path} is not a kbit model: it has no config.json")
     source = KbitModel.open(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return build_model(source, device_obj, backend, dtype, tokenizer)
+    return build_model(source, device if device_map is not None else device_obj, backend, dtype,
+                       tokenizer, device_map, max_memory)
 
 
 # -------------------------------------------------------------------------------------- memory
