@@ -34,6 +34,9 @@ from rich.table import Table
 @click.option("--cpu-weights", type=click.Choice(["fp16", "bf16", "fp32", "packed"]),
               default=None, help="CPU: what a quantized linear holds (default fp16; packed is "
               "--low-memory).")
+@click.option("--device-map", default=None, help="Split the model over devices: auto, balanced, "
+              "sequential or a JSON file (see docs/scaling.md).")
+@click.option("--max-memory", default=None, help="Per-device budget, e.g. 0=20GiB,cpu=60GiB.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON record file (default: <model>/bench-<timestamp>.json).")
 @click.option("--bits", default=None, help="Any-precision models: the width K (reads only K "
@@ -41,7 +44,7 @@ from rich.table import Table
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record on stdout.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the table as CSV on stdout.")
 def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backend, compile_,
-              low_memory, cpu_weights, output, as_json, as_csv, bits=None):
+              low_memory, cpu_weights, device_map, max_memory, output, as_json, as_csv, bits=None):
     """Prefill and decode tokens/s of MODEL (kbit or plain HF folder), mean ± std over reps.
 
     \b
@@ -75,7 +78,7 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
     try:
         with err.status(f"loading {model}", spinner="dots"):
             lm = open_model(model, device=device, backend=backend, cpu_weights=cpu_weights,
-                            bits=bits)
+                            bits=bits, device_map=device_map, max_memory=max_memory)
         params = count_params(lm.model)
         record = {"kind": "bench", **environment(lm.device), "model": model_record(model, lm),
                   "params": params, "bits_per_param": 8 * lm.weight_bytes / params,

@@ -43,13 +43,18 @@ def _csv(values: tuple[str, ...]) -> list[str]:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "native", "transformers"]), default="auto",
               show_default=True)
+@click.option("--device-map", default=None, help="Split the model over devices: auto, balanced, "
+              "sequential or a JSON file {unit or module: device} (see docs/scaling.md).")
+@click.option("--max-memory", default=None, help="Per-device budget for --device-map, e.g. "
+              "0=20GiB,cpu=60GiB (accelerate's syntax).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON record file (default: <model>/eval-<timestamp>.json).")
 @click.option("--bits", default=None, help="Any-precision models: the width K (reads only K "
               "bit planes), or LO-HI to keep those widths resident.")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record on stdout.")
 def eval_cmd(model, ppl, tasks, seqlen, protocol, stride, max_tokens, limit, batch_size,
-             num_fewshot, baseline, device, backend, output, as_json, bits=None):
+             num_fewshot, baseline, device, backend, device_map, max_memory, output, as_json,
+             bits=None):
     """Evaluate MODEL (a kbit folder, a plain HF folder, or a Hub id).
 
     \b
@@ -71,7 +76,8 @@ def eval_cmd(model, ppl, tasks, seqlen, protocol, stride, max_tokens, limit, bat
     opts = EvalOptions(ppl=ppl_list, tasks=task_list, seqlen=seqlen, protocol=protocol,
                        stride=stride, max_tokens=max_tokens, limit=limit, batch_size=batch_size,
                        num_fewshot=num_fewshot, device=device, backend=backend,
-                       progress=sys.stderr.isatty(), bits=bits)
+                       device_map=device_map, max_memory=max_memory, progress=sys.stderr.isatty(),
+                       bits=bits)
     try:
         record = run_eval(model, opts, baseline, output,
                           log=lambda s: err.print(f"[dim]{s}[/]") if not as_json else None)

@@ -53,10 +53,14 @@ def _fail(message: str) -> None:
 @click.option("--cpu-weights", type=click.Choice(["fp16", "bf16", "fp32", "packed"]),
               default=None, help="CPU: what a quantized linear holds (default fp16; packed is "
               "--low-memory).")
+@click.option("--device-map", default=None, help="Split the model over devices: auto, balanced, "
+              "sequential or a JSON file {unit or module: device} (see docs/scaling.md).")
+@click.option("--max-memory", default=None, help="Per-device budget for --device-map, e.g. "
+              "0=20GiB,cpu=60GiB (accelerate's syntax).")
 @click.option("--json", "as_json", is_flag=True, help="Print results and stats as JSON.")
 def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, top_p,
             repetition_penalty, seed, stops, device, backend, dtype, compile_, low_memory,
-            cpu_weights, as_json, bits=None):
+            cpu_weights, device_map, max_memory, as_json, bits=None):
     """Generate text with a kbit model (a folder or a Hub repo id).
 
     \b
@@ -90,7 +94,8 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
 
         with err.status(f"loading {model}", spinner="dots"):
             lm = load_model(model, device=device, backend=backend, dtype=DTYPES[dtype],
-                            cpu_weights=cpu_weights, bits=bits)
+                            cpu_weights=cpu_weights, bits=bits, device_map=device_map,
+                            max_memory=max_memory)
         if lm.note and not as_json:
             err.print(f"[yellow]note:[/] {lm.note}")
         compile_mode = "auto" if compile_ is None else compile_

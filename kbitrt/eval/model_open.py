@@ -19,16 +19,23 @@ def is_kbit(path: Path) -> bool:
 
 def open_model(name: str, device: str = "auto", backend: str = "auto",
                dtype: torch.dtype | None = None, cpu_weights: str = "fp16",
-               bits: int | str | None = None) -> LoadedModel:
+               bits: int | str | None = None, device_map: str | None = None,
+               max_memory: str | None = None) -> LoadedModel:
     """A kbit folder or Hub id through load_model (cpu_weights: what its CPU linears hold; bits:
-    an any-precision model's width); anything else through transformers."""
+    an any-precision model's width; device_map/max_memory: placement over devices); anything
+    else through transformers."""
     from kbitrt.convert.source import resolve_model
 
     device_obj = resolve_device(device)
     path = resolve_model(name)
     if is_kbit(path):
         return load_model(path, device=str(device_obj), backend=backend, dtype=dtype,
-                          cpu_weights=cpu_weights, bits=bits)
+                          cpu_weights=cpu_weights, bits=bits, device_map=device_map,
+                          max_memory=max_memory)
+    if device_map is not None:  # placement hook (issue 14): accelerate splits the plain model
+        from kbitrt.runtime.placement import load_hf_placed
+
+        return wrap_hf(*load_hf_placed(path, device, dtype, device_map, max_memory, default_dtype), path)
     return load_hf(path, device_obj, dtype)
 
 
@@ -69,5 +76,5 @@ def count_params(model: torch.nn.Module) -> int:
             total += module.in_features * module.out_features
             total += module.bias.numel() if module.bias is not None else 0
         for p in module.parameters(recurse=False):
-            seen[p.data_ptr()] = p.numel()  # tied weights once
+            seen[p.data_ptr() if not p.is_meta else id(p)] = p.numel()  # tied weights once
     return total + sum(seen.values())

@@ -32,6 +32,8 @@ class EvalOptions:
     device: str = "auto"
     backend: str = "auto"
     cpu_weights: str = "fp16"  # CPU: dense fp16/bf16/fp32 copies, or packed (--low-memory)
+    device_map: str | None = None  # auto, balanced, sequential or a JSON file (runtime/placement.py)
+    max_memory: str | None = None  # 0=20GiB,cpu=60GiB
     progress: bool = True
     bits: int | str | None = None  # width of an any-precision model (runtime/any_precision.py)
 
@@ -64,7 +66,7 @@ def evaluate_model(name: str, opts: EvalOptions, record: dict, save: Callable[[]
 
     t0 = time.perf_counter()
     lm = open_model(name, device=opts.device, backend=opts.backend, cpu_weights=opts.cpu_weights,
-                    bits=opts.bits)
+                    bits=opts.bits, device_map=opts.device_map, max_memory=opts.max_memory)
     record["model"] = model_record(name, lm)
     record["model"]["load_seconds"] = time.perf_counter() - t0
     if lm.note:

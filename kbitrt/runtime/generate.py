@@ -202,7 +202,8 @@ def decode_step(lm: LoadedModel, compile: bool | str):
     """The function one decode step calls: compiled with CUDA graphs on CUDA (native backend)."""
     model = lm.model
     want = compile is True or (compile == "auto" and lm.device.type == "cuda")
-    if not want or lm.device.type != "cuda" or lm.backend != "native":
+    if not want or lm.device.type != "cuda" or lm.backend != "native" \
+            or getattr(model, "device_map", None):  # hooks hand activations over: no CUDA graphs
         return model, False
     return torch.compile(model, mode="reduce-overhead", fullgraph=False, dynamic=False), True
 

@@ -347,20 +347,32 @@ def choose_backend(config, backend: str) -> tuple[str, str | None]:
 
 def build_model(source, device: str | torch.device = "auto", backend: str = "auto",
                 dtype: torch.dtype | None = None, tokenizer: Any = None,
-                cpu_weights: str = "fp16") -> LoadedModel:
+                cpu_weights: str = "fp16", device_map: str | dict | None = None,
+                max_memory: str | dict | None = None) -> LoadedModel:
     """A runnable model from a source with the KbitModel interface (on disk or in memory).
 
-    cpu_weights (CPU only): fp16 (default) / bf16 / fp32 dense copies, or "packed" (low memory)."""
-    device = device if isinstance(device, torch.device) else resolve_device(device)
+    cpu_weights (CPU only): fp16 (default) / bf16 / fp32 dense copies, or "packed" (low memory);
+    `device_map`/`max_memory` split it over devices (runtime/placement.py)."""
     check_cpu_weights(cpu_weights)
-    dtype = dtype or default_dtype(device, source.config)
     config = hf_config(source.config)
     backend, note = choose_backend(config, backend)
     build = build_native if backend == "native" else build_transformers
+    placed = None
+    if device_map is not None:  # placement hook (issue 14)
+        from kbitrt.runtime.placement import build_placed
+
+        placed, dtype = build_placed(source, config, backend, build, device, dtype, device_map,
+                                     max_memory, default_dtype)
+        model = placed.model if backend == "native" else TransformersLM(placed.model)
+        device, note = placed.device, "; ".join(filter(None, (note, placed.note)))
+    else:
+        device = device if isinstance(device, torch.device) else resolve_device(device)
+        dtype = dtype or default_dtype(device, source.config)
     if device.type == "cpu":
         limit_heap_growth()
     with torch.no_grad():
-        model = build(source, config, device, dtype, cpu_weights)
+        if placed is None:
+            model = build(source, config, device, dtype, cpu_weights)
         # one token through, so one-time work (CPU dequant caches, kernel autotuning) is not
         # counted as prompt time later
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
@@ -370,8 +382,8 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
     return LoadedModel(
         model=model, tokenizer=tokenizer, backend=backend, device=device, dtype=dtype,
         config=source.config, max_positions=_max_positions(config),
-        weight_bytes=sum(seen.values()), quant_label=source.quant.label,
-        path=getattr(source, "path", None), note=note,
+        weight_bytes=placed.weight_bytes if placed else sum(seen.values()),
+        quant_label=source.quant.label, path=getattr(source, "path", None), note=note,
         cpu_weights=cpu_weights if device.type == "cpu" else None)
 
 
@@ -385,11 +397,13 @@ def _max_positions(config) -> int | None:
 
 def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
                dtype: torch.dtype | None = None, cpu_weights: str = "fp16",
-               bits: int | str | None = None) -> LoadedModel:
+               bits: int | str | None = None, device_map: str | dict | None = None,
+               max_memory: str | dict | None = None) -> LoadedModel:
     """Open a kbit folder (or Hub repo id), validate it, and build a runnable model.
 
     `cpu_weights`: what a quantized linear holds on the CPU (CPU_WEIGHTS); `bits`: the width of an
-    any-precision model (K, or LO-HI to choose per call); see kbitrt/runtime/any_precision.py."""
+    any-precision model (K, or LO-HI to choose per call; runtime/any_precision.py);
+    `device_map`/`max_memory`: placement over devices (runtime/placement.py)."""
     from transformers import AutoTokenizer
 
     from kbitrt.format.reader import KbitModel
@@ -405,7 +419,8 @@ def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
         from kbitrt.runtime.any_precision import select_width
         source = select_width(source, bits)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return build_model(source, device_obj, backend, dtype, tokenizer, cpu_weights)
+    return build_model(source, device if device_map is not None else device_obj, backend, dtype,
+                       tokenizer, cpu_weights, device_map, max_memory)
 
 
 # -------------------------------------------------------------------------------------- memory

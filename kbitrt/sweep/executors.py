@@ -170,7 +170,14 @@ def run_ray(cells: list[Cell], opts: SweepOptions, results: Path, ray_opts: RayO
     results.parent.mkdir(parents=True, exist_ok=True)
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=ray_opts.address, include_dashboard=False, log_to_driver=False)
+        try:
+            if ray_opts.address:
+                ray.init(address=ray_opts.address, log_to_driver=False)
+            else:
+                ray.init(include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = f"join the Ray cluster at {ray_opts.address}" if ray_opts.address else "start Ray"
+            raise ExecutorError(f"cannot {where}: {_one_line(e)}") from None
     pending: dict = {}  # ObjectRef -> (cell, attempt)
     try:
         demands = {m: cell_resources(m, opts, ray_opts) for m in dict.fromkeys(c.model for c in todo)}
