@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from kbitrt.format.config import DTYPES, ABSMAX_DTYPES, OutlierSpec, QuantConfig
+from kbitrt.format.config import DTYPES, ABSMAX_DTYPES, SCALES, OutlierSpec, QuantConfig
 
 err = Console(stderr=True)
 out = Console()
@@ -57,6 +57,8 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.option("--absmax-dtype", default="fp16", show_default=True, type=click.Choice(ABSMAX_DTYPES),
               help="how block scales are stored (dq8: 8-bit double quantization)")
 @click.option("--outliers", default=None, help="proxy quantization: 'zscore:4' or 'top:2%' (16-bit columns)")
+@click.option("--scales", default="absmax", show_default=True, type=click.Choice(SCALES),
+              help="block scales: absmax, or mse (the least-squared-error scale of each block)")
 @click.option("--quantize-head", is_flag=True, help="also quantize the output head (lm_head)")
 @click.option("--dtype16", default="auto", show_default=True, type=click.Choice(["auto", "fp16", "bf16"]),
               help="dtype of what stays unquantized (auto: the model's bf16, else fp16)")
@@ -67,7 +69,7 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON on stdout")
 @click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO",
               help="after a successful conversion, upload the folder to this Hub repo (kbit push)")
-def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype, outliers,
+def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype, outliers, scales,
                 quantize_head, dtype16, max_shard_size, revision, trust_remote_code, force, as_json,
                 push_to_hub):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
@@ -81,7 +83,7 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
 
     config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,
                          absmax_dtype=absmax_dtype, outliers=OutlierSpec.parse(outliers),
-                         quantize_head=quantize_head)
+                         quantize_head=quantize_head, scales=scales)
     with byte_progress() as progress:
         report = convert(source, output, config, force=force, dtype16=dtype16,
                          max_shard_bytes=parse_size(max_shard_size), revision=revision,

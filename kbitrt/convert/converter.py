@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from kbitrt.format import blockwise, dtypes, packing
+from kbitrt.format import blockwise, dtypes, lloyd, packing, scales
 from kbitrt.convert.card import write_model_card
 from kbitrt.convert.checkpoint import CheckpointTensors
 from kbitrt.convert.model_map import ModelMap, build_model_map
@@ -286,24 +286,35 @@ class Converter:
                 yield r0, r1, w, out_w
 
         codebook = dtypes.fixed_codebook(cfg)
+        if codebook is None and cfg.dtype == "lloyd":  # fitted to a sample of whole rows
+            stride = lloyd.sample_stride(lay.out_features, lay.in_features)
+            sample = torch.cat([w[(-r0) % stride:: stride] for r0, _, w, _ in rows()])
+            codebook = lloyd.fit_codebook(sample, cfg.bits, cfg.block_size, cfg.scales,
+                                          cfg.absmax_dtype)
         absmax_all = None
         if cfg.absmax_dtype == "dq8" or codebook is None:
             # pass 1: every block's absmax (and the quantile sample) before any code is chosen
             parts = [blockwise.block_absmax(w, cfg.block_size) for _, _, w, _ in rows()]
             stored, scale, offset, absmax_all = blockwise.quantize_absmax(
                 torch.cat(parts), cfg.absmax_dtype, lp.source)
+            if codebook is None:
+                codebook = dtypes.quantile_codebook(cfg.bits, self._quantile_sample(rows, absmax_all))
+            if cfg.scales != "absmax":  # the scales depend on the codebook
+                parts = [scales.block_scales(w, cfg.block_size, cfg.scales, codebook, cfg.absmax_dtype)
+                         for _, _, w, _ in rows()]
+                stored, scale, offset, absmax_all = blockwise.quantize_absmax(
+                    torch.cat(parts), cfg.absmax_dtype, lp.source)
             if cfg.absmax_dtype == "dq8":
                 writers[f"{name}.{ABSMAX}"].write(f"{name}.{ABSMAX}", stored)
                 writers[f"{name}.{ABSMAX_SCALE}"].write(f"{name}.{ABSMAX_SCALE}", scale)
                 writers[f"{name}.{ABSMAX_OFFSET}"].write(f"{name}.{ABSMAX_OFFSET}", offset)
-            if codebook is None:
-                codebook = dtypes.quantile_codebook(cfg.bits, self._quantile_sample(rows, absmax_all))
         err = norm = 0.0
         row_bytes, d16_size = lay.row_bytes, torch.empty(0, dtype=self.dtype16).element_size()
         for r0, r1, w, out_w in rows():
             if absmax_all is None:
                 stored, _, _, absmax = blockwise.quantize_absmax(
-                    blockwise.block_absmax(w, cfg.block_size), cfg.absmax_dtype, lp.source)
+                    scales.block_scales(w, cfg.block_size, cfg.scales, codebook, cfg.absmax_dtype),
+                    cfg.absmax_dtype, lp.source)
                 writers[f"{name}.{ABSMAX}"].write(f"{name}.{ABSMAX}", stored,
                                                   r0 * stored.shape[1] * stored.element_size())
             elif cfg.absmax_dtype == "dq8":
