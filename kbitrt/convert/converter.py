@@ -137,7 +137,9 @@ def _column_std(tensors: CheckpointTensors, key: str, transposed: bool) -> torch
 
 class Converter:
     def __init__(self, folder: Path, config: QuantConfig, dtype16: torch.dtype,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, overrides=None, extra_quantization: dict | None = None):
+        self.overrides = overrides  # module -> QuantizedWeight computed elsewhere (GPTQ)
+        self.extra_quantization = extra_quantization or {}  # more quantization_config keys
         self.folder = folder
         self.config = config
         self.dtype16 = dtype16
@@ -212,6 +214,7 @@ class Converter:
         qc["modules_not_quantized"] = sorted(m for m in self.map.linears
                                              if m not in {lp.module for lp in self.linears})
         qc["transposed_modules"] = sorted(lp.module for lp in self.linears if lp.transposed)
+        qc.update(self.extra_quantization)
         cfg["quantization_config"] = qc
         cfg["dtype"] = "bfloat16" if self.dtype16 == torch.bfloat16 else "float16"
         cfg.pop("torch_dtype", None)
@@ -274,6 +277,8 @@ class Converter:
                       report: ConversionReport) -> None:
         cfg, lay, name = self.config, lp.layout, lp.module
         idx = lp.outlier_idx
+        if self.overrides is not None and name in self.overrides:
+            return self._write_given(lp, self.overrides[name], writers, report)
 
         def rows():
             for r0, r1, w in _stat_rows(self.tensors, lp.source, lp.transposed):
@@ -344,6 +349,33 @@ class Converter:
         report.outlier_columns += idx.numel()
         report.rel_error_sum += (err / norm) ** 0.5 if norm > 0 else 0.0
 
+    def _write_given(self, lp: LinearPlan, qw: blockwise.QuantizedWeight,
+                     writers: dict[str, ShardWriter], report: ConversionReport) -> None:
+        """Write a linear quantized elsewhere (GPTQ), after checking it matches the plan."""
+        name, lay = lp.module, lp.layout
+        given = {QWEIGHT: qw.qweight, ABSMAX: qw.absmax, ABSMAX_SCALE: qw.absmax_scale,
+                 ABSMAX_OFFSET: qw.absmax_offset, CODEBOOK: qw.codebook.float(),
+                 SHAPE: torch.tensor([lay.out_features, lay.in_features]),
+                 OUTLIER_IDX: qw.outlier_idx, OUTLIER_WEIGHT: qw.outlier_weight}
+        specs = lay.tensor_specs(DTYPE_NAMES[self.dtype16])
+        for suffix, (_, shape) in specs.items():
+            t = given[suffix]
+            if t is None or tuple(t.shape) != tuple(shape):
+                raise KbitFormatError(f"{name}: the given {suffix} does not match the planned "
+                                      f"shape {shape}")
+            writers[f"{name}.{suffix}"].write(f"{name}.{suffix}", t.contiguous())
+        if lp.outlier_idx.numel() and not torch.equal(qw.outlier_idx, lp.outlier_idx):
+            raise KbitFormatError(f"{name}: the given outlier columns differ from the planned ones")
+        err = norm = 0.0
+        deq = qw.dequantize()
+        for r0, r1, w in _stat_rows(self.tensors, lp.source, lp.transposed):
+            err += (deq[r0:r1] - w).square().sum().item()
+            norm += w.square().sum().item()
+        report.params_quantized += lay.out_features * lay.in_features
+        report.linears_quantized += 1
+        report.outlier_columns += lp.outlier_idx.numel()
+        report.rel_error_sum += (err / norm) ** 0.5 if norm > 0 else 0.0
+
     def _quantile_sample(self, rows, absmax_all: torch.Tensor) -> torch.Tensor:
         """The same strided sample of normalised values that quantile_codebook takes in memory."""
         picks, stride = [], None
@@ -363,14 +395,16 @@ class Converter:
 def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantConfig, *,
             force: bool = False, dtype16: str = "auto", max_shard_bytes: int = MAX_SHARD_BYTES,
             revision: str | None = None, trust_remote_code: bool = False,
-            progress: Progress | None = None) -> ConversionReport:
+            progress: Progress | None = None, overrides=None,
+            extra_quantization: dict | None = None) -> ConversionReport:
     """Convert a local folder or Hub id into a kbit folder at `output`; returns the summary."""
     out = Path(output).expanduser().resolve()
     folder = resolve_model(source, revision)
     check_output(folder, out, force)
     start = time.perf_counter()
     raw = json.loads((folder / "config.json").read_text())
-    conv = Converter(folder, config, pick_dtype16(dtype16, raw), trust_remote_code)
+    conv = Converter(folder, config, pick_dtype16(dtype16, raw), trust_remote_code, overrides,
+                     extra_quantization)
     report = ConversionReport(str(source), str(out), config, str(conv.dtype16).replace("torch.", ""))
     with staged_folder(out) as tmp:
         conv.plan(progress)
