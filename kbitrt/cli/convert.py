@@ -11,7 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from kbitrt.errors import KbitError
-from kbitrt.format.config import DTYPES, ABSMAX_DTYPES, OutlierSpec, QuantConfig
+from kbitrt.format.config import DTYPES, ABSMAX_DTYPES, METHODS, SCALES, OutlierSpec, QuantConfig
 
 err = Console(stderr=True)
 out = Console()
@@ -29,7 +29,8 @@ def byte_progress(enabled: bool = True):
     tasks: dict[str, int] = {}
 
     def update(what: str, done: int, total: int) -> None:
-        phase = "outlier statistics" if what == "outlier statistics" else "converting"
+        phase = "outlier statistics" if what == "outlier statistics" else \
+            "GPTQ" if what.startswith("GPTQ") else "converting"
         if phase not in tasks:
             tasks[phase] = bar.add_task(phase, total=total, what="")
         bar.update(tasks[phase], completed=done, total=total, what=what[-48:])
@@ -59,6 +60,16 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.option("--absmax-dtype", default="fp16", show_default=True, type=click.Choice(ABSMAX_DTYPES),
               help="how block scales are stored (dq8: 8-bit double quantization)")
 @click.option("--outliers", default=None, callback=lambda ctx, param, v: _outliers(v), help="proxy quantization: 'zscore:4' or 'top:2%' (16-bit columns)")
+@click.option("--scales", default="absmax", show_default=True, type=click.Choice(SCALES),
+              help="block scales: absmax, or mse (the least-squared-error scale of each block)")
+@click.option("--method", default="rtn", show_default=True, type=click.Choice(METHODS),
+              help="rtn: round to nearest; gptq: GPTQ with calibration data (native decoder families)")
+@click.option("--calib", default=None, help="gptq: calibration text file, or a dataset name (wikitext2, c4)")
+@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1), help="gptq: windows")
+@click.option("--calib-seqlen", default=2048, show_default=True, type=click.IntRange(min=2), help="gptq: tokens per window")
+@click.option("--damp", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="gptq: dampening, a fraction of the mean Hessian diagonal")
+@click.option("--act-order", is_flag=True, help="gptq: columns in order of decreasing activation")
 @click.option("--quantize-head", is_flag=True, help="also quantize the output head (lm_head)")
 @click.option("--dtype16", default="auto", show_default=True, type=click.Choice(["auto", "fp16", "bf16"]),
               help="dtype of what stays unquantized (auto: the model's bf16, else fp16)")
@@ -75,9 +86,10 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
               help="after a successful conversion, upload the folder to this Hub repo (kbit push)")
 @click.option("--any-precision", "any_precision", default=None, metavar="LO-HI",
               help="one file serving every width LO..HI (e.g. 3-8; bit planes, docs/any_precision.md)")
-def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype, outliers,
-                quantize_head, dtype16, max_shard_size, revision, trust_remote_code, force, drop_unused,
-                as_json, push_to_hub, any_precision):
+def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype, outliers, scales,
+                method, calib, calib_samples, calib_seqlen, damp, act_order, quantize_head,
+                dtype16, max_shard_size, revision, trust_remote_code, force, drop_unused, as_json,
+                push_to_hub, any_precision):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
     from kbitrt.convert.converter import convert
 
@@ -89,18 +101,35 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
 
     config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,
                          absmax_dtype=absmax_dtype, outliers=outliers,
-                         quantize_head=quantize_head) if not any_precision else None
+                         quantize_head=quantize_head, scales=scales,
+                         method=method) if not any_precision else None
+    kwargs = dict(force=force, dtype16=dtype16, max_shard_bytes=max_shard_size, revision=revision,
+                  trust_remote_code=trust_remote_code, drop_unused=drop_unused)
     if any_precision:  # kbitrt/convert/any_precision.py
         from kbitrt.convert.any_precision import cli_config, convert_any_precision as convert
 
+        if method != "rtn":
+            raise click.UsageError("--any-precision rounds to nearest: drop --method")
         config = cli_config(any_precision, click.get_current_context(), block_size=block, dtype=dtype,
                             exponent_bits=exponent_bits, absmax_dtype=absmax_dtype,
                             outliers=outliers, quantize_head=quantize_head)
-    with byte_progress() as progress:
-        report = convert(source, output, config, force=force, dtype16=dtype16,
-                         max_shard_bytes=max_shard_size, revision=revision,
-                         trust_remote_code=trust_remote_code, drop_unused=drop_unused,
-                         progress=progress)
+    if method == "gptq":
+        from kbitrt.eval.perplexity import load_text
+        from kbitrt.runtime.gptq import convert_gptq
+
+        if not calib:
+            raise click.UsageError("--method gptq needs --calib FILE (or a dataset name)")
+        try:
+            calib_name, calib_text = load_text(calib)
+        except FileNotFoundError as e:
+            raise click.BadParameter(str(e).replace("--ppl", "--calib"), param_hint="--calib") from None
+        with byte_progress() as progress:
+            report = convert_gptq(source, output, config, calib_text=calib_text, calib_name=calib_name,
+                                  samples=calib_samples, seqlen=calib_seqlen, damp=damp,
+                                  act_order=act_order, progress=progress, **kwargs)
+    else:
+        with byte_progress() as progress:
+            report = convert(source, output, config, progress=progress, **kwargs)
     s = report.to_json()
     if push_to_hub:  # only reached when the conversion succeeded
         from kbitrt.publish.hub import push_folder

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from kbitrt.format import blockwise, dtypes, packing
+from kbitrt.format import blockwise, dtypes, lloyd, packing, scales
 from kbitrt.convert.card import write_model_card
 from kbitrt.convert.checkpoint import CheckpointTensors
 from kbitrt.convert.model_map import ModelMap, build_model_map, skip_reason
@@ -140,7 +140,10 @@ class Converter:
     report_class = ConversionReport
 
     def __init__(self, folder: Path, config: QuantConfig, dtype16: torch.dtype,
-                 trust_remote_code: bool = False, drop_unused: bool = False):
+                 trust_remote_code: bool = False, drop_unused: bool = False, overrides=None,
+                 extra_quantization: dict | None = None):
+        self.overrides = overrides  # module -> QuantizedWeight computed elsewhere (GPTQ)
+        self.extra_quantization = extra_quantization or {}  # more quantization_config keys
         self.folder = folder
         self.config = config
         self.dtype16 = dtype16
@@ -260,6 +263,7 @@ class Converter:
         qc["modules_not_quantized"] = sorted(m for m in self.map.linears
                                              if m not in {lp.module for lp in self.linears})
         qc["transposed_modules"] = sorted(lp.module for lp in self.linears if lp.transposed)
+        qc.update(self.extra_quantization)
         cfg["quantization_config"] = qc
         cfg["dtype"] = "bfloat16" if self.dtype16 == torch.bfloat16 else "float16"
         cfg.pop("torch_dtype", None)
@@ -333,6 +337,8 @@ class Converter:
                       report: ConversionReport) -> None:
         cfg, lay, name = self.config, lp.layout, lp.module
         idx = lp.outlier_idx
+        if self.overrides is not None and name in self.overrides:
+            return self._write_given(lp, self.overrides[name], writers, report)
 
         def rows():
             for r0, r1, w in _stat_rows(self.tensors, lp.source, lp.transposed):
@@ -345,24 +351,35 @@ class Converter:
                 yield r0, r1, w, out_w
 
         codebook = dtypes.fixed_codebook(cfg)
+        if codebook is None and cfg.dtype == "lloyd":  # fitted to a sample of whole rows
+            stride = lloyd.sample_stride(lay.out_features, lay.in_features)
+            sample = torch.cat([w[(-r0) % stride:: stride] for r0, _, w, _ in rows()])
+            codebook = lloyd.fit_codebook(sample, cfg.bits, cfg.block_size, cfg.scales,
+                                          cfg.absmax_dtype)
         absmax_all = None
         if cfg.absmax_dtype == "dq8" or codebook is None:
             # pass 1: every block's absmax (and the quantile sample) before any code is chosen
             parts = [blockwise.block_absmax(w, cfg.block_size) for _, _, w, _ in rows()]
             stored, scale, offset, absmax_all = blockwise.quantize_absmax(
                 torch.cat(parts), cfg.absmax_dtype, lp.source)
+            if codebook is None:
+                codebook = dtypes.quantile_codebook(cfg.bits, self._quantile_sample(rows, absmax_all))
+            if cfg.scales != "absmax":  # the scales depend on the codebook
+                parts = [scales.block_scales(w, cfg.block_size, cfg.scales, codebook, cfg.absmax_dtype)
+                         for _, _, w, _ in rows()]
+                stored, scale, offset, absmax_all = blockwise.quantize_absmax(
+                    torch.cat(parts), cfg.absmax_dtype, lp.source)
             if cfg.absmax_dtype == "dq8":
                 writers[f"{name}.{ABSMAX}"].write(f"{name}.{ABSMAX}", stored)
                 writers[f"{name}.{ABSMAX_SCALE}"].write(f"{name}.{ABSMAX_SCALE}", scale)
                 writers[f"{name}.{ABSMAX_OFFSET}"].write(f"{name}.{ABSMAX_OFFSET}", offset)
-            if codebook is None:
-                codebook = dtypes.quantile_codebook(cfg.bits, self._quantile_sample(rows, absmax_all))
         err = norm = 0.0
         row_bytes, d16_size = lay.row_bytes, torch.empty(0, dtype=self.dtype16).element_size()
         for r0, r1, w, out_w in rows():
             if absmax_all is None:
                 stored, _, _, absmax = blockwise.quantize_absmax(
-                    blockwise.block_absmax(w, cfg.block_size), cfg.absmax_dtype, lp.source)
+                    scales.block_scales(w, cfg.block_size, cfg.scales, codebook, cfg.absmax_dtype),
+                    cfg.absmax_dtype, lp.source)
                 writers[f"{name}.{ABSMAX}"].write(f"{name}.{ABSMAX}", stored,
                                                   r0 * stored.shape[1] * stored.element_size())
             elif cfg.absmax_dtype == "dq8":
@@ -392,6 +409,33 @@ class Converter:
         report.outlier_columns += idx.numel()
         report.rel_error_sum += (err / norm) ** 0.5 if norm > 0 else 0.0
 
+    def _write_given(self, lp: LinearPlan, qw: blockwise.QuantizedWeight,
+                     writers: dict[str, ShardWriter], report: ConversionReport) -> None:
+        """Write a linear quantized elsewhere (GPTQ), after checking it matches the plan."""
+        name, lay = lp.module, lp.layout
+        given = {QWEIGHT: qw.qweight, ABSMAX: qw.absmax, ABSMAX_SCALE: qw.absmax_scale,
+                 ABSMAX_OFFSET: qw.absmax_offset, CODEBOOK: qw.codebook.float(),
+                 SHAPE: torch.tensor([lay.out_features, lay.in_features]),
+                 OUTLIER_IDX: qw.outlier_idx, OUTLIER_WEIGHT: qw.outlier_weight}
+        specs = lay.tensor_specs(DTYPE_NAMES[self.dtype16])
+        for suffix, (_, shape) in specs.items():
+            t = given[suffix]
+            if t is None or tuple(t.shape) != tuple(shape):
+                raise KbitFormatError(f"{name}: the given {suffix} does not match the planned "
+                                      f"shape {shape}")
+            writers[f"{name}.{suffix}"].write(f"{name}.{suffix}", t.contiguous())
+        if lp.outlier_idx.numel() and not torch.equal(qw.outlier_idx, lp.outlier_idx):
+            raise KbitFormatError(f"{name}: the given outlier columns differ from the planned ones")
+        err = norm = 0.0
+        deq = qw.dequantize()
+        for r0, r1, w in _stat_rows(self.tensors, lp.source, lp.transposed):
+            err += (deq[r0:r1] - w).square().sum().item()
+            norm += w.square().sum().item()
+        report.params_quantized += lay.out_features * lay.in_features
+        report.linears_quantized += 1
+        report.outlier_columns += lp.outlier_idx.numel()
+        report.rel_error_sum += (err / norm) ** 0.5 if norm > 0 else 0.0
+
     def _quantile_sample(self, rows, absmax_all: torch.Tensor) -> torch.Tensor:
         """The same strided sample of normalised values that quantile_codebook takes in memory."""
         picks, stride = [], None
@@ -412,18 +456,20 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantC
             force: bool = False, dtype16: str = "auto", max_shard_bytes: int = MAX_SHARD_BYTES,
             revision: str | None = None, trust_remote_code: bool = False,
             drop_unused: bool = False, progress: Progress | None = None,
-            converter: type[Converter] | None = None) -> ConversionReport:
+            converter: type[Converter] | None = None, overrides=None,
+            extra_quantization: dict | None = None) -> ConversionReport:
     """Convert a local folder or Hub id into a kbit folder at `output`; returns the summary.
 
     `converter` is the Converter subclass that writes the quantized linears (any-precision models
-    use their own); everything else (validation, staging, sharding, card) is shared."""
+    use their own); everything else (validation, staging, sharding, card) is shared. `overrides`
+    are linears quantized elsewhere (GPTQ), `extra_quantization` more quantization_config keys."""
     out = Path(output).expanduser().resolve()
     folder = resolve_model(source, revision)
     check_output(folder, out, force)
     start = time.perf_counter()
     raw = read_config(folder)
     conv = (converter or Converter)(folder, config, pick_dtype16(dtype16, raw), trust_remote_code,
-                                    drop_unused)
+                                    drop_unused, overrides, extra_quantization)
     report = conv.report_class(str(source), str(out), config, str(conv.dtype16).replace("torch.", ""))
     conv.plan(progress)  # refuses unplaced tensors before anything is written
     with staged_folder(out) as tmp:

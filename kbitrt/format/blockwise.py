@@ -230,9 +230,19 @@ def quantize_weight(w: torch.Tensor, config: QuantConfig, name: str = "tensor",
     stored, scale, offset, absmax = quantize_absmax(raw, config.absmax_dtype, name)
     if codebook is None:
         codebook = dtypes.fixed_codebook(config)
+    if codebook is None and config.dtype == "lloyd":  # fitted to this tensor (format/lloyd.py)
+        from kbitrt.format import lloyd
+
+        codebook = lloyd.fit_codebook(lloyd.sample_rows(w), config.bits, config.block_size,
+                                      config.scales, config.absmax_dtype)
     if codebook is None:  # quantile: estimated from this tensor's normalised values
         codebook = dtypes.quantile_codebook(config.bits, _quantile_sample(w, absmax,
                                                                              config.block_size))
+    if config.scales != "absmax":  # scales chosen for the codebook (format/scales.py)
+        from kbitrt.format import scales
+
+        raw = scales.block_scales(w, config.block_size, config.scales, codebook, config.absmax_dtype)
+        stored, scale, offset, absmax = quantize_absmax(raw, config.absmax_dtype, name)
     kp = packing.padded_len(k)
     qweight = torch.empty(n, packing.packed_row_bytes(k, config.bits), dtype=torch.uint8,
                           device=w.device)

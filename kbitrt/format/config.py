@@ -21,7 +21,9 @@ QUANT_METHOD = "kbit"
 PACKING = "bitslice-v1"
 KNOWN_PACKINGS = (PACKING,)
 
-DTYPES = ("int", "fp", "quantile", "dynamic", "nf")
+DTYPES = ("int", "fp", "quantile", "dynamic", "nf", "lloyd")
+SCALES = ("absmax", "mse")  # how block scales are chosen (kbitrt/format/scales.py)
+METHODS = ("rtn", "gptq")  # round-to-nearest, or GPTQ with calibration data
 ABSMAX_DTYPES = ("fp16", "fp32", "dq8")
 MIN_BITS, MAX_BITS = 3, 8
 MIN_BLOCK, MAX_BLOCK = 32, 4096
@@ -83,6 +85,8 @@ class QuantConfig:
     absmax_dtype: str = "fp16"
     outliers: OutlierSpec | None = None
     quantize_head: bool = False
+    scales: str = "absmax"
+    method: str = "rtn"
 
     def __post_init__(self) -> None:
         if not MIN_BITS <= self.bits <= MAX_BITS:
@@ -96,6 +100,10 @@ class QuantConfig:
         if self.absmax_dtype not in ABSMAX_DTYPES:
             raise KbitFormatError(
                 f"--absmax-dtype {self.absmax_dtype!r} is unknown: use one of {', '.join(ABSMAX_DTYPES)}")
+        if self.scales not in SCALES:
+            raise KbitFormatError(f"--scales {self.scales!r} is unknown: use one of {', '.join(SCALES)}")
+        if self.method not in METHODS:
+            raise KbitFormatError(f"--method {self.method!r} is unknown: use one of {', '.join(METHODS)}")
         if self.exponent_bits is not None:
             if self.dtype != "fp":
                 raise KbitFormatError("--exponent-bits only applies to --dtype fp")
@@ -115,7 +123,8 @@ class QuantConfig:
         if self.dtype == "fp":
             e = self.fp_exponent_bits
             name += f"(E{e}M{self.bits - 1 - e})"
-        return f"{name}-b{self.block_size}"
+        extra = "".join(f"-{x}" for x in (self.scales, self.method) if x not in ("absmax", "rtn"))
+        return f"{name}-b{self.block_size}{extra}"
 
     def to_json(self) -> dict:
         """The `quantization_config` block of config.json."""
@@ -130,6 +139,9 @@ class QuantConfig:
             "absmax_dtype": self.absmax_dtype,
             "outliers": str(self.outliers) if self.outliers else None,
             "quantize_head": self.quantize_head,
+            # only when not the default, so a default conversion stays byte-identical
+            **({"scales": self.scales} if self.scales != "absmax" else {}),
+            **({"method": self.method} if self.method != "rtn" else {}),
         }
 
     @classmethod
@@ -179,6 +191,8 @@ class QuantConfig:
             absmax_dtype=qc.get("absmax_dtype", "fp16"),
             outliers=OutlierSpec.parse(qc.get("outliers")),
             quantize_head=qc.get("quantize_head", False),
+            scales=qc.get("scales", "absmax"),
+            method=qc.get("method", "rtn"),
         )
 
 
@@ -200,6 +214,9 @@ QC_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "quantize_head": ((bool,), False),
     "modules_not_quantized": ((list,), False),
     "transposed_modules": ((list,), False),
+    "scales": ((str,), False),
+    "method": ((str,), False),
+    "calibration": ((dict,), False),  # GPTQ: the calibration set and settings (runtime/gptq.py)
 }
 
 

@@ -1,0 +1,191 @@
+"""SmolLM2-135M perplexity with mse scales, Lloyd codebooks and GPTQ beside nf4/nf3 (issue 15).
+
+    python benchmarks/quality_fidelity.py --text /work/shared/data/wiki_en_dev.txt --windows 8
+    python benchmarks/quality_fidelity.py --text ... --only gptq      # add rows to the same JSON
+
+Protocol `gptq`: the text tokenized once, non-overlapping windows of --seqlen, the first --windows
+evaluated. GPTQ calibrates on --calib-samples windows of --calib-seqlen taken from the END of the
+same text (disjoint from the evaluated windows). Every decoder linear is quantized (in memory, with
+the format's own quantize_weight, or kbitrt.runtime.gptq), lm_head and embeddings stay fp32.
+bits/param counts the stored tensors (codes + scales + codebook) of the quantized linears. Every
+row carries the paired standard error of its mean per-token NLL difference against nf4-b64 (same
+tokens), and its share of the nf4-b64 -> fp32 gap closed. Writes
+benchmarks/results/quality-fidelity-smollm2-cpu.json (rows are kept across runs, by setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.fidelity import cpu_name, decoder_linears, git_commit, versions  # noqa: E402
+from kbitrt.format.blockwise import quantize_weight  # noqa: E402
+from kbitrt.format.config import QuantConfig  # noqa: E402
+
+OUT = ROOT / "benchmarks/results/quality-fidelity-smollm2-cpu.json"
+REF = "nf4-b64"
+
+
+def settings() -> list[tuple[str, dict]]:
+    rows = [("fp32", {})]
+    for bits in (4, 3):
+        for dtype in ("nf", "lloyd"):
+            for sc in ("absmax", "mse"):
+                rows.append((QuantConfig(bits=bits, dtype=dtype, scales=sc).label,
+                             dict(bits=bits, dtype=dtype, scales=sc)))
+        rows.append((QuantConfig(bits=bits, method="gptq").label, dict(bits=bits, method="gptq")))
+        rows.append((QuantConfig(bits=bits, dtype="lloyd", scales="mse", method="gptq").label,
+                     dict(bits=bits, dtype="lloyd", scales="mse", method="gptq")))
+    return rows
+
+
+def stored_bits(q) -> int:
+    return (q.qweight.numel() * 8 + q.absmax.numel() * q.absmax.element_size() * 8
+            + q.codebook.numel() * 32)
+
+
+@torch.inference_mode()
+def token_nll(model, windows: torch.Tensor) -> torch.Tensor:
+    out = []
+    for row in windows:
+        logits = model(row[None]).logits.float()
+        out.append(torch.nn.functional.cross_entropy(logits[0, :-1], row[1:], reduction="none"))
+    return torch.cat(out).double()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--text", required=True, help="evaluation text file")
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--only", default="", help="comma-separated substrings of settings to run")
+    ap.add_argument("--skip", default="", help="comma-separated settings to skip (exact labels)")
+    ap.add_argument("--cache", default="/tmp/kbit-quality-nll", help="per-token NLLs of each row")
+    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--merge", action="append", default=[], help="JSON of another run: add its rows")
+    args = ap.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kbitrt.convert.gguf import ensure_smollm2
+
+    path = ensure_smollm2()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tok(Path(args.text).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+    windows = ids[: args.windows * args.seqlen].view(args.windows, args.seqlen)
+    n_cal = args.calib_samples * args.calib_seqlen
+    if n_cal + windows.numel() > ids.numel():
+        raise SystemExit("text too short for disjoint evaluation and calibration tokens")
+    calib = ids[ids.numel() - n_cal:].view(args.calib_samples, args.calib_seqlen)
+    print(f"{ids.numel()} tokens; eval {windows.shape}, calib {calib.shape}", flush=True)
+
+    linears = decoder_linears(model)
+    original = {name: m.weight.detach().clone() for name, m in linears.items()}
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    rows = {r["setting"]: r for r in old["rows"]}
+    for extra in args.merge:  # rows another run (e.g. the GPTQ ones, in parallel) wrote
+        rows.update({r["setting"]: r for r in json.loads(Path(extra).read_text())["rows"]})
+    todo = [s for s in settings() if not args.only or s[0] in (REF, "fp32")
+            or any(k in s[0] for k in args.only.split(","))]
+    todo = [s for s in todo if s[0] not in args.skip.split(",")]
+    for label, opts in todo:
+        nll_file = cache / f"{label}-{args.windows}x{args.seqlen}.pt"
+        if nll_file.exists() and label not in rows:
+            rows[label] = {"setting": label, "options": opts}
+        if label in rows and nll_file.exists() and not any(k in label for k in args.only.split(",") if k):
+            continue
+        t0 = time.perf_counter()
+        errs, bits, numel = [], 0, 0
+        if opts:
+            config = QuantConfig(**opts)
+            if config.method == "gptq":
+                from kbitrt.runtime.gptq import gptq_quantize_model
+
+                quantized = gptq_quantize_model(path, config, calib)  # checkpoint module names
+            else:
+                quantized = None
+            for name, m in linears.items():
+                w = original[name]
+                q = quantized[f"model.layers.{name}"] if quantized else quantize_weight(w, config, name)
+                deq = q.dequantize(torch.float32)
+                errs.append(((deq - w).norm() / w.norm()).item())
+                bits += stored_bits(q)
+                numel += w.numel()
+                m.weight.data.copy_(deq)
+        qsecs = time.perf_counter() - t0
+        nll = token_nll(model, windows)
+        torch.save(nll, nll_file)
+        rows[label] = {"setting": label, "options": opts, "ppl": math.exp(nll.mean().item()),
+                       "mean_nll": nll.mean().item(),
+                       "rel_error": sum(errs) / len(errs) if errs else None,
+                       "bits_per_param": bits / numel if numel else 32.0,
+                       "quantize_seconds": round(qsecs, 1),
+                       "seconds": round(time.perf_counter() - t0, 1)}
+        for name, m in linears.items():
+            m.weight.data.copy_(original[name])
+        write(args, out, rows, cache, ids.numel(), calib.shape)
+        print(json.dumps(rows[label]), flush=True)
+
+
+def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) -> None:
+    """Paired statistics against nf4-b64 and fp32, from the cached per-token NLLs."""
+    def nll(label):
+        f = cache / f"{label}-{args.windows}x{args.seqlen}.pt"
+        return torch.load(f) if f.exists() else None
+
+    ref, fp = nll(REF), nll("fp32")
+    for label, row in rows.items():
+        x = nll(label)
+        if x is None:
+            continue
+        row["ppl"], row["mean_nll"] = math.exp(x.mean().item()), x.mean().item()
+        if ref is None:
+            continue
+        d = x - ref
+        row["delta_nll_vs_nf4"] = d.mean().item()
+        row["stderr_delta_nll_vs_nf4"] = (d.std() / math.sqrt(d.numel())).item()
+        if fp is not None:
+            gap = (ref - fp).mean().item()
+            row["gap_closed_vs_nf4_b64"] = -d.mean().item() / gap if gap > 0 else None
+        if fp is not None and label.startswith(("nf3", "lloyd3")):
+            ref3 = nll("nf3-b64")
+            if ref3 is not None:
+                excess = (ref3 - fp).mean().item()
+                row["excess_nll_vs_nf3_b64"] = (x - fp).mean().item() / excess if excess > 0 else None
+    result = {
+        "benchmark": "quality_fidelity",
+        "model": "SmolLM2-135M-Instruct (fp32, dequantized from its Q4_1 GGUF)",
+        "protocol": {"name": "gptq", "text": Path(args.text).name, "seqlen": args.seqlen,
+                     "windows": args.windows, "predicted_tokens": args.windows * (args.seqlen - 1),
+                     "total_tokens": n_tokens,
+                     "calibration": {"source": "the last tokens of the same text (disjoint)",
+                                     "samples": calib_shape[0], "seqlen": calib_shape[1],
+                                     "damp": 0.01, "act_order": False}},
+        "rows": list(rows.values()),
+        "device": {"cpu": cpu_name(), "threads": torch.get_num_threads()},
+        "versions": versions(), "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": " ".join(sys.argv[1:]),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

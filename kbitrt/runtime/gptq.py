@@ -1,0 +1,258 @@
+"""The GPTQ driver: a source checkpoint, layer by layer through the native decoder, into kbit.
+
+Why here: GPTQ needs each decoder layer's inputs on calibration data, so it needs the model's
+forward, which lives in runtime/ (the native decoder). The per-linear algorithm is format math and
+lives in convert/gptq.py; the converter writes what this driver hands it (layers: format <- convert
+<- runtime, so runtime may call both).
+
+Streaming: only the embedding modules, one decoder layer (fp32) and the calibration activations are
+in memory at a time: 2 x samples x seqlen x hidden x 4 bytes (128 x 2048 x 4096 = 8.6 GB for a
+Llama-7B; 1.2 GB for SmolLM2-135M) plus one (K, K) float32 Hessian per linear of the layer. Every
+finished linear goes to a temporary folder on disk (packed, as stored), not to memory. Each layer's
+linears are quantized from the layer's fp inputs (computed through the layers already quantized,
+as GPTQ does), then the layer is run again with its quantized weights to give the next layer's
+inputs. The output head is not part of a decoder layer: with --quantize-head it is rounded to
+nearest as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kbitrt.convert.checkpoint import CheckpointTensors
+from kbitrt.convert.gptq import Hessian, gptq_quantize
+from kbitrt.convert.model_map import build_model_map
+from kbitrt.convert.source import find_checkpoint
+from kbitrt.errors import KbitFormatError
+from kbitrt.format.blockwise import QuantizedWeight
+from kbitrt.format.config import QuantConfig
+from kbitrt.runtime.loader import hf_config
+from kbitrt.runtime.models.decoder import Decoder, default_positions
+from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_args,
+                                            rope_frequencies, why_not_native)
+
+BATCH = 4  # calibration rows per forward
+Progress = Callable[[str, int, int], None]
+_FIELDS = ("qweight", "absmax", "codebook", "absmax_scale", "absmax_offset", "outlier_idx",
+           "outlier_weight")
+
+
+class GPTQResults:
+    """GPTQ-quantized linears by checkpoint module name, kept in a temporary folder on disk."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="kbit-gptq-"))
+        self.names: list[str] = []
+
+    def put(self, module: str, qw: QuantizedWeight) -> None:
+        data = {f: getattr(qw, f) for f in _FIELDS if getattr(qw, f) is not None}
+        data["meta"] = torch.tensor([qw.shape[0], qw.shape[1], qw.bits, qw.block_size])
+        torch.save(data, self.folder / f"{len(self.names)}.pt")
+        self.names.append(module)
+
+    def __contains__(self, module: str) -> bool:
+        return module in self.names
+
+    def __getitem__(self, module: str) -> QuantizedWeight:
+        if module not in self.names:
+            raise KeyError(module)
+        data = torch.load(self.folder / f"{self.names.index(module)}.pt", weights_only=True)
+        n, k, bits, block = data.pop("meta").tolist()
+        return QuantizedWeight(shape=(n, k), bits=bits, block_size=block, **data)
+
+    def keys(self) -> list[str]:
+        return list(self.names)
+
+    def items(self):
+        return ((m, self[m]) for m in self.names)
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Weights:
+    """Reads the native decoder's tensors from a plain checkpoint, by canonical name."""
+
+    def __init__(self, folder: Path, trust_remote_code: bool):
+        self.map = build_model_map(folder, trust_remote_code)
+        self.tensors = CheckpointTensors(find_checkpoint(folder))
+        self.keys = {}
+        for key in self.tensors.names():
+            name = self.map.canonical(key)
+            if name is not None:
+                self.keys[name] = key
+
+    def pick(self, names: str) -> str:
+        options = names.split("|")
+        return next((o for o in options if f"{o}.weight" in self.keys), options[0])
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.keys:
+            raise KbitFormatError(f"the checkpoint lacks {name!r}")
+        return self.tensors.read(self.keys[name]).float()
+
+    def fill(self, model: nn.Module, ours: str, theirs: str) -> None:
+        """Give module `ours` of the (meta) decoder its fp32 tensors, in the (out, in) layout."""
+        module = model.get_submodule(ours)
+        for pname, p in list(module.named_parameters(recurse=False)):
+            t = self.get(f"{theirs}.{pname}")
+            if pname == "weight" and isinstance(module, nn.Linear) and self.map.linears.get(theirs):
+                t = t.t().contiguous()  # GPT-2 Conv1D stores (in, out)
+            if tuple(t.shape) != tuple(p.shape):
+                raise KbitFormatError(f"{theirs}.{pname} has shape {tuple(t.shape)}, "
+                                      f"expected {tuple(p.shape)}")
+            setattr(module, pname, nn.Parameter(t, requires_grad=False))
+
+
+def _embed(model: Decoder, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's forward up to the first layer (as Decoder.forward computes it)."""
+    a = model.args
+    input_pos, pad = default_positions(ids, None, None)
+    pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)
+    x = model.tok_emb(ids)
+    if a.project_dim:
+        x = model.project_in(x)
+    if a.positions == "learned":
+        x = x + model.pos_emb(pos + a.pos_offset)
+    if a.emb_norm:
+        x = model.emb_norm(x)
+    return x
+
+
+def _layer_context(model: Decoder, seqlen: int):
+    """(input_pos, rope, mask) for full causal windows of `seqlen` tokens, no padding."""
+    ids = torch.zeros(1, seqlen, dtype=torch.long)
+    input_pos, pad = default_positions(ids, None, None)
+    rope = None
+    if model.args.positions == "rotary":
+        freqs = input_pos[None, :, None].float() * model.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+        rope = ((emb.cos() * model.rope_scaling), (emb.sin() * model.rope_scaling))
+    return input_pos, rope, model.masks(input_pos, pad, torch.float32)
+
+
+@torch.no_grad()
+def gptq_quantize_model(folder: str | Path, config: QuantConfig, calib: torch.Tensor, *,
+                        damp: float = 0.01, act_order: bool = False, progress: Progress | None = None,
+                        trust_remote_code: bool = False, results: GPTQResults | None = None,
+                        dtype16: torch.dtype = torch.float16) -> GPTQResults:
+    """GPTQ every linear of every decoder layer of the HF checkpoint `folder` on calib (n, T)."""
+    folder = Path(folder)
+    raw = json.loads((folder / "config.json").read_text())
+    hfc = hf_config(raw)
+    why = why_not_native(hfc)
+    if why:
+        raise KbitFormatError(f"--method gptq runs through the native decoder: {why}")
+    if calib.ndim != 2 or not calib.numel():
+        raise KbitFormatError("GPTQ needs calibration tokens (samples x seqlen)")
+    args, spec = model_args(hfc), family_for(hfc)
+    if args.positions == "learned" and args.max_positions and calib.shape[1] > args.max_positions:
+        raise KbitFormatError(f"--calib-seqlen {calib.shape[1]} exceeds the model's "
+                              f"{args.max_positions} positions")
+    names = checkpoint_names(spec, args.n_layers)
+    src = _Weights(folder, trust_remote_code)
+    with torch.device("meta"):
+        model = Decoder(args)
+    for ours in ("tok_emb", "pos_emb", "project_in", "emb_norm"):
+        if ours in names and hasattr(model, ours):
+            src.fill(model, ours, src.pick(names[ours]))
+    if args.positions == "rotary":
+        model.setup_positions(*rope_frequencies(hfc, args, seq_len=args.max_positions or 0))
+    else:
+        model.setup_positions(None)
+    calib = calib.long()
+    xs = torch.cat([_embed(model, calib[i: i + BATCH]) for i in range(0, calib.shape[0], BATCH)])
+    input_pos, rope, mask = _layer_context(model, calib.shape[1])
+    results = results or GPTQResults()
+    quantizable = set(src.map.linears) - {src.map.head}
+    for li in range(args.n_layers):
+        prefix = f"layers.{li}."
+        block_names = {o: src.pick(t) for o, t in names.items() if o.startswith(prefix)}
+        for ours, theirs in block_names.items():
+            src.fill(model, ours, theirs)
+        layer = model.layers[li]
+        linears = {ours: theirs for ours, theirs in block_names.items()
+                   if isinstance(model.get_submodule(ours), nn.Linear) and theirs in quantizable}
+        hess = {ours: Hessian(model.get_submodule(ours).in_features) for ours in linears}
+        memo: dict = {}  # q/k/v (gate/up) read the same input: x^T x once
+
+        def hook(h: Hessian):
+            def add(module, inp):
+                same = memo.get("x") is inp[0]
+                memo["xtx"] = h.add(inp[0], memo["xtx"] if same else None)
+                memo["x"] = inp[0]
+            return add
+
+        hooks = [model.get_submodule(ours).register_forward_pre_hook(hook(hess[ours]))
+                 for ours in linears]
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([layer(x[i: i + BATCH], input_pos, rope, mask)
+                              for i in range(0, x.shape[0], BATCH)])
+
+        run(xs)
+        for h in hooks:
+            h.remove()
+        for ours, theirs in linears.items():
+            lin = model.get_submodule(ours)
+            qw = gptq_quantize(lin.weight.data, hess[ours].matrix(), config, damp=damp,
+                               act_order=act_order, name=theirs, dtype16=dtype16)
+            lin.weight.data = qw.dequantize(torch.float32)
+            results.put(theirs, qw)
+            del hess[ours]
+        xs = run(xs)
+        model.layers[li] = nn.Identity()  # free the layer's weights
+        if progress:
+            progress(f"GPTQ layer {li + 1}/{args.n_layers}", li + 1, args.n_layers)
+    return results
+
+
+def calibration_windows(folder: Path, text: str, samples: int, seqlen: int) -> torch.Tensor:
+    """(n, seqlen) token windows: the text's first `samples` non-overlapping windows, in order."""
+    from transformers import AutoTokenizer
+
+    if samples < 1 or seqlen < 2:
+        raise KbitFormatError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor(tok(text).input_ids, dtype=torch.long)
+    n = min(samples, ids.numel() // seqlen)
+    if n < 1:
+        raise KbitFormatError(f"the calibration text has {ids.numel()} tokens, fewer than one "
+                              f"window of --calib-seqlen {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def convert_gptq(source: str | Path, output: str | Path, config: QuantConfig, *, calib_text: str,
+                 calib_name: str, samples: int = 128, seqlen: int = 2048, damp: float = 0.01,
+                 act_order: bool = False, force: bool = False, revision: str | None = None,
+                 trust_remote_code: bool = False, progress: Progress | None = None, **convert_kw):
+    """`kbit convert --method gptq`: GPTQ layer by layer, then the streaming converter writes it."""
+    from kbitrt.convert.converter import convert
+    from kbitrt.convert.source import resolve_model
+    from kbitrt.convert.staging import check_output
+
+    if config.method != "gptq":
+        raise KbitFormatError("convert_gptq needs a QuantConfig with method='gptq'")
+    if not damp > 0:
+        raise KbitFormatError("--damp must be > 0 (a fraction of the mean Hessian diagonal)")
+    folder = resolve_model(source, revision)
+    check_output(folder, Path(output).expanduser().resolve(), force)  # fail before hours of work
+    calib = calibration_windows(folder, calib_text, samples, seqlen)
+    results = gptq_quantize_model(folder, config, calib, damp=damp, act_order=act_order,
+                                  progress=progress, trust_remote_code=trust_remote_code)
+    record = {"calibration": {"dataset": calib_name, "samples": calib.shape[0],
+                              "seqlen": calib.shape[1], "damp": damp, "act_order": act_order,
+                              "windows": "first non-overlapping windows of the text"}}
+    try:
+        return convert(source, output, config, force=force, revision=revision,
+                       trust_remote_code=trust_remote_code, progress=progress, overrides=results,
+                       extra_quantization=record, **convert_kw)
+    finally:
+        results.close()
