@@ -23,87 +23,14 @@ conversion), one per code position, so each thread loads each x element once for
 
 from __future__ import annotations
 
-import weakref
-
-import torch
 import triton
 import triton.language as tl
 
-from kbitrt.format import packing
+from kbitrt.runtime.kernels.words import bit_field, load_word, x_at
 
 
 @triton.jit
-def _word(rows, goff, q, S: tl.constexpr, Q: tl.constexpr, mask):
-    """int64 word Q of a slice of width S (words goff + q ... of each row), or 0 past S."""
-    if Q < S:
-        return tl.load(rows + goff + q + Q, mask=mask, other=0)  # sass:weights
-    else:
-        return 0
-
-
-@triton.jit
-def _half(w0, w1, w2, w3, w4, w5, w6, w7, H: tl.constexpr):
-    """int32 half H (0..15) of the words w0..w7 (little-endian: half 2q is the low half of wq)."""
-    if H // 2 == 0:
-        w = w0
-    elif H // 2 == 1:
-        w = w1
-    elif H // 2 == 2:
-        w = w2
-    elif H // 2 == 3:
-        w = w3
-    elif H // 2 == 4:
-        w = w4
-    elif H // 2 == 5:
-        w = w5
-    elif H // 2 == 6:
-        w = w6
-    else:
-        w = w7
-    if H % 2 == 1:
-        w = w >> 32
-    return w.to(tl.int32)
-
-
-@triton.jit
-def _shift(v, by: tl.constexpr):
-    """v << by for by >= 0, logical v >> -by otherwise (by a compile-time amount)."""
-    if by > 0:
-        return v << by
-    elif by < 0:
-        return (v.to(tl.uint32, bitcast=True) >> (-by)).to(tl.int32, bitcast=True)
-    else:
-        return v
-
-
-@triton.jit
-def _field(a0, a1, a2, a3, a4, a5, a6, a7, S: tl.constexpr, I: tl.constexpr, N: tl.constexpr,
-           DEST: tl.constexpr, mask=None):
-    """The S*N bits of codes I..I+N-1 of a slice of width S, moved to bit DEST (masked).
-
-    `mask`, when given, is the same mask as a run-time value: it stays in a register (or the
-    constant bank) where a second immediate would be rebuilt in a register for every use."""
-    PER: tl.constexpr = 32 // S  # codes per 32-bit half
-    h = _half(a0, a1, a2, a3, a4, a5, a6, a7, I // PER)
-    pos: tl.constexpr = S * (I % PER)
-    MASK: tl.constexpr = ((1 << (S * N)) - 1) << DEST
-    if mask is None:
-        return _shift(h, DEST - pos) & MASK
-    else:
-        return _shift(h, DEST - pos) & mask
-
-
-@triton.jit
-def _x(xg, g, i: tl.constexpr, K, xmask, EVEN_K: tl.constexpr):
-    """fp32 x[64 g + i] in the weights' layout; 0 past K (checked only when K % 64 != 0)."""
-    if EVEN_K:  # no mask: identical loads of a thread's rows then merge into one
-        return tl.load(xg + i).to(tl.float32)
-    else:
-        return tl.load(xg + i, mask=xmask & (g[None, :] * 64 + i < K), other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _gemv_words_kernel(
+def gemv_words_kernel(
     x_ptr, qw_ptr, absmax_ptr, tab_ptr, bias_ptr, out_ptr,
     N, K, n_groups, stride_qn, stride_an, cb_base, cb_step, dmask,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, B: tl.constexpr,
@@ -131,19 +58,19 @@ def _gemv_words_kernel(
         mask = mask_n[:, None] & (g < n_groups)[None, :]
         # slice j of a row starts at word off_j * n_groups; group g's words at g * S_j
         g0 = g[None, :] * S0
-        a0 = _word(rows, g0, 0, S0, 0, mask)
-        a1 = _word(rows, g0, 0, S0, 1, mask)
-        a2 = _word(rows, g0, 0, S0, 2, mask)
-        a3 = _word(rows, g0, 0, S0, 3, mask)
-        a4 = _word(rows, g0, 0, S0, 4, mask)
-        a5 = _word(rows, g0, 0, S0, 5, mask)
-        a6 = _word(rows, g0, 0, S0, 6, mask)
-        a7 = _word(rows, g0, 0, S0, 7, mask)
+        a0 = load_word(rows, g0, 0, S0, 0, mask)
+        a1 = load_word(rows, g0, 0, S0, 1, mask)
+        a2 = load_word(rows, g0, 0, S0, 2, mask)
+        a3 = load_word(rows, g0, 0, S0, 3, mask)
+        a4 = load_word(rows, g0, 0, S0, 4, mask)
+        a5 = load_word(rows, g0, 0, S0, 5, mask)
+        a6 = load_word(rows, g0, 0, S0, 6, mask)
+        a7 = load_word(rows, g0, 0, S0, 7, mask)
         g1 = off1 * n_groups + g[None, :] * S1
-        b0 = _word(rows, g1, 0, S1, 0, mask)
-        b1 = _word(rows, g1, 0, S1, 1, mask)
+        b0 = load_word(rows, g1, 0, S1, 0, mask)
+        b1 = load_word(rows, g1, 0, S1, 1, mask)
         g2 = off2 * n_groups + g[None, :] * S2
-        c0 = _word(rows, g2, 0, S2, 0, mask)
+        c0 = load_word(rows, g2, 0, S2, 0, mask)
         s = tl.load(a_rows + (g * 64 // B)[None, :], mask=mask, other=0.0).to(tl.float32)
         # past the last group x is read at the last group (in bounds) and the scale s is 0
         xg = x_base + tl.minimum(g, n_groups - 1)[None, :] * 64
@@ -152,45 +79,45 @@ def _gemv_words_kernel(
         xs = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
         if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB from the code OR-ed into 1.0's mantissa
             for i in tl.static_range(64):
-                xi = _x(xg, g, i, K, xmask, EVEN_K)
-                f = _field(a0, a1, a2, a3, a4, a5, a6, a7, S0, i, 1, 23 - KB, dmask)
+                xi = x_at(xg, g, i, K, xmask, EVEN_K)
+                f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, i, 1, 23 - KB, dmask)
                 f = (f | 0x3F800000).to(tl.float32, bitcast=True)
                 p += f * xi
                 xs += xi
         elif DECODE == 3:  # quad table (k = 3): 4 codes (12 bits) -> two 64-bit loads
             for u in tl.static_range(16):
-                idx = _field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 4 * u, 4, 0)
-                idx |= _field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 4 * u, 4, 4 * S0)
+                idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 4 * u, 4, 0)
+                idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 4 * u, 4, 4 * S0)
                 q01 = tl.load(tab_ptr + 2 * idx)
                 q23 = tl.load(tab_ptr + 2 * idx + 1)
-                p += q01.to(tl.int32).to(tl.float32, bitcast=True) * _x(xg, g, 4 * u, K, xmask,
+                p += q01.to(tl.int32).to(tl.float32, bitcast=True) * x_at(xg, g, 4 * u, K, xmask,
                                                                          EVEN_K)
-                p += (q01 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * _x(
+                p += (q01 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x_at(
                     xg, g, 4 * u + 1, K, xmask, EVEN_K)
-                p += q23.to(tl.int32).to(tl.float32, bitcast=True) * _x(xg, g, 4 * u + 2, K,
+                p += q23.to(tl.int32).to(tl.float32, bitcast=True) * x_at(xg, g, 4 * u + 2, K,
                                                                          xmask, EVEN_K)
-                p += (q23 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * _x(
+                p += (q23 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x_at(
                     xg, g, 4 * u + 3, K, xmask, EVEN_K)
         else:
             if DECODE == 1:  # pair table: 2 codes -> one 64-bit load
                 for u in tl.static_range(32):
-                    idx = _field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * u, 2, 0)
+                    idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * u, 2, 0)
                     if S1 > 0:
-                        idx |= _field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 2 * u, 2, 2 * S0)
+                        idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 2 * u, 2, 2 * S0)
                     if S2 > 0:
-                        idx |= _field(c0, 0, 0, 0, 0, 0, 0, 0, S2, 2 * u, 2, 2 * (S0 + S1))
+                        idx |= bit_field(c0, 0, 0, 0, 0, 0, 0, 0, S2, 2 * u, 2, 2 * (S0 + S1))
                     pair = tl.load(tab_ptr + idx)
                     v0 = pair.to(tl.int32).to(tl.float32, bitcast=True)
                     v1 = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-                    x0 = _x(xg, g, 2 * u, K, xmask, EVEN_K)
-                    x1 = _x(xg, g, 2 * u + 1, K, xmask, EVEN_K)
+                    x0 = x_at(xg, g, 2 * u, K, xmask, EVEN_K)
+                    x1 = x_at(xg, g, 2 * u + 1, K, xmask, EVEN_K)
                     p += v0 * x0
                     p += v1 * x1
             else:  # byte table (k = 8)
                 for i in tl.static_range(64):
-                    idx = _field(a0, a1, a2, a3, a4, a5, a6, a7, S0, i, 1, 0)
+                    idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, i, 1, 0)
                     v = tl.load(tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + idx)
-                    p += v * _x(xg, g, i, K, xmask, EVEN_K)
+                    p += v * x_at(xg, g, i, K, xmask, EVEN_K)
         acc += p * s
         if DECODE == 0:
             accx += xs * s
@@ -207,65 +134,3 @@ def _gemv_words_kernel(
         tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
         tl.atomic_add(out_ptr + offs_n, y, mask=mask_n)
-
-
-def gemv_words_ok(k: int, block_size: int) -> bool:
-    """Whether the word GEMV applies: whole 64-code groups per row and blocks of >= 64 codes."""
-    return (-(-k // 8) * 8) % 64 == 0 and block_size >= 64
-
-
-_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def affine_params(codebook: torch.Tensor) -> tuple[float, float] | None:
-    """(base, step) when codebook[c] == base + step * c for every entry (int data types padded by
-    `reference.pad_codebook`), else None. Reads the codebook on the host: call it outside graphs."""
-    cb = codebook.detach().double().cpu()
-    step = (cb[-1] - cb[0]).item() / (cb.numel() - 1)
-    ideal = cb[0] + step * torch.arange(cb.numel(), dtype=torch.float64)
-    if step <= 0 or (cb - ideal).abs().max().item() > 1e-6 * max(1.0, cb.abs().max().item()):
-        return None
-    return float(cb[0]), step
-
-
-def pair_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
-    """int64 (2^(2 bits),): (cb[c0], cb[c1]) fp32 pairs, indexed as the word GEMV builds the index
-    of two neighbouring codes: slice j's 2*s_j bits (c0's s_j bits, then c1's) at bit 2*shift_j."""
-    idx = torch.arange(1 << (2 * bits), device=codebook.device)
-    c0 = torch.zeros_like(idx)
-    c1 = torch.zeros_like(idx)
-    for width, shift, _ in packing.slices(bits):
-        field = (idx >> (2 * shift)) & ((1 << (2 * width)) - 1)
-        c0 |= (field & ((1 << width) - 1)) << shift
-        c1 |= (field >> width) << shift
-    cb = codebook.float()
-    return torch.stack([cb[c0], cb[c1]], dim=1).contiguous().view(torch.int64).view(-1)
-
-
-def quad_table(codebook: torch.Tensor) -> torch.Tensor:
-    """int64 (2 * 4096,): for k = 3, (cb[c0], .., cb[c3]) fp32 of four neighbouring codes, indexed
-    by their 2-bit slice byte | their 1-bit slice nibble << 8."""
-    idx = torch.arange(1 << 12, device=codebook.device)
-    codes = [((idx >> (2 * j)) & 3) | (((idx >> (8 + j)) & 1) << 2) for j in range(4)]
-    cb = codebook.float()
-    return torch.stack([cb[c] for c in codes], dim=1).contiguous().view(torch.int64).view(-1)
-
-
-def decode_choice(codebook: torch.Tensor, bits: int) -> tuple[int, torch.Tensor, float, float]:
-    """(DECODE, table, base, step) for the word GEMV, cached per codebook tensor."""
-    hit = _TABLES.get(codebook)
-    if hit is not None and hit[0] == codebook._version:
-        return hit[1]
-    affine = None
-    if bits in (4, 8) and not (codebook.is_cuda and torch.cuda.is_current_stream_capturing()):
-        affine = affine_params(codebook)
-    if affine is not None:
-        out = (0, codebook, affine[0], affine[1])
-    elif bits == 8:
-        out = (2, codebook, 0.0, 0.0)
-    elif bits == 3:
-        out = (3, quad_table(codebook), 0.0, 0.0)
-    else:
-        out = (1, pair_table(codebook, bits), 0.0, 0.0)
-    _TABLES[codebook] = (codebook._version, out)
-    return out

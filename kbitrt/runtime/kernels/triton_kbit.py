@@ -25,7 +25,9 @@ import triton
 import triton.language as tl
 
 from kbitrt.format import packing
-from kbitrt.runtime.kernels.gemv_words import _gemv_words_kernel, decode_choice, gemv_words_ok
+from kbitrt.runtime.kernels.dot_words import dot_words_kernel
+from kbitrt.runtime.kernels.gemv_words import gemv_words_kernel
+from kbitrt.runtime.kernels.words import decode_choice, gemv_words_ok
 
 _SLICE_WIDTHS = {b: tuple(w for w, _, _ in packing.slices(b)) for b in range(3, 9)}
 
@@ -250,6 +252,11 @@ def _pick(m: int, n: int, k: int, bits: int, block_size: int, sms: int) -> Kerne
         block_n, block_k = 16, min(512, kpow)
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         return KernelConfig(1, block_n, block_k, split, num_warps=4, num_stages=2)
+    if m <= 16 and gemv_words_ok(k, block_size):
+        # one (row, group) per thread; BLOCK_K = 128 keeps the tile's smem stores 128 bits wide
+        block_n, block_k = 64, 128
+        split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
+        return KernelConfig(16, block_n, block_k, split, num_warps=4, num_stages=1)
     if m <= 16:
         block_n, block_k = 64, min(128, kpow)
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
@@ -299,8 +306,12 @@ def plan_launch(m: int, n: int, k: int, bits: int, block_size: int, act: str = "
     kp = packing.padded_len(k)
     nb = -(-k // block_size)
     cfg = config or _pick(m, n, k, bits, block_size, sms)
-    if cfg.block_m == 1 and cfg.block_k % 64 == 0 and gemv_words_ok(k, block_size):
-        return _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cfg)
+    if cfg.block_k % 64 == 0 and gemv_words_ok(k, block_size):
+        if cfg.block_m == 1:
+            return _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cfg)
+        if cfg.block_m == 16 and m <= 16:
+            return _plan_dot_words(m, n, k, bits, block_size, act, codebook_kind, absmax,
+                                   has_bias, cfg)
     widths = _SLICE_WIDTHS[bits] + (0, 0)
     split = cfg.split_k
     out = "fp32" if split > 1 else act
@@ -348,10 +359,35 @@ def _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cf
     ints = (("N", n), ("K", k), ("n_groups", kp // 64), ("stride_qn", kp * bits // 64),
             ("stride_an", nb), ("cb_base", 0.0), ("cb_step", 0.0),
             ("dmask", ((1 << bits) - 1) << (23 - bits)))
-    return LaunchPlan(_gemv_words_kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints,
+    return LaunchPlan(gemv_words_kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints,
                       tuple(c.items()), cfg.num_warps, cfg.num_stages, cfg.block_n * cfg.block_k,
                       bits, block_size, 4 if absmax == "fp32" else 2,
                       f"words d{decode} bn{cfg.block_n} bg{block_g} sk{split} w{cfg.num_warps}")
+
+
+def _plan_dot_words(m, n, k, bits, block_size, act, codebook_kind, absmax, has_bias,
+                    cfg) -> LaunchPlan:
+    kp = packing.padded_len(k)
+    widths = _SLICE_WIDTHS[bits] + (0, 0)
+    decode = _words_decode(bits, codebook_kind)
+    split = cfg.split_k
+    out = "fp32" if split > 1 else act
+    block_g = cfg.block_k // 64
+    dot_f32 = act == "bf16" and interpreted()
+    c = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size, DECODE=decode,
+             HAS_BIAS=has_bias, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_G=block_g, SPLIT_K=split,
+             DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 or act == "fp32" else "tf32")
+    ptrs = (("x_ptr", act), ("qw_ptr", "i64"), ("absmax_ptr", absmax),
+            ("tab_ptr", "i64" if decode in (1, 3) else "fp32"), ("bias_ptr", act if has_bias else out),
+            ("out_ptr", out))
+    nb = -(-k // block_size)
+    ints = (("M", m), ("N", n), ("K", k), ("n_groups", kp // 64), ("stride_xm", k),
+            ("stride_qn", kp * bits // 64), ("stride_an", nb), ("stride_om", n),
+            ("cb_base", 0.0), ("cb_step", 0.0), ("dmask", ((1 << bits) - 1) << (23 - bits)))
+    return LaunchPlan(dot_words_kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints,
+                      tuple(c.items()), cfg.num_warps, cfg.num_stages, cfg.block_n * cfg.block_k,
+                      bits, block_size, 4 if absmax == "fp32" else 2,
+                      f"dotwords d{decode} bn{cfg.block_n} bg{block_g} sk{split} w{cfg.num_warps}")
 
 
 def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
@@ -377,14 +413,14 @@ def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Ten
     x = x.contiguous()
     qweight, absmax = qweight.contiguous(), absmax.contiguous()
     kind, table, scalars = "table", codebook, {}
-    if m == 1 and gemv_words_ok(k, block_size) and qweight.data_ptr() % 8 == 0:
+    if m <= 16 and gemv_words_ok(k, block_size) and qweight.data_ptr() % 8 == 0:
         decode, table, base, step = decode_choice(codebook, bits)
         kind, scalars = ("affine" if decode == 0 else "table"), dict(cb_base=base, cb_step=step)
         qweight = qweight.view(torch.int64)
     plan = plan_launch(m, n, k, bits, block_size, act=_TL_NAMES[x.dtype],
                        codebook_kind=kind, sms=_sm_count(x.device),
                        absmax=_TL_NAMES[absmax.dtype], has_bias=bias is not None, config=config)
-    if plan.kernel is not _gemv_words_kernel and qweight.dtype != torch.uint8:
+    if plan.kernel not in (gemv_words_kernel, dot_words_kernel) and qweight.dtype != torch.uint8:
         qweight = qweight.view(torch.uint8)
     split = dict(plan.constexprs)["SPLIT_K"]
     out = (torch.zeros((m, n), device=x.device, dtype=torch.float32) if split > 1
