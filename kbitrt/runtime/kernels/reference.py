@@ -14,13 +14,26 @@ from kbitrt.format import packing
 
 
 def pad_codebook(codebook: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp32 (2^bits,): the codebook, last entry repeated, so that any k-bit code is an index."""
+    """fp32 (2^bits,): the codebook padded so that any k-bit code is an index.
+
+    An equally spaced codebook (int) is extended along its progression, so the padded table stays
+    affine and the kernels may decode it arithmetically; any other repeats its last entry. Codes
+    past the codebook never occur in a quantized weight, so the padding changes no result.
+    """
     cb = codebook.detach().float().reshape(-1)
     n = 1 << bits
     if cb.numel() > n:
         raise ValueError(f"a {bits}-bit codebook holds at most {n} entries, got {cb.numel()}")
     if cb.numel() < n:
-        cb = torch.cat([cb, cb[-1:].expand(n - cb.numel())])
+        c64 = cb.double()
+        step = (c64[-1] - c64[0]) / max(cb.numel() - 1, 1)
+        ideal = c64[0] + step * torch.arange(cb.numel(), dtype=torch.float64, device=cb.device)
+        if cb.numel() > 1 and step > 0 and (c64 - ideal).abs().max() <= 1e-6:
+            extra = c64[0] + step * torch.arange(cb.numel(), n, dtype=torch.float64,
+                                                 device=cb.device)
+            cb = torch.cat([cb, extra.float()])
+        else:
+            cb = torch.cat([cb, cb[-1:].expand(n - cb.numel())])
     return cb.contiguous()
 
 

@@ -25,12 +25,15 @@ import triton
 import triton.language as tl
 
 from kbitrt.format import packing
+from kbitrt.runtime.kernels.dot_words import dot_words_kernel
+from kbitrt.runtime.kernels.gemv_words import gemv_words_kernel
+from kbitrt.runtime.kernels.words import decode_choice, gemv_words_ok
 
 _SLICE_WIDTHS = {b: tuple(w for w, _, _ in packing.slices(b)) for b in range(3, 9)}
 
 
 @triton.jit
-def _slice_codes(qw_row_ptr, k0, kp8, mask_n, OFF: tl.constexpr, S: tl.constexpr,
+def _slice_codes(qw_row_ptr, k0, kp8, mask_n, OFF: tl.constexpr, S: tl.constexpr,  # sass:weights-fn
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """int32 (BLOCK_N, BLOCK_K): the S-bit slice of codes k0..k0+BLOCK_K of each row.
 
@@ -42,7 +45,8 @@ def _slice_codes(qw_row_ptr, k0, kp8, mask_n, OFF: tl.constexpr, S: tl.constexpr
     offs_b = k0 * S // 8 + tl.arange(0, NBYTES)
     offs_b = tl.max_contiguous(tl.multiple_of(offs_b, NBYTES), NBYTES)
     mask = mask_n[:, None] & (offs_b[None, :] < kp8 * S)  # the slice's own bytes only
-    b = tl.load(qw_row_ptr + OFF * kp8 + offs_b[None, :], mask=mask, other=0).to(tl.int32)
+    b = tl.load(qw_row_ptr + OFF * kp8 + offs_b[None, :],  # sass:weights
+                mask=mask, other=0).to(tl.int32)
     if S == 8:
         return b
     PPB: tl.constexpr = 8 // S
@@ -230,16 +234,29 @@ def _split_k(n_tiles: int, k_tiles: int, sms: int) -> int:
 
 def pick_config(m: int, n: int, k: int, bits: int, block_size: int,
                 device: torch.device) -> KernelConfig:
-    """A heuristic launch shape (untuned: GPU tuning lives in benchmarks/kernels.py)."""
+    """A heuristic launch shape (untuned: GPU tuning lives in benchmarks/kernel_bench.py)."""
+    return _pick(m, n, k, bits, block_size, _sm_count(device))
+
+
+def _pick(m: int, n: int, k: int, bits: int, block_size: int, sms: int) -> KernelConfig:
     key = (m_bucket(m), n, k, bits, block_size)
     if key in CONFIG_OVERRIDES:
         return CONFIG_OVERRIDES[key]
-    sms = _sm_count(device)
     kpow = max(32, triton.next_power_of_2(k))
+    if m == 1 and gemv_words_ok(k, block_size):
+        # 4 warps, 1 group of 64 codes per thread and trip; 8 rows per thread where registers allow
+        block_n, block_k = (256 if bits <= 5 else 128), 256
+        split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
+        return KernelConfig(1, block_n, block_k, split, num_warps=4, num_stages=1)
     if m == 1:
         block_n, block_k = 16, min(512, kpow)
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         return KernelConfig(1, block_n, block_k, split, num_warps=4, num_stages=2)
+    if m <= 16 and gemv_words_ok(k, block_size):
+        # one (row, group) per thread; BLOCK_K = 128 keeps the tile's smem stores 128 bits wide
+        block_n, block_k = 64, 128
+        split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
+        return KernelConfig(16, block_n, block_k, split, num_warps=4, num_stages=1)
     if m <= 16:
         block_n, block_k = 64, min(128, kpow)
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
@@ -247,6 +264,130 @@ def pick_config(m: int, n: int, k: int, bits: int, block_size: int,
     block_m = 64 if m <= 64 else 128
     return KernelConfig(block_m, 128, min(64, kpow), 1, num_warps=8 if block_m == 128 else 4,
                         num_stages=3)
+
+
+_TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def codebook_kind_of(dtype: str) -> str:
+    """'affine' for data types whose codebook is equally spaced (int), else 'table'."""
+    return "affine" if dtype == "int" else "table"
+
+
+def _words_decode(bits: int, codebook_kind: str) -> int:
+    """The word GEMV's decoder (gemv_words.decode_choice picks the same from the codebook)."""
+    if codebook_kind == "affine" and bits in (4, 8):
+        return 0
+    return {8: 2, 3: 3}.get(bits, 1)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One launch: kernel, grid, constexprs and the argument list (name -> pointer element type
+    as a Triton type string, or an int value). `plan_launch` builds it; benchmarks/sass_budget.py
+    compiles exactly it."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    constexprs: tuple
+    num_warps: int
+    num_stages: int
+    weights_per_trip: int  # weights one program handles per trip of its K loop
+    bits: int
+    block_size: int
+    absmax_bytes: int
+    config_str: str
+
+
+def plan_launch(m: int, n: int, k: int, bits: int, block_size: int, act: str = "fp16",
+                codebook_kind: str = "table", sms: int = 132, absmax: str = "fp16",
+                has_bias: bool = False, config: KernelConfig | None = None) -> LaunchPlan:
+    kp = packing.padded_len(k)
+    nb = -(-k // block_size)
+    cfg = config or _pick(m, n, k, bits, block_size, sms)
+    if cfg.block_k % 64 == 0 and gemv_words_ok(k, block_size):
+        if cfg.block_m == 1:
+            return _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cfg)
+        if cfg.block_m == 16 and m <= 16:
+            return _plan_dot_words(m, n, k, bits, block_size, act, codebook_kind, absmax,
+                                   has_bias, cfg)
+    widths = _SLICE_WIDTHS[bits] + (0, 0)
+    split = cfg.split_k
+    out = "fp32" if split > 1 else act
+    common = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size, HAS_BIAS=has_bias,
+                  BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, GATHER=cfg.gather)
+    ptrs = (("x_ptr", act), ("qw_ptr", "u8"), ("absmax_ptr", absmax), ("cb_ptr", "fp32"),
+            ("bias_ptr", act if has_bias else out), ("out_ptr", out))
+    cstr = f"bm{cfg.block_m} bn{cfg.block_n} bk{cfg.block_k} sk{split} w{cfg.num_warps}"
+    row = kp * bits // 8
+    if cfg.block_m == 1:
+        if m != 1:
+            raise ValueError("the GEMV config (block_m=1) needs M = 1")
+        grid = (triton.cdiv(n, cfg.block_n), split)
+        ints = (("N", n), ("K", k), ("kp8", kp // 8), ("n_blocks", nb), ("stride_qn", row),
+                ("stride_an", nb))
+        return LaunchPlan(_gemv_kernel, grid, ptrs + ints, tuple(common.items()), cfg.num_warps,
+                          cfg.num_stages, cfg.block_n * cfg.block_k, bits, block_size,
+                          4 if absmax == "fp32" else 2, cstr)
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
+    precision = "ieee" if act == "fp32" else "tf32"
+    dot_f32 = act == "bf16" and interpreted()
+    common.update(BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
+                  DOT_PRECISION="ieee" if dot_f32 else precision, DOT_F32=dot_f32)
+    ints = (("M", m), ("N", n), ("K", k), ("kp8", kp // 8), ("n_blocks", nb),
+            ("stride_xm", k), ("stride_qn", row), ("stride_an", nb), ("stride_om", n))
+    return LaunchPlan(_dot_kernel, grid, ptrs + ints, tuple(common.items()), cfg.num_warps,
+                      cfg.num_stages, cfg.block_n * cfg.block_k, bits, block_size,
+                      4 if absmax == "fp32" else 2, cstr)
+
+
+def _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cfg) -> LaunchPlan:
+    kp = packing.padded_len(k)
+    widths = _SLICE_WIDTHS[bits] + (0, 0)
+    decode = _words_decode(bits, codebook_kind)
+    split = cfg.split_k
+    out = "fp32" if split > 1 else act
+    block_g = cfg.block_k // 64
+    c = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size, DECODE=decode,
+             HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_G=block_g, SPLIT_K=split,
+             EVEN_K=k % 64 == 0)
+    ptrs = (("x_ptr", act), ("qw_ptr", "i64"), ("absmax_ptr", absmax),
+            ("tab_ptr", "i64" if decode in (1, 3) else "fp32"), ("bias_ptr", act if has_bias else out),
+            ("out_ptr", out))
+    nb = -(-k // block_size)
+    ints = (("N", n), ("K", k), ("n_groups", kp // 64), ("stride_qn", kp * bits // 64),
+            ("stride_an", nb), ("cb_base", 0.0), ("cb_step", 0.0),
+            ("dmask", ((1 << bits) - 1) << (23 - bits)))
+    return LaunchPlan(gemv_words_kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints,
+                      tuple(c.items()), cfg.num_warps, cfg.num_stages, cfg.block_n * cfg.block_k,
+                      bits, block_size, 4 if absmax == "fp32" else 2,
+                      f"words d{decode} bn{cfg.block_n} bg{block_g} sk{split} w{cfg.num_warps}")
+
+
+def _plan_dot_words(m, n, k, bits, block_size, act, codebook_kind, absmax, has_bias,
+                    cfg) -> LaunchPlan:
+    kp = packing.padded_len(k)
+    widths = _SLICE_WIDTHS[bits] + (0, 0)
+    decode = _words_decode(bits, codebook_kind)
+    split = cfg.split_k
+    out = "fp32" if split > 1 else act
+    block_g = cfg.block_k // 64
+    dot_f32 = act == "bf16" and interpreted()
+    c = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size, DECODE=decode,
+             HAS_BIAS=has_bias, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_G=block_g, SPLIT_K=split,
+             DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 or act == "fp32" else "tf32")
+    ptrs = (("x_ptr", act), ("qw_ptr", "i64"), ("absmax_ptr", absmax),
+            ("tab_ptr", "i64" if decode in (1, 3) else "fp32"), ("bias_ptr", act if has_bias else out),
+            ("out_ptr", out))
+    nb = -(-k // block_size)
+    ints = (("M", m), ("N", n), ("K", k), ("n_groups", kp // 64), ("stride_xm", k),
+            ("stride_qn", kp * bits // 64), ("stride_an", nb), ("stride_om", n),
+            ("cb_base", 0.0), ("cb_step", 0.0), ("dmask", ((1 << bits) - 1) << (23 - bits)))
+    return LaunchPlan(dot_words_kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints,
+                      tuple(c.items()), cfg.num_warps, cfg.num_stages, cfg.block_n * cfg.block_k,
+                      bits, block_size, 4 if absmax == "fp32" else 2,
+                      f"dotwords d{decode} bn{cfg.block_n} bg{block_g} sk{split} w{cfg.num_warps}")
 
 
 def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
@@ -271,32 +412,25 @@ def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Ten
         raise ValueError(f"block_size {block_size} must be a power of two in 16..4096")
     x = x.contiguous()
     qweight, absmax = qweight.contiguous(), absmax.contiguous()
-    cfg = config or pick_config(m, n, k, bits, block_size, x.device)
-    widths = _SLICE_WIDTHS[bits] + (0, 0)
-    split = cfg.split_k
+    kind, table, scalars = "table", codebook, {}
+    if m <= 16 and gemv_words_ok(k, block_size) and qweight.data_ptr() % 8 == 0:
+        decode, table, base, step = decode_choice(codebook, bits)
+        kind, scalars = ("affine" if decode == 0 else "table"), dict(cb_base=base, cb_step=step)
+        qweight = qweight.view(torch.int64)
+    plan = plan_launch(m, n, k, bits, block_size, act=_TL_NAMES[x.dtype],
+                       codebook_kind=kind, sms=_sm_count(x.device),
+                       absmax=_TL_NAMES[absmax.dtype], has_bias=bias is not None, config=config)
+    if plan.kernel not in (gemv_words_kernel, dot_words_kernel) and qweight.dtype != torch.uint8:
+        qweight = qweight.view(torch.uint8)
+    split = dict(plan.constexprs)["SPLIT_K"]
     out = (torch.zeros((m, n), device=x.device, dtype=torch.float32) if split > 1
            else torch.empty((m, n), device=x.device, dtype=x.dtype))
-    bias_arg = bias if bias is not None else out  # never read: HAS_BIAS is False
-    common = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size,
-                  HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                  SPLIT_K=split, GATHER=cfg.gather, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
-    if cfg.block_m == 1:
-        if m != 1:
-            raise ValueError("the GEMV config (block_m=1) needs M = 1")
-        grid = (triton.cdiv(n, cfg.block_n), split)
-        _gemv_kernel[grid](x, qweight, absmax, codebook, bias_arg, out, n, k, kp // 8,
-                           absmax.shape[1], qweight.stride(0), absmax.stride(0), **common)
-    else:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-        precision = "ieee" if x.dtype == torch.float32 else "tf32"
-        # the interpreter's bf16 tl.dot returns garbage (triton 3.9): it multiplies in fp32 there
-        dot_f32 = x.dtype == torch.bfloat16 and interpreted()
-        _dot_kernel[grid](x, qweight, absmax, codebook, bias_arg, out, m, n, k, kp // 8,
-                          absmax.shape[1], x.stride(0), qweight.stride(0), absmax.stride(0),
-                          out.stride(0), BLOCK_M=cfg.block_m, GROUP_M=cfg.group_m,
-                          DOT_PRECISION="ieee" if dot_f32 else precision, DOT_F32=dot_f32,
-                          **common)
+    tensors = dict(x_ptr=x, qw_ptr=qweight, absmax_ptr=absmax, cb_ptr=codebook, tab_ptr=table,
+                   bias_ptr=bias if bias is not None else out, out_ptr=out)
+    call = [tensors[name] if isinstance(v, str) else scalars.get(name, v)
+            for name, v in plan.args]
+    plan.kernel[plan.grid](*call, **dict(plan.constexprs), num_warps=plan.num_warps,
+                           num_stages=plan.num_stages)
     if split > 1:
         out = out.to(x.dtype)
     if outlier_idx is not None and outlier_idx.numel():

@@ -1,0 +1,374 @@
+"""Static SASS budget of the kbit Triton kernels: compiled for sm_80/89/90 on a CPU, no GPU needed.
+
+    python benchmarks/sass_budget.py                       # table, sm_90, Llama-2-7B shapes
+    python benchmarks/sass_budget.py --json                # one JSON record per variant
+    python benchmarks/sass_budget.py --all --out benchmarks/results/sass_budget.json
+
+Every variant the dispatcher can choose (`triton_kbit.plan_launch`: M=1 GEMV, M=2..16 small batch,
+prefill) is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` with
+the launch config `pick_config` chooses for that GPU's SM count, the same specialisations a launch
+would get (16-byte divisibility of pointers and of sizes that are multiples of 16), and turned into
+SASS with the `nvdisasm` shipped in the Triton wheel. The hot loop is the innermost backward branch
+with the most instructions (the K loop). Per variant it reports:
+
+- instr_per_weight: SASS instructions of one loop trip / weights one thread handles per trip;
+- mix: the loop's instructions by opcode class (alu, fma, cvt, ldg, lds, sts, shfl, bar, ...);
+- weight_load_bits: the widest global load of packed weights in the loop, found from the source
+  lines (`-lineinfo`) marked `# sass:weights` in triton_kbit.py;
+- regs, spills (local memory), smem, the occupancy the registers and smem allow;
+- pred_frac_bw: a roofline on paper (docs/kernels.md lists every number and its source): the
+  fraction of DRAM copy bandwidth the kernel can reach = min(1, issue, LSU, bytes in flight) x fill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kbitrt.runtime.kernels import triton_kbit as tk  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """Paper figures of one GPU (sources in docs/kernels.md, section 'Roofline on paper')."""
+
+    arch: str
+    cc: int
+    name: str
+    sms: int
+    clock_ghz: float  # boost clock
+    dram_gbs: float  # peak DRAM bandwidth (datasheet)
+    copy_frac: float  # device-to-device copy reaches this fraction of the peak
+    smem_per_sm: int  # bytes usable by blocks
+    max_warps: int  # resident warps per SM
+    max_blocks: int  # resident blocks per SM
+    latency_ns: float  # DRAM load latency under load
+
+    @property
+    def copy_gbs(self) -> float:
+        return self.dram_gbs * self.copy_frac
+
+
+GPUS = {
+    "sm_90": Gpu("sm_90", 90, "H100 SXM5", 132, 1.98, 3350, 0.9, 228 * 1024, 64, 32, 700),
+    "sm_80": Gpu("sm_80", 80, "A100 SXM4 80GB", 108, 1.41, 2039, 0.9, 164 * 1024, 64, 32, 600),
+    "sm_89": Gpu("sm_89", 89, "RTX 4090", 128, 2.52, 1008, 0.9, 100 * 1024, 48, 24, 600),
+}
+SHAPES = {  # Llama-2 linear layers: name -> (N = out_features, K = in_features)
+    "7b-qkv": (12288, 4096), "7b-o": (4096, 4096), "7b-gateup": (22016, 4096),
+    "7b-down": (4096, 11008),
+    "70b-qkv": (10240, 8192), "70b-o": (8192, 8192), "70b-gateup": (57344, 8192),
+    "70b-down": (8192, 28672),
+}
+M_OF_KERNEL = {"gemv": 1, "small": 16, "prefill": 512}
+ISSUE_PER_SM_CLK = 128  # 4 schedulers x 32 lanes: thread-instructions per SM per clock
+LSU_PER_SM_CLK = 32  # one 32-lane memory instruction (LDG/LDS/STS/ATOM/SHFL) per SM per clock
+
+_CLASSES = [  # (class, opcode prefixes), first match wins
+    ("ldg", ("LDG",)), ("lds", ("LDS", "LDSM")), ("sts", ("STS",)), ("ldl", ("LDL",)),
+    ("stl", ("STL",)), ("stg", ("STG", "RED", "ATOM")), ("ldc", ("LDC", "ULDC")),
+    ("shfl", ("SHFL",)), ("bar", ("BAR", "DEPBAR", "SYNCS", "WARPSYNC")),
+    ("mma", ("HMMA", "IMMA", "HGMMA", "WGMMA")), ("fma", ("FFMA", "FMUL", "FADD", "HFMA2", "HMUL2",
+                                                         "HADD2", "FMNMX", "FSEL", "FSETP")),
+    ("cvt", ("I2F", "F2F", "F2I", "I2FP", "F2FP", "PRMT")), ("branch", ("BRA", "EXIT", "BSSY",
+                                                                         "BSYNC")),
+    ("uniform", ("U",)), ("alu", ("",)),
+]
+
+
+def opclass(op: str) -> str:
+    return next(c for c, prefixes in _CLASSES if op.startswith(prefixes))
+
+
+@dataclass
+class Instr:
+    addr: int
+    op: str  # opcode with modifiers, e.g. LDG.E.128
+    text: str
+    lines: frozenset  # source lines (file basename, line) incl. the inlined-at chain
+
+
+def disassemble(cubin: bytes) -> list[Instr]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(BIN / "nvdisasm"), "-c", "-gi", f.name], check=True,
+                             capture_output=True, text=True).stdout
+    instrs, labels, loc, fresh = [], {}, set(), False
+    for line in out.splitlines():
+        s = line.strip()
+        if s.startswith("//## File"):  # a location holds until the next one
+            if not fresh:
+                loc, fresh = set(), True
+            loc |= {(os.path.basename(f), int(n))
+                    for f, n in re.findall(r'"([^"]+)", line (\d+)', s)}
+            continue
+        m = re.match(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", s)
+        if m:
+            body = re.sub(r"^@!?U?P\w+\s+", "", m.group(2).strip())
+            instrs.append(Instr(int(m.group(1), 16), body.split()[0], m.group(2), frozenset(loc)))
+            fresh = False
+        elif re.match(r"^\.L_x_\d+:", s):
+            labels[s[:-1]] = len(instrs)
+    for ins in instrs:  # resolve branch targets to instruction indices
+        t = re.search(r"`\((\.L_x_\d+)\)", ins.text)
+        ins.target = labels.get(t.group(1)) if t else None
+    return instrs
+
+
+def hot_loop(instrs: list[Instr]) -> list[Instr]:
+    """The largest loop body [target, backward branch] that contains no other backward branch."""
+    loops = []
+    for i, ins in enumerate(instrs):
+        if ins.op.startswith("BRA") and ins.target is not None and ins.target <= i:
+            loops.append((ins.target, i))
+    inner = [(a, b) for a, b in loops
+             if not any(a <= c < d < b or a < c < d <= b for c, d in loops if (c, d) != (a, b))]
+    if not inner:
+        return []
+    a, b = max(inner, key=lambda ab: ab[1] - ab[0])
+    return instrs[a:b + 1]
+
+
+def _load_bits(op: str) -> int:
+    m = re.search(r"\.(8|16|32|64|128)\b", op.replace(".U8", ".8").replace(".S8", ".8")
+                  .replace(".U16", ".16").replace(".S16", ".16"))
+    return int(m.group(1)) if m else 32
+
+
+@functools.lru_cache(maxsize=1)
+def weight_lines() -> frozenset:
+    """Lines of the statements marked `# sass:weights` (a call's location may be any of them)."""
+    out = set()
+    for src in Path(tk.__file__).parent.glob("*.py"):
+        lines = src.read_text().splitlines()
+        for i, t in enumerate(lines):
+            if "# sass:weights-fn" in t:  # a function that loads nothing but packed weights
+                indent = len(t) - len(t.lstrip())
+                j = i + 1
+                while j < len(lines) and (not lines[j].strip()
+                                          or len(lines[j]) - len(lines[j].lstrip()) > indent):
+                    out.add((src.name, j + 1))
+                    j += 1
+            elif "# sass:weights" in t:
+                depth, j = 0, i
+                while True:
+                    code = lines[j].split("#")[0]
+                    depth += code.count("(") + code.count("[") - code.count(")") - code.count("]")
+                    out.add((src.name, j + 1))
+                    if depth <= 0 or j + 1 == len(lines):
+                        break
+                    j += 1
+    return frozenset(out)
+
+
+def _signature(plan: tk.LaunchPlan) -> tuple[dict, dict]:
+    sig, attrs = {}, {}
+    names = plan.kernel.arg_names
+    for name, val in plan.args:
+        if isinstance(val, str):  # a pointer: its element type
+            sig[name] = "*" + val
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+        elif isinstance(val, float):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+            if val % 16 == 0:
+                attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    sig.update({k: "constexpr" for k, _ in plan.constexprs})
+    return sig, attrs
+
+
+_RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def compile_plan(plan: tk.LaunchPlan, gpu: Gpu) -> dict:
+    """Compile one plan for `gpu`; returns the loop analysis (without the roofline)."""
+    sig, attrs = _signature(plan)
+    ck = triton.compile(ASTSource(plan.kernel, sig, dict(plan.constexprs), attrs),
+                        target=GPUTarget("cuda", gpu.cc, 32),
+                        options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+    cubin = ck.asm["cubin"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        res = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", f.name], check=True,
+                             capture_output=True, text=True).stdout
+    regs, stack, _, local = (int(v) for v in _RES.search(res).groups())
+    instrs = disassemble(cubin)
+    loop = hot_loop(instrs)
+    mix: dict[str, int] = {}
+    for ins in loop:
+        c = opclass(ins.op)
+        mix[c] = mix.get(c, 0) + 1
+    wl = weight_lines()
+    wloads = [ins for ins in loop if ins.op.startswith("LDG") and ins.lines & wl]
+    threads = plan.num_warps * 32
+    wpt = plan.weights_per_trip / threads
+    # a loop unrolled u times loads u trips' weights: count the trips from the weight bytes
+    wbytes = sum(_load_bits(i.op) for i in wloads) / 8
+    unroll = max(1, round(wbytes / (wpt * plan.bits / 8))) if wloads else 1
+    return dict(loop_instr=len(loop), unroll=unroll, weights_per_thread_trip=wpt,
+                instr_per_weight=round(len(loop) / (wpt * unroll), 3) if loop else None,
+                mix=dict(sorted(mix.items(), key=lambda kv: -kv[1])),
+                weight_load_bits=max((_load_bits(i.op) for i in wloads), default=0),
+                weight_loads=len(wloads), regs=regs, spill_bytes=local + stack,
+                smem=ck.metadata.shared, total_instr=len(instrs))
+
+
+def occupancy(gpu: Gpu, regs: int, smem: int, warps: int) -> int:
+    """Resident warps per SM that registers (256-register warp granules), smem and limits allow."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = (65536 // per_warp) // warps
+    by_smem = gpu.smem_per_sm // smem if smem else gpu.max_blocks
+    blocks = min(by_regs, by_smem, gpu.max_blocks, gpu.max_warps // warps)
+    return blocks * warps
+
+
+def roofline(gpu: Gpu, plan: tk.LaunchPlan, r: dict) -> dict:
+    """Predicted fraction of the copy bandwidth (all inputs and sources in docs/kernels.md)."""
+    bytes_per_weight = plan.bits / 8 + plan.absmax_bytes / plan.block_size
+    bw_weights = gpu.copy_gbs * 1e9 / bytes_per_weight  # weights/s the copy bandwidth allows
+    clk = gpu.clock_ghz * 1e9
+    ipw = r["instr_per_weight"] or float("inf")
+    issue = gpu.sms * ISSUE_PER_SM_CLK * clk / ipw / bw_weights
+    mem_ops = sum(r["mix"].get(c, 0) for c in ("ldg", "lds", "sts", "shfl", "ldl", "stl"))
+    mem_per_weight = mem_ops / (r["weights_per_thread_trip"] * r["unroll"])
+    lsu = (gpu.sms * LSU_PER_SM_CLK * clk / mem_per_weight / bw_weights if mem_per_weight
+           else float("inf"))
+    warps = occupancy(gpu, r["regs"], r["smem"], plan.num_warps)
+    in_flight = warps * 32 * r["weights_per_thread_trip"] * bytes_per_weight  # bytes per SM
+    need = gpu.copy_gbs * 1e9 / gpu.sms * gpu.latency_ns * 1e-9
+    programs = plan.grid[0] * plan.grid[1]
+    fill = min(1.0, programs / gpu.sms)
+    frac = min(1.0, issue, lsu, in_flight / need) * fill
+    return dict(occupancy_warps=warps, pred_issue=round(issue, 3), pred_lsu=round(lsu, 3),
+                pred_inflight=round(in_flight / need, 3), pred_fill=round(fill, 3),
+                pred_frac_bw=round(frac, 3),
+                bound=min((("issue", issue), ("lsu", lsu), ("latency", in_flight / need)),
+                          key=lambda kv: kv[1])[0] if frac < fill else "bandwidth")
+
+
+def variants(args) -> list[dict]:
+    out = []
+    for arch in args.arch:
+        for shape in args.shapes:
+            n, k = SHAPES[shape]
+            for kern in args.kernels:
+                for bits in args.bits:
+                    for dtype in args.dtypes:
+                        for block in args.blocks:
+                            for act in args.acts:
+                                out.append(dict(arch=arch, shape=shape, N=n, K=k,
+                                                kernel=kern, M=M_OF_KERNEL[kern], bits=bits,
+                                                dtype=dtype, block=block, act=act))
+    return out
+
+
+_CACHE: dict = {}
+
+
+def measure(v: dict) -> dict:
+    gpu = GPUS[v["arch"]]
+    plan = tk.plan_launch(v["M"], v["N"], v["K"], v["bits"], v["block"], act=v["act"],
+                          codebook_kind=tk.codebook_kind_of(v["dtype"]), sms=gpu.sms)
+    key = (v["arch"], plan.kernel.fn.__name__ if hasattr(plan.kernel, "fn") else plan.kernel.__name__, tuple(sorted(plan.constexprs)),
+           tuple((n, a if isinstance(a, (str, float)) else a % 16 == 0) for n, a in plan.args),
+           plan.num_warps, plan.num_stages)
+    if key not in _CACHE:
+        _CACHE[key] = compile_plan(plan, gpu)
+    r = dict(_CACHE[key])
+    rec = dict(v, kernel_fn=getattr(plan.kernel, "__name__", str(plan.kernel)), config=plan.config_str, grid=list(plan.grid),
+               **r)
+    rec.update(roofline(gpu, plan, r))
+    rec["budget"] = budget(v["M"], v["bits"])
+    rec["within_budget"] = (rec["instr_per_weight"] is not None and rec["budget"] is not None
+                            and rec["instr_per_weight"] <= rec["budget"])
+    return rec
+
+
+def budget(m: int, bits: int) -> float | None:
+    """Issue 10's budgets (instructions per weight per thread in the hot loop, sm_90)."""
+    if m == 1:
+        return {3: 5, 4: 4, 5: 6, 6: 6, 7: 6, 8: 7}[bits]
+    if m <= 16 and bits == 4:
+        return 5
+    return None
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", nargs="+", default=["sm_90"], choices=sorted(GPUS))
+    p.add_argument("--shapes", nargs="+", default=[s for s in SHAPES if s.startswith("7b")],
+                   choices=sorted(SHAPES))
+    p.add_argument("--kernels", nargs="+", default=["gemv", "small"],
+                   choices=sorted(M_OF_KERNEL))
+    p.add_argument("--bits", nargs="+", type=int, default=list(range(3, 9)))
+    p.add_argument("--dtypes", nargs="+", default=["int", "nf", "fp"])
+    p.add_argument("--blocks", nargs="+", type=int, default=[64])
+    p.add_argument("--acts", nargs="+", default=["fp16"], choices=["fp16", "bf16", "fp32"])
+    p.add_argument("--all", action="store_true",
+                   help="every arch, shape, kernel, block 64/1024, fp16/bf16 (slow: many compiles)")
+    p.add_argument("--json", action="store_true", help="print one JSON record per variant")
+    p.add_argument("--out", type=Path, help="also write all records (with metadata) to this file")
+    args = p.parse_args()
+    if args.all:
+        args.arch, args.shapes, args.kernels = sorted(GPUS), list(SHAPES), list(M_OF_KERNEL)
+        args.blocks, args.acts = [64, 1024], ["fp16", "bf16"]
+    recs = []
+    for v in variants(args):
+        rec = measure(v)
+        recs.append(rec)
+        if args.json:
+            print(json.dumps(rec), flush=True)
+        else:
+            print(f"{rec['arch']} {rec['shape']:10s} {rec['kernel']:7s} k={rec['bits']} "
+                  f"{rec['dtype']:4s} B={rec['block']:<4d} {rec['act']} {rec['config']:28s} "
+                  f"ipw={rec['instr_per_weight']} (budget {rec['budget']}) "
+                  f"ld={rec['weight_load_bits']}b regs={rec['regs']} spill={rec['spill_bytes']} "
+                  f"smem={rec['smem']} occ={rec['occupancy_warps']}w "
+                  f"pred={rec['pred_frac_bw']} ({rec['bound']})", flush=True)
+    if args.out:
+        meta = dict(tool="benchmarks/sass_budget.py", commit=_git_commit(),
+                    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    triton=triton.__version__, python=platform.python_version(),
+                    kernels_sha=hashlib.sha256(Path(tk.__file__).read_bytes()).hexdigest()[:16],
+                    device="none (static compile on CPU)", argv=sys.argv[1:],
+                    gpus={a: vars(g) for a, g in GPUS.items()})
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(meta=meta, records=recs), indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The M = 2..16 kernel on 64-bit words: one dequantized weight tile feeds tl.dot for all rows.
+
+Same loads and decoders as the M = 1 word GEMV (words.py, gemv_words.py). Each thread decodes the
+64 codes of its (row, group) pairs in registers (the block scale multiplies the dot's result when
+the tile lies inside one block per row, BLOCK_K <= B, else each weight), casts to the activation dtype and assembles the [BLOCK_N, 64 * BLOCK_G] tile with a tree
+of `tl.join`s over the code index (register renaming, no data movement); tl.dot then reads it
+through shared memory once. The decode is shared by all M rows of x.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kbitrt.runtime.kernels.words import bit_field, load_word
+
+
+@triton.jit
+def _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, dmask,
+          U: tl.constexpr, J: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr,
+          S2: tl.constexpr, DECODE: tl.constexpr, W_DTYPE: tl.constexpr):
+    """Scaled weight of code U of each (row, group) pair (J: which code of a pair / quad unit)."""
+    KB: tl.constexpr = S0 + S1 + S2
+    if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB, w = f * alpha + beta
+        f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, U, 1, 23 - KB, dmask)
+        v = (f | 0x3F800000).to(tl.float32, bitcast=True) * alpha + beta
+    elif DECODE == 2:  # byte table
+        idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, U, 1, 0)
+        v = tl.load(tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + idx) * s
+    elif DECODE == 1:  # pair table: the unit of code U is the pair U // 2
+        P: tl.constexpr = U - U % 2
+        idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, P, 2, 0)
+        if S1 > 0:
+            idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, P, 2, 2 * S0)
+        if S2 > 0:
+            idx |= bit_field(c0, 0, 0, 0, 0, 0, 0, 0, S2, P, 2, 2 * (S0 + S1))
+        pair = tl.load(tab_ptr + idx)
+        if U % 2 == 1:
+            pair = pair >> 32
+        v = pair.to(tl.int32).to(tl.float32, bitcast=True) * s
+    else:  # quad table (k = 3)
+        Q: tl.constexpr = U - U % 4
+        idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, Q, 4, 0)
+        idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, Q, 4, 4 * S0)
+        q = tl.load(tab_ptr + 2 * idx + (U % 4) // 2)
+        if U % 2 == 1:
+            q = q >> 32
+        v = q.to(tl.int32).to(tl.float32, bitcast=True) * s
+    return v.to(W_DTYPE)
+
+
+@triton.jit
+def _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, dmask,
+          LO: tl.constexpr, STRIDE: tl.constexpr, CNT: tl.constexpr, S0: tl.constexpr,
+          S1: tl.constexpr, S2: tl.constexpr, DECODE: tl.constexpr, W_DTYPE: tl.constexpr):
+    """Codes LO, LO + STRIDE, .. (CNT of them) joined so that the flattened trailing dims run
+    over them in order (each join appends the lowest remaining bit of the code index last)."""
+    if CNT == 1:
+        return _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, dmask,
+                     LO, 0, S0, S1, S2, DECODE, W_DTYPE)
+    else:
+        lo = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, dmask,
+                   LO, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE, W_DTYPE)
+        hi = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, dmask,
+                   LO + STRIDE, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE, W_DTYPE)
+        return tl.join(lo, hi)
+
+
+@triton.jit
+def dot_words_kernel(
+    x_ptr, qw_ptr, absmax_ptr, tab_ptr, bias_ptr, out_ptr,
+    M, N, K, n_groups, stride_xm, stride_qn, stride_an, stride_om, cb_base, cb_step, dmask,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, B: tl.constexpr,
+    DECODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """x (M <= BLOCK_M, K) -> out (M, N); qw_ptr: the packed weight as int64 words."""
+    KB: tl.constexpr = S0 + S1 + S2
+    BK: tl.constexpr = 64 * BLOCK_G
+    SCALE_AFTER: tl.constexpr = B >= BK and DECODE != 0  # affine: the FMA per weight is needed anyway
+    W_DTYPE: tl.constexpr = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    a_rows = absmax_ptr + offs_n[:, None].to(tl.int64) * stride_an
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    off1: tl.constexpr = S0
+    off2: tl.constexpr = S0 + S1
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), SPLIT_K):
+        g = t * BLOCK_G + tl.arange(0, BLOCK_G)
+        mask = mask_n[:, None] & (g < n_groups)[None, :]
+        g0 = g[None, :] * S0
+        a0 = load_word(rows, g0, 0, S0, 0, mask)
+        a1 = load_word(rows, g0, 0, S0, 1, mask)
+        a2 = load_word(rows, g0, 0, S0, 2, mask)
+        a3 = load_word(rows, g0, 0, S0, 3, mask)
+        a4 = load_word(rows, g0, 0, S0, 4, mask)
+        a5 = load_word(rows, g0, 0, S0, 5, mask)
+        a6 = load_word(rows, g0, 0, S0, 6, mask)
+        a7 = load_word(rows, g0, 0, S0, 7, mask)
+        g1 = off1 * n_groups + g[None, :] * S1
+        b0 = load_word(rows, g1, 0, S1, 0, mask)
+        b1 = load_word(rows, g1, 0, S1, 1, mask)
+        g2 = off2 * n_groups + g[None, :] * S2
+        c0 = load_word(rows, g2, 0, S2, 0, mask)
+        if SCALE_AFTER:  # the tile lies in one block per row: scale the dot's result, per column
+            s = 1.0
+            alpha = cb_step * (1 << KB)
+            beta = cb_base - cb_step * (1 << KB)
+        else:  # past the last group s = 0 zeroes the tile
+            s = tl.load(a_rows + (g * 64 // B)[None, :], mask=mask, other=0.0).to(tl.float32)
+            alpha = s * (cb_step * (1 << KB))
+            beta = s * (cb_base - cb_step * (1 << KB))
+        w = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, dmask,
+                  0, 1, 64, S0, S1, S2, DECODE, W_DTYPE)
+        w = tl.reshape(w, (BLOCK_N, BK))
+        offs_k = t * BK + tl.arange(0, BK)
+        x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
+                    other=0.0)
+        if DOT_F32:
+            x = x.to(tl.float32)
+        if SCALE_AFTER:
+            sn = tl.load(absmax_ptr + offs_n.to(tl.int64) * stride_an + t * BK // B, mask=mask_n,
+                         other=0.0).to(tl.float32)
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION) * sn[None, :]
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if pid_k == 0:
+            acc += bias[None, :]
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=omask)

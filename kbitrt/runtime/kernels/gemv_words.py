@@ -1,0 +1,136 @@
+"""The M = 1 GEMV on 64-bit words: the budget kernel (docs/kernels.md, issue 10).
+
+Works on groups of 64 codes. In `bitslice-v1` (docs/format.md) a slice of width s holds the s bits
+of 64 consecutive codes of a row in s consecutive 64-bit words, so with Kp % 64 == 0 every slice's
+part of a group is s aligned int64 loads. A program owns BLOCK_N rows and walks K one trip of
+BLOCK_G groups at a time; each thread holds a few (row, group) pairs and, for each, decodes the 64
+codes with compile-time shifts (`tl.static_range`), multiplies by x and keeps a 2-D fp32 partial;
+rows are reduced once, after the loop (no cross-thread reduction in the K loop).
+
+Decoders (DECODE):
+- 0, arithmetic (affine codebooks: int, k = 4 and 8): the code is OR-ed into the top of the mantissa
+  of 1.0, f = 1 + c / 2^k (two integer ops, no conversion); with cb[c] = base + step * c,
+  sum cb[c] x = step 2^k sum f x + (base - step 2^k) sum x, the scale applied per (row, group).
+- 1, pair table (k = 3..7): the 2k bits of two neighbouring codes, which lie side by side in every
+  slice, index a table of (cb[c0], cb[c1]) fp32 pairs: one 64-bit load per two weights.
+- 2, byte table (k = 8): one fp32 load per weight, indexed by the code byte.
+- 3, quad table (k = 3): the 12 bits of four neighbouring codes index (cb[c0], .., cb[c3]): a 64 KB
+  table, two 64-bit loads per four weights.
+
+x is read as [BLOCK_N, BLOCK_G] tensors with a zero row stride (the weights' layout: no layout
+conversion), one per code position, so each thread loads each x element once for all its rows.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kbitrt.runtime.kernels.words import bit_field, load_word, x_at
+
+
+@triton.jit
+def gemv_words_kernel(
+    x_ptr, qw_ptr, absmax_ptr, tab_ptr, bias_ptr, out_ptr,
+    N, K, n_groups, stride_qn, stride_an, cb_base, cb_step, dmask,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, B: tl.constexpr,
+    DECODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """x (1, K) -> out (1, N); qw_ptr is the packed weight as int64 words (row stride in words).
+
+    Requires Kp % 64 == 0 (n_groups = Kp / 64 whole groups per row) and B >= 64.
+    """
+    KB: tl.constexpr = S0 + S1 + S2
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    a_rows = absmax_ptr + offs_n[:, None].to(tl.int64) * stride_an
+    x_base = x_ptr + (offs_n * 0)[:, None]  # a zero row stride keeps x in the weights' layout
+    off1: tl.constexpr = S0
+    off2: tl.constexpr = S0 + S1
+    acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+    accx = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+    for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), SPLIT_K):
+        g = t * BLOCK_G + tl.arange(0, BLOCK_G)
+        mask = mask_n[:, None] & (g < n_groups)[None, :]
+        # slice j of a row starts at word off_j * n_groups; group g's words at g * S_j
+        g0 = g[None, :] * S0
+        a0 = load_word(rows, g0, 0, S0, 0, mask)
+        a1 = load_word(rows, g0, 0, S0, 1, mask)
+        a2 = load_word(rows, g0, 0, S0, 2, mask)
+        a3 = load_word(rows, g0, 0, S0, 3, mask)
+        a4 = load_word(rows, g0, 0, S0, 4, mask)
+        a5 = load_word(rows, g0, 0, S0, 5, mask)
+        a6 = load_word(rows, g0, 0, S0, 6, mask)
+        a7 = load_word(rows, g0, 0, S0, 7, mask)
+        g1 = off1 * n_groups + g[None, :] * S1
+        b0 = load_word(rows, g1, 0, S1, 0, mask)
+        b1 = load_word(rows, g1, 0, S1, 1, mask)
+        g2 = off2 * n_groups + g[None, :] * S2
+        c0 = load_word(rows, g2, 0, S2, 0, mask)
+        s = tl.load(a_rows + (g * 64 // B)[None, :], mask=mask, other=0.0).to(tl.float32)
+        # past the last group x is read at the last group (in bounds) and the scale s is 0
+        xg = x_base + tl.minimum(g, n_groups - 1)[None, :] * 64
+        xmask = (g < n_groups)[None, :] & (offs_n * 0 == 0)[:, None]
+        p = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+        xs = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+        if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB from the code OR-ed into 1.0's mantissa
+            for i in tl.static_range(64):
+                xi = x_at(xg, g, i, K, xmask, EVEN_K)
+                f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, i, 1, 23 - KB, dmask)
+                f = (f | 0x3F800000).to(tl.float32, bitcast=True)
+                p += f * xi
+                xs += xi
+        elif DECODE == 3:  # quad table (k = 3): 4 codes (12 bits) -> two 64-bit loads
+            for u in tl.static_range(16):
+                idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 4 * u, 4, 0)
+                idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 4 * u, 4, 4 * S0)
+                q01 = tl.load(tab_ptr + 2 * idx)
+                q23 = tl.load(tab_ptr + 2 * idx + 1)
+                p += q01.to(tl.int32).to(tl.float32, bitcast=True) * x_at(xg, g, 4 * u, K, xmask,
+                                                                         EVEN_K)
+                p += (q01 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x_at(
+                    xg, g, 4 * u + 1, K, xmask, EVEN_K)
+                p += q23.to(tl.int32).to(tl.float32, bitcast=True) * x_at(xg, g, 4 * u + 2, K,
+                                                                         xmask, EVEN_K)
+                p += (q23 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x_at(
+                    xg, g, 4 * u + 3, K, xmask, EVEN_K)
+        else:
+            if DECODE == 1:  # pair table: 2 codes -> one 64-bit load
+                for u in tl.static_range(32):
+                    idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * u, 2, 0)
+                    if S1 > 0:
+                        idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 2 * u, 2, 2 * S0)
+                    if S2 > 0:
+                        idx |= bit_field(c0, 0, 0, 0, 0, 0, 0, 0, S2, 2 * u, 2, 2 * (S0 + S1))
+                    pair = tl.load(tab_ptr + idx)
+                    v0 = pair.to(tl.int32).to(tl.float32, bitcast=True)
+                    v1 = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+                    x0 = x_at(xg, g, 2 * u, K, xmask, EVEN_K)
+                    x1 = x_at(xg, g, 2 * u + 1, K, xmask, EVEN_K)
+                    p += v0 * x0
+                    p += v1 * x1
+            else:  # byte table (k = 8)
+                for i in tl.static_range(64):
+                    idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, i, 1, 0)
+                    v = tl.load(tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + idx)
+                    p += v * x_at(xg, g, i, K, xmask, EVEN_K)
+        acc += p * s
+        if DECODE == 0:
+            accx += xs * s
+    if DECODE == 0:
+        y = tl.sum(acc, axis=1) * (cb_step * (1 << KB)) + tl.sum(accx, axis=1) * (
+            cb_base - cb_step * (1 << KB))
+    else:
+        y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if pid_k == 0:
+            y += b
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(out_ptr + offs_n, y, mask=mask_n)

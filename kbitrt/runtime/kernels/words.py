@@ -1,0 +1,150 @@
+"""Shared pieces of the word kernels (gemv_words, dot_words): 64-bit word loads of the packed
+weight, compile-time bit-field extraction, and the decode tables built once per codebook.
+
+In `bitslice-v1` (docs/format.md) a slice of width s holds the s bits of 64 consecutive codes of a
+row in s consecutive 64-bit words, so with Kp % 64 == 0 every slice's part of a group of 64 codes
+is s aligned int64 loads; the two (four) codes a pair (quad) table looks up together lie side by
+side in every slice.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from kbitrt.format import packing
+
+
+@triton.jit
+def load_word(rows, goff, q, S: tl.constexpr, Q: tl.constexpr, mask):
+    """int64 word Q of a slice of width S (words goff + q ... of each row), or 0 past S."""
+    if Q < S:
+        return tl.load(rows + goff + q + Q, mask=mask, other=0)  # sass:weights
+    else:
+        return 0
+
+
+@triton.jit
+def half32(w0, w1, w2, w3, w4, w5, w6, w7, H: tl.constexpr):
+    """int32 half H (0..15) of the words w0..w7 (little-endian: half 2q is the low half of wq)."""
+    if H // 2 == 0:
+        w = w0
+    elif H // 2 == 1:
+        w = w1
+    elif H // 2 == 2:
+        w = w2
+    elif H // 2 == 3:
+        w = w3
+    elif H // 2 == 4:
+        w = w4
+    elif H // 2 == 5:
+        w = w5
+    elif H // 2 == 6:
+        w = w6
+    else:
+        w = w7
+    if H % 2 == 1:
+        w = w >> 32
+    return w.to(tl.int32)
+
+
+@triton.jit
+def shift_const(v, by: tl.constexpr):
+    """v << by for by >= 0, logical v >> -by otherwise (by a compile-time amount)."""
+    if by > 0:
+        return v << by
+    elif by < 0:
+        return (v.to(tl.uint32, bitcast=True) >> (-by)).to(tl.int32, bitcast=True)
+    else:
+        return v
+
+
+@triton.jit
+def bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S: tl.constexpr, I: tl.constexpr, N: tl.constexpr,
+           DEST: tl.constexpr, mask=None):
+    """The S*N bits of codes I..I+N-1 of a slice of width S, moved to bit DEST (masked).
+
+    `mask`, when given, is the same mask as a run-time value: it stays in a register (or the
+    constant bank) where a second immediate would be rebuilt in a register for every use."""
+    PER: tl.constexpr = 32 // S  # codes per 32-bit half
+    h = half32(a0, a1, a2, a3, a4, a5, a6, a7, I // PER)
+    pos: tl.constexpr = S * (I % PER)
+    MASK: tl.constexpr = ((1 << (S * N)) - 1) << DEST
+    if mask is None:
+        return shift_const(h, DEST - pos) & MASK
+    else:
+        return shift_const(h, DEST - pos) & mask
+
+
+@triton.jit
+def x_at(xg, g, i: tl.constexpr, K, xmask, EVEN_K: tl.constexpr):
+    """fp32 x[64 g + i] in the weights' layout; 0 past K (checked only when K % 64 != 0)."""
+    if EVEN_K:  # no mask: identical loads of a thread's rows then merge into one
+        return tl.load(xg + i).to(tl.float32)
+    else:
+        return tl.load(xg + i, mask=xmask & (g[None, :] * 64 + i < K), other=0.0).to(tl.float32)
+
+
+def gemv_words_ok(k: int, block_size: int) -> bool:
+    """Whether the word GEMV applies: whole 64-code groups per row and blocks of >= 64 codes."""
+    return (-(-k // 8) * 8) % 64 == 0 and block_size >= 64
+
+
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def affine_params(codebook: torch.Tensor) -> tuple[float, float] | None:
+    """(base, step) when codebook[c] == base + step * c for every entry (int data types padded by
+    `reference.pad_codebook`), else None. Reads the codebook on the host: call it outside graphs."""
+    cb = codebook.detach().double().cpu()
+    step = (cb[-1] - cb[0]).item() / (cb.numel() - 1)
+    ideal = cb[0] + step * torch.arange(cb.numel(), dtype=torch.float64)
+    if step <= 0 or (cb - ideal).abs().max().item() > 1e-6 * max(1.0, cb.abs().max().item()):
+        return None
+    return float(cb[0]), step
+
+
+def pair_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 (2^(2 bits),): (cb[c0], cb[c1]) fp32 pairs, indexed as the word GEMV builds the index
+    of two neighbouring codes: slice j's 2*s_j bits (c0's s_j bits, then c1's) at bit 2*shift_j."""
+    idx = torch.arange(1 << (2 * bits), device=codebook.device)
+    c0 = torch.zeros_like(idx)
+    c1 = torch.zeros_like(idx)
+    for width, shift, _ in packing.slices(bits):
+        field = (idx >> (2 * shift)) & ((1 << (2 * width)) - 1)
+        c0 |= (field & ((1 << width) - 1)) << shift
+        c1 |= (field >> width) << shift
+    cb = codebook.float()
+    return torch.stack([cb[c0], cb[c1]], dim=1).contiguous().view(torch.int64).view(-1)
+
+
+def quad_table(codebook: torch.Tensor) -> torch.Tensor:
+    """int64 (2 * 4096,): for k = 3, (cb[c0], .., cb[c3]) fp32 of four neighbouring codes, indexed
+    by their 2-bit slice byte | their 1-bit slice nibble << 8."""
+    idx = torch.arange(1 << 12, device=codebook.device)
+    codes = [((idx >> (2 * j)) & 3) | (((idx >> (8 + j)) & 1) << 2) for j in range(4)]
+    cb = codebook.float()
+    return torch.stack([cb[c] for c in codes], dim=1).contiguous().view(torch.int64).view(-1)
+
+
+def decode_choice(codebook: torch.Tensor, bits: int) -> tuple[int, torch.Tensor, float, float]:
+    """(DECODE, table, base, step) for the word GEMV, cached per codebook tensor."""
+    hit = _TABLES.get(codebook)
+    if hit is not None and hit[0] == codebook._version:
+        return hit[1]
+    affine = None
+    if bits in (4, 8) and not (codebook.is_cuda and torch.cuda.is_current_stream_capturing()):
+        affine = affine_params(codebook)
+    if affine is not None:
+        out = (0, codebook, affine[0], affine[1])
+    elif bits == 8:
+        out = (2, codebook, 0.0, 0.0)
+    elif bits == 3:
+        out = (3, quad_table(codebook), 0.0, 0.0)
+    else:
+        out = (1, pair_table(codebook, bits), 0.0, 0.0)
+    _TABLES[codebook] = (codebook._version, out)
+    return out
