@@ -101,7 +101,8 @@ class AnyPrecisionConfig(QuantConfig):
         if not MIN_BITS <= lo <= hi <= MAX_BITS:
             raise KbitFormatError(f"quantization_config: widths {lo}..{hi} are outside "
                                   f"{MIN_BITS}..{MAX_BITS}")
-        seed = QuantConfig.from_json({**qc, "packing": PACKING, "bits": lo})
+        seed = QuantConfig.from_json({**{k: v for k, v in qc.items() if k != "min_bits"},
+                                      "packing": PACKING, "bits": lo})
         return cls(bits=hi, block_size=seed.block_size, dtype=seed.dtype,
                    exponent_bits=seed.fp_exponent_bits if seed.dtype == "fp" else None,
                    absmax_dtype=seed.absmax_dtype, outliers=seed.outliers,
