@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import MofNCompleteColumn
 from rich.table import Table
 
 err = Console(stderr=True)
@@ -46,13 +46,14 @@ def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tok
     cells = parse_grid([m.strip() for m in models.split(",") if m.strip()], bits, block, dtypes, outliers)
     opts = SweepOptions(ppl=list(ppl), tasks=[t for t in tasks.split(",") if t.strip()], seqlen=seqlen,
                         max_tokens=max_tokens or None, limit=limit, batch_size=batch_size)
-    bar = Progress(TextColumn("[cyan]sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[cell]}", style="dim"), console=err)
+    from kbitrt.eval.progress import new_bar
+
+    bar = new_bar(MofNCompleteColumn(), transient=False, console=err)
     with bar:
-        task = bar.add_task("sweep", total=None, cell="loading")
+        task = bar.add_task("sweep", total=None, what="loading")
 
         def on_cell(done, total, cell, seconds, error):
-            bar.update(task, completed=done, total=total, cell=cell.label)
+            bar.update(task, completed=done, total=total, what=cell.label)
             if error:
                 err.print(f"[red]skipped[/] {cell.model} {cell.label}: {error}")
 

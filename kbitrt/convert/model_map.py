@@ -29,14 +29,16 @@ class ModelMap:
 
     def canonical(self, key: str) -> str | None:
         """The model's state-dict name of a checkpoint key, None when the model has no such tensor."""
-        if key in self.state_keys:
-            return key
-        if self.prefix:
-            if f"{self.prefix}.{key}" in self.state_keys:
-                return f"{self.prefix}.{key}"
-            if key.startswith(self.prefix + ".") and key[len(self.prefix) + 1:] in self.state_keys:
-                return key[len(self.prefix) + 1:]
-        return None
+        return next((name for name in prefix_variants(key, self.prefix) if name in self.state_keys),
+                    None)
+
+
+def prefix_variants(name: str, prefix: str) -> list[str]:
+    """`name` as it is, with the model's base_model_prefix, and without it: checkpoints are saved
+    both with and without the prefix."""
+    if not prefix:
+        return [name]
+    return [name, f"{prefix}.{name}", name.removeprefix(prefix + ".")]
 
 
 def build_model_map(folder: Path, trust_remote_code: bool = False) -> ModelMap:

@@ -19,17 +19,18 @@ import torch
 
 from kbitrt.errors import KbitFormatError
 
-DTYPES: dict[str, torch.dtype] = {
+# safetensors dtype name -> torch dtype; DTYPE_NAMES: torch dtype -> safetensors dtype name
+SAFETENSORS_TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_TORCH_DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
 def itemsize(dtype: str) -> int:
-    return torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    return torch.empty(0, dtype=SAFETENSORS_TORCH_DTYPES[dtype]).element_size()
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class SafetensorsFile:
         self.tensors: dict[str, TensorInfo] = {}
         for name, h in header.items():
             b, e = h["data_offsets"]
-            if h["dtype"] not in DTYPES:
+            if h["dtype"] not in SAFETENSORS_TORCH_DTYPES:
                 raise KbitFormatError(f"{self.path}: tensor {name} has unsupported dtype {h['dtype']}")
             info = TensorInfo(h["dtype"], tuple(h["shape"]), start + b, start + e)
             if info.nbytes != math.prod(info.shape) * itemsize(info.dtype):
@@ -100,8 +101,8 @@ class SafetensorsFile:
                     raise KbitFormatError(f"{self.path}: truncated while reading {name}")
                 done += got
         if nbytes == 0:
-            return torch.empty(shape, dtype=DTYPES[info.dtype])
-        return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).view(shape)
+            return torch.empty(shape, dtype=SAFETENSORS_TORCH_DTYPES[info.dtype])
+        return torch.frombuffer(buf, dtype=SAFETENSORS_TORCH_DTYPES[info.dtype]).view(shape)
 
 
 @dataclass

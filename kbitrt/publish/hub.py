@@ -53,9 +53,9 @@ def resolve_token(token: str | None) -> str:
 
 
 def check_repo_id(repo_id: str) -> None:
-    from kbitrt.convert.source import HUB_ID
+    from kbitrt.convert.source import REPO_ID
 
-    if "/" not in repo_id or not HUB_ID.match(repo_id):
+    if not REPO_ID.match(repo_id):
         raise PushError(f"{repo_id!r} is not a Hub repo id: use 'user/name' or 'org/name'")
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kbitrt.format import packing
-from kbitrt.format.blockwise import FP16_MAX, QuantizedWeight
+from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.runtime.kernels import kbit_linear
 from kbitrt.runtime.kernels.reference import dequantize_packed, pad_codebook
 
@@ -57,12 +57,7 @@ class KbitLinear(nn.Module):
                        compute_dtype: torch.dtype = torch.float16, data_type: str | None = None,
                        cpu_cache: bool = True) -> KbitLinear:
         n, k = qw.shape
-        absmax = qw.absmax
-        if qw.absmax_scale is not None:
-            # dq8 is decoded once, here: the kernels read plain scales. fp16 halves their bytes and
-            # its rounding (2^-11) is far below the 8-bit code's own error; fp32 if it overflows.
-            absmax = qw.absmax_float()
-            absmax = absmax.half() if absmax.max() <= FP16_MAX else absmax
+        absmax = qw.kernel_absmax()  # dq8 is decoded once, here: the kernels read plain scales
         n_out = qw.outlier_idx.numel() if qw.outlier_idx is not None else 0
         mod = cls(k, n, qw.bits, qw.block_size, bias=bias is not None, n_outliers=n_out,
                   absmax_dtype=absmax.dtype, compute_dtype=compute_dtype, data_type=data_type,
@@ -86,7 +81,8 @@ class KbitLinear(nn.Module):
             self._buffers[name] = t.to(self._buffers[name].device)
         return self
 
-    def _outliers(self):
+    def outliers(self) -> tuple[Tensor | None, Tensor | None]:
+        """(outlier column indices, their 16-bit weights), or (None, None) when there are none."""
         if self.outlier_idx.numel():
             return self.outlier_idx, self.outlier_weight
         return None, None
@@ -95,7 +91,7 @@ class KbitLinear(nn.Module):
         """The full (N, K) weight, outlier columns included (tests, CPU cache, export)."""
         w = dequantize_packed(self.qweight, self.absmax, self.codebook, self.bits,
                               self.block_size, self.in_features)
-        idx, ow = self._outliers()
+        idx, ow = self.outliers()
         if idx is not None:
             w[:, idx] = ow.float()
         return w.to(dtype)
@@ -111,7 +107,7 @@ class KbitLinear(nn.Module):
         if x.device.type == "cpu" and self.cpu_cache:
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             return F.linear(x, self._cached_weight(x.dtype), bias)
-        idx, ow = self._outliers()
+        idx, ow = self.outliers()
         return kbit_linear(x, self.qweight, self.absmax, self.codebook, self.bias, idx, ow,
                            self.bits, self.block_size, self.in_features)
 
