@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from kbitrt.format.safetensors_io import PlannedTensor, ShardWriter
+from kbitrt.eval.results import git_commit  # noqa: E402
 
 HIDDEN, HEADS, VOCAB = 14336, 112, 1024
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +100,7 @@ def main() -> None:
     size = generate(src, a.layers)
     print(f"checkpoint: {size / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     # the commit of the code that runs (read before, not after, the long conversion)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git_commit() or "unknown"
     kbit = [sys.executable, "-m", "kbitrt.cli", "convert", str(src), "-o", str(dst), "--force", "--json",
             *a.args.split()]
     t0 = time.perf_counter()

@@ -19,7 +19,6 @@ import gc
 import json
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,8 @@ from kbitrt.format import dtypes, packing  # noqa: E402
 from kbitrt.format.blockwise import QuantizedWeight  # noqa: E402
 from kbitrt.format.config import QuantConfig  # noqa: E402
 from kbitrt.runtime.generate import decode_step  # noqa: E402
-from kbitrt.runtime.loader import build_model, resolve_device  # noqa: E402
+from kbitrt.runtime.loader import build_model, resolve_device, synchronize  # noqa: E402
+from kbitrt.eval.results import git_commit  # noqa: E402
 
 LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
@@ -97,17 +97,13 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     b = torch.empty_like(a)
     best = float("inf")
     for _ in range(5):
-        _sync(device)
+        synchronize(device)
         t = time.perf_counter()
         b.copy_(a)
-        _sync(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2 * a.numel() * a.element_size() / best
 
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -125,12 +121,12 @@ def time_decode(lm, batch: int, prompt: int, tokens: int, compile_mode) -> dict:
         for i in range(warm):
             pos.fill_(prompt + i)
             nxt = step(nxt, pos, pad)[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
+        synchronize(device)
         t = time.perf_counter()
         for i in range(tokens):
             pos.fill_(prompt + warm + i)
             nxt = step(nxt, pos, pad)[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
+        synchronize(device)
         seconds = time.perf_counter() - t
     finally:
         model.drop_caches()
@@ -156,13 +152,6 @@ def bench(name, config, quant, device, dtype, batches, prompt, tokens, copy_bw, 
         torch.cuda.empty_cache()
     return rows
 
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _versions() -> dict:
@@ -223,7 +212,7 @@ def main(argv=None) -> int:
         "benchmark": "decode", "model": "tiny-llama" if args.tiny else "llama-2-7b-shaped",
         "config": config, "quantization": quant.to_json(), "activation_dtype": str(act),
         "device": dev_name, "copy_bandwidth_bytes_per_s": copy_bw, "versions": _versions(),
-        "git_commit": _git_commit(), "date": date, "results": rows,
+        "git_commit": git_commit() or "unknown", "date": date, "results": rows,
     }, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

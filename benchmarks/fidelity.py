@@ -19,7 +19,6 @@ import datetime
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kbitrt.eval.data import sample_path  # noqa: E402
-from kbitrt.format.blockwise import quantize_weight  # noqa: E402
+from kbitrt.format.quantizer import quantize_weight  # noqa: E402
 from kbitrt.format.config import QuantConfig  # noqa: E402
+from kbitrt.eval.results import git_commit  # noqa: E402
 
 DATA = sample_path("wiki-sample")  # shipped in the package
 BNB_CPU_BUG = "bnb CPU bug above block 64"
@@ -49,13 +49,6 @@ for _b in (64, 1024):
 SETTINGS.append(("kbit int3 b64", "kbit", dict(bits=3, block_size=64, dtype="int")))
 SETTINGS.append(("kbit int8 b64", "kbit", dict(bits=8, block_size=64, dtype="int")))
 SETTINGS = list({s[0]: s for s in SETTINGS}.values())  # drop the repeats, keep the order
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def cpu_name() -> str:
@@ -241,7 +234,7 @@ def write(args, rows: list[dict], n_tokens: int, n_win: int, n_all: int) -> dict
                      "total_tokens": n_tokens, "predicted_tokens": n_win * (args.seqlen - 1)},
         "rows": rows, "check_nf4_b64": check,
         "device": {"cpu": cpu_name(), "cores": torch.get_num_threads()},
-        "versions": versions(), "commit": git_commit(),
+        "versions": versions(), "commit": git_commit() or "unknown",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": (" " + argv) if argv else "",
     }

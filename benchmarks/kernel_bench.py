@@ -20,7 +20,6 @@ import datetime
 import json
 import platform
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from kbitrt.format import dtypes, packing  # noqa: E402
 from kbitrt.runtime.kernels.reference import kbit_linear_torch, pad_codebook  # noqa: E402
+from kbitrt.eval.results import git_commit  # noqa: E402
 
 SHAPES = {  # name: (N = out, K = in)
     "7b-qkv": (12288, 4096), "7b-o": (4096, 4096), "7b-gateup": (22016, 4096),
@@ -43,7 +43,7 @@ L2_BYTES = 50 * 2**20  # H100; rotating copies must not fit
 
 
 def _codebook(dtype: str, bits: int) -> torch.Tensor:
-    cb = dtypes.nf_codebook(bits) if dtype == "nf" else dtypes.int_codebook(bits)
+    cb = dtypes.get(dtype).levels(bits)
     return pad_codebook(cb, bits)
 
 
@@ -144,7 +144,7 @@ def bench_bnb(n, k, m) -> float | None:
 # ------------------------------------------------------------------------------------ checks
 def check(verbose: bool = True) -> int:
     """Parity of the Triton kernels with the torch twin on the GPU; returns the failure count."""
-    from kbitrt.format.blockwise import quantize_weight
+    from kbitrt.format.quantizer import quantize_weight
     from kbitrt.format.config import OutlierSpec, QuantConfig
     from kbitrt.runtime.kernels.triton_kbit import kbit_linear_triton
 
@@ -190,13 +190,6 @@ def tune_configs(m: int) -> list:
     return [KernelConfig(16, bn, bk, s, 4, st, gather=g) for bn in (32, 64, 128) for bk in (64, 128)
             for s in (1, 2) for st in (2, 3, 4) for g in (False, True)]
 
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
 
 
 def main(argv=None) -> int:
@@ -274,7 +267,7 @@ def main(argv=None) -> int:
         "device": dev_name, "copy_bandwidth_gbps": bw / 1e9, "torch": torch.__version__,
         "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "git_commit": _git_commit(), "date": date, "quick": args.quick, "tuned": args.tune,
+        "git_commit": git_commit() or "unknown", "date": date, "quick": args.quick, "tuned": args.tune,
         "m16_over_m1": ratios, "results": rows}, indent=1))
     print(f"wrote {out}")
     return 0

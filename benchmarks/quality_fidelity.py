@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.fidelity import cpu_name, decoder_linears, git_commit, versions  # noqa: E402
-from kbitrt.format.blockwise import quantize_weight  # noqa: E402
+from kbitrt.format.quantizer import quantize_weight  # noqa: E402
 from kbitrt.format.config import QuantConfig  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/quality-fidelity-smollm2-cpu.json"

@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.fidelity import cpu_name, git_commit  # noqa: E402
-from kbitrt.format.blockwise import quantize_weight  # noqa: E402
+from kbitrt.format.quantizer import quantize_weight  # noqa: E402
 from kbitrt.format.config import QuantConfig  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096)]
-DTYPES = ["int", "fp", "nf", "quantile", "dynamic"]
+DATA_TYPES = ["int", "fp", "nf", "quantile", "dynamic"]
 
 
 def timed(fn, reps: int) -> dict:
@@ -69,7 +69,7 @@ def main() -> None:
     rows = []
     for shape in SHAPES:
         w = (torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.02).half()
-        for dt in DTYPES:
+        for dt in DATA_TYPES:
             cfg = QuantConfig(bits=4, block_size=64, dtype=dt)
             r = summarise(timed(lambda: quantize_weight(w, cfg), args.reps), w.numel())
             rows.append({"impl": "kbitrt", "dtype": dt, "shape": list(shape), **r})

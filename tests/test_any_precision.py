@@ -19,7 +19,7 @@ from kbitrt.convert.any_precision import convert_any_precision, quantize_any_pre
 from kbitrt.errors import KbitFormatError
 from kbitrt.format.bitplane import (AnyPrecisionConfig, pack_planes, to_bitslice, unpack_planes)
 from kbitrt.format import packing
-from kbitrt.format.blockwise import quantize_weight
+from kbitrt.format.quantizer import quantize_weight
 from kbitrt.format.config import QuantConfig
 from kbitrt.format.reader import KbitModel
 

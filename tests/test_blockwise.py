@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kbitrt.format import blockwise, dtypes
+from kbitrt.format import blockwise, dtypes, quantizer
 from kbitrt.format.config import KbitFormatError, OutlierSpec, QuantConfig
 
 
@@ -27,7 +27,7 @@ def test_quantize_weight_equals_definition(dtype, bits, block, n, k, absmax, see
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, k, generator=g) * 0.05).half()
     cfg = QuantConfig(bits=bits, block_size=block, dtype=dtype, absmax_dtype=absmax)
-    q = blockwise.quantize_weight(w, cfg)
+    q = quantizer.quantize_weight(w, cfg)
     ref_absmax = w.float().abs().amax(dim=1) if k <= block else None
     if ref_absmax is not None and absmax == "fp32":
         assert torch.equal(q.absmax[:, 0], ref_absmax)
@@ -39,7 +39,7 @@ def test_quantize_weight_equals_definition(dtype, bits, block, n, k, absmax, see
 def test_large_tensor_uses_table_and_matches_definition():
     w = torch.randn(300, 1000) * 0.02  # several row chunks, ragged last block
     cfg = QuantConfig(bits=4, block_size=64, dtype="nf")
-    q = blockwise.quantize_weight(w, cfg)
+    q = quantizer.quantize_weight(w, cfg)
     assert torch.equal(q.codes(), definition_codes(w, q.absmax_float(), q.codebook, 64))
 
 
@@ -48,7 +48,7 @@ def test_ragged_last_block_has_its_own_absmax(block):
     k = block + block // 2 + 3
     w = torch.randn(4, k)
     w[:, block:] *= 0.001  # a small tail must not borrow the big absmax of the full block
-    q = blockwise.quantize_weight(w, QuantConfig(bits=8, block_size=block, dtype="int",
+    q = quantizer.quantize_weight(w, QuantConfig(bits=8, block_size=block, dtype="int",
                                                  absmax_dtype="fp32"))
     assert q.absmax.shape == (4, 2)
     assert torch.equal(q.absmax[:, 1], w[:, block:].abs().amax(dim=1))
@@ -61,7 +61,7 @@ def test_all_zero_blocks_dequantize_to_exact_zero(dtype):
     w = torch.randn(6, 256)
     w[:, 64:128] = 0
     w[2] = 0
-    q = blockwise.quantize_weight(w, QuantConfig(bits=4, block_size=64, dtype=dtype))
+    q = quantizer.quantize_weight(w, QuantConfig(bits=4, block_size=64, dtype=dtype))
     d = q.dequantize()
     assert torch.all(d[:, 64:128] == 0) and torch.all(d[2] == 0)
 
@@ -83,8 +83,8 @@ def test_absmax_storage():
 
 def test_dq8_weight_round_trip_close_to_fp32_scales():
     w = torch.randn(256, 1024)
-    a = blockwise.quantize_weight(w, QuantConfig(bits=4, dtype="nf", absmax_dtype="fp32"))
-    b = blockwise.quantize_weight(w, QuantConfig(bits=4, dtype="nf", absmax_dtype="dq8"))
+    a = quantizer.quantize_weight(w, QuantConfig(bits=4, dtype="nf", absmax_dtype="fp32"))
+    b = quantizer.quantize_weight(w, QuantConfig(bits=4, dtype="nf", absmax_dtype="dq8"))
     ea = (a.dequantize() - w).norm() / w.norm()
     eb = (b.dequantize() - w).norm() / w.norm()
     assert eb < ea * 1.05
@@ -96,7 +96,7 @@ def test_nan_inf_refused_with_name(bad, dtype):
     w = torch.randn(8, 128).to(dtype)
     w[3, 77] = bad
     with pytest.raises(KbitFormatError, match="model.layers.0.mlp.up_proj.weight.*NaN/Inf"):
-        blockwise.quantize_weight(w, QuantConfig(), name="model.layers.0.mlp.up_proj.weight")
+        quantizer.quantize_weight(w, QuantConfig(), name="model.layers.0.mlp.up_proj.weight")
     with pytest.raises(KbitFormatError, match="layer_x"):
         blockwise.check_finite(w, "layer_x")
 
@@ -105,8 +105,8 @@ def test_fp16_absmax_overflow_refused_with_hint():
     w = torch.randn(4, 128)
     w[1, 5] = 1e6
     with pytest.raises(KbitFormatError, match="w7.*absmax-dtype fp32"):
-        blockwise.quantize_weight(w, QuantConfig(absmax_dtype="fp16"), name="w7")
-    q = blockwise.quantize_weight(w, QuantConfig(absmax_dtype="fp32"), name="w7")
+        quantizer.quantize_weight(w, QuantConfig(absmax_dtype="fp16"), name="w7")
+    q = quantizer.quantize_weight(w, QuantConfig(absmax_dtype="fp32"), name="w7")
     assert q.absmax.dtype == torch.float32
 
 
@@ -130,8 +130,8 @@ def planted_outliers():
 @pytest.mark.parametrize("spec", ["zscore:4", "top:1%"])
 def test_outliers_kept_exactly_and_reduce_error(spec):
     w, cols = planted_outliers()
-    base = blockwise.quantize_weight(w, QuantConfig(bits=4, dtype="int"))
-    q = blockwise.quantize_weight(w, QuantConfig(bits=4, dtype="int",
+    base = quantizer.quantize_weight(w, QuantConfig(bits=4, dtype="int"))
+    q = quantizer.quantize_weight(w, QuantConfig(bits=4, dtype="int",
                                                  outliers=OutlierSpec.parse(spec)))
     assert set(cols.tolist()) <= set(q.outlier_idx.tolist())
     d = q.dequantize()
@@ -152,5 +152,5 @@ def test_outliers_from_std():
 def test_relative_error_of_nf4_b64_on_gaussian():
     # DESIGN.md: a direct reference gives ~0.092 on a Gaussian 576x576 at block 64
     w = torch.randn(576, 576, generator=torch.Generator().manual_seed(0))
-    q = blockwise.quantize_weight(w, QuantConfig(bits=4, block_size=64, dtype="nf"))
+    q = quantizer.quantize_weight(w, QuantConfig(bits=4, block_size=64, dtype="nf"))
     assert abs(((q.dequantize() - w).norm() / w.norm()).item() - 0.092) < 0.004

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from kbitrt.convert import converter as conv_mod
-from kbitrt.format.blockwise import quantize_weight
+from kbitrt.format.quantizer import quantize_weight
 from kbitrt.convert.converter import convert
 from kbitrt.convert.dequantize import dequantize_model
 from kbitrt.format.reader import KbitModel

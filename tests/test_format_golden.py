@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from kbitrt.format import packing
-from kbitrt.format.blockwise import quantize_weight
+from kbitrt.format.quantizer import quantize_weight
 from kbitrt.format.config import FORMAT_VERSION, PACKING, QuantConfig
 
 GOLDEN = Path(__file__).parent / "golden" / "format_v1.json"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kbitrt.format.blockwise import quantize_weight
+from kbitrt.format.quantizer import quantize_weight
 from kbitrt.format.config import QuantConfig
 from kbitrt.runtime.linear import KbitLinear
 

@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available() and "kbitrt.runtime.kernels.triton_kbit" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 
-from kbitrt.format.blockwise import quantize_weight  # noqa: E402
+from kbitrt.format.quantizer import quantize_weight  # noqa: E402
 from kbitrt.format.config import OutlierSpec, QuantConfig  # noqa: E402
 from kbitrt.runtime.kernels import kbit_linear, pad_codebook  # noqa: E402
 from kbitrt.runtime.kernels import triton_kbit as tk  # noqa: E402

@@ -99,3 +99,42 @@ def test_no_import_cycle():
         if state.get(m) is None and visit(m, [m]):
             break
     assert not cycle, " -> ".join(cycle)
+
+
+def _module_aliases(tree: ast.AST, mods: dict[str, Path]) -> dict[str, str]:
+    """Local name -> kbitrt module, for names an import binds to a module (`from kbitrt.format
+    import blockwise`, `import kbitrt.format.dtypes as dt`)."""
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kbitrt"):
+            for a in node.names:
+                if f"{node.module}.{a.name}" in mods:
+                    out[a.asname or a.name] = f"{node.module}.{a.name}"
+        elif isinstance(node, ast.Import):
+            out.update({a.asname: a.name for a in node.names if a.asname and a.name in mods})
+    return out
+
+
+def test_no_private_attributes_of_other_modules():
+    """`blockwise._blocks(...)` is a private import by another name."""
+    mods = _modules()
+    bad = []
+    for mod, path in mods.items():
+        tree = ast.parse(path.read_text())
+        aliases = _module_aliases(tree, mods)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in aliases and aliases[node.value.id] != mod \
+                    and node.attr.startswith("_") and not node.attr.startswith("__"):
+                bad.append(f"{mod}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
+    assert not bad, "\n".join(bad)
+
+
+def test_private_attribute_check_can_fail(tmp_path):
+    mods = _modules()
+    tree = ast.parse("from kbitrt.format import blockwise\nblockwise._blocks(w, 64)\n")
+    aliases = _module_aliases(tree, mods)
+    assert aliases == {"blockwise": "kbitrt.format.blockwise"}
+    hits = [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and getattr(n.value, "id", None) in aliases and n.attr.startswith("_")]
+    assert hits == ["_blocks"]

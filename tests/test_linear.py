@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from kbitrt.format.blockwise import quantize_weight
+from kbitrt.format.quantizer import quantize_weight
 from kbitrt.format.config import OutlierSpec, QuantConfig
 from kbitrt.runtime.linear import KbitLinear, replace_linears
 

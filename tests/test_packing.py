@@ -70,3 +70,24 @@ def test_pack_in_row_chunks_equals_whole():
 def test_unpack_refuses_wrong_row_bytes():
     with pytest.raises(ValueError, match="bytes"):
         packing.unpack(torch.zeros(2, 5, dtype=torch.uint8), 16, 3)
+
+
+@pytest.mark.parametrize("bits", range(3, 9))
+def test_unpack_keep_padding_is_the_padded_row(bits):
+    """The torch twin of the kernels reads whole padded rows: the same codes, then the 0 padding."""
+    codes = torch.randint(0, 2**bits, (4, 21), dtype=torch.uint8)
+    padded = packing.unpack(packing.pack(codes, bits), 21, bits, keep_padding=True)
+    assert padded.shape == (4, packing.padded_len(21))
+    assert torch.equal(padded[:, :21], codes) and not padded[:, 21:].any()
+
+
+def test_reference_kernel_uses_the_one_unpacker():
+    from kbitrt.runtime.kernels import reference
+
+    assert not hasattr(reference, "unpack_codes")
+    cb = torch.linspace(-1, 1, 8)
+    codes = torch.randint(0, 8, (3, 40), dtype=torch.uint8)
+    absmax = torch.rand(3, 2) + 0.5
+    w = reference.dequantize_packed(packing.pack(codes, 3), absmax, cb, 3, 32, 40)
+    expected = cb[codes.long()] * absmax.repeat_interleave(32, 1)[:, :40]
+    assert torch.equal(w, expected)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from kbitrt.convert import converter as conv_mod
 from kbitrt.convert.converter import convert
-from kbitrt.format import blockwise, dtypes, lloyd, scales
+from kbitrt.format import blockwise, dtypes, lloyd, scales, quantizer
 from kbitrt.format.config import KbitFormatError, OutlierSpec, QuantConfig
 from kbitrt.format.reader import KbitModel
 
@@ -43,9 +43,9 @@ def test_mse_scales_never_increase_a_blocks_error(dtype, bits, block, n, k, absm
     if heavy:  # outliers in some blocks: the case clipping is for
         w = w * torch.distributions.StudentT(2.0).sample((n, k)).abs().clamp(max=50)
     base = QuantConfig(bits=bits, block_size=block, dtype=dtype, absmax_dtype=absmax)
-    q_abs = blockwise.quantize_weight(w, base)
+    q_abs = quantizer.quantize_weight(w, base)
     # same codebook for both (quantile and lloyd codebooks depend on the scales otherwise)
-    q_mse = blockwise.quantize_weight(w, QuantConfig(**{**base.__dict__, "scales": "mse"}),
+    q_mse = quantizer.quantize_weight(w, QuantConfig(**{**base.__dict__, "scales": "mse"}),
                                       codebook=q_abs.codebook)
     e_abs, e_mse = per_block_error(w, q_abs, block), per_block_error(w, q_mse, block)
     assert (e_mse <= e_abs * (1 + 1e-6) + 1e-30).all()
@@ -57,8 +57,8 @@ def test_mse_scales_lower_the_error_of_gaussian_weights():
     w = torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)) * 0.02
     for dtype in ("nf", "int", "fp"):
         cfg = QuantConfig(bits=4, dtype=dtype)
-        e_abs = (blockwise.quantize_weight(w, cfg).dequantize() - w).norm()
-        e_mse = (blockwise.quantize_weight(w, QuantConfig(bits=4, dtype=dtype, scales="mse"))
+        e_abs = (quantizer.quantize_weight(w, cfg).dequantize() - w).norm()
+        e_mse = (quantizer.quantize_weight(w, QuantConfig(bits=4, dtype=dtype, scales="mse"))
                  .dequantize() - w).norm()
         assert e_mse < 0.98 * e_abs, dtype
 
@@ -89,7 +89,7 @@ def test_old_config_reads_as_absmax_and_default_json_is_unchanged():
 # ------------------------------------------------------------------------------- lloyd codebooks
 
 def tensor_error(w: torch.Tensor, cfg: QuantConfig, codebook: torch.Tensor) -> float:
-    return float((blockwise.quantize_weight(w, cfg, codebook=codebook).dequantize().double()
+    return float((quantizer.quantize_weight(w, cfg, codebook=codebook).dequantize().double()
                   - w.double()).square().sum())
 
 
@@ -117,7 +117,7 @@ def test_lloyd_beats_nf_on_real_shaped_weights():
     w = w * torch.distributions.StudentT(5.0).sample((512, 512)).abs()
     nf = QuantConfig(bits=3)
     lc = QuantConfig(bits=3, dtype="lloyd")
-    q = blockwise.quantize_weight(w, lc)
+    q = quantizer.quantize_weight(w, lc)
     assert tensor_error(w, nf, q.codebook) < 0.97 * tensor_error(w, nf, dtypes.nf_codebook(3))
 
 
@@ -150,7 +150,7 @@ def test_streaming_conversion_equals_in_memory(tiny_models, tmp_path, monkeypatc
     assert km.quant == config
     weights = hf_weights(src)
     for module in km.quantized_modules:
-        ref = blockwise.quantize_weight(weights[f"{module}.weight"], config, module)
+        ref = quantizer.quantize_weight(weights[f"{module}.weight"], config, module)
         got = km.quantized(module)
         assert torch.equal(got.codebook, ref.codebook), module
         assert torch.equal(got.absmax, ref.absmax), module
@@ -194,7 +194,7 @@ def test_gptq_lowers_the_output_error_on_calibration_data(config, act_order):
     h = Hessian(160)
     h.add(x)
     q = gptq_quantize(w, h.matrix(), config, act_order=act_order)
-    rtn = blockwise.quantize_weight(w, config)
+    rtn = quantizer.quantize_weight(w, config)
     ref = x @ w.t()
     e_gptq = (x @ q.dequantize().t() - ref).square().sum()
     e_rtn = (x @ rtn.dequantize().t() - ref).square().sum()
@@ -226,7 +226,7 @@ def test_gptq_model_lowers_logit_error_vs_rtn(tiny_models):
 
             assert len(results.keys()) == 14
             e_gptq = error({m: q.dequantize() for m, q in results.items()})
-            e_rtn = error({m: blockwise.quantize_weight(original[f"{m}.weight"], cfg).dequantize()
+            e_rtn = error({m: quantizer.quantize_weight(original[f"{m}.weight"], cfg).dequantize()
                            for m in results.keys()})
         assert e_gptq < 0.8 * e_rtn
     finally:

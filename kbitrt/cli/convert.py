@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from kbitrt.errors import KbitError
-from kbitrt.format.config import DTYPES, ABSMAX_DTYPES, METHODS, SCALES, OutlierSpec, QuantConfig
+from kbitrt.eval.progress import byte_progress
+from kbitrt.format import dtypes
+from kbitrt.format.config import ABSMAX_DTYPES, METHODS, SCALES, OutlierSpec, QuantConfig
 
 err = Console(stderr=True)
 out = Console()
-
-
-@contextmanager
-def byte_progress(enabled: bool = True):
-    """A rich progress bar on stderr; yields the (what, done, total) callback the library takes."""
-    if not enabled:
-        yield None
-        return
-    bar = Progress(TextColumn("{task.description}", style="cyan"), BarColumn(), DownloadColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[what]}", style="dim"),
-                   console=err, transient=True)
-    tasks: dict[str, int] = {}
-
-    def update(what: str, done: int, total: int) -> None:
-        phase = "outlier statistics" if what == "outlier statistics" else \
-            "GPTQ" if what.startswith("GPTQ") else "converting"
-        if phase not in tasks:
-            tasks[phase] = bar.add_task(phase, total=total, what="")
-        bar.update(tasks[phase], completed=done, total=total, what=what[-48:])
-
-    with bar:
-        yield update
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -54,7 +32,7 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.option("-b", "--bits", default=4, show_default=True, type=click.IntRange(3, 8),
               help="bits per weight, 3..8")
 @click.option("--block", default=64, show_default=True, type=int, help="block size, 32..4096")
-@click.option("--dtype", default="nf", show_default=True, type=click.Choice(DTYPES),
+@click.option("--dtype", default="nf", show_default=True, type=click.Choice(dtypes.names()),
               help="data type (codebook)")
 @click.option("--exponent-bits", type=int, default=None, help="fp only: exponent bits (default ceil(k/2))")
 @click.option("--absmax-dtype", default="fp16", show_default=True, type=click.Choice(ABSMAX_DTYPES),

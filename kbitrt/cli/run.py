@@ -16,7 +16,7 @@ from rich.table import Table
 
 from kbitrt.errors import KbitFormatError
 
-DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _fail(message: str) -> None:
@@ -42,7 +42,7 @@ def _fail(message: str) -> None:
 @click.option("--backend", type=click.Choice(["auto", "native", "transformers"]), default="auto",
               show_default=True, help="native decoder, or transformers with KbitLinear "
               "(auto: native when it knows the family).")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="auto", show_default=True,
               help="Activation dtype (auto: fp32 on cpu, the model's bf16/fp16 on cuda).")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the decode step (default: on for cuda).")
@@ -93,7 +93,7 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
         from kbitrt.runtime.loader import load_model
 
         with err.status(f"loading {model}", spinner="dots"):
-            lm = load_model(model, device=device, backend=backend, dtype=DTYPES[dtype],
+            lm = load_model(model, device=device, backend=backend, dtype=COMPUTE_DTYPES[dtype],
                             cpu_weights=cpu_weights, bits=bits, device_map=device_map,
                             max_memory=max_memory)
         if lm.note and not as_json:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import MofNCompleteColumn
 from rich.table import Table
 
 err = Console(stderr=True)
@@ -84,13 +84,14 @@ def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tok
         return _sweep_ray(cells, opts, Path(output), address, retries, cpus_per_cell, as_json)
     if address:
         raise click.UsageError("--address is for --executor ray")
-    bar = Progress(TextColumn("[cyan]sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.fields[cell]}", style="dim"), console=err)
+    from kbitrt.eval.progress import new_bar
+
+    bar = new_bar(MofNCompleteColumn(), transient=False, console=err)
     with bar:
-        task = bar.add_task("sweep", total=None, cell="loading")
+        task = bar.add_task("sweep", total=None, what="loading")
 
         def on_cell(done, total, cell, seconds, error):
-            bar.update(task, completed=done, total=total, cell=cell.label)
+            bar.update(task, completed=done, total=total, what=cell.label)
             if error:
                 err.print(f"[red]skipped[/] {cell.model} {cell.label}: {error}")
 
@@ -109,17 +110,20 @@ def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tok
 def _sweep_ray(cells, opts, output: Path, address, retries, cpus, as_json) -> None:
     from kbitrt.sweep.executors import RayOptions, failures_path, run_ray
 
-    bar = Progress(TextColumn("[cyan]sweep (ray)"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("[green]{task.fields[done]} done[/] [red]{task.fields[failed]} failed[/] "
-                              "[yellow]{task.fields[running]} running[/]"), TimeRemainingColumn(),
-                   TextColumn("{task.fields[cell]}", style="dim"), console=err)
+    from rich.progress import TextColumn
+
+    from kbitrt.eval.progress import new_bar
+
+    bar = new_bar(MofNCompleteColumn(),
+                  TextColumn("[green]{task.fields[done]} done[/] [red]{task.fields[failed]} failed[/] "
+                             "[yellow]{task.fields[running]} running[/]"), transient=False, console=err)
     with bar:
-        task = bar.add_task("sweep", total=None, cell="starting ray", done=0, failed=0, running=0)
+        task = bar.add_task("sweep (ray)", total=None, what="starting ray", done=0, failed=0, running=0)
 
         def on_progress(counts, cell, event):
             bar.update(task, completed=counts.done + counts.failed, total=counts.total,
                        done=counts.done, failed=counts.failed, running=counts.running,
-                       cell=cell.label if cell else "")
+                       what=cell.label if cell else "")
             if event in ("retry", "failed"):
                 why = counts.failed_cells.get(cell.key, "see " + str(failures_path(output)))
                 err.print(f"[red]{'retrying' if event == 'retry' else 'failed'}[/] {cell.model} "

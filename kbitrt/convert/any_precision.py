@@ -27,7 +27,7 @@ from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK,
                                   OUTLIER_WEIGHT, QWEIGHT, SHAPE)
 from kbitrt.format.safetensors_io import DTYPE_NAMES, PlannedTensor
 
-FIT_SAMPLE = dtypes.QUANTILE_SAMPLE
+FIT_SAMPLE = dtypes.WEIGHT_SAMPLE
 MAX_LLOYD_STEPS = 100
 
 
@@ -138,7 +138,7 @@ def sample_positions(numel: int) -> int:
 
 def seed_codebook(config: AnyPrecisionConfig, x_sample: torch.Tensor) -> torch.Tensor:
     cb = dtypes.fixed_codebook(config.seed())
-    return cb if cb is not None else dtypes.quantile_codebook(config.min_bits, x_sample)
+    return cb if cb is not None else dtypes.get("quantile").fit(config.min_bits, x_sample)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import zipfile
 
 import torch
 
-from kbitrt.format.safetensors_io import DTYPES, SafetensorsFile
+from kbitrt.format.safetensors_io import SAFETENSORS_TORCH_DTYPES, SafetensorsFile
 from kbitrt.convert.source import Checkpoint
 from kbitrt.errors import KbitFormatError
 
@@ -23,7 +23,7 @@ class CheckpointTensors:
             if ckpt.kind == "safetensors":
                 f = SafetensorsFile(path)
                 for name, info in f.tensors.items():
-                    self._add(name, f, info.shape, DTYPES[info.dtype])
+                    self._add(name, f, info.shape, SAFETENSORS_TORCH_DTYPES[info.dtype])
             else:
                 state = _load_bin(path)
                 for name, t in state.items():

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from kbitrt.format import blockwise, dtypes, lloyd, packing, scales
+from kbitrt.format import blockwise, dtypes, quantizer
 from kbitrt.convert.card import write_model_card
 from kbitrt.convert.checkpoint import CheckpointTensors
 from kbitrt.convert.model_map import ModelMap, build_model_map, skip_reason
@@ -343,67 +343,37 @@ class Converter:
         def rows():
             for r0, r1, w in _stat_rows(self.tensors, lp.source, lp.transposed):
                 blockwise.check_finite(w, lp.source)
-                if idx.numel():
-                    out_w = w[:, idx].to(self.dtype16)
-                    w[:, idx] = 0.0
-                else:
-                    out_w = None
-                yield r0, r1, w, out_w
+                yield r0, w
 
-        codebook = dtypes.fixed_codebook(cfg)
-        if codebook is None and cfg.dtype == "lloyd":  # fitted to a sample of whole rows
-            stride = lloyd.sample_stride(lay.out_features, lay.in_features)
-            sample = torch.cat([w[(-r0) % stride:: stride] for r0, _, w, _ in rows()])
-            codebook = lloyd.fit_codebook(sample, cfg.bits, cfg.block_size, cfg.scales,
-                                          cfg.absmax_dtype)
-        absmax_all = None
-        if cfg.absmax_dtype == "dq8" or codebook is None:
-            # pass 1: every block's absmax (and the quantile sample) before any code is chosen
-            parts = [blockwise.block_absmax(w, cfg.block_size) for _, _, w, _ in rows()]
-            stored, scale, offset, absmax_all = blockwise.quantize_absmax(
-                torch.cat(parts), cfg.absmax_dtype, lp.source)
-            if codebook is None:
-                codebook = dtypes.quantile_codebook(cfg.bits, self._quantile_sample(rows, absmax_all))
-            if cfg.scales != "absmax":  # the scales depend on the codebook
-                parts = [scales.block_scales(w, cfg.block_size, cfg.scales, codebook, cfg.absmax_dtype)
-                         for _, _, w, _ in rows()]
-                stored, scale, offset, absmax_all = blockwise.quantize_absmax(
-                    torch.cat(parts), cfg.absmax_dtype, lp.source)
+        def write(suffix: str, t: torch.Tensor, row0: int = 0) -> None:
+            writers[f"{name}.{suffix}"].write(f"{name}.{suffix}", t,
+                                              row0 * t[0].numel() * t.element_size() if row0 else 0)
+
+        q = quantizer.MatrixQuantizer(cfg, (lay.out_features, lay.in_features), lp.source,
+                                      idx if idx.numel() else None, self.dtype16)
+        for _ in range(q.passes):  # block scales (and the weight sample) before any code is chosen
+            for r0, w in rows():
+                q.observe(r0, w)
+            q.finish_observing()
             if cfg.absmax_dtype == "dq8":
-                writers[f"{name}.{ABSMAX}"].write(f"{name}.{ABSMAX}", stored)
-                writers[f"{name}.{ABSMAX_SCALE}"].write(f"{name}.{ABSMAX_SCALE}", scale)
-                writers[f"{name}.{ABSMAX_OFFSET}"].write(f"{name}.{ABSMAX_OFFSET}", offset)
+                write(ABSMAX, q.stored)
+                write(ABSMAX_SCALE, q.scale)
+                write(ABSMAX_OFFSET, q.offset)
         err = norm = 0.0
-        row_bytes, d16_size = lay.row_bytes, torch.empty(0, dtype=self.dtype16).element_size()
-        for r0, r1, w, out_w in rows():
-            if absmax_all is None:
-                stored, _, _, absmax = blockwise.quantize_absmax(
-                    scales.block_scales(w, cfg.block_size, cfg.scales, codebook, cfg.absmax_dtype),
-                    cfg.absmax_dtype, lp.source)
-                writers[f"{name}.{ABSMAX}"].write(f"{name}.{ABSMAX}", stored,
-                                                  r0 * stored.shape[1] * stored.element_size())
-            elif cfg.absmax_dtype == "dq8":
-                absmax = absmax_all[r0:r1]
-            else:
-                absmax = absmax_all[r0:r1]
-                stored = absmax.half() if cfg.absmax_dtype == "fp16" else absmax
-                writers[f"{name}.{ABSMAX}"].write(f"{name}.{ABSMAX}", stored,
-                                                  r0 * stored.shape[1] * stored.element_size())
-            codes = blockwise.quantize_codes(w, absmax, codebook, cfg.block_size)
-            writers[f"{name}.{QWEIGHT}"].write(f"{name}.{QWEIGHT}", packing.pack(codes, cfg.bits),
-                                               r0 * row_bytes)
-            if out_w is not None:
-                writers[f"{name}.{OUTLIER_WEIGHT}"].write(f"{name}.{OUTLIER_WEIGHT}", out_w,
-                                                          r0 * idx.numel() * d16_size)
-                w[:, idx] = out_w.float()
-            deq = blockwise.dequantize_blockwise(codes, absmax, codebook, cfg.block_size, idx, out_w)
-            err += (deq - w).square().sum().item()
+        for r0, w in rows():
+            part = q.quantize(r0, w)
+            if cfg.absmax_dtype != "dq8":
+                write(ABSMAX, part.absmax, r0)
+            write(QWEIGHT, part.qweight, r0)
+            if part.outlier_weight is not None:
+                write(OUTLIER_WEIGHT, part.outlier_weight, r0)
+                w[:, idx] = part.outlier_weight.float()
+            err += (part.dequantize() - w).square().sum().item()
             norm += w.square().sum().item()
-        writers[f"{name}.{CODEBOOK}"].write(f"{name}.{CODEBOOK}", codebook.float())
-        writers[f"{name}.{SHAPE}"].write(f"{name}.{SHAPE}",
-                                         torch.tensor([lay.out_features, lay.in_features]))
+        write(CODEBOOK, q.codebook.float())
+        write(SHAPE, torch.tensor([lay.out_features, lay.in_features]))
         if idx.numel():
-            writers[f"{name}.{OUTLIER_IDX}"].write(f"{name}.{OUTLIER_IDX}", idx)
+            write(OUTLIER_IDX, idx)
         report.params_quantized += lay.out_features * lay.in_features
         report.linears_quantized += 1
         report.outlier_columns += idx.numel()
@@ -435,21 +405,6 @@ class Converter:
         report.linears_quantized += 1
         report.outlier_columns += lp.outlier_idx.numel()
         report.rel_error_sum += (err / norm) ** 0.5 if norm > 0 else 0.0
-
-    def _quantile_sample(self, rows, absmax_all: torch.Tensor) -> torch.Tensor:
-        """The same strided sample of normalised values that quantile_codebook takes in memory."""
-        picks, stride = [], None
-        for r0, _, w, _ in rows():
-            k = w.shape[1]
-            if stride is None:
-                numel = absmax_all.shape[0] * k
-                stride = -(-numel // dtypes.QUANTILE_SAMPLE) if numel > dtypes.QUANTILE_SAMPLE else 1
-            a = absmax_all[r0: r0 + w.shape[0]]
-            safe = torch.where(a > 0, a, torch.ones_like(a))
-            normed = (blockwise._blocks(w, self.config.block_size) / safe[..., None]).view(
-                w.shape[0], -1)[:, :k].reshape(-1)
-            picks.append(normed[(-r0 * k) % stride:: stride])
-        return torch.cat(picks)
 
 
 def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantConfig, *,

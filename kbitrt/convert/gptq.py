@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kbitrt.format import blockwise, dtypes, packing, scales
+from kbitrt.format import blockwise, dtypes, packing, scales, quantizer
 from kbitrt.format.config import KbitFormatError, QuantConfig, replace
 
 LAZY = 128  # columns per lazy batch (at least one block)
@@ -74,7 +74,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, *, damp
     w0 = w.clone()
     w0[:, idx] = 0.0
     # the codebook round-to-nearest would use (fitted on the original weights for quantile/lloyd)
-    codebook = blockwise.quantize_weight(w0, replace(config, outliers=None), name).codebook
+    codebook = quantizer.quantize_weight(w0, replace(config, outliers=None), name).codebook
     zero_code = int(dtypes.nearest_index(torch.zeros(1), codebook)[0])
     static = act_order or config.absmax_dtype == "dq8"
     nb = -(-k // bsz)

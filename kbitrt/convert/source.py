@@ -20,7 +20,8 @@ COMPANION_PATTERNS = (
     "added_tokens.json", "generation_config.json", "chat_template*", "preprocessor_config.json",
     "LICENSE*", "license*", "NOTICE*", "*.py",
 )
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$|^[A-Za-z0-9][\w.\-]*$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")  # owner/name
+HUB_ID = re.compile(rf"{REPO_ID.pattern}|^[A-Za-z0-9][\w.\-]*$")  # owner/name, or a bare name
 
 
 def resolve_model(name: str | os.PathLike, revision: str | None = None) -> Path:

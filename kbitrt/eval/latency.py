@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from kbitrt.runtime.loader import LoadedModel, RunError
+from kbitrt.runtime.loader import LoadedModel, RunError, synchronize
 
 
 @dataclass
@@ -32,10 +32,6 @@ class BenchRow:
         return asdict(self)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 @torch.no_grad()
 def time_prefill(lm: LoadedModel, batch: int, n: int, gen: torch.Generator) -> float:
@@ -43,10 +39,10 @@ def time_prefill(lm: LoadedModel, batch: int, n: int, gen: torch.Generator) -> f
     ids = torch.randint(0, vocab, (batch, n), generator=gen).to(lm.device)
     lm.model.setup_caches(batch, n)
     try:
-        _sync(lm.device)
+        synchronize(lm.device)
         t0 = time.perf_counter()
         lm.model(ids, torch.arange(n, device=lm.device), last_only=True)
-        _sync(lm.device)
+        synchronize(lm.device)
         return time.perf_counter() - t0
     finally:
         lm.model.drop_caches()
@@ -61,13 +57,13 @@ def time_decode(lm: LoadedModel, batch: int, n: int, gen: torch.Generator, step=
     try:
         logits = model(tok, torch.arange(1, device=lm.device))
         pos = torch.ones(1, dtype=torch.long, device=lm.device)
-        _sync(lm.device)
+        synchronize(lm.device)
         t0 = time.perf_counter()
         for i in range(n):
             tok = logits[:, -1].argmax(-1, keepdim=True)
             pos.fill_(1 + i)
             logits = step(tok, pos)
-        _sync(lm.device)
+        synchronize(lm.device)
         return time.perf_counter() - t0
     finally:
         model.drop_caches()
@@ -151,11 +147,11 @@ def memory_record(rss_before_load: int) -> dict:
 
 def _time(fn, device: torch.device, reps: int) -> float:
     fn()
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - t0) / reps
 
 
@@ -171,7 +167,7 @@ def kernel_table(lm: LoadedModel, m: int = 1, reps: int = 20) -> tuple[list[dict
     """One row per distinct KbitLinear shape in the model: the k-bit op at M=m against a dense
     matmul of the dequantized weight in the compute dtype. Returns (rows, copy bytes/s).
 
-    A simple version of benchmarks/kernels.py (which rotates weight copies through L2 and replays
+    A simple version of benchmarks/kernel_bench.py (which rotates weight copies through L2 and replays
     CUDA graphs on a GPU): here one weight is called repeatedly, so small ones may sit in cache."""
     from kbitrt.runtime.kernels import kbit_linear
     from kbitrt.runtime.linear import KbitLinear
@@ -187,7 +183,7 @@ def kernel_table(lm: LoadedModel, m: int = 1, reps: int = 20) -> tuple[list[dict
                            "cpu_weights='packed' (kbit bench --kernels does)")
         seen.add((mod.out_features, mod.in_features))
         x = torch.randn(m, mod.in_features, device=device, dtype=dtype)
-        idx, ow = mod._outliers()
+        idx, ow = mod.outliers()
         t = _time(lambda: kbit_linear(x, mod.qweight, mod.absmax, mod.codebook, mod.bias, idx, ow,
                                       mod.bits, mod.block_size, mod.in_features), device, reps)
         w = mod.dequantize(dtype)

@@ -84,18 +84,24 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def mc_metrics(rows: list[dict], lls: list[float]) -> dict:
-    """acc / acc_norm with lm-eval's standard errors from per-choice log-likelihoods."""
-    acc = acc_norm = 0
-    k = 0
+def mc_correct(rows: list[dict], lls: list[float]) -> tuple[list[int], list[int]]:
+    """Per question, 1 where the gold choice is picked by log-likelihood (acc) and by
+    log-likelihood per character of the choice (acc_norm); the first maximum wins, as np.argmax."""
+    correct, correct_norm, k = [], [], 0
     for row in rows:
         n = len(row["choices"])
         ll = lls[k:k + n]
         k += n
         norm = [x / len(c) if c else x for x, c in zip(ll, row["choices"])]
-        acc += max(range(n), key=lambda i: (ll[i], -i)) == row["gold"]  # first max, as np.argmax
-        acc_norm += max(range(n), key=lambda i: (norm[i], -i)) == row["gold"]
-    n = len(rows)
+        correct.append(int(max(range(n), key=lambda i: (ll[i], -i)) == row["gold"]))
+        correct_norm.append(int(max(range(n), key=lambda i: (norm[i], -i)) == row["gold"]))
+    return correct, correct_norm
+
+
+def mc_metrics(rows: list[dict], lls: list[float]) -> dict:
+    """acc / acc_norm with lm-eval's standard errors from per-choice log-likelihoods."""
+    correct, correct_norm = mc_correct(rows, lls)
+    acc, acc_norm, n = sum(correct), sum(correct_norm), len(rows)
     return {"acc": acc / n, "acc_stderr": mean_stderr(acc / n, n),
             "acc_norm": acc_norm / n, "acc_norm_stderr": mean_stderr(acc_norm / n, n), "n": n}
 

@@ -12,11 +12,14 @@ the codebook's 0, so it dequantizes to exact zeros.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 
 from kbitrt.format import dtypes, packing
-from kbitrt.format.config import DOUBLE_QUANT_BLOCK, KbitFormatError, QuantConfig
+from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, DOUBLE_QUANT_BLOCK,
+                                  OUTLIER_IDX, OUTLIER_WEIGHT, QWEIGHT, SHAPE, KbitFormatError,
+                                  QuantConfig)
 
 FP16_MAX = 65504.0
 # Values per row chunk of the quantizer and thread: the float32 and int32 buffers of one thread's
@@ -26,7 +29,7 @@ CHUNK = 1 << 17
 
 @dataclass
 class QuantizedWeight:
-    """One quantized (N, K) matrix, as stored (see spec.LinearLayout for the on-disk tensors)."""
+    """One quantized (N, K) matrix, as stored (see config.LinearLayout for the on-disk tensors)."""
 
     qweight: torch.Tensor  # uint8 (N, row_bytes), packed codes
     absmax: torch.Tensor  # fp16/fp32 (N, n_blocks); uint8 codes when double-quantized
@@ -38,6 +41,26 @@ class QuantizedWeight:
     absmax_offset: torch.Tensor | None = None  # dq8: fp32 (1,)
     outlier_idx: torch.Tensor | None = None  # int64 (n_out,)
     outlier_weight: torch.Tensor | None = None  # 16-bit (N, n_out)
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], config: QuantConfig,
+                     shape: tuple[int, int] | None = None) -> QuantizedWeight:
+        """From one linear's stored tensors, keyed by suffix (config.QWEIGHT, ...); the shape is
+        read from the SHAPE tensor when not given."""
+        if shape is None:
+            shape = tuple(int(v) for v in tensors[SHAPE].tolist())
+        return cls(qweight=tensors[QWEIGHT], absmax=tensors[ABSMAX], codebook=tensors[CODEBOOK],
+                   shape=shape, bits=config.bits, block_size=config.block_size,
+                   absmax_scale=tensors.get(ABSMAX_SCALE), absmax_offset=tensors.get(ABSMAX_OFFSET),
+                   outlier_idx=tensors.get(OUTLIER_IDX), outlier_weight=tensors.get(OUTLIER_WEIGHT))
+
+    def kernel_absmax(self) -> torch.Tensor:
+        """The scales as the kernels read them: as stored, or double quantization decoded once, in
+        fp16 (its rounding, 2^-11, is far below the 8-bit code's own error; fp32 if it overflows)."""
+        if self.absmax_scale is None:
+            return self.absmax
+        absmax = self.absmax_float()
+        return absmax.half() if absmax.max() <= FP16_MAX else absmax
 
     def absmax_float(self) -> torch.Tensor:
         """The per-block scales as float32 (N, n_blocks), double quantization undone."""
@@ -53,7 +76,7 @@ class QuantizedWeight:
                                     self.block_size, self.outlier_idx, self.outlier_weight).to(dtype)
 
 
-def _blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
+def blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
     """(N, K) -> (N, n_blocks, B), the ragged tail zero-padded (zeros never raise an absmax)."""
     n, k = w.shape
     nb = -(-k // block_size)
@@ -62,13 +85,13 @@ def _blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
     return w.view(n, nb, block_size)
 
 
-def _chunk_rows(k: int) -> int:
+def chunk_rows(k: int) -> int:
     return max(1, CHUNK * torch.get_num_threads() // max(k, 1))
 
 
 def _row_chunks(n: int, k: int):
     """Row ranges of about CHUNK values per thread: every pass over a chunk then runs in cache."""
-    rows = _chunk_rows(k)
+    rows = chunk_rows(k)
     for r0 in range(0, n, rows):
         yield r0, min(n, r0 + rows)
 
@@ -117,7 +140,7 @@ def quantize_absmax(absmax: torch.Tensor, absmax_dtype: str, name: str = "tensor
     flat = absmax.reshape(-1).float()
     offset = flat.mean().reshape(1)
     centered = flat - offset
-    cb = dtypes.dynamic_codebook(8)
+    cb = dtypes.Dynamic.levels(8)
     nb2 = -(-flat.numel() // DOUBLE_QUANT_BLOCK)
     padded = torch.nn.functional.pad(centered, (0, nb2 * DOUBLE_QUANT_BLOCK - flat.numel()))
     scale = padded.view(nb2, DOUBLE_QUANT_BLOCK).abs().amax(dim=-1)
@@ -129,7 +152,7 @@ def quantize_absmax(absmax: torch.Tensor, absmax_dtype: str, name: str = "tensor
 
 
 def dequantize_absmax(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-    cb = dtypes.dynamic_codebook(8).to(scale.device)
+    cb = dtypes.Dynamic.levels(8).to(scale.device)
     flat = cb[codes.reshape(-1).long()]
     flat = flat * scale.repeat_interleave(DOUBLE_QUANT_BLOCK)[: flat.numel()] + offset
     # a scale must never go negative (it would flip signs): clamp what the 8-bit code undershot
@@ -141,12 +164,12 @@ def quantize_codes(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor
     """uint8 (N, K) codebook indices of w (N, K) given the stored per-block absmax (N, n_blocks)."""
     n, k = w.shape
     out = torch.empty(n, k, dtype=torch.uint8, device=w.device)
-    for r0, r1, codes in _chunk_codes(w, absmax, codebook, block_size):
+    for r0, r1, codes in chunk_codes(w, absmax, codebook, block_size):
         out[r0:r1] = codes
     return out
 
 
-def _chunk_codes(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, block_size: int):
+def chunk_codes(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, block_size: int):
     """Yield (r0, r1, uint8 codes (r1-r0, K)) chunk by chunk; the codes buffer is reused.
 
     Same arithmetic as the definition: x = float32(w) / absmax (IEEE division, as stored),
@@ -156,7 +179,7 @@ def _chunk_codes(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, 
     full, nb = k // block_size, -(-k // block_size)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax)).float()
     table = dtypes.nearest_table(codebook)
-    rows = _chunk_rows(k)
+    rows = chunk_rows(k)
     xbuf = torch.empty(rows * k, dtype=torch.float32, device=w.device)
     cbuf = torch.empty(rows * k, dtype=torch.uint8, device=w.device)
     scratch = (torch.empty(rows * k, dtype=torch.int32, device=w.device),
@@ -179,7 +202,7 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, codebook: to
     """float32 (N, K) from codes (N, K), float absmax (N, n_blocks) and the codebook."""
     n, k = codes.shape
     vals = codebook.float()[codes.long()]
-    w = (_blocks(vals, block_size) * absmax.float()[..., None]).view(n, -1)[:, :k]
+    w = (blocks(vals, block_size) * absmax.float()[..., None]).view(n, -1)[:, :k]
     if outlier_idx is not None and outlier_idx.numel():
         w = w.clone()
         w[:, outlier_idx] = outlier_weight.float()
@@ -212,63 +235,8 @@ def outliers_from_std(std: torch.Tensor, spec) -> torch.Tensor:
     return idx.sort().values.to(torch.int64)
 
 
-def quantize_weight(w: torch.Tensor, config: QuantConfig, name: str = "tensor",
-                    codebook: torch.Tensor | None = None, dtype16: torch.dtype = torch.float16,
-                    ) -> QuantizedWeight:
-    """Quantize a whole (N, K) matrix in memory (the converter does the same chunk by chunk)."""
-    n, k = w.shape
-    outlier_idx = outlier_weight = None
-    if config.outliers is not None:
-        check_finite(w, name)
-        outlier_idx = select_outliers(w, config.outliers)
-        outlier_weight = w[:, outlier_idx].to(dtype16)
-        w = w.clone()
-        w[:, outlier_idx] = 0.0
-    raw = block_absmax(w, config.block_size)
-    if not torch.isfinite(raw).all():  # a NaN/Inf weight makes its block's absmax NaN/Inf
-        check_finite(w, name)
-    stored, scale, offset, absmax = quantize_absmax(raw, config.absmax_dtype, name)
-    if codebook is None:
-        codebook = dtypes.fixed_codebook(config)
-    if codebook is None and config.dtype == "lloyd":  # fitted to this tensor (format/lloyd.py)
-        from kbitrt.format import lloyd
-
-        codebook = lloyd.fit_codebook(lloyd.sample_rows(w), config.bits, config.block_size,
-                                      config.scales, config.absmax_dtype)
-    if codebook is None:  # quantile: estimated from this tensor's normalised values
-        codebook = dtypes.quantile_codebook(config.bits, _quantile_sample(w, absmax,
-                                                                             config.block_size))
-    if config.scales != "absmax":  # scales chosen for the codebook (format/scales.py)
-        from kbitrt.format import scales
-
-        raw = scales.block_scales(w, config.block_size, config.scales, codebook, config.absmax_dtype)
-        stored, scale, offset, absmax = quantize_absmax(raw, config.absmax_dtype, name)
-    kp = packing.padded_len(k)
-    qweight = torch.empty(n, packing.packed_row_bytes(k, config.bits), dtype=torch.uint8,
-                          device=w.device)
-    padded = torch.zeros(_chunk_rows(k) * kp, dtype=torch.uint8, device=w.device)
-    for r0, r1, codes in _chunk_codes(w, absmax, codebook, config.block_size):
-        c = padded[: (r1 - r0) * kp].view(r1 - r0, kp)
-        if kp == k:
-            c = codes
-        else:
-            c[:, :k] = codes  # columns k..kp stay 0
-        packing.pack_padded(c, config.bits, qweight[r0:r1])
-    return QuantizedWeight(
-        qweight=qweight, absmax=stored, codebook=codebook,
-        shape=(n, k), bits=config.bits, block_size=config.block_size,
-        absmax_scale=scale, absmax_offset=offset, outlier_idx=outlier_idx,
-        outlier_weight=outlier_weight)
-
-
-def _quantile_sample(w: torch.Tensor, absmax: torch.Tensor, block_size: int) -> torch.Tensor:
-    """The strided subsample quantile_codebook would take of the normalised (N, K) weights.
-
-    Only the sampled values are normalised, so no (N, K) float32 copy is made.
-    """
-    n, k = w.shape
-    step = max(1, -(-w.numel() // dtypes.QUANTILE_SAMPLE))
-    flat = torch.arange(0, w.numel(), step, device=w.device)
-    rows, cols = flat // k, flat % k
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    return w.reshape(-1)[flat].float() / safe[rows, cols // block_size]
+def sample_index(r0: int, rows: int, n: int, k: int) -> torch.Tensor:
+    """Flat indices within rows r0..r0+rows of the strided sample (of at most WEIGHT_SAMPLE values)
+    that a fitted data type takes of an (n, K) matrix, relative to row r0."""
+    step = max(1, -(-(n * k) // dtypes.WEIGHT_SAMPLE))
+    return torch.arange((-r0 * k) % step, rows * k, step)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 from dataclasses import dataclass, field
 
 from kbitrt.errors import KbitFormatError
+from kbitrt.format import dtypes
 
 FORMAT_VERSION = 1
 KNOWN_FORMAT_VERSIONS = (1,)
@@ -21,9 +21,8 @@ QUANT_METHOD = "kbit"
 PACKING = "bitslice-v1"
 KNOWN_PACKINGS = (PACKING,)
 
-DTYPES = ("int", "fp", "quantile", "dynamic", "nf", "lloyd")
 SCALES = ("absmax", "mse")  # how block scales are chosen (kbitrt/format/scales.py)
-METHODS = ("rtn", "gptq")  # round-to-nearest, or GPTQ with calibration data
+METHODS = ("rtn", "gptq")  # round-to-nearest, or GPTQ with calibration data (runtime/gptq.py)
 ABSMAX_DTYPES = ("fp16", "fp32", "dq8")
 MIN_BITS, MAX_BITS = 3, 8
 MIN_BLOCK, MAX_BLOCK = 32, 4096
@@ -95,8 +94,7 @@ class QuantConfig:
         if not (MIN_BLOCK <= b <= MAX_BLOCK and b & (b - 1) == 0):
             raise KbitFormatError(
                 f"--block {b} is not supported: use a power of two in {MIN_BLOCK}..{MAX_BLOCK}")
-        if self.dtype not in DTYPES:
-            raise KbitFormatError(f"--dtype {self.dtype!r} is unknown: use one of {', '.join(DTYPES)}")
+        data_type = dtypes.get(self.dtype)  # an unknown name raises
         if self.absmax_dtype not in ABSMAX_DTYPES:
             raise KbitFormatError(
                 f"--absmax-dtype {self.absmax_dtype!r} is unknown: use one of {', '.join(ABSMAX_DTYPES)}")
@@ -104,27 +102,21 @@ class QuantConfig:
             raise KbitFormatError(f"--scales {self.scales!r} is unknown: use one of {', '.join(SCALES)}")
         if self.method not in METHODS:
             raise KbitFormatError(f"--method {self.method!r} is unknown: use one of {', '.join(METHODS)}")
-        if self.exponent_bits is not None:
-            if self.dtype != "fp":
-                raise KbitFormatError("--exponent-bits only applies to --dtype fp")
-            if not 1 <= self.exponent_bits <= self.bits - 1:
+        for key, (flag, owners) in dtypes.option_flags().items():
+            if getattr(self, key) is not None and self.dtype not in owners:
                 raise KbitFormatError(
-                    f"--exponent-bits {self.exponent_bits} with {self.bits} bits: use 1..{self.bits - 1}"
-                    " (one bit is the sign; the rest split into exponent and mantissa)")
+                    f"{flag} only applies to --dtype {' or '.join(owners)}")
+        data_type.validate(self)
 
     @property
-    def fp_exponent_bits(self) -> int:
-        return self.exponent_bits if self.exponent_bits is not None else math.ceil(self.bits / 2)
+    def data_type(self) -> type[dtypes.DataType]:
+        return dtypes.get(self.dtype)
 
     @property
     def label(self) -> str:
         """Short human name, e.g. `nf4-b64` or `fp4(E3M0)-b64`."""
-        name = f"{self.dtype}{self.bits}"
-        if self.dtype == "fp":
-            e = self.fp_exponent_bits
-            name += f"(E{e}M{self.bits - 1 - e})"
         extra = "".join(f"-{x}" for x in (self.scales, self.method) if x not in ("absmax", "rtn"))
-        return f"{name}-b{self.block_size}{extra}"
+        return f"{self.data_type.label(self)}-b{self.block_size}{extra}"
 
     def to_json(self) -> dict:
         """The `quantization_config` block of config.json."""
@@ -135,7 +127,9 @@ class QuantConfig:
             "bits": self.bits,
             "block_size": self.block_size,
             "dtype": self.dtype,
-            "exponent_bits": self.fp_exponent_bits if self.dtype == "fp" else None,
+            # every type-specific key, None where this type does not read it
+            **{key: None for key in dtypes.option_flags()},
+            **self.data_type.option_values(self),
             "absmax_dtype": self.absmax_dtype,
             "outliers": str(self.outliers) if self.outliers else None,
             "quantize_head": self.quantize_head,
@@ -180,14 +174,16 @@ class QuantConfig:
             if not ok:
                 names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
                 raise KbitFormatError(f"quantization_config.{key} is {value!r}: it must be {names}")
-        if qc["dtype"] != "fp" and qc.get("exponent_bits") is not None:
-            raise KbitFormatError(f"quantization_config.exponent_bits is set for dtype "
-                                  f"{qc['dtype']!r}: only fp has exponent bits")
+        data_type = dtypes.get(qc["dtype"])
+        for key, (_, owners) in dtypes.option_flags().items():
+            if qc.get(key) is not None and qc["dtype"] not in owners:
+                raise KbitFormatError(f"quantization_config.{key} is set for dtype {qc['dtype']!r}: "
+                                      f"only {' or '.join(owners)} read it")
         return cls(
             bits=qc["bits"],
             block_size=qc["block_size"],
             dtype=qc["dtype"],
-            exponent_bits=qc.get("exponent_bits") if qc["dtype"] == "fp" else None,
+            **{key: qc.get(key) for key in data_type.options},
             absmax_dtype=qc.get("absmax_dtype", "fp16"),
             outliers=OutlierSpec.parse(qc.get("outliers")),
             quantize_head=qc.get("quantize_head", False),

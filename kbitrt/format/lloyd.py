@@ -113,7 +113,7 @@ def fit_codebook(sample: torch.Tensor, bits: int, block_size: int, scale_method:
     sample = sample.float()
     absmax = scales.round_scale(scales.block_scales(sample, block_size, "absmax", None), absmax_dtype)
     x, v = _normalized(sample, absmax, block_size)
-    starts = [dtypes.nf_codebook(bits), dtypes.quantile_codebook(bits, x[v > 0])]
+    starts = [dtypes.get("nf").levels(bits), dtypes.get("quantile").fit(bits, x[v > 0])]
     best, best_err = None, float("inf")
     for start in starts:
         cb, err = lloyd_max(x, v, start)

@@ -73,20 +73,22 @@ def pack_padded(codes: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tens
     return out
 
 
-def unpack(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
-    """uint8 (N, packed_row_bytes(K, bits)) -> uint8 (N, K) codes."""
+def unpack(packed: torch.Tensor, k: int, bits: int, keep_padding: bool = False) -> torch.Tensor:
+    """uint8 (N, packed_row_bytes(K, bits)) -> uint8 (N, K) codes, or (N, Kp) with the padding
+    codes when `keep_padding` (the torch twin of the kernels reads whole rows of 8-code words).
+
+    Each slice is unpacked with one shift per code of a byte; at 8 bits the result is `packed`.
+    """
     n = packed.shape[0]
     kp = padded_len(k)
     if packed.shape[1] != kp * bits // 8:
         raise ValueError(f"packed rows hold {packed.shape[1]} bytes; {kp * bits // 8} expected "
                          f"for K={k} at {bits} bits")
-    codes = torch.zeros(n, kp, dtype=torch.uint8, device=packed.device)
+    codes = None
     for width, shift, offset in slices(bits):
-        per_byte = 8 // width
-        nbytes = kp * width // 8
-        part = packed[:, offset * kp // 8: offset * kp // 8 + nbytes]
-        mask = (1 << width) - 1
-        shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)
-        v = (part[..., None] >> shifts) & mask  # (N, nbytes, per_byte)
-        codes |= v.reshape(n, nbytes * per_byte) << shift
-    return codes[:, :k]
+        part = packed[:, offset * kp // 8: (offset + width) * kp // 8]
+        if width < 8:
+            shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=packed.device)
+            part = ((part.unsqueeze(-1) >> shifts) & ((1 << width) - 1)).reshape(n, kp)
+        codes = part if codes is None else codes | (part << shift)
+    return codes if keep_padding else codes[:, :k]

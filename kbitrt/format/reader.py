@@ -20,9 +20,8 @@ from kbitrt.format import dtypes
 from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.format.model_check import check_against_model
 from kbitrt.format.safetensors_io import SafetensorsFile
-from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, OUTLIER_IDX,
-                                 OUTLIER_WEIGHT, QUANT_SUFFIXES, QWEIGHT, SHAPE, KbitFormatError,
-                                 LinearLayout, QuantConfig)
+from kbitrt.format.config import (CODEBOOK, OUTLIER_IDX, QUANT_SUFFIXES, QWEIGHT,
+                                 SHAPE, KbitFormatError, LinearLayout, QuantConfig)
 
 
 @dataclass
@@ -242,15 +241,8 @@ class KbitModel:
 
     def quantized(self, module: str) -> QuantizedWeight:
         e = self.modules[module]
-        has = self._suffixes(module)
-        return QuantizedWeight(
-            qweight=self._read(f"{module}.{QWEIGHT}"), absmax=self._read(f"{module}.{ABSMAX}"),
-            codebook=self._read(f"{module}.{CODEBOOK}"), shape=(e.out_features, e.in_features),
-            bits=self.quant.bits, block_size=self.quant.block_size,
-            absmax_scale=self._read(f"{module}.{ABSMAX_SCALE}") if ABSMAX_SCALE in has else None,
-            absmax_offset=self._read(f"{module}.{ABSMAX_OFFSET}") if ABSMAX_OFFSET in has else None,
-            outlier_idx=self._read(f"{module}.{OUTLIER_IDX}") if OUTLIER_IDX in has else None,
-            outlier_weight=self._read(f"{module}.{OUTLIER_WEIGHT}") if OUTLIER_WEIGHT in has else None)
+        tensors = {s: self._read(f"{module}.{s}") for s in self._suffixes(module) if s != SHAPE}
+        return QuantizedWeight.from_tensors(tensors, self.quant, (e.out_features, e.in_features))
 
     # -- accounting ---------------------------------------------------------------------------
     def tensor_bytes(self) -> int:

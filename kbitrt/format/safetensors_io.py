@@ -19,12 +19,13 @@ import torch
 
 from kbitrt.errors import KbitFormatError
 
-DTYPES: dict[str, torch.dtype] = {
+# safetensors dtype name -> torch dtype; DTYPE_NAMES: torch dtype -> safetensors dtype name
+SAFETENSORS_TORCH_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_TORCH_DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -41,7 +42,7 @@ def _no_duplicates(pairs):
 
 
 def itemsize(dtype: str) -> int:
-    return torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    return torch.empty(0, dtype=SAFETENSORS_TORCH_DTYPES[dtype]).element_size()
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class SafetensorsFile:
             raise self._error(f"has a malformed entry for tensor {name} (needs exactly dtype, "
                               "shape, data_offsets)")
         dtype, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_TORCH_DTYPES:
             raise self._error(f"gives tensor {name} the unsupported dtype {str(dtype)[:20]!r}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
             raise self._error(f"gives tensor {name} an invalid shape {str(shape)[:40]}")
@@ -149,8 +150,8 @@ class SafetensorsFile:
                     raise KbitFormatError(f"{self.path}: truncated while reading {name}")
                 done += got
         if nbytes == 0:
-            return torch.empty(shape, dtype=DTYPES[info.dtype])
-        return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).view(shape)
+            return torch.empty(shape, dtype=SAFETENSORS_TORCH_DTYPES[info.dtype])
+        return torch.frombuffer(buf, dtype=SAFETENSORS_TORCH_DTYPES[info.dtype]).view(shape)
 
 
 @dataclass

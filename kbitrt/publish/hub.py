@@ -57,12 +57,12 @@ def resolve_token(token: str | None) -> str:
 
 
 def check_repo_id(repo_id: str) -> None:
-    from kbitrt.convert.source import HUB_ID
+    from kbitrt.convert.source import REPO_ID
 
     if TOKEN_LIKE.search(repo_id or ""):  # a token passed by mistake: never echo it
         raise PushError("REPO_ID looks like a Hugging Face token, not a repo id: give 'user/name' "
                         "(pass a token with --token or HF_TOKEN, and revoke one that was exposed)")
-    if "/" not in repo_id or not HUB_ID.match(repo_id):
+    if not REPO_ID.match(repo_id):
         raise PushError(f"{repo_id!r} is not a Hub repo id: use 'user/name' or 'org/name'")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from kbitrt.runtime.loader import LoadedModel, RunError
+from kbitrt.runtime.loader import LoadedModel, RunError, synchronize
 
 Message = dict  # {"role": ..., "content": ...}
 Prompt = str | list[Message] | list[int]  # text, a chat, or token ids
@@ -193,10 +192,6 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def decode_step(lm: LoadedModel, compile: bool | str):
     """The function one decode step calls: compiled with CUDA graphs on CUDA (native backend)."""
@@ -252,10 +247,10 @@ def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 6
 
     model.setup_caches(B, T0 + new)
     try:
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         logits = model(ids, torch.arange(T0, device=device), pad, last_only=True)[:, -1].float()
-        _sync(device)
+        synchronize(device)
         t1 = time.perf_counter()
         input_pos = torch.tensor([T0], device=device)
         for i in range(new):
@@ -288,7 +283,7 @@ def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 6
                 step, compiled = model, False
                 out = step(nxt[:, None], input_pos, pad)
             logits = out[:, -1].float().clone()  # CUDA graphs reuse their output buffer
-        _sync(device)
+        synchronize(device)
         t2 = time.perf_counter()
     finally:
         model.drop_caches()
@@ -316,12 +311,3 @@ def _device_name(device: torch.device) -> str:
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def stream_to(file=sys.stdout) -> Callable[[int, str], None]:
-    """An on_text callback that writes row 0's text as it comes."""
-    def write(row: int, text: str) -> None:
-        if row == 0:
-            file.write(text)
-            file.flush()
-    return write

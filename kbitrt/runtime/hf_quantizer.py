@@ -11,9 +11,10 @@ from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from kbitrt.format.blockwise import FP16_MAX, QuantizedWeight
+from kbitrt.convert.model_map import prefix_variants
+from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.format.reader import KbitModel
-from kbitrt.format.safetensors_io import DTYPES
+from kbitrt.format.safetensors_io import SAFETENSORS_TORCH_DTYPES
 from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, OUTLIER_IDX,
                                  OUTLIER_WEIGHT, QWEIGHT, SHAPE, KbitFormatError, LinearLayout,
                                  QuantConfig, header_metadata)
@@ -58,17 +59,10 @@ class KbitPlaceholder(nn.Module):
 
     def to_kbit_linear(self, quant: QuantConfig, compute_dtype: torch.dtype) -> KbitLinear:
         b = self._buffers
-        n, k = (int(v) for v in b[SHAPE].tolist())
-        qw = QuantizedWeight(
-            qweight=b[QWEIGHT], absmax=b[ABSMAX], codebook=b[CODEBOOK], shape=(n, k),
-            bits=quant.bits, block_size=quant.block_size, absmax_scale=b.get(ABSMAX_SCALE),
-            absmax_offset=b.get(ABSMAX_OFFSET), outlier_idx=b.get(OUTLIER_IDX),
-            outlier_weight=b.get(OUTLIER_WEIGHT))
+        qw = QuantizedWeight.from_tensors(b, quant)
+        n, k = qw.shape
         bias = b.get("bias")
-        absmax = b[ABSMAX]
-        if quant.absmax_dtype == "dq8":  # decoded once, as KbitLinear.from_quantized does
-            absmax = qw.absmax_float()
-            absmax = absmax.half() if absmax.max() <= FP16_MAX else absmax
+        absmax = qw.kernel_absmax()  # dq8 decoded once, as KbitLinear.from_quantized does
         n_out = b[OUTLIER_IDX].numel() if OUTLIER_IDX in b else 0
         # built on meta and given the loaded tensors: no zero-fill and no second copy of the codes
         mod = KbitLinear(k, n, quant.bits, quant.block_size, bias=bias is not None, n_outliers=n_out,
@@ -113,11 +107,7 @@ def stored_tensors(mod: KbitLinear) -> dict[str, torch.Tensor]:
 
 def _find_module(model: nn.Module, name: str) -> str | None:
     """The model's name for a checkpoint module name (checkpoints saved with/without the prefix)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    candidates = [name]
-    if prefix:
-        candidates += [f"{prefix}.{name}", name.removeprefix(prefix + ".")]
-    for cand in candidates:
+    for cand in prefix_variants(name, getattr(model, "base_model_prefix", "") or ""):
         try:
             model.get_submodule(cand)
             return cand
@@ -165,10 +155,10 @@ class KbitHfQuantizer(HfQuantizer):
                                   km.info(f"{name}.{CODEBOOK}").shape[0])
             d16 = km.info(f"{name}.{OUTLIER_WEIGHT}").dtype if entry.n_outliers else "F16"
             for suffix, (st_dtype, shape_) in layout.tensor_specs(d16).items():
-                specs[suffix] = (DTYPES[st_dtype], tuple(shape_))
+                specs[suffix] = (SAFETENSORS_TORCH_DTYPES[st_dtype], tuple(shape_))
             if f"{name}.bias" in names:
                 info = km.info(f"{name}.bias")
-                specs["bias"] = (DTYPES[info.dtype], tuple(info.shape))
+                specs["bias"] = (SAFETENSORS_TORCH_DTYPES[info.dtype], tuple(info.shape))
             model.set_submodule(target, KbitPlaceholder(specs))
             self.placed.append(target)
         self.quant = quant

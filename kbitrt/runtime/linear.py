@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kbitrt.format import packing
-from kbitrt.format.blockwise import FP16_MAX, QuantizedWeight
+from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.runtime.kernels import kbit_linear
 from kbitrt.runtime.kernels.reference import dequantize_packed, pad_codebook
 
@@ -78,12 +78,7 @@ class KbitLinear(nn.Module):
                        compute_dtype: torch.dtype = torch.float16, data_type: str | None = None,
                        cpu_cache: bool = True, cpu_dtype: torch.dtype | None = None) -> KbitLinear:
         n, k = qw.shape
-        absmax = qw.absmax
-        if qw.absmax_scale is not None:
-            # dq8 is decoded once, here: the kernels read plain scales. fp16 halves their bytes and
-            # its rounding (2^-11) is far below the 8-bit code's own error; fp32 if it overflows.
-            absmax = qw.absmax_float()
-            absmax = absmax.half() if absmax.max() <= FP16_MAX else absmax
+        absmax = qw.kernel_absmax()  # dq8 is decoded once, here: the kernels read plain scales
         n_out = qw.outlier_idx.numel() if qw.outlier_idx is not None else 0
         mod = cls(k, n, qw.bits, qw.block_size, bias=bias is not None, n_outliers=n_out,
                   absmax_dtype=absmax.dtype, compute_dtype=compute_dtype, data_type=data_type,
@@ -134,7 +129,8 @@ class KbitLinear(nn.Module):
             n += self._w_cache[1].numel() * self._w_cache[1].element_size()
         return n
 
-    def _outliers(self):
+    def outliers(self) -> tuple[Tensor | None, Tensor | None]:
+        """(outlier column indices, their 16-bit weights), or (None, None) when there are none."""
         if self.outlier_idx.numel():
             return self.outlier_idx, self.outlier_weight
         return None, None
@@ -145,7 +141,7 @@ class KbitLinear(nn.Module):
             return self.dense_weight.to(dtype)
         w = dequantize_packed(self.qweight, self.absmax, self.codebook, self.bits,
                               self.block_size, self.in_features)
-        idx, ow = self._outliers()
+        idx, ow = self.outliers()
         if idx is not None:
             w[:, idx] = ow.float()
         return w.to(dtype)
@@ -166,7 +162,7 @@ class KbitLinear(nn.Module):
             # packed: a temporary W, one layer at a time (activation dtype, or fp32 for fp16
             # activations: the CPU's fp16 GEMV gains nothing over a cast)
             return dense_linear(x, self.dequantize(torch.float32), self.bias)
-        idx, ow = self._outliers()
+        idx, ow = self.outliers()
         return kbit_linear(x, self.qweight, self.absmax, self.codebook, self.bias, idx, ow,
                            self.bits, self.block_size, self.in_features)
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from kbitrt.errors import KbitError, KbitFormatError
 from kbitrt.format.config import QuantConfig
+from kbitrt.runtime.linear import KbitLinear
 from kbitrt.runtime.models.decoder import Decoder, default_positions
 from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_args, rope_frequencies,
                                 why_not_native)
@@ -75,6 +76,12 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): call before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def default_dtype(device: torch.device, config: dict) -> torch.dtype:
     """fp32 on the CPU (exact reference); on the GPU the checkpoint's bf16, else fp16."""
     if device.type == "cpu":
@@ -98,14 +105,13 @@ def hf_config(config: dict):
 
 # ------------------------------------------------------------------------------------- linears
 
-def kbit_linear(qw, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device,
+def kbit_module(qw, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device,
                 cpu_weights: str = "fp16") -> nn.Module:
-    """A KbitLinear on `device`; on the CPU holding what `cpu_weights` says (CPU_WEIGHTS)."""
+    """The KbitLinear module of a QuantizedWeight (the op it runs is kernels.kbit_linear) on
+    `device`; on the CPU holding what `cpu_weights` says (CPU_WEIGHTS)."""
     if getattr(qw, "planes", None) is not None:  # any-precision, widths chosen per call
         from kbitrt.runtime.any_precision import multi_width_linear
         return multi_width_linear(qw, bias, dtype, device)
-    from kbitrt.runtime.linear import KbitLinear
-
     packed = cpu_weights == "packed"
     layer = KbitLinear.from_quantized(qw, bias, compute_dtype=dtype, cpu_cache=not packed,
                                       cpu_dtype=CPU_WEIGHTS[cpu_weights])
@@ -187,7 +193,7 @@ class _Tensors:
                 raise KbitFormatError(f"{_where(self.source)}: {name} is {tuple(qw.shape)}, "
                                       f"the config says {(out_f, in_f)}")
             self.used.add(name)
-            return kbit_linear(qw, b, self.dtype, self.device, self.cpu_weights)
+            return kbit_module(qw, b, self.dtype, self.device, self.cpu_weights)
         return plain_linear(self.get(f"{name}.weight", (out_f, in_f), transpose), b)
 
     def check_all_used(self) -> None:
@@ -311,7 +317,7 @@ def build_transformers(source, config, device: torch.device, dtype: torch.dtype,
         bias = getattr(module, "bias", None)
         b = tensors.get(f"{name}.bias", tuple(bias.shape)) if bias is not None else None
         tensors.used.add(name)
-        model.set_submodule(name, kbit_linear(qw, b, dtype, device, cpu_weights))
+        model.set_submodule(name, kbit_module(qw, b, dtype, device, cpu_weights))
     params = dict(model.named_parameters(remove_duplicate=False))
     for name in sorted(tensors.plain - tensors.used):
         if name in params:
@@ -426,32 +432,49 @@ def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
 # -------------------------------------------------------------------------------------- memory
 
 class InMemoryKbit:
-    """The KbitModel interface over a transformers model quantized in memory (tests, quick runs):
-    every linear except the output head is quantized, as the converter does by default."""
+    """The KbitModel interface over a transformers model quantized in memory (tests, the sweep):
+    every linear except the output head (unless `quantize_head`) is quantized with the format's own
+    `quantize_weight`, as the converter does. `quantize` quantizes the same original weights again
+    at other settings (None: unquantized) and `load_into_model` writes the dequantized weights into
+    the model, which then computes exactly what the kbit model computes."""
 
-    def __init__(self, model: nn.Module, quant: QuantConfig, path: Path | None = None):
+    def __init__(self, model: nn.Module, quant: QuantConfig | None, path: Path | None = None):
         from transformers.pytorch_utils import Conv1D
 
-        from kbitrt.format.blockwise import quantize_weight
-
-        self.path, self.quant = path, quant
+        self.model, self.path = model, path
         self.config = json.loads(model.config.to_json_string())
         head = model.get_output_embeddings()
-        self._quantized, self._plain, self._conv1d = {}, {}, set()
-        linear_names = set()
+        self.quantize_head = bool(quant and quant.quantize_head)
+        # name -> (module, stored (in, out) by Conv1D, original fp32 (out, in) weight)
+        self._linears: dict[str, tuple[nn.Module, bool, torch.Tensor]] = {}
         for name, module in model.named_modules():
-            if isinstance(module, (nn.Linear, Conv1D)) and (module is not head or quant.quantize_head):
+            if isinstance(module, (nn.Linear, Conv1D)) and (module is not head or self.quantize_head):
+                conv = isinstance(module, Conv1D)
                 w = module.weight.detach()
-                if isinstance(module, Conv1D):  # stored (out, in), as the converter does
-                    w = w.t().contiguous()
-                    self._conv1d.add(name)
-                self._quantized[name] = quantize_weight(w.float(), quant, name)
-                linear_names.add(f"{name}.weight")
-        for name, t in model.state_dict().items():
-            if name not in linear_names:
-                self._plain[name] = t.detach().clone()
+                self._linears[name] = (module, conv, (w.t() if conv else w).to(
+                    torch.float32, memory_format=torch.contiguous_format, copy=True))
+        linear_weights = {f"{name}.weight" for name in self._linears}
+        # the other tensors are the model's own (not copied): only the linears are overwritten
+        self._plain = {name: t.detach() for name, t in model.state_dict().items()
+                       if name not in linear_weights}
         if getattr(model.config, "tie_word_embeddings", False) and head is not None:
             self._plain.pop(_param_name(model, head), None)  # tied: stored once, as the embedding
+        self.quantize(quant)
+
+    def quantize(self, quant: QuantConfig | None) -> None:
+        """Quantize every linear's original weights with `quant` (None: keep them unquantized)."""
+        from kbitrt.format.quantizer import quantize_weight
+
+        if quant is not None and quant.quantize_head != self.quantize_head:
+            raise ValueError("quantize_head is fixed when the InMemoryKbit is made")
+        self.quant = quant
+        self._quantized = {} if quant is None else {
+            name: quantize_weight(w, quant, name) for name, (_, _, w) in self._linears.items()}
+
+    @property
+    def linear_weights(self) -> dict[str, torch.Tensor]:
+        """Original fp32 (out, in) weight of every linear that `quantize` quantizes."""
+        return {name: w for name, (_, _, w) in self._linears.items()}
 
     @property
     def quantized_modules(self) -> list[str]:
@@ -472,8 +495,21 @@ class InMemoryKbit:
         out = dict(self._plain)
         for name, qw in self._quantized.items():
             w = qw.dequantize()
-            out[f"{name}.weight"] = w.t().contiguous() if name in self._conv1d else w
+            out[f"{name}.weight"] = w.t().contiguous() if self._linears[name][1] else w
         return out
+
+    @torch.no_grad()
+    def load_into_model(self) -> dict[str, float]:
+        """Write the dequantized weights (the originals when unquantized) into the model; returns
+        the relative weight error ||W' - W|| / ||W|| of each quantized linear."""
+        errors = {}
+        for name, (module, conv, w) in self._linears.items():
+            qw = self._quantized.get(name)
+            deq = w if qw is None else qw.dequantize()
+            if qw is not None:
+                errors[name] = ((deq - w).norm() / w.norm().clamp(min=1e-30)).item()
+            module.weight.copy_(deq.t() if conv else deq)
+        return errors
 
 
 def _param_name(model: nn.Module, head: nn.Module) -> str:

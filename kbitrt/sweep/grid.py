@@ -6,8 +6,8 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from kbitrt.format.dtypes import codebook_len
-from kbitrt.format.config import DTYPES, KbitFormatError, LinearLayout, OutlierSpec, QuantConfig
+from kbitrt.format import dtypes as data_types
+from kbitrt.format.config import KbitFormatError, LinearLayout, OutlierSpec, QuantConfig
 
 SCHEMA = "kbit-sweep/1"  # a results line from another schema is refused, not silently mixed
 UNQUANTIZED = 16
@@ -52,8 +52,7 @@ def parse_grid(models: list[str], bits: str, blocks: str, dtypes: str, outliers:
     dtype_list = [d.strip() for d in dtypes.split(",") if d.strip()]
     outlier_list = [o.strip() or "none" for o in outliers.split(",")]
     for d in dtype_list:
-        if d not in DTYPES:
-            raise KbitFormatError(f"--dtype {d!r} is unknown: use {', '.join(DTYPES)}")
+        data_types.get(d)  # an unknown name raises
     for o in outlier_list:
         OutlierSpec.parse(o)
     for b in bit_list:
@@ -76,7 +75,7 @@ def parse_grid(models: list[str], bits: str, blocks: str, dtypes: str, outliers:
 
 def linear_bytes(n: int, k: int, config: QuantConfig, n_outliers: int, dtype16: str = "F16") -> int:
     """Bytes the format stores for one quantized (n, k) linear (codes, scales, codebook, outliers)."""
-    layout = LinearLayout(n, k, config, n_outliers=n_outliers, codebook_len=codebook_len(config))
+    layout = LinearLayout(n, k, config, n_outliers=n_outliers, codebook_len=data_types.codebook_len(config))
     total = 0
     for dtype, shape in layout.tensor_specs(dtype16).values():
         size = {"U8": 1, "F16": 2, "BF16": 2, "F32": 4, "I64": 8}[dtype]

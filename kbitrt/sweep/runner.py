@@ -67,46 +67,34 @@ def read_results(path: Path) -> list[dict]:
 
 
 class ModelUnderTest:
-    """One transformers model in fp32 with its original linear weights kept for every cell."""
+    """One transformers model in fp32 (what is scored) and its in-memory kbit twin, which puts each
+    cell's weights into it."""
 
     def __init__(self, name: str, device: str):
-        from transformers.pytorch_utils import Conv1D
-
-        from kbitrt.eval.model_open import load_hf
         from kbitrt.convert.source import resolve_model
+        from kbitrt.eval.model_open import load_hf
+        from kbitrt.runtime.loader import InMemoryKbit
 
         self.lm = load_hf(resolve_model(name), torch.device(device), torch.float32)
         hf = self.lm.model.model if hasattr(self.lm.model, "model") else self.lm.model
-        head = hf.get_output_embeddings()
-        self.linears: dict[str, tuple[torch.nn.Module, bool, torch.Tensor]] = {}
-        for mname, module in hf.named_modules():
-            if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head:
-                conv = isinstance(module, Conv1D)
-                w = module.weight.detach()
-                self.linears[mname] = (module, conv, (w.t() if conv else w).float().clone())
-        if not self.linears:
+        self.kbit = InMemoryKbit(hf, None)
+        if not self.kbit.linear_weights:
             raise KbitFormatError(f"{name}: no linear layers to quantize")
         seen = {p.data_ptr(): p.numel() for p in hf.parameters()}
         self.params = sum(seen.values())
-        self.linear_params = sum(w.numel() for _, _, w in self.linears.values())
+        self.linear_params = sum(w.numel() for w in self.kbit.linear_weights.values())
 
-    @torch.no_grad()
     def apply(self, cell: Cell) -> tuple[int, float]:
         """Put the cell's weights in place; returns (total model bits, mean rel. weight error)."""
-        from kbitrt.format.blockwise import quantize_weight
-
         rest_bits = 16 * (self.params - self.linear_params)
-        if cell.bits == UNQUANTIZED:
-            for module, conv, w in self.linears.values():
-                module.weight.copy_(w.t() if conv else w)
+        config = None if cell.bits == UNQUANTIZED else cell.config()
+        self.kbit.quantize(config)
+        errors = list(self.kbit.load_into_model().values())
+        if config is None:
             return 16 * self.linear_params + rest_bits, 0.0
-        config = cell.config()
-        total, errors = 0, []
-        for name, (module, conv, w) in self.linears.items():
-            qw = quantize_weight(w, config, name)
-            deq = qw.dequantize()
-            errors.append(((deq - w).norm() / w.norm().clamp(min=1e-30)).item())
-            module.weight.copy_(deq.t() if conv else deq)
+        total = 0
+        for name, w in self.kbit.linear_weights.items():
+            qw = self.kbit.quantized(name)
             n_out = 0 if qw.outlier_idx is None else qw.outlier_idx.numel()
             total += 8 * linear_bytes(w.shape[0], w.shape[1], config, n_out)
         return total + rest_bits, sum(errors) / len(errors)
@@ -115,7 +103,7 @@ class ModelUnderTest:
 def _evaluate(mut: ModelUnderTest, texts: dict, tasks: dict, opts: SweepOptions) -> dict:
     from kbitrt.eval.perplexity import windows
     from kbitrt.eval.scoring import score
-    from kbitrt.eval.zeroshot import mc_metrics
+    from kbitrt.eval.zeroshot import mc_correct, mc_metrics
 
     out: dict = {"ppl": {}, "tasks": {}}
     for name, tokens in texts.items():
@@ -132,13 +120,7 @@ def _evaluate(mut: ModelUnderTest, texts: dict, tasks: dict, opts: SweepOptions)
     for name, (rows, requests) in tasks.items():
         lls = [lp for lp, _ in score(mut.lm, requests, batch_size=opts.batch_size * 4)]
         m = mc_metrics(rows, lls)
-        correct, correct_norm, k = [], [], 0
-        for row in rows:
-            ll = lls[k:k + len(row["choices"])]
-            norm = [x / len(c) if c else x for x, c in zip(ll, row["choices"])]
-            k += len(row["choices"])
-            correct.append(int(max(range(len(ll)), key=lambda i: (ll[i], -i)) == row["gold"]))
-            correct_norm.append(int(max(range(len(ll)), key=lambda i: (norm[i], -i)) == row["gold"]))
+        correct, correct_norm = mc_correct(rows, lls)
         m["correct"] = "".join(map(str, correct))
         m["correct_norm"] = "".join(map(str, correct_norm))
         out["tasks"][name] = m

@@ -37,19 +37,6 @@ def pad_codebook(codebook: torch.Tensor, bits: int) -> torch.Tensor:
     return cb.contiguous()
 
 
-def unpack_codes(qweight: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """uint8 (N, row_bytes) -> uint8 (N, Kp) codes (the padding codes included)."""
-    n, kp = qweight.shape[0], packing.padded_len(in_features)
-    codes = None
-    for width, shift, offset in packing.slices(bits):
-        part = qweight[:, offset * kp // 8: (offset + width) * kp // 8]
-        if width < 8:
-            shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=qweight.device)
-            part = ((part.unsqueeze(-1) >> shifts) & ((1 << width) - 1)).reshape(n, kp)
-        codes = part if codes is None else codes | (part << shift)
-    return codes
-
-
 def _byte_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
     """fp32 (256, 8/bits) for one-slice layouts (4, 8 bits): the values a packed byte holds."""
     b = torch.arange(256, device=codebook.device)
@@ -70,7 +57,7 @@ def dequantize_packed(qweight: torch.Tensor, absmax: torch.Tensor, codebook: tor
     if bits in (4, 8):
         vals = _byte_table(cb, bits)[qweight.long()].view(n, kp)
     else:
-        vals = cb[unpack_codes(qweight, bits, k).long()]
+        vals = cb[packing.unpack(qweight, k, bits, keep_padding=True).long()]
     nb = absmax.shape[1]
     if kp != nb * block_size:  # ragged: align the values to whole blocks
         vals = torch.nn.functional.pad(vals[:, :k], (0, nb * block_size - k))

@@ -62,7 +62,7 @@ def _dequant_tile(qw_ptr, cb_ptr, offs_n, mask_n, k0, kp8, stride_qn,
     """fp32 (BLOCK_N, BLOCK_K) codebook values (not yet scaled) of the weight tile.
 
     GATHER: look the codes up in a register copy of the codebook (tl.gather) instead of loading
-    from global memory (L1); which is faster is a per-GPU question for benchmarks/kernels.py.
+    from global memory (L1); which is faster is a per-GPU question for benchmarks/kernel_bench.py.
     """
     row = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
     code = _slice_codes(row, k0, kp8, mask_n, 0, S0, BLOCK_N, BLOCK_K)
@@ -193,7 +193,7 @@ def _dot_kernel(
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Launch shape of one call; `pick_config` chooses it, benchmarks/kernels.py sweeps it."""
+    """Launch shape of one call; `pick_config` chooses it, benchmarks/kernel_bench.py sweeps it."""
 
     block_m: int  # 1 selects the GEMV kernel
     block_n: int
