@@ -124,7 +124,7 @@ def test_degenerate_quantile_codebook_falls_back():
 
 
 def test_registry_names_and_lookup():
-    assert dtypes.names() == ("int", "fp", "quantile", "dynamic", "nf")
+    assert dtypes.names() == ("int", "fp", "quantile", "dynamic", "nf", "lloyd")
     assert dtypes.get("nf") is dtypes.Nf and dtypes.get("quantile").fitted
     with pytest.raises(KbitFormatError, match="--dtype 'nf5' is unknown: use one of int, fp"):
         dtypes.get("nf5")

@@ -67,7 +67,7 @@ def test_mse_scales_stay_exact_for_zero_blocks_and_fp16_values():
     w = torch.randn(4, 256) * 0.1
     w[1] = 0.0
     w[2, :64] = 0.0
-    s = scales.block_scales(w, 64, "mse", dtypes.nf_codebook(4), "fp16")
+    s = scales.block_scales(w, 64, "mse", dtypes.get("nf").levels(4), "fp16")
     assert torch.equal(s[1], torch.zeros(4)) and s[2, 0] == 0
     assert torch.equal(s, s.half().float())  # fp16 values: stored exactly as chosen
 
@@ -108,7 +108,7 @@ def test_lloyd_never_increases_the_tensor_error_over_its_starting_levels(bits, b
     assert fitted.numel() == 2**bits and (fitted == 0).any()
     assert (fitted.diff() >= 0).all() and fitted.abs().max() <= 1
     # with absmax scales the fit minimises exactly this error; with mse it alternates
-    start = dtypes.nf_codebook(bits)
+    start = dtypes.get("nf").levels(bits)
     assert tensor_error(w, cfg, fitted) <= tensor_error(w, cfg, start) * (1 + 1e-6)
 
 
@@ -118,7 +118,7 @@ def test_lloyd_beats_nf_on_real_shaped_weights():
     nf = QuantConfig(bits=3)
     lc = QuantConfig(bits=3, dtype="lloyd")
     q = quantizer.quantize_weight(w, lc)
-    assert tensor_error(w, nf, q.codebook) < 0.97 * tensor_error(w, nf, dtypes.nf_codebook(3))
+    assert tensor_error(w, nf, q.codebook) < 0.97 * tensor_error(w, nf, dtypes.get("nf").levels(3))
 
 
 def test_lloyd_fit_is_deterministic_and_uses_whole_rows():

@@ -355,10 +355,10 @@ class Converter:
             for r0, w in rows():
                 q.observe(r0, w)
             q.finish_observing()
-            if cfg.absmax_dtype == "dq8":
-                write(ABSMAX, q.stored)
-                write(ABSMAX_SCALE, q.scale)
-                write(ABSMAX_OFFSET, q.offset)
+        if cfg.absmax_dtype == "dq8":  # the 8-bit scale codes span the matrix: known by now
+            write(ABSMAX, q.stored)
+            write(ABSMAX_SCALE, q.scale)
+            write(ABSMAX_OFFSET, q.offset)
         err = norm = 0.0
         for r0, w in rows():
             part = q.quantize(r0, w)

@@ -167,3 +167,11 @@ def build_model_map(folder: Path, trust_remote_code: bool = False) -> ModelMap:
                     embedding_key=embedding_key, model_type=raw.get("model_type", ""),
                     params=params, renamings=renamings, converters=converters,
                     fused_experts=fused)
+
+
+def prefix_variants(name: str, prefix: str) -> list[str]:
+    """`name` as it is, with the model's base_model_prefix, and without it: checkpoints are saved
+    both with and without the prefix."""
+    if not prefix:
+        return [name]
+    return [name, f"{prefix}.{name}", name.removeprefix(prefix + ".")]

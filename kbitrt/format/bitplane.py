@@ -104,7 +104,7 @@ class AnyPrecisionConfig(QuantConfig):
         seed = QuantConfig.from_json({**{k: v for k, v in qc.items() if k != "min_bits"},
                                       "packing": PACKING, "bits": lo})
         return cls(bits=hi, block_size=seed.block_size, dtype=seed.dtype,
-                   exponent_bits=seed.fp_exponent_bits if seed.dtype == "fp" else None,
+                   exponent_bits=seed.exponent_bits,
                    absmax_dtype=seed.absmax_dtype, outliers=seed.outliers,
                    quantize_head=seed.quantize_head, min_bits=lo, max_bits=hi)
 
