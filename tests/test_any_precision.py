@@ -26,12 +26,14 @@ from kbitrt.format.reader import KbitModel
 GOLDEN = Path(__file__).parent / "golden" / "bitplane_v1.json"
 
 
-def load_model(folder, device="cpu", bits=None):
-    """kbitrt's loader without a tokenizer (the tiny models have none)."""
+def load_model(folder, device="cpu", bits=None, cpu_weights="packed"):
+    """kbitrt's loader without a tokenizer (the tiny models have none); packed CPU weights (fp32
+    compute) so that the bits held are the file's and
+    logits compare exactly with transformers in fp32."""
     from kbitrt.runtime.any_precision import select_width
     from kbitrt.runtime.loader import build_model
 
-    return build_model(select_width(KbitModel.open(folder), bits), device)
+    return build_model(select_width(KbitModel.open(folder), bits), device, cpu_weights=cpu_weights)
 
 
 def run(*args):
@@ -227,7 +229,7 @@ def test_multi_width_switches_per_call(ap_folder):
     multi = load_model(ap_folder, device="cpu", bits="3-8")
     for k in (4, 8, 3, 6):
         set_width(multi, k)
-        single = load_model(ap_folder, device="cpu", bits=k)
+        single = load_model(ap_folder, device="cpu", bits=k, cpu_weights="fp16")  # as the multi-width layer
         with torch.no_grad():
             assert torch.equal(multi.model(ids), single.model(ids)), k
     with pytest.raises(KbitFormatError, match="bits=2"):
