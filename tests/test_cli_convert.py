@@ -130,3 +130,13 @@ def test_drop_unused_in_summary(tmp_path):
     one_line_error(run("convert", src, "-o", tmp_path / "o"), "model.extra.weight")
     r = run("convert", src, "-o", tmp_path / "o", "--drop-unused")
     assert r.exit_code == 0 and "--drop-unused" in r.stdout and "model.extra.weight" in r.stdout
+
+
+def test_non_utf8_inputs_are_one_line(tiny_llama_with_tokenizer, tmp_path):
+    q = tmp_path / "q"
+    assert run("convert", tiny_llama_with_tokenizer, "-o", q).exit_code == 0
+    bad = tmp_path / "tasks.jsonl"
+    bad.write_bytes(b'{"query": "caf\xe9", "choices": ["a", "b"], "gold": 0}\n')
+    r = run("eval", q, "--tasks", bad, "--limit", 1)
+    assert "Traceback" not in r.output
+    one_line_error(r, "not valid utf-8 text")

@@ -180,11 +180,16 @@ def test_pythia_head_is_converted(tmp_path):
                                load_file(src / "model.safetensors")["embed_out.weight"].half().float())
 
 
-def test_moe_is_refused_up_front_with_one_line(tmp_path):
+MOE = {"mixtral": dict(num_local_experts=4),
+       "qwen2_moe": dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32)}
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE))
+def test_moe_is_refused_up_front_with_one_line(tmp_path, model_type):
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("mixtral", vocab_size=V, hidden_size=64, intermediate_size=32,
+    cfg = AutoConfig.for_model(model_type, vocab_size=V, hidden_size=64, intermediate_size=32,
                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                               num_local_experts=4, max_position_embeddings=48)
+                               max_position_embeddings=48, **MOE[model_type])
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src")
     with pytest.raises(KbitFormatError, match="Mixture-of-Experts") as e:
         convert(tmp_path / "src", tmp_path / "kbit", QUANT)

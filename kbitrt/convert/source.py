@@ -61,7 +61,12 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise KbitFormatError(f"cannot download {repo_id} from the Hub ({type(e).__name__}): "
                               "check the network, or pass a local folder") from None
     except hf_errors.HfHubHTTPError as e:
-        raise KbitFormatError(f"cannot download {repo_id}: {e}") from None
+        raise KbitFormatError(f"cannot download {repo_id}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 -- httpx/requests transport errors are not OSErrors
+        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "requests", "urllib3"):
+            raise
+        raise KbitFormatError(f"cannot download {repo_id} from the Hub ({type(e).__name__}): "
+                              "check the network, or pass a local folder") from None
 
 
 def read_config(folder: Path) -> dict:

@@ -32,7 +32,9 @@ class ModuleEntry:
     n_outliers: int
 
 
-FLOAT16 = {"float16": "F16", "bfloat16": "BF16"}
+# config.json `dtype` -> dtype of every floating tensor kept unquantized (kbit convert writes 16 bit;
+# a model loaded in fp32 through transformers and saved again keeps fp32)
+FLOAT16 = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 PLAIN_INT_DTYPES = ("I64", "I32", "U8", "BOOL")  # integer buffers a model may carry (ids, masks)
 SHARD_NAME = re.compile(r"^[\w.\-]+\.safetensors$")
 
@@ -314,6 +316,6 @@ def _dtype16(path: Path, config: dict) -> str:
     """The safetensors dtype of everything kept in 16 bit, from config.json's `dtype`."""
     declared = config.get("dtype", config.get("torch_dtype"))
     if declared not in FLOAT16:
-        raise _fail(path / "config.json", f"dtype is {declared!r}: a kbit model says float16 or "
-                                          "bfloat16 for what it keeps in 16 bit")
+        raise _fail(path / "config.json", f"dtype is {declared!r}: a kbit model says float16, "
+                                          "bfloat16 or float32 for what it keeps unquantized")
     return FLOAT16[declared]

@@ -220,8 +220,9 @@ def check_finite_written(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         bad = t[~torch.isfinite(t)]
         what = "NaN" if bool(torch.isnan(bad).any()) else "Inf"
-        hint = (f" (beyond the {DTYPE_NAMES[t.dtype]} range {torch.finfo(t.dtype).max:.4g}: use "
-                "--dtype16 bf16, or --absmax-dtype fp32 for scales)") if t.dtype == torch.float16 else ""
+        hint = (f" (beyond the {DTYPE_NAMES[t.dtype]} range {torch.finfo(t.dtype).max:.4g}: write a "
+                "wider dtype: convert --dtype16 bf16 or --absmax-dtype fp32, dequantize --dtype "
+                "bf16 or fp32)") if t.dtype == torch.float16 else ""
         raise KbitFormatError(f"{name}: {bad.numel()} {what} value(s) would be written as "
                               f"{DTYPE_NAMES[t.dtype]}{hint}; nothing was written")
 
