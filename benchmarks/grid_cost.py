@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -42,6 +43,9 @@ CELLS = 35_000
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--measured", default=str(ROOT / "benchmarks/results/sweep_cell_time-cpu.json"))
+    ap.add_argument("--results", default=str(ROOT / "docs/scaling/smollm2.jsonl"),
+                    help="a SmolLM2 sweep run with the same evaluation: its cells' median seconds "
+                         "is a second per-cell time (same code, another machine state)")
     ap.add_argument("--paper-tokens", type=float, default=5e6)
     ap.add_argument("--gpu-tflops", type=float, default=200.0)
     ap.add_argument("-o", "--output", default=str(ROOT / "benchmarks/results/grid_cost.json"))
@@ -51,26 +55,34 @@ def main(argv=None) -> int:
     tokens = m["options"]["ppl_tokens"] + sum(m["options"]["mc_tokens"].values())
     # quantized cells only: the 16-bit cell skips quantization
     quant = [s for label, s in m["cells"].items() if label != "16-bit"] or list(m["cells"].values())
-    t_cell = sum(quant) / len(quant)
-    rate = m["params"] * tokens / t_cell  # param-tokens per second on this CPU
+    times = {"fresh run (sweep_cell_time)": (sum(quant) / len(quant),
+                                             f"load average {m['loadavg_before'][0]:.1f} on {m['cpu_count']} cores")}
+    if Path(args.results).exists():
+        rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+        secs = [r["seconds"] for r in rows if r["bits"] != 16]
+        times[f"median of {Path(args.results).name}"] = (
+            statistics.median(secs), f"{len(secs)} quantized cells, min {min(secs):.0f} s, max {max(secs):.0f} s")
     sizes = [p * 1e9 for ps in MODELS.values() for p in ps]
     per_model = CELLS / len(sizes)
-    cpu_seconds = sum(per_model * p * args.paper_tokens / rate for p in sizes)
     gpu_seconds = sum(per_model * 2 * p * args.paper_tokens / (args.gpu_tflops * 1e12) for p in sizes)
-    smol_grid = CELLS * t_cell  # the grid as if every cell were a SmolLM2 cell of our size
+    scenarios = {}
+    for name, (t_cell, note) in times.items():
+        rate = m["params"] * tokens / t_cell  # param-tokens per second on this CPU
+        scenarios[name] = {
+            "seconds_per_quantized_cell": t_cell, "note": note, "param_tokens_per_second": rate,
+            "effective_gflops": 2 * rate / 1e9,
+            "smollm2_sized_grid_cpu_hours": CELLS * t_cell / 3600,  # every cell a SmolLM2 cell
+            "paper_grid_cpu_hours": sum(per_model * p * args.paper_tokens / rate for p in sizes) / 3600,
+        }
     record = {
         "kind": "grid_cost", **environment(resolve_device("cpu")),
-        "measured_from": str(Path(args.measured).relative_to(ROOT)) if str(args.measured).startswith(str(ROOT))
-        else args.measured,
-        "measured": {"device": m["device"], "loadavg": m["loadavg_before"], "params": m["params"],
-                     "tokens_per_cell": tokens, "seconds_per_quantized_cell": t_cell,
-                     "param_tokens_per_second": rate,
-                     "effective_gflops": 2 * rate / 1e9},
+        "measured": {"device": m["device"], "params": m["params"], "tokens_per_cell": tokens,
+                     "source": Path(args.measured).name},
+        "per_cell_time": scenarios,
         "assumptions": {"cells": CELLS, "models": MODELS, "cells_per_model": per_model,
+                        "mean_params": sum(sizes) / len(sizes),
                         "paper_tokens_per_cell": args.paper_tokens, "gpu_tflops": args.gpu_tflops,
                         "cost": "proportional to params x tokens scored"},
-        "smollm2_sized_grid_cpu_hours": smol_grid / 3600,
-        "paper_grid_cpu_hours": cpu_seconds / 3600,
         "paper_grid_gpu_hours_estimate": gpu_seconds / 3600,
         "largest_cell_gpu_hours_estimate": 2 * max(sizes) * args.paper_tokens / (args.gpu_tflops * 1e12) / 3600,
     }

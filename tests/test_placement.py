@@ -176,7 +176,7 @@ def test_smollm2_split_over_cpu_and_disk_generates_the_same_tokens(smollm2_nf4):
     back at every forward; greedy tokens and logits equal the unsplit model's."""
     prompts = ["The capital of France is", "def fibonacci(n):"]
     one = load_model(smollm2_nf4, device="cpu", backend="native")
-    want = generate(one, prompts, 8, SamplingConfig(temperature=0.0)).token_ids
+    want = generate(one, prompts, 4, SamplingConfig(temperature=0.0)).token_ids
     ids = torch.tensor([[1, 504, 3575, 282, 4649, 314]])
     ref = one.model(ids)
     del one
@@ -184,4 +184,4 @@ def test_smollm2_split_over_cpu_and_disk_generates_the_same_tokens(smollm2_nf4):
                        max_memory="cpu=300MB")
     assert "disk" in split.note and "cpu" in split.note
     assert torch.equal(split.model(ids), ref)
-    assert generate(split, prompts, 8, SamplingConfig(temperature=0.0)).token_ids == want
+    assert generate(split, prompts, 4, SamplingConfig(temperature=0.0)).token_ids == want
