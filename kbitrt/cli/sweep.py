@@ -20,6 +20,11 @@ out = Console()
 @click.option("--block", default="64,256,1024", show_default=True)
 @click.option("--dtype", "dtypes", default="int,fp,quantile,dynamic,nf", show_default=True)
 @click.option("--outliers", default="none", show_default=True, help="e.g. none,top:2%,zscore:4")
+@click.option("--scales", default="absmax", show_default=True, help="block scales: absmax,mse")
+@click.option("--method", "methods", default="rtn", show_default=True, help="rtn,gptq")
+@click.option("--calib", default=None, help="gptq cells: calibration text file (or dataset name)")
+@click.option("--calib-samples", default=128, show_default=True, type=int)
+@click.option("--calib-seqlen", default=2048, show_default=True, type=int)
 @click.option("--ppl", multiple=True, help="text file (or dataset name when online); repeatable")
 @click.option("--tasks", default="", help="comma-separated local JSONL multiple-choice files")
 @click.option("--seqlen", default=512, show_default=True, type=int)
@@ -32,7 +37,8 @@ out = Console()
 @click.option("--metric", default="auto", show_default=True, type=click.Choice(["auto", "nll", "acc_norm"]),
               help="what decides 'best' in --summary (auto: NLL when perplexity was measured)")
 @click.option("--json", "as_json", is_flag=True)
-def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tokens, limit,
+def sweep_cmd(models, bits, block, dtypes, outliers, scales, methods, calib, calib_samples,
+              calib_seqlen, ppl, tasks, seqlen, max_tokens, limit,
               batch_size, output, summary_file, metric, as_json):
     """Quantize every cell of the grid in memory, evaluate it, append one JSON line per cell.
 
@@ -43,9 +49,13 @@ def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tok
 
     if summary_file:
         return show_summary(read_results(Path(summary_file)), as_json, metric)
-    cells = parse_grid([m.strip() for m in models.split(",") if m.strip()], bits, block, dtypes, outliers)
+    cells = parse_grid([m.strip() for m in models.split(",") if m.strip()], bits, block, dtypes, outliers,
+                       scales, methods)
+    if any(c.method == "gptq" for c in cells) and not calib:
+        raise click.UsageError("--method gptq needs --calib FILE (or a dataset name)")
     opts = SweepOptions(ppl=list(ppl), tasks=[t for t in tasks.split(",") if t.strip()], seqlen=seqlen,
-                        max_tokens=max_tokens or None, limit=limit, batch_size=batch_size)
+                        max_tokens=max_tokens or None, limit=limit, batch_size=batch_size,
+                        calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen)
     bar = Progress(TextColumn("[cyan]sweep"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    TextColumn("{task.fields[cell]}", style="dim"), console=err)
     with bar:

@@ -33,6 +33,9 @@ class SweepOptions:
     limit: int | None = None  # rows per task
     batch_size: int = 8
     device: str = "cpu"
+    calib: str | None = None  # gptq cells: calibration text file (or dataset name)
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
 
 
 @dataclass
@@ -74,7 +77,9 @@ class ModelUnderTest:
         from kbitrt.eval.model_open import load_hf
         from kbitrt.convert.source import resolve_model
 
-        self.lm = load_hf(resolve_model(name), torch.device(device), torch.float32)
+        self.folder = resolve_model(name)
+        self.calib: torch.Tensor | None = None  # gptq cells: (samples, seqlen) tokens
+        self.lm = load_hf(self.folder, torch.device(device), torch.float32)
         hf = self.lm.model.model if hasattr(self.lm.model, "model") else self.lm.model
         head = hf.get_output_embeddings()
         self.linears: dict[str, tuple[torch.nn.Module, bool, torch.Tensor]] = {}
@@ -100,14 +105,24 @@ class ModelUnderTest:
                 module.weight.copy_(w.t() if conv else w)
             return 16 * self.linear_params + rest_bits, 0.0
         config = cell.config()
+        given = None
+        if config.method == "gptq":  # one-shot: GPTQ layer by layer on the calibration tokens
+            from kbitrt.runtime.gptq import gptq_quantize_model
+
+            if self.calib is None:
+                raise KbitFormatError("gptq cells need calibration text: give --calib")
+            given = gptq_quantize_model(self.folder, config, self.calib)
         total, errors = 0, []
         for name, (module, conv, w) in self.linears.items():
-            qw = quantize_weight(w, config, name)
+            qw = given[name] if given is not None and name in given else \
+                quantize_weight(w, config, name)
             deq = qw.dequantize()
             errors.append(((deq - w).norm() / w.norm().clamp(min=1e-30)).item())
             module.weight.copy_(deq.t() if conv else deq)
             n_out = 0 if qw.outlier_idx is None else qw.outlier_idx.numel()
             total += 8 * linear_bytes(w.shape[0], w.shape[1], config, n_out)
+        if given is not None:
+            given.close()
         return total + rest_bits, sum(errors) / len(errors)
 
 
@@ -191,6 +206,12 @@ def run_sweep(cells: list[Cell], opts: SweepOptions, results: Path,
         try:
             mut = ModelUnderTest(model, opts.device)
             texts, tasks = _inputs(mut, opts)
+            if opts.calib and any(c.method == "gptq" for c in mine):
+                from kbitrt.eval.perplexity import load_text
+                from kbitrt.runtime.gptq import calibration_windows
+
+                mut.calib = calibration_windows(mut.folder, load_text(opts.calib)[1],
+                                                opts.calib_samples, opts.calib_seqlen)
         except (KbitFormatError, OSError, ValueError) as e:
             report.failed_models[model] = str(e).splitlines()[0] if str(e) else type(e).__name__
             for c in mine:
@@ -205,6 +226,8 @@ def run_sweep(cells: list[Cell], opts: SweepOptions, results: Path,
                    "bits": cell.bits, "block": cell.block, "dtype": cell.dtype,
                    "outliers": cell.outliers, "params": mut.params, "total_bits": total_bits,
                    "bits_per_param": total_bits / mut.params, "mean_rel_weight_error": rel_err}
+            row.update({k: v for k, v in (("scales", cell.scales), ("method", cell.method))
+                        if v not in ("absmax", "rtn")})  # issue 15 dimensions, when not default
             row.update(_evaluate(mut, texts, tasks, opts))
             row["seconds"] = time.perf_counter() - t0
             row["versions"] = _versions()
