@@ -28,7 +28,6 @@ from benchmarks.fidelity import cpu_name, git_commit  # noqa: E402
 from kbitrt.format.blockwise import quantize_weight  # noqa: E402
 from kbitrt.format.config import QuantConfig  # noqa: E402
 
-SHAPES = [(4096, 4096), (11008, 4096)]
 SETTINGS = [dict(dtype="nf"), dict(dtype="nf", scales="mse"), dict(dtype="int", scales="mse"),
             dict(dtype="fp", scales="mse"), dict(dtype="lloyd"), dict(dtype="lloyd", scales="mse")]
 
@@ -37,11 +36,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shapes", default="4096x4096,11008x4096")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/quality-throughput-cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for shape in SHAPES:
+    shapes = [tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")]
+    for shape in shapes:
         w = (torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 0.02).half()
         for opts in SETTINGS:
             config = QuantConfig(bits=4, block_size=64, **opts)
@@ -59,10 +60,15 @@ def main() -> None:
                    "mparams_per_cpu_s_mean": statistics.mean(per_cpu),
                    "mparams_per_cpu_s_std": statistics.pstdev(per_cpu),
                    "mparams_s_idle_estimate": statistics.mean(per_cpu) * args.threads,
+                   "mparams_s_2core_estimate": statistics.mean(per_cpu) * 2,
                    "wall_s": wall, "cpu_s": cpu}
             rows.append(row)
             print(json.dumps({k: row[k] for k in ("label", "shape", "mparams_s_wall_mean",
-                                                  "mparams_s_idle_estimate")}), flush=True)
+                                                  "mparams_s_2core_estimate")}), flush=True)
+            write(args, rows)
+
+
+def write(args, rows: list[dict]) -> None:
     result = {"benchmark": "quality_throughput", "bits": 4, "block_size": 64, "input_dtype": "float16",
               "threads": args.threads, "reps": args.reps, "rows": rows,
               "device": {"cpu": cpu_name(), "threads": args.threads},
