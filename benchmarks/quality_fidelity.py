@@ -65,7 +65,7 @@ def token_nll(model, windows: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--text", required=True, help="evaluation text file")
+    ap.add_argument("--text", help="evaluation text file (required unless --render)")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--calib-samples", type=int, default=32)
@@ -75,7 +75,13 @@ def main() -> None:
     ap.add_argument("--cache", default="/tmp/kbit-quality-nll", help="per-token NLLs of each row")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--merge", action="append", default=[], help="JSON of another run: add its rows")
+    ap.add_argument("--render", default="", help="only print the markdown table of this JSON")
     args = ap.parse_args()
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return
+    if not args.text:
+        ap.error("--text is required")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -141,6 +147,7 @@ def main() -> None:
             m.weight.data.copy_(original[name])
         write(args, out, rows, cache, ids.numel(), calib.shape)
         print(json.dumps(rows[label]), flush=True)
+    write(args, out, rows, cache, ids.numel(), calib.shape)  # also after a --merge only
 
 
 def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) -> None:
@@ -185,6 +192,25 @@ def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) 
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def render(result: dict) -> str:
+    """The docs/fidelity.md table of a result JSON."""
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    lines = ["| setting | bits/param | rel. weight error | perplexity | dNLL vs nf4-b64 (+/- paired se) "
+             "| nf4->fp32 gap closed | share of nf3's excess NLL left |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        d, se = r.get("delta_nll_vs_nf4"), r.get("stderr_delta_nll_vs_nf4")
+        gap = r.get("gap_closed_vs_nf4_b64")
+        lines.append(
+            f"| {r['setting']} | {f(r.get('bits_per_param'), '.3f')} | {f(r.get('rel_error'), '.4f')} "
+            f"| {f(r.get('ppl'), '.3f')} | {'-' if d is None else f'{d:+.4f} +/- {se:.4f}'} "
+            f"| {'-' if gap is None or r.get('options', {}).get('bits') == 3 else format(gap, '.0%')} "
+            f"| {f(r.get('excess_nll_vs_nf3_b64'), '.0%')} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

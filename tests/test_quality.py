@@ -295,3 +295,32 @@ def test_gptq_cli_clear_errors(tiny_models, tmp_path):
     r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(tmp_path / "o"), "--method", "gptq",
                                  "--calib", str(tmp_path / "missing.txt")])
     assert r.exit_code != 0 and "no such file" in r.output
+
+
+# --------------------------------------------------------------------------------------- sweep
+
+def test_sweep_grid_takes_scales_method_and_lloyd(tiny_llama_with_tokenizer, tmp_path):
+    from kbitrt.sweep.grid import parse_grid
+    from kbitrt.sweep.runner import SweepOptions, read_results, run_sweep
+
+    model = str(tiny_llama_with_tokenizer)
+    old = parse_grid([model], "4", "64", "nf", "none")
+    assert old[0].key == f"{model}|4|64|nf|none"  # results files of before stay valid
+    cells = parse_grid([model], "4", "64", "nf,lloyd", "none", "absmax,mse", "rtn,gptq")
+    assert len(cells) == 8 and {c.label for c in cells} >= {"lloyd4-b64-mse-gptq", "nf4-b64"}
+    assert len({c.key for c in cells}) == 8
+    with pytest.raises(KbitFormatError, match="--scales"):
+        parse_grid([model], "4", "64", "nf", "none", "l1", "rtn")
+    with pytest.raises(KbitFormatError, match="--method"):
+        parse_grid([model], "4", "64", "nf", "none", "absmax", "awq")
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"Sentence {i} tells of the river, the hills and the town." for i in range(60)))
+    pick = [c for c in cells if c.label in ("nf4-b64", "nf4-b64-gptq", "lloyd4-b64-mse")]
+    opts = SweepOptions(ppl=[str(text)], seqlen=64, batch_size=4, calib=str(text), calib_samples=4,
+                        calib_seqlen=64)
+    report = run_sweep(pick, opts, tmp_path / "r.jsonl")
+    assert report.done == 3
+    rows = {r["label"]: r for r in read_results(tmp_path / "r.jsonl")}
+    assert rows["nf4-b64-gptq"]["method"] == "gptq" and "method" not in rows["nf4-b64"]
+    assert rows["lloyd4-b64-mse"]["scales"] == "mse" and rows["lloyd4-b64-mse"]["dtype"] == "lloyd"
+    assert rows["nf4-b64-gptq"]["mean_rel_weight_error"] != rows["nf4-b64"]["mean_rel_weight_error"]

@@ -20,6 +20,11 @@ out = Console()
 @click.option("--block", default="64,256,1024", show_default=True)
 @click.option("--dtype", "dtypes", default="int,fp,quantile,dynamic,nf", show_default=True)
 @click.option("--outliers", default="none", show_default=True, help="e.g. none,top:2%,zscore:4")
+@click.option("--scales", default="absmax", show_default=True, help="block scales: absmax,mse")
+@click.option("--method", "methods", default="rtn", show_default=True, help="rtn,gptq")
+@click.option("--calib", default=None, help="gptq cells: calibration text file (or dataset name)")
+@click.option("--calib-samples", default=128, show_default=True, type=int)
+@click.option("--calib-seqlen", default=2048, show_default=True, type=int)
 @click.option("--ppl", multiple=True, help="text file (or dataset name when online); repeatable")
 @click.option("--tasks", default="", help="comma-separated local JSONL multiple-choice files")
 @click.option("--seqlen", default=512, show_default=True, type=click.IntRange(min=2))
@@ -46,9 +51,10 @@ out = Console()
               help="ray, CPU cells: cores (torch threads) each cell takes")
 @click.option("--json", "as_json", is_flag=True)
 @click.argument("parts", nargs=-1, type=click.Path())
-def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tokens, limit,
-              batch_size, output, summary_file, metric, shard, merge_out, device, executor, address,
-              retries, cpus_per_cell, as_json, parts):
+def sweep_cmd(models, bits, block, dtypes, outliers, scales, methods, calib, calib_samples,
+              calib_seqlen, ppl, tasks, seqlen, max_tokens, limit, batch_size, output, summary_file,
+              metric, shard, merge_out, device, executor, address, retries, cpus_per_cell, as_json,
+              parts):
     """Quantize every cell of the grid in memory, evaluate it, append one JSON line per cell.
 
     Rerunning skips the cells already in the results file.
@@ -73,13 +79,17 @@ def sweep_cmd(models, bits, block, dtypes, outliers, ppl, tasks, seqlen, max_tok
         raise click.UsageError(f"unexpected argument(s) {' '.join(parts)}: files are only taken by --merge OUT")
     if summary_file:
         return show_summary(read_results(Path(summary_file)), as_json, metric)
-    cells = parse_grid([m.strip() for m in models.split(",") if m.strip()], bits, block, dtypes, outliers)
+    cells = parse_grid([m.strip() for m in models.split(",") if m.strip()], bits, block, dtypes, outliers,
+                       scales, methods)
+    if any(c.method == "gptq" for c in cells) and not calib:
+        raise click.UsageError("--method gptq needs --calib FILE (or a dataset name)")
     cells = __import__("kbitrt.sweep.any_precision", fromlist=["adapt_cells"]).adapt_cells(cells)
     if shard:
         cells = shard_cells(cells, *parse_shard(shard))
     opts = SweepOptions(ppl=list(ppl), tasks=[t for t in tasks.split(",") if t.strip()], seqlen=seqlen,
                         max_tokens=max_tokens or None, limit=limit, batch_size=batch_size,
-                        device=device)
+                        device=device, calib=calib, calib_samples=calib_samples,
+                        calib_seqlen=calib_seqlen)
     if executor == "ray":
         return _sweep_ray(cells, opts, Path(output), address, retries, cpus_per_cell, as_json)
     if address:

@@ -461,15 +461,18 @@ class InMemoryKbit:
             self._plain.pop(_param_name(model, head), None)  # tied: stored once, as the embedding
         self.quantize(quant)
 
-    def quantize(self, quant: QuantConfig | None) -> None:
-        """Quantize every linear's original weights with `quant` (None: keep them unquantized)."""
+    def quantize(self, quant: QuantConfig | None, given=None) -> None:
+        """Quantize every linear's original weights with `quant` (None: keep them unquantized);
+        `given` (name -> QuantizedWeight, e.g. GPTQ's) replaces round-to-nearest where it has one."""
         from kbitrt.format.quantizer import quantize_weight
 
         if quant is not None and quant.quantize_head != self.quantize_head:
             raise ValueError("quantize_head is fixed when the InMemoryKbit is made")
         self.quant = quant
+        given = given if given is not None else {}
         self._quantized = {} if quant is None else {
-            name: quantize_weight(w, quant, name) for name, (_, _, w) in self._linears.items()}
+            name: given[name] if name in given else quantize_weight(w, quant, name)
+            for name, (_, _, w) in self._linears.items()}
 
     @property
     def linear_weights(self) -> dict[str, torch.Tensor]:

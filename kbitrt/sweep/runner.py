@@ -33,6 +33,9 @@ class SweepOptions:
     limit: int | None = None  # rows per task
     batch_size: int = 8
     device: str = "cpu"
+    calib: str | None = None  # gptq cells: calibration text file (or dataset name)
+    calib_samples: int = 128
+    calib_seqlen: int = 2048
 
 
 @dataclass
@@ -75,7 +78,9 @@ class ModelUnderTest:
         from kbitrt.eval.model_open import load_hf
         from kbitrt.runtime.loader import InMemoryKbit
 
-        self.lm = load_hf(resolve_model(name), torch.device(device), torch.float32)
+        self.folder = resolve_model(name)
+        self.calib: torch.Tensor | None = None  # gptq cells: (samples, seqlen) tokens
+        self.lm = load_hf(self.folder, torch.device(device), torch.float32)
         hf = self.lm.model.model if hasattr(self.lm.model, "model") else self.lm.model
         self.kbit = InMemoryKbit(hf, None)
         if not self.kbit.linear_weights:
@@ -88,7 +93,18 @@ class ModelUnderTest:
         """Put the cell's weights in place; returns (total model bits, mean rel. weight error)."""
         rest_bits = 16 * (self.params - self.linear_params)
         config = None if cell.bits == UNQUANTIZED else cell.config()
-        self.kbit.quantize(config)
+        given = None
+        if config is not None and config.method == "gptq":  # one-shot, on the calibration tokens
+            from kbitrt.runtime.gptq import gptq_quantize_model
+
+            if self.calib is None:
+                raise KbitFormatError("gptq cells need calibration text: give --calib")
+            given = gptq_quantize_model(self.folder, config, self.calib)
+        try:
+            self.kbit.quantize(config, given)
+        finally:
+            if given is not None:
+                given.close()
         errors = list(self.kbit.load_into_model().values())
         if config is None:
             return 16 * self.linear_params + rest_bits, 0.0
@@ -173,6 +189,8 @@ def measure_cell(mut: ModelUnderTest, texts: dict, tasks: dict, cell: Cell, opts
            "bits": cell.bits, "block": cell.block, "dtype": cell.dtype,
            "outliers": cell.outliers, "params": mut.params, "total_bits": total_bits,
            "bits_per_param": total_bits / mut.params, "mean_rel_weight_error": rel_err}
+    row.update({k: v for k, v in (("scales", cell.scales), ("method", cell.method))
+                if v not in ("absmax", "rtn")})  # issue 15 dimensions, when not default
     row.update(_evaluate(mut, texts, tasks, opts))
     row["seconds"] = time.perf_counter() - t0
     row["versions"] = _versions()
@@ -209,6 +227,12 @@ def run_sweep(cells: list[Cell], opts: SweepOptions, results: Path,
         mine = [c for c in todo if c.model == model]
         try:
             mut, texts, tasks = open_model(model, opts)
+            if opts.calib and any(c.method == "gptq" for c in mine):
+                from kbitrt.eval.perplexity import load_text
+                from kbitrt.runtime.gptq import calibration_windows
+
+                mut.calib = calibration_windows(mut.folder, load_text(opts.calib)[1],
+                                                opts.calib_samples, opts.calib_seqlen)
         except (KbitFormatError, OSError, ValueError) as e:
             report.failed_models[model] = str(e).splitlines()[0] if str(e) else type(e).__name__
             for c in mine:
