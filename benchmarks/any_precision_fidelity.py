@@ -13,6 +13,7 @@ ratio (any-precision / direct) is paired per token: SE of the mean per-token NLL
 ratio = exp(mean diff). Sizes are the bytes of the quantized linears' stored tensors.
 
     python benchmarks/any_precision_fidelity.py --windows 4
+    python benchmarks/any_precision_fidelity.py --render   # the table in docs/any_precision.md
 """
 
 from __future__ import annotations
@@ -147,5 +148,42 @@ def main() -> None:
         m.weight.data.copy_(original[n])
 
 
+def render(result: dict) -> str:
+    """The docs/any_precision.md table from the JSON."""
+    p = result["protocol"]
+    lines = [f"fp32 perplexity {result['fp32_ppl']:.3f}; {p['windows']} of {p['windows_available']} "
+             f"windows, {p['predicted_tokens']} predicted tokens.", "",
+             "| width | any-precision ppl | direct nf ppl | ratio (± paired SE) | target | rel. weight "
+             "error AP / direct | direct linears (MB) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        a, d = r["any_precision"], r["direct"]
+        ok = "met" if r["meets_target"] else "**missed**"
+        lines.append(f"| {r['bits']} | {a['ppl']:.3f} | {d['ppl']:.3f} | {r['ppl_ratio']:.4f} ± "
+                     f"{r['ppl_ratio_se']:.4f} | <= {r['target']:.2f} ({ok}) | "
+                     f"{a['rel_weight_error']:.4f} / {d['rel_weight_error']:.4f} | "
+                     f"{d['linear_bytes'] / 1e6:.2f} |")
+    ws = [r["bits"] for r in result["rows"]]
+    lines += ["", f"Stored bytes of the quantized linears: the any-precision model "
+              f"{result['any_precision_linear_bytes'] / 1e6:.2f} MB serves widths "
+              f"{min(ws)}..{max(ws)}; the separate direct models of those widths sum to "
+              f"{result['direct_linear_bytes_sum'] / 1e6:.2f} MB "
+              f"({result['direct_linear_bytes_sum'] / result['any_precision_linear_bytes']:.2f}x).",
+              "", f"Commit {result['commit'][:10]}, {result['date']}, torch {result['versions']['torch']}, "
+              f"{result['device']['threads']} CPU threads (shared machine)."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    if "--render" in sys.argv:  # rewrite the table of docs/any_precision.md from the JSON
+        doc = ROOT / "docs/any_precision.md"
+        text = doc.read_text()
+        table = render(json.loads(OUT.read_text()))
+        start, end = "<!-- fidelity table -->", "<!-- end fidelity table -->"
+        if start in text:
+            text = text[: text.index(start)] + start + "\n" + table + "\n" + text[text.index(end):]
+        else:
+            text = text.replace("RESULTS_TABLE", f"{start}\n{table}\n{end}")
+        doc.write_text(text)
+    else:
+        main()
