@@ -13,6 +13,7 @@ ratio (any-precision / direct) is paired per token: SE of the mean per-token NLL
 ratio = exp(mean diff). Sizes are the bytes of the quantized linears' stored tensors.
 
     python benchmarks/any_precision_fidelity.py --windows 4
+    python benchmarks/any_precision_fidelity.py --render   # the table in docs/any_precision.md
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="nf")
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--widths", default="3-8")
+    ap.add_argument("--eval-widths", default="", help="comma-separated widths to evaluate "
+                    "(default: all of --widths); the model is still built over all of --widths")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     lo, hi = (int(v) for v in args.widths.split("-"))
@@ -108,7 +111,8 @@ def main() -> None:
     result["fp32_ppl"] = math.exp(base.mean().item())
     print("fp32", result["fp32_ppl"], flush=True)
     direct_sum = 0
-    for k in range(lo, hi + 1):
+    todo = [int(v) for v in args.eval_widths.split(",")] if args.eval_widths else range(lo, hi + 1)
+    for k in todo:
         row = {"bits": k}
         nll = {}
         for kind in ("any_precision", "direct"):
@@ -147,5 +151,53 @@ def main() -> None:
         m.weight.data.copy_(original[n])
 
 
+def render(result: dict) -> str:
+    """The docs/any_precision.md table from the JSON."""
+    p = result["protocol"]
+    lines = [f"fp32 perplexity {result['fp32_ppl']:.3f}; {p['windows']} of {p['windows_available']} "
+             f"windows, {p['predicted_tokens']} predicted tokens.", "",
+             "| width | any-precision ppl | direct nf ppl | ratio (± paired SE) | target | rel. weight "
+             "error AP / direct | direct linears (MB) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        a, d = r["any_precision"], r["direct"]
+        ok = "met" if r["meets_target"] else "**missed**"
+        lines.append(f"| {r['bits']} | {a['ppl']:.3f} | {d['ppl']:.3f} | {r['ppl_ratio']:.4f} ± "
+                     f"{r['ppl_ratio_se']:.4f} | <= {r['target']:.2f} ({ok}) | "
+                     f"{a['rel_weight_error']:.4f} / {d['rel_weight_error']:.4f} | "
+                     f"{d['linear_bytes'] / 1e6:.2f} |")
+    ws = [r["bits"] for r in result["rows"]]
+    lo, hi = result["widths"]
+    missing = [k for k in range(lo, hi + 1) if k not in ws]
+    lines += ["", f"Stored bytes of the quantized linears: the any-precision model "
+              f"{result['any_precision_linear_bytes'] / 1e6:.2f} MB serves widths {lo}..{hi}; the "
+              f"separate direct models of the measured widths ({', '.join(map(str, ws))}) sum to "
+              f"{result['direct_linear_bytes_sum'] / 1e6:.2f} MB.",
+              *([f"Not measured (stopped for time): widths {', '.join(map(str, missing))}."]
+                if missing else []),
+              "", f"Commit {result['commit']}, {result['date']}, torch {result['versions']['torch']}, "
+              f"{result['device']['threads']} CPU threads (shared machine)."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    main()
+    if "--render" in sys.argv:  # rewrite the table of docs/any_precision.md from the JSON
+        doc = ROOT / "docs/any_precision.md"
+        text = doc.read_text()
+        result = json.loads(OUT.read_text())
+        for extra in sorted(OUT.parent.glob(OUT.stem + "-w*.json")):  # widths run in parallel
+            more = json.loads(extra.read_text())
+            have = {r["bits"] for r in result["rows"]}
+            result["rows"] += [r for r in more["rows"] if r["bits"] not in have]
+            result["direct_linear_bytes_sum"] += more.get("direct_linear_bytes_sum", 0)
+            result["commit"] += f", {more['commit'][:10]} ({extra.name})"
+        result["rows"].sort(key=lambda r: r["bits"])
+        table = render(result)
+        start, end = "<!-- fidelity table -->", "<!-- end fidelity table -->"
+        if start in text:
+            text = text[: text.index(start)] + start + "\n" + table + "\n" + text[text.index(end):]
+        else:
+            text = text.replace("RESULTS_TABLE", f"{start}\n{table}\n{end}")
+        doc.write_text(text)
+    else:
+        main()

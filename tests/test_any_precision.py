@@ -222,6 +222,24 @@ def test_file_widths_equal_a_plain_model_of_that_width(ap_folder, tiny_models):
                 assert mod.qweight.numel() == mod.out_features * (-(-mod.in_features // 8)) * k
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_other_families_run_at_every_width(tiny_models, tmp_path, family):
+    """GPT-2 (Conv1D, stored transposed) and OPT: width 8 is close to the fp32 model, and the
+    logit error grows as the width shrinks."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / family
+    convert_any_precision(tiny_models[family], out, AnyPrecisionConfig(bits=8, min_bits=3, max_bits=8),
+                          dtype16="fp16")
+    hf = AutoModelForCausalLM.from_pretrained(tiny_models[family], dtype=torch.float32).eval()
+    ids = torch.randint(0, 128, (1, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        errs = [((load_model(out, bits=k).model(ids) - ref).norm() / ref.norm()).item()
+                for k in (3, 5, 8)]
+    assert errs[2] < 0.02 and errs[0] > errs[1] > errs[2], errs
+
+
 def test_multi_width_switches_per_call(ap_folder):
     from kbitrt.runtime.any_precision import set_width
 
@@ -296,6 +314,14 @@ def test_cli_run_at_any_width(tiny_llama_with_tokenizer, tmp_path):
     assert texts["8"]["quantization"] == "nf8-b64-ap3-8"
     assert texts["3"]["quantization"] == "nf3-b64-ap3-8"
     assert texts["3-8"]["results"][0]["text"] == texts["8"]["results"][0]["text"]
+    from kbitrt.runtime import loader
+    from kbitrt.runtime.generate import SamplingConfig, generate
+
+    lm = loader.load_model(out, device="cpu", bits="3-8")
+    for bits in ("3", "8"):  # the width chosen per call, from the same resident planes
+        res = generate(lm, ["The capital of France is"], 5, SamplingConfig(temperature=0.0),
+                       bits=int(bits))
+        assert res.texts[0] == texts[bits]["results"][0]["text"], bits
     one_line_error(run("run", out, "-p", "x", "--bits", 9), "--bits 9")
 
 
