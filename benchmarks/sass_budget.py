@@ -193,6 +193,8 @@ def _signature(plan: tk.LaunchPlan) -> tuple[dict, dict]:
             attrs[(names.index(name),)] = [["tt.divisibility", 16]]
         elif isinstance(val, float):
             sig[name] = "fp32"
+        elif val >= 2**31:
+            sig[name] = "i64"
         else:
             sig[name] = "i32"
             if val % 16 == 0:
