@@ -197,7 +197,7 @@ def _signature(plan: tk.LaunchPlan) -> tuple[dict, dict]:
             sig[name] = "i64"
         else:
             sig[name] = "i32"
-            if val % 16 == 0:
+            if val % 16 == 0 and name != "split_k":  # (split_k: one compile for every split)
                 attrs[(names.index(name),)] = [["tt.divisibility", 16]]
     sig.update({k: "constexpr" for k, _ in plan.constexprs})
     return sig, attrs
@@ -320,6 +320,39 @@ def budget(m: int, bits: int) -> float | None:
     return None
 
 
+def render(paths: list[Path]) -> str:
+    """Markdown: per (arch, kernel, shape, block, act), instr/weight and predicted % of copy
+    bandwidth for k = 3..8, one column per data type; budgets and misses marked."""
+    recs = [r for p in paths for r in json.loads(p.read_text())["records"]]
+    groups: dict = {}
+    for r in recs:
+        key = (r["arch"], r["kernel"], r["shape"], r["block"], r["act"])
+        groups.setdefault(key, {})[(r["bits"], r["dtype"])] = r
+    out = []
+    for key in sorted(groups):
+        arch, kern, shape, block, act = key
+        g = groups[key]
+        dts = sorted({d for _, d in g}, key=["int", "nf", "fp"].index)
+        out.append(f"\n{arch} {kern} (M={M_OF_KERNEL[kern]}) {shape} block {block} {act}\n")
+        out.append("| k | budget | " + " | ".join(f"{d}: instr/w, pred % BW" for d in dts)
+                   + " | load bits | regs |")
+        out.append("|---|---|" + "---|" * len(dts) + "---|---|")
+        for bits in sorted({b for b, _ in g}):
+            cells, any_r = [], None
+            for d in dts:
+                r = g.get((bits, d))
+                if r is None:
+                    cells.append("")
+                    continue
+                any_r = r
+                miss = "" if r["budget"] is None or r["within_budget"] else " **over**"
+                cells.append(f"{r['instr_per_weight']:.2f}{miss}, {100 * r['pred_frac_bw']:.0f}%")
+            b = any_r["budget"] if any_r and any_r["budget"] is not None else "-"
+            out.append(f"| {bits} | {b} | " + " | ".join(cells)
+                       + f" | {any_r['weight_load_bits']} | {any_r['regs']} |")
+    return "\n".join(out)
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
@@ -343,7 +376,12 @@ def main() -> int:
                    help="every arch, shape, kernel, block 64/1024, fp16/bf16 (slow: many compiles)")
     p.add_argument("--json", action="store_true", help="print one JSON record per variant")
     p.add_argument("--out", type=Path, help="also write all records (with metadata) to this file")
+    p.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                   help="print the docs/kernels.md tables of results files (no compiling)")
     args = p.parse_args()
+    if args.render:
+        print(render(args.render))
+        return 0
     if args.all:
         args.arch, args.shapes, args.kernels = sorted(GPUS), list(SHAPES), list(M_OF_KERNEL)
         args.blocks, args.acts = [64, 1024], ["fp16", "bf16"]

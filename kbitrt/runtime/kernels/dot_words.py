@@ -70,10 +70,10 @@ def _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alph
 def dot_words_kernel(
     x_ptr, qw_ptr, absmax_ptr, tab_ptr, bias_ptr, out_ptr,
     M, N, K, n_groups, stride_xm, stride_qn, stride_an, stride_om, cb_base, cb_step, dmask,
-    tab_addr,
+    tab_addr, split_k,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, B: tl.constexpr,
     DECODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_G: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """x (M <= BLOCK_M, K) -> out (M, N); qw_ptr: the packed weight as int64 words."""
@@ -93,7 +93,7 @@ def dot_words_kernel(
     off1: tl.constexpr = S0
     off2: tl.constexpr = S0 + S1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), SPLIT_K):
+    for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
         g = t * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = mask_n[:, None] & (g < n_groups)[None, :]
         g0 = g[None, :] * S0
@@ -138,7 +138,7 @@ def dot_words_kernel(
             acc += bias[None, :]
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         tl.atomic_add(ptrs, acc, mask=omask)

@@ -35,10 +35,10 @@ from kbitrt.runtime.kernels.words import bit_field, load_word, x_at
 @triton.jit
 def gemv_words_kernel(
     x_ptr, qw_ptr, absmax_ptr, tab_ptr, bias_ptr, out_ptr,
-    N, K, n_groups, stride_qn, stride_an, cb_base, cb_step, dmask, tab_addr,
+    N, K, n_groups, stride_qn, stride_an, cb_base, cb_step, dmask, tab_addr, split_k,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, B: tl.constexpr,
     DECODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """x (1, K) -> out (1, N); qw_ptr is the packed weight as int64 words (row stride in words).
 
@@ -56,7 +56,7 @@ def gemv_words_kernel(
     off2: tl.constexpr = S0 + S1
     acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     accx = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
-    for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), SPLIT_K):
+    for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
         g = t * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = mask_n[:, None] & (g < n_groups)[None, :]
         # slice j of a row starts at word off_j * n_groups; group g's words at g * S_j
@@ -134,7 +134,7 @@ def gemv_words_kernel(
         b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         if pid_k == 0:
             y += b
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
         tl.atomic_add(out_ptr + offs_n, y, mask=mask_n)

@@ -354,7 +354,7 @@ def _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cf
     out = "fp32" if split > 1 else act
     block_g = cfg.block_k // 64
     c = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size, DECODE=decode,
-             HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_G=block_g, SPLIT_K=split,
+             HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_G=block_g, ATOMIC=split > 1,
              EVEN_K=k % 64 == 0)
     ptrs = (("x_ptr", act), ("qw_ptr", "i64"), ("absmax_ptr", absmax),
             ("tab_ptr", "i64" if decode in (1, 3) else "fp32"), ("bias_ptr", act if has_bias else out),
@@ -362,7 +362,7 @@ def _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cf
     nb = -(-k // block_size)
     ints = (("N", n), ("K", k), ("n_groups", kp // 64), ("stride_qn", kp * bits // 64),
             ("stride_an", nb), ("cb_base", 0.0), ("cb_step", 0.0),
-            ("dmask", ((1 << bits) - 1) << (23 - bits)), ("tab_addr", _ADDR))
+            ("dmask", ((1 << bits) - 1) << (23 - bits)), ("tab_addr", _ADDR), ("split_k", split))
     return LaunchPlan(gemv_words_kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints,
                       tuple(c.items()), cfg.num_warps, cfg.num_stages, cfg.block_n * cfg.block_k,
                       bits, block_size, 4 if absmax == "fp32" else 2,
@@ -379,7 +379,7 @@ def _plan_dot_words(m, n, k, bits, block_size, act, codebook_kind, absmax, has_b
     block_g = cfg.block_k // 64
     dot_f32 = act == "bf16" and interpreted()
     c = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size, DECODE=decode,
-             HAS_BIAS=has_bias, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_G=block_g, SPLIT_K=split,
+             HAS_BIAS=has_bias, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_G=block_g, ATOMIC=split > 1,
              DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 or act == "fp32" else "tf32")
     ptrs = (("x_ptr", act), ("qw_ptr", "i64"), ("absmax_ptr", absmax),
             ("tab_ptr", "i64" if decode in (1, 3) else "fp32"), ("bias_ptr", act if has_bias else out),
@@ -388,7 +388,7 @@ def _plan_dot_words(m, n, k, bits, block_size, act, codebook_kind, absmax, has_b
     ints = (("M", m), ("N", n), ("K", k), ("n_groups", kp // 64), ("stride_xm", k),
             ("stride_qn", kp * bits // 64), ("stride_an", nb), ("stride_om", n),
             ("cb_base", 0.0), ("cb_step", 0.0), ("dmask", ((1 << bits) - 1) << (23 - bits)),
-            ("tab_addr", _ADDR))
+            ("tab_addr", _ADDR), ("split_k", split))
     return LaunchPlan(dot_words_kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints,
                       tuple(c.items()), cfg.num_warps, cfg.num_stages, cfg.block_n * cfg.block_k,
                       bits, block_size, 4 if absmax == "fp32" else 2,
@@ -428,7 +428,8 @@ def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Ten
                        absmax=_TL_NAMES[absmax.dtype], has_bias=bias is not None, config=config)
     if plan.kernel not in (gemv_words_kernel, dot_words_kernel) and qweight.dtype != torch.uint8:
         qweight = qweight.view(torch.uint8)
-    split = dict(plan.constexprs)["SPLIT_K"]
+    c = dict(plan.constexprs)
+    split = c["SPLIT_K"] if "SPLIT_K" in c else dict(plan.args)["split_k"]
     out = (torch.zeros((m, n), device=x.device, dtype=torch.float32) if split > 1
            else torch.empty((m, n), device=x.device, dtype=x.dtype))
     tensors = dict(x_ptr=x, qw_ptr=qweight, absmax_ptr=absmax, cb_ptr=codebook, tab_ptr=table,
