@@ -296,13 +296,15 @@ def measure(v: dict) -> dict:
     gpu = GPUS[v["arch"]]
     plan = tk.plan_launch(v["M"], v["N"], v["K"], v["bits"], v["block"], act=v["act"],
                           codebook_kind=tk.codebook_kind_of(v["dtype"]), sms=gpu.sms)
-    key = (v["arch"], plan.kernel.fn.__name__ if hasattr(plan.kernel, "fn") else plan.kernel.__name__, tuple(sorted(plan.constexprs)),
-           tuple((n, a if isinstance(a, (str, float)) else a % 16 == 0) for n, a in plan.args),
+    name = getattr(plan.kernel, "__name__", str(plan.kernel))
+    key = (v["arch"], name, tuple(sorted(plan.constexprs)),
+           tuple((n, None if n == "split_k" else a if isinstance(a, (str, float)) else a % 16 == 0)
+                 for n, a in plan.args),
            plan.num_warps, plan.num_stages)
     if key not in _CACHE:
         _CACHE[key] = compile_plan(plan, gpu)
     r = dict(_CACHE[key])
-    rec = dict(v, kernel_fn=getattr(plan.kernel, "__name__", str(plan.kernel)), config=plan.config_str, grid=list(plan.grid),
+    rec = dict(v, kernel_fn=name, config=plan.config_str, grid=list(plan.grid),
                **r)
     rec.update(roofline(gpu, plan, r))
     rec["budget"] = budget(v["M"], v["bits"])
@@ -320,10 +322,11 @@ def budget(m: int, bits: int) -> float | None:
     return None
 
 
-def render(paths: list[Path]) -> str:
+def render(paths: list[Path], shapes: set | None = None, blocks: set | None = None) -> str:
     """Markdown: per (arch, kernel, shape, block, act), instr/weight and predicted % of copy
     bandwidth for k = 3..8, one column per data type; budgets and misses marked."""
-    recs = [r for p in paths for r in json.loads(p.read_text())["records"]]
+    recs = [r for p in paths for r in json.loads(p.read_text())["records"]
+            if (not shapes or r["shape"] in shapes) and (not blocks or r["block"] in blocks)]
     groups: dict = {}
     for r in recs:
         key = (r["arch"], r["kernel"], r["shape"], r["block"], r["act"])
@@ -380,7 +383,7 @@ def main() -> int:
                    help="print the docs/kernels.md tables of results files (no compiling)")
     args = p.parse_args()
     if args.render:
-        print(render(args.render))
+        print(render(args.render, shapes=set(args.shapes), blocks=set(args.blocks)))
         return 0
     if args.all:
         args.arch, args.shapes, args.kernels = sorted(GPUS), list(SHAPES), list(M_OF_KERNEL)

@@ -52,7 +52,8 @@ def test_budget_4bit_sm90(records):
         assert rec["instr_per_weight"] <= rec["budget"], (
             f"{name}: {rec['instr_per_weight']} SASS instructions per weight > budget "
             f"{rec['budget']}; mix {rec['mix']}")
-        assert rec["weight_load_bits"] >= 64, f"{name}: packed weights loaded {rec['weight_load_bits']}-bit"
+        assert rec["weight_load_bits"] >= 64, (
+            f"{name}: packed weights loaded {rec['weight_load_bits']}-bit")
         assert "shfl" not in rec["mix"], f"{name}: cross-thread reduction in the K loop"
         assert rec["spill_bytes"] == 0, f"{name}: {rec['spill_bytes']} bytes of spills"
 
