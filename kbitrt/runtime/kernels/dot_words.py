@@ -2,7 +2,8 @@
 
 Same loads and decoders as the M = 1 word GEMV (words.py, gemv_words.py). Each thread decodes the
 64 codes of its (row, group) pairs in registers (the block scale multiplies the dot's result when
-the tile lies inside one block per row, BLOCK_K <= B, else each weight), casts to the activation dtype and assembles the [BLOCK_N, 64 * BLOCK_G] tile with a tree
+the tile lies inside one block per row, BLOCK_K <= B, else each weight), casts to the activation
+dtype and assembles the [BLOCK_N, 64 * BLOCK_G] tile with a tree
 of `tl.join`s over the code index (register renaming, no data movement); tl.dot then reads it
 through shared memory once. The decode is shared by all M rows of x.
 """
@@ -56,13 +57,13 @@ def _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alph
     """Codes LO, LO + STRIDE, .. (CNT of them) joined so that the flattened trailing dims run
     over them in order (each join appends the lowest remaining bit of the code index last)."""
     if CNT == 1:
-        return _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta, dmask,
-                     LO, 0, S0, S1, S2, DECODE, W_DTYPE)
+        return _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
+                     dmask, LO, 0, S0, S1, S2, DECODE, W_DTYPE)
     else:
-        lo = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta, dmask,
-                   LO, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE, W_DTYPE)
-        hi = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta, dmask,
-                   LO + STRIDE, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE, W_DTYPE)
+        lo = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
+                   dmask, LO, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE, W_DTYPE)
+        hi = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
+                   dmask, LO + STRIDE, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE, W_DTYPE)
         return tl.join(lo, hi)
 
 
@@ -79,7 +80,7 @@ def dot_words_kernel(
     """x (M <= BLOCK_M, K) -> out (M, N); qw_ptr: the packed weight as int64 words."""
     KB: tl.constexpr = S0 + S1 + S2
     BK: tl.constexpr = 64 * BLOCK_G
-    SCALE_AFTER: tl.constexpr = B >= BK and DECODE != 0  # affine: the FMA per weight is needed anyway
+    SCALE_AFTER: tl.constexpr = B >= BK and DECODE != 0  # affine: the per-weight FMA stays
     W_DTYPE: tl.constexpr = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -118,7 +119,8 @@ def dot_words_kernel(
             s = tl.load(a_rows + (g * 64 // B)[None, :], mask=mask, other=0.0).to(tl.float32)
             alpha = s * (cb_step * (1 << KB))
             beta = s * (cb_base - cb_step * (1 << KB))
-        w = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta, dmask,
+        w = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
+                  dmask,
                   0, 1, 64, S0, S1, S2, DECODE, W_DTYPE)
         w = tl.reshape(w, (BLOCK_N, BK))
         offs_k = t * BK + tl.arange(0, BK)
