@@ -12,8 +12,13 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || exit 2
 status=0
 python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_linear.py 2>&1 | tail -15 || status=1
+# each kernel (word GEMV M=1, word dot M=2..16, prefill) beside torch fp16 F.linear and a
+# device-to-device copy of the same run; the static prediction for the same shapes beside it
 python3 benchmarks/kernel_bench.py --check --quick || status=1
 python3 benchmarks/kernel_bench.py || status=1
+python3 benchmarks/sass_budget.py --arch sm_90 --shapes 7b-o 7b-gateup 70b-o --kernels gemv small \
+  --bits 3 4 8 --dtypes nf int --out benchmarks/results/sass_budget-predicted-for-gpu-run.json \
+  >/dev/null || status=1
 python3 benchmarks/decode.py || status=1
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/*.json "$OUT"/ 2>/dev/null; fi
 exit $status

@@ -193,9 +193,11 @@ def _signature(plan: tk.LaunchPlan) -> tuple[dict, dict]:
             attrs[(names.index(name),)] = [["tt.divisibility", 16]]
         elif isinstance(val, float):
             sig[name] = "fp32"
+        elif val >= 2**31:
+            sig[name] = "i64"
         else:
             sig[name] = "i32"
-            if val % 16 == 0:
+            if val % 16 == 0 and name != "split_k":  # (split_k: one compile for every split)
                 attrs[(names.index(name),)] = [["tt.divisibility", 16]]
     sig.update({k: "constexpr" for k, _ in plan.constexprs})
     return sig, attrs
@@ -294,13 +296,15 @@ def measure(v: dict) -> dict:
     gpu = GPUS[v["arch"]]
     plan = tk.plan_launch(v["M"], v["N"], v["K"], v["bits"], v["block"], act=v["act"],
                           codebook_kind=tk.codebook_kind_of(v["dtype"]), sms=gpu.sms)
-    key = (v["arch"], plan.kernel.fn.__name__ if hasattr(plan.kernel, "fn") else plan.kernel.__name__, tuple(sorted(plan.constexprs)),
-           tuple((n, a if isinstance(a, (str, float)) else a % 16 == 0) for n, a in plan.args),
+    name = getattr(plan.kernel, "__name__", str(plan.kernel))
+    key = (v["arch"], name, tuple(sorted(plan.constexprs)),
+           tuple((n, None if n == "split_k" else a if isinstance(a, (str, float)) else a % 16 == 0)
+                 for n, a in plan.args),
            plan.num_warps, plan.num_stages)
     if key not in _CACHE:
         _CACHE[key] = compile_plan(plan, gpu)
     r = dict(_CACHE[key])
-    rec = dict(v, kernel_fn=getattr(plan.kernel, "__name__", str(plan.kernel)), config=plan.config_str, grid=list(plan.grid),
+    rec = dict(v, kernel_fn=name, config=plan.config_str, grid=list(plan.grid),
                **r)
     rec.update(roofline(gpu, plan, r))
     rec["budget"] = budget(v["M"], v["bits"])
@@ -316,6 +320,40 @@ def budget(m: int, bits: int) -> float | None:
     if m <= 16 and bits == 4:
         return 5
     return None
+
+
+def render(paths: list[Path], shapes: set | None = None, blocks: set | None = None) -> str:
+    """Markdown: per (arch, kernel, shape, block, act), instr/weight and predicted % of copy
+    bandwidth for k = 3..8, one column per data type; budgets and misses marked."""
+    recs = [r for p in paths for r in json.loads(p.read_text())["records"]
+            if (not shapes or r["shape"] in shapes) and (not blocks or r["block"] in blocks)]
+    groups: dict = {}
+    for r in recs:
+        key = (r["arch"], r["kernel"], r["shape"], r["block"], r["act"])
+        groups.setdefault(key, {})[(r["bits"], r["dtype"])] = r
+    out = []
+    for key in sorted(groups):
+        arch, kern, shape, block, act = key
+        g = groups[key]
+        dts = sorted({d for _, d in g}, key=["int", "nf", "fp"].index)
+        out.append(f"\n{arch} {kern} (M={M_OF_KERNEL[kern]}) {shape} block {block} {act}\n")
+        out.append("| k | budget | " + " | ".join(f"{d}: instr/w, pred % BW" for d in dts)
+                   + " | load bits | regs |")
+        out.append("|---|---|" + "---|" * len(dts) + "---|---|")
+        for bits in sorted({b for b, _ in g}):
+            cells, any_r = [], None
+            for d in dts:
+                r = g.get((bits, d))
+                if r is None:
+                    cells.append("")
+                    continue
+                any_r = r
+                miss = "" if r["budget"] is None or r["within_budget"] else " **over**"
+                cells.append(f"{r['instr_per_weight']:.2f}{miss}, {100 * r['pred_frac_bw']:.0f}%")
+            b = any_r["budget"] if any_r and any_r["budget"] is not None else "-"
+            out.append(f"| {bits} | {b} | " + " | ".join(cells)
+                       + f" | {any_r['weight_load_bits']} | {any_r['regs']} |")
+    return "\n".join(out)
 
 
 def _git_commit() -> str:
@@ -341,7 +379,12 @@ def main() -> int:
                    help="every arch, shape, kernel, block 64/1024, fp16/bf16 (slow: many compiles)")
     p.add_argument("--json", action="store_true", help="print one JSON record per variant")
     p.add_argument("--out", type=Path, help="also write all records (with metadata) to this file")
+    p.add_argument("--render", type=Path, nargs="+", metavar="JSON",
+                   help="print the docs/kernels.md tables of results files (no compiling)")
     args = p.parse_args()
+    if args.render:
+        print(render(args.render, shapes=set(args.shapes), blocks=set(args.blocks)))
+        return 0
     if args.all:
         args.arch, args.shapes, args.kernels = sorted(GPUS), list(SHAPES), list(M_OF_KERNEL)
         args.blocks, args.acts = [64, 1024], ["fp16", "bf16"]

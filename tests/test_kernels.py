@@ -212,3 +212,49 @@ def test_compiles_for_sm90():
     if r.returncode and "ptxas" in r.stderr and "not found" in r.stderr.lower():
         pytest.skip("no ptxas in this triton install")
     assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+# The word kernels (M <= 16, Kp % 64 == 0, blocks >= 64): K = 250 is ragged against 64 (x masked
+# per element), K = 256 with blocks of 128 takes the unmasked path; split-K on 8 "SMs".
+def _words_plan(m, qw, dtype):
+    n, k = qw.shape
+    return tk.plan_launch(m, n, k, qw.bits, qw.block_size, codebook_kind=tk.codebook_kind_of(dtype),
+                          sms=8).kernel
+
+
+@pytest.mark.parametrize("bits", range(3, 9))
+@pytest.mark.parametrize("dtype", ["nf", "int", "fp", "quantile", "dynamic"])
+@pytest.mark.parametrize("m", [1, 4])
+def test_words_bits_dtypes(bits, dtype, m):
+    qw = _quantized(24, 250, bits, 64, dtype, seed=bits)
+    assert _words_plan(m, qw, dtype) in (tk.gemv_words_kernel, tk.dot_words_kernel)
+    _check(qw, m)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 7, 8])
+@pytest.mark.parametrize("dtype", ["nf", "int"])
+@pytest.mark.parametrize("m", [1, 16])
+def test_words_even_k(bits, dtype, m):
+    _check(_quantized(40, 256, bits, 128, dtype, seed=3), m, bias=True)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("act", [torch.float16, torch.bfloat16, torch.float32])
+def test_words_outliers_bias_dtypes(m, act, monkeypatch):
+    qw = _quantized(33, 192, 4, 64, outliers="top:5%")
+    assert _words_plan(m, qw, "nf") in (tk.gemv_words_kernel, tk.dot_words_kernel)
+    _check(qw, m, act=act, bias=True, monkeypatch=monkeypatch)
+
+
+def test_words_zero_blocks():
+    qw = _quantized(24, 256, 5, 64, zero_blocks=True)
+    _check(qw, 1, bias=True)
+    _check(qw, 9, bias=True)
+
+
+def test_pad_codebook_affine():
+    from kbitrt.format import dtypes
+    cb = pad_codebook(dtypes.int_codebook(4), 4)
+    assert torch.allclose(cb[15], torch.tensor(8 / 7)) and torch.allclose(cb[14], torch.tensor(1.0))
+    nf = pad_codebook(dtypes.nf_codebook(4)[:-2], 4)
+    assert nf[-1] == nf[-3]  # not equally spaced: the last entry repeats

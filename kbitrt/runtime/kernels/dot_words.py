@@ -2,7 +2,8 @@
 
 Same loads and decoders as the M = 1 word GEMV (words.py, gemv_words.py). Each thread decodes the
 64 codes of its (row, group) pairs in registers (the block scale multiplies the dot's result when
-the tile lies inside one block per row, BLOCK_K <= B, else each weight), casts to the activation dtype and assembles the [BLOCK_N, 64 * BLOCK_G] tile with a tree
+the tile lies inside one block per row, BLOCK_K <= B, else each weight), casts to the activation
+dtype and assembles the [BLOCK_N, 64 * BLOCK_G] tile with a tree
 of `tl.join`s over the code index (register renaming, no data movement); tl.dot then reads it
 through shared memory once. The decode is shared by all M rows of x.
 """
@@ -16,7 +17,7 @@ from kbitrt.runtime.kernels.words import bit_field, load_word
 
 
 @triton.jit
-def _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, dmask,
+def _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta, dmask,
           U: tl.constexpr, J: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr,
           S2: tl.constexpr, DECODE: tl.constexpr, W_DTYPE: tl.constexpr):
     """Scaled weight of code U of each (row, group) pair (J: which code of a pair / quad unit)."""
@@ -29,20 +30,20 @@ def _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, d
         v = tl.load(tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + idx) * s
     elif DECODE == 1:  # pair table: the unit of code U is the pair U // 2
         P: tl.constexpr = U - U % 2
-        idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, P, 2, 0)
+        idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, P, 2, 3)
         if S1 > 0:
-            idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, P, 2, 2 * S0)
+            idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, P, 2, 2 * S0 + 3)
         if S2 > 0:
-            idx |= bit_field(c0, 0, 0, 0, 0, 0, 0, 0, S2, P, 2, 2 * (S0 + S1))
-        pair = tl.load(tab_ptr + idx)
+            idx |= bit_field(c0, 0, 0, 0, 0, 0, 0, 0, S2, P, 2, 2 * (S0 + S1) + 3)
+        pair = tl.load((tab_addr | idx.to(tl.int64)).to(tl.pointer_type(tl.int64)))
         if U % 2 == 1:
             pair = pair >> 32
         v = pair.to(tl.int32).to(tl.float32, bitcast=True) * s
     else:  # quad table (k = 3)
         Q: tl.constexpr = U - U % 4
-        idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, Q, 4, 0)
-        idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, Q, 4, 4 * S0)
-        q = tl.load(tab_ptr + 2 * idx + (U % 4) // 2)
+        idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, Q, 4, 4)
+        idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, Q, 4, 4 * S0 + 4)
+        q = tl.load((tab_addr | idx.to(tl.int64)).to(tl.pointer_type(tl.int64)) + (U % 4) // 2)
         if U % 2 == 1:
             q = q >> 32
         v = q.to(tl.int32).to(tl.float32, bitcast=True) * s
@@ -50,19 +51,19 @@ def _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, d
 
 
 @triton.jit
-def _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, dmask,
+def _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta, dmask,
           LO: tl.constexpr, STRIDE: tl.constexpr, CNT: tl.constexpr, S0: tl.constexpr,
           S1: tl.constexpr, S2: tl.constexpr, DECODE: tl.constexpr, W_DTYPE: tl.constexpr):
     """Codes LO, LO + STRIDE, .. (CNT of them) joined so that the flattened trailing dims run
     over them in order (each join appends the lowest remaining bit of the code index last)."""
     if CNT == 1:
-        return _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, dmask,
-                     LO, 0, S0, S1, S2, DECODE, W_DTYPE)
+        return _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
+                     dmask, LO, 0, S0, S1, S2, DECODE, W_DTYPE)
     else:
-        lo = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, dmask,
-                   LO, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE, W_DTYPE)
-        hi = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, dmask,
-                   LO + STRIDE, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE, W_DTYPE)
+        lo = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
+                   dmask, LO, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE, W_DTYPE)
+        hi = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
+                   dmask, LO + STRIDE, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE, W_DTYPE)
         return tl.join(lo, hi)
 
 
@@ -70,15 +71,16 @@ def _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, d
 def dot_words_kernel(
     x_ptr, qw_ptr, absmax_ptr, tab_ptr, bias_ptr, out_ptr,
     M, N, K, n_groups, stride_xm, stride_qn, stride_an, stride_om, cb_base, cb_step, dmask,
+    tab_addr, split_k,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, B: tl.constexpr,
     DECODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, SPLIT_K: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_G: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """x (M <= BLOCK_M, K) -> out (M, N); qw_ptr: the packed weight as int64 words."""
     KB: tl.constexpr = S0 + S1 + S2
     BK: tl.constexpr = 64 * BLOCK_G
-    SCALE_AFTER: tl.constexpr = B >= BK and DECODE != 0  # affine: the FMA per weight is needed anyway
+    SCALE_AFTER: tl.constexpr = B >= BK and DECODE != 0  # affine: the per-weight FMA stays
     W_DTYPE: tl.constexpr = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -92,7 +94,7 @@ def dot_words_kernel(
     off1: tl.constexpr = S0
     off2: tl.constexpr = S0 + S1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), SPLIT_K):
+    for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
         g = t * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = mask_n[:, None] & (g < n_groups)[None, :]
         g0 = g[None, :] * S0
@@ -117,7 +119,8 @@ def dot_words_kernel(
             s = tl.load(a_rows + (g * 64 // B)[None, :], mask=mask, other=0.0).to(tl.float32)
             alpha = s * (cb_step * (1 << KB))
             beta = s * (cb_base - cb_step * (1 << KB))
-        w = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, s, alpha, beta, dmask,
+        w = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
+                  dmask,
                   0, 1, 64, S0, S1, S2, DECODE, W_DTYPE)
         w = tl.reshape(w, (BLOCK_N, BK))
         offs_k = t * BK + tl.arange(0, BK)
@@ -137,7 +140,7 @@ def dot_words_kernel(
             acc += bias[None, :]
     ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         tl.atomic_add(ptrs, acc, mask=omask)

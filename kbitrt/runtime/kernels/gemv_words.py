@@ -11,11 +11,14 @@ Decoders (DECODE):
 - 0, arithmetic (affine codebooks: int, k = 4 and 8): the code is OR-ed into the top of the mantissa
   of 1.0, f = 1 + c / 2^k (two integer ops, no conversion); with cb[c] = base + step * c,
   sum cb[c] x = step 2^k sum f x + (base - step 2^k) sum x, the scale applied per (row, group).
-- 1, pair table (k = 3..7): the 2k bits of two neighbouring codes, which lie side by side in every
+- 1, pair table (k = 4..7): the 2k bits of two neighbouring codes, which lie side by side in every
   slice, index a table of (cb[c0], cb[c1]) fp32 pairs: one 64-bit load per two weights.
 - 2, byte table (k = 8): one fp32 load per weight, indexed by the code byte.
 - 3, quad table (k = 3): the 12 bits of four neighbouring codes index (cb[c0], .., cb[c3]): a 64 KB
   table, two 64-bit loads per four weights.
+
+Tables are aligned to their size (words.aligned_copy): an entry's address is tab_addr | offset, an
+OR the field extraction absorbs, where base + offset costs a 64-bit add (two instructions).
 
 x is read as [BLOCK_N, BLOCK_G] tensors with a zero row stride (the weights' layout: no layout
 conversion), one per code position, so each thread loads each x element once for all its rows.
@@ -32,10 +35,10 @@ from kbitrt.runtime.kernels.words import bit_field, load_word, x_at
 @triton.jit
 def gemv_words_kernel(
     x_ptr, qw_ptr, absmax_ptr, tab_ptr, bias_ptr, out_ptr,
-    N, K, n_groups, stride_qn, stride_an, cb_base, cb_step, dmask,
+    N, K, n_groups, stride_qn, stride_an, cb_base, cb_step, dmask, tab_addr, split_k,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, B: tl.constexpr,
     DECODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """x (1, K) -> out (1, N); qw_ptr is the packed weight as int64 words (row stride in words).
 
@@ -53,7 +56,7 @@ def gemv_words_kernel(
     off2: tl.constexpr = S0 + S1
     acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     accx = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
-    for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), SPLIT_K):
+    for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
         g = t * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = mask_n[:, None] & (g < n_groups)[None, :]
         # slice j of a row starts at word off_j * n_groups; group g's words at g * S_j
@@ -86,10 +89,11 @@ def gemv_words_kernel(
                 xs += xi
         elif DECODE == 3:  # quad table (k = 3): 4 codes (12 bits) -> two 64-bit loads
             for u in tl.static_range(16):
-                idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 4 * u, 4, 0)
-                idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 4 * u, 4, 4 * S0)
-                q01 = tl.load(tab_ptr + 2 * idx)
-                q23 = tl.load(tab_ptr + 2 * idx + 1)
+                idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 4 * u, 4, 4)
+                idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 4 * u, 4, 4 * S0 + 4)
+                q_ptr = (tab_addr | idx.to(tl.int64)).to(tl.pointer_type(tl.int64))
+                q01 = tl.load(q_ptr)
+                q23 = tl.load(q_ptr + 1)
                 p += q01.to(tl.int32).to(tl.float32, bitcast=True) * x_at(xg, g, 4 * u, K, xmask,
                                                                          EVEN_K)
                 p += (q01 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x_at(
@@ -101,12 +105,12 @@ def gemv_words_kernel(
         else:
             if DECODE == 1:  # pair table: 2 codes -> one 64-bit load
                 for u in tl.static_range(32):
-                    idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * u, 2, 0)
+                    idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * u, 2, 3)
                     if S1 > 0:
-                        idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 2 * u, 2, 2 * S0)
+                        idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 2 * u, 2, 2 * S0 + 3)
                     if S2 > 0:
-                        idx |= bit_field(c0, 0, 0, 0, 0, 0, 0, 0, S2, 2 * u, 2, 2 * (S0 + S1))
-                    pair = tl.load(tab_ptr + idx)
+                        idx |= bit_field(c0, 0, 0, 0, 0, 0, 0, 0, S2, 2 * u, 2, 2 * (S0 + S1) + 3)
+                    pair = tl.load((tab_addr | idx.to(tl.int64)).to(tl.pointer_type(tl.int64)))
                     v0 = pair.to(tl.int32).to(tl.float32, bitcast=True)
                     v1 = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
                     x0 = x_at(xg, g, 2 * u, K, xmask, EVEN_K)
@@ -130,7 +134,7 @@ def gemv_words_kernel(
         b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         if pid_k == 0:
             y += b
-    if SPLIT_K == 1:
+    if not ATOMIC:
         tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
     else:
         tl.atomic_add(out_ptr + offs_n, y, mask=mask_n)

@@ -245,7 +245,7 @@ def _pick(m: int, n: int, k: int, bits: int, block_size: int, sms: int) -> Kerne
     kpow = max(32, triton.next_power_of_2(k))
     if m == 1 and gemv_words_ok(k, block_size):
         # 4 warps, 1 group of 64 codes per thread and trip; 8 rows per thread where registers allow
-        block_n, block_k = (256 if bits <= 5 else 128), 256
+        block_n, block_k = (256 if bits <= 5 or bits == 7 else 128), 256
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         return KernelConfig(1, block_n, block_k, split, num_warps=4, num_stages=1)
     if m == 1:
@@ -253,8 +253,9 @@ def _pick(m: int, n: int, k: int, bits: int, block_size: int, sms: int) -> Kerne
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         return KernelConfig(1, block_n, block_k, split, num_warps=4, num_stages=2)
     if m <= 16 and gemv_words_ok(k, block_size):
-        # one (row, group) per thread; BLOCK_K = 128 keeps the tile's smem stores 128 bits wide
-        block_n, block_k = 64, 128
+        # two (row, group) pairs per thread; BLOCK_K = 128 keeps the tile's smem stores 128 bits
+        # wide (with BLOCK_K = 64 Triton stores the dot operand 16 bits at a time)
+        block_n, block_k = 128, 128
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         return KernelConfig(16, block_n, block_k, split, num_warps=4, num_stages=1)
     if m <= 16:
@@ -342,6 +343,9 @@ def plan_launch(m: int, n: int, k: int, bits: int, block_size: int, act: str = "
                       4 if absmax == "fp32" else 2, cstr)
 
 
+_ADDR = 1 << 40  # placeholder of the table address in a plan (the launch passes the real one)
+
+
 def _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cfg) -> LaunchPlan:
     kp = packing.padded_len(k)
     widths = _SLICE_WIDTHS[bits] + (0, 0)
@@ -350,7 +354,7 @@ def _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cf
     out = "fp32" if split > 1 else act
     block_g = cfg.block_k // 64
     c = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size, DECODE=decode,
-             HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_G=block_g, SPLIT_K=split,
+             HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_G=block_g, ATOMIC=split > 1,
              EVEN_K=k % 64 == 0)
     ptrs = (("x_ptr", act), ("qw_ptr", "i64"), ("absmax_ptr", absmax),
             ("tab_ptr", "i64" if decode in (1, 3) else "fp32"), ("bias_ptr", act if has_bias else out),
@@ -358,7 +362,7 @@ def _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cf
     nb = -(-k // block_size)
     ints = (("N", n), ("K", k), ("n_groups", kp // 64), ("stride_qn", kp * bits // 64),
             ("stride_an", nb), ("cb_base", 0.0), ("cb_step", 0.0),
-            ("dmask", ((1 << bits) - 1) << (23 - bits)))
+            ("dmask", ((1 << bits) - 1) << (23 - bits)), ("tab_addr", _ADDR), ("split_k", split))
     return LaunchPlan(gemv_words_kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints,
                       tuple(c.items()), cfg.num_warps, cfg.num_stages, cfg.block_n * cfg.block_k,
                       bits, block_size, 4 if absmax == "fp32" else 2,
@@ -375,7 +379,7 @@ def _plan_dot_words(m, n, k, bits, block_size, act, codebook_kind, absmax, has_b
     block_g = cfg.block_k // 64
     dot_f32 = act == "bf16" and interpreted()
     c = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size, DECODE=decode,
-             HAS_BIAS=has_bias, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_G=block_g, SPLIT_K=split,
+             HAS_BIAS=has_bias, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_G=block_g, ATOMIC=split > 1,
              DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 or act == "fp32" else "tf32")
     ptrs = (("x_ptr", act), ("qw_ptr", "i64"), ("absmax_ptr", absmax),
             ("tab_ptr", "i64" if decode in (1, 3) else "fp32"), ("bias_ptr", act if has_bias else out),
@@ -383,7 +387,8 @@ def _plan_dot_words(m, n, k, bits, block_size, act, codebook_kind, absmax, has_b
     nb = -(-k // block_size)
     ints = (("M", m), ("N", n), ("K", k), ("n_groups", kp // 64), ("stride_xm", k),
             ("stride_qn", kp * bits // 64), ("stride_an", nb), ("stride_om", n),
-            ("cb_base", 0.0), ("cb_step", 0.0), ("dmask", ((1 << bits) - 1) << (23 - bits)))
+            ("cb_base", 0.0), ("cb_step", 0.0), ("dmask", ((1 << bits) - 1) << (23 - bits)),
+            ("tab_addr", _ADDR), ("split_k", split))
     return LaunchPlan(dot_words_kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints,
                       tuple(c.items()), cfg.num_warps, cfg.num_stages, cfg.block_n * cfg.block_k,
                       bits, block_size, 4 if absmax == "fp32" else 2,
@@ -415,14 +420,16 @@ def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Ten
     kind, table, scalars = "table", codebook, {}
     if m <= 16 and gemv_words_ok(k, block_size) and qweight.data_ptr() % 8 == 0:
         decode, table, base, step = decode_choice(codebook, bits)
-        kind, scalars = ("affine" if decode == 0 else "table"), dict(cb_base=base, cb_step=step)
+        kind = "affine" if decode == 0 else "table"
+        scalars = dict(cb_base=base, cb_step=step, tab_addr=table.data_ptr())
         qweight = qweight.view(torch.int64)
     plan = plan_launch(m, n, k, bits, block_size, act=_TL_NAMES[x.dtype],
                        codebook_kind=kind, sms=_sm_count(x.device),
                        absmax=_TL_NAMES[absmax.dtype], has_bias=bias is not None, config=config)
     if plan.kernel not in (gemv_words_kernel, dot_words_kernel) and qweight.dtype != torch.uint8:
         qweight = qweight.view(torch.uint8)
-    split = dict(plan.constexprs)["SPLIT_K"]
+    c = dict(plan.constexprs)
+    split = c["SPLIT_K"] if "SPLIT_K" in c else dict(plan.args)["split_k"]
     out = (torch.zeros((m, n), device=x.device, dtype=torch.float32) if split > 1
            else torch.empty((m, n), device=x.device, dtype=x.dtype))
     tensors = dict(x_ptr=x, qw_ptr=qweight, absmax_ptr=absmax, cb_ptr=codebook, tab_ptr=table,

@@ -107,6 +107,17 @@ def affine_params(codebook: torch.Tensor) -> tuple[float, float] | None:
     return float(cb[0]), step
 
 
+def aligned_copy(table: torch.Tensor) -> torch.Tensor:
+    """`table` (int64) copied to an address aligned to its own size (a power of two in bytes),
+    so that a kernel forms an entry's address as base | offset: one OR merged into the index."""
+    nbytes = table.numel() * 8
+    buf = torch.zeros(2 * table.numel(), dtype=torch.int64, device=table.device)
+    start = (-buf.data_ptr() % nbytes) // 8
+    out = buf[start:start + table.numel()]
+    out.copy_(table)
+    return out
+
+
 def pair_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
     """int64 (2^(2 bits),): (cb[c0], cb[c1]) fp32 pairs, indexed as the word GEMV builds the index
     of two neighbouring codes: slice j's 2*s_j bits (c0's s_j bits, then c1's) at bit 2*shift_j."""
@@ -118,7 +129,8 @@ def pair_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
         c0 |= (field & ((1 << width) - 1)) << shift
         c1 |= (field >> width) << shift
     cb = codebook.float()
-    return torch.stack([cb[c0], cb[c1]], dim=1).contiguous().view(torch.int64).view(-1)
+    return aligned_copy(torch.stack([cb[c0], cb[c1]], dim=1).contiguous().view(torch.int64)
+                        .view(-1))
 
 
 def quad_table(codebook: torch.Tensor) -> torch.Tensor:
@@ -127,7 +139,8 @@ def quad_table(codebook: torch.Tensor) -> torch.Tensor:
     idx = torch.arange(1 << 12, device=codebook.device)
     codes = [((idx >> (2 * j)) & 3) | (((idx >> (8 + j)) & 1) << 2) for j in range(4)]
     cb = codebook.float()
-    return torch.stack([cb[c] for c in codes], dim=1).contiguous().view(torch.int64).view(-1)
+    return aligned_copy(torch.stack([cb[c] for c in codes], dim=1).contiguous()
+                        .view(torch.int64).view(-1))
 
 
 def decode_choice(codebook: torch.Tensor, bits: int) -> tuple[int, torch.Tensor, float, float]:
