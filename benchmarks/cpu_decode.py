@@ -85,7 +85,7 @@ def worker_kbit(args, cpu_weights: str) -> dict:
         finally:
             model.drop_caches()
 
-    decode(8 if not compiled else 16)  # warm-up (and compilation)
+    decode(2 if cpu_weights == "packed" else 8 if not compiled else 16)  # warm-up (compilation)
     res = timed(lambda: decode(n), args.reps)
     return {**res, "compiled": compiled, "rss_after_imports": rss0,
             "held": held_weights(lm.model), "cpu_weights": cpu_weights}
@@ -201,8 +201,9 @@ def versions() -> dict:
 
 
 def run_one(args, name: str) -> dict:
+    reps = args.low_memory_reps if name == "kbit-low-memory" else args.reps
     cmd = [sys.executable, __file__, "--worker", name, "--threads", str(args.threads),
-           "--new", str(args.new), "--reps", str(args.reps), "--kbit", str(args.kbit),
+           "--new", str(args.new), "--reps", str(reps), "--kbit", str(args.kbit),
            "--hf", str(args.hf), "--gguf", str(args.gguf),
            "--compile" if args.compile else "--no-compile"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
@@ -246,6 +247,8 @@ def main(argv=None) -> int:
                     help="a kbit folder (kbit convert SmolLM2 --bits 4 --block 64 --dtype nf)")
     ap.add_argument("--hf", type=Path, default=cache / "SmolLM2-135M-Instruct")
     ap.add_argument("--gguf", type=Path, default=None)
+    ap.add_argument("--low-memory-reps", type=int, default=1,
+                    help="reps for kbit --low-memory (it dequantizes every layer at every step)")
     ap.add_argument("--runtimes", default=",".join(RUNTIMES))
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="torch.compile kbit's decode step")
