@@ -266,21 +266,22 @@ def main(argv=None) -> int:
         return 0
     load0 = os.getloadavg()
     results = {}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    out = Path(args.output or ROOT / f"benchmarks/results/cpu_decode-{args.threads}threads.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.runtimes.split(","):
         print(f"{name} ...", file=sys.stderr, flush=True)
         results[name] = run_one(args, name)
         print(f"  {json.dumps(results[name])[:400]}", file=sys.stderr, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    record = {"kind": "cpu_decode", "machine": machine(), "cores": os.cpu_count(),
-              "threads": args.threads, "batch": 1, "new_tokens": args.new, "reps": args.reps,
-              "prompt": PROMPT, "compile": args.compile, "versions": versions(), "commit": commit,
-              "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-              "model": {"kbit": str(args.kbit), "hf": str(args.hf), "gguf": str(args.gguf)},
-              "results": results, "ratios": ratios(results)}
-    out = Path(args.output or ROOT / f"benchmarks/results/cpu_decode-{args.threads}threads.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+        record = {"kind": "cpu_decode", "machine": machine(), "cores": os.cpu_count(),
+                  "threads": args.threads, "batch": 1, "new_tokens": args.new, "reps": args.reps,
+                  "low_memory_reps": args.low_memory_reps, "prompt": PROMPT,
+                  "compile": args.compile, "versions": versions(), "commit": commit,
+                  "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+                  "model": {"kbit": str(args.kbit), "hf": str(args.hf), "gguf": str(args.gguf)},
+                  "results": results, "ratios": ratios(results)}
+        out.write_text(json.dumps(record, indent=2) + "\n")  # after each: partial runs count
     print(json.dumps(record["ratios"], indent=2))
     print(f"written to {out}", file=sys.stderr)
     return 0

@@ -119,7 +119,7 @@ class KbitLinear(nn.Module):
         model holds 16 bits per weight rather than 16 + k. Irreversible for this module."""
         if self.dense_weight is None:
             w = self.dequantize(dtype or self.cpu_dtype)
-            for name in ("qweight", "absmax", "outlier_weight"):
+            for name in ("qweight", "absmax", "codebook", "outlier_weight"):
                 t = self._buffers[name]
                 self._buffers[name] = t.new_empty((0,) * t.dim())
             self._buffers["outlier_idx"] = self.outlier_idx.new_empty(0)
