@@ -85,7 +85,7 @@ def worker_kbit(args, cpu_weights: str) -> dict:
         finally:
             model.drop_caches()
 
-    decode(8 if not compiled else 16)  # warm-up (and compilation)
+    decode(2 if cpu_weights == "packed" else 8 if not compiled else 16)  # warm-up (compilation)
     res = timed(lambda: decode(n), args.reps)
     return {**res, "compiled": compiled, "rss_after_imports": rss0,
             "held": held_weights(lm.model), "cpu_weights": cpu_weights}
@@ -201,8 +201,9 @@ def versions() -> dict:
 
 
 def run_one(args, name: str) -> dict:
+    reps = args.low_memory_reps if name == "kbit-low-memory" else args.reps
     cmd = [sys.executable, __file__, "--worker", name, "--threads", str(args.threads),
-           "--new", str(args.new), "--reps", str(args.reps), "--kbit", str(args.kbit),
+           "--new", str(args.new), "--reps", str(reps), "--kbit", str(args.kbit),
            "--hf", str(args.hf), "--gguf", str(args.gguf),
            "--compile" if args.compile else "--no-compile"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
@@ -246,6 +247,8 @@ def main(argv=None) -> int:
                     help="a kbit folder (kbit convert SmolLM2 --bits 4 --block 64 --dtype nf)")
     ap.add_argument("--hf", type=Path, default=cache / "SmolLM2-135M-Instruct")
     ap.add_argument("--gguf", type=Path, default=None)
+    ap.add_argument("--low-memory-reps", type=int, default=1,
+                    help="reps for kbit --low-memory (it dequantizes every layer at every step)")
     ap.add_argument("--runtimes", default=",".join(RUNTIMES))
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="torch.compile kbit's decode step")
@@ -263,21 +266,22 @@ def main(argv=None) -> int:
         return 0
     load0 = os.getloadavg()
     results = {}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    out = Path(args.output or ROOT / f"benchmarks/results/cpu_decode-{args.threads}threads.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.runtimes.split(","):
         print(f"{name} ...", file=sys.stderr, flush=True)
         results[name] = run_one(args, name)
         print(f"  {json.dumps(results[name])[:400]}", file=sys.stderr, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    record = {"kind": "cpu_decode", "machine": machine(), "cores": os.cpu_count(),
-              "threads": args.threads, "batch": 1, "new_tokens": args.new, "reps": args.reps,
-              "prompt": PROMPT, "compile": args.compile, "versions": versions(), "commit": commit,
-              "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-              "model": {"kbit": str(args.kbit), "hf": str(args.hf), "gguf": str(args.gguf)},
-              "results": results, "ratios": ratios(results)}
-    out = Path(args.output or ROOT / f"benchmarks/results/cpu_decode-{args.threads}threads.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+        record = {"kind": "cpu_decode", "machine": machine(), "cores": os.cpu_count(),
+                  "threads": args.threads, "batch": 1, "new_tokens": args.new, "reps": args.reps,
+                  "low_memory_reps": args.low_memory_reps, "prompt": PROMPT,
+                  "compile": args.compile, "versions": versions(), "commit": commit,
+                  "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+                  "model": {"kbit": str(args.kbit), "hf": str(args.hf), "gguf": str(args.gguf)},
+                  "results": results, "ratios": ratios(results)}
+        out.write_text(json.dumps(record, indent=2) + "\n")  # after each: partial runs count
     print(json.dumps(record["ratios"], indent=2))
     print(f"written to {out}", file=sys.stderr)
     return 0

@@ -54,3 +54,23 @@ def test_bench_too_long_is_one_line(k4):
     res = CliRunner().invoke(cli, ["bench", str(k4), "-p", "512"])
     assert res.exit_code == 2
     assert res.stderr.strip() == "error: -p 512: the model holds at most 64 positions"
+
+
+@pytest.mark.parametrize("flags,max_bits", [([], 16.01), (["--low-memory"], 6.0)])
+def test_bench_reports_memory_held(k4, tmp_path, flags, max_bits):
+    """Resident memory: bits per quantized weight held (16-bit copy, or the packed codes with
+    --low-memory), peak RSS and model memory (peak minus the RSS after imports)."""
+    res = CliRunner().invoke(cli, ["bench", str(k4), "-p", "4", "-n", "2", "-r", "1", "--json",
+                                   "-o", str(tmp_path / "m.json"), *flags])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    held, mem = rec["held"], rec["memory"]
+    assert 3.9 < held["bits_per_quantized_weight_held"] <= max_bits
+    assert rec["options"]["cpu_weights"] == ("packed" if flags else "fp16")
+    assert mem["peak_rss_mb"] >= mem["rss_after_imports_mb"] > 0
+    assert mem["model_memory_mb"] == pytest.approx(mem["peak_rss_mb"] - mem["rss_after_imports_mb"])
+
+
+def test_bench_contradictory_memory_flags(k4):
+    res = CliRunner().invoke(cli, ["bench", str(k4), "--low-memory", "--cpu-weights", "fp32"])
+    assert res.exit_code == 2 and "contradict" in res.stderr

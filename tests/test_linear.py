@@ -117,3 +117,17 @@ def test_compiles_fullgraph():
     x = torch.randn(2, 3, 100)
     f = torch.compile(lin, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(f(x), lin(x))
+
+
+@pytest.mark.parametrize("bits,outliers", [(4, None), (8, None), (4, "top:2%")])
+def test_byte_table_dequantize_matches_reference(bits, outliers):
+    """The CPU's fast path (whole blocks, 4 or 8 bits) gives exactly the reference weights."""
+    from kbitrt.runtime.kernels.reference import dequantize_packed
+
+    qw = _qw(n=64, k=512, bits=bits, block=64, outliers=outliers)
+    lin = KbitLinear.from_quantized(qw, None, compute_dtype=torch.float32, cpu_cache=False)
+    fast = lin._dequantize_bytes()
+    assert fast is not None
+    ref = dequantize_packed(lin.qweight, lin.absmax, lin.codebook, bits, 64, 512)
+    assert torch.equal(fast, ref)
+    torch.testing.assert_close(lin.dequantize(), qw.dequantize(), rtol=1e-4, atol=1e-4)

@@ -104,7 +104,7 @@ def test_readme_main_job_runs_from_a_fresh_clone(tmp_path):
     env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "PYTHONPATH": str(clone),
            "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(["bash", "-c", f"set -eo pipefail; {job}"], cwd=clone, env=env,
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=1800)  # convert + run + eval of two models
     assert out.returncode == 0, out.stderr[-3000:]
     assert (clone / "smol-4bit" / "config.json").exists()
     assert "Paris" in out.stdout  # kbit run's greedy answer

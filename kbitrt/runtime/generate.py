@@ -194,13 +194,19 @@ def _peak_memory(device: torch.device) -> int:
 
 
 def decode_step(lm: LoadedModel, compile: bool | str):
-    """The function one decode step calls: compiled with CUDA graphs on CUDA (native backend)."""
+    """The function one decode step calls (native backend): compiled with CUDA graphs on CUDA by
+    default; on the CPU only when asked (compile=True: inductor's C++ code for the elementwise
+    work around the matmuls). "auto" leaves the CPU eager: compiling costs minutes on a small
+    machine, and the gain was not measured (docs/cpu.md)."""
     model = lm.model
-    want = compile is True or (compile == "auto" and lm.device.type == "cuda")
-    if not want or lm.device.type != "cuda" or lm.backend != "native" \
+    cuda = lm.device.type == "cuda"
+    want = compile is True or (compile == "auto" and cuda)
+    if not want or lm.backend != "native" \
             or getattr(model, "device_map", None):  # hooks hand activations over: no CUDA graphs
         return model, False
-    return torch.compile(model, mode="reduce-overhead", fullgraph=False, dynamic=False), True
+    if cuda:
+        return torch.compile(model, mode="reduce-overhead", fullgraph=False, dynamic=False), True
+    return torch.compile(model, fullgraph=False, dynamic=False), True
 
 
 @torch.no_grad()

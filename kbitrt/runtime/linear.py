@@ -114,7 +114,7 @@ class KbitLinear(nn.Module):
         model holds 16 bits per weight rather than 16 + k. Irreversible for this module."""
         if self.dense_weight is None:
             w = self.dequantize(dtype or self.cpu_dtype)
-            for name in ("qweight", "absmax", "outlier_weight"):
+            for name in ("qweight", "absmax", "codebook", "outlier_weight"):
                 t = self._buffers[name]
                 self._buffers[name] = t.new_empty((0,) * t.dim())
             self._buffers["outlier_idx"] = self.outlier_idx.new_empty(0)
@@ -139,12 +139,29 @@ class KbitLinear(nn.Module):
         """The full (N, K) weight, outlier columns included (tests, CPU cache, export)."""
         if self.dense_weight is not None:
             return self.dense_weight.to(dtype)
-        w = dequantize_packed(self.qweight, self.absmax, self.codebook, self.bits,
-                              self.block_size, self.in_features)
+        w = self._dequantize_bytes()
+        if w is None:
+            w = dequantize_packed(self.qweight, self.absmax, self.codebook, self.bits,
+                                  self.block_size, self.in_features)
         idx, ow = self.outliers()
         if idx is not None:
             w[:, idx] = ow.float()
         return w.to(dtype)
+
+    def _dequantize_bytes(self) -> torch.Tensor | None:
+        """fp32 W for the one-slice layouts (4, 8 bits) with whole blocks: each packed byte looks up
+        its 2 (or 1) values in a 256-row table, as an embedding lookup, which measured ~3x faster on
+        the CPU than the generic reference (2.4 vs 7.2 ms for 1536 x 576, one core). None: use
+        the reference."""
+        n, k, kp = self.out_features, self.in_features, packing.padded_len(self.in_features)
+        if self.bits not in (4, 8) or k != kp or self.absmax.shape[1] * self.block_size != k \
+                or self.qweight.device.type != "cpu":
+            return None
+        cb = self.codebook.float()
+        b = torch.arange(256, device=cb.device)
+        table = cb[b][:, None] if self.bits == 8 else torch.stack([cb[b & 15], cb[b >> 4]], 1)
+        vals = F.embedding(self.qweight.int(), table).view(n, -1, self.block_size)
+        return (vals * self.absmax.float().unsqueeze(-1)).view(n, k)
 
     def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
         key = (dtype, self.qweight.data_ptr(), self.qweight._version, self.absmax._version)
