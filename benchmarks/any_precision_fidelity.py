@@ -35,10 +35,11 @@ sys.path.insert(0, str(ROOT))
 
 from kbitrt.convert.any_precision import quantize_any_precision  # noqa: E402
 from kbitrt.format.bitplane import AnyPrecisionConfig  # noqa: E402
+from kbitrt.eval.data import sample_path  # noqa: E402
 from kbitrt.format.quantizer import quantize_weight  # noqa: E402
 from kbitrt.format.config import QuantConfig  # noqa: E402
 
-DATA = Path("/work/shared/data/wiki_en_dev.txt")
+DATA = sample_path("wiki-sample")  # the shipped Wikipedia sample (kbitrt/eval/data)
 OUT = ROOT / "benchmarks/results/any_precision-smollm2-cpu.json"
 
 

@@ -1,6 +1,6 @@
 """SmolLM2-135M perplexity with mse scales, Lloyd codebooks and GPTQ beside nf4/nf3 (issue 15).
 
-    python benchmarks/quality_fidelity.py --text /work/shared/data/wiki_en_dev.txt --windows 8
+    python benchmarks/quality_fidelity.py --text kbitrt/eval/data/wiki_en_dev.txt --windows 8
     python benchmarks/quality_fidelity.py --text ... --only gptq      # add rows to the same JSON
 
 Protocol `gptq`: the text tokenized once, non-overlapping windows of --seqlen, the first --windows

@@ -27,7 +27,6 @@ from kbitrt.runtime.loader import resolve_device  # noqa: E402
 from kbitrt.sweep.grid import Cell  # noqa: E402
 from kbitrt.sweep.runner import SweepOptions, read_results, run_sweep  # noqa: E402
 
-DATA = Path("/work/shared/data")
 
 
 def parse_cell(model: str, label: str) -> Cell:
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
     from kbitrt.convert.gguf import ensure_smollm2
 
     model = str(ensure_smollm2())
-    opts = SweepOptions(ppl=[str(DATA / "wiki_en_dev.txt")], tasks=[str(DATA / "mc" / "social_iqa_dev.jsonl")],
+    opts = SweepOptions(ppl=["wiki-sample"], tasks=["social_iqa-sample"],
                         seqlen=512, max_tokens=16384, limit=150, batch_size=8)
     cells = [parse_cell(model, c) for c in args.cells.split(",")]
     load_before = os.getloadavg()

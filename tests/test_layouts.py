@@ -161,7 +161,7 @@ def test_layout_converts_whole_and_matches_transformers(name, shard, tmp_path):
     with torch.no_grad():
         want = ref(input_ids=ids).logits
     for backend in ("native", "transformers"):
-        lm = build_model(km, "cpu", backend=backend, dtype=torch.float32)
+        lm = build_model(km, "cpu", backend=backend, dtype=torch.float32, cpu_weights="fp32")
         with torch.no_grad():
             got = lm.model(ids)
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4,

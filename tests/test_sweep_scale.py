@@ -14,7 +14,7 @@ from kbitrt.sweep.grid import parse_grid
 from kbitrt.sweep.runner import SweepOptions, read_results, run_sweep
 from kbitrt.sweep.shard import VOLATILE, merge_results, parse_shard, shard_cells
 
-DATA = "/work/shared/data"
+from kbitrt.eval.data import HERE as DATA  # the shipped samples
 GRID = dict(bits="3,4", blocks="32", dtypes="int,nf", outliers="none")  # 2 x 2 cells
 
 
