@@ -12,6 +12,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from kbitrt.cli.options import cpu_weight_options, placement_options
+
 
 @click.command("bench")
 @click.argument("model")
@@ -29,18 +31,10 @@ from rich.table import Table
               show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the decode step (default: on for cuda).")
-@click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit weights "
-              "resident, dequantized layer by layer at each step (slower).")
-@click.option("--cpu-weights", type=click.Choice(["fp16", "bf16", "fp32", "packed"]),
-              default=None, help="CPU: what a quantized linear holds (default fp16; packed is "
-              "--low-memory).")
-@click.option("--device-map", default=None, help="Split the model over devices: auto, balanced, "
-              "sequential or a JSON file (see docs/scaling.md).")
-@click.option("--max-memory", default=None, help="Per-device budget, e.g. 0=20GiB,cpu=60GiB.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON record file (default: <model>/bench-<timestamp>.json).")
-@click.option("--bits", default=None, help="Any-precision models: the width K (reads only K "
-              "bit planes), or LO-HI to keep those widths resident.")
+@placement_options
+@cpu_weight_options
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record on stdout.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the table as CSV on stdout.")
 def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backend, compile_,

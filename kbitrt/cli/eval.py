@@ -13,6 +13,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from kbitrt.cli.options import placement_options
+
 
 def _csv(values: tuple[str, ...]) -> list[str]:
     return [v.strip() for value in values for v in value.split(",") if v.strip()]
@@ -43,14 +45,9 @@ def _csv(values: tuple[str, ...]) -> list[str]:
 @click.option("--device", default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "native", "transformers"]), default="auto",
               show_default=True)
-@click.option("--device-map", default=None, help="Split the model over devices: auto, balanced, "
-              "sequential or a JSON file {unit or module: device} (see docs/scaling.md).")
-@click.option("--max-memory", default=None, help="Per-device budget for --device-map, e.g. "
-              "0=20GiB,cpu=60GiB (accelerate's syntax).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON record file (default: <model>/eval-<timestamp>.json).")
-@click.option("--bits", default=None, help="Any-precision models: the width K (reads only K "
-              "bit planes), or LO-HI to keep those widths resident.")
+@placement_options
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record on stdout.")
 def eval_cmd(model, ppl, tasks, seqlen, protocol, stride, max_tokens, limit, batch_size,
              num_fewshot, baseline, device, backend, device_map, max_memory, output, as_json,

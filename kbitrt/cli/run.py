@@ -14,6 +14,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from kbitrt.cli.options import cpu_weight_options, placement_options
 from kbitrt.errors import KbitFormatError
 
 COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,17 +47,8 @@ def _fail(message: str) -> None:
               help="Activation dtype (auto: fp32 on cpu, the model's bf16/fp16 on cuda).")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="torch.compile the decode step (default: on for cuda).")
-@click.option("--bits", default=None, help="Any-precision models: the width K (reads only K "
-              "bit planes), or LO-HI to keep those widths resident.")
-@click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit weights "
-              "resident, dequantized layer by layer at each step (slower).")
-@click.option("--cpu-weights", type=click.Choice(["fp16", "bf16", "fp32", "packed"]),
-              default=None, help="CPU: what a quantized linear holds (default fp16; packed is "
-              "--low-memory).")
-@click.option("--device-map", default=None, help="Split the model over devices: auto, balanced, "
-              "sequential or a JSON file {unit or module: device} (see docs/scaling.md).")
-@click.option("--max-memory", default=None, help="Per-device budget for --device-map, e.g. "
-              "0=20GiB,cpu=60GiB (accelerate's syntax).")
+@placement_options
+@cpu_weight_options
 @click.option("--json", "as_json", is_flag=True, help="Print results and stats as JSON.")
 def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, top_p,
             repetition_penalty, seed, stops, device, backend, dtype, compile_, low_memory,

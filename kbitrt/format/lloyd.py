@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from kbitrt.format import dtypes, scales
+from kbitrt.format.blockwise import blocks
 
 SAMPLE = 1 << 22  # values looked at per tensor (whole rows)
 ITERS = 60  # Lloyd steps at most (they stop earlier once no entry moves)
@@ -87,17 +88,9 @@ def lloyd_max(x: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
     return best, best_err
 
 
-def _blocks(w: torch.Tensor, block_size: int) -> torch.Tensor:
-    n, k = w.shape
-    nb = -(-k // block_size)
-    if nb * block_size != k:
-        w = torch.nn.functional.pad(w, (0, nb * block_size - k))
-    return w.view(n, nb, block_size)
-
-
 def _normalized(w: torch.Tensor, s: torch.Tensor, block_size: int):
     """(x, v): w / s per block and the weight s^2 of every value (0 for padding and zero blocks)."""
-    wb = _blocks(w, block_size)
+    wb = blocks(w, block_size)
     safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
     x = wb / safe
     v = (s * s)[..., None].expand_as(wb).clone()

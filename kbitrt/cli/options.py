@@ -1,0 +1,29 @@
+"""Options that several commands share, declared once: how a model is placed and what it holds."""
+
+from __future__ import annotations
+
+import click
+
+
+def placement_options(f):
+    """--bits (any-precision width), --device-map and --max-memory."""
+    for opt in reversed((
+        click.option("--bits", default=None, help="Any-precision models: the width K (reads only K "
+                     "bit planes), or LO-HI to keep those widths resident."),
+        click.option("--device-map", default=None, help="Split the model over devices: auto, "
+                     "balanced, sequential or a JSON file {unit or module: device} "
+                     "(see docs/scaling.md)."),
+        click.option("--max-memory", default=None, help="Per-device budget for --device-map, e.g. "
+                     "0=20GiB,cpu=60GiB (accelerate's syntax)."),
+    )):
+        f = opt(f)
+    return f
+
+
+def cpu_weight_options(f):
+    """--low-memory and --cpu-weights: what a quantized linear holds on the CPU."""
+    f = click.option("--cpu-weights", type=click.Choice(["fp16", "bf16", "fp32", "packed"]),
+                     default=None, help="CPU: what a quantized linear holds (default fp16; packed "
+                     "is --low-memory).")(f)
+    return click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit "
+                        "weights resident, dequantized layer by layer at each step (slower).")(f)
