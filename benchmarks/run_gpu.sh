@@ -17,7 +17,7 @@ python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_linear.p
 python3 benchmarks/kernel_bench.py --check --quick || status=1
 python3 benchmarks/kernel_bench.py || status=1
 python3 benchmarks/sass_budget.py --arch sm_90 --shapes 7b-o 7b-gateup 70b-o --kernels gemv small \
-  --bits 3 4 8 --dtypes nf int --out benchmarks/results/sass_budget-predicted-for-gpu-run.json \
+  --bits 3 4 8 --dtypes nf int --out benchmarks/results/sass_budget-gpu-run.json \
   >/dev/null || status=1
 python3 benchmarks/decode.py || status=1
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/*.json "$OUT"/ 2>/dev/null; fi

@@ -2,7 +2,7 @@
 
     python benchmarks/sass_budget.py                       # table, sm_90, Llama-2-7B shapes
     python benchmarks/sass_budget.py --json                # one JSON record per variant
-    python benchmarks/sass_budget.py --all --out benchmarks/results/sass_budget.json
+    python benchmarks/sass_budget.py --all --out benchmarks/results/sass_budget-<archs>.json
 
 Every variant the dispatcher can choose (`triton_kbit.plan_launch`: M=1 GEMV, M=2..16 small batch,
 prefill) is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` with

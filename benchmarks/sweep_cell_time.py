@@ -6,7 +6,7 @@
 Runs the cells into a temporary results file with the sweep's own code, and records each cell's
 seconds (quantize + evaluate, from the results line), the model load time, the tokens each cell
 scores, and the machine's load average (the CPU is shared: a loaded machine is slower).
-Writes benchmarks/results/sweep_cell_time-cpu[-ray].json (device, versions, commit).
+Writes benchmarks/results/sweep_cell_time-<device>.json (-ray appended with Ray) (device, versions, commit).
 docs/scaling.md turns these numbers into the cost of the paper's grid.
 """
 

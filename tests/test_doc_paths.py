@@ -38,12 +38,17 @@ def missing(path: str) -> bool:
     return False
 
 
+def _written_here(source: Path, line: str) -> bool:
+    """A benchmarks/ script's own output file (`--out benchmarks/results/...`) need not exist yet."""
+    return source.parent.name == "benchmarks" and re.search(r"--out\s+benchmarks/results/", line) is not None
+
+
 def test_cited_paths_exist():
     bad = []
     for f in _sources():
         for i, line in enumerate(f.read_text().splitlines(), 1):
             bad += [f"{f.relative_to(ROOT)}:{i} cites {m.group(1)}" for m in CITED.finditer(line)
-                    if missing(m.group(1))]
+                    if missing(m.group(1)) and not _written_here(f, line)]
     assert not bad, "\n".join(bad)
 
 
