@@ -254,7 +254,7 @@ def test_words_zero_blocks():
 
 def test_pad_codebook_affine():
     from kbitrt.format import dtypes
-    cb = pad_codebook(dtypes.int_codebook(4), 4)
+    cb = pad_codebook(dtypes.get("int").levels(4), 4)
     assert torch.allclose(cb[15], torch.tensor(8 / 7)) and torch.allclose(cb[14], torch.tensor(1.0))
-    nf = pad_codebook(dtypes.nf_codebook(4)[:-2], 4)
+    nf = pad_codebook(dtypes.get("nf").levels(4)[:-2], 4)
     assert nf[-1] == nf[-3]  # not equally spaced: the last entry repeats
