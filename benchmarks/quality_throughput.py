@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.fidelity import cpu_name, git_commit  # noqa: E402
-from kbitrt.format.blockwise import quantize_weight  # noqa: E402
+from kbitrt.format.quantizer import quantize_weight  # noqa: E402
 from kbitrt.format.config import QuantConfig  # noqa: E402
 
 SETTINGS = [dict(dtype="nf"), dict(dtype="nf", scales="mse"), dict(dtype="int", scales="mse"),
