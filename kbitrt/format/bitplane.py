@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK,
                                   OUTLIER_IDX, OUTLIER_WEIGHT, PACKING, QUANT_SUFFIXES, QWEIGHT,
                                   SHAPE, KbitFormatError, LinearLayout, QuantConfig)
 from kbitrt.format.safetensors_io import SafetensorsFile
+from kbitrt.format.stored_bytes import StoredBytes
 
 BITPLANE = "bitplane-v1"
 FORMAT_VERSION = 1
@@ -197,7 +197,7 @@ class PlaneEntry:
     n_outliers: int
 
 
-class BitplaneModel:
+class BitplaneModel(StoredBytes):
     """The KbitModel interface over an any-precision folder, at one width (`bits`, default the
     parent's). `quantized(m)` reads only the first `bits` planes and returns them repacked in
     bitslice-v1 with that width's codebook, so every kernel and CPU path serves it unchanged."""
@@ -341,22 +341,6 @@ class BitplaneModel:
                     nbytes = 4 * 2**bits
                 total += nbytes
         return total
-
-    def tensor_bytes(self) -> int:
-        return sum(self.info(n).nbytes for n in self._file_of)
-
-    def quantized_bytes(self) -> int:
-        return sum(self.info(n).nbytes for n in self._file_of
-                   if n.rpartition(".")[0] in self.modules and n.rpartition(".")[2] in QUANT_SUFFIXES)
-
-    def params_quantized(self) -> int:
-        return sum(e.out_features * e.in_features for e in self.modules.values())
-
-    def params_total(self) -> int:
-        return self.params_quantized() + sum(math.prod(self.info(n).shape) for n in self.plain_names)
-
-    def file_bytes(self) -> int:
-        return sum(f.path.stat().st_size for f in self.files.values())
 
     def summary(self) -> dict:
         """As KbitModel.summary, plus bits/param of every width (from the bytes each width reads)."""

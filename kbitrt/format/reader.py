@@ -9,7 +9,6 @@ and shapes its recorded (N, K) and the settings imply.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from kbitrt.format import dtypes
 from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.format.model_check import check_against_model
 from kbitrt.format.safetensors_io import SafetensorsFile
+from kbitrt.format.stored_bytes import StoredBytes
 from kbitrt.format.config import (CODEBOOK, OUTLIER_IDX, QUANT_SUFFIXES, QWEIGHT,
                                  SHAPE, KbitFormatError, LinearLayout, QuantConfig)
 
@@ -43,7 +43,7 @@ def _fail(where, what: str, todo: str = "convert the model again") -> KbitFormat
     return KbitFormatError(f"{where}: {what}: {todo}")
 
 
-class KbitModel:
+class KbitModel(StoredBytes):
     def __init__(self, path: Path, config: dict, quant: QuantConfig,
                  files: dict[str, SafetensorsFile]):
         self.path = path
@@ -246,23 +246,7 @@ class KbitModel:
         tensors = {s: self._read(f"{module}.{s}") for s in self._suffixes(module) if s != SHAPE}
         return QuantizedWeight.from_tensors(tensors, self.quant, (e.out_features, e.in_features))
 
-    # -- accounting ---------------------------------------------------------------------------
-    def tensor_bytes(self) -> int:
-        return sum(self.info(n).nbytes for n in self._file_of)
-
-    def quantized_bytes(self) -> int:
-        return sum(self.info(n).nbytes for n in self._file_of
-                   if n.rpartition(".")[0] in self.modules and n.rpartition(".")[2] in QUANT_SUFFIXES)
-
-    def params_quantized(self) -> int:
-        return sum(e.out_features * e.in_features for e in self.modules.values())
-
-    def params_total(self) -> int:
-        return self.params_quantized() + sum(math.prod(self.info(n).shape) for n in self.plain_names)
-
-    def file_bytes(self) -> int:
-        return sum(f.path.stat().st_size for f in self.files.values())
-
+    # -- accounting (byte counts: StoredBytes) -----------------------------------------------
     def summary(self) -> dict:
         """What `kbit inspect` shows and the model card records: exact figures from the bytes on disk."""
         qc = self.config["quantization_config"]
