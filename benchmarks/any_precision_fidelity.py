@@ -23,7 +23,6 @@ import datetime
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,27 +37,11 @@ from kbitrt.format.bitplane import AnyPrecisionConfig  # noqa: E402
 from kbitrt.eval.data import sample_path  # noqa: E402
 from kbitrt.format.quantizer import quantize_weight  # noqa: E402
 from kbitrt.format.config import QuantConfig  # noqa: E402
+from kbitrt.eval.results import git_commit  # noqa: E402
+from smollm2_text import token_nll, token_windows  # noqa: E402  (benchmarks/)
 
 DATA = sample_path("wiki-sample")  # the shipped Wikipedia sample (kbitrt/eval/data)
 OUT = ROOT / "benchmarks/results/any_precision-smollm2-cpu.json"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-@torch.inference_mode()
-def token_nll(model, windows: torch.Tensor) -> torch.Tensor:
-    """float64 NLL of every predicted token of the (n, seqlen) windows, in order."""
-    out = []
-    for row in windows:
-        logits = model(row[None]).logits.float()
-        out.append(torch.nn.functional.cross_entropy(logits[0, :-1], row[1:], reduction="none"))
-    return torch.cat(out).double()
 
 
 def main() -> None:
@@ -81,11 +64,7 @@ def main() -> None:
     path = ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = tok(DATA.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-    n_all = ids.numel() // args.seqlen
-    n_win = min(args.windows, n_all) if args.windows else n_all
-    windows = ids[: n_win * args.seqlen].view(n_win, args.seqlen)
-    print(f"{ids.numel()} tokens, {n_win}/{n_all} windows of {args.seqlen}", flush=True)
+    n_tokens, windows, n_win, n_all = token_windows(tok, DATA, args.seqlen, args.windows)
 
     linears = {n: m for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)}
     original = {n: m.weight.detach().clone() for n, m in linears.items()}

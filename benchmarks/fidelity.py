@@ -32,6 +32,7 @@ from kbitrt.eval.data import sample_path  # noqa: E402
 from kbitrt.format.quantizer import quantize_weight  # noqa: E402
 from kbitrt.format.config import QuantConfig  # noqa: E402
 from kbitrt.eval.results import git_commit  # noqa: E402
+from smollm2_text import token_windows  # noqa: E402  (benchmarks/)
 
 DATA = sample_path("wiki-sample")  # shipped in the package
 BNB_CPU_BUG = "bnb CPU bug above block 64"
@@ -178,11 +179,7 @@ def main() -> None:
     path = ensure_smollm2()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = tok(DATA.read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
-    n_all = ids.numel() // args.seqlen
-    n_win = min(args.windows, n_all) if args.windows else n_all
-    windows = ids[: n_win * args.seqlen].view(n_win, args.seqlen)
-    print(f"{ids.numel()} tokens, {n_win}/{n_all} windows of {args.seqlen}", flush=True)
+    n_tokens, windows, n_win, n_all = token_windows(tok, DATA, args.seqlen, args.windows)
 
     linears = decoder_linears(model)
     original = {name: m.weight.detach().clone() for name, m in linears.items()}
@@ -217,8 +214,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         for name, m in linears.items():
             m.weight.data.copy_(original[name])
-        write(args, rows, ids.numel(), n_win, n_all)  # after every row: a cut-short run keeps its rows
-    print(render_markdown(write(args, rows, ids.numel(), n_win, n_all)))
+        write(args, rows, n_tokens, n_win, n_all)  # after every row: a cut-short run keeps its rows
+    print(render_markdown(write(args, rows, n_tokens, n_win, n_all)))
 
 
 def write(args, rows: list[dict], n_tokens: int, n_win: int, n_all: int) -> dict:

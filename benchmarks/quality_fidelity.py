@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.fidelity import cpu_name, decoder_linears, git_commit, versions  # noqa: E402
 from kbitrt.format.quantizer import quantize_weight  # noqa: E402
 from kbitrt.format.config import QuantConfig  # noqa: E402
+from smollm2_text import token_nll  # noqa: E402  (benchmarks/)
 
 OUT = ROOT / "benchmarks/results/quality-fidelity-smollm2-cpu.json"
 REF = "nf4-b64"
@@ -52,15 +53,6 @@ def settings() -> list[tuple[str, dict]]:
 def stored_bits(q) -> int:
     return (q.qweight.numel() * 8 + q.absmax.numel() * q.absmax.element_size() * 8
             + q.codebook.numel() * 32)
-
-
-@torch.inference_mode()
-def token_nll(model, windows: torch.Tensor) -> torch.Tensor:
-    out = []
-    for row in windows:
-        logits = model(row[None]).logits.float()
-        out.append(torch.nn.functional.cross_entropy(logits[0, :-1], row[1:], reduction="none"))
-    return torch.cat(out).double()
 
 
 def main() -> None:
