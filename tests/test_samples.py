@@ -52,7 +52,7 @@ def _tracked_files() -> list[Path]:
 
 
 def test_nothing_reads_the_sibling_shared_folder():
-    """README commands, tests, CI and benchmarks use the shipped samples, never ../shared."""
+    """README commands, tests, CI and benchmarks use the shipped samples, never the sibling data folder."""
     offenders = []
     for f in _tracked_files():
         rel = f.relative_to(ROOT).as_posix()
@@ -82,7 +82,7 @@ def test_readme_main_job_uses_short_names():
 
 @pytest.mark.slow
 def test_readme_main_job_runs_from_a_fresh_clone(tmp_path):
-    """git clone into an empty folder (no ../shared beside it) and run the README's main job there.
+    """git clone into an empty folder (no sibling data folder beside it) and run the README's main job there.
 
     The setup step (venv + pip) is replaced by this interpreter's environment with the clone first
     on the path: the test must not pip-install into the running venv, and it runs offline."""
