@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from kbitrt.runtime.loader import LoadedModel, TransformersLM, default_dtype, load_model, resolve_device
+from kbitrt.runtime.loader import (LoadedModel, TransformersLM, default_dtype, load_model,
+                                   load_tokenizer, resolve_device)
 
 
 def is_kbit(path: Path) -> bool:
@@ -41,12 +42,12 @@ def open_model(name: str, device: str = "auto", backend: str = "auto",
 
 def load_hf(path: Path, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
     """An unquantized HF checkpoint: fp32 on the CPU (the exact reference), bf16/fp16 on CUDA."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     config = json.loads((Path(path) / "config.json").read_text())
     dtype = dtype or default_dtype(device, config)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     return wrap_hf(hf, tokenizer, path)
 
 

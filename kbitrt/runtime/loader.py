@@ -410,8 +410,6 @@ def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
     `cpu_weights`: what a quantized linear holds on the CPU (CPU_WEIGHTS); `bits`: the width of an
     any-precision model (K, or LO-HI to choose per call; runtime/any_precision.py);
     `device_map`/`max_memory`: placement over devices (runtime/placement.py)."""
-    from transformers import AutoTokenizer
-
     from kbitrt.format.reader import KbitModel
     from kbitrt.convert.source import resolve_model
 
@@ -424,7 +422,7 @@ def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
     if bits is not None:
         from kbitrt.runtime.any_precision import select_width
         source = select_width(source, bits)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     return build_model(source, device if device_map is not None else device_obj, backend, dtype,
                        tokenizer, cpu_weights, device_map, max_memory)
 
@@ -520,3 +518,15 @@ def _param_name(model: nn.Module, head: nn.Module) -> str:
         if module is head:
             return f"{name}.weight"
     return ""
+
+
+def load_tokenizer(path: str | Path):
+    """The folder's tokenizer; a folder without usable tokenizer files is one clear line."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} has no usable tokenizer ({str(e).splitlines()[0][:120]}): copy the "
+                       "source model's tokenizer files (tokenizer.json, tokenizer_config.json) into "
+                       "it") from None
