@@ -261,7 +261,7 @@ def test_reader_refuses_what_it_does_not_know(ap_folder, tmp_path):
     import shutil
 
     for change, text in [({"packing": "bitplane-v9"}, "packing"),
-                         ({"min_bits": 2}, "outside"), ({"bits": 7}, "differ"),
+                         ({"min_bits": 2}, "outside"), ({"bits": 7}, "mixes two conversions"),
                          ({"format_version": 2}, "format_version"),
                          ({"planes_order": "lsb"}, "planes_order")]:
         bad = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"

@@ -17,7 +17,6 @@ prefix of the tensor: one read, k bits per weight.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +25,10 @@ import torch
 from kbitrt.format import packing
 from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, MAX_BITS, MIN_BITS,
-                                  OUTLIER_IDX, OUTLIER_WEIGHT, PACKING, QUANT_SUFFIXES, QWEIGHT,
+                                  OUTLIER_IDX, OUTLIER_WEIGHT, PACKING, QWEIGHT,
                                   SHAPE, KbitFormatError, LinearLayout, QuantConfig)
 from kbitrt.format.safetensors_io import SafetensorsFile
-from kbitrt.format.stored_bytes import StoredBytes
+from kbitrt.format.stored_model import StoredModel, open_shards
 
 BITPLANE = "bitplane-v1"
 FORMAT_VERSION = 1
@@ -197,46 +196,22 @@ class PlaneEntry:
     n_outliers: int
 
 
-class BitplaneModel(StoredBytes):
+class BitplaneModel(StoredModel):
     """The KbitModel interface over an any-precision folder, at one width (`bits`, default the
     parent's). `quantized(m)` reads only the first `bits` planes and returns them repacked in
     bitslice-v1 with that width's codebook, so every kernel and CPU path serves it unchanged."""
 
     def __init__(self, path: Path, config: dict, quant: AnyPrecisionConfig,
                  files: dict[str, SafetensorsFile]):
-        self.path, self.config, self.files = path, config, files
+        super().__init__(path, config, quant, files)  # quant: the width in use
         self.spec = quant  # the file: widths min_bits..max_bits
-        self.quant = quant  # the width in use
-        self._file_of = {name: f for f in files.values() for name in f.tensors}
-        self.modules: dict[str, PlaneEntry] = {}
-        self.transposed = set(config["quantization_config"].get("transposed_modules") or [])
         self._validate()
 
     @classmethod
     def open(cls, path: Path, config: dict) -> BitplaneModel:
         """Called by KbitModel.open for packing bitplane-v1 (config.json already read)."""
         quant = AnyPrecisionConfig.from_json(config["quantization_config"])
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            try:
-                shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError):
-                raise KbitFormatError(f"{index} is corrupt") from None
-        elif (path / "model.safetensors").exists():
-            shard_names = ["model.safetensors"]
-        else:
-            raise KbitFormatError(f"{path} has no model.safetensors (nor an index): incomplete model")
-        files = {}
-        for s in shard_names:
-            if not (path / s).exists():
-                raise KbitFormatError(f"{path}: shard {s} is missing")
-            f = SafetensorsFile(path / s)
-            meta = f.metadata.get("kbit")
-            if meta is None:
-                raise KbitFormatError(f"{path / s} has no kbit metadata in its header")
-            if AnyPrecisionConfig.from_json(json.loads(meta)) != quant:
-                raise KbitFormatError(f"{path / s}: its header's kbit settings differ from config.json")
-            files[s] = f
+        files = open_shards(path, quant, AnyPrecisionConfig.from_json)
         return cls(path, config, quant, files)
 
     def at_bits(self, bits: int | None) -> BitplaneModel:
@@ -262,7 +237,7 @@ class BitplaneModel(StoredBytes):
                 continue
             if f"{module}.{SHAPE}" not in self._file_of:
                 raise KbitFormatError(f"{self.path}: {module} has no {SHAPE} tensor")
-            n, k = (int(v) for v in self._read(f"{module}.{SHAPE}").tolist())
+            n, k = (int(v) for v in self.read(f"{module}.{SHAPE}").tolist())
             n_out = self.info(f"{module}.{OUTLIER_IDX}").shape[0] \
                 if f"{module}.{OUTLIER_IDX}" in self._file_of else 0
             d16 = self.info(f"{module}.{OUTLIER_WEIGHT}").dtype \
@@ -280,60 +255,37 @@ class BitplaneModel(StoredBytes):
         if not self.modules:
             raise KbitFormatError(f"{self.path}: no quantized linears found")
 
-    def _suffixes(self, module: str) -> set[str]:
-        return {s for s in QUANT_SUFFIXES if f"{module}.{s}" in self._file_of}
-
-    def info(self, name: str):
-        return self._file_of[name].tensors[name]
-
-    def _read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        return self._file_of[name].read(name, rows)
-
-    @property
-    def quantized_modules(self) -> list[str]:
-        return list(self.modules)
-
-    @property
-    def plain_names(self) -> list[str]:
-        return [n for n in sorted(self._file_of)
-                if not (n.rpartition(".")[0] in self.modules and n.rpartition(".")[2] in QUANT_SUFFIXES)]
-
-    def tensor(self, name: str) -> torch.Tensor:
-        if name not in self._file_of:
-            raise KbitFormatError(f"{self.path}: no tensor {name}")
-        return self._read(name)
-
     def planes(self, module: str, bits: int | None = None) -> torch.Tensor:
         """uint8 (bits, N, ceil(K/8)): the first `bits` planes, read as one contiguous prefix."""
-        return self._read(f"{module}.{QWEIGHT}", (0, bits or self.bits))
+        return self.read(f"{module}.{QWEIGHT}", (0, bits or self.bits))
 
     def codebook(self, module: str, bits: int | None = None) -> torch.Tensor:
         bits = bits or self.bits
         off = codebook_offset(bits, self.spec.min_bits)
-        return self._read(f"{module}.{CODEBOOK}")[off: off + 2**bits].clone()
+        return self.read(f"{module}.{CODEBOOK}")[off: off + 2**bits].clone()
 
     def tensor_codebooks(self, module: str) -> torch.Tensor:
         """The stored codebook tensor of `module`: every width's codebook, lowest width first."""
-        return self._read(f"{module}.{CODEBOOK}")
+        return self.read(f"{module}.{CODEBOOK}")
 
     def quantized(self, module: str, bits: int | None = None) -> QuantizedWeight:
         """Width `bits` (default: this view's) of `module`, repacked in bitslice-v1."""
-        e, has, bits = self.modules[module], self._suffixes(module), bits or self.bits
+        e, has, bits = self.modules[module], self.suffixes(module), bits or self.bits
         return QuantizedWeight(
             qweight=to_bitslice(self.planes(module, bits), e.in_features),
-            absmax=self._read(f"{module}.{ABSMAX}"), codebook=self.codebook(module, bits),
+            absmax=self.read(f"{module}.{ABSMAX}"), codebook=self.codebook(module, bits),
             shape=(e.out_features, e.in_features), bits=bits, block_size=self.spec.block_size,
-            absmax_scale=self._read(f"{module}.{ABSMAX_SCALE}") if ABSMAX_SCALE in has else None,
-            absmax_offset=self._read(f"{module}.{ABSMAX_OFFSET}") if ABSMAX_OFFSET in has else None,
-            outlier_idx=self._read(f"{module}.{OUTLIER_IDX}") if OUTLIER_IDX in has else None,
-            outlier_weight=self._read(f"{module}.{OUTLIER_WEIGHT}") if OUTLIER_WEIGHT in has else None)
+            absmax_scale=self.read(f"{module}.{ABSMAX_SCALE}") if ABSMAX_SCALE in has else None,
+            absmax_offset=self.read(f"{module}.{ABSMAX_OFFSET}") if ABSMAX_OFFSET in has else None,
+            outlier_idx=self.read(f"{module}.{OUTLIER_IDX}") if OUTLIER_IDX in has else None,
+            outlier_weight=self.read(f"{module}.{OUTLIER_WEIGHT}") if OUTLIER_WEIGHT in has else None)
 
     # -- accounting ---------------------------------------------------------------------------
     def width_bytes(self, bits: int) -> int:
         """Bytes of the quantized linears as read at `bits`: k planes, scales, width-k codebook."""
         total = 0
         for m in self.modules:
-            for s in self._suffixes(m):
+            for s in self.suffixes(m):
                 nbytes = self.info(f"{m}.{s}").nbytes
                 if s == QWEIGHT:
                     nbytes = nbytes // self.spec.max_bits * bits
@@ -344,23 +296,14 @@ class BitplaneModel(StoredBytes):
 
     def summary(self) -> dict:
         """As KbitModel.summary, plus bits/param of every width (from the bytes each width reads)."""
-        qc = self.config["quantization_config"]
-        pq, pt = self.params_quantized(), self.params_total()
+        summary = super().summary()
+        modules = summary.pop("modules")
+        pq, pt = summary["params_quantized"], summary["params_total"]
         plain = self.tensor_bytes() - self.quantized_bytes()
-        return {
-            "path": str(self.path), "model_type": self.config.get("model_type"),
-            "architectures": self.config.get("architectures"), "quantization": qc,
-            "label": self.quant.label, "linears_quantized": len(self.modules),
-            "modules_not_quantized": qc.get("modules_not_quantized", []),
-            "params_total": pt, "params_quantized": pq,
-            "bits_per_param_quantized": round(8 * self.quantized_bytes() / max(pq, 1), 6),
-            "bits_per_param_model": round(8 * self.tensor_bytes() / max(pt, 1), 6),
-            "tensor_bytes": self.tensor_bytes(), "file_bytes": self.file_bytes(), "shards": len(self.files),
-            "outlier_columns": sum(e.n_outliers for e in self.modules.values()),
-            "widths": [{"bits": b, "bytes_quantized": self.width_bytes(b),
-                        "bits_per_param_quantized": round(8 * self.width_bytes(b) / max(pq, 1), 6),
-                        "bits_per_param_model": round(8 * (self.width_bytes(b) + plain) / max(pt, 1), 6)}
-                       for b in self.spec.widths],
-            "modules": [{"name": e.name, "out_features": e.out_features, "in_features": e.in_features,
-                         "outliers": e.n_outliers} for e in self.modules.values()],
-        }
+        summary["widths"] = [
+            {"bits": b, "bytes_quantized": self.width_bytes(b),
+             "bits_per_param_quantized": round(8 * self.width_bytes(b) / max(pq, 1), 6),
+             "bits_per_param_model": round(8 * (self.width_bytes(b) + plain) / max(pt, 1), 6)}
+            for b in self.spec.widths]
+        summary["modules"] = modules
+        return summary

@@ -8,8 +8,6 @@ and shapes its recorded (N, K) and the settings imply.
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from kbitrt.format import dtypes
 from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.format.model_check import check_against_model
 from kbitrt.format.safetensors_io import SafetensorsFile
-from kbitrt.format.stored_bytes import StoredBytes
+from kbitrt.format.stored_model import StoredModel, format_error, open_shards, read_json
 from kbitrt.format.config import (CODEBOOK, OUTLIER_IDX, QUANT_SUFFIXES, QWEIGHT,
                                  SHAPE, KbitFormatError, LinearLayout, QuantConfig)
 
@@ -36,28 +34,13 @@ class ModuleEntry:
 # a model loaded in fp32 through transformers and saved again keeps fp32)
 FLOAT16 = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 PLAIN_INT_DTYPES = ("I64", "I32", "U8", "BOOL")  # integer buffers a model may carry (ids, masks)
-SHARD_NAME = re.compile(r"^[\w.\-]+\.safetensors$")
+_fail = format_error  # every check below raises it: where, what, what to do
 
 
-def _fail(where, what: str, todo: str = "convert the model again") -> KbitFormatError:
-    return KbitFormatError(f"{where}: {what}: {todo}")
-
-
-class KbitModel(StoredBytes):
+class KbitModel(StoredModel):
     def __init__(self, path: Path, config: dict, quant: QuantConfig,
                  files: dict[str, SafetensorsFile]):
-        self.path = path
-        self.config = config
-        self.quant = quant
-        self._file_of: dict[str, SafetensorsFile] = {}
-        for f in files.values():
-            for name in f.tensors:
-                if name in self._file_of:
-                    raise _fail(f.path, f"tensor {name} is also in {self._file_of[name].path.name}")
-                self._file_of[name] = f
-        self.files = files
-        self.modules: dict[str, ModuleEntry] = {}
-        self.transposed = set(config["quantization_config"].get("transposed_modules") or [])
+        super().__init__(path, config, quant, files)
         self.dtype16 = _dtype16(path, config)
         with torch.device("cpu"):  # callers may open a folder inside a meta-device context
             self._validate()
@@ -73,7 +56,7 @@ class KbitModel(StoredBytes):
         cfg_path = path / "config.json"
         if not cfg_path.exists():
             raise KbitFormatError(f"{path} has no config.json: not a model folder")
-        config = _read_json(cfg_path)
+        config = read_json(cfg_path)
         if not isinstance(config, dict):
             raise _fail(cfg_path, "is not a JSON object")
         qc = config.get("quantization_config")
@@ -87,46 +70,7 @@ class KbitModel(StoredBytes):
             quant = QuantConfig.from_json(qc)
         except KbitFormatError as e:
             raise KbitFormatError(f"{cfg_path}: {e}") from None
-        index = path / "model.safetensors.index.json"
-        weight_map = None
-        if index.exists():
-            data = _read_json(index)
-            weight_map = data.get("weight_map") if isinstance(data, dict) else None
-            if not isinstance(weight_map, dict) or not weight_map or not all(
-                    isinstance(k, str) and isinstance(v, str) and SHARD_NAME.match(v)
-                    for k, v in weight_map.items()):
-                raise _fail(index, "has no valid weight_map (tensor name -> shard file name)")
-            shard_names = sorted(set(weight_map.values()))
-        elif (path / "model.safetensors").exists():
-            shard_names = ["model.safetensors"]
-        else:
-            raise KbitFormatError(f"{path} has no model.safetensors (nor an index): incomplete model")
-        files = {}
-        for s in shard_names:
-            if not (path / s).is_file():
-                raise _fail(path, f"shard {s} is missing", "download or convert the model again")
-            f = SafetensorsFile(path / s)
-            meta = f.metadata.get("kbit")
-            if meta is None:
-                raise _fail(path / s, "has no kbit metadata in its header")
-            try:
-                shard_quant = QuantConfig.from_json(json.loads(meta))
-            except (json.JSONDecodeError, KbitFormatError) as e:
-                raise _fail(path / s, f"has unreadable kbit metadata ({str(e)[:100]})") from None
-            if shard_quant != quant:
-                raise _fail(path / s, f"header says {shard_quant.label} but config.json says "
-                                      f"{quant.label}", "the folder mixes two conversions; convert again")
-            _check_order(f)
-            if weight_map is not None:
-                for name in f.tensors:
-                    if weight_map.get(name) != s:
-                        raise _fail(index, f"tensor {name} is in {s} but the index says "
-                                           f"{weight_map.get(name)}")
-            files[s] = f
-        if weight_map is not None:
-            absent = [n for n, s in weight_map.items() if n not in files[s].tensors]
-            if absent:
-                raise _fail(index, f"lists {len(absent)} tensors its shards lack (e.g. {absent[0]})")
+        files = open_shards(path, quant, QuantConfig.from_json)
         return cls(path, config, quant, files)
 
     def _validate(self) -> None:
@@ -172,7 +116,7 @@ class KbitModel(StoredBytes):
         if info.dtype != "I64" or info.shape != (2,):
             raise _fail(self.file_path(shape_name), f"{shape_name} is {info.dtype}{list(info.shape)}, "
                                                  "expected I64[2]")
-        n, k = (int(v) for v in self._read(shape_name).tolist())
+        n, k = (int(v) for v in self.read(shape_name).tolist())
         if not (0 < n < 2**31 and 0 < k < 2**31):
             raise _fail(self.file_path(shape_name), f"{shape_name} holds ({n}, {k}), not a linear's shape")
         n_out = 0
@@ -202,98 +146,21 @@ class KbitModel(StoredBytes):
             if info.shape != tuple(shape) or info.dtype != dtype:
                 raise _fail(self.file_path(full), f"{full} is {info.dtype}{list(info.shape)}, expected "
                             f"{dtype}{list(shape)} for a ({n}, {k}) linear at {q.label}")
-        cb = self._read(f"{module}.{CODEBOOK}")
+        cb = self.read(f"{module}.{CODEBOOK}")
         if not bool(torch.isfinite(cb).all()) or cb.abs().max() > 1 or bool((cb[1:] <= cb[:-1]).any()):
             raise _fail(self.file_path(f"{module}.{CODEBOOK}"), f"{module}.{CODEBOOK} is not a sorted "
                         "codebook of distinct finite values in [-1, 1]")
         if n_out:
-            idx = self._read(f"{module}.{OUTLIER_IDX}")
+            idx = self.read(f"{module}.{OUTLIER_IDX}")
             if int(idx.min()) < 0 or int(idx.max()) >= k or bool((idx[1:] <= idx[:-1]).any()):
                 raise _fail(self.file_path(f"{module}.{OUTLIER_IDX}"), f"{module}.{OUTLIER_IDX} must be "
                             f"strictly increasing column indices in [0, {k})")
         return ModuleEntry(module, n, k, n_out)
 
-    def file_path(self, name: str) -> Path:
-        f = self._file_of.get(name)
-        return f.path if f is not None else self.path
-
-    def _suffixes(self, module: str) -> set[str]:
-        return {s for s in QUANT_SUFFIXES if f"{module}.{s}" in self._file_of}
-
-    def info(self, name: str):
-        return self._file_of[name].tensors[name]
-
-    def _read(self, name: str) -> torch.Tensor:
-        return self._file_of[name].read(name)
-
-    # -- what the runtime uses -------------------------------------------------------------
-    @property
-    def quantized_modules(self) -> list[str]:
-        return list(self.modules)
-
-    @property
-    def plain_names(self) -> list[str]:
-        return [n for n in sorted(self._file_of)
-                if not (n.rpartition(".")[0] in self.modules and n.rpartition(".")[2] in QUANT_SUFFIXES)]
-
-    def tensor(self, name: str) -> torch.Tensor:
-        if name not in self._file_of:
-            raise KbitFormatError(f"{self.path}: no tensor {name}")
-        return self._read(name)
-
     def quantized(self, module: str) -> QuantizedWeight:
         e = self.modules[module]
-        tensors = {s: self._read(f"{module}.{s}") for s in self._suffixes(module) if s != SHAPE}
+        tensors = {s: self.read(f"{module}.{s}") for s in self.suffixes(module) if s != SHAPE}
         return QuantizedWeight.from_tensors(tensors, self.quant, (e.out_features, e.in_features))
-
-    # -- accounting (byte counts: StoredBytes) -----------------------------------------------
-    def summary(self) -> dict:
-        """What `kbit inspect` shows and the model card records: exact figures from the bytes on disk."""
-        qc = self.config["quantization_config"]
-        pq, pt = self.params_quantized(), self.params_total()
-        return {
-            "path": str(self.path), "model_type": self.config.get("model_type"),
-            "architectures": self.config.get("architectures"), "quantization": qc,
-            "label": self.quant.label, "linears_quantized": len(self.modules),
-            "modules_not_quantized": qc.get("modules_not_quantized", []),
-            "params_total": pt, "params_quantized": pq,
-            "bits_per_param_quantized": round(8 * self.quantized_bytes() / max(pq, 1), 6),
-            "bits_per_param_model": round(8 * self.tensor_bytes() / max(pt, 1), 6),
-            "tensor_bytes": self.tensor_bytes(), "file_bytes": self.file_bytes(), "shards": len(self.files),
-            "outlier_columns": sum(e.n_outliers for e in self.modules.values()),
-            "modules": [{"name": e.name, "out_features": e.out_features, "in_features": e.in_features,
-                         "outliers": e.n_outliers} for e in self.modules.values()],
-        }
-
-
-def _check_order(f: SafetensorsFile) -> None:
-    """kbit shards store tensors in name order (kbit convert), or grouped by dtype and in name order
-    within each group (the safetensors library, e.g. transformers' save_pretrained). Two tensors of
-    one size whose offsets were swapped break both orders and are refused."""
-    by_offset = sorted(f.tensors, key=lambda n: f.tensors[n].begin)
-    if by_offset == sorted(f.tensors):
-        return
-    groups: list[str] = []
-    for name in by_offset:
-        dtype = f.tensors[name].dtype
-        if not groups or groups[-1] != dtype:
-            groups.append(dtype)
-    in_group_order = all(
-        [n for n in by_offset if f.tensors[n].dtype == d] == sorted(n for n in f.tensors
-                                                                   if f.tensors[n].dtype == d)
-        for d in set(groups))
-    if len(groups) != len(set(groups)) or not in_group_order:
-        raise _fail(f.path, "stores its tensors out of order (data_offsets point at another "
-                            "tensor's bytes)", "download or convert the model again")
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except PermissionError:
-        raise KbitFormatError(f"{path}: permission denied: make the file readable") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
-        raise _fail(path, f"is not valid UTF-8 JSON ({str(e).splitlines()[0][:80]})") from None
 
 
 def _dtype16(path: Path, config: dict) -> str:
