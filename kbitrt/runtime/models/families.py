@@ -88,6 +88,16 @@ def _rope(config) -> dict:
     return dict(getattr(config, "rope_parameters", None) or {})
 
 
+# the config attribute names most transformers families use (GPT-2 and BLOOM predate them)
+CONFIG_KEYS = dict(vocab_size=("vocab_size",), dim=("hidden_size",), n_layers=("num_hidden_layers",),
+                   n_heads=("num_attention_heads",), max_positions=("max_position_embeddings",))
+
+
+def per_layer(prefix: str, names: dict[str, str]) -> dict[str, str]:
+    """Our per-layer weight names -> a checkpoint's, whose layers are `prefix`.{layer}."""
+    return {f"layers.{{layer}}.{ours}": f"{prefix}.{{layer}}.{theirs}" for ours, theirs in names.items()}
+
+
 # -------------------------------------------------------------------------------------- families
 
 GPT2 = FamilySpec(
@@ -97,12 +107,13 @@ GPT2 = FamilySpec(
               norm_eps=("layer_norm_epsilon",), act=("activation_function",)),
     weights={
         "tok_emb": "transformer.wte", "pos_emb": "transformer.wpe",
-        "layers.{layer}.attn_norm": "transformer.h.{layer}.ln_1",
-        "layers.{layer}.attn.wqkv": "transformer.h.{layer}.attn.c_attn",
-        "layers.{layer}.attn.wo": "transformer.h.{layer}.attn.c_proj",
-        "layers.{layer}.mlp_norm": "transformer.h.{layer}.ln_2",
-        "layers.{layer}.mlp.up": "transformer.h.{layer}.mlp.c_fc",
-        "layers.{layer}.mlp.down": "transformer.h.{layer}.mlp.c_proj",
+        **per_layer("transformer.h", {
+            "attn_norm": "ln_1",
+            "attn.wqkv": "attn.c_attn",
+            "attn.wo": "attn.c_proj",
+            "mlp_norm": "ln_2",
+            "mlp.up": "mlp.c_fc",
+            "mlp.down": "mlp.c_proj"}),
         "norm": "transformer.ln_f", "lm_head": "lm_head"},
     switches=dict(positions="learned", qkv="fused", qkv_bias=True, o_bias=True, mlp_bias=True),
     derive=lambda c: dict(hidden_dim=c.n_inner or 4 * c.n_embd,
@@ -113,20 +124,19 @@ GPT2 = FamilySpec(
 
 OPT = FamilySpec(
     name="opt", model_types=("opt",),
-    keys=dict(vocab_size=("vocab_size",), dim=("hidden_size",), n_layers=("num_hidden_layers",),
-              n_heads=("num_attention_heads",), hidden_dim=("ffn_dim",),
-              max_positions=("max_position_embeddings",), act=("activation_function",)),
+    keys=dict(**CONFIG_KEYS, hidden_dim=("ffn_dim",), act=("activation_function",)),
     weights={
         "tok_emb": "model.decoder.embed_tokens", "pos_emb": "model.decoder.embed_positions",
         "project_in": "model.decoder.project_in", "project_out": "model.decoder.project_out",
-        "layers.{layer}.attn_norm": "model.decoder.layers.{layer}.self_attn_layer_norm",
-        "layers.{layer}.attn.wq": "model.decoder.layers.{layer}.self_attn.q_proj",
-        "layers.{layer}.attn.wk": "model.decoder.layers.{layer}.self_attn.k_proj",
-        "layers.{layer}.attn.wv": "model.decoder.layers.{layer}.self_attn.v_proj",
-        "layers.{layer}.attn.wo": "model.decoder.layers.{layer}.self_attn.out_proj",
-        "layers.{layer}.mlp_norm": "model.decoder.layers.{layer}.final_layer_norm",
-        "layers.{layer}.mlp.up": "model.decoder.layers.{layer}.fc1",
-        "layers.{layer}.mlp.down": "model.decoder.layers.{layer}.fc2",
+        **per_layer("model.decoder.layers", {
+            "attn_norm": "self_attn_layer_norm",
+            "attn.wq": "self_attn.q_proj",
+            "attn.wk": "self_attn.k_proj",
+            "attn.wv": "self_attn.v_proj",
+            "attn.wo": "self_attn.out_proj",
+            "mlp_norm": "final_layer_norm",
+            "mlp.up": "fc1",
+            "mlp.down": "fc2"}),
         "norm": "model.decoder.final_layer_norm", "lm_head": "lm_head"},
     switches=dict(positions="learned", pos_offset=2, qkv="separate"),
     derive=lambda c: dict(
@@ -146,12 +156,13 @@ BLOOM = FamilySpec(
     weights={
         "tok_emb": "transformer.word_embeddings",
         "emb_norm": "transformer.word_embeddings_layernorm",
-        "layers.{layer}.attn_norm": "transformer.h.{layer}.input_layernorm",
-        "layers.{layer}.attn.wqkv": "transformer.h.{layer}.self_attention.query_key_value",
-        "layers.{layer}.attn.wo": "transformer.h.{layer}.self_attention.dense",
-        "layers.{layer}.mlp_norm": "transformer.h.{layer}.post_attention_layernorm",
-        "layers.{layer}.mlp.up": "transformer.h.{layer}.mlp.dense_h_to_4h",
-        "layers.{layer}.mlp.down": "transformer.h.{layer}.mlp.dense_4h_to_h",
+        **per_layer("transformer.h", {
+            "attn_norm": "input_layernorm",
+            "attn.wqkv": "self_attention.query_key_value",
+            "attn.wo": "self_attention.dense",
+            "mlp_norm": "post_attention_layernorm",
+            "mlp.up": "mlp.dense_h_to_4h",
+            "mlp.down": "mlp.dense_4h_to_h"}),
         "norm": "transformer.ln_f", "lm_head": "lm_head"},
     switches=dict(positions="alibi", qkv="interleaved", emb_norm=True, act="gelu_pytorch_tanh",
                   qkv_bias=True, o_bias=True, mlp_bias=True),
@@ -162,18 +173,17 @@ BLOOM = FamilySpec(
 
 GPT_NEOX = FamilySpec(
     name="gpt_neox", model_types=("gpt_neox",),
-    keys=dict(vocab_size=("vocab_size",), dim=("hidden_size",), n_layers=("num_hidden_layers",),
-              n_heads=("num_attention_heads",), hidden_dim=("intermediate_size",),
-              max_positions=("max_position_embeddings",), norm_eps=("layer_norm_eps",),
+    keys=dict(**CONFIG_KEYS, hidden_dim=("intermediate_size",), norm_eps=("layer_norm_eps",),
               act=("hidden_act",)),
     weights={
         "tok_emb": "gpt_neox.embed_in",
-        "layers.{layer}.attn_norm": "gpt_neox.layers.{layer}.input_layernorm",
-        "layers.{layer}.attn.wqkv": "gpt_neox.layers.{layer}.attention.query_key_value",
-        "layers.{layer}.attn.wo": "gpt_neox.layers.{layer}.attention.dense",
-        "layers.{layer}.mlp_norm": "gpt_neox.layers.{layer}.post_attention_layernorm",
-        "layers.{layer}.mlp.up": "gpt_neox.layers.{layer}.mlp.dense_h_to_4h",
-        "layers.{layer}.mlp.down": "gpt_neox.layers.{layer}.mlp.dense_4h_to_h",
+        **per_layer("gpt_neox.layers", {
+            "attn_norm": "input_layernorm",
+            "attn.wqkv": "attention.query_key_value",
+            "attn.wo": "attention.dense",
+            "mlp_norm": "post_attention_layernorm",
+            "mlp.up": "mlp.dense_h_to_4h",
+            "mlp.down": "mlp.dense_4h_to_h"}),
         "norm": "gpt_neox.final_layer_norm",
         "lm_head": "lm_head|embed_out"},  # transformers 5 renamed embed_out
     switches=dict(positions="rotary", qkv="interleaved", mlp_bias=True),
@@ -197,22 +207,20 @@ def _llama_windows(c) -> tuple[int | None, ...] | None:
 
 LLAMA = FamilySpec(
     name="llama", model_types=("llama", "mistral", "qwen2", "smollm", "smollm2"),
-    keys=dict(vocab_size=("vocab_size",), dim=("hidden_size",), n_layers=("num_hidden_layers",),
-              n_heads=("num_attention_heads",), n_kv_heads=("num_key_value_heads",),
-              head_dim=("head_dim",), hidden_dim=("intermediate_size",),
-              max_positions=("max_position_embeddings",), norm_eps=("rms_norm_eps",),
-              act=("hidden_act",)),
+    keys=dict(**CONFIG_KEYS, n_kv_heads=("num_key_value_heads",), head_dim=("head_dim",),
+              hidden_dim=("intermediate_size",), norm_eps=("rms_norm_eps",), act=("hidden_act",)),
     weights={
         "tok_emb": "model.embed_tokens",
-        "layers.{layer}.attn_norm": "model.layers.{layer}.input_layernorm",
-        "layers.{layer}.attn.wq": "model.layers.{layer}.self_attn.q_proj",
-        "layers.{layer}.attn.wk": "model.layers.{layer}.self_attn.k_proj",
-        "layers.{layer}.attn.wv": "model.layers.{layer}.self_attn.v_proj",
-        "layers.{layer}.attn.wo": "model.layers.{layer}.self_attn.o_proj",
-        "layers.{layer}.mlp_norm": "model.layers.{layer}.post_attention_layernorm",
-        "layers.{layer}.mlp.gate": "model.layers.{layer}.mlp.gate_proj",
-        "layers.{layer}.mlp.up": "model.layers.{layer}.mlp.up_proj",
-        "layers.{layer}.mlp.down": "model.layers.{layer}.mlp.down_proj",
+        **per_layer("model.layers", {
+            "attn_norm": "input_layernorm",
+            "attn.wq": "self_attn.q_proj",
+            "attn.wk": "self_attn.k_proj",
+            "attn.wv": "self_attn.v_proj",
+            "attn.wo": "self_attn.o_proj",
+            "mlp_norm": "post_attention_layernorm",
+            "mlp.gate": "mlp.gate_proj",
+            "mlp.up": "mlp.up_proj",
+            "mlp.down": "mlp.down_proj"}),
         "norm": "model.norm", "lm_head": "lm_head"},
     switches=dict(positions="rotary", norm="rmsnorm", mlp="gated"),
     derive=lambda c: dict(
