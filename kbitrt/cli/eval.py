@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from kbitrt.cli.options import placement_options
+from kbitrt.cli.options import cpu_weight_options, placement_options, resolve_cpu_weights
 
 
 def _csv(values: tuple[str, ...]) -> list[str]:
@@ -48,10 +48,11 @@ def _csv(values: tuple[str, ...]) -> list[str]:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON record file (default: <model>/eval-<timestamp>.json).")
 @placement_options
+@cpu_weight_options
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record on stdout.")
 def eval_cmd(model, ppl, tasks, seqlen, protocol, stride, max_tokens, limit, batch_size,
-             num_fewshot, baseline, device, backend, device_map, max_memory, output, as_json,
-             bits=None):
+             num_fewshot, baseline, device, backend, device_map, max_memory, low_memory, cpu_weights,
+             output, as_json, bits=None):
     """Evaluate MODEL (a kbit folder, a plain HF folder, or a Hub id).
 
     \b
@@ -61,6 +62,7 @@ def eval_cmd(model, ppl, tasks, seqlen, protocol, stride, max_tokens, limit, bat
       kbit eval DIR --tasks ./social_iqa.jsonl --limit 500 --json
       kbit eval DIR --tasks piqa,hellaswag
       kbit eval DIR --baseline ./hf-folder --ppl ./wiki.txt
+      kbit eval DIR --ppl wiki-sample --low-memory     # CPU: only the packed weights resident
     """
     from kbitrt.eval.runner import EvalOptions, run_eval
     from kbitrt.eval.zeroshot import PAPER_TASKS
@@ -74,7 +76,7 @@ def eval_cmd(model, ppl, tasks, seqlen, protocol, stride, max_tokens, limit, bat
                        stride=stride, max_tokens=max_tokens, limit=limit, batch_size=batch_size,
                        num_fewshot=num_fewshot, device=device, backend=backend,
                        device_map=device_map, max_memory=max_memory, progress=sys.stderr.isatty(),
-                       bits=bits)
+                       bits=bits, cpu_weights=resolve_cpu_weights(low_memory, cpu_weights))
     try:
         record = run_eval(model, opts, baseline, output,
                           log=lambda s: err.print(f"[dim]{s}[/]") if not as_json else None)

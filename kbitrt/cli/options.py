@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from kbitrt.errors import KbitError
+
 
 def placement_options(f):
     """--bits (any-precision width), --device-map and --max-memory."""
@@ -27,3 +29,12 @@ def cpu_weight_options(f):
                      "is --low-memory).")(f)
     return click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit "
                         "weights resident, dequantized layer by layer at each step (slower).")(f)
+
+
+def resolve_cpu_weights(low_memory: bool, cpu_weights: str | None, packed: bool = False) -> str:
+    """What the CPU linears hold from --low-memory/--cpu-weights (`packed`: the command needs the
+    packed weights anyway); contradicting flags are one error."""
+    if low_memory and cpu_weights not in (None, "packed"):
+        raise KbitError(f"--low-memory and --cpu-weights {cpu_weights} contradict each other: "
+                        "give one of them")
+    return "packed" if low_memory or packed else (cpu_weights or "fp16")

@@ -69,6 +69,7 @@ def evaluate_model(name: str, opts: EvalOptions, record: dict, save: Callable[[]
                     bits=opts.bits, device_map=opts.device_map, max_memory=opts.max_memory)
     record["model"] = model_record(name, lm)
     record["model"]["load_seconds"] = time.perf_counter() - t0
+    record["model"]["cpu_weights"] = lm.cpu_weights  # None on CUDA or for a plain HF model
     if lm.note:
         log(f"note: {lm.note}")
     seqlen = opts.seqlen or min(2048, lm.max_positions or 2048)
