@@ -211,11 +211,12 @@ def test_file_widths_equal_a_plain_model_of_that_width(ap_folder, tiny_models):
             absmax = f.read(f"{m}.absmax").float().repeat_interleave(64, 1)[:, :kk]
             sd[f"{m}.weight"] = cb[bits[:, :kk]] * absmax
         hf.load_state_dict(sd)
-        lm = load_model(ap_folder, device="cpu", bits=k)
+        lm = load_model(ap_folder, device="cpu", bits=k, cpu_weights="fp32")  # exact reference
         with torch.no_grad():
             want = hf(ids).logits
             got = lm.model(ids)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        lm = load_model(ap_folder, device="cpu", bits=k, cpu_weights="packed")
         for mod in lm.model.modules():  # resident: K bits per weight
             if hasattr(mod, "qweight") and hasattr(mod, "bits"):
                 assert mod.bits == k

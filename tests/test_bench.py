@@ -74,3 +74,41 @@ def test_bench_reports_memory_held(k4, tmp_path, flags, max_bits):
 def test_bench_contradictory_memory_flags(k4):
     res = CliRunner().invoke(cli, ["bench", str(k4), "--low-memory", "--cpu-weights", "fp32"])
     assert res.exit_code == 2 and "contradict" in res.stderr
+
+
+def test_cpu_model_holds_16_bit_embedding_and_head(k4):
+    """On the CPU the default and --low-memory hold the embedding (here the tied head too) in the
+    file's 16 bits, not an fp32 copy; activations stay fp32 and the logits follow the exact fp32
+    reference up to fp16 rounding (issue 13)."""
+    import torch
+
+    from kbitrt.runtime.loader import load_model
+
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = load_model(k4, device="cpu", cpu_weights="fp32")
+    assert ref.model.tok_emb.weight.dtype == torch.float32
+    with torch.no_grad():
+        want = ref.model(ids)
+    for cpu_weights in ("fp16", "packed"):
+        lm = load_model(k4, device="cpu", cpu_weights=cpu_weights)
+        assert lm.model.tok_emb.weight.dtype == torch.float16
+        assert lm.model.lm_head.weight is lm.model.tok_emb.weight  # tied: held once
+        with torch.no_grad():
+            got = lm.model(ids)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-2 * float(want.abs().max()))
+
+
+def test_loading_imports_no_compiler_stack(k4):
+    """Loading a native model imports neither torch._dynamo (torch's random init on the meta device
+    pulls it in: ~170 MB of RSS) nor transformers' modeling code for the model check."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kbitrt.runtime.loader import load_model; "
+            f"load_model({str(k4)!r}, device='cpu'); "
+            "print(sorted(m for m in ('torch._dynamo', 'transformers.models.llama.modeling_llama') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

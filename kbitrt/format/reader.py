@@ -39,17 +39,20 @@ _fail = format_error  # every check below raises it: where, what, what to do
 
 class KbitModel(StoredModel):
     def __init__(self, path: Path, config: dict, quant: QuantConfig,
-                 files: dict[str, SafetensorsFile]):
+                 files: dict[str, SafetensorsFile], check_model: bool = True):
         super().__init__(path, config, quant, files)
         self.dtype16 = _dtype16(path, config)
         with torch.device("cpu"):  # callers may open a folder inside a meta-device context
             self._validate()
-            check_against_model(self)
+            if check_model:
+                check_against_model(self)
 
     @classmethod
-    def open(cls, path: str | Path) -> KbitModel:
+    def open(cls, path: str | Path, check_model: bool = True) -> KbitModel:
         """Open and validate a kbit folder; every violation is one KbitFormatError naming the file,
-        the tensor and what to do (docs/format.md lists the checks)."""
+        the tensor and what to do (docs/format.md lists the checks). `check_model=False` leaves out
+        the check against the architecture transformers builds (model_check.py: it imports the
+        model's code), for callers that check every name and shape themselves (the native decoder)."""
         path = Path(path).expanduser()
         if not path.is_dir():
             raise KbitFormatError(f"{path}: no such folder")
@@ -71,7 +74,7 @@ class KbitModel(StoredModel):
         except KbitFormatError as e:
             raise KbitFormatError(f"{cfg_path}: {e}") from None
         files = open_shards(path, quant, QuantConfig.from_json)
-        return cls(path, config, quant, files)
+        return cls(path, config, quant, files, check_model)
 
     def _validate(self) -> None:
         qc = self.config["quantization_config"]

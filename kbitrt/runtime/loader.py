@@ -21,7 +21,7 @@ from torch import nn
 from kbitrt.errors import KbitError, KbitFormatError
 from kbitrt.format.config import QuantConfig
 from kbitrt.runtime.linear import KbitLinear
-from kbitrt.runtime.models.decoder import Decoder, default_positions
+from kbitrt.runtime.models.decoder import Decoder, Linear16, default_positions
 from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_args, rope_frequencies,
                                 why_not_native)
 
@@ -172,7 +172,9 @@ class _Tensors:
     def has(self, name: str) -> bool:
         return name in self.plain
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None, transpose: bool = False):
+    def get(self, name: str, shape: tuple[int, ...] | None = None, transpose: bool = False,
+            keep_dtype: bool = False):
+        """The tensor on the device, in the model's dtype (`keep_dtype`: in the one it is stored in)."""
         if name not in self.plain:
             raise KbitFormatError(f"{_where(self.source)} lacks the tensor {name!r}")
         t = self.source.tensor(name)
@@ -182,7 +184,7 @@ class _Tensors:
             raise KbitFormatError(f"{_where(self.source)}: {name} has shape {tuple(t.shape)}, "
                                   f"the config says {tuple(shape)}")
         self.used.add(name)
-        return t.to(self.device, self.dtype).contiguous()
+        return t.to(self.device, t.dtype if keep_dtype else self.dtype).contiguous()
 
     def linear(self, name: str, out_f: int, in_f: int, bias: bool, transpose: bool = False):
         """KbitLinear when `name` is quantized, else a plain nn.Linear."""
@@ -205,6 +207,13 @@ class _Tensors:
                                   f"{', '.join(left[:5])}{more}")
 
 
+def _linear16(weight: torch.Tensor) -> Linear16:
+    with torch.device("meta"):
+        layer = Linear16(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    return layer
+
+
 def _where(source) -> str:
     return str(getattr(source, "path", None) or "the model")
 
@@ -220,24 +229,35 @@ def build_native(source, config, device: torch.device, dtype: torch.dtype,
     names = checkpoint_names(spec, args.n_layers)
     tensors = _Tensors(source, device, dtype, cpu_weights)
     conv1d = _CONV1D.get(spec.name, ())
+    # on the CPU a quantized model holds 16-bit copies (cpu_weights), so the embedding and a plain
+    # head stay in the file's 16 bits too (not an fp32 copy); activations stay fp32
+    hold16 = device.type == "cpu" and dtype == torch.float32 and cpu_weights != "fp32"
     for ours, module in list(model.named_modules()):
         if ours not in names:
             continue
         theirs = tensors.pick(names[ours])
         if isinstance(module, nn.Linear):
-            if ours == "lm_head" and theirs not in tensors.quantized \
-                    and not tensors.has(f"{theirs}.weight"):
+            plain_head = ours == "lm_head" and theirs not in tensors.quantized
+            if plain_head and not tensors.has(f"{theirs}.weight"):
                 if not args.tie_embeddings:
                     raise KbitFormatError(f"{_where(source)} lacks the tensor {theirs + '.weight'!r}")
                 model.lm_head.weight = model.tok_emb.weight  # tied: one tensor, two uses
                 continue
-            new = tensors.linear(theirs, module.out_features, module.in_features,
-                                 module.bias is not None, transpose=ours.endswith(conv1d))
+            if plain_head and hold16 and module.bias is None:
+                new = _linear16(tensors.get(f"{theirs}.weight", (module.out_features,
+                                            module.in_features), keep_dtype=True))
+            else:
+                new = tensors.linear(theirs, module.out_features, module.in_features,
+                                     module.bias is not None, transpose=ours.endswith(conv1d))
             model.set_submodule(ours, new)
         else:  # embeddings and norms
             for pname, p in list(module.named_parameters(recurse=False)):
-                t = tensors.get(f"{theirs}.{pname}", tuple(p.shape))
+                t = tensors.get(f"{theirs}.{pname}", tuple(p.shape), keep_dtype=hold16 and ours == "tok_emb")
                 setattr(module, pname, nn.Parameter(t, requires_grad=False))
+    if model.tok_emb.weight.dtype != dtype:
+        model.act_dtype = dtype
+        if model.lm_head.weight is model.tok_emb.weight:
+            model.lm_head = _linear16(model.tok_emb.weight)
     tensors.check_all_used()
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
@@ -410,15 +430,20 @@ def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
     `cpu_weights`: what a quantized linear holds on the CPU (CPU_WEIGHTS); `bits`: the width of an
     any-precision model (K, or LO-HI to choose per call; runtime/any_precision.py);
     `device_map`/`max_memory`: placement over devices (runtime/placement.py)."""
-    from kbitrt.format.reader import KbitModel
     from kbitrt.convert.source import resolve_model
+    from kbitrt.format.model_check import check_against_model
+    from kbitrt.format.reader import KbitModel
 
     device_obj = resolve_device(device)  # fail on a bad device before reading anything
     check_cpu_weights(cpu_weights)
     path = resolve_model(name)
     if not (Path(path) / "config.json").exists():
         raise KbitFormatError(f"{path} is not a kbit model: it has no config.json")
-    source = KbitModel.open(path)
+    # the native decoder checks every name and shape itself; transformers' meta-device model (and
+    # the ~200 MB of modules it imports) is only built to check a folder transformers will run
+    source = KbitModel.open(path, check_model=False)
+    if choose_backend(hf_config(source.config), backend)[0] != "native":
+        check_against_model(source)
     if bits is not None:
         from kbitrt.runtime.any_precision import select_width
         source = select_width(source, bits)
@@ -525,8 +550,26 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     try:
+        if _generic_tokenizer(Path(path)):
+            # the class AutoTokenizer would pick, without its class lookup (which imports ~700
+            # modules, ~50 MB of RSS, that a run does not need)
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(path)
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise RunError(f"{path} has no usable tokenizer ({str(e).splitlines()[0][:120]}): copy the "
                        "source model's tokenizer files (tokenizer.json, tokenizer_config.json) into "
                        "it") from None
+
+
+def _generic_tokenizer(path: Path) -> bool:
+    """Whether the folder's tokenizer is transformers' generic fast one (tokenizer.json alone)."""
+    cfg = path / "tokenizer_config.json"
+    if not (path / "tokenizer.json").is_file() or not cfg.is_file():
+        return False
+    try:
+        name = json.loads(cfg.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return name in ("TokenizersBackend", "PreTrainedTokenizerFast")

@@ -150,14 +150,28 @@ class Block(nn.Module):
         return self.mlp_norm(x) if a.post_norm else x
 
 
+class Linear16(nn.Linear):
+    """A linear held in 16 bits under fp32 activations (the CPU's output head, often the tied
+    embedding): computed in its own dtype, as KbitLinear's 16-bit CPU copies are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+
+def unset_embedding(n: int, dim: int) -> nn.Embedding:
+    """An embedding whose weight the loader assigns: not initialised (on the meta device torch's
+    random init imports torch._dynamo, ~170 MB of RSS that running a model never needs)."""
+    return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
+
+
 class Decoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
         emb_dim = args.project_dim or args.dim
-        self.tok_emb = nn.Embedding(args.vocab_size, emb_dim)
+        self.tok_emb = unset_embedding(args.vocab_size, emb_dim)
         if args.positions == "learned":
-            self.pos_emb = nn.Embedding(args.max_positions + args.pos_offset, args.dim)
+            self.pos_emb = unset_embedding(args.max_positions + args.pos_offset, args.dim)
         if args.project_dim:
             self.project_in = nn.Linear(emb_dim, args.dim, bias=False)
             self.project_out = nn.Linear(args.dim, emb_dim, bias=False)
@@ -168,6 +182,8 @@ class Decoder(nn.Module):
         if args.final_norm:
             self.norm = make_norm(args)
         self.lm_head = nn.Linear(emb_dim, args.vocab_size, bias=False)
+        # activations' dtype when the embedding is held in 16 bits under fp32 activations (the CPU)
+        self.act_dtype: torch.dtype | None = None
         # position tables, set by `setup_positions` once the model is off the meta device
         self.inv_freq: torch.Tensor | None = None
         self.rope_scaling = 1.0
@@ -188,8 +204,9 @@ class Decoder(nn.Module):
         if a.positions == "learned" and max_len > a.max_positions:
             raise ValueError(f"{max_len} tokens exceed the model's {a.max_positions} positions")
         w = self.tok_emb.weight
+        dtype = self.act_dtype or w.dtype
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, w.dtype, w.device)
+            layer.attn.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype, w.device)
 
     def drop_caches(self) -> None:
         for layer in self.layers:
@@ -232,6 +249,8 @@ class Decoder(nn.Module):
         input_pos, pad = default_positions(input_ids, input_pos, pad)
         pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) model positions
         x = self.tok_emb(input_ids)
+        if self.act_dtype is not None:
+            x = x.to(self.act_dtype)
         if a.project_dim:
             x = self.project_in(x)
         if a.positions == "learned":
