@@ -245,7 +245,7 @@ def _pick(m: int, n: int, k: int, bits: int, block_size: int, sms: int) -> Kerne
     kpow = max(32, triton.next_power_of_2(k))
     if m == 1 and gemv_words_ok(k, block_size):
         # 4 warps, 1 group of 64 codes per thread and trip; 8 rows per thread where registers allow
-        block_n, block_k = (256 if bits <= 5 or bits == 7 else 128), 256
+        block_n, block_k = (256 if bits <= 5 else 128), 256
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         return KernelConfig(1, block_n, block_k, split, num_warps=4, num_stages=1)
     if m == 1:
@@ -355,7 +355,7 @@ def _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cf
     block_g = cfg.block_k // 64
     c = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size, DECODE=decode,
              HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_G=block_g, ATOMIC=split > 1,
-             EVEN_K=k % 64 == 0)
+             EVEN_K=k % 64 == 0, ASM=not interpreted())
     ptrs = (("x_ptr", act), ("qw_ptr", "i64"), ("absmax_ptr", absmax),
             ("tab_ptr", "i64" if decode in (1, 3) else "fp32"), ("bias_ptr", act if has_bias else out),
             ("out_ptr", out))
