@@ -79,8 +79,8 @@ GPUS = {
 SHAPES = {  # Llama-2 linear layers: name -> (N = out_features, K = in_features)
     "7b-qkv": (12288, 4096), "7b-o": (4096, 4096), "7b-gateup": (22016, 4096),
     "7b-down": (4096, 11008),
-    "70b-qkv": (10240, 8192), "70b-o": (8192, 8192), "70b-gateup": (57344, 8192),
-    "70b-down": (8192, 28672),
+    "70b-qkv": (10240, 8192), "70b-o": (8192, 8192), "70b-kv": (1024, 8192),
+    "70b-up": (28672, 8192), "70b-gateup": (57344, 8192), "70b-down": (8192, 28672),
 }
 M_OF_KERNEL = {"gemv": 1, "small": 16, "prefill": 512}
 ISSUE_PER_SM_CLK = 128  # 4 schedulers x 32 lanes: thread-instructions per SM per clock
