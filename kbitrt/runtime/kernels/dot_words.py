@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import bit_field, load_word
+from kbitrt.runtime.kernels.words import bit_field, load_group, store_out
 
 
 @triton.jit
@@ -91,26 +91,12 @@ def dot_words_kernel(
     rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
     a_rows = absmax_ptr + offs_n[:, None].to(tl.int64) * stride_an
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    off1: tl.constexpr = S0
-    off2: tl.constexpr = S0 + S1
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
         g = t * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = mask_n[:, None] & (g < n_groups)[None, :]
-        g0 = g[None, :] * S0
-        a0 = load_word(rows, g0, 0, S0, 0, mask)
-        a1 = load_word(rows, g0, 0, S0, 1, mask)
-        a2 = load_word(rows, g0, 0, S0, 2, mask)
-        a3 = load_word(rows, g0, 0, S0, 3, mask)
-        a4 = load_word(rows, g0, 0, S0, 4, mask)
-        a5 = load_word(rows, g0, 0, S0, 5, mask)
-        a6 = load_word(rows, g0, 0, S0, 6, mask)
-        a7 = load_word(rows, g0, 0, S0, 7, mask)
-        g1 = off1 * n_groups + g[None, :] * S1
-        b0 = load_word(rows, g1, 0, S1, 0, mask)
-        b1 = load_word(rows, g1, 0, S1, 1, mask)
-        g2 = off2 * n_groups + g[None, :] * S2
-        c0 = load_word(rows, g2, 0, S2, 0, mask)
+        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0 = load_group(rows, g[None, :], n_groups, S0,
+                                                                S1, S2, mask)
         if SCALE_AFTER:  # the tile lies in one block per row: scale the dot's result, per column
             s = 1.0
             alpha = cb_step * (1 << KB)
@@ -134,13 +120,5 @@ def dot_words_kernel(
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION) * sn[None, :]
         else:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if pid_k == 0:
-            acc += bias[None, :]
-    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    omask = mask_m[:, None] & mask_n[None, :]
-    if not ATOMIC:
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(ptrs, acc, mask=omask)
+    store_out(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, bias_ptr, pid_k, HAS_BIAS,
+              ATOMIC)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import bit_field, load_word, pair7_pointer, x_at
+from kbitrt.runtime.kernels.words import bit_field, load_group, pair7_pointer, x_at
 
 
 @triton.jit
@@ -54,8 +54,6 @@ def gemv_words_kernel(
     rows = qw_ptr + tl.minimum(offs_n, N - 1)[:, None].to(tl.int64) * stride_qn
     a_rows = absmax_ptr + offs_n[:, None].to(tl.int64) * stride_an
     x_base = x_ptr + (offs_n * 0)[:, None]  # a zero row stride keeps x in the weights' layout
-    off1: tl.constexpr = S0
-    off2: tl.constexpr = S0 + S1
     tab_lo = tab_addr.to(tl.int32)
     tab_hi = (tab_addr >> 32).to(tl.int32)
     acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
@@ -63,22 +61,9 @@ def gemv_words_kernel(
     for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
         g = t * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = mask_n[:, None] & (g < n_groups)[None, :]
-        # slice j of a row starts at word off_j * n_groups; group g's words at g * S_j
         gw = tl.minimum(g, n_groups - 1)[None, :]
-        g0 = gw * S0
-        a0 = load_word(rows, g0, 0, S0, 0, True)
-        a1 = load_word(rows, g0, 0, S0, 1, True)
-        a2 = load_word(rows, g0, 0, S0, 2, True)
-        a3 = load_word(rows, g0, 0, S0, 3, True)
-        a4 = load_word(rows, g0, 0, S0, 4, True)
-        a5 = load_word(rows, g0, 0, S0, 5, True)
-        a6 = load_word(rows, g0, 0, S0, 6, True)
-        a7 = load_word(rows, g0, 0, S0, 7, True)
-        g1 = off1 * n_groups + gw * S1
-        b0 = load_word(rows, g1, 0, S1, 0, True)
-        b1 = load_word(rows, g1, 0, S1, 1, True)
-        g2 = off2 * n_groups + gw * S2
-        c0 = load_word(rows, g2, 0, S2, 0, True)
+        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0 = load_group(rows, gw, n_groups, S0, S1, S2,
+                                                                True)
         s = tl.load(a_rows + (g * 64 // B)[None, :], mask=mask, other=0.0).to(tl.float32)
         # past the last group x is read at the last group (in bounds) and the scale s is 0
         xg = x_base + tl.minimum(g, n_groups - 1)[None, :] * 64

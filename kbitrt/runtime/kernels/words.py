@@ -28,6 +28,39 @@ def load_word(rows, goff, q, S: tl.constexpr, Q: tl.constexpr, mask):  # sass:we
 
 
 @triton.jit
+def load_group(rows, g, n_groups, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, mask):
+    """The words of groups g (a [1, BLOCK_G] tensor) of each row: 8 of the first slice (a0..a7),
+    2 of the second (b0, b1), 1 of the third (c0), 0 past a slice's width. Slice j of a row
+    starts at word (S0 + .. + S_(j-1)) * n_groups; group g's words at g * S_j."""
+    g0 = g * S0
+    g1 = S0 * n_groups + g * S1
+    g2 = (S0 + S1) * n_groups + g * S2
+    return (load_word(rows, g0, 0, S0, 0, mask), load_word(rows, g0, 0, S0, 1, mask),
+            load_word(rows, g0, 0, S0, 2, mask), load_word(rows, g0, 0, S0, 3, mask),
+            load_word(rows, g0, 0, S0, 4, mask), load_word(rows, g0, 0, S0, 5, mask),
+            load_word(rows, g0, 0, S0, 6, mask), load_word(rows, g0, 0, S0, 7, mask),
+            load_word(rows, g1, 0, S1, 0, mask), load_word(rows, g1, 0, S1, 1, mask),
+            load_word(rows, g2, 0, S2, 0, mask))
+
+
+@triton.jit
+def store_out(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, bias_ptr, pid_k,
+              HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) fp32 -> out, bias added once (by split 0); atomics into fp32 when
+    the K loop is split."""
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if pid_k == 0:
+            acc += b[None, :]
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if not ATOMIC:
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+@triton.jit
 def _pick4(w0, w1, w2, w3, Q: tl.constexpr):
     if Q == 0:
         return w0
