@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import bit_field, load_group, store_out
+from kbitrt.runtime.kernels.words import bit_field, load_group, one_bits, store_out
 
 
 @triton.jit
@@ -24,7 +24,7 @@ def _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alph
     KB: tl.constexpr = S0 + S1 + S2
     if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB, w = f * alpha + beta
         f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, U, 1, 23 - KB, dmask)
-        v = (f | 0x3F800000).to(tl.float32, bitcast=True) * alpha + beta
+        v = (f | one_bits(dmask)).to(tl.float32, bitcast=True) * alpha + beta
     elif DECODE == 2:  # byte table
         idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, U, 1, 0)
         v = tl.load(tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + idx) * s
@@ -88,15 +88,18 @@ def dot_words_kernel(
     mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    # unmasked weight loads (no zeroing of their registers): rows past N and groups past the last
+    # read the last one; x is 0 past K and rows past N are not stored
+    rows = qw_ptr + tl.minimum(offs_n, N - 1)[:, None].to(tl.int64) * stride_qn
     a_rows = absmax_ptr + offs_n[:, None].to(tl.int64) * stride_an
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
         g = t * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = mask_n[:, None] & (g < n_groups)[None, :]
-        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0 = load_group(rows, g[None, :], n_groups, S0,
-                                                                S1, S2, mask)
+        gw = tl.minimum(g, n_groups - 1)[None, :]
+        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0 = load_group(rows, gw, n_groups, S0, S1, S2,
+                                                                True)
         if SCALE_AFTER:  # the tile lies in one block per row: scale the dot's result, per column
             s = 1.0
             alpha = cb_step * (1 << KB)

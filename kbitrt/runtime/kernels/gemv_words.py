@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import bit_field, load_group, pair7_pointer, x_at
+from kbitrt.runtime.kernels.words import bit_field, load_group, one_bits, pair7_pointer, x_at
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def gemv_words_kernel(
             for i in tl.static_range(64):
                 xi = x_at(xg, g, i, K, xmask, EVEN_K)
                 f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, i, 1, 23 - KB, dmask)
-                f = (f | 0x3F800000).to(tl.float32, bitcast=True)
+                f = (f | one_bits(dmask)).to(tl.float32, bitcast=True)
                 p += f * xi
                 xs += xi
         elif DECODE == 3:  # quad table (k = 3): 4 codes (12 bits) -> two 64-bit loads

@@ -158,6 +158,14 @@ def pair7_pointer(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_lo, tab_hi, I:
 
 
 @triton.jit
+def one_bits(dmask):
+    """0x3F800000 (1.0's bits) as a run-time value (dmask < 2^23, so dmask >> 31 is 0): with the
+    mask also in a register ptxas merges mask and OR into one LOP3 on sm_80/sm_89 too, where an
+    immediate 1.0 and the mask from the constant bank cost two (sm_90 fuses either way)."""
+    return (dmask >> 31) + 0x3F800000
+
+
+@triton.jit
 def x_at(xg, g, i: tl.constexpr, K, xmask, EVEN_K: tl.constexpr):
     """fp32 x[64 g + i] in the weights' layout; 0 past K (checked only when K % 64 != 0)."""
     if EVEN_K:  # no mask: identical loads of a thread's rows then merge into one
