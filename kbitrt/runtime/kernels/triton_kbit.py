@@ -340,8 +340,8 @@ def _plan_words(m, n, k, bits, block_size, act, codebook_kind, absmax, has_bias,
     c = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size, DECODE=decode,
              HAS_BIAS=has_bias)
     ptrs = (("x_ptr", act), ("qw_ptr", "i64"), ("absmax_ptr", absmax),
-            ("tab_ptr", "i64" if decode in (1, 3) else "fp32"), ("bias_ptr", act if has_bias else out),
-            ("out_ptr", out))
+            ("tab_ptr", "i64" if decode in (1, 3) else "fp32"),
+            ("bias_ptr", act if has_bias else out), ("out_ptr", out))
     nb = -(-k // block_size)
     tail = (("cb_base", 0.0), ("cb_step", 0.0), ("dmask", ((1 << bits) - 1) << (23 - bits)),
             ("tab_addr", _ADDR), ("split_k", split))
