@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import bit_field, load_group, one_bits, store_out
+from kbitrt.runtime.kernels.words import bit_field, in_register, load_group, one_bits, store_out
 
 
 @triton.jit
@@ -93,6 +93,7 @@ def dot_words_kernel(
     rows = qw_ptr + tl.minimum(offs_n, N - 1)[:, None].to(tl.int64) * stride_qn
     a_rows = absmax_ptr + offs_n[:, None].to(tl.int64) * stride_an
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    tab = in_register(tab_addr, dmask)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
         g = t * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -108,7 +109,7 @@ def dot_words_kernel(
             s = tl.load(a_rows + (g * 64 // B)[None, :], mask=mask, other=0.0).to(tl.float32)
             alpha = s * (cb_step * (1 << KB))
             beta = s * (cb_base - cb_step * (1 << KB))
-        w = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
+        w = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab, s, alpha, beta,
                   dmask,
                   0, 1, 64, S0, S1, S2, DECODE, W_DTYPE)
         w = tl.reshape(w, (BLOCK_N, BK))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import bit_field, load_group, one_bits, pair7_pointer, x_at
+from kbitrt.runtime.kernels.words import bit_field, in_register, load_group, one_bits, pair7_pointer, x_at
 
 
 @triton.jit
@@ -54,8 +54,9 @@ def gemv_words_kernel(
     rows = qw_ptr + tl.minimum(offs_n, N - 1)[:, None].to(tl.int64) * stride_qn
     a_rows = absmax_ptr + offs_n[:, None].to(tl.int64) * stride_an
     x_base = x_ptr + (offs_n * 0)[:, None]  # a zero row stride keeps x in the weights' layout
-    tab_lo = tab_addr.to(tl.int32)
-    tab_hi = (tab_addr >> 32).to(tl.int32)
+    tab = in_register(tab_addr, dmask)
+    tab_lo = tab.to(tl.int32)
+    tab_hi = (tab >> 32).to(tl.int32)
     acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     accx = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
@@ -81,7 +82,7 @@ def gemv_words_kernel(
             for u in tl.static_range(16):
                 idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 4 * u, 4, 4)
                 idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 4 * u, 4, 4 * S0 + 4)
-                q_ptr = (tab_addr | idx.to(tl.int64)).to(tl.pointer_type(tl.int64))
+                q_ptr = (tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64))
                 q01 = tl.load(q_ptr)
                 q23 = tl.load(q_ptr + 1)
                 p += q01.to(tl.int32).to(tl.float32, bitcast=True) * x_at(xg, g, 4 * u, K, xmask,
@@ -105,7 +106,7 @@ def gemv_words_kernel(
                         if S2 > 0:
                             idx |= bit_field(c0, 0, 0, 0, 0, 0, 0, 0, S2, 2 * u, 2,
                                              2 * (S0 + S1) + 3)
-                        pair = tl.load((tab_addr | idx.to(tl.int64)).to(tl.pointer_type(tl.int64)))
+                        pair = tl.load((tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64)))
                     v0 = pair.to(tl.int32).to(tl.float32, bitcast=True)
                     v1 = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
                     x0 = x_at(xg, g, 2 * u, K, xmask, EVEN_K)

@@ -166,6 +166,14 @@ def one_bits(dmask):
 
 
 @triton.jit
+def in_register(tab_addr, dmask):
+    """tab_addr as a value computed in the kernel (dmask < 2^23, so dmask >> 31 is 0). A kernel
+    argument stays in the constant bank on sm_80/sm_89, and a LOP3 cannot take it beside the
+    field mask's immediate: tab | (field & mask) then costs two LOP3s per lookup instead of one."""
+    return tab_addr + (dmask >> 31)
+
+
+@triton.jit
 def x_at(xg, g, i: tl.constexpr, K, xmask, EVEN_K: tl.constexpr):
     """fp32 x[64 g + i] in the weights' layout; 0 past K (checked only when K % 64 != 0)."""
     if EVEN_K:  # no mask: identical loads of a thread's rows then merge into one
