@@ -79,8 +79,8 @@ GPUS = {
 SHAPES = {  # Llama-2 linear layers: name -> (N = out_features, K = in_features)
     "7b-qkv": (12288, 4096), "7b-o": (4096, 4096), "7b-gateup": (22016, 4096),
     "7b-down": (4096, 11008),
-    "70b-qkv": (10240, 8192), "70b-o": (8192, 8192), "70b-gateup": (57344, 8192),
-    "70b-down": (8192, 28672),
+    "70b-qkv": (10240, 8192), "70b-o": (8192, 8192), "70b-kv": (1024, 8192),
+    "70b-up": (28672, 8192), "70b-gateup": (57344, 8192), "70b-down": (8192, 28672),
 }
 M_OF_KERNEL = {"gemv": 1, "small": 16, "prefill": 512}
 ISSUE_PER_SM_CLK = 128  # 4 schedulers x 32 lanes: thread-instructions per SM per clock
@@ -356,6 +356,37 @@ def render(paths: list[Path], shapes: set | None = None, blocks: set | None = No
     return "\n".join(out)
 
 
+def render_shapes(paths: list[Path]) -> str:
+    """Markdown: one row per (arch, kernel, shape, block, act) with the worst instr/weight over the
+    data types at each k (budget misses marked) and the launch `pick_config` chose at k = 4."""
+    recs = [r for p in paths for r in json.loads(p.read_text())["records"]]
+    groups: dict = {}
+    for r in recs:
+        key = (r["arch"], M_OF_KERNEL[r["kernel"]], r["kernel"], r["block"], r["act"],
+               list(SHAPES).index(r["shape"]) if r["shape"] in SHAPES else 99, r["shape"])
+        groups.setdefault(key, []).append(r)
+    bits = sorted({r["bits"] for r in recs})
+    out = ["| arch | kernel | block | shape | N x K | " + " | ".join(f"k={b}" for b in bits)
+           + " | launch at k=4 |", "|---|---|---|---|---|" + "---|" * len(bits) + "---|"]
+    for key in sorted(groups):
+        arch, _, kern, block, act, _, shape = key
+        g = groups[key]
+        cells = []
+        for b in bits:
+            rb = [r for r in g if r["bits"] == b and r["instr_per_weight"] is not None]
+            if not rb:
+                cells.append("")
+                continue
+            worst = max(rb, key=lambda r: r["instr_per_weight"])
+            miss = "" if worst["budget"] is None or worst["within_budget"] else " **over**"
+            cells.append(f"{worst['instr_per_weight']:.2f}{miss}")
+        r4 = next((r for r in g if r["bits"] == 4), g[0])
+        launch = f"{r4['config']}, grid {r4['grid'][0]}x{r4['grid'][1]}"
+        out.append(f"| {arch} | {kern} {act} | {block} | {shape} | {r4['N']} x {r4['K']} | "
+                   + " | ".join(cells) + f" | {launch} |")
+    return "\n".join(out)
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
@@ -381,9 +412,14 @@ def main() -> int:
     p.add_argument("--out", type=Path, help="also write all records (with metadata) to this file")
     p.add_argument("--render", type=Path, nargs="+", metavar="JSON",
                    help="print the docs/kernels.md tables of results files (no compiling)")
+    p.add_argument("--render-shapes", type=Path, nargs="+", metavar="JSON",
+                   help="print the per-shape summary table of results files (no compiling)")
     args = p.parse_args()
     if args.render:
         print(render(args.render, shapes=set(args.shapes), blocks=set(args.blocks)))
+        return 0
+    if args.render_shapes:
+        print(render_shapes(args.render_shapes))
         return 0
     if args.all:
         args.arch, args.shapes, args.kernels = sorted(GPUS), list(SHAPES), list(M_OF_KERNEL)

@@ -258,3 +258,51 @@ def test_pad_codebook_affine():
     assert torch.allclose(cb[15], torch.tensor(8 / 7)) and torch.allclose(cb[14], torch.tensor(1.0))
     nf = pad_codebook(dtypes.get("nf").levels(4)[:-2], 4)
     assert nf[-1] == nf[-3]  # not equally spaced: the last entry repeats
+
+
+def _ptx_emulate(asm: str, regs: dict) -> int:
+    """The few PTX statements of words.pair7_asm (lop3.b32, mov.b64 {lo, hi}) run in Python."""
+    import re
+
+    val = dict(regs)
+
+    def get(tok):
+        tok = tok.strip()
+        return int(tok, 0) if tok[0].isdigit() else val[tok]
+
+    for stmt in asm.strip("{}").split(";"):
+        stmt = stmt.strip()
+        if not stmt or stmt.startswith(".reg"):
+            continue
+        op, rest = stmt.split(None, 1)
+        if op == "lop3.b32":
+            d, a, b, c, lut = (t.strip() for t in rest.split(","))
+            a, b, c, lut = get(a), get(b), get(c), get(lut)
+            out = 0
+            for i in range(8):  # truth-table index: a -> 4, b -> 2, c -> 1 (0xF0, 0xCC, 0xAA)
+                if lut >> i & 1:
+                    out |= ((a if i & 4 else ~a) & (b if i & 2 else ~b) & (c if i & 1 else ~c))
+            val[d] = out & 0xFFFFFFFF
+        elif op == "mov.b64":
+            d, lo, hi = re.match(r"(\S+),\s*\{(\S+),\s*(\S+)\}", rest).groups()
+            val[d] = get(lo) | get(hi) << 32
+        else:
+            raise AssertionError(f"unexpected PTX {stmt!r}")
+    return val["$0"]
+
+
+def test_pair7_asm_matches_twin():
+    """The compiled k = 7 GEMV forms the pair-table address in PTX (the interpreter cannot run
+    it); emulated, it equals the twin's tab_addr | fields for random halves and table addresses."""
+    from kbitrt.runtime.kernels import words
+    asm = words.pair7_asm()
+    masks = [((1 << (2 * w)) - 1) << d for w, d in words.pair7_fields()]
+    assert [d for _, d in words.pair7_fields()] == [3, 11, 15]  # pair_table: 8-byte entries
+    span = 1 << (7 * 2 + 3)  # the table's bytes; aligned_copy aligns it to its size
+    g = torch.Generator().manual_seed(0)
+    vals = torch.randint(0, 2**32, (5, 300), dtype=torch.int64, generator=g).tolist()
+    for ta, tb, tc, lo, hi in zip(*vals):
+        lo = lo // span * span
+        got = _ptx_emulate(asm, {"$1": ta, "$2": tb, "$3": tc, "$4": lo, "$5": hi})
+        want = (hi << 32 | lo) | (ta & masks[0]) | (tb & masks[1]) | (tc & masks[2])
+        assert got == want

@@ -1,11 +1,12 @@
 """The instruction budget of issue 10, checked statically on every CI run (no GPU needed).
 
-Compiles the 4-bit kernels the dispatcher picks for a Llama-2-7B layer (4096 x 4096, blocks of 64)
-for sm_90 with Triton's bundled ptxas, disassembles them with its nvdisasm and fails when a hot
-loop spends more SASS instructions per weight than the budget, reads packed weights with loads
-narrower than 64 bits, reduces across threads (SHFL) inside the K loop or spills registers.
-A count, not a timing: no later change can lose the budget silently.
-"""
+Compiles the kernels the dispatcher picks for a Llama-2-7B layer (4096 x 4096, blocks of 64; k = 7
+also with blocks of 1024) for sm_90 with Triton's bundled ptxas: the M = 1 word GEMV at k = 3..8
+(nf: the table decoders; int at 4, 7, 8: the arithmetic ones) and the 4-bit M = 16 kernel. It
+disassembles them with Triton's nvdisasm and fails when a hot loop spends more SASS instructions
+per weight than the budget, reads packed weights with loads narrower than 64 bits, reduces across
+threads (SHFL) inside the K loop or spills registers.
+A count, not a timing: no later change can lose the budget silently."""
 
 import json
 import os
@@ -21,12 +22,14 @@ _SCRIPT = r"""
 import json, sys
 sys.path.insert(0, "benchmarks")
 import sass_budget as sb
+CASES = ([("gemv", bits, "nf", 64) for bits in range(3, 9)]
+         + [("gemv", bits, "int", 64) for bits in (4, 7, 8)] + [("gemv", 7, "nf", 1024)]
+         + [("small", 4, dtype, 64) for dtype in ("int", "nf")])
 out = []
-for kernel in ("gemv", "small"):
-    for dtype in ("int", "nf"):
-        v = dict(arch="sm_90", shape="7b-o", N=4096, K=4096, kernel=kernel,
-                 M=sb.M_OF_KERNEL[kernel], bits=4, dtype=dtype, block=64, act="fp16")
-        out.append(sb.measure(v))
+for kernel, bits, dtype, block in CASES:
+    v = dict(arch="sm_90", shape="7b-o", N=4096, K=4096, kernel=kernel,
+             M=sb.M_OF_KERNEL[kernel], bits=bits, dtype=dtype, block=block, act="fp16")
+    out.append(sb.measure(v))
 print("RESULT " + json.dumps(out))
 """
 
@@ -44,10 +47,12 @@ def records():
     return json.loads(line[len("RESULT "):])
 
 
-def test_budget_4bit_sm90(records):
-    assert len(records) == 4
+def test_budget_sm90(records):
+    assert len(records) == 12
+    assert {r["bits"] for r in records if r["M"] == 1} == set(range(3, 9))
     for rec in records:
-        name = f"{rec['kernel']} M={rec['M']} {rec['dtype']}4 ({rec['kernel_fn']}, {rec['config']})"
+        name = (f"{rec['kernel']} M={rec['M']} {rec['dtype']}{rec['bits']} block {rec['block']} "
+                f"({rec['kernel_fn']}, {rec['config']})")
         assert rec["instr_per_weight"] is not None, f"{name}: no hot loop found"
         assert rec["instr_per_weight"] <= rec["budget"], (
             f"{name}: {rec['instr_per_weight']} SASS instructions per weight > budget "

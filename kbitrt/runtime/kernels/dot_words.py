@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import bit_field, load_word
+from kbitrt.runtime.kernels.words import bit_field, in_register, load_group, one_bits, store_out
 
 
 @triton.jit
@@ -24,7 +24,7 @@ def _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alph
     KB: tl.constexpr = S0 + S1 + S2
     if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB, w = f * alpha + beta
         f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, U, 1, 23 - KB, dmask)
-        v = (f | 0x3F800000).to(tl.float32, bitcast=True) * alpha + beta
+        v = (f | one_bits(dmask)).to(tl.float32, bitcast=True) * alpha + beta
     elif DECODE == 2:  # byte table
         idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, U, 1, 0)
         v = tl.load(tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + idx) * s
@@ -88,29 +88,19 @@ def dot_words_kernel(
     mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    # unmasked weight loads (no zeroing of their registers): rows past N and groups past the last
+    # read the last one; x is 0 past K and rows past N are not stored
+    rows = qw_ptr + tl.minimum(offs_n, N - 1)[:, None].to(tl.int64) * stride_qn
     a_rows = absmax_ptr + offs_n[:, None].to(tl.int64) * stride_an
     x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
-    off1: tl.constexpr = S0
-    off2: tl.constexpr = S0 + S1
+    tab = in_register(tab_addr, dmask)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
         g = t * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = mask_n[:, None] & (g < n_groups)[None, :]
-        g0 = g[None, :] * S0
-        a0 = load_word(rows, g0, 0, S0, 0, mask)
-        a1 = load_word(rows, g0, 0, S0, 1, mask)
-        a2 = load_word(rows, g0, 0, S0, 2, mask)
-        a3 = load_word(rows, g0, 0, S0, 3, mask)
-        a4 = load_word(rows, g0, 0, S0, 4, mask)
-        a5 = load_word(rows, g0, 0, S0, 5, mask)
-        a6 = load_word(rows, g0, 0, S0, 6, mask)
-        a7 = load_word(rows, g0, 0, S0, 7, mask)
-        g1 = off1 * n_groups + g[None, :] * S1
-        b0 = load_word(rows, g1, 0, S1, 0, mask)
-        b1 = load_word(rows, g1, 0, S1, 1, mask)
-        g2 = off2 * n_groups + g[None, :] * S2
-        c0 = load_word(rows, g2, 0, S2, 0, mask)
+        gw = tl.minimum(g, n_groups - 1)[None, :]
+        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0 = load_group(rows, gw, n_groups, S0, S1, S2,
+                                                                True)
         if SCALE_AFTER:  # the tile lies in one block per row: scale the dot's result, per column
             s = 1.0
             alpha = cb_step * (1 << KB)
@@ -119,7 +109,7 @@ def dot_words_kernel(
             s = tl.load(a_rows + (g * 64 // B)[None, :], mask=mask, other=0.0).to(tl.float32)
             alpha = s * (cb_step * (1 << KB))
             beta = s * (cb_base - cb_step * (1 << KB))
-        w = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
+        w = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab, s, alpha, beta,
                   dmask,
                   0, 1, 64, S0, S1, S2, DECODE, W_DTYPE)
         w = tl.reshape(w, (BLOCK_N, BK))
@@ -134,13 +124,5 @@ def dot_words_kernel(
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION) * sn[None, :]
         else:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if pid_k == 0:
-            acc += bias[None, :]
-    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    omask = mask_m[:, None] & mask_n[None, :]
-    if not ATOMIC:
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
-    else:
-        tl.atomic_add(ptrs, acc, mask=omask)
+    store_out(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, bias_ptr, pid_k, HAS_BIAS,
+              ATOMIC)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import bit_field, load_word, x_at
+from kbitrt.runtime.kernels.words import bit_field, in_register, load_group, one_bits, pair7_pointer, x_at
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def gemv_words_kernel(
     N, K, n_groups, stride_qn, stride_an, cb_base, cb_step, dmask, tab_addr, split_k,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, B: tl.constexpr,
     DECODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-    ATOMIC: tl.constexpr, EVEN_K: tl.constexpr,
+    ATOMIC: tl.constexpr, EVEN_K: tl.constexpr, ASM: tl.constexpr,
 ):
     """x (1, K) -> out (1, N); qw_ptr is the packed weight as int64 words (row stride in words).
 
@@ -49,31 +49,22 @@ def gemv_words_kernel(
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    rows = qw_ptr + offs_n[:, None].to(tl.int64) * stride_qn
+    # rows past N and groups past the last read the last one (in bounds, no mask: no zeroing of
+    # the destination registers); their scale s is 0 and rows past N are not stored
+    rows = qw_ptr + tl.minimum(offs_n, N - 1)[:, None].to(tl.int64) * stride_qn
     a_rows = absmax_ptr + offs_n[:, None].to(tl.int64) * stride_an
     x_base = x_ptr + (offs_n * 0)[:, None]  # a zero row stride keeps x in the weights' layout
-    off1: tl.constexpr = S0
-    off2: tl.constexpr = S0 + S1
+    tab = in_register(tab_addr, dmask)
+    tab_lo = tab.to(tl.int32)
+    tab_hi = (tab >> 32).to(tl.int32)
     acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     accx = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
         g = t * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = mask_n[:, None] & (g < n_groups)[None, :]
-        # slice j of a row starts at word off_j * n_groups; group g's words at g * S_j
-        g0 = g[None, :] * S0
-        a0 = load_word(rows, g0, 0, S0, 0, mask)
-        a1 = load_word(rows, g0, 0, S0, 1, mask)
-        a2 = load_word(rows, g0, 0, S0, 2, mask)
-        a3 = load_word(rows, g0, 0, S0, 3, mask)
-        a4 = load_word(rows, g0, 0, S0, 4, mask)
-        a5 = load_word(rows, g0, 0, S0, 5, mask)
-        a6 = load_word(rows, g0, 0, S0, 6, mask)
-        a7 = load_word(rows, g0, 0, S0, 7, mask)
-        g1 = off1 * n_groups + g[None, :] * S1
-        b0 = load_word(rows, g1, 0, S1, 0, mask)
-        b1 = load_word(rows, g1, 0, S1, 1, mask)
-        g2 = off2 * n_groups + g[None, :] * S2
-        c0 = load_word(rows, g2, 0, S2, 0, mask)
+        gw = tl.minimum(g, n_groups - 1)[None, :]
+        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0 = load_group(rows, gw, n_groups, S0, S1, S2,
+                                                                True)
         s = tl.load(a_rows + (g * 64 // B)[None, :], mask=mask, other=0.0).to(tl.float32)
         # past the last group x is read at the last group (in bounds) and the scale s is 0
         xg = x_base + tl.minimum(g, n_groups - 1)[None, :] * 64
@@ -84,14 +75,14 @@ def gemv_words_kernel(
             for i in tl.static_range(64):
                 xi = x_at(xg, g, i, K, xmask, EVEN_K)
                 f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, i, 1, 23 - KB, dmask)
-                f = (f | 0x3F800000).to(tl.float32, bitcast=True)
+                f = (f | one_bits(dmask)).to(tl.float32, bitcast=True)
                 p += f * xi
                 xs += xi
         elif DECODE == 3:  # quad table (k = 3): 4 codes (12 bits) -> two 64-bit loads
             for u in tl.static_range(16):
                 idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 4 * u, 4, 4)
                 idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 4 * u, 4, 4 * S0 + 4)
-                q_ptr = (tab_addr | idx.to(tl.int64)).to(tl.pointer_type(tl.int64))
+                q_ptr = (tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64))
                 q01 = tl.load(q_ptr)
                 q23 = tl.load(q_ptr + 1)
                 p += q01.to(tl.int32).to(tl.float32, bitcast=True) * x_at(xg, g, 4 * u, K, xmask,
@@ -105,12 +96,17 @@ def gemv_words_kernel(
         else:
             if DECODE == 1:  # pair table: 2 codes -> one 64-bit load
                 for u in tl.static_range(32):
-                    idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * u, 2, 3)
-                    if S1 > 0:
-                        idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 2 * u, 2, 2 * S0 + 3)
-                    if S2 > 0:
-                        idx |= bit_field(c0, 0, 0, 0, 0, 0, 0, 0, S2, 2 * u, 2, 2 * (S0 + S1) + 3)
-                    pair = tl.load((tab_addr | idx.to(tl.int64)).to(tl.pointer_type(tl.int64)))
+                    if S2 > 0 and ASM:  # k = 7: the address in PTX (words.pair7_asm)
+                        pair = tl.load(pair7_pointer(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0,
+                                                     tab_lo, tab_hi, 2 * u))
+                    else:
+                        idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * u, 2, 3)
+                        if S1 > 0:
+                            idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 2 * u, 2, 2 * S0 + 3)
+                        if S2 > 0:
+                            idx |= bit_field(c0, 0, 0, 0, 0, 0, 0, 0, S2, 2 * u, 2,
+                                             2 * (S0 + S1) + 3)
+                        pair = tl.load((tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64)))
                     v0 = pair.to(tl.int32).to(tl.float32, bitcast=True)
                     v1 = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
                     x0 = x_at(xg, g, 2 * u, K, xmask, EVEN_K)

@@ -27,7 +27,7 @@ import triton.language as tl
 from kbitrt.format import packing
 from kbitrt.runtime.kernels.dot_words import dot_words_kernel
 from kbitrt.runtime.kernels.gemv_words import gemv_words_kernel
-from kbitrt.runtime.kernels.words import decode_choice, gemv_words_ok
+from kbitrt.runtime.kernels.words import decode_choice, gemv_words_ok, store_out
 
 _SLICE_WIDTHS = {b: tuple(w for w, _, _ in packing.slices(b)) for b in range(3, 9)}
 
@@ -78,22 +78,6 @@ def _dequant_tile(qw_ptr, cb_ptr, offs_n, mask_n, k0, kp8, stride_qn,
 
 
 @triton.jit
-def _store_out(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, bias_ptr, pid_k,
-               HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """acc (BLOCK_M, BLOCK_N) fp32 -> out, bias added once; atomics into fp32 when split."""
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        if pid_k == 0:
-            acc += b[None, :]
-    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(ptrs, acc, mask=mask)
-
-
-@triton.jit
 def _gemv_kernel(
     # pointers
     x_ptr, qw_ptr, absmax_ptr, cb_ptr, bias_ptr, out_ptr,
@@ -129,8 +113,8 @@ def _gemv_kernel(
                         mask=mask_n[:, None] & (offs_blk[None, :] < n_blocks), other=0.0)
             part = tl.sum(tl.reshape(w * x[None, :], (BLOCK_N, NBT, B)), axis=2)
             acc += tl.sum(part * s.to(tl.float32), axis=1)
-    _store_out(out_ptr, acc[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, mask_n, 0,
-               bias_ptr, pid_k, HAS_BIAS, SPLIT_K)
+    store_out(out_ptr, acc[None, :], tl.arange(0, 1), offs_n, tl.arange(0, 1) < 1, mask_n, 0,
+              bias_ptr, pid_k, HAS_BIAS, SPLIT_K > 1)
 
 
 @triton.jit
@@ -187,8 +171,8 @@ def _dot_kernel(
             w = tl.reshape(tl.reshape(w, (BLOCK_N, NBT, B)) * s.to(tl.float32)[:, :, None],
                            (BLOCK_N, BLOCK_K))
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=DOT_PRECISION)
-    _store_out(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, bias_ptr, pid_k,
-               HAS_BIAS, SPLIT_K)
+    store_out(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, bias_ptr, pid_k,
+              HAS_BIAS, SPLIT_K > 1)
 
 
 @dataclass(frozen=True)
@@ -245,7 +229,7 @@ def _pick(m: int, n: int, k: int, bits: int, block_size: int, sms: int) -> Kerne
     kpow = max(32, triton.next_power_of_2(k))
     if m == 1 and gemv_words_ok(k, block_size):
         # 4 warps, 1 group of 64 codes per thread and trip; 8 rows per thread where registers allow
-        block_n, block_k = (256 if bits <= 5 or bits == 7 else 128), 256
+        block_n, block_k = (256 if bits <= 5 else 128), 256
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         return KernelConfig(1, block_n, block_k, split, num_warps=4, num_stages=1)
     if m == 1:
@@ -308,11 +292,9 @@ def plan_launch(m: int, n: int, k: int, bits: int, block_size: int, act: str = "
     nb = -(-k // block_size)
     cfg = config or _pick(m, n, k, bits, block_size, sms)
     if cfg.block_k % 64 == 0 and gemv_words_ok(k, block_size):
-        if cfg.block_m == 1:
-            return _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cfg)
-        if cfg.block_m == 16 and m <= 16:
-            return _plan_dot_words(m, n, k, bits, block_size, act, codebook_kind, absmax,
-                                   has_bias, cfg)
+        if cfg.block_m == 1 or (cfg.block_m == 16 and m <= 16):
+            return _plan_words(1 if cfg.block_m == 1 else m, n, k, bits, block_size, act,
+                               codebook_kind, absmax, has_bias, cfg)
     widths = _SLICE_WIDTHS[bits] + (0, 0)
     split = cfg.split_k
     out = "fp32" if split > 1 else act
@@ -346,7 +328,9 @@ def plan_launch(m: int, n: int, k: int, bits: int, block_size: int, act: str = "
 _ADDR = 1 << 40  # placeholder of the table address in a plan (the launch passes the real one)
 
 
-def _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cfg) -> LaunchPlan:
+def _plan_words(m, n, k, bits, block_size, act, codebook_kind, absmax, has_bias,
+                cfg) -> LaunchPlan:
+    """The plan of a word kernel: gemv_words_kernel for M = 1, else dot_words_kernel."""
     kp = packing.padded_len(k)
     widths = _SLICE_WIDTHS[bits] + (0, 0)
     decode = _words_decode(bits, codebook_kind)
@@ -354,45 +338,30 @@ def _plan_words(n, k, bits, block_size, act, codebook_kind, absmax, has_bias, cf
     out = "fp32" if split > 1 else act
     block_g = cfg.block_k // 64
     c = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size, DECODE=decode,
-             HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, BLOCK_G=block_g, ATOMIC=split > 1,
-             EVEN_K=k % 64 == 0)
+             HAS_BIAS=has_bias)
     ptrs = (("x_ptr", act), ("qw_ptr", "i64"), ("absmax_ptr", absmax),
-            ("tab_ptr", "i64" if decode in (1, 3) else "fp32"), ("bias_ptr", act if has_bias else out),
-            ("out_ptr", out))
+            ("tab_ptr", "i64" if decode in (1, 3) else "fp32"),
+            ("bias_ptr", act if has_bias else out), ("out_ptr", out))
     nb = -(-k // block_size)
-    ints = (("N", n), ("K", k), ("n_groups", kp // 64), ("stride_qn", kp * bits // 64),
-            ("stride_an", nb), ("cb_base", 0.0), ("cb_step", 0.0),
-            ("dmask", ((1 << bits) - 1) << (23 - bits)), ("tab_addr", _ADDR), ("split_k", split))
-    return LaunchPlan(gemv_words_kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints,
-                      tuple(c.items()), cfg.num_warps, cfg.num_stages, cfg.block_n * cfg.block_k,
-                      bits, block_size, 4 if absmax == "fp32" else 2,
-                      f"words d{decode} bn{cfg.block_n} bg{block_g} sk{split} w{cfg.num_warps}")
-
-
-def _plan_dot_words(m, n, k, bits, block_size, act, codebook_kind, absmax, has_bias,
-                    cfg) -> LaunchPlan:
-    kp = packing.padded_len(k)
-    widths = _SLICE_WIDTHS[bits] + (0, 0)
-    decode = _words_decode(bits, codebook_kind)
-    split = cfg.split_k
-    out = "fp32" if split > 1 else act
-    block_g = cfg.block_k // 64
-    dot_f32 = act == "bf16" and interpreted()
-    c = dict(S0=widths[0], S1=widths[1], S2=widths[2], B=block_size, DECODE=decode,
-             HAS_BIAS=has_bias, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_G=block_g, ATOMIC=split > 1,
-             DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 or act == "fp32" else "tf32")
-    ptrs = (("x_ptr", act), ("qw_ptr", "i64"), ("absmax_ptr", absmax),
-            ("tab_ptr", "i64" if decode in (1, 3) else "fp32"), ("bias_ptr", act if has_bias else out),
-            ("out_ptr", out))
-    nb = -(-k // block_size)
-    ints = (("M", m), ("N", n), ("K", k), ("n_groups", kp // 64), ("stride_xm", k),
-            ("stride_qn", kp * bits // 64), ("stride_an", nb), ("stride_om", n),
-            ("cb_base", 0.0), ("cb_step", 0.0), ("dmask", ((1 << bits) - 1) << (23 - bits)),
+    tail = (("cb_base", 0.0), ("cb_step", 0.0), ("dmask", ((1 << bits) - 1) << (23 - bits)),
             ("tab_addr", _ADDR), ("split_k", split))
-    return LaunchPlan(dot_words_kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints,
+    if m == 1:
+        kernel, name = gemv_words_kernel, "words"
+        c.update(BLOCK_N=cfg.block_n, BLOCK_G=block_g, ATOMIC=split > 1, EVEN_K=k % 64 == 0,
+                 ASM=not interpreted())
+        ints = (("N", n), ("K", k), ("n_groups", kp // 64), ("stride_qn", kp * bits // 64),
+                ("stride_an", nb))
+    else:
+        kernel, name = dot_words_kernel, "dotwords"
+        dot_f32 = act == "bf16" and interpreted()
+        c.update(BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_G=block_g, ATOMIC=split > 1,
+                 DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 or act == "fp32" else "tf32")
+        ints = (("M", m), ("N", n), ("K", k), ("n_groups", kp // 64), ("stride_xm", k),
+                ("stride_qn", kp * bits // 64), ("stride_an", nb), ("stride_om", n))
+    return LaunchPlan(kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints + tail,
                       tuple(c.items()), cfg.num_warps, cfg.num_stages, cfg.block_n * cfg.block_k,
                       bits, block_size, 4 if absmax == "fp32" else 2,
-                      f"dotwords d{decode} bn{cfg.block_n} bg{block_g} sk{split} w{cfg.num_warps}")
+                      f"{name} d{decode} bn{cfg.block_n} bg{block_g} sk{split} w{cfg.num_warps}")
 
 
 def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,

@@ -19,33 +19,66 @@ from kbitrt.format import packing
 
 
 @triton.jit
-def load_word(rows, goff, q, S: tl.constexpr, Q: tl.constexpr, mask):
+def load_word(rows, goff, q, S: tl.constexpr, Q: tl.constexpr, mask):  # sass:weights-fn
     """int64 word Q of a slice of width S (words goff + q ... of each row), or 0 past S."""
     if Q < S:
-        return tl.load(rows + goff + q + Q, mask=mask, other=0)  # sass:weights
+        return tl.load(rows + goff + q + Q, mask=mask, other=0)
     else:
         return 0
 
 
 @triton.jit
+def load_group(rows, g, n_groups, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, mask):
+    """The words of groups g (a [1, BLOCK_G] tensor) of each row: 8 of the first slice (a0..a7),
+    2 of the second (b0, b1), 1 of the third (c0), 0 past a slice's width. Slice j of a row
+    starts at word (S0 + .. + S_(j-1)) * n_groups; group g's words at g * S_j."""
+    g0 = g * S0
+    g1 = S0 * n_groups + g * S1
+    g2 = (S0 + S1) * n_groups + g * S2
+    return (load_word(rows, g0, 0, S0, 0, mask), load_word(rows, g0, 0, S0, 1, mask),
+            load_word(rows, g0, 0, S0, 2, mask), load_word(rows, g0, 0, S0, 3, mask),
+            load_word(rows, g0, 0, S0, 4, mask), load_word(rows, g0, 0, S0, 5, mask),
+            load_word(rows, g0, 0, S0, 6, mask), load_word(rows, g0, 0, S0, 7, mask),
+            load_word(rows, g1, 0, S1, 0, mask), load_word(rows, g1, 0, S1, 1, mask),
+            load_word(rows, g2, 0, S2, 0, mask))
+
+
+@triton.jit
+def store_out(out_ptr, acc, offs_m, offs_n, mask_m, mask_n, stride_om, bias_ptr, pid_k,
+              HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) fp32 -> out, bias added once (by split 0); atomics into fp32 when
+    the K loop is split."""
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if pid_k == 0:
+            acc += b[None, :]
+    ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if not ATOMIC:
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _pick4(w0, w1, w2, w3, Q: tl.constexpr):
+    if Q == 0:
+        return w0
+    elif Q == 1:
+        return w1
+    elif Q == 2:
+        return w2
+    else:
+        return w3
+
+
+@triton.jit
 def half32(w0, w1, w2, w3, w4, w5, w6, w7, H: tl.constexpr):
     """int32 half H (0..15) of the words w0..w7 (little-endian: half 2q is the low half of wq)."""
-    if H // 2 == 0:
-        w = w0
-    elif H // 2 == 1:
-        w = w1
-    elif H // 2 == 2:
-        w = w2
-    elif H // 2 == 3:
-        w = w3
-    elif H // 2 == 4:
-        w = w4
-    elif H // 2 == 5:
-        w = w5
-    elif H // 2 == 6:
-        w = w6
+    if H // 2 < 4:
+        w = _pick4(w0, w1, w2, w3, H // 2)
     else:
-        w = w7
+        w = _pick4(w4, w5, w6, w7, H // 2 - 4)
     if H % 2 == 1:
         w = w >> 32
     return w.to(tl.int32)
@@ -63,20 +96,81 @@ def shift_const(v, by: tl.constexpr):
 
 
 @triton.jit
+def field_at(a0, a1, a2, a3, a4, a5, a6, a7, S: tl.constexpr, I: tl.constexpr, DEST: tl.constexpr):
+    """The 32-bit half holding code I of a slice of width S, shifted so code I starts at DEST."""
+    PER: tl.constexpr = 32 // S  # codes per 32-bit half
+    return shift_const(half32(a0, a1, a2, a3, a4, a5, a6, a7, I // PER), DEST - S * (I % PER))
+
+
+@triton.jit
 def bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S: tl.constexpr, I: tl.constexpr, N: tl.constexpr,
-           DEST: tl.constexpr, mask=None):
+              DEST: tl.constexpr, mask=None):
     """The S*N bits of codes I..I+N-1 of a slice of width S, moved to bit DEST (masked).
 
     `mask`, when given, is the same mask as a run-time value: it stays in a register (or the
     constant bank) where a second immediate would be rebuilt in a register for every use."""
-    PER: tl.constexpr = 32 // S  # codes per 32-bit half
-    h = half32(a0, a1, a2, a3, a4, a5, a6, a7, I // PER)
-    pos: tl.constexpr = S * (I % PER)
     MASK: tl.constexpr = ((1 << (S * N)) - 1) << DEST
     if mask is None:
-        return shift_const(h, DEST - pos) & MASK
+        return field_at(a0, a1, a2, a3, a4, a5, a6, a7, S, I, DEST) & MASK
     else:
-        return shift_const(h, DEST - pos) & mask
+        return field_at(a0, a1, a2, a3, a4, a5, a6, a7, S, I, DEST) & mask
+
+
+LUT_AND_OR = 0xEA  # lop3 truth table of (a & b) | c: (0xF0 & 0xCC) | 0xAA
+
+
+def pair7_fields() -> tuple[tuple[int, int], ...]:
+    """(width, DEST) of the 2 * width bits a k = 7 pair takes from each slice: the byte offset
+    of its entry in the pair table (`pair_table`: slice j at index bit 2 * shift_j, 8 bytes)."""
+    return tuple((w, 2 * shift + 3) for w, shift, _ in packing.slices(7))
+
+
+def pair7_asm() -> str:
+    """PTX of a k = 7 pair's table address from the three shifted slice halves ($1..$3), the
+    table's low and high words ($4, $5): (t & mask) | acc three times, the table folded into the
+    first. Written as asm because LLVM reassociates the ORs so that ptxas cannot fuse the table
+    into a mask (one more LOP3 per pair); the interpreter runs the plain twin (`ASM` False)."""
+    masks = [((1 << (2 * w)) - 1) << dest for w, dest in pair7_fields()]
+    return ("{.reg .b32 t; "
+            f"lop3.b32 t, $1, {masks[0]:#x}, $4, {LUT_AND_OR:#x}; "
+            f"lop3.b32 t, $2, {masks[1]:#x}, t, {LUT_AND_OR:#x}; "
+            f"lop3.b32 t, $3, {masks[2]:#x}, t, {LUT_AND_OR:#x}; "
+            "mov.b64 $0, {t, $5};}")
+
+
+PAIR7_ASM = tl.constexpr(pair7_asm())
+_P7 = pair7_fields()
+P7_D0 = tl.constexpr(_P7[0][1])
+P7_D1 = tl.constexpr(_P7[1][1])
+P7_D2 = tl.constexpr(_P7[2][1])
+
+
+@triton.jit
+def pair7_pointer(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_lo, tab_hi, I: tl.constexpr):
+    """Pointer to the pair-table entry of codes I, I + 1 (k = 7, slices 4 + 2 + 1), in PTX."""
+    ta = field_at(a0, a1, a2, a3, a4, a5, a6, a7, 4, I, P7_D0)
+    tb = field_at(b0, b1, 0, 0, 0, 0, 0, 0, 2, I, P7_D1)
+    tc = field_at(c0, 0, 0, 0, 0, 0, 0, 0, 1, I, P7_D2)
+    addr = tl.inline_asm_elementwise(PAIR7_ASM, "=l,r,r,r,r,r",
+                                     [ta, tb, tc, ta * 0 + tab_lo, ta * 0 + tab_hi],
+                                     dtype=tl.int64, is_pure=True, pack=1)
+    return addr.to(tl.pointer_type(tl.int64))
+
+
+@triton.jit
+def one_bits(dmask):
+    """0x3F800000 (1.0's bits) as a run-time value (dmask < 2^23, so dmask >> 31 is 0): with the
+    mask also in a register ptxas merges mask and OR into one LOP3 on sm_80/sm_89 too, where an
+    immediate 1.0 and the mask from the constant bank cost two (sm_90 fuses either way)."""
+    return (dmask >> 31) + 0x3F800000
+
+
+@triton.jit
+def in_register(tab_addr, dmask):
+    """tab_addr as a value computed in the kernel (dmask < 2^23, so dmask >> 31 is 0). A kernel
+    argument stays in the constant bank on sm_80/sm_89, and a LOP3 cannot take it beside the
+    field mask's immediate: tab | (field & mask) then costs two LOP3s per lookup instead of one."""
+    return tab_addr + (dmask >> 31)
 
 
 @triton.jit
