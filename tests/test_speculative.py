@@ -158,6 +158,12 @@ def test_cli_run_with_a_draft_width(tiny_llama_with_tokenizer, tmp_path):
     s = b["stats"]["speculation"]
     assert (s["bits"], s["draft_bits"], s["draft_tokens"]) == (8, 3, 3) and s["drafted"] > 0
     assert 0 <= s["acceptance_rate"] <= 1
+    r = run("bench", out, "--bits", 8, "--draft-bits", 3, "-n", 12, "--reps", 1, "--warmup", 0,
+            "-o", tmp_path / "b.json", "--json")
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)["speculative"]
+    assert rec["greedy_identical"] and rec["speedup"] > 0 and 0 <= rec["acceptance_rate"] <= 1
+    one_line_error(run("bench", out, "--bits", 8, "--draft-bits", 9), "--draft-bits 9")
     r = run("run", out, "-p", prompt, "-n", 4, "--draft-bits", 3)  # parent: the file's top width
     assert r.exit_code == 0, r.output
     one_line_error(run("run", out, "-p", "x", "--bits", 4, "--draft-bits", 4), "narrower")
