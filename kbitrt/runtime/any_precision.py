@@ -192,6 +192,14 @@ def hold_widths(lm, widths, keep_planes: bool = True) -> None:
         if isinstance(m, MultiWidthLinear):
             m.hold(widths, keep_planes)
     relabel(lm, widths[-1])
+    if hasattr(lm, "weight_bytes"):  # what the model holds now: every tensor once, held copies too
+        seen = {t.data_ptr(): t.numel() * t.element_size()
+                for t in list(model.parameters()) + list(model.buffers())}
+        for m in model.modules():
+            for bits, copy in (getattr(m, "held", None) or {}).items():
+                if bits != m.bits:
+                    seen.update({t.data_ptr(): t.numel() * t.element_size() for t in copy.values()})
+        lm.weight_bytes = sum(seen.values())
 
 
 def relabel(lm, bits: int) -> None:
