@@ -178,7 +178,7 @@ def test_smollm2_speculative_greedy_equals_parent(smollm2_dir):
     """SmolLM2 (any-precision nf 3-8): 8-bit greedy drafted by 3 bits is the 8-bit greedy text."""
     from kbitrt.runtime.generate import generate
     from kbitrt.runtime.loader import load_model
-    from kbitrt.runtime.speculative import load_speculative
+    from kbitrt.runtime.speculative import generate_speculative, load_speculative
 
     from kbitrt.convert.gguf import DEFAULT_CACHE
 
@@ -189,6 +189,6 @@ def test_smollm2_speculative_greedy_equals_parent(smollm2_dir):
     prompt = ["The capital of France is"]
     plain = generate(load_model(out, device="cpu", bits=8), prompt, 48)
     lm, parent = load_speculative(out, 8, 3, device="cpu")
-    spec = generate(lm, prompt, 48, bits=parent, draft_bits=3, draft_tokens=4)
+    spec = generate_speculative(lm, prompt, 48, bits=parent, draft_bits=3, draft_tokens=4)
     assert spec.token_ids == plain.token_ids
     assert spec.stats.speculation["acceptance_rate"] > 0.3

@@ -124,14 +124,12 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
 
 
 def _one_shot(lm, prompts, chat, max_new_tokens, sampling, stops, compile_mode, as_json, spec):
-    from kbitrt.runtime.generate import generate
-
     stream = len(prompts) == 1 and not as_json
     if stream and not chat:
         click.echo(prompts[0], nl=False)
     on_text = (lambda row, text: click.echo(text, nl=False)) if stream else None
-    result = generate(lm, prompts, max_new_tokens, sampling, stops, chat, on_text, compile_mode,
-                      **spec)
+    result = _generate(lm, prompts, max_new_tokens, sampling, stops, chat, on_text, compile_mode,
+                       spec)
     if stream:
         click.echo()
     elif not as_json:
@@ -140,6 +138,16 @@ def _one_shot(lm, prompts, chat, max_new_tokens, sampling, stops, compile_mode, 
                 click.echo()
             click.echo(text if chat else prompt + text)
     return result
+
+
+def _generate(lm, prompts, max_new_tokens, sampling, stops, chat, on_text, compile_mode, spec):
+    """generate(), or its self-speculative twin when `spec` (bits, draft_bits, draft_tokens)."""
+    if spec:
+        from kbitrt.runtime.speculative import generate_speculative
+        return generate_speculative(lm, prompts, max_new_tokens, sampling, stops, chat, on_text,
+                                    **spec)
+    from kbitrt.runtime.generate import generate
+    return generate(lm, prompts, max_new_tokens, sampling, stops, chat, on_text, compile_mode)
 
 
 def _read_line(prompt: str) -> str:
@@ -159,7 +167,6 @@ def _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err: Console, 
     """Interactive chat: answers stream as they are generated; the conversation is kept and sent
     again each turn. /reset forgets it, /exit (or Ctrl-D) quits, Ctrl-C stops an answer (what was
     shown is kept) or clears the line being typed, and never ends the session."""
-    from kbitrt.runtime.generate import generate
     from kbitrt.runtime.loader import RunError
 
     err.print("[dim]chat: /reset forgets the conversation, /exit or Ctrl-D quits, "
@@ -192,8 +199,8 @@ def _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err: Console, 
             click.echo(piece, nl=False)
 
         try:
-            result = generate(lm, [messages], max_new_tokens, sampling, stops, True, on_text,
-                              compile_mode, **spec)
+            result = _generate(lm, [messages], max_new_tokens, sampling, stops, True, on_text,
+                               compile_mode, spec)
         except KeyboardInterrupt:  # Ctrl-C while answering: stop this answer, keep the session
             click.echo()
             err.print("[yellow]\\[stopped][/]")

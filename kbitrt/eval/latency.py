@@ -209,6 +209,7 @@ def speculative_bench(lm: LoadedModel, parent: int, draft: int, draft_tokens: in
     drafted), tokens per round, and whether the speculative tokens equal the parent's."""
     from kbitrt.eval.data import sample_path
     from kbitrt.runtime.generate import generate
+    from kbitrt.runtime.speculative import generate_speculative
 
     if reps < 1 or warmup < 0:
         raise RunError("--reps must be >= 1 and --warmup >= 0")
@@ -218,7 +219,8 @@ def speculative_bench(lm: LoadedModel, parent: int, draft: int, draft_tokens: in
     last = None
     for i in range(warmup + reps):
         a = generate(lm, [ids], gen, bits=parent, compile=compile)
-        b = generate(lm, [ids], gen, bits=parent, draft_bits=draft, draft_tokens=draft_tokens)
+        b = generate_speculative(lm, [ids], gen, bits=parent, draft_bits=draft,
+                                 draft_tokens=draft_tokens)
         same = same and a.token_ids == b.token_ids
         if i >= warmup:
             plain.append(a.stats.new_tokens_per_s)

@@ -220,22 +220,16 @@ def decode_step(lm: LoadedModel, compile: bool | str):
 def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 64,
              sampling: SamplingConfig | None = None, stop: Sequence[str] = (), chat: bool = False,
              on_text: Callable[[int, str], None] | None = None,
-             compile: bool | str = "auto", bits: int | None = None, draft_bits: int | None = None,
-             draft_tokens: int = 4) -> GenerationResult:
+             compile: bool | str = "auto", bits: int | None = None) -> GenerationResult:
     """Generate up to max_new_tokens for each prompt (left-padded into one batch).
 
     on_text(row, text) receives each piece of new text as soon as it is final (for streaming).
     bits: the width of an any-precision model loaded with bits='LO-HI' (runtime/any_precision.py).
-    draft_bits: self-speculative decoding, width `draft_bits` drafting `draft_tokens` tokens per
-    round for the parent width (`bits`, else the active one) to verify (runtime/speculative.py).
+    Self-speculative decoding of an any-precision model: runtime/speculative.generate_speculative.
     """
     sampling = sampling or SamplingConfig()
     if max_new_tokens < 1:
         raise RunError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
-    if draft_bits is not None:
-        from kbitrt.runtime.speculative import generate_speculative
-        return generate_speculative(lm, prompts, max_new_tokens, sampling, stop, chat, on_text,
-                                    bits, draft_bits, draft_tokens)
     if bits is not None:
         from kbitrt.runtime.any_precision import set_width
         set_width(lm, bits)

@@ -247,12 +247,20 @@ def _pick_target(logits: torch.Tensor, cfg: SamplingConfig, seen) -> tuple[int, 
     return -1, sampling_probs(logits, cfg)
 
 
-def generate_speculative(lm: LoadedModel, prompts: Sequence, max_new_tokens: int,
-                         sampling: SamplingConfig, stop: Sequence[str], chat: bool,
-                         on_text: Callable[[int, str], None] | None, bits: int | None,
-                         draft_bits: int, draft_tokens: int) -> GenerationResult:
-    """generate() with self-speculative decoding (see the module docstring); prompts one by one."""
+@torch.no_grad()
+def generate_speculative(lm: LoadedModel, prompts: Sequence, max_new_tokens: int = 64,
+                         sampling: SamplingConfig | None = None, stop: Sequence[str] = (),
+                         chat: bool = False, on_text: Callable[[int, str], None] | None = None,
+                         bits: int | None = None, draft_bits: int = 3,
+                         draft_tokens: int = DEFAULT_DRAFT_TOKENS) -> GenerationResult:
+    """generate() (runtime/generate.py, same arguments and result) with self-speculative decoding:
+    width `draft_bits` drafts `draft_tokens` tokens per round for the parent width (`bits`, else
+    the active one) to verify; prompts one by one. `stats.speculation` holds the counts."""
     from kbitrt.runtime.any_precision import MultiWidthLinear, hold_widths, relabel
+
+    sampling = sampling or SamplingConfig()
+    if max_new_tokens < 1:
+        raise RunError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
 
     if draft_tokens < 1:
         raise RunError(f"--draft-tokens {draft_tokens}: must be >= 1")
