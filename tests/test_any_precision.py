@@ -346,5 +346,39 @@ def test_cli_sweep_widths_of_one_file(tiny_llama_with_tokenizer, tmp_path):
                    "--bits 8")
 
 
+def test_transformers_from_pretrained_at_a_width(ap_folder, tiny_models, tmp_path):
+    """from_pretrained(folder, quantization_config=KbitConfig(bits=K)): KbitLinears at width K whose
+    logits equal kbitrt's own loader at that width (the top width without the option)."""
+    import warnings
+
+    import kbitrt  # noqa: F401  (registers the kbit quantizer)
+    from transformers import AutoModelForCausalLM
+
+    from kbitrt.convert.converter import convert
+    from kbitrt.runtime.hf_quantizer import KbitConfig
+    from kbitrt.runtime.linear import KbitLinear
+
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    for k in (3, 5, None):
+        kw = {} if k is None else {"quantization_config": KbitConfig(bits=k)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # transformers: "loading attributes will be overwritten"
+            hf = AutoModelForCausalLM.from_pretrained(ap_folder, dtype=torch.float32, **kw).eval()
+        mods = [m for m in hf.modules() if isinstance(m, KbitLinear)]
+        assert mods and all(m.bits == (k or 8) for m in mods), k
+        assert all(m.qweight.numel() == m.out_features * (-(-m.in_features // 8)) * (k or 8)
+                   for m in mods)  # K bits per weight held, the other planes freed
+        native = load_model(ap_folder, bits=k or 8, cpu_weights="fp16")
+        with torch.no_grad():
+            torch.testing.assert_close(hf(ids).logits, native.model(ids), rtol=1e-4, atol=1e-4)
+    for bad in (2, 9, "5"):
+        with pytest.raises(KbitFormatError, match="3..8"):
+            KbitConfig(bits=bad)
+    convert(tiny_models["llama"], tmp_path / "plain", QuantConfig(bits=4))
+    with pytest.raises(KbitFormatError, match="plain"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        AutoModelForCausalLM.from_pretrained(tmp_path / "plain", quantization_config=KbitConfig(bits=5))
+
+
 if __name__ == "__main__" and "--regenerate" in sys.argv:
     GOLDEN.write_text(json.dumps(current(), indent=1) + "\n")

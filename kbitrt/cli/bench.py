@@ -35,16 +35,22 @@ from kbitrt.cli.options import cpu_weight_options, placement_options
               help="JSON record file (default: <model>/bench-<timestamp>.json).")
 @placement_options
 @cpu_weight_options
+@click.option("--draft-bits", type=int, default=None, help="Any-precision models: time "
+              "self-speculative decoding (this width drafting for --bits) against the parent "
+              "alone: acceptance rate and speed-up (greedy, -n new tokens).")
+@click.option("--draft-tokens", type=int, default=None, help="Tokens drafted per round (default 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record on stdout.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the table as CSV on stdout.")
 def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backend, compile_,
-              low_memory, cpu_weights, device_map, max_memory, output, as_json, as_csv, bits=None):
+              low_memory, cpu_weights, device_map, max_memory, draft_bits, draft_tokens, output,
+              as_json, as_csv, bits=None):
     """Prefill and decode tokens/s of MODEL (kbit or plain HF folder), mean ± std over reps.
 
     \b
       kbit bench DIR
       kbit bench DIR --batch 1,4,16 -p 512 -n 128 --reps 5 --json
       kbit bench DIR --kernels
+      kbit bench AP_DIR --bits 8 --draft-bits 3 --draft-tokens 4 -n 128
     """
     from kbitrt.eval.latency import (held_weights, kernel_table, memory_record, rss_bytes,
                                      run_bench)
@@ -70,6 +76,12 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
     cpu_weights = "packed" if low_memory or kernels else (cpu_weights or "fp16")
     rss0 = rss_bytes()
     try:
+        if draft_tokens is not None and draft_bits is None:
+            raise RunError("--draft-tokens needs --draft-bits (self-speculative decoding)")
+        if draft_bits is not None:
+            return _speculative(model, bits, draft_bits, draft_tokens, gen, reps, warmup, device,
+                                backend, cpu_weights, device_map or kernels, compile_, output,
+                                as_json, err, rss0)
         with err.status(f"loading {model}", spinner="dots"):
             lm = open_model(model, device=device, backend=backend, cpu_weights=cpu_weights,
                             bits=bits, device_map=device_map, max_memory=max_memory)
@@ -110,6 +122,59 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
                   f"{mem['model_memory_mb']:.0f} MiB (peak minus {mem['rss_after_imports_mb']:.0f}"
                   f" MiB after imports)" + (f", quantized weights held at {bits:.2f} bits"
                                             if bits else ""))
+    err.print(f"[dim]written to {path}[/]")
+
+
+def _speculative(model, bits, draft_bits, draft_tokens, gen, reps, warmup, device, backend,
+                 cpu_weights, other_mode, compile_, output, as_json, err, rss0):
+    """kbit bench --draft-bits: self-speculative decoding against the parent alone."""
+    from kbitrt.errors import KbitFormatError
+    from kbitrt.eval.latency import held_weights, memory_record, speculative_bench
+    from kbitrt.eval.results import default_output, environment, model_record, write_json
+    from kbitrt.runtime.loader import RunError
+    from kbitrt.runtime.speculative import DEFAULT_DRAFT_TOKENS, load_speculative
+
+    k = DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens
+    try:
+        if other_mode:
+            raise RunError("--draft-bits times generation on one device: drop --kernels and "
+                           "--device-map")
+        if gen < 1:
+            raise RunError(f"-n {gen}: --draft-bits needs new tokens to generate")
+        with err.status(f"loading {model}", spinner="dots"):
+            lm, parent = load_speculative(model, bits, draft_bits, k, device=device,
+                                          backend=backend, cpu_weights=cpu_weights)
+        record = {"kind": "bench-speculative", **environment(lm.device),
+                  "model": model_record(model, lm), "held": held_weights(lm.model)}
+        with err.status("benchmarking (parent alone and speculative, alternating)", spinner="dots"):
+            record["speculative"] = speculative_bench(
+                lm, parent, draft_bits, k, gen, reps, warmup,
+                compile="auto" if compile_ is None else compile_)
+        record["memory"] = memory_record(rss0)
+    except (RunError, KbitFormatError) as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    path = output or default_output(lm.path, "bench")
+    write_json(path, record)
+    if as_json:
+        click.echo(json.dumps(record, indent=2, default=str))
+    else:
+        r = record["speculative"]
+        t = Table(title=f"{record['device']}: {r['draft_bits']}-bit drafts of {r['draft_tokens']} "
+                  f"for {r['bits']} bits, tg{r['gen']}", header_style="bold")
+        for col in ("decoding", "t/s", "acceptance", "tok/round", "speed-up", "same tokens"):
+            t.add_column(col, justify="left" if col == "decoding" else "right")
+        t.add_row(f"parent ({r['bits']} bits) alone",
+                  f"{r['parent_tokens_per_s']:.2f} ± {r['parent_std']:.2f}", "", "", "1.00", "")
+        rate = r["acceptance_rate"]
+        t.add_row("self-speculative", f"{r['speculative_tokens_per_s']:.2f} ± "
+                  f"{r['speculative_std']:.2f}", "-" if rate is None else f"{100 * rate:.1f}%",
+                  f"{r['tokens_per_round'] or 0:.2f}", f"{r['speedup']:.2f}",
+                  "yes" if r["greedy_identical"] else "NO")
+        err.print(t)
+        bits_held = record["held"]["bits_per_quantized_weight_held"]
+        err.print(f"quantized weights held at {bits_held:.2f} bits (both widths); load average "
+                  f"{', '.join(f'{v:.1f}' for v in r['load_average'])}")
     err.print(f"[dim]written to {path}[/]")
 
 

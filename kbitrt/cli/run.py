@@ -49,10 +49,14 @@ def _fail(message: str) -> None:
               help="torch.compile the decode step (default: on for cuda).")
 @placement_options
 @cpu_weight_options
+@click.option("--draft-bits", type=int, default=None, help="Any-precision models: self-speculative"
+              " decoding, this narrower width drafting for the --bits parent (same planes).")
+@click.option("--draft-tokens", type=int, default=None, help="Tokens drafted per round with "
+              "--draft-bits (default 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print results and stats as JSON.")
 def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, top_p,
             repetition_penalty, seed, stops, device, backend, dtype, compile_, low_memory,
-            cpu_weights, device_map, max_memory, as_json, bits=None):
+            cpu_weights, device_map, max_memory, draft_bits, draft_tokens, as_json, bits=None):
     """Generate text with a kbit model (a folder or a Hub repo id).
 
     \b
@@ -60,6 +64,7 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
       kbit run DIR --chat                 (/reset, /exit; Ctrl-C stops an answer, Ctrl-D quits)
       echo "Once upon a time" | kbit run DIR --temperature 0.8 --top-p 0.95 --seed 0
       kbit run DIR -p a -p b -p c --greedy
+      kbit run AP_DIR --bits 8 --draft-bits 3 -p "..."   (self-speculative, any-precision)
     """
     from kbitrt.runtime.generate import SamplingConfig
     from kbitrt.runtime.loader import RunError
@@ -84,17 +89,32 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
             prompts = (text,)
         from kbitrt.runtime.loader import load_model
 
-        with err.status(f"loading {model}", spinner="dots"):
-            lm = load_model(model, device=device, backend=backend, dtype=COMPUTE_DTYPES[dtype],
-                            cpu_weights=cpu_weights, bits=bits, device_map=device_map,
-                            max_memory=max_memory)
+        spec = {}
+        if draft_tokens is not None and draft_bits is None:
+            raise RunError("--draft-tokens needs --draft-bits (self-speculative decoding)")
+        if draft_bits is not None:
+            from kbitrt.runtime.speculative import DEFAULT_DRAFT_TOKENS, load_speculative
+
+            if device_map is not None:
+                raise RunError("--draft-bits runs on one device: drop --device-map")
+            k = DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens
+            with err.status(f"loading {model}", spinner="dots"):  # widths checked first
+                lm, parent = load_speculative(model, bits, draft_bits, k, device=device,
+                                              backend=backend, dtype=COMPUTE_DTYPES[dtype],
+                                              cpu_weights=cpu_weights)
+            spec = dict(bits=parent, draft_bits=draft_bits, draft_tokens=k)
+        else:
+            with err.status(f"loading {model}", spinner="dots"):
+                lm = load_model(model, device=device, backend=backend, dtype=COMPUTE_DTYPES[dtype],
+                                cpu_weights=cpu_weights, bits=bits, device_map=device_map,
+                                max_memory=max_memory)
         if lm.note and not as_json:
             err.print(f"[yellow]note:[/] {lm.note}")
         compile_mode = "auto" if compile_ is None else compile_
         if interactive:
-            return _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err)
+            return _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err, spec)
         result = _one_shot(lm, list(prompts), chat, max_new_tokens, sampling, stops,
-                           compile_mode, as_json)
+                           compile_mode, as_json, spec)
     except (RunError, KbitFormatError, FileNotFoundError, NotADirectoryError) as e:
         _fail(str(e))
     if as_json:
@@ -103,14 +123,13 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
         err.print(stats_table(lm, result.stats))
 
 
-def _one_shot(lm, prompts, chat, max_new_tokens, sampling, stops, compile_mode, as_json):
-    from kbitrt.runtime.generate import generate
-
+def _one_shot(lm, prompts, chat, max_new_tokens, sampling, stops, compile_mode, as_json, spec):
     stream = len(prompts) == 1 and not as_json
     if stream and not chat:
         click.echo(prompts[0], nl=False)
     on_text = (lambda row, text: click.echo(text, nl=False)) if stream else None
-    result = generate(lm, prompts, max_new_tokens, sampling, stops, chat, on_text, compile_mode)
+    result = _generate(lm, prompts, max_new_tokens, sampling, stops, chat, on_text, compile_mode,
+                       spec)
     if stream:
         click.echo()
     elif not as_json:
@@ -119,6 +138,16 @@ def _one_shot(lm, prompts, chat, max_new_tokens, sampling, stops, compile_mode, 
                 click.echo()
             click.echo(text if chat else prompt + text)
     return result
+
+
+def _generate(lm, prompts, max_new_tokens, sampling, stops, chat, on_text, compile_mode, spec):
+    """generate(), or its self-speculative twin when `spec` (bits, draft_bits, draft_tokens)."""
+    if spec:
+        from kbitrt.runtime.speculative import generate_speculative
+        return generate_speculative(lm, prompts, max_new_tokens, sampling, stops, chat, on_text,
+                                    **spec)
+    from kbitrt.runtime.generate import generate
+    return generate(lm, prompts, max_new_tokens, sampling, stops, chat, on_text, compile_mode)
 
 
 def _read_line(prompt: str) -> str:
@@ -134,11 +163,10 @@ def _read_line(prompt: str) -> str:
     return input()
 
 
-def _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err: Console):
+def _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err: Console, spec):
     """Interactive chat: answers stream as they are generated; the conversation is kept and sent
     again each turn. /reset forgets it, /exit (or Ctrl-D) quits, Ctrl-C stops an answer (what was
     shown is kept) or clears the line being typed, and never ends the session."""
-    from kbitrt.runtime.generate import generate
     from kbitrt.runtime.loader import RunError
 
     err.print("[dim]chat: /reset forgets the conversation, /exit or Ctrl-D quits, "
@@ -171,8 +199,8 @@ def _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err: Console):
             click.echo(piece, nl=False)
 
         try:
-            result = generate(lm, [messages], max_new_tokens, sampling, stops, True, on_text,
-                              compile_mode)
+            result = _generate(lm, [messages], max_new_tokens, sampling, stops, True, on_text,
+                               compile_mode, spec)
         except KeyboardInterrupt:  # Ctrl-C while answering: stop this answer, keep the session
             click.echo()
             err.print("[yellow]\\[stopped][/]")
@@ -201,6 +229,13 @@ def stats_table(lm, stats) -> Table:
     table.add_row("prompt", f"{stats.prompt_tokens} tok, {stats.prompt_tokens_per_s:.1f} tok/s")
     table.add_row("generation", f"{stats.new_tokens} tok, {stats.new_tokens_per_s:.1f} tok/s")
     table.add_row("batch", str(stats.batch))
+    spec = getattr(stats, "speculation", None)
+    if spec:
+        rate = spec["acceptance_rate"]
+        table.add_row("speculation", f"{spec['draft_bits']}-bit drafts of {spec['draft_tokens']} "
+                      f"for {spec['bits']} bits: "
+                      + (f"{100 * rate:.0f}% accepted, {spec['tokens_per_round']:.2f} tok/round"
+                         if rate is not None else "nothing drafted"))
     table.add_row("peak memory", f"{stats.peak_memory_bytes / 2**20:.0f} MiB")
     held = f" ({lm.cpu_weights} on the CPU)" if getattr(lm, "cpu_weights", None) else ""
     table.add_row("weights", f"{lm.weight_bytes / 2**20:.1f} MiB{held}")

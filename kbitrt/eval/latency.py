@@ -194,3 +194,45 @@ def kernel_table(lm: LoadedModel, m: int = 1, reps: int = 20) -> tuple[list[dict
                      "gbps": nbytes / t / 1e9, "pct_copy_bw": 100 * nbytes / t / bw,
                      "dense_us": t_dense * 1e6, "speedup_vs_dense": t_dense / t})
     return rows, bw
+
+
+# -------------------------------------------------------------------------------- speculation
+
+def speculative_bench(lm: LoadedModel, parent: int, draft: int, draft_tokens: int, gen: int = 128,
+                      reps: int = 3, warmup: int = 1, prompt_tokens: int = 64,
+                      compile: bool | str = "auto") -> dict:
+    """Self-speculative decoding against the parent alone, on one model holding both widths
+    (runtime/speculative.py): greedy, the first `prompt_tokens` tokens of the shipped Wikipedia
+    sample as the prompt, `gen` new tokens. The two runs alternate (parent, speculative) so that a
+    change of machine load hits both; tokens/s are decode tokens over decode seconds (prefill
+    excluded), mean +/- std over reps after warm-up. Also: the acceptance rate (accepted drafts /
+    drafted), tokens per round, and whether the speculative tokens equal the parent's."""
+    from kbitrt.eval.data import sample_path
+    from kbitrt.runtime.generate import generate
+    from kbitrt.runtime.speculative import generate_speculative
+
+    if reps < 1 or warmup < 0:
+        raise RunError("--reps must be >= 1 and --warmup >= 0")
+    text = sample_path("wiki-sample").read_text()[:20000]
+    ids = lm.tokenizer(text)["input_ids"][:prompt_tokens]
+    plain, spec, same = [], [], True
+    last = None
+    for i in range(warmup + reps):
+        a = generate(lm, [ids], gen, bits=parent, compile=compile)
+        b = generate_speculative(lm, [ids], gen, bits=parent, draft_bits=draft,
+                                 draft_tokens=draft_tokens)
+        same = same and a.token_ids == b.token_ids
+        if i >= warmup:
+            plain.append(a.stats.new_tokens_per_s)
+            spec.append(b.stats.new_tokens_per_s)
+            last = b.stats.speculation
+    sd = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+    return {"bits": parent, "draft_bits": draft, "draft_tokens": draft_tokens,
+            "prompt_tokens": len(ids), "gen": gen, "reps": reps, "warmup": warmup,
+            "parent_tokens_per_s": statistics.fmean(plain), "parent_std": sd(plain),
+            "parent_reps": plain, "speculative_tokens_per_s": statistics.fmean(spec),
+            "speculative_std": sd(spec), "speculative_reps": spec,
+            "speedup": statistics.fmean(spec) / statistics.fmean(plain),
+            "acceptance_rate": last["acceptance_rate"], "tokens_per_round": last["tokens_per_round"],
+            "rounds": last["rounds"], "greedy_identical": same,
+            "load_average": list(os.getloadavg())}

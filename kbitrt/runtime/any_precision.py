@@ -8,6 +8,11 @@ bytes read per token are those of a K-bit model.
 `--bits LO-HI`: every plane stays resident (MultiWidthLinear) and the width is picked per call,
 `generate(lm, ..., bits=K)` or `set_width(lm, K)`; switching width repacks the top K planes of each
 linear (one pass over the weights), and the active width's bitslice copy is held beside the planes.
+
+`hold_widths(lm, (3, 8))` (self-speculative decoding, runtime/speculative.py): a ready copy of each
+listed width is built once (bitslice codes + codebook; on the CPU the dense 16-bit weight the CPU
+path multiplies with), so switching between them swaps buffers and copies nothing. With
+`keep_planes=False` the planes are dropped: the model then holds those widths' copies alone.
 """
 
 from __future__ import annotations
@@ -95,6 +100,10 @@ class MultiWidthLinear(KbitLinear):
         super()._apply(fn, recurse)
         if codebooks is not None:  # fp32 under model.half(), like the codebook
             self._buffers["codebooks"] = codebooks.to(self._buffers["codebooks"].device)
+        device = self._buffers["absmax"].device
+        for bits, copy in (getattr(self, "held", None) or {}).items():  # follow devices, keep dtypes
+            for name, t in copy.items():
+                copy[name] = self._buffers[name] if bits == self.bits else t.to(device)
         return self
 
     def set_bits(self, bits: int) -> None:
@@ -103,11 +112,55 @@ class MultiWidthLinear(KbitLinear):
                                   f"{self.max_bits}")
         if bits == self.bits:
             return
+        held = getattr(self, "held", None)
+        if held and bits in held:  # a ready copy: swap buffers, copy nothing
+            self._buffers.update(held[bits])
+            self.bits = bits
+            self._w_cache = None
+            return
+        if self.planes.numel() == 0:
+            raise KbitFormatError(f"bits={bits}: this model holds widths "
+                                  f"{', '.join(map(str, sorted(held or ())))} only (planes dropped)")
         off = codebook_offset(bits, self.file_min_bits)
         self._buffers["qweight"] = to_bitslice(self.planes[:bits], self.in_features)
         self._buffers["codebook"] = pad_codebook(self.codebooks[off: off + 2**bits], bits)
         self.bits = bits
         self._w_cache = None
+
+    def hold(self, widths, keep_planes: bool = True) -> None:
+        """Build a ready copy of each width in `widths` (see the module docstring); the active
+        width afterwards is the last one listed."""
+        if getattr(self, "held", None):
+            raise KbitFormatError("this model already holds ready widths "
+                                  f"{sorted(self.held)}: load it again to hold others")
+        cpu_dense = self.absmax.device.type == "cpu" and self.cpu_mode == "dense"
+        held = {}
+        for bits in widths:
+            self.held = {}
+            self.set_bits(bits)
+            if cpu_dense:  # what the CPU path multiplies with; the packed codes are not needed
+                dense = self.dequantize(self.cpu_dtype)
+                held[bits] = {"dense_weight": dense}
+            else:
+                held[bits] = {"qweight": self.qweight, "codebook": self.codebook}
+        if cpu_dense:
+            for name in ("qweight", "absmax", "codebook", "outlier_weight", "outlier_idx"):
+                t = self._buffers[name]
+                self._buffers[name] = t.new_empty((0,) * t.dim())
+        if not keep_planes:
+            self._buffers["planes"] = self.planes.new_empty((0, 0, 0))
+            self._buffers["codebooks"] = self.codebooks.new_empty(0)
+        self.held = held
+        self._buffers.update(held[bits])
+        self._w_cache = None
+
+    def held_bytes(self) -> int:
+        """Resident bytes for W: the active buffers and every other held width's copy."""
+        n = super().held_bytes()
+        for bits, copy in (getattr(self, "held", None) or {}).items():
+            if bits != self.bits:
+                n += sum(t.numel() * t.element_size() for t in copy.values())
+        return n
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", widths={self.min_bits}..{self.max_bits}"
@@ -118,7 +171,7 @@ def multi_width_linear(qw: MultiWidthWeight, bias, dtype: torch.dtype,
     return MultiWidthLinear.from_weight(qw, bias, compute_dtype=dtype).to(device)
 
 
-def widths(model: torch.nn.Module) -> tuple[int, int] | None:
+def widths_of(model: torch.nn.Module) -> tuple[int, int] | None:
     """(min, max) width a loaded model can switch between, or None (one width only)."""
     mods = [m for m in model.modules() if isinstance(m, MultiWidthLinear)]
     if not mods:
@@ -126,10 +179,39 @@ def widths(model: torch.nn.Module) -> tuple[int, int] | None:
     return max(m.min_bits for m in mods), min(m.max_bits for m in mods)
 
 
-def set_width(lm, bits: int) -> None:
-    """Switch every MultiWidthLinear of a LoadedModel to width `bits` (a no-op when already there)."""
+def hold_widths(lm, widths, keep_planes: bool = True) -> None:
+    """Build ready copies of `widths` in every MultiWidthLinear (switching between them then
+    copies nothing); the last width listed is active afterwards. keep_planes=False drops the planes
+    (other widths are then refused)."""
     model = getattr(lm, "model", lm)
-    span = widths(model)
+    span = widths_of(model)
+    for bits in widths:
+        if span is None or not span[0] <= bits <= span[1]:
+            set_width(lm, bits)  # the one clear error
+    for m in model.modules():
+        if isinstance(m, MultiWidthLinear):
+            m.hold(widths, keep_planes)
+    relabel(lm, widths[-1])
+    if hasattr(lm, "weight_bytes"):  # what the model holds now: every tensor once, held copies too
+        seen = {t.data_ptr(): t.numel() * t.element_size()
+                for t in list(model.parameters()) + list(model.buffers())}
+        for m in model.modules():
+            for bits, copy in (getattr(m, "held", None) or {}).items():
+                if bits != m.bits:
+                    seen.update({t.data_ptr(): t.numel() * t.element_size() for t in copy.values()})
+        lm.weight_bytes = sum(seen.values())
+
+
+def relabel(lm, bits: int) -> None:
+    if isinstance(getattr(lm, "quant_label", None), str):  # e.g. nf8-b64-ap3-8 -> nf5-b64-ap3-8
+        lm.quant_label = re.sub(r"^([a-z]+)[0-9]-", rf"\g<1>{bits}-", lm.quant_label)
+
+
+def set_width(lm, bits: int, reset_compiled: bool = True) -> None:
+    """Switch every MultiWidthLinear of a LoadedModel to width `bits` (a no-op when already there).
+    reset_compiled: on CUDA, drop torch.compile's graphs, which captured the previous width."""
+    model = getattr(lm, "model", lm)
+    span = widths_of(model)
     if span is None:
         raise KbitFormatError(f"bits={bits}: this model was loaded at one width; load it with "
                               "bits='LO-HI' (kbit run --bits 3-8) to choose the width per call")
@@ -140,7 +222,6 @@ def set_width(lm, bits: int) -> None:
         if isinstance(m, MultiWidthLinear) and m.bits != bits:
             m.set_bits(bits)
             changed = True
-    if changed and next(model.buffers()).device.type == "cuda":
+    if changed and reset_compiled and next(model.buffers()).device.type == "cuda":
         torch._dynamo.reset()  # compiled graphs captured the previous width's buffers
-    if isinstance(getattr(lm, "quant_label", None), str):  # e.g. nf8-b64-ap3-8 -> nf5-b64-ap3-8
-        lm.quant_label = re.sub(r"^([a-z]+)[0-9]-", rf"\g<1>{bits}-", lm.quant_label)
+    relabel(lm, bits)

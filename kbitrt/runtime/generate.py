@@ -53,6 +53,7 @@ class GenerationStats:
     decode_seconds: float
     peak_memory_bytes: int  # CUDA: max allocated; CPU: peak resident set of the process
     compiled: bool
+    speculation: dict | None = None  # self-speculative decoding: widths, drafted, accepted, rounds
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -130,9 +131,16 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     """logits (B, V) float -> next token ids (B,)."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
+    probs = sampling_probs(logits, cfg)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """The distribution `sample` draws from (temperature > 0): temperature, top-k, top-p applied.
+    logits (..., V) float -> probabilities (..., V)."""
     logits = logits / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p is not None and cfg.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -140,13 +148,12 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # mass before this token already >= p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 # ----------------------------------------------------------------------------------- streaming
 
-class _Row:
+class TextRow:
     """One sequence's generated tokens, its text so far and what was already streamed."""
 
     def __init__(self, tokenizer, stops: Sequence[str], live: bool):
@@ -186,7 +193,7 @@ class _Row:
 
 # ------------------------------------------------------------------------------------ decoding
 
-def _peak_memory(device: torch.device) -> int:
+def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -218,13 +225,14 @@ def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 6
 
     on_text(row, text) receives each piece of new text as soon as it is final (for streaming).
     bits: the width of an any-precision model loaded with bits='LO-HI' (runtime/any_precision.py).
+    Self-speculative decoding of an any-precision model: runtime/speculative.generate_speculative.
     """
-    if bits is not None:
-        from kbitrt.runtime.any_precision import set_width
-        set_width(lm, bits)
     sampling = sampling or SamplingConfig()
     if max_new_tokens < 1:
         raise RunError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+    if bits is not None:
+        from kbitrt.runtime.any_precision import set_width
+        set_width(lm, bits)
     tok, device, model = lm.tokenizer, lm.device, lm.model
     encoded = encode_prompts(tok, prompts, chat)
     lengths = [len(ids) for ids in encoded]
@@ -238,7 +246,7 @@ def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 6
     ids = torch.tensor([[pad_id] * (T0 - len(e)) + e for e in encoded], device=device)
     pad = torch.tensor([T0 - n for n in lengths], device=device)
     stops_at = eos_ids(lm)
-    rows = [_Row(tok, stop, on_text is not None) for _ in range(B)]
+    rows = [TextRow(tok, stop, on_text is not None) for _ in range(B)]
     vocab = lm.config.get("vocab_size") or tok.vocab_size
     seen = torch.zeros(B, max(vocab, int(ids.max()) + 1), dtype=torch.bool, device=device)
     if sampling.repetition_penalty != 1.0:
@@ -302,16 +310,16 @@ def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 6
             if piece:
                 on_text(b, piece)
     stats = GenerationStats(
-        device=_device_name(device), backend=lm.backend, batch=B, prompt_tokens=sum(lengths),
+        device=device_name(device), backend=lm.backend, batch=B, prompt_tokens=sum(lengths),
         new_tokens=sum(len(r.ids) + (r.done == "eos") for r in rows),
-        prompt_seconds=t1 - t0, decode_seconds=t2 - t1, peak_memory_bytes=_peak_memory(device),
+        prompt_seconds=t1 - t0, decode_seconds=t2 - t1, peak_memory_bytes=peak_memory(device),
         compiled=compiled)
     return GenerationResult(texts=[r.text for r in rows], token_ids=[r.ids for r in rows],
                             stop_reasons=[r.done for r in rows], stats=stats,
                             prompt_texts=[tok.decode(e) for e in encoded])
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     import platform

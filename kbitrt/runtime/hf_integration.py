@@ -12,6 +12,11 @@ placeholder whose buffers have exactly the stored names, dtypes and shapes, so t
 loader fills them (mmap, threads, device_map) without any conversion op. After loading each
 placeholder becomes a KbitLinear (codebook padded, dq8 scales decoded). The stored forms of what
 that changes are kept on the module, so saving writes the exact tensors that were read.
+
+An any-precision (bitplane-v1) folder loads at its top width, or at width K with
+`from_pretrained(path, quantization_config=KbitConfig(bits=K))` (KbitConfig from
+kbitrt.runtime.hf_quantizer): every plane is read, the top K are repacked into KbitLinear and the
+rest freed. Such a model is not saved back (it is no longer the file it came from).
 """
 
 from __future__ import annotations
@@ -69,5 +74,11 @@ def register() -> None:
         auto.register_quantization_config("kbit")(KbitConfig)
     if "kbit" not in auto.AUTO_QUANTIZER_MAPPING:
         auto.register_quantizer("kbit")(KbitHfQuantizer)
+    # from_pretrained(path, quantization_config=KbitConfig(bits=K)) on a kbit folder: transformers
+    # keeps the folder's config and copies the passed one's loading attributes (the width of an
+    # any-precision model) for config types listed here
+    types = getattr(auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
+    if isinstance(types, tuple) and KbitConfig not in types:
+        auto.LOADING_ATTRIBUTES_CONFIG_TYPES = types + (KbitConfig,)
     _done = True
 

@@ -12,6 +12,8 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from kbitrt.convert.model_map import prefix_variants
+from kbitrt.format.bitplane import (BITPLANE, AnyPrecisionConfig, codebook_offset, to_bitslice,
+                                    tensor_specs as bitplane_specs)
 from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.format.reader import KbitModel
 from kbitrt.format.safetensors_io import SAFETENSORS_TORCH_DTYPES
@@ -26,23 +28,60 @@ _KBIT_BUFFERS = ("qweight", "absmax", "codebook", "outlier_idx", "outlier_weight
 
 class KbitConfig(QuantizationConfigMixin):
     """config.json's `quantization_config` for kbit, kept verbatim (so save_pretrained writes back
-    exactly the keys it read, `modules_not_quantized` and `transposed_modules` included)."""
+    exactly the keys it read, `modules_not_quantized` and `transposed_modules` included).
+
+    Given only `bits` it is a loading option (docs/any_precision.md): the width at which to load an
+    any-precision (bitplane-v1) model,
+    `from_pretrained(path, quantization_config=KbitConfig(bits=5))`; transformers keeps the model's
+    own config and takes `load_bits` from this one (get_loading_attributes)."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("quant_method", "kbit")
-        if kwargs.get("packing") == "bitplane-v1":  # docs/any_precision.md
-            raise KbitFormatError("an any-precision (bitplane-v1) kbit model: load it with "
-                                  "kbitrt.runtime.loader.load_model(path, bits=K); "
-                                  "transformers' from_pretrained does not serve it yet")
-        QuantConfig.from_json(kwargs)  # refuses unknown format versions and packings
+        self.load_bits = kwargs.pop("load_bits", None)
+        if set(kwargs) <= {"quant_method", "bits"} and "bits" in kwargs:  # a loading option
+            self.quant_method, self.load_bits, self.loading_only = "kbit", kwargs["bits"], True
+            if not isinstance(self.load_bits, int) or not 3 <= self.load_bits <= 8:
+                raise KbitFormatError(f"KbitConfig(bits={self.load_bits!r}): the width of an "
+                                      "any-precision model is an int in 3..8")
+            return
+        if kwargs.get("packing") == BITPLANE:  # any-precision: docs/any_precision.md
+            AnyPrecisionConfig.from_json(kwargs)
+        else:
+            QuantConfig.from_json(kwargs)  # refuses unknown format versions and packings
         self.__dict__.update(kwargs)
+
+    def _stored(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("load_bits", "loading_only")}
+
+    @property
+    def is_any_precision(self) -> bool:
+        return self.__dict__.get("packing") == BITPLANE
 
     @property
     def quant_config(self) -> QuantConfig:
-        return QuantConfig.from_json(self.__dict__)
+        """The stored config; for an any-precision model, at the width it is loaded at (load_bits,
+        else the file's top width; outside the file's range: one clear error)."""
+        if self.__dict__.get("loading_only"):
+            raise KbitFormatError(f"KbitConfig(bits={self.load_bits}) is a loading option for a "
+                                  "kbit any-precision folder, not a quantization recipe")
+        if not self.is_any_precision:
+            if self.load_bits is not None and self.load_bits != self.__dict__.get("bits"):
+                raise KbitFormatError(f"KbitConfig(bits={self.load_bits}): this is a plain "
+                                      f"{self.__dict__.get('bits')}-bit kbit model; the width is "
+                                      "chosen only for an any-precision model")
+            return QuantConfig.from_json(self._stored())
+        spec = AnyPrecisionConfig.from_json(self._stored())
+        bits = spec.max_bits if self.load_bits is None else self.load_bits
+        if not spec.min_bits <= bits <= spec.max_bits:
+            raise KbitFormatError(f"KbitConfig(bits={bits}): this any-precision model serves "
+                                  f"{spec.min_bits}..{spec.max_bits} bits")
+        return spec.at(bits)
+
+    def get_loading_attributes(self) -> dict:
+        return {"load_bits": self.load_bits} if self.load_bits is not None else {}
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(self.__dict__))
+        return json.loads(json.dumps(self._stored()))
 
 
 class KbitPlaceholder(nn.Module):
@@ -59,6 +98,11 @@ class KbitPlaceholder(nn.Module):
 
     def to_kbit_linear(self, quant: QuantConfig, compute_dtype: torch.dtype) -> KbitLinear:
         b = self._buffers
+        if isinstance(quant, AnyPrecisionConfig):  # the top `bits` planes, repacked; that codebook
+            k_in = int(b[SHAPE][1])
+            off = codebook_offset(quant.bits, quant.min_bits)
+            b = dict(b, **{QWEIGHT: to_bitslice(b[QWEIGHT][:quant.bits], k_in),
+                           CODEBOOK: b[CODEBOOK][off: off + 2**quant.bits]})
         qw = QuantizedWeight.from_tensors(b, quant)
         n, k = qw.shape
         bias = b.get("bias")
@@ -151,10 +195,15 @@ class KbitHfQuantizer(HfQuantizer):
                 raise KbitFormatError(f"{km.path}: {name} is ({entry.out_features}, "
                                       f"{entry.in_features}), the model's linear is {shape}")
             specs = {}
-            layout = LinearLayout(entry.out_features, entry.in_features, quant, entry.n_outliers,
-                                  km.info(f"{name}.{CODEBOOK}").shape[0])
             d16 = km.info(f"{name}.{OUTLIER_WEIGHT}").dtype if entry.n_outliers else "F16"
-            for suffix, (st_dtype, shape_) in layout.tensor_specs(d16).items():
+            if isinstance(quant, AnyPrecisionConfig):  # every plane is read, `bits` kept
+                stored = bitplane_specs(entry.out_features, entry.in_features, quant,
+                                        entry.n_outliers, d16)
+            else:
+                stored = LinearLayout(entry.out_features, entry.in_features, quant,
+                                      entry.n_outliers, km.info(f"{name}.{CODEBOOK}").shape[0]
+                                      ).tensor_specs(d16)
+            for suffix, (st_dtype, shape_) in stored.items():
                 specs[suffix] = (SAFETENSORS_TORCH_DTYPES[st_dtype], tuple(shape_))
             if f"{name}.bias" in names:
                 info = km.info(f"{name}.bias")
@@ -196,8 +245,9 @@ class KbitHfQuantizer(HfQuantizer):
                 model.set_submodule(name, plain_linear(w, bias))
         return model
 
-    def is_serializable(self):
-        return True
+    def is_serializable(self, *args, **kwargs):
+        # an any-precision model loaded at one width is not the file it came from
+        return not self.quantization_config.is_any_precision
 
     @property
     def is_trainable(self) -> bool:
