@@ -29,8 +29,10 @@ from kbitrt.format import dtypes
 from kbitrt.format.blockwise import FP16_MAX, block_absmax
 from kbitrt.format.config import SCALES, KbitFormatError
 
-COARSE = (0.9,)  # clipping grid (fractions of the absmax); 1.0 is always tried
-REFINE = 0.05  # then the best alpha -/+ this step
+# scale candidates, as fractions of the absmax (1.0 is always tried first): below 1 clips the block's
+# largest weights, above 1 widens the levels so that the inner ones land better
+GRID_ALPHAS = (0.85, 0.9, 0.95, 1.05)
+LS_STEPS = 2  # then least-squares steps: s = <w, c> / <c, c> for the best codes c so far
 # a candidate replaces the best so far only when it lowers the error by this relative margin, so
 # float32 rounding in the sums can never make the stored choice worse than absmax
 MARGIN = 4e-6
@@ -76,27 +78,39 @@ def _grid_table(key: bytes) -> torch.Tensor:
     return cb[dtypes.nearest_index(left.float(), cb).long()].contiguous()
 
 
-def approx_block_errors(wb: torch.Tensor, s: torch.Tensor, grid_table: torch.Tensor) -> torch.Tensor:
-    """Squared error per block of codes picked by the grid table (>= the exact nearest error)."""
+def _approx(wb: torch.Tensor, s: torch.Tensor, grid_table: torch.Tensor):
+    """(squared error, sum w*c, sum c*c) per block for codes picked by the grid table: a valid code
+    choice, so the error is >= the exact nearest error at the same stored scale."""
     safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
     idx = (wb * (GRID / safe)).add_(GRID).clamp_(0, 2 * GRID - 1).to(torch.int32)
     c = torch.index_select(grid_table, 0, idx.view(-1)).view(wb.shape)
-    return c.mul_(s[..., None]).sub_(wb).square_().sum(-1)
+    return _sums(wb, c, s)
+
+
+def _sums(wb: torch.Tensor, c: torch.Tensor, s: torch.Tensor):
+    wc, cc = (c * wb).sum(-1), (c * c).sum(-1)
+    return c.mul_(s[..., None]).sub_(wb).square_().sum(-1), wc, cc
+
+
+def _exact(wb: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor, table: dtypes.NearestTable):
+    """(squared error, sum w*c, sum c*c) per block of wb (m, nb, B) quantized as the converter does
+    with stored scales s (m, nb): c are the normalised codebook values of the codes."""
+    safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
+    x = (wb / safe).clamp_(-1.0, 1.0)
+    c = torch.index_select(codebook, 0, _lookup(table, x).view(-1)).view(wb.shape)
+    return _sums(wb, c, s)
 
 
 def block_errors(wb: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor,
                  table: dtypes.NearestTable | None = None) -> torch.Tensor:
     """Squared error per block of wb (m, nb, B) quantized with stored scales s (m, nb)."""
-    table = table or dtypes.nearest_table(codebook)
-    safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
-    x = (wb / safe).clamp_(-1.0, 1.0)
-    c = torch.index_select(codebook, 0, _lookup(table, x).view(-1)).view(wb.shape)
-    return c.mul_(s[..., None]).sub_(wb).square_().sum(-1)
+    return _exact(wb, s, codebook, table or dtypes.nearest_table(codebook))[0]
 
 
 def mse_scales(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, block_size: int,
                absmax_dtype: str = "fp16") -> torch.Tensor:
-    """Per-block least-squared-error scales among the clipping grid (absmax included)."""
+    """Per-block least-squared-error scales: the clipping/widening grid, then least-squares steps
+    (absmax included, so no block's error grows)."""
     n, k = w.shape
     nb = absmax.shape[1]
     cb = codebook.float().to(w.device)
@@ -111,23 +125,23 @@ def mse_scales(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, bl
             wb = torch.nn.functional.pad(wb, (0, nb * block_size - k))
         wb = wb.reshape(r1 - r0, nb, block_size)
         a = absmax[r0:r1]
-        stored = round_scale(a, absmax_dtype)
-        best_s, best_e = stored, block_errors(wb, stored, cb, table)
-        best_alpha = torch.ones_like(a)
+        best_s = round_scale(a, absmax_dtype)
+        best_e, best_wc, best_cc = _exact(wb, best_s, cb, table)
 
-        def consider(alpha: torch.Tensor) -> None:
-            nonlocal best_s, best_e, best_alpha
-            s = round_scale(a * alpha, absmax_dtype)
-            e = approx_block_errors(wb, s, grid_table)
+        def consider(s: torch.Tensor) -> None:
+            nonlocal best_s, best_e, best_wc, best_cc
+            e, wc, cc = _approx(wb, s, grid_table)
             better = e < best_e * (1 - MARGIN)
             best_s = torch.where(better, s, best_s)
             best_e = torch.where(better, e, best_e)
-            best_alpha = torch.where(better, alpha, best_alpha)
+            best_wc = torch.where(better, wc, best_wc)
+            best_cc = torch.where(better, cc, best_cc)
 
-        for alpha in COARSE:
-            consider(torch.full_like(a, alpha))
-        center, top = best_alpha, best_alpha >= 1.0
-        consider(torch.where(top, 0.95, center - REFINE))
-        consider(torch.where(top, 0.975, center + REFINE))
+        for alpha in GRID_ALPHAS:
+            consider(round_scale(a * alpha, absmax_dtype))
+        for _ in range(LS_STEPS):  # the least-squares scale of the best codes so far
+            ls = best_wc / torch.where(best_cc > 0, best_cc, torch.ones_like(best_cc))
+            ok = (best_cc > 0) & (ls > 0) & torch.isfinite(ls)
+            consider(round_scale(torch.where(ok, ls, best_s), absmax_dtype))
         out[r0:r1] = best_s
     return out

@@ -113,17 +113,8 @@ class _Weights:
 
 def _embed(model: Decoder, ids: torch.Tensor) -> torch.Tensor:
     """The decoder's forward up to the first layer (as Decoder.forward computes it)."""
-    a = model.args
     input_pos, pad = default_positions(ids, None, None)
-    pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)
-    x = model.tok_emb(ids)
-    if a.project_dim:
-        x = model.project_in(x)
-    if a.positions == "learned":
-        x = x + model.pos_emb(pos + a.pos_offset)
-    if a.emb_norm:
-        x = model.emb_norm(x)
-    return x
+    return model.embed(ids, (input_pos[None, :] - pad[:, None]).clamp(min=0))
 
 
 def _layer_context(model: Decoder, seqlen: int):
