@@ -78,16 +78,16 @@ def _grid_table(key: bytes) -> torch.Tensor:
     return cb[dtypes.nearest_index(left.float(), cb).long()].contiguous()
 
 
-def _approx(wb: torch.Tensor, s: torch.Tensor, grid_table: torch.Tensor):
-    """(squared error, sum w*c, sum c*c) per block for codes picked by the grid table: a valid code
-    choice, so the error is >= the exact nearest error at the same stored scale."""
+def _grid_codes(wb: torch.Tensor, s: torch.Tensor, grid_table: torch.Tensor) -> torch.Tensor:
+    """Normalised codebook values of the codes the grid table picks for wb at stored scales s: a
+    valid code choice, so their error is >= the exact nearest error at the same scale."""
     safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
     idx = (wb * (GRID / safe)).add_(GRID).clamp_(0, 2 * GRID - 1).to(torch.int32)
-    c = torch.index_select(grid_table, 0, idx.view(-1)).view(wb.shape)
-    return _sums(wb, c, s)
+    return torch.index_select(grid_table, 0, idx.view(-1)).view(wb.shape)
 
 
 def _sums(wb: torch.Tensor, c: torch.Tensor, s: torch.Tensor):
+    """(squared error, sum w*c, sum c*c) per block of codes with normalised values c at scales s."""
     wc, cc = (c * wb).sum(-1), (c * c).sum(-1)
     return c.mul_(s[..., None]).sub_(wb).square_().sum(-1), wc, cc
 
@@ -109,8 +109,11 @@ def block_errors(wb: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor,
 
 def mse_scales(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, block_size: int,
                absmax_dtype: str = "fp16") -> torch.Tensor:
-    """Per-block least-squared-error scales: the clipping/widening grid, then least-squares steps
-    (absmax included, so no block's error grows)."""
+    """Per-block least-squared-error scales: the clipping/widening grid, then least-squares steps.
+
+    Candidates are ranked by E(s) = sum w^2 - 2 s <w, c> + s^2 <c, c> (float64, from the two float32
+    sums of a grid-table pass); the winner's error is then summed directly from its codes and
+    compared with the exact absmax error, so no block's error grows."""
     n, k = w.shape
     nb = absmax.shape[1]
     cb = codebook.float().to(w.device)
@@ -125,13 +128,18 @@ def mse_scales(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, bl
             wb = torch.nn.functional.pad(wb, (0, nb * block_size - k))
         wb = wb.reshape(r1 - r0, nb, block_size)
         a = absmax[r0:r1]
-        best_s = round_scale(a, absmax_dtype)
-        best_e, best_wc, best_cc = _exact(wb, best_s, cb, table)
+        s_abs = round_scale(a, absmax_dtype)
+        e_abs, best_wc, best_cc = _exact(wb, s_abs, cb, table)
+        ww = wb.square().sum(-1).double()
+        best_s, best_e = s_abs, e_abs.double()
 
         def consider(s: torch.Tensor) -> None:
             nonlocal best_s, best_e, best_wc, best_cc
-            e, wc, cc = _approx(wb, s, grid_table)
-            better = e < best_e * (1 - MARGIN)
+            c = _grid_codes(wb, s, grid_table)
+            wc, cc = (c * wb).sum(-1), c.square_().sum(-1)
+            sd = s.double()
+            e = ww - 2 * sd * wc + sd * sd * cc
+            better = e < best_e
             best_s = torch.where(better, s, best_s)
             best_e = torch.where(better, e, best_e)
             best_wc = torch.where(better, wc, best_wc)
@@ -143,5 +151,7 @@ def mse_scales(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, bl
             ls = best_wc / torch.where(best_cc > 0, best_cc, torch.ones_like(best_cc))
             ok = (best_cc > 0) & (ls > 0) & torch.isfinite(ls)
             consider(round_scale(torch.where(ok, ls, best_s), absmax_dtype))
-        out[r0:r1] = best_s
+        # the winner's own error, summed directly (an upper bound of its exact nearest error)
+        e, _, _ = _sums(wb, _grid_codes(wb, best_s, grid_table), best_s)
+        out[r0:r1] = torch.where(e < e_abs * (1 - MARGIN), best_s, s_abs)
     return out
