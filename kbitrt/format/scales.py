@@ -2,21 +2,22 @@
 
 For a block w (B values), a scale s and a codebook C, quantization stores s and the codes
 q_i = nearest(clamp(w_i / s, -1, 1)); the block's error is E(s) = sum_i (w_i - s * C[q_i])^2.
-`absmax` takes s = max |w_i| (nothing clips). `mse` searches s = alpha * absmax over a clipping
-grid (alpha in COARSE), then refines around each block's best alpha (best -/+ REFINE; 0.95 and
-0.975 when absmax stayed best), and keeps for every block the candidate with the least error: the absmax scale is always a candidate, so a block's
-error never grows. Every candidate is rounded to the storage dtype (fp16/fp32) before it is tried,
-so the scale that wins is exactly the one written to disk and read by the kernels. With `dq8` the
-chosen scales are double-quantized afterwards like absmax scales (no guarantee there).
+`absmax` takes s = max |w_i| (nothing clips). `mse` tries, per block, s = alpha * absmax for alpha in
+GRID_ALPHAS (below 1 clips the block's largest weights; above 1 widens the levels so that the inner
+ones land better), keeps the best, then takes LS_STEPS least-squares steps: for the best codes c so
+far the scale s = <w, c> / <c, c> minimises E for those codes, and rounding to nearest at that scale
+can only lower it further. Every candidate is rounded to the storage dtype (fp16/fp32) before it is
+tried, so the scale that wins is exactly the one written to disk and read by the kernels. With
+`dq8` the chosen scales are double-quantized afterwards like absmax scales (no guarantee there).
 
-The absmax error is measured exactly, with the quantizer's own arithmetic (IEEE division by the
-stored scale, clamp, exact nearest index, codebook value times scale). A candidate's error is
-measured with a cheaper rounding (one gather from a table over 2 * GRID uniform cells of [-1, 1];
-a cell holding a decision threshold maps to the value nearest its left edge), so what is measured
-is the error of a valid, if not always nearest, choice of codes: an upper bound of the candidate's
-real error, which exact nearest rounding at conversion can only lower. So a candidate chosen
-because its bound beats the exact absmax error really does beat it. Vectorized over row chunks
-that stay in cache.
+Candidates are evaluated cheaply: codes from one gather of a table over 2 * GRID uniform cells of
+[-1, 1] (a cell holding a decision threshold maps to the value nearest its left edge: a valid, if
+not always nearest, choice of codes) and E(s) = sum w^2 - 2 s <w, c> + s^2 <c, c> from two float32
+sums. The winner's error is then summed directly from its grid codes (an upper bound of its real
+error, which exact nearest rounding at conversion can only lower) and compared with the exact
+absmax error (the quantizer's own arithmetic: IEEE division by the stored scale, clamp, exact
+nearest index); a block keeps its absmax scale unless the winner is better by MARGIN, so no block's
+error ever grows. Vectorized over row chunks that stay in cache.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from kbitrt.format.config import SCALES, KbitFormatError
 # largest weights, above 1 widens the levels so that the inner ones land better
 GRID_ALPHAS = (0.85, 0.9, 0.95, 1.05)
 LS_STEPS = 2  # then least-squares steps: s = <w, c> / <c, c> for the best codes c so far
-# a candidate replaces the best so far only when it lowers the error by this relative margin, so
+# the winner replaces the absmax scale only when its error is lower by this relative margin, so
 # float32 rounding in the sums can never make the stored choice worse than absmax
 MARGIN = 4e-6
 CHUNK = 1 << 16  # values per row chunk
@@ -99,12 +100,6 @@ def _exact(wb: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor, table: dty
     x = (wb / safe).clamp_(-1.0, 1.0)
     c = torch.index_select(codebook, 0, _lookup(table, x).view(-1)).view(wb.shape)
     return _sums(wb, c, s)
-
-
-def block_errors(wb: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor,
-                 table: dtypes.NearestTable | None = None) -> torch.Tensor:
-    """Squared error per block of wb (m, nb, B) quantized with stored scales s (m, nb)."""
-    return _exact(wb, s, codebook, table or dtypes.nearest_table(codebook))[0]
 
 
 def mse_scales(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, block_size: int,
