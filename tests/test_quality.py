@@ -220,6 +220,58 @@ def test_gptq_lowers_the_output_error_on_calibration_data(config, act_order):
         assert torch.equal(codes, q.codes())
 
 
+def reference_gptq(w, h, codebook, block, damp=0.01, act_order=False):
+    """GPTQ as Frantar et al. write it (Algorithm 1 without lazy batches), in float64: column by
+    column, each rounding error spread through the upper Cholesky factor of H^-1; a block's absmax
+    scale taken from the updated weights when its first column comes up (static from W with
+    act-order)."""
+    w, h = w.double().clone(), h.double().clone()
+    n, k = w.shape
+    nb = -(-k // block)
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    s = torch.zeros(n, nb, dtype=torch.float64)
+    if act_order:
+        s = scales.round_scale(blockwise.block_absmax(w.float(), block), "fp16").double()
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order \
+        else torch.arange(k)
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
+    w, h = w[:, perm], h[perm][:, perm]
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    codes = torch.zeros(n, k, dtype=torch.long)
+    for j in range(k):
+        col = int(perm[j])
+        if not act_order and col % block == 0:
+            s[:, col // block] = scales.round_scale(
+                w[:, j:j + block].abs().amax(1).float(), "fp16").double()
+        sc = s[:, col // block]
+        x = (w[:, j] / torch.where(sc > 0, sc, torch.ones_like(sc))).clamp(-1, 1)
+        c = dtypes.nearest_index(x.float(), codebook).long()
+        codes[:, col] = c
+        e = (w[:, j] - codebook.double()[c] * sc) / u[j, j]
+        w[:, j:] -= e[:, None] * u[j, j:][None, :]
+    return codes, s
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_matches_the_reference_algorithm(act_order):
+    x = correlated_inputs(2048, 200, 3)  # 200 columns: two lazy batches, a ragged last block
+    x[:, 7] = 0.0  # a dead input column
+    w = torch.randn(64, 200, generator=torch.Generator().manual_seed(4)) * 0.05
+    h = Hessian(200)
+    for part in x.split(500):  # accumulated over chunks, as the driver's hooks do
+        h.add(part)
+    assert torch.allclose(h.matrix(), 2 * x.double().t() @ x.double() / x.shape[0], rtol=1e-5,
+                          atol=1e-6)
+    config = QuantConfig(bits=4, block_size=64)
+    q = gptq_quantize(w, h.matrix(), config, act_order=act_order)
+    codes, s = reference_gptq(w, h.matrix(), q.codebook, 64, act_order=act_order)
+    assert (q.codes().long() == codes).float().mean() > 0.995
+    assert torch.allclose(q.absmax_float().double(), s, rtol=2e-3)
+    assert (q.codes()[:, 7] == dtypes.nearest_index(torch.zeros(1), q.codebook)).all()
+
+
 def test_gptq_model_lowers_logit_error_vs_rtn(tiny_models):
     from transformers import AutoModelForCausalLM
 
