@@ -113,34 +113,18 @@ def main() -> None:
         if nll_file.exists() and label not in rows:
             rows[label] = {"setting": label, "options": opts, **({"gptq": gptq} if gptq else {})}
         if label in rows and nll_file.exists() and not any(k in label for k in args.only.split(",") if k):
+            if opts and "bits_per_param" not in rows[label] and "gptq" not in label:
+                rows[label].update(quantize_rows(linears, original, opts, None, None, apply=False))
             continue
         t0 = time.perf_counter()
-        errs, bits, numel = [], 0, 0
-        if opts:
-            config = QuantConfig(**opts)
-            if config.method == "gptq":
-                from kbitrt.runtime.gptq import gptq_quantize_model
-
-                # checkpoint module names
-                quantized = gptq_quantize_model(path, config, calib, act_order=gptq["act_order"])
-            else:
-                quantized = None
-            for name, m in linears.items():
-                w = original[name]
-                q = quantized[f"model.layers.{name}"] if quantized else quantize_weight(w, config, name)
-                deq = q.dequantize(torch.float32)
-                errs.append(((deq - w).norm() / w.norm()).item())
-                bits += stored_bits(q)
-                numel += w.numel()
-                m.weight.data.copy_(deq)
+        stats = quantize_rows(linears, original, opts, path, calib, gptq)
         qsecs = time.perf_counter() - t0
         nll = token_nll(model, windows)
         torch.save(nll, nll_file)
         rows[label] = {"setting": label, "options": opts, **({"gptq": {**gptq, "damp": 0.01}} if gptq else {}),
                        "ppl": math.exp(nll.mean().item()),
                        "mean_nll": nll.mean().item(),
-                       "rel_error": sum(errs) / len(errs) if errs else None,
-                       "bits_per_param": bits / numel if numel else 32.0,
+                       **stats,
                        "quantize_seconds": round(qsecs, 1),
                        "seconds": round(time.perf_counter() - t0, 1)}
         for name, m in linears.items():
@@ -148,6 +132,32 @@ def main() -> None:
         write(args, out, rows, cache, ids.numel(), calib.shape)
         print(json.dumps(rows[label]), flush=True)
     write(args, out, rows, cache, ids.numel(), calib.shape)  # also after a --merge only
+
+
+def quantize_rows(linears: dict, original: dict, opts: dict, path, calib, gptq: dict | None,
+                  apply: bool = True) -> dict:
+    """Quantize every decoder linear as `opts` say (into the model when `apply`): the mean relative
+    weight error and the stored bits per parameter."""
+    if not opts:
+        return {"rel_error": None, "bits_per_param": 32.0}
+    config = QuantConfig(**opts)
+    quantized = None
+    if config.method == "gptq":
+        from kbitrt.runtime.gptq import gptq_quantize_model
+
+        # checkpoint module names
+        quantized = gptq_quantize_model(path, config, calib, act_order=gptq["act_order"])
+    errs, bits, numel = [], 0, 0
+    for name, m in linears.items():
+        w = original[name]
+        q = quantized[f"model.layers.{name}"] if quantized else quantize_weight(w, config, name)
+        deq = q.dequantize(torch.float32)
+        errs.append(((deq - w).norm() / w.norm()).item())
+        bits += stored_bits(q)
+        numel += w.numel()
+        if apply:
+            m.weight.data.copy_(deq)
+    return {"rel_error": sum(errs) / len(errs), "bits_per_param": bits / numel}
 
 
 def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) -> None:
