@@ -345,7 +345,7 @@ def test_gptq_cli_end_to_end(tiny_llama_with_tokenizer, tmp_path):
     assert qc["method"] == "gptq"
     assert qc["calibration"] == {"dataset": "calib.txt", "samples": 4, "seqlen": 64, "damp": 0.01,
                                  "act_order": True,
-                                 "windows": "first non-overlapping windows of the text"}
+                                 "windows": "last non-overlapping windows of the text"}
     assert "calibration" in (out / "README.md").read_text()
     ours, theirs, _ = greedy_both(out, [1, 17, 33, 5, 90, 12], 8)
     assert ours == theirs and len(ours) > 0
@@ -391,3 +391,14 @@ def test_sweep_grid_takes_scales_method_and_lloyd(tiny_llama_with_tokenizer, tmp
     assert rows["nf4-b64-gptq"]["method"] == "gptq" and "method" not in rows["nf4-b64"]
     assert rows["lloyd4-b64-mse"]["scales"] == "mse" and rows["lloyd4-b64-mse"]["dtype"] == "lloyd"
     assert rows["nf4-b64-gptq"]["mean_rel_weight_error"] != rows["nf4-b64"]["mean_rel_weight_error"]
+
+
+def test_calibration_windows_are_the_end_of_the_text(tiny_llama_with_tokenizer):
+    from transformers import AutoTokenizer
+
+    from kbitrt.runtime.gptq import calibration_windows
+
+    text = " ".join(f"word{i}" for i in range(300))
+    ids = AutoTokenizer.from_pretrained(tiny_llama_with_tokenizer)(text).input_ids
+    calib = calibration_windows(tiny_llama_with_tokenizer, text, 3, 16)
+    assert calib.tolist() == [ids[len(ids) - 48 + 16 * i: len(ids) - 32 + 16 * i] for i in range(3)]
