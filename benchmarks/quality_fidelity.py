@@ -37,16 +37,21 @@ OUT = ROOT / "benchmarks/results/quality-fidelity-smollm2-cpu.json"
 REF = "nf4-b64"
 
 
-def settings() -> list[tuple[str, dict]]:
-    rows = [("fp32", {})]
+def settings(calib_samples: int = 32, calib_seqlen: int = 512,
+             act_order: bool = False) -> list[tuple[str, dict, dict]]:
+    """(label, QuantConfig options, GPTQ options) per row; a GPTQ row's label names its calibration
+    (`-c64x512`, `-ao` with act-order), so rows calibrated differently never share cached NLLs."""
+    rows = [("fp32", {}, {})]
+    gptq = dict(samples=calib_samples, seqlen=calib_seqlen, act_order=act_order)
+    tail = f"-c{calib_samples}x{calib_seqlen}" + ("-ao" if act_order else "")
     for bits in (4, 3):
         for dtype in ("nf", "lloyd"):
             for sc in ("absmax", "mse"):
                 rows.append((QuantConfig(bits=bits, dtype=dtype, scales=sc).label,
-                             dict(bits=bits, dtype=dtype, scales=sc)))
-        rows.append((QuantConfig(bits=bits, method="gptq").label, dict(bits=bits, method="gptq")))
-        rows.append((QuantConfig(bits=bits, dtype="lloyd", scales="mse", method="gptq").label,
-                     dict(bits=bits, dtype="lloyd", scales="mse", method="gptq")))
+                             dict(bits=bits, dtype=dtype, scales=sc), {}))
+        for opts in (dict(bits=bits, method="gptq"),
+                     dict(bits=bits, dtype="lloyd", scales="mse", method="gptq")):
+            rows.append((QuantConfig(**opts).label + tail, opts, gptq))
     return rows
 
 
@@ -62,6 +67,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--act-order", action="store_true", help="GPTQ rows with --act-order")
     ap.add_argument("--only", default="", help="comma-separated substrings of settings to run")
     ap.add_argument("--skip", default="", help="comma-separated settings to skip (exact labels)")
     ap.add_argument("--cache", default="/tmp/kbit-quality-nll", help="per-token NLLs of each row")
@@ -99,40 +105,26 @@ def main() -> None:
     rows = {r["setting"]: r for r in old["rows"]}
     for extra in args.merge:  # rows another run (e.g. the GPTQ ones, in parallel) wrote
         rows.update({r["setting"]: r for r in json.loads(Path(extra).read_text())["rows"]})
-    todo = [s for s in settings() if not args.only or s[0] in (REF, "fp32")
+    todo = [s for s in settings(args.calib_samples, args.calib_seqlen, args.act_order) if not args.only or s[0] in (REF, "fp32")
             or any(k in s[0] for k in args.only.split(","))]
     todo = [s for s in todo if s[0] not in args.skip.split(",")]
-    for label, opts in todo:
+    for label, opts, gptq in todo:
         nll_file = cache / f"{label}-{args.windows}x{args.seqlen}.pt"
         if nll_file.exists() and label not in rows:
-            rows[label] = {"setting": label, "options": opts}
+            rows[label] = {"setting": label, "options": opts, **({"gptq": gptq} if gptq else {})}
         if label in rows and nll_file.exists() and not any(k in label for k in args.only.split(",") if k):
+            if opts and "bits_per_param" not in rows[label] and "gptq" not in label:
+                rows[label].update(quantize_rows(linears, original, opts, None, None, apply=False))
             continue
         t0 = time.perf_counter()
-        errs, bits, numel = [], 0, 0
-        if opts:
-            config = QuantConfig(**opts)
-            if config.method == "gptq":
-                from kbitrt.runtime.gptq import gptq_quantize_model
-
-                quantized = gptq_quantize_model(path, config, calib)  # checkpoint module names
-            else:
-                quantized = None
-            for name, m in linears.items():
-                w = original[name]
-                q = quantized[f"model.layers.{name}"] if quantized else quantize_weight(w, config, name)
-                deq = q.dequantize(torch.float32)
-                errs.append(((deq - w).norm() / w.norm()).item())
-                bits += stored_bits(q)
-                numel += w.numel()
-                m.weight.data.copy_(deq)
+        stats = quantize_rows(linears, original, opts, path, calib, gptq)
         qsecs = time.perf_counter() - t0
         nll = token_nll(model, windows)
         torch.save(nll, nll_file)
-        rows[label] = {"setting": label, "options": opts, "ppl": math.exp(nll.mean().item()),
+        rows[label] = {"setting": label, "options": opts, **({"gptq": {**gptq, "damp": 0.01}} if gptq else {}),
+                       "ppl": math.exp(nll.mean().item()),
                        "mean_nll": nll.mean().item(),
-                       "rel_error": sum(errs) / len(errs) if errs else None,
-                       "bits_per_param": bits / numel if numel else 32.0,
+                       **stats,
                        "quantize_seconds": round(qsecs, 1),
                        "seconds": round(time.perf_counter() - t0, 1)}
         for name, m in linears.items():
@@ -140,6 +132,32 @@ def main() -> None:
         write(args, out, rows, cache, ids.numel(), calib.shape)
         print(json.dumps(rows[label]), flush=True)
     write(args, out, rows, cache, ids.numel(), calib.shape)  # also after a --merge only
+
+
+def quantize_rows(linears: dict, original: dict, opts: dict, path, calib, gptq: dict | None,
+                  apply: bool = True) -> dict:
+    """Quantize every decoder linear as `opts` say (into the model when `apply`): the mean relative
+    weight error and the stored bits per parameter."""
+    if not opts:
+        return {"rel_error": None, "bits_per_param": 32.0}
+    config = QuantConfig(**opts)
+    quantized = None
+    if config.method == "gptq":
+        from kbitrt.runtime.gptq import gptq_quantize_model
+
+        # checkpoint module names
+        quantized = gptq_quantize_model(path, config, calib, act_order=gptq["act_order"])
+    errs, bits, numel = [], 0, 0
+    for name, m in linears.items():
+        w = original[name]
+        q = quantized[f"model.layers.{name}"] if quantized else quantize_weight(w, config, name)
+        deq = q.dequantize(torch.float32)
+        errs.append(((deq - w).norm() / w.norm()).item())
+        bits += stored_bits(q)
+        numel += w.numel()
+        if apply:
+            m.weight.data.copy_(deq)
+    return {"rel_error": sum(errs) / len(errs), "bits_per_param": bits / numel}
 
 
 def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) -> None:
@@ -173,9 +191,9 @@ def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) 
         "protocol": {"name": "gptq", "text": Path(args.text).name, "seqlen": args.seqlen,
                      "windows": args.windows, "predicted_tokens": args.windows * (args.seqlen - 1),
                      "total_tokens": n_tokens,
-                     "calibration": {"source": "the last tokens of the same text (disjoint)",
-                                     "samples": calib_shape[0], "seqlen": calib_shape[1],
-                                     "damp": 0.01, "act_order": False}},
+                     "calibration": {"source": "the last samples x seqlen tokens of the same text "
+                                               "(disjoint from the evaluated windows); per GPTQ row "
+                                               "under 'gptq' and in its label (-cNxT, -ao)"}},
         "rows": list(rows.values()),
         "device": {"cpu": cpu_name(), "threads": torch.get_num_threads()},
         "versions": versions(), "commit": git_commit(),

@@ -2,21 +2,22 @@
 
 For a block w (B values), a scale s and a codebook C, quantization stores s and the codes
 q_i = nearest(clamp(w_i / s, -1, 1)); the block's error is E(s) = sum_i (w_i - s * C[q_i])^2.
-`absmax` takes s = max |w_i| (nothing clips). `mse` searches s = alpha * absmax over a clipping
-grid (alpha in COARSE), then refines around each block's best alpha (best -/+ REFINE; 0.95 and
-0.975 when absmax stayed best), and keeps for every block the candidate with the least error: the absmax scale is always a candidate, so a block's
-error never grows. Every candidate is rounded to the storage dtype (fp16/fp32) before it is tried,
-so the scale that wins is exactly the one written to disk and read by the kernels. With `dq8` the
-chosen scales are double-quantized afterwards like absmax scales (no guarantee there).
+`absmax` takes s = max |w_i| (nothing clips). `mse` tries, per block, s = alpha * absmax for alpha in
+GRID_ALPHAS (below 1 clips the block's largest weights; above 1 widens the levels so that the inner
+ones land better), keeps the best, then takes LS_STEPS least-squares steps: for the best codes c so
+far the scale s = <w, c> / <c, c> minimises E for those codes, and rounding to nearest at that scale
+can only lower it further. Every candidate is rounded to the storage dtype (fp16/fp32) before it is
+tried, so the scale that wins is exactly the one written to disk and read by the kernels. With
+`dq8` the chosen scales are double-quantized afterwards like absmax scales (no guarantee there).
 
-The absmax error is measured exactly, with the quantizer's own arithmetic (IEEE division by the
-stored scale, clamp, exact nearest index, codebook value times scale). A candidate's error is
-measured with a cheaper rounding (one gather from a table over 2 * GRID uniform cells of [-1, 1];
-a cell holding a decision threshold maps to the value nearest its left edge), so what is measured
-is the error of a valid, if not always nearest, choice of codes: an upper bound of the candidate's
-real error, which exact nearest rounding at conversion can only lower. So a candidate chosen
-because its bound beats the exact absmax error really does beat it. Vectorized over row chunks
-that stay in cache.
+Candidates are evaluated cheaply: codes from one gather of a table over 2 * GRID uniform cells of
+[-1, 1] (a cell holding a decision threshold maps to the value nearest its left edge: a valid, if
+not always nearest, choice of codes) and E(s) = sum w^2 - 2 s <w, c> + s^2 <c, c> from two float32
+sums. The winner's error is then summed directly from its grid codes (an upper bound of its real
+error, which exact nearest rounding at conversion can only lower) and compared with the exact
+absmax error (the quantizer's own arithmetic: IEEE division by the stored scale, clamp, exact
+nearest index); a block keeps its absmax scale unless the winner is better by MARGIN, so no block's
+error ever grows. Vectorized over row chunks that stay in cache.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from kbitrt.format import dtypes
 from kbitrt.format.blockwise import FP16_MAX, block_absmax
 from kbitrt.format.config import SCALES, KbitFormatError
 
-COARSE = (0.9,)  # clipping grid (fractions of the absmax); 1.0 is always tried
-REFINE = 0.05  # then the best alpha -/+ this step
-# a candidate replaces the best so far only when it lowers the error by this relative margin, so
+# scale candidates, as fractions of the absmax (1.0 is always tried first): below 1 clips the block's
+# largest weights, above 1 widens the levels so that the inner ones land better
+GRID_ALPHAS = (0.85, 0.9, 0.95, 1.05)
+LS_STEPS = 2  # then least-squares steps: s = <w, c> / <c, c> for the best codes c so far
+# the winner replaces the absmax scale only when its error is lower by this relative margin, so
 # float32 rounding in the sums can never make the stored choice worse than absmax
 MARGIN = 4e-6
 CHUNK = 1 << 16  # values per row chunk
@@ -76,27 +79,36 @@ def _grid_table(key: bytes) -> torch.Tensor:
     return cb[dtypes.nearest_index(left.float(), cb).long()].contiguous()
 
 
-def approx_block_errors(wb: torch.Tensor, s: torch.Tensor, grid_table: torch.Tensor) -> torch.Tensor:
-    """Squared error per block of codes picked by the grid table (>= the exact nearest error)."""
+def _grid_codes(wb: torch.Tensor, s: torch.Tensor, grid_table: torch.Tensor) -> torch.Tensor:
+    """Normalised codebook values of the codes the grid table picks for wb at stored scales s: a
+    valid code choice, so their error is >= the exact nearest error at the same scale."""
     safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
     idx = (wb * (GRID / safe)).add_(GRID).clamp_(0, 2 * GRID - 1).to(torch.int32)
-    c = torch.index_select(grid_table, 0, idx.view(-1)).view(wb.shape)
-    return c.mul_(s[..., None]).sub_(wb).square_().sum(-1)
+    return torch.index_select(grid_table, 0, idx.view(-1)).view(wb.shape)
 
 
-def block_errors(wb: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor,
-                 table: dtypes.NearestTable | None = None) -> torch.Tensor:
-    """Squared error per block of wb (m, nb, B) quantized with stored scales s (m, nb)."""
-    table = table or dtypes.nearest_table(codebook)
+def _sums(wb: torch.Tensor, c: torch.Tensor, s: torch.Tensor):
+    """(squared error, sum w*c, sum c*c) per block of codes with normalised values c at scales s."""
+    wc, cc = (c * wb).sum(-1), (c * c).sum(-1)
+    return c.mul_(s[..., None]).sub_(wb).square_().sum(-1), wc, cc
+
+
+def _exact(wb: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor, table: dtypes.NearestTable):
+    """(squared error, sum w*c, sum c*c) per block of wb (m, nb, B) quantized as the converter does
+    with stored scales s (m, nb): c are the normalised codebook values of the codes."""
     safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
     x = (wb / safe).clamp_(-1.0, 1.0)
     c = torch.index_select(codebook, 0, _lookup(table, x).view(-1)).view(wb.shape)
-    return c.mul_(s[..., None]).sub_(wb).square_().sum(-1)
+    return _sums(wb, c, s)
 
 
 def mse_scales(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, block_size: int,
                absmax_dtype: str = "fp16") -> torch.Tensor:
-    """Per-block least-squared-error scales among the clipping grid (absmax included)."""
+    """Per-block least-squared-error scales: the clipping/widening grid, then least-squares steps.
+
+    Candidates are ranked by E(s) = sum w^2 - 2 s <w, c> + s^2 <c, c> (float64, from the two float32
+    sums of a grid-table pass); the winner's error is then summed directly from its codes and
+    compared with the exact absmax error, so no block's error grows."""
     n, k = w.shape
     nb = absmax.shape[1]
     cb = codebook.float().to(w.device)
@@ -111,23 +123,30 @@ def mse_scales(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, bl
             wb = torch.nn.functional.pad(wb, (0, nb * block_size - k))
         wb = wb.reshape(r1 - r0, nb, block_size)
         a = absmax[r0:r1]
-        stored = round_scale(a, absmax_dtype)
-        best_s, best_e = stored, block_errors(wb, stored, cb, table)
-        best_alpha = torch.ones_like(a)
+        s_abs = round_scale(a, absmax_dtype)
+        e_abs, best_wc, best_cc = _exact(wb, s_abs, cb, table)
+        ww = wb.square().sum(-1).double()
+        best_s, best_e = s_abs, e_abs.double()
 
-        def consider(alpha: torch.Tensor) -> None:
-            nonlocal best_s, best_e, best_alpha
-            s = round_scale(a * alpha, absmax_dtype)
-            e = approx_block_errors(wb, s, grid_table)
-            better = e < best_e * (1 - MARGIN)
+        def consider(s: torch.Tensor) -> None:
+            nonlocal best_s, best_e, best_wc, best_cc
+            c = _grid_codes(wb, s, grid_table)
+            wc, cc = (c * wb).sum(-1), c.square_().sum(-1)
+            sd = s.double()
+            e = ww - 2 * sd * wc + sd * sd * cc
+            better = e < best_e
             best_s = torch.where(better, s, best_s)
             best_e = torch.where(better, e, best_e)
-            best_alpha = torch.where(better, alpha, best_alpha)
+            best_wc = torch.where(better, wc, best_wc)
+            best_cc = torch.where(better, cc, best_cc)
 
-        for alpha in COARSE:
-            consider(torch.full_like(a, alpha))
-        center, top = best_alpha, best_alpha >= 1.0
-        consider(torch.where(top, 0.95, center - REFINE))
-        consider(torch.where(top, 0.975, center + REFINE))
-        out[r0:r1] = best_s
+        for alpha in GRID_ALPHAS:
+            consider(round_scale(a * alpha, absmax_dtype))
+        for _ in range(LS_STEPS):  # the least-squares scale of the best codes so far
+            ls = best_wc / torch.where(best_cc > 0, best_cc, torch.ones_like(best_cc))
+            ok = (best_cc > 0) & (ls > 0) & torch.isfinite(ls)
+            consider(round_scale(torch.where(ok, ls, best_s), absmax_dtype))
+        # the winner's own error, summed directly (an upper bound of its exact nearest error)
+        e, _, _ = _sums(wb, _grid_codes(wb, best_s, grid_table), best_s)
+        out[r0:r1] = torch.where(e < e_abs * (1 - MARGIN), best_s, s_abs)
     return out

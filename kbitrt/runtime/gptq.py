@@ -113,17 +113,8 @@ class _Weights:
 
 def _embed(model: Decoder, ids: torch.Tensor) -> torch.Tensor:
     """The decoder's forward up to the first layer (as Decoder.forward computes it)."""
-    a = model.args
     input_pos, pad = default_positions(ids, None, None)
-    pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)
-    x = model.tok_emb(ids)
-    if a.project_dim:
-        x = model.project_in(x)
-    if a.positions == "learned":
-        x = x + model.pos_emb(pos + a.pos_offset)
-    if a.emb_norm:
-        x = model.emb_norm(x)
-    return x
+    return model.embed(ids, (input_pos[None, :] - pad[:, None]).clamp(min=0))
 
 
 def _layer_context(model: Decoder, seqlen: int):
@@ -215,7 +206,9 @@ def gptq_quantize_model(folder: str | Path, config: QuantConfig, calib: torch.Te
 
 
 def calibration_windows(folder: Path, text: str, samples: int, seqlen: int) -> torch.Tensor:
-    """(n, seqlen) token windows: the text's first `samples` non-overlapping windows, in order."""
+    """(n, seqlen) token windows: the text's last `samples` non-overlapping windows, in order. The
+    end of the text, so that calibrating and evaluating on one text (`--calib wiki-sample` beside
+    `--ppl wiki-sample`, whose windows start at its beginning) keep apart while the text is long."""
     from transformers import AutoTokenizer
 
     if samples < 1 or seqlen < 2:
@@ -226,7 +219,7 @@ def calibration_windows(folder: Path, text: str, samples: int, seqlen: int) -> t
     if n < 1:
         raise KbitFormatError(f"the calibration text has {ids.numel()} tokens, fewer than one "
                               f"window of --calib-seqlen {seqlen}")
-    return ids[: n * seqlen].view(n, seqlen)
+    return ids[ids.numel() - n * seqlen:].view(n, seqlen)
 
 
 def convert_gptq(source: str | Path, output: str | Path, config: QuantConfig, *, calib_text: str,
@@ -249,7 +242,7 @@ def convert_gptq(source: str | Path, output: str | Path, config: QuantConfig, *,
                                   progress=progress, trust_remote_code=trust_remote_code)
     record = {"calibration": {"dataset": calib_name, "samples": calib.shape[0],
                               "seqlen": calib.shape[1], "damp": damp, "act_order": act_order,
-                              "windows": "first non-overlapping windows of the text"}}
+                              "windows": "last non-overlapping windows of the text"}}
     try:
         return convert(source, output, config, force=force, revision=revision,
                        trust_remote_code=trust_remote_code, progress=progress, overrides=results,

@@ -238,6 +238,20 @@ class Decoder(nn.Module):
             out[window] = mask
         return out
 
+    def embed(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The forward up to the first layer, for input_ids (B, T) at model positions pos (B, T)."""
+        a = self.args
+        x = self.tok_emb(input_ids)
+        if self.act_dtype is not None:
+            x = x.to(self.act_dtype)
+        if a.project_dim:
+            x = self.project_in(x)
+        if a.positions == "learned":
+            x = x + self.pos_emb(pos + a.pos_offset)
+        if a.emb_norm:
+            x = self.emb_norm(x)
+        return x
+
     def forward(self, input_ids: torch.Tensor, input_pos: torch.Tensor | None = None,
                 pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """input_ids (B, T); input_pos (T,) cache slots; pad (B,) left padding -> logits (B, T, V).
@@ -248,15 +262,7 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         input_pos, pad = default_positions(input_ids, input_pos, pad)
         pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) model positions
-        x = self.tok_emb(input_ids)
-        if self.act_dtype is not None:
-            x = x.to(self.act_dtype)
-        if a.project_dim:
-            x = self.project_in(x)
-        if a.positions == "learned":
-            x = x + self.pos_emb(pos + a.pos_offset)
-        if a.emb_norm:
-            x = self.emb_norm(x)
+        x = self.embed(input_ids, pos)
         rope = None
         if a.positions == "rotary":
             freqs = pos[..., None].float() * self.inv_freq  # (B, T, rd/2)
