@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from kbitrt.cli.options import cpu_weight_options, placement_options
+from kbitrt.cli.options import cpu_weight_options, placement_options, resolve_cpu_weights
 
 
 @click.command("bench")
@@ -68,12 +68,8 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
         click.secho(f"error: --batch {batches!r}: give positive integers, e.g. 1,4,16", fg="red",
                     err=True)
         sys.exit(2)
-    if low_memory and cpu_weights not in (None, "packed"):
-        click.secho(f"error: --low-memory and --cpu-weights {cpu_weights} contradict each other",
-                    fg="red", err=True)
-        sys.exit(2)
     # the kernel table times the packed path, so it needs the packed weights
-    cpu_weights = "packed" if low_memory or kernels else (cpu_weights or "fp16")
+    cpu_weights = resolve_cpu_weights(low_memory, cpu_weights, packed=kernels)
     rss0 = rss_bytes()
     try:
         if draft_tokens is not None and draft_bits is None:

@@ -14,8 +14,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kbitrt.cli.options import cpu_weight_options, placement_options
-from kbitrt.errors import KbitFormatError
+from kbitrt.cli.options import cpu_weight_options, placement_options, resolve_cpu_weights
+from kbitrt.errors import KbitError
 
 COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -71,9 +71,7 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
 
     err = Console(stderr=True)
     try:
-        if low_memory and cpu_weights not in (None, "packed"):
-            raise RunError(f"--low-memory and --cpu-weights {cpu_weights} contradict each other")
-        cpu_weights = "packed" if low_memory else (cpu_weights or "fp16")
+        cpu_weights = resolve_cpu_weights(low_memory, cpu_weights)
         if greedy and temperature not in (None, 0):
             raise RunError("--greedy and --temperature contradict each other: give one")
         sampling = SamplingConfig(temperature=0.0 if greedy or temperature is None else temperature,
@@ -115,7 +113,7 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
             return _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err, spec)
         result = _one_shot(lm, list(prompts), chat, max_new_tokens, sampling, stops,
                            compile_mode, as_json, spec)
-    except (RunError, KbitFormatError, FileNotFoundError, NotADirectoryError) as e:
+    except (KbitError, FileNotFoundError, NotADirectoryError) as e:
         _fail(str(e))
     if as_json:
         click.echo(json.dumps(_json(model, lm, list(prompts), result), indent=2))
