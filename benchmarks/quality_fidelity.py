@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -196,6 +197,7 @@ def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) 
                                                "under 'gptq' and in its label (-cNxT, -ao)"}},
         "rows": sorted(rows.values(), key=order),
         "device": {"cpu": cpu_name(), "threads": torch.get_num_threads()},
+        "load_average": list(os.getloadavg()),  # when this file was written (shared machine)
         "versions": versions(), "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": " ".join(sys.argv[1:]),
