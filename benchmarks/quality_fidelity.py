@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -114,7 +115,7 @@ def main() -> None:
             rows[label] = {"setting": label, "options": opts, **({"gptq": gptq} if gptq else {})}
         if label in rows and nll_file.exists() and not any(k in label for k in args.only.split(",") if k):
             if opts and "bits_per_param" not in rows[label] and "gptq" not in label:
-                rows[label].update(quantize_rows(linears, original, opts, None, None, apply=False))
+                rows[label].update(quantize_rows(linears, original, opts, None, None, None, apply=False))
             continue
         t0 = time.perf_counter()
         stats = quantize_rows(linears, original, opts, path, calib, gptq)
@@ -194,14 +195,22 @@ def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) 
                      "calibration": {"source": "the last samples x seqlen tokens of the same text "
                                                "(disjoint from the evaluated windows); per GPTQ row "
                                                "under 'gptq' and in its label (-cNxT, -ao)"}},
-        "rows": list(rows.values()),
+        "rows": sorted(rows.values(), key=order),
         "device": {"cpu": cpu_name(), "threads": torch.get_num_threads()},
+        "load_average": list(os.getloadavg()),  # when this file was written (shared machine)
         "versions": versions(), "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "argv": " ".join(sys.argv[1:]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def order(row: dict) -> tuple:
+    """fp32, then per bit width (4, 3): its nf row, zero-shot rows, GPTQ rows."""
+    label, opts = row["setting"], row.get("options", {})
+    return (bool(opts), -opts.get("bits", 32), opts.get("method") == "gptq",
+            label not in (REF, "nf3-b64"), label)
 
 
 def render(result: dict) -> str:

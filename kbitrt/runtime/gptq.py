@@ -208,7 +208,7 @@ def gptq_quantize_model(folder: str | Path, config: QuantConfig, calib: torch.Te
 def calibration_windows(folder: Path, text: str, samples: int, seqlen: int) -> torch.Tensor:
     """(n, seqlen) token windows: the text's last `samples` non-overlapping windows, in order. The
     end of the text, so that calibrating and evaluating on one text (`--calib wiki-sample` beside
-    `--ppl wiki-sample`, whose windows start at its beginning) keep apart while the text is long."""
+    `--ppl wiki-sample --max-tokens N`, whose windows start at its beginning) keep apart."""
     from transformers import AutoTokenizer
 
     if samples < 1 or seqlen < 2:
