@@ -98,9 +98,7 @@ def dot_words_kernel(
     for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
         g = t * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = mask_n[:, None] & (g < n_groups)[None, :]
-        gw = tl.minimum(g, n_groups - 1)[None, :]
-        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0 = load_group(rows, gw, n_groups, S0, S1, S2,
-                                                                True)
+        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0 = load_group(rows, g, n_groups, S0, S1, S2)
         if SCALE_AFTER:  # the tile lies in one block per row: scale the dot's result, per column
             s = 1.0
             alpha = cb_step * (1 << KB)

@@ -62,9 +62,7 @@ def gemv_words_kernel(
     for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
         g = t * BLOCK_G + tl.arange(0, BLOCK_G)
         mask = mask_n[:, None] & (g < n_groups)[None, :]
-        gw = tl.minimum(g, n_groups - 1)[None, :]
-        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0 = load_group(rows, gw, n_groups, S0, S1, S2,
-                                                                True)
+        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0 = load_group(rows, g, n_groups, S0, S1, S2)
         s = tl.load(a_rows + (g * 64 // B)[None, :], mask=mask, other=0.0).to(tl.float32)
         # past the last group x is read at the last group (in bounds) and the scale s is 0
         xg = x_base + tl.minimum(g, n_groups - 1)[None, :] * 64

@@ -28,10 +28,14 @@ def load_word(rows, goff, q, S: tl.constexpr, Q: tl.constexpr, mask):  # sass:we
 
 
 @triton.jit
-def load_group(rows, g, n_groups, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, mask):
-    """The words of groups g (a [1, BLOCK_G] tensor) of each row: 8 of the first slice (a0..a7),
-    2 of the second (b0, b1), 1 of the third (c0), 0 past a slice's width. Slice j of a row
-    starts at word (S0 + .. + S_(j-1)) * n_groups; group g's words at g * S_j."""
+def load_group(rows, g, n_groups, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr):
+    """The words of groups g (BLOCK_G,) of each row: 8 of the first slice (a0..a7), 2 of the
+    second (b0, b1), 1 of the third (c0), 0 past a slice's width. Slice j of a row starts at word
+    (S0 + .. + S_(j-1)) * n_groups; group g's words at g * S_j. Unmasked (no zeroing of the
+    registers): groups past the last read the last one, and the caller passes row pointers kept
+    in bounds; their products must be zeroed by the caller (scale 0, x 0 or an unstored row)."""
+    g = tl.minimum(g, n_groups - 1)[None, :]
+    mask = True
     g0 = g * S0
     g1 = S0 * n_groups + g * S1
     g2 = (S0 + S1) * n_groups + g * S2
