@@ -168,6 +168,22 @@ class TextRow:
         if self.live:
             self.decode()
 
+    def take(self, token: int, stops_at: set[int], b: int, on_text) -> bool:
+        """Add a sampled token (an EOS id ends the row) and stream what became ready; True when
+        the row is done."""
+        if token in stops_at:
+            self.done = "eos"
+        else:
+            self.push(token)
+        self.stream(b, on_text)
+        return self.done is not None
+
+    def stream(self, b: int, on_text) -> None:
+        if on_text is not None:
+            piece = self.ready()
+            if piece:
+                on_text(b, piece)
+
     def decode(self) -> None:
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         for s in self.stops:
@@ -273,17 +289,8 @@ def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 6
             nxt = sample(logits, sampling, generator)  # (B,)
             seen[torch.arange(B, device=device), nxt] = True
             for b, token in enumerate(nxt.tolist()):
-                row = rows[b]
-                if row.done:
-                    continue
-                if token in stops_at:
-                    row.done = "eos"
-                else:
-                    row.push(token)
-                if on_text is not None:
-                    piece = row.ready()
-                    if piece:
-                        on_text(b, piece)
+                if not rows[b].done:
+                    rows[b].take(token, stops_at, b, on_text)
             if all(r.done for r in rows) or i == new - 1:
                 break
             input_pos.fill_(T0 + i)
@@ -301,14 +308,7 @@ def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 6
         t2 = time.perf_counter()
     finally:
         model.drop_caches()
-    for b, row in enumerate(rows):
-        row.done = row.done or "length"
-        if not row.live:
-            row.decode()
-        if on_text is not None:
-            piece = row.ready()
-            if piece:
-                on_text(b, piece)
+    finish_rows(rows, on_text)
     stats = GenerationStats(
         device=device_name(device), backend=lm.backend, batch=B, prompt_tokens=sum(lengths),
         new_tokens=sum(len(r.ids) + (r.done == "eos") for r in rows),
@@ -317,6 +317,15 @@ def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 6
     return GenerationResult(texts=[r.text for r in rows], token_ids=[r.ids for r in rows],
                             stop_reasons=[r.done for r in rows], stats=stats,
                             prompt_texts=[tok.decode(e) for e in encoded])
+
+
+def finish_rows(rows: Sequence[TextRow], on_text) -> None:
+    """Every row ends ("length" unless it stopped earlier) and streams the text it still held."""
+    for b, row in enumerate(rows):
+        row.done = row.done or "length"
+        if not row.live:
+            row.decode()
+        row.stream(b, on_text)
 
 
 def device_name(device: torch.device) -> str:

@@ -37,7 +37,7 @@ import torch
 
 from kbitrt.errors import KbitFormatError
 from kbitrt.runtime.generate import (GenerationResult, GenerationStats, SamplingConfig, TextRow,
-                                     apply_repetition_penalty, device_name, encode_prompts,
+                                     apply_repetition_penalty, device_name, encode_prompts, finish_rows,
                                      eos_ids, peak_memory, sampling_probs)
 from kbitrt.runtime.loader import LoadedModel, RunError, synchronize
 
@@ -300,15 +300,7 @@ def generate_speculative(lm: LoadedModel, prompts: Sequence, max_new_tokens: int
         row = rows[b]
 
         def on_token(token: int, row=row, b=b) -> bool:
-            if token in stops_at:
-                row.done = "eos"
-            else:
-                row.push(token)
-            if on_text is not None:
-                piece = row.ready()
-                if piece:
-                    on_text(b, piece)
-            return row.done is not None
+            return row.take(token, stops_at, b, on_text)
 
         model.setup_caches(1, T0 + new)
         try:
@@ -320,14 +312,7 @@ def generate_speculative(lm: LoadedModel, prompts: Sequence, max_new_tokens: int
             total_s += time.perf_counter() - t0
         finally:
             model.drop_caches()
-    for b, row in enumerate(rows):
-        row.done = row.done or "length"
-        if not row.live:
-            row.decode()
-        if on_text is not None:
-            piece = row.ready()
-            if piece:
-                on_text(b, piece)
+    finish_rows(rows, on_text)
     spec = counts.to_json(parent, draft_bits, draft_tokens)
     new_tokens = sum(len(r.ids) + (r.done == "eos") for r in rows)
     if counts.rounds:
