@@ -82,8 +82,8 @@ def make_tiny_llama(folder: Path, tokenizer_dir: Path, max_positions: int = 256,
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=max_positions, tie_word_embeddings=True,
-                      **{"eos_token_id": 2, **extra})
+                      max_position_embeddings=max_positions,
+                      **{"tie_word_embeddings": True, "eos_token_id": 2, **extra})
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
     return folder

@@ -192,3 +192,12 @@ def test_smollm2_speculative_greedy_equals_parent(smollm2_dir):
     spec = generate_speculative(lm, prompt, 48, bits=parent, draft_bits=3, draft_tokens=4)
     assert spec.token_ids == plain.token_ids
     assert spec.stats.speculation["acceptance_rate"] > 0.3
+    # the benchmark's prompt (64 tokens of the shipped sample): fp16 logits once broke its greedy
+    # identity at the 21st token (a tie rounded differently for 1 and for 5 tokens)
+    from kbitrt.eval.data import sample_path
+
+    ids = lm.tokenizer(sample_path("wiki-sample").read_text()[:20000])["input_ids"][:64]
+    plain = generate(lm, [ids], 40, bits=parent)
+    for k in (2, 4):
+        spec = generate_speculative(lm, [ids], 40, bits=parent, draft_bits=3, draft_tokens=k)
+        assert spec.token_ids == plain.token_ids, k

@@ -21,7 +21,7 @@ from torch import nn
 from kbitrt.errors import KbitError, KbitFormatError
 from kbitrt.format.config import QuantConfig
 from kbitrt.runtime.linear import KbitLinear
-from kbitrt.runtime.models.decoder import Decoder, Linear16, default_positions
+from kbitrt.runtime.models.decoder import Decoder, default_positions
 from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_args, rope_frequencies,
                                 why_not_native)
 
@@ -207,13 +207,6 @@ class _Tensors:
                                   f"{', '.join(left[:5])}{more}")
 
 
-def _linear16(weight: torch.Tensor) -> Linear16:
-    with torch.device("meta"):
-        layer = Linear16(weight.shape[1], weight.shape[0], bias=False)
-    layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
-    return layer
-
-
 def _where(source) -> str:
     return str(getattr(source, "path", None) or "the model")
 
@@ -229,9 +222,13 @@ def build_native(source, config, device: torch.device, dtype: torch.dtype,
     names = checkpoint_names(spec, args.n_layers)
     tensors = _Tensors(source, device, dtype, cpu_weights)
     conv1d = _CONV1D.get(spec.name, ())
-    # on the CPU a quantized model holds 16-bit copies (cpu_weights), so the embedding and a plain
-    # head stay in the file's 16 bits too (not an fp32 copy); activations stay fp32
-    hold16 = device.type == "cpu" and dtype == torch.float32 and cpu_weights != "fp32"
+    # on the CPU a quantized model holds 16-bit copies (cpu_weights), so the embedding stays in the
+    # file's 16 bits too (a gather: exact), activations fp32. Not when it is also the output head:
+    # 16-bit logits round differently for one token and for several (CPU matmuls have no fp32
+    # output for 16-bit inputs), which breaks greedy ties between decoding and verifying steps
+    head = tensors.pick(names["lm_head"])
+    tied = head not in tensors.quantized and not tensors.has(f"{head}.weight")
+    hold16 = device.type == "cpu" and dtype == torch.float32 and cpu_weights != "fp32" and not tied
     for ours, module in list(model.named_modules()):
         if ours not in names:
             continue
@@ -243,12 +240,8 @@ def build_native(source, config, device: torch.device, dtype: torch.dtype,
                     raise KbitFormatError(f"{_where(source)} lacks the tensor {theirs + '.weight'!r}")
                 model.lm_head.weight = model.tok_emb.weight  # tied: one tensor, two uses
                 continue
-            if plain_head and hold16 and module.bias is None:
-                new = _linear16(tensors.get(f"{theirs}.weight", (module.out_features,
-                                            module.in_features), keep_dtype=True))
-            else:
-                new = tensors.linear(theirs, module.out_features, module.in_features,
-                                     module.bias is not None, transpose=ours.endswith(conv1d))
+            new = tensors.linear(theirs, module.out_features, module.in_features,
+                                 module.bias is not None, transpose=ours.endswith(conv1d))
             model.set_submodule(ours, new)
         else:  # embeddings and norms
             for pname, p in list(module.named_parameters(recurse=False)):
@@ -256,8 +249,6 @@ def build_native(source, config, device: torch.device, dtype: torch.dtype,
                 setattr(module, pname, nn.Parameter(t, requires_grad=False))
     if model.tok_emb.weight.dtype != dtype:
         model.act_dtype = dtype
-        if model.lm_head.weight is model.tok_emb.weight:
-            model.lm_head = _linear16(model.tok_emb.weight)
     tensors.check_all_used()
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:

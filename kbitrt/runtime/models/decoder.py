@@ -150,14 +150,6 @@ class Block(nn.Module):
         return self.mlp_norm(x) if a.post_norm else x
 
 
-class Linear16(nn.Linear):
-    """A linear held in 16 bits under fp32 activations (the CPU's output head, often the tied
-    embedding): computed in its own dtype, as KbitLinear's 16-bit CPU copies are."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
-
-
 def unset_embedding(n: int, dim: int) -> nn.Embedding:
     """An embedding whose weight the loader assigns: not initialised (on the meta device torch's
     random init imports torch._dynamo, ~170 MB of RSS that running a model never needs)."""
