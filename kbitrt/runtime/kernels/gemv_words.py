@@ -29,7 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import bit_field, in_register, load_group, one_bits, pair7_pointer, x_at
+from kbitrt.runtime.kernels.words import (bit_field, in_register, load_group, one_bits, pair7_pointer,
+                                          x_at, x_pair)
 
 
 @triton.jit
@@ -107,8 +108,7 @@ def gemv_words_kernel(
                         pair = tl.load((tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64)))
                     v0 = pair.to(tl.int32).to(tl.float32, bitcast=True)
                     v1 = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-                    x0 = x_at(xg, g, 2 * u, K, xmask, EVEN_K)
-                    x1 = x_at(xg, g, 2 * u + 1, K, xmask, EVEN_K)
+                    x0, x1 = x_pair(xg, g, 2 * u, K, xmask, EVEN_K)
                     p += v0 * x0
                     p += v1 * x1
             else:  # byte table (k = 8)
