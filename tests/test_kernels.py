@@ -246,10 +246,10 @@ def test_words_outliers_bias_dtypes(m, act, monkeypatch):
     _check(qw, m, act=act, bias=True, monkeypatch=monkeypatch)
 
 
-@pytest.mark.parametrize("bits", [4, 5, 6, 7])
+@pytest.mark.parametrize("bits", range(3, 9))
 @pytest.mark.parametrize("dtype", ["nf", "int"])
 def test_words_bf16_pairs(bits, dtype):
-    """bf16 x with K % 64 == 0: the pair-table GEMV reads x two values per 32-bit load."""
+    """bf16 x with K % 64 == 0: the GEMV reads x two values per 32-bit load (every decoder)."""
     qw = _quantized(20, 256, bits, 64, dtype, seed=bits)
     assert _words_plan(1, qw, dtype) is tk.gemv_words_kernel
     _check(qw, 1, act=torch.bfloat16, bias=True)
