@@ -29,8 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import (bit_field, in_register, load_group, one_bits, pair7_pointer,
-                                          x_pair)
+from kbitrt.runtime.kernels.words import (bit_field, in_register, load_group, one_bits,
+                                          pair7_pointer, x_pair)
 
 
 @triton.jit
