@@ -246,6 +246,30 @@ def test_words_outliers_bias_dtypes(m, act, monkeypatch):
     _check(qw, m, act=act, bias=True, monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("bits", range(3, 9))
+@pytest.mark.parametrize("dtype", ["nf", "int"])
+def test_words_bf16_pairs(bits, dtype):
+    """bf16 x with K % 64 == 0: the GEMV reads x two values per 32-bit load (every decoder)."""
+    qw = _quantized(20, 256, bits, 64, dtype, seed=bits)
+    assert _words_plan(1, qw, dtype) is tk.gemv_words_kernel
+    _check(qw, 1, act=torch.bfloat16, bias=True)
+
+
+def test_words_bf16_unaligned_x():
+    """x at an address that is 2 mod 4 (a view one bf16 into a buffer) is copied to an aligned one
+    before the 32-bit pair loads; the result matches the aligned x's."""
+    qw = _quantized(20, 256, 7, 64, "nf", seed=7)
+    qweight, absmax, cb, idx, ow = _args(qw)
+    g = torch.Generator().manual_seed(2)
+    buf = torch.randn(257, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = buf[1:].view(1, 256)
+    assert x.data_ptr() % 4 == 2
+    y = tk.kbit_linear_triton(x, qweight, absmax, cb, None, idx, ow, 7, 64, 256)
+    ref = kbit_linear_torch(x.clone(), qweight, absmax, cb, None, idx, ow, 7, 64, 256)
+    scale = ref.float().abs().max().item() + 1.0
+    assert (y.float() - ref.float()).abs().max().item() <= TOL[torch.bfloat16] * scale
+
+
 def test_words_zero_blocks():
     qw = _quantized(24, 256, 5, 64, zero_blocks=True)
     _check(qw, 1, bias=True)

@@ -2,7 +2,8 @@
 
 Compiles the kernels the dispatcher picks for a Llama-2-7B layer (4096 x 4096, blocks of 64; k = 7
 also with blocks of 1024) for sm_90 with Triton's bundled ptxas: the M = 1 word GEMV at k = 3..8
-(nf: the table decoders; int at 4, 7, 8: the arithmetic ones) and the 4-bit M = 16 kernel. It
+(nf: the table decoders; int at 4, 7, 8: the arithmetic ones; nf k = 7 also with bf16 activations)
+and the 4-bit M = 16 kernel. It
 disassembles them with Triton's nvdisasm and fails when a hot loop spends more SASS instructions
 per weight than the budget, reads packed weights with loads narrower than 64 bits, reduces across
 threads (SHFL) inside the K loop or spills registers.
@@ -22,13 +23,14 @@ _SCRIPT = r"""
 import json, sys
 sys.path.insert(0, "benchmarks")
 import sass_budget as sb
-CASES = ([("gemv", bits, "nf", 64) for bits in range(3, 9)]
-         + [("gemv", bits, "int", 64) for bits in (4, 7, 8)] + [("gemv", 7, "nf", 1024)]
-         + [("small", 4, dtype, 64) for dtype in ("int", "nf")])
+CASES = ([("gemv", bits, "nf", 64, "fp16") for bits in range(3, 9)]
+         + [("gemv", bits, "int", 64, "fp16") for bits in (4, 7, 8)]
+         + [("gemv", 7, "nf", 1024, "fp16"), ("gemv", 7, "nf", 64, "bf16")]
+         + [("small", 4, dtype, 64, "fp16") for dtype in ("int", "nf")])
 out = []
-for kernel, bits, dtype, block in CASES:
+for kernel, bits, dtype, block, act in CASES:
     v = dict(arch="sm_90", shape="7b-o", N=4096, K=4096, kernel=kernel,
-             M=sb.M_OF_KERNEL[kernel], bits=bits, dtype=dtype, block=block, act="fp16")
+             M=sb.M_OF_KERNEL[kernel], bits=bits, dtype=dtype, block=block, act=act)
     out.append(sb.measure(v))
 print("RESULT " + json.dumps(out))
 """
@@ -48,10 +50,12 @@ def records():
 
 
 def test_budget_sm90(records):
-    assert len(records) == 12
+    assert len(records) == 13
+    assert any(r["act"] == "bf16" and r["bits"] == 7 for r in records)
     assert {r["bits"] for r in records if r["M"] == 1} == set(range(3, 9))
     for rec in records:
         name = (f"{rec['kernel']} M={rec['M']} {rec['dtype']}{rec['bits']} block {rec['block']} "
+                f"{rec['act']} "
                 f"({rec['kernel_fn']}, {rec['config']})")
         assert rec["instr_per_weight"] is not None, f"{name}: no hot loop found"
         assert rec["instr_per_weight"] <= rec["budget"], (

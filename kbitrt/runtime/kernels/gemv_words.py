@@ -29,7 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import bit_field, in_register, load_group, one_bits, pair7_pointer, x_at
+from kbitrt.runtime.kernels.words import (bit_field, in_register, load_group, one_bits,
+                                          pair7_pointer, x_pair)
 
 
 @triton.jit
@@ -70,12 +71,16 @@ def gemv_words_kernel(
         p = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
         xs = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
         if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB from the code OR-ed into 1.0's mantissa
-            for i in tl.static_range(64):
-                xi = x_at(xg, g, i, K, xmask, EVEN_K)
-                f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, i, 1, 23 - KB, dmask)
+            for j in tl.static_range(32):
+                x0, x1 = x_pair(xg, g, 2 * j, K, xmask, EVEN_K)
+                f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j, 1, 23 - KB, dmask)
                 f = (f | one_bits(dmask)).to(tl.float32, bitcast=True)
-                p += f * xi
-                xs += xi
+                p += f * x0
+                xs += x0
+                f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j + 1, 1, 23 - KB, dmask)
+                f = (f | one_bits(dmask)).to(tl.float32, bitcast=True)
+                p += f * x1
+                xs += x1
         elif DECODE == 3:  # quad table (k = 3): 4 codes (12 bits) -> two 64-bit loads
             for u in tl.static_range(16):
                 idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 4 * u, 4, 4)
@@ -83,14 +88,12 @@ def gemv_words_kernel(
                 q_ptr = (tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64))
                 q01 = tl.load(q_ptr)
                 q23 = tl.load(q_ptr + 1)
-                p += q01.to(tl.int32).to(tl.float32, bitcast=True) * x_at(xg, g, 4 * u, K, xmask,
-                                                                         EVEN_K)
-                p += (q01 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x_at(
-                    xg, g, 4 * u + 1, K, xmask, EVEN_K)
-                p += q23.to(tl.int32).to(tl.float32, bitcast=True) * x_at(xg, g, 4 * u + 2, K,
-                                                                         xmask, EVEN_K)
-                p += (q23 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x_at(
-                    xg, g, 4 * u + 3, K, xmask, EVEN_K)
+                x0, x1 = x_pair(xg, g, 4 * u, K, xmask, EVEN_K)
+                x2, x3 = x_pair(xg, g, 4 * u + 2, K, xmask, EVEN_K)
+                p += q01.to(tl.int32).to(tl.float32, bitcast=True) * x0
+                p += (q01 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x1
+                p += q23.to(tl.int32).to(tl.float32, bitcast=True) * x2
+                p += (q23 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x3
         else:
             if DECODE == 1:  # pair table: 2 codes -> one 64-bit load
                 for u in tl.static_range(32):
@@ -107,15 +110,17 @@ def gemv_words_kernel(
                         pair = tl.load((tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64)))
                     v0 = pair.to(tl.int32).to(tl.float32, bitcast=True)
                     v1 = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-                    x0 = x_at(xg, g, 2 * u, K, xmask, EVEN_K)
-                    x1 = x_at(xg, g, 2 * u + 1, K, xmask, EVEN_K)
+                    x0, x1 = x_pair(xg, g, 2 * u, K, xmask, EVEN_K)
                     p += v0 * x0
                     p += v1 * x1
             else:  # byte table (k = 8)
-                for i in tl.static_range(64):
-                    idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, i, 1, 0)
-                    v = tl.load(tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + idx)
-                    p += v * x_at(xg, g, i, K, xmask, EVEN_K)
+                tab32 = tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True)
+                for j in tl.static_range(32):
+                    x0, x1 = x_pair(xg, g, 2 * j, K, xmask, EVEN_K)
+                    idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j, 1, 0)
+                    p += tl.load(tab32 + idx) * x0
+                    idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j + 1, 1, 0)
+                    p += tl.load(tab32 + idx) * x1
         acc += p * s
         if DECODE == 0:
             accx += xs * s

@@ -385,6 +385,8 @@ def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Ten
     if block_size & (block_size - 1) or not 16 <= block_size <= 4096:
         raise ValueError(f"block_size {block_size} must be a power of two in 16..4096")
     x = x.contiguous()
+    if x.data_ptr() % 4:  # the word GEMV reads bf16 x in 32-bit pairs (words.x_pair)
+        x = x.clone()
     qweight, absmax = qweight.contiguous(), absmax.contiguous()
     kind, table, scalars = "table", codebook, {}
     if m <= 16 and gemv_words_ok(k, block_size) and qweight.data_ptr() % 8 == 0:

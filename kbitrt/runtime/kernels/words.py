@@ -186,6 +186,19 @@ def x_at(xg, g, i: tl.constexpr, K, xmask, EVEN_K: tl.constexpr):
         return tl.load(xg + i, mask=xmask & (g[None, :] * 64 + i < K), other=0.0).to(tl.float32)
 
 
+@triton.jit
+def x_pair(xg, g, i: tl.constexpr, K, xmask, EVEN_K: tl.constexpr):
+    """fp32 (x[64 g + i], x[64 g + i + 1]) for an even i, as `x_at`. bf16 with K % 64 == 0: one
+    32-bit load of both, widened by a shift and a mask (the launch keeps x 4-byte aligned). Two
+    16-bit loads let ptxas re-convert each bf16 value per use (IMAD.U32 x, 0x10000 about twice
+    per x at k = 7), where fp16's HADD2.F32 is kept once."""
+    if EVEN_K and xg.dtype.element_ty == tl.bfloat16:
+        w = tl.load((xg + i).to(tl.pointer_type(tl.int32), bitcast=True))
+        return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+    else:
+        return x_at(xg, g, i, K, xmask, EVEN_K), x_at(xg, g, i + 1, K, xmask, EVEN_K)
+
+
 def gemv_words_ok(k: int, block_size: int) -> bool:
     """Whether the word GEMV applies: whole 64-code groups per row and blocks of >= 64 codes."""
     return (-(-k // 8) * 8) % 64 == 0 and block_size >= 64
