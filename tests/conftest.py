@@ -133,3 +133,19 @@ def smollm2_kbit_folder(smollm2_dir, bits: int = 4, block: int = 64, dtype: str 
 def smollm2_nf4(smollm2_dir) -> Path:
     """SmolLM2 as nf4, block 64: converted once and shared by every real-model test."""
     return smollm2_kbit_folder(smollm2_dir)
+
+
+def run_cli(*args):
+    """`kbit ARGS...` in process (click's runner), arguments given as any str()-able values."""
+    from click.testing import CliRunner
+
+    from kbitrt.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_one_line_error(result, text: str) -> None:
+    """The command failed with exit code 2 and one `error:` line on stderr that contains `text`."""
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.stderr

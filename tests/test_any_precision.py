@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from kbitrt.cli.main import cli
+from conftest import assert_one_line_error as one_line_error, run_cli as run
 from kbitrt.convert.any_precision import convert_any_precision, quantize_any_precision
 from kbitrt.errors import KbitFormatError
 from kbitrt.format.bitplane import (AnyPrecisionConfig, pack_planes, to_bitslice, unpack_planes)
@@ -36,14 +35,6 @@ def load_model(folder, device="cpu", bits=None, cpu_weights="packed"):
     return build_model(select_width(KbitModel.open(folder), bits), device, cpu_weights=cpu_weights)
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(r, text):
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], r.stderr
 
 
 # ------------------------------------------------------------------------------------ format

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from kbitrt.cli.main import cli
+from conftest import assert_one_line_error as one_line_error, run_cli as run
 from kbitrt.convert.any_precision import convert_any_precision
 from kbitrt.errors import KbitFormatError
 from kbitrt.format.bitplane import AnyPrecisionConfig
@@ -135,14 +134,6 @@ def test_bad_draft_options_are_one_clear_error(ap_models, tiny_models, tmp_path)
         check_draft_widths(KbitModel.open(tmp_path / "plain"), 4, 3)
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(r, text):
-    assert r.exit_code == 2, r.output
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], r.stderr
 
 
 def test_cli_run_with_a_draft_width(tiny_llama_with_tokenizer, tmp_path):
