@@ -236,7 +236,7 @@ def test_multi_width_switches_per_call(ap_folder):
     from kbitrt.runtime.any_precision import set_width
 
     ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(1))
-    multi = load_model(ap_folder, device="cpu", bits="3-8")
+    multi = load_model(ap_folder, device="cpu", bits="3-8", cpu_weights="fp16")  # its head as single's
     for k in (4, 8, 3, 6):
         set_width(multi, k)
         single = load_model(ap_folder, device="cpu", bits=k, cpu_weights="fp16")  # as the multi-width layer

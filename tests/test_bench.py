@@ -56,17 +56,20 @@ def test_bench_too_long_is_one_line(k4):
     assert res.stderr.strip() == "error: -p 512: the model holds at most 64 positions"
 
 
-@pytest.mark.parametrize("flags,max_bits", [([], 16.01), (["--low-memory"], 6.0)])
-def test_bench_reports_memory_held(k4, tmp_path, flags, max_bits):
-    """Resident memory: bits per quantized weight held (16-bit copy, or the packed codes with
-    --low-memory), peak RSS and model memory (peak minus the RSS after imports)."""
+@pytest.mark.parametrize("flags,max_bits,mode", [([], 6.0, "packed"),
+                                                  (["--cpu-weights", "fp16"], 16.01, "fp16"),
+                                                  (["--low-memory"], 6.0, "packed")])
+def test_bench_reports_memory_held(k4, tmp_path, flags, max_bits, mode):
+    """Resident memory: bits per quantized weight held (the packed codes by default, where the
+    fused CPU kernels build, and with --low-memory; or a 16-bit copy), peak RSS and model memory
+    (peak minus the RSS after imports)."""
     res = CliRunner().invoke(cli, ["bench", str(k4), "-p", "4", "-n", "2", "-r", "1", "--json",
                                    "-o", str(tmp_path / "m.json"), *flags])
     assert res.exit_code == 0, res.output
     rec = json.loads(res.stdout)
     held, mem = rec["held"], rec["memory"]
     assert 3.9 < held["bits_per_quantized_weight_held"] <= max_bits
-    assert rec["options"]["cpu_weights"] == ("packed" if flags else "fp16")
+    assert rec["options"]["cpu_weights"] == mode
     assert mem["peak_rss_mb"] >= mem["rss_after_imports_mb"] > 0
     assert mem["model_memory_mb"] == pytest.approx(mem["peak_rss_mb"] - mem["rss_after_imports_mb"])
 
@@ -77,10 +80,11 @@ def test_bench_contradictory_memory_flags(k4):
 
 
 def test_cpu_model_holds_16_bit_embedding_unless_it_is_the_head(k4, smollm2_dir, tmp_path):
-    """On the CPU the default and --low-memory hold an embedding in the file's 16 bits, not an fp32
-    copy, with fp32 activations and logits equal to the exact fp32 reference (issue 13); a tied
-    embedding is the output head and stays fp32 (16-bit logits would round differently for one and
-    for several tokens, see loader.build_native)."""
+    """On the CPU the packed and fp16 modes hold an embedding in the file's 16 bits, not an fp32
+    copy, with fp32 activations and logits equal to the exact fp32 reference (issue 13). An output
+    head (tied or not) stays 16-bit only in packed mode, where the fused kernel sums its logits in
+    fp32; with fp16 copies a tied head stays fp32 (torch's 16-bit logits would round differently
+    for one and for several tokens, see loader.build_native)."""
     import torch
     from conftest import make_tiny_llama
 
@@ -98,8 +102,12 @@ def test_cpu_model_holds_16_bit_embedding_unless_it_is_the_head(k4, smollm2_dir,
             want = ref.model(ids)
         for cpu_weights in ("fp16", "packed"):
             lm = load_model(folder, device="cpu", cpu_weights=cpu_weights)
-            assert lm.model.tok_emb.weight.dtype == (torch.float16 if emb16 else torch.float32)
-            assert lm.model.lm_head.weight.dtype == torch.float32
+            packed = cpu_weights == "packed"
+            assert lm.model.tok_emb.weight.dtype == (torch.float16 if emb16 or packed
+                                                     else torch.float32)
+            assert lm.model.lm_head.weight.dtype == (torch.float16 if packed else torch.float32)
+            if packed and not emb16:  # tied: one 16-bit tensor, two uses
+                assert lm.model.lm_head.weight is lm.model.tok_emb.weight
             with torch.no_grad():
                 got = lm.model(ids)
             assert got.dtype == torch.float32

@@ -49,6 +49,7 @@ def test_wheel_contents(wheel):
         meta = _metadata(zf, "METADATA")
         entry_points = _metadata(zf, "entry_points.txt")
     for f in ("kbitrt/__init__.py", "kbitrt/cli/main.py", "kbitrt/runtime/linear.py",
+              "kbitrt/runtime/kernels/cpu_kernels.cpp",
               "kbitrt/eval/data/README.md", "kbitrt/eval/data/wiki_en_dev.txt",
               "kbitrt/eval/data/mc/social_iqa_dev.jsonl",
               "kbitrt/eval/data/mc/cause_and_effect_dev.jsonl",
@@ -67,7 +68,7 @@ def test_wheel_contents(wheel):
     core = [r for r in requires if "extra ==" not in r]
     core_names = {r.split(">")[0].split("<")[0].split("=")[0].split(";")[0].strip() for r in core}
     assert core_names == {"torch", "safetensors", "huggingface-hub", "transformers", "numpy",
-                          "click", "rich"}, core_names
+                          "click", "rich", "ninja"}, core_names
     for optional in ("lm-eval", "ray", "llama-cpp-python", "matplotlib"):
         assert any(r.startswith(optional) and "extra ==" in r for r in requires), optional
 
@@ -89,7 +90,9 @@ def test_installed_wheel_runs(wheel, tmp_path):
                          env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     probe = ("import kbitrt, sys; from kbitrt.eval.data import sample_path; "
-             "p = sample_path('social_iqa-sample'); assert p.is_file(), p; print(kbitrt.__file__)")
+             "p = sample_path('social_iqa-sample'); assert p.is_file(), p; "
+             "from kbitrt.runtime.kernels import cpu; assert cpu.SOURCE.is_file(); "
+             "assert cpu.available(), cpu.unavailable_reason(); print(kbitrt.__file__)")
     out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

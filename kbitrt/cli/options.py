@@ -24,11 +24,11 @@ def placement_options(f):
 
 def cpu_weight_options(f):
     """--low-memory and --cpu-weights: what a quantized linear holds on the CPU."""
-    f = click.option("--cpu-weights", type=click.Choice(["fp16", "bf16", "fp32", "packed"]),
-                     default=None, help="CPU: what a quantized linear holds (default fp16; packed "
-                     "is --low-memory).")(f)
+    f = click.option("--cpu-weights", type=click.Choice(["auto", "packed", "fp16", "bf16", "fp32"]),
+                     default=None, help="CPU: what a quantized linear holds (default auto: the "
+                     "packed codes where the fused CPU kernels build, else fp16 copies).")(f)
     return click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit "
-                        "weights resident, dequantized layer by layer at each step (slower).")(f)
+                        "weights resident (the default where the fused CPU kernels build).")(f)
 
 
 def resolve_cpu_weights(low_memory: bool, cpu_weights: str | None, packed: bool = False) -> str:
@@ -37,4 +37,4 @@ def resolve_cpu_weights(low_memory: bool, cpu_weights: str | None, packed: bool 
     if low_memory and cpu_weights not in (None, "packed"):
         raise KbitError(f"--low-memory and --cpu-weights {cpu_weights} contradict each other: "
                         "give one of them")
-    return "packed" if low_memory or packed else (cpu_weights or "fp16")
+    return "packed" if low_memory or packed else (cpu_weights or "auto")

@@ -19,7 +19,7 @@ def is_kbit(path: Path) -> bool:
 
 
 def open_model(name: str, device: str = "auto", backend: str = "auto",
-               dtype: torch.dtype | None = None, cpu_weights: str = "fp16",
+               dtype: torch.dtype | None = None, cpu_weights: str = "auto",
                bits: int | str | None = None, device_map: str | None = None,
                max_memory: str | None = None) -> LoadedModel:
     """A kbit folder or Hub id through load_model (cpu_weights: what its CPU linears hold; bits:

@@ -31,7 +31,7 @@ class EvalOptions:
     num_fewshot: int = 0
     device: str = "auto"
     backend: str = "auto"
-    cpu_weights: str = "fp16"  # CPU: dense fp16/bf16/fp32 copies, or packed (--low-memory)
+    cpu_weights: str = "auto"  # CPU: dense fp16/bf16/fp32 copies, or packed (--low-memory)
     device_map: str | None = None  # auto, balanced, sequential or a JSON file (runtime/placement.py)
     max_memory: str | None = None  # 0=20GiB,cpu=60GiB
     progress: bool = True

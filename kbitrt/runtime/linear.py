@@ -1,17 +1,19 @@
 """KbitLinear: an nn.Linear whose weight stays packed k-bit codes + block absmax + codebook.
 
 On CUDA every forward runs the fused-dequant kernels (kbitrt::kbit_linear): W is never
-materialised in GPU memory. On the CPU there is no fused kernel, and dequantizing the whole weight
-on every call costs ~10-35 ms per million weights on 2 cores, so the CPU has two modes:
+materialised in GPU memory. On the CPU there are two modes:
 
-- `dense` (default): W is dequantized once, on the first forward, into a 16-bit copy (fp16 by
-  default: on our Xeon (AVX-512, AMX) torch's fp16 GEMV is as fast as bf16 or faster, and fp16
-  keeps 3 more mantissa bits; benchmarks/cpu_matmul.py measures it) and used by F.linear, the
-  activations cast to it and back. `release_packed()` then drops the packed buffers, so only the
-  16-bit copy stays resident (what `kbit run/bench/eval` do): at most 16 bits per weight.
+- `packed` (the default where the fused CPU kernels build, kernels/cpu.py; `--low-memory`): only
+  the packed k-bit codes stay resident. The fused kernel reads them directly for up to
+  cpu.FUSED_MAX_ROWS tokens (decoding); above, the layer is dequantized into a temporary and
+  multiplied by torch. Without the kernels each call dequantizes in torch (slow: ~10-35 ms per
+  million weights on 2 cores).
+- `dense`: W is dequantized once, on the first forward, into a 16-bit copy (fp16 by default: on
+  our Xeon torch's fp16 GEMV is as fast as bf16 or faster, and fp16 keeps 3 more mantissa bits;
+  benchmarks/cpu_matmul.py) and used by F.linear, the activations cast to it and back.
+  `release_packed()` then drops the packed buffers, so only the 16-bit copy stays resident: at
+  most 16 bits per weight (the default where the kernels cannot be built).
   `cpu_dtype=torch.float32` keeps an exact fp32 copy instead (tests, reference numbers).
-- `packed` (`--low-memory`): only the packed k-bit codes stay resident; each forward dequantizes
-  the weight into a temporary (one layer at a time) and multiplies.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from kbitrt.format import packing
 from kbitrt.format.blockwise import QuantizedWeight
+from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.kernels import kbit_linear
 from kbitrt.runtime.kernels.reference import dequantize_packed, pad_codebook
 
@@ -176,12 +179,25 @@ class KbitLinear(nn.Module):
         if x.device.type == "cpu":
             if self.cpu_mode == "dense":
                 return dense_linear(x, self._cached_weight(self.cpu_dtype), self.bias)
-            # packed: a temporary W, one layer at a time (activation dtype, or fp32 for fp16
-            # activations: the CPU's fp16 GEMV gains nothing over a cast)
+            if cpu_kernels.available():
+                return self._fused_cpu(x)
+            # packed without the kernels: a temporary fp32 W, one layer at a time
             return dense_linear(x, self.dequantize(torch.float32), self.bias)
         idx, ow = self.outliers()
         return kbit_linear(x, self.qweight, self.absmax, self.codebook, self.bias, idx, ow,
                            self.bits, self.block_size, self.in_features)
+
+    def _fused_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        idx, ow = self.outliers()
+        y = cpu_kernels.kbit_linear(x2, self.qweight, self.absmax, self.codebook,
+                                    self.bias if idx is None else None, self.bits,
+                                    self.block_size, self.in_features)
+        if idx is not None:  # the twin's order: outlier columns, then the bias
+            y = y + x2.float().index_select(1, idx) @ ow.float().t()
+            if self.bias is not None:
+                y = y + self.bias.float()
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         dtype = f"{self.data_type}{self.bits}" if self.data_type else f"{self.bits}-bit"
@@ -189,6 +205,29 @@ class KbitLinear(nn.Module):
         extra = f", outliers={self.outlier_idx.numel()}" if self.outlier_idx.numel() else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, {dtype}, "
                 f"block={self.block_size}, absmax={absmax}{extra}, bias={self.bias is not None}")
+
+
+class HalfLinear(nn.Module):
+    """An unquantized linear (the output head, often tied to the embedding) whose weight stays in
+    the file's 16 bits on the CPU. With the fused CPU kernels the products and sums are fp32, in
+    one order for any number of tokens (a decoding step and a verifying step get equal logits);
+    without them F.linear in the weight's dtype."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and self.weight.dtype in cpu_kernels.HALF_DTYPES \
+                and cpu_kernels.available():
+            y = cpu_kernels.half_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return dense_linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"{str(self.weight.dtype).replace('torch.', '')}, bias={self.bias is not None}")
 
 
 def replace_linears(model: nn.Module,

@@ -20,16 +20,18 @@ from torch import nn
 
 from kbitrt.errors import KbitError, KbitFormatError
 from kbitrt.format.config import QuantConfig
-from kbitrt.runtime.linear import KbitLinear
+from kbitrt.runtime.kernels import cpu as cpu_kernels
+from kbitrt.runtime.linear import HalfLinear, KbitLinear
 from kbitrt.runtime.models.decoder import Decoder, default_positions
 from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_args, rope_frequencies,
                                 why_not_native)
 
 BACKENDS = ("auto", "native", "transformers")
-# What a CPU KbitLinear holds: a dense copy in fp16 (default) / bf16 / fp32 with the packed buffers
-# freed, or only the packed codes, dequantized layer by layer at each call ("packed", --low-memory)
-CPU_WEIGHTS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
-               "packed": None}
+# What a CPU KbitLinear holds: only the packed codes ("packed", --low-memory), read by the fused
+# CPU kernels (kernels/cpu.py), or a dense copy in fp16 / bf16 / fp32 with the packed buffers freed.
+# "auto": packed where the fused kernels build, else fp16 (resolve_cpu_weights)
+CPU_WEIGHTS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16,
+               "fp32": torch.float32, "packed": None}
 # checkpoint tensors that are not weights (transformers' buffers some old checkpoints carry)
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", ".masked_bias")
 # modules stored (in, out) by GPT-2's Conv1D when kept unquantized (quantized ones are (out, in))
@@ -106,7 +108,7 @@ def hf_config(config: dict):
 # ------------------------------------------------------------------------------------- linears
 
 def kbit_module(qw, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device,
-                cpu_weights: str = "fp16") -> nn.Module:
+                cpu_weights: str = "auto") -> nn.Module:
     """The KbitLinear module of a QuantizedWeight (the op it runs is kernels.kbit_linear) on
     `device`; on the CPU holding what `cpu_weights` says (CPU_WEIGHTS)."""
     if getattr(qw, "planes", None) is not None:  # any-precision, widths chosen per call
@@ -142,6 +144,16 @@ def check_cpu_weights(cpu_weights: str) -> str:
     return cpu_weights
 
 
+def resolve_cpu_weights(cpu_weights: str, device: torch.device) -> str:
+    """"auto" on the CPU: the packed codes where the fused CPU kernels build (faster and 4x
+    smaller than an fp16 copy at 4 bits), else fp16 copies. Other values as given."""
+    if cpu_weights != "auto":
+        return cpu_weights
+    if device.type != "cpu":  # what the GPU kernels read (CPU-offloaded layers included)
+        return "packed"
+    return "packed" if cpu_kernels.available() else "fp16"
+
+
 def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     with torch.device("meta"):
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -154,7 +166,7 @@ def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 class _Tensors:
     """Reads a source's tensors to the target device/dtype and remembers which were used."""
 
-    def __init__(self, source, device: torch.device, dtype: torch.dtype, cpu_weights: str = "fp16"):
+    def __init__(self, source, device: torch.device, dtype: torch.dtype, cpu_weights: str = "auto"):
         self.source, self.device, self.dtype = source, device, dtype
         self.cpu_weights = cpu_weights
         self.quantized = set(source.quantized_modules)
@@ -198,6 +210,13 @@ class _Tensors:
             return kbit_module(qw, b, self.dtype, self.device, self.cpu_weights)
         return plain_linear(self.get(f"{name}.weight", (out_f, in_f), transpose), b)
 
+    def half_linear(self, name: str, out_f: int, in_f: int, bias: bool) -> HalfLinear:
+        """An unquantized linear in the file's dtype, for the fused CPU kernels (HalfLinear)."""
+        w = self.get(f"{name}.weight", (out_f, in_f), keep_dtype=True)
+        b = self.get(f"{name}.bias", (out_f,)) if bias else None
+        return HalfLinear(nn.Parameter(w, requires_grad=False),
+                          None if b is None else nn.Parameter(b, requires_grad=False))
+
     def check_all_used(self) -> None:
         left = sorted(n for n in (self.plain | self.quantized) - self.used
                       if not n.endswith(_IGNORED_SUFFIXES))
@@ -214,7 +233,7 @@ def _where(source) -> str:
 # -------------------------------------------------------------------------------------- native
 
 def build_native(source, config, device: torch.device, dtype: torch.dtype,
-                 cpu_weights: str = "fp16") -> Decoder:
+                 cpu_weights: str = "auto") -> Decoder:
     """The generic decoder with every tensor of `source` (a KbitModel or the like) assigned."""
     args, spec = model_args(config), family_for(config)
     with torch.device("meta"):
@@ -222,13 +241,17 @@ def build_native(source, config, device: torch.device, dtype: torch.dtype,
     names = checkpoint_names(spec, args.n_layers)
     tensors = _Tensors(source, device, dtype, cpu_weights)
     conv1d = _CONV1D.get(spec.name, ())
-    # on the CPU a quantized model holds 16-bit copies (cpu_weights), so the embedding stays in the
-    # file's 16 bits too (a gather: exact), activations fp32. Not when it is also the output head:
-    # 16-bit logits round differently for one token and for several (CPU matmuls have no fp32
-    # output for 16-bit inputs), which breaks greedy ties between decoding and verifying steps
+    # on the CPU a quantized model holds packed codes or 16-bit copies (cpu_weights), so the
+    # embedding stays in the file's 16 bits too (a gather: exact), activations fp32. An output head
+    # (tied to it or not) stays 16-bit only with the fused CPU kernels, which sum its logits in
+    # fp32 in one order for any number of tokens: torch's 16-bit CPU matmuls round one token's
+    # logits differently from several tokens', which breaks greedy ties between decoding and
+    # verifying steps (speculative decoding)
     head = tensors.pick(names["lm_head"])
     tied = head not in tensors.quantized and not tensors.has(f"{head}.weight")
-    hold16 = device.type == "cpu" and dtype == torch.float32 and cpu_weights != "fp32" and not tied
+    cpu32 = device.type == "cpu" and dtype == torch.float32
+    fused = cpu32 and cpu_weights == "packed" and cpu_kernels.available()
+    hold16 = cpu32 and cpu_weights != "fp32" and (fused or not tied)
     for ours, module in list(model.named_modules()):
         if ours not in names:
             continue
@@ -238,7 +261,14 @@ def build_native(source, config, device: torch.device, dtype: torch.dtype,
             if plain_head and not tensors.has(f"{theirs}.weight"):
                 if not args.tie_embeddings:
                     raise KbitFormatError(f"{_where(source)} lacks the tensor {theirs + '.weight'!r}")
-                model.lm_head.weight = model.tok_emb.weight  # tied: one tensor, two uses
+                if fused:
+                    model.lm_head = HalfLinear(model.tok_emb.weight)  # one tensor, two uses
+                else:
+                    model.lm_head.weight = model.tok_emb.weight  # tied: one tensor, two uses
+                continue
+            if plain_head and fused:
+                model.lm_head = tensors.half_linear(theirs, module.out_features,
+                                                    module.in_features, module.bias is not None)
                 continue
             new = tensors.linear(theirs, module.out_features, module.in_features,
                                  module.bias is not None, transpose=ours.endswith(conv1d))
@@ -316,7 +346,7 @@ class TransformersLM(nn.Module):
 
 
 def build_transformers(source, config, device: torch.device, dtype: torch.dtype,
-                       cpu_weights: str = "fp16") -> TransformersLM:
+                       cpu_weights: str = "auto") -> TransformersLM:
     from transformers import AutoModelForCausalLM
 
     with _params_on_meta():
@@ -364,11 +394,12 @@ def choose_backend(config, backend: str) -> tuple[str, str | None]:
 
 def build_model(source, device: str | torch.device = "auto", backend: str = "auto",
                 dtype: torch.dtype | None = None, tokenizer: Any = None,
-                cpu_weights: str = "fp16", device_map: str | dict | None = None,
+                cpu_weights: str = "auto", device_map: str | dict | None = None,
                 max_memory: str | dict | None = None) -> LoadedModel:
     """A runnable model from a source with the KbitModel interface (on disk or in memory).
 
-    cpu_weights (CPU only): fp16 (default) / bf16 / fp32 dense copies, or "packed" (low memory);
+    cpu_weights (CPU only): "packed" codes or fp16 / bf16 / fp32 dense copies, "auto" (default):
+    packed where the fused CPU kernels build (resolve_cpu_weights);
     `device_map`/`max_memory` split it over devices (runtime/placement.py)."""
     check_cpu_weights(cpu_weights)
     config = hf_config(source.config)
@@ -378,13 +409,16 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
     if device_map is not None:  # placement hook (issue 14)
         from kbitrt.runtime.placement import build_placed
 
+        cpu_weights = resolve_cpu_weights(cpu_weights, device if isinstance(device, torch.device)
+                                          else resolve_device(device))
         placed, dtype = build_placed(source, config, backend, build, device, dtype, device_map,
-                                     max_memory, default_dtype)
+                                     max_memory, default_dtype, cpu_weights)
         model = placed.model if backend == "native" else TransformersLM(placed.model)
         device, note = placed.device, "; ".join(filter(None, (note, placed.note)))
     else:
         device = device if isinstance(device, torch.device) else resolve_device(device)
         dtype = dtype or default_dtype(device, source.config)
+    cpu_weights = resolve_cpu_weights(cpu_weights, device)
     if device.type == "cpu":
         limit_heap_growth()
     with torch.no_grad():
@@ -413,7 +447,7 @@ def _max_positions(config) -> int | None:
 
 
 def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
-               dtype: torch.dtype | None = None, cpu_weights: str = "fp16",
+               dtype: torch.dtype | None = None, cpu_weights: str = "auto",
                bits: int | str | None = None, device_map: str | dict | None = None,
                max_memory: str | dict | None = None) -> LoadedModel:
     """Open a kbit folder (or Hub repo id), validate it, and build a runnable model.

@@ -407,7 +407,7 @@ class Placed:
 
 def build_placed(source, config, backend: str, build, device: str | torch.device | None,
                  dtype: torch.dtype | None, device_map: str | dict, max_memory: str | dict | None,
-                 default_dtype) -> tuple[Placed, torch.dtype]:
+                 default_dtype, cpu_weights: str = "auto") -> tuple[Placed, torch.dtype]:
     """The loader's hook: build (on the CPU) and place a model by a device map."""
     mapping = read_device_map(device_map) if isinstance(device_map, str) else device_map
     gpus = visible_gpus(str(device) if device is not None else None)
@@ -422,7 +422,7 @@ def build_placed(source, config, backend: str, build, device: str | torch.device
     if backend == "transformers":
         return _placed_transformers(source, device, mapping, budgets, max_memory, dtype), dtype
     with torch.no_grad():
-        model = build(source, config, torch.device("cpu"), dtype)
+        model = build(source, config, torch.device("cpu"), dtype, cpu_weights)
     seen: set[int] = set()
     weight_bytes = sum(unit_bytes(model, mods, False, seen) for mods in native_units(model).values())
     plan = plan_native(model, mapping, budgets, gpus)

@@ -1,0 +1,137 @@
+"""The fused k-bit CPU kernels (cpu_kernels.cpp): built on first use, twins in reference.py.
+
+The C++ source ships with the package and is compiled once per machine by torch's extension
+builder (a C++ compiler and ninja; `-march=native`, so its AVX-512 paths are used where the CPU
+has them) into the kbitrt cache, keyed by the source, torch's version and the CPU's flags. Where
+it cannot be built, `available()` is False, the reason is printed once, and the CPU falls back to
+16-bit dense copies (kbitrt.runtime.linear): a slower path, never a failure.
+
+    kbit_linear(x, qweight, absmax, codebook, bias, bits, block_size, K)  y = x W^T, W packed
+    kbit_dequantize(qweight, absmax, codebook, bits, block_size, K)       W in fp32
+    half_linear(x, weight16, bias)                                   y = x W^T, W fp16 or bf16
+
+x and y are fp32; y[m] does not depend on how many rows x has up to FUSED_MAX_ROWS (one fixed
+summation order), so a decoding step and a verifying step over several tokens agree exactly.
+Above it a layer is dequantized into a temporary and multiplied by torch (prefill, perplexity).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # what half_linear reads
+FUSED_MAX_ROWS = 32  # rows of x the fused kernel takes; above, dequantize + torch matmul
+_HEAD_CHUNK = 4096  # output rows per fp32 temporary of a 16-bit head above FUSED_MAX_ROWS
+_state: dict = {}
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("KBIT_CACHE", Path.home() / ".cache" / "kbitrt"))
+    return root / "cpu-kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def build_name() -> str:
+    """The extension's name: changes with the source, torch's version and the CPU."""
+    key = SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
+    return "kbitrt_cpu_" + hashlib.sha256(key).hexdigest()[:12]
+
+
+def available() -> bool:
+    """Whether the fused CPU kernels are built and loaded (building them on the first call)."""
+    if "ok" not in _state:
+        _state["ok"], _state["reason"] = _load()
+        if not _state["ok"]:
+            print(f"kbit: fused CPU kernels unavailable ({_state['reason']}); "
+                  "using 16-bit dense copies", file=sys.stderr)
+    return _state["ok"]
+
+
+def unavailable_reason() -> str | None:
+    return None if available() else _state["reason"]
+
+
+def _load() -> tuple[bool, str]:
+    if os.environ.get("KBIT_CPU_KERNELS", "1") == "0":
+        return False, "KBIT_CPU_KERNELS=0"
+    if sys.platform != "linux":
+        return False, f"built only on Linux, not {sys.platform}"
+    name = build_name()
+    build_dir = _cache_dir() / name
+    try:
+        from torch.utils import cpp_extension
+
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except (OSError, RuntimeError, ImportError, ValueError) as e:  # no compiler/ninja, build error
+        return False, str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+    _register_fakes()
+    return True, ""
+
+
+def _register_fakes() -> None:
+    """Shapes for torch.compile (`kbit run --compile` traces decode steps through these ops)."""
+    @torch.library.register_fake("kbitrt_cpu::kbit_linear")
+    def _(x, qweight, absmax, codebook, bias, bits, block_size, in_features):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
+    @torch.library.register_fake("kbitrt_cpu::kbit_dequantize")
+    def _(qweight, absmax, codebook, bits, block_size, in_features):
+        return absmax.new_empty((qweight.shape[0], in_features), dtype=torch.float32)
+
+    @torch.library.register_fake("kbitrt_cpu::half_linear")
+    def _(x, weight, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
+                codebook: torch.Tensor, bias: torch.Tensor | None, bits: int, block_size: int,
+                in_features: int) -> torch.Tensor:
+    """x (M, K) fp32 -> (M, N) fp32 from the packed weight (available() must be True)."""
+    x = x.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    if x.shape[0] <= FUSED_MAX_ROWS:
+        return torch.ops.kbitrt_cpu.kbit_linear(x, qweight, absmax, codebook, b, bits,
+                                                block_size, in_features)
+    w = torch.ops.kbitrt_cpu.kbit_dequantize(qweight, absmax, codebook, bits, block_size,
+                                             in_features)
+    return torch.nn.functional.linear(x, w, b)
+
+
+def kbit_dequantize(qweight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
+                    bits: int, block_size: int, in_features: int) -> torch.Tensor:
+    return torch.ops.kbitrt_cpu.kbit_dequantize(qweight, absmax, codebook, bits, block_size,
+                                                in_features)
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """x (M, K) fp32 -> (M, N) fp32 for an fp16/bf16 weight (N, K), summed in fp32."""
+    x = x.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    if x.shape[0] <= FUSED_MAX_ROWS:
+        return torch.ops.kbitrt_cpu.half_linear(x, weight, b)
+    # a whole fp32 copy of a large head would be a transient of 32 bits per weight: chunk it
+    parts = [torch.nn.functional.linear(x, weight[i:i + _HEAD_CHUNK].float(),
+                                        None if b is None else b[i:i + _HEAD_CHUNK])
+             for i in range(0, weight.shape[0], _HEAD_CHUNK)]
+    return torch.cat(parts, dim=-1)

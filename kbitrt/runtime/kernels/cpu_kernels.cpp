@@ -1,0 +1,500 @@
+// Fused k-bit CPU kernels (docs/cpu.md): y = x W^T with W read from the packed bitslice-v1 codes,
+// its block scales and codebook, never held dense. Built on first use by kernels/cpu.py with
+// -march=native, so the AVX-512 paths exist only where the CPU has them (a portable loop otherwise).
+//
+// Each worker takes a range of output rows; a row is decoded once into an fp32 buffer
+// (codebook[code] * scale, the twin's exact product) and dotted with every row of x in one fixed
+// order, so y[m, n] does not depend on M: one token and a batch of tokens get identical logits.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define KBIT_AVX512 1
+#endif
+
+namespace {
+
+// bitslice-v1 (kbitrt/format/packing.py): slices of 4/2/1 bits, lowest code bits in the widest;
+// a slice of width w starts at byte offset*Kp/8 of the row and holds 8/w codes per byte
+struct Slice {
+  int width, shift, offset;
+};
+
+template <int BITS>
+struct Layout;
+template <> struct Layout<3> { static constexpr int n = 2; static constexpr Slice s[2] = {{2, 0, 0}, {1, 2, 2}}; };
+template <> struct Layout<4> { static constexpr int n = 1; static constexpr Slice s[1] = {{4, 0, 0}}; };
+template <> struct Layout<5> { static constexpr int n = 2; static constexpr Slice s[2] = {{4, 0, 0}, {1, 4, 4}}; };
+template <> struct Layout<6> { static constexpr int n = 2; static constexpr Slice s[2] = {{4, 0, 0}, {2, 4, 4}}; };
+template <> struct Layout<7> { static constexpr int n = 3; static constexpr Slice s[3] = {{4, 0, 0}, {2, 4, 4}, {1, 6, 6}}; };
+template <> struct Layout<8> { static constexpr int n = 1; static constexpr Slice s[1] = {{8, 0, 0}}; };
+
+template <int BITS>
+inline int code_at(const uint8_t* row, int64_t kp, int64_t i) {
+  int c = 0;
+  for (int t = 0; t < Layout<BITS>::n; ++t) {
+    const Slice s = Layout<BITS>::s[t];
+    const int per = 8 / s.width;
+    const uint8_t byte = row[s.offset * (kp / 8) + i / per];
+    c |= ((byte >> ((i % per) * s.width)) & ((1 << s.width) - 1)) << s.shift;
+  }
+  return c;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+
+#ifdef KBIT_AVX512
+// the 16 codes j..j+15 (j % 16 == 0) as int32 lanes
+template <int BITS>
+inline __m512i codes16(const uint8_t* row, int64_t kp, int64_t j) {
+  __m512i c = _mm512_setzero_si512();
+  for (int t = 0; t < Layout<BITS>::n; ++t) {
+    const Slice s = Layout<BITS>::s[t];
+    const uint8_t* src = row + s.offset * (kp / 8) + j * s.width / 8;
+    __m512i v;
+    if (s.width == 8) {
+      v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    } else if (s.width == 4) {  // byte b holds codes 2b (low nibble) and 2b+1
+      uint64_t b;
+      std::memcpy(&b, src, 8);
+      const __m128i x = _mm_cvtsi64_si128(static_cast<long long>(b));
+      const __m128i m = _mm_set1_epi8(0x0F);
+      const __m128i lo = _mm_and_si128(x, m), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
+      v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+    } else if (s.width == 2) {  // lane i: byte i/4 >> 2(i%4)
+      uint32_t b;
+      std::memcpy(&b, src, 4);
+      const __m128i rep = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+      v = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(b)), rep));
+      const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
+      v = _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi32(3));
+    } else {  // width 1: lane i: byte i/8 >> (i%8)
+      uint16_t b;
+      std::memcpy(&b, src, 2);
+      const __m128i rep = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+      v = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(b), rep));
+      const __m512i sh = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+      v = _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi32(1));
+    }
+    c = t == 0 ? v : _mm512_or_si512(c, _mm512_slli_epi32(v, s.shift));
+  }
+  return c;
+}
+
+// codebook[c] * scale for 16 codes: register tables up to 6 bits (table = codebook * scale, one
+// product per entry as the twin's), a gather above
+template <int BITS>
+inline __m512 lookup16(__m512i c, const __m512* table, const float* cb, __m512 scale) {
+  if (BITS <= 4) return _mm512_permutexvar_ps(c, table[0]);
+  if (BITS == 5) return _mm512_permutex2var_ps(table[0], c, table[1]);
+  if (BITS == 6) {
+    const __m512 lo = _mm512_permutex2var_ps(table[0], c, table[1]);
+    const __m512 hi = _mm512_permutex2var_ps(table[2], c, table[3]);
+    return _mm512_mask_blend_ps(_mm512_test_epi32_mask(c, _mm512_set1_epi32(32)), lo, hi);
+  }
+  return _mm512_mul_ps(_mm512_i32gather_ps(c, cb, 4), scale);
+}
+#endif
+
+// one row of W (K values) into out: codebook[code] * scale of its block
+template <int BITS, typename ST>
+void decode_row(const uint8_t* row, const ST* scale, const float* cb, int64_t K, int64_t kp,
+                int64_t B, float* out) {
+  int64_t i = 0;
+#ifdef KBIT_AVX512
+  if (B % 16 == 0) {
+    const int64_t full = K / 16 * 16;
+    __m512 table[4];
+    for (int64_t b0 = 0; b0 < full; b0 += B) {
+      const float s = to_float(scale[b0 / B]);
+      const __m512 sv = _mm512_set1_ps(s);
+      if (BITS <= 6)
+        for (int t = 0; t < (1 << BITS) / 16 || t == 0; ++t)
+          table[t] = _mm512_mul_ps(_mm512_loadu_ps(cb + 16 * t), sv);
+      const int64_t end = b0 + B < full ? b0 + B : full;
+      for (int64_t j = b0; j < end; j += 16)
+        _mm512_storeu_ps(out + j, lookup16<BITS>(codes16<BITS>(row, kp, j), table, cb, sv));
+    }
+    i = full;
+  }
+#endif
+  for (; i < K; ++i) out[i] = cb[code_at<BITS>(row, kp, i)] * to_float(scale[i / B]);
+}
+
+// a . b in one fixed order: 64 lanes (4 x 16) over whole 64s, lanes 0..15 over the remaining
+// 16s, a fixed tree over the lanes, then the scalar tail. Every path below sums in this order.
+#ifdef KBIT_AVX512
+inline float lanes_sum(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  float v[16];
+  _mm512_storeu_ps(v, _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) v[l] += v[l + w];
+  return v[0];
+}
+
+inline float dot(const float* a, const float* b, int64_t K) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  int64_t i = 0;
+  for (; i + 64 <= K; i += 64) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+    acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), acc2);
+    acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), acc3);
+  }
+  for (; i + 16 <= K; i += 16)
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+  float tail = 0.f;
+  for (; i < K; ++i) tail = std::fma(a[i], b[i], tail);
+  return lanes_sum(acc0, acc1, acc2, acc3) + tail;
+}
+
+// one row of W times one row of x without a buffer (decoding steps): the same sums as
+// decode_row + dot, for blocks that are whole 64s
+template <int BITS, typename ST>
+float row_dot(const uint8_t* row, const ST* scale, const float* cb, int64_t K, int64_t kp,
+              int64_t B, const float* x) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  const int64_t full = K / 16 * 16, whole = K / 64 * 64;
+  __m512 table[4];
+  for (int64_t b0 = 0; b0 < full; b0 += B) {
+    const __m512 sv = _mm512_set1_ps(to_float(scale[b0 / B]));
+    if (BITS <= 6)
+      for (int t = 0; t < (1 << BITS) / 16 || t == 0; ++t)
+        table[t] = _mm512_mul_ps(_mm512_loadu_ps(cb + 16 * t), sv);
+    const int64_t end = b0 + B < full ? b0 + B : full;
+    int64_t j = b0;
+    for (; j + 64 <= end && j + 64 <= whole; j += 64) {
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j),
+                             lookup16<BITS>(codes16<BITS>(row, kp, j), table, cb, sv), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16),
+                             lookup16<BITS>(codes16<BITS>(row, kp, j + 16), table, cb, sv), acc1);
+      acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 32),
+                             lookup16<BITS>(codes16<BITS>(row, kp, j + 32), table, cb, sv), acc2);
+      acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 48),
+                             lookup16<BITS>(codes16<BITS>(row, kp, j + 48), table, cb, sv), acc3);
+    }
+    for (; j < end; j += 16)
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j),
+                             lookup16<BITS>(codes16<BITS>(row, kp, j), table, cb, sv), acc0);
+  }
+  float tail = 0.f;
+  for (int64_t i = full; i < K; ++i)
+    tail = std::fma(x[i], cb[code_at<BITS>(row, kp, i)] * to_float(scale[i / B]), tail);
+  return lanes_sum(acc0, acc1, acc2, acc3) + tail;
+}
+
+// 4 bits: W and x in "pair order". One packed byte holds an even and an odd code, so each whole
+// 32 of K is taken as its 16 even positions, then its 16 odd ones (one widening load of 16 bytes,
+// a mask and a shift give both, half the shuffles of codes16); the rest of K stays in order.
+// x is permuted once per call (to_pair_order); decode_pair4 + dot and row_dot_pair4 then add the
+// same products in the same order.
+inline void to_pair_order(const float* x, int64_t K, float* out) {
+  const int64_t k32 = K / 32 * 32;
+  for (int64_t j = 0; j < k32; j += 32)
+    for (int l = 0; l < 16; ++l) {
+      out[j + l] = x[j + 2 * l];
+      out[j + 16 + l] = x[j + 2 * l + 1];
+    }
+  for (int64_t j = k32; j < K; ++j) out[j] = x[j];
+}
+
+inline void pair32(const uint8_t* row, int64_t j, __m512 table, __m512& even, __m512& odd) {
+  const __m512i v =
+      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j / 2)));
+  even = _mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), table);
+  odd = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+}
+
+// positions [from, K) of a 4-bit row (from % 32 == 0, B % 32 == 0) in pair order, at out[0..]
+template <typename ST>
+void decode_pair4(const uint8_t* row, const ST* scale, const float* cb, int64_t kp, int64_t B,
+                  int64_t from, int64_t K, float* out) {
+  const int64_t k32 = K / 32 * 32;
+  const __m512 cbv = _mm512_loadu_ps(cb);
+  for (int64_t j = from; j < k32; j += 32) {
+    __m512 even, odd;
+    pair32(row, j, _mm512_mul_ps(cbv, _mm512_set1_ps(to_float(scale[j / B]))), even, odd);
+    _mm512_storeu_ps(out + j - from, even);
+    _mm512_storeu_ps(out + j - from + 16, odd);
+  }
+  for (int64_t i = from > k32 ? from : k32; i < K; ++i)
+    out[i - from] = cb[code_at<4>(row, kp, i)] * to_float(scale[i / B]);
+}
+
+// row . x for a 4-bit row and x in pair order, blocks of whole 64s: dot(x, decode_pair4(row))
+template <typename ST>
+float row_dot_pair4(const uint8_t* row, const ST* scale, const float* cb, int64_t K, int64_t kp,
+                    int64_t B, const float* x) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  const int64_t whole = K / 64 * 64, k16 = K / 16 * 16;
+  const __m512 cbv = _mm512_loadu_ps(cb);
+  for (int64_t b0 = 0; b0 < whole; b0 += B) {
+    const __m512 table = _mm512_mul_ps(cbv, _mm512_set1_ps(to_float(scale[b0 / B])));
+    const int64_t end = b0 + B < whole ? b0 + B : whole;
+    for (int64_t j = b0; j < end; j += 64) {
+      __m512 e0, o0, e1, o1;
+      pair32(row, j, table, e0, o0);
+      pair32(row, j + 32, table, e1, o1);
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), e0, acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), o0, acc1);
+      acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 32), e1, acc2);
+      acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 48), o1, acc3);
+    }
+  }
+  float tail = 0.f;
+  if (whole < K) {  // under 64 values: decoded, then summed as dot() sums them
+    float w[64];
+    decode_pair4(row, scale, cb, kp, B, whole, K, w);
+    int64_t i = whole;
+    for (; i < k16; i += 16)
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(w + i - whole), acc0);
+    for (; i < K; ++i) tail = std::fma(x[i], w[i - whole], tail);
+  }
+  return lanes_sum(acc0, acc1, acc2, acc3) + tail;
+}
+#else
+inline float dot(const float* a, const float* b, int64_t K) {
+  float acc[64] = {0};
+  int64_t i = 0;
+  for (; i + 64 <= K; i += 64)
+    for (int l = 0; l < 64; ++l) acc[l] = std::fma(a[i + l], b[i + l], acc[l]);
+  for (; i + 16 <= K; i += 16)
+    for (int l = 0; l < 16; ++l) acc[l] = std::fma(a[i + l], b[i + l], acc[l]);
+  float tail = 0.f;
+  for (; i < K; ++i) tail = std::fma(a[i], b[i], tail);
+  for (int l = 0; l < 16; ++l) acc[l] = (acc[l] + acc[l + 32]) + (acc[l + 16] + acc[l + 48]);
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0] + tail;
+}
+#endif
+
+// row n of W times one row of x; `fused` false: there is none (decode + dot instead)
+template <typename F>
+struct RowDot {
+  bool fused;
+  F f;
+  float operator()(int64_t n, const float* x) const { return f(n, x); }
+};
+template <typename F>
+RowDot<F> row_dot_fn(bool fused, F f) { return RowDot<F>{fused, f}; }
+
+// the rows [n0, n1) of y (M, N): decode(n, buffer) writes row n of W; row_dot(n, x), where it
+// exists, gives row n times one row of x directly, with the same sums
+template <typename Decode, typename RowDot>
+void rows_times_x(const float* x, int64_t M, int64_t K, int64_t N, const float* bias,
+                  float* y, int64_t n0, int64_t n1, Decode decode, RowDot row_dot) {
+  std::vector<float> w(M == 1 && row_dot.fused ? 0 : K);
+  for (int64_t n = n0; n < n1; ++n) {
+    const float b = bias ? bias[n] : 0.f;
+    if (M == 1 && row_dot.fused) {
+      const float v = row_dot(n, x);
+      y[n] = bias ? v + b : v;
+      continue;
+    }
+    decode(n, w.data());
+    for (int64_t m = 0; m < M; ++m) {
+      const float v = dot(x + m * K, w.data(), K);
+      y[m * N + n] = bias ? v + b : v;
+    }
+  }
+}
+
+void check_x(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 &&
+                  x.is_contiguous() && x.size(1) == K,
+              "kbitrt_cpu: x must be a contiguous fp32 CPU tensor (M, ", K, ")");
+}
+
+const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N,
+              "kbitrt_cpu: bias must be a contiguous fp32 (N,) tensor");
+  return bias->data_ptr<float>();
+}
+
+// run fn(decode_row<BITS, scale type>) for the tensor's bits and scale dtype
+template <typename Fn>
+void with_decoder(const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& codebook,
+                  int64_t bits, int64_t block_size, int64_t K, Fn fn) {
+  const int64_t N = qweight.size(0), kp = (K + 7) / 8 * 8, nb = (K + block_size - 1) / block_size;
+  TORCH_CHECK(bits >= 3 && bits <= 8, "kbitrt_cpu: bits must be in 3..8");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous() && qweight.dim() == 2 &&
+                  qweight.size(1) == kp * bits / 8,
+              "kbitrt_cpu: qweight must be contiguous uint8 (N, Kp*bits/8)");
+  TORCH_CHECK(absmax.is_contiguous() && absmax.dim() == 2 && absmax.size(0) == N &&
+                  absmax.size(1) == nb &&
+                  (absmax.scalar_type() == at::kHalf || absmax.scalar_type() == at::kFloat),
+              "kbitrt_cpu: absmax must be contiguous fp16/fp32 (N, n_blocks)");
+  TORCH_CHECK(codebook.scalar_type() == at::kFloat && codebook.numel() >= (1 << bits),
+              "kbitrt_cpu: codebook must be fp32 with 2^bits entries");
+  // padded to 256 entries so every register table and gather stays inside it
+  std::vector<float> cb(256, 0.f);
+  const auto cbc = codebook.contiguous();
+  std::memcpy(cb.data(), cbc.data_ptr<float>(), sizeof(float) * (1 << bits));
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const int64_t row_bytes = qweight.size(1);
+  auto run = [&](auto tag, const auto* scale) {
+    constexpr int BITS = decltype(tag)::value;
+    const float* c = cb.data();
+    auto decode = [=](int64_t n, float* out) {
+      decode_row<BITS>(q + n * row_bytes, scale + n * nb, c, K, kp, block_size, out);
+    };
+#ifdef KBIT_AVX512
+    if (BITS == 4 && block_size % 32 == 0) {
+      auto decode_pair = [=](int64_t n, float* out) {
+        decode_pair4(q + n * row_bytes, scale + n * nb, c, kp, block_size, 0, K, out);
+      };
+      fn(decode, decode_pair, row_dot_fn(block_size % 64 == 0, [=](int64_t n, const float* xr) {
+        return row_dot_pair4(q + n * row_bytes, scale + n * nb, c, K, kp, block_size, xr);
+      }), true);
+      return;
+    }
+    fn(decode, decode, row_dot_fn(block_size % 64 == 0, [=](int64_t n, const float* xr) {
+      return row_dot<BITS>(q + n * row_bytes, scale + n * nb, c, K, kp, block_size, xr);
+    }), false);
+#else
+    fn(decode, decode, row_dot_fn(false, [](int64_t, const float*) { return 0.f; }), false);
+#endif
+  };
+  auto dispatch = [&](const auto* scale) {
+    switch (bits) {
+      case 3: run(std::integral_constant<int, 3>{}, scale); break;
+      case 4: run(std::integral_constant<int, 4>{}, scale); break;
+      case 5: run(std::integral_constant<int, 5>{}, scale); break;
+      case 6: run(std::integral_constant<int, 6>{}, scale); break;
+      case 7: run(std::integral_constant<int, 7>{}, scale); break;
+      default: run(std::integral_constant<int, 8>{}, scale); break;
+    }
+  };
+  if (absmax.scalar_type() == at::kHalf)
+    dispatch(absmax.data_ptr<at::Half>());
+  else
+    dispatch(absmax.data_ptr<float>());
+}
+
+at::Tensor kbit_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                       const at::Tensor& codebook, const c10::optional<at::Tensor>& bias,
+                       int64_t bits, int64_t block_size, int64_t in_features) {
+  check_x(x, in_features);
+  const int64_t M = x.size(0), N = qweight.size(0), K = in_features;
+  auto y = at::empty({M, N}, x.options());
+  const float* b = bias_ptr(bias, N);
+  with_decoder(qweight, absmax, codebook, bits, block_size, K,
+               [&](auto, auto decode, auto rd, bool pair) {
+    const float* xs = x.data_ptr<float>();
+#ifdef KBIT_AVX512
+    std::vector<float> xp(pair ? M * K : 0);
+    for (int64_t m = 0; pair && m < M; ++m) to_pair_order(xs + m * K, K, xp.data() + m * K);
+    if (pair) xs = xp.data();
+#endif
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      rows_times_x(xs, M, K, N, b, y.data_ptr<float>(), n0, n1, decode, rd);
+    });
+  });
+  return y;
+}
+
+at::Tensor kbit_dequantize(const at::Tensor& qweight, const at::Tensor& absmax,
+                           const at::Tensor& codebook, int64_t bits, int64_t block_size,
+                           int64_t in_features) {
+  const int64_t N = qweight.size(0), K = in_features;
+  auto w = at::empty({N, K}, qweight.options().dtype(at::kFloat));
+  float* out = w.data_ptr<float>();
+  with_decoder(qweight, absmax, codebook, bits, block_size, K,
+               [&](auto decode, auto, auto, bool) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) decode(n, out + n * K);
+    });
+  });
+  return w;
+}
+
+// 16 weights of a 16-bit row as fp32
+#ifdef KBIT_AVX512
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+#endif
+
+// y = x W^T for a 16-bit W (an output head, often the tied embedding): fp32 products and sums
+template <typename WT>
+void half_rows(const float* x, int64_t M, int64_t K, int64_t N, const WT* wp, const float* b,
+               float* y) {
+  auto decode = [=](int64_t n, float* out) {
+    const WT* src = wp + n * K;
+    int64_t i = 0;
+#ifdef KBIT_AVX512
+    for (; i + 16 <= K; i += 16) _mm512_storeu_ps(out + i, load16(src + i));
+#endif
+    for (; i < K; ++i) out[i] = static_cast<float>(src[i]);
+  };
+#ifdef KBIT_AVX512
+  auto rd = row_dot_fn(true, [=](int64_t n, const float* xr) {  // dot(), W converted on the fly
+    const WT* src = wp + n * K;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+    int64_t i = 0;
+    for (; i + 64 <= K; i += 64) {
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i), load16(src + i), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i + 16), load16(src + i + 16), acc1);
+      acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i + 32), load16(src + i + 32), acc2);
+      acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i + 48), load16(src + i + 48), acc3);
+    }
+    for (; i + 16 <= K; i += 16)
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i), load16(src + i), acc0);
+    float tail = 0.f;
+    for (; i < K; ++i) tail = std::fma(xr[i], static_cast<float>(src[i]), tail);
+    return lanes_sum(acc0, acc1, acc2, acc3) + tail;
+  });
+#else
+  auto rd = row_dot_fn(false, [](int64_t, const float*) { return 0.f; });
+#endif
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    rows_times_x(x, M, K, N, b, y, n0, n1, decode, rd);
+  });
+}
+
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK((weight.scalar_type() == at::kHalf || weight.scalar_type() == at::kBFloat16) &&
+                  weight.is_contiguous() && weight.dim() == 2,
+              "kbitrt_cpu: weight must be contiguous fp16 or bf16 (N, K)");
+  const int64_t N = weight.size(0), K = weight.size(1), M = x.size(0);
+  check_x(x, K);
+  auto y = at::empty({M, N}, x.options());
+  const float* b = bias_ptr(bias, N);
+  if (weight.scalar_type() == at::kHalf)
+    half_rows(x.data_ptr<float>(), M, K, N, weight.data_ptr<at::Half>(), b, y.data_ptr<float>());
+  else
+    half_rows(x.data_ptr<float>(), M, K, N, weight.data_ptr<at::BFloat16>(), b,
+              y.data_ptr<float>());
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kbitrt_cpu, m) {
+  m.def("kbit_linear(Tensor x, Tensor qweight, Tensor absmax, Tensor codebook, Tensor? bias, "
+        "int bits, int block_size, int in_features) -> Tensor");
+  m.def("kbit_dequantize(Tensor qweight, Tensor absmax, Tensor codebook, int bits, "
+        "int block_size, int in_features) -> Tensor");
+  m.def("half_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kbitrt_cpu, CPU, m) {
+  m.impl("kbit_linear", &kbit_linear);
+  m.impl("kbit_dequantize", &kbit_dequantize);
+  m.impl("half_linear", &half_linear);
+}
