@@ -1,5 +1,6 @@
-"""CPU decode side by side: kbit (default, --low-memory), transformers fp32 and llama.cpp on the same
-machine, model (SmolLM2-135M-Instruct), thread count, batch 1 and 128 new tokens.
+"""CPU decode side by side: kbit (default: the packed codes through the fused CPU kernels;
+--low-memory, the same mode named explicitly; 16-bit and fp32 copies), transformers fp32 and
+llama.cpp on the same machine, model (SmolLM2-135M-Instruct), thread count, batch 1 and 128 new tokens.
 
 Each runtime runs in its own subprocess, so its memory is its own: the RSS after its imports
 (before the model is loaded), the peak RSS, and their difference, the *model memory*. Decode speed
@@ -26,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The history of the city begins"
-RUNTIMES = ("kbit", "kbit-compile", "kbit-low-memory", "kbit-fp32", "transformers-fp32", "llama.cpp")
+RUNTIMES = ("kbit", "kbit-compile", "kbit-low-memory", "kbit-fp16", "kbit-fp32",
+            "transformers-fp32", "llama.cpp")
 
 
 def rss() -> int:
@@ -62,11 +64,14 @@ def worker_kbit(args, cpu_weights: str, compile: bool = False) -> dict:
 
     from kbitrt.eval.latency import held_weights
     from kbitrt.runtime.generate import decode_step
+    from kbitrt.runtime.kernels.cpu import available as fused_cpu_kernels
     from kbitrt.runtime.loader import hf_config, load_model
 
     # the transformers config of the model is code, not model: building it imports transformers'
     # config machinery (~50 MB), as the transformers worker's import of its modeling module does
     hf_config(json.loads((Path(args.kbit) / "config.json").read_text()))
+    # the fused kernels' library is code too (built before the run, loaded here): an import
+    fused_cpu_kernels()
     rss0 = rss()
     lm = load_model(args.kbit, device="cpu", cpu_weights=cpu_weights)
     step, compiled = decode_step(lm, compile)
@@ -92,7 +97,8 @@ def worker_kbit(args, cpu_weights: str, compile: bool = False) -> dict:
     decode(2 if cpu_weights == "packed" else n if compiled else 8)
     res = timed(lambda: decode(n), args.reps)
     return {**res, "compiled": compiled, "rss_after_imports": rss0,
-            "held": held_weights(lm.model), "cpu_weights": cpu_weights}
+            "held": held_weights(lm.model), "cpu_weights": lm.cpu_weights,
+            "fused_cpu_kernels": fused_cpu_kernels()}
 
 
 def worker_transformers(args) -> dict:
@@ -166,9 +172,11 @@ def worker_llama_cpp(args) -> dict:
 def worker(args) -> None:
     name = args.worker
     if name == "kbit":
-        out = worker_kbit(args, "fp16", args.compile)
+        out = worker_kbit(args, "auto", args.compile)
     elif name == "kbit-compile":
-        out = worker_kbit(args, "fp16", True)
+        out = worker_kbit(args, "auto", True)
+    elif name == "kbit-fp16":
+        out = worker_kbit(args, "fp16", args.compile)
     elif name == "kbit-low-memory":
         out = worker_kbit(args, "packed", args.compile)
     elif name == "kbit-fp32":
@@ -228,7 +236,7 @@ def run_one(args, name: str) -> dict:
 def ratios(results: dict) -> dict:
     base = results.get("transformers-fp32", {})
     out = {}
-    for name in ("kbit", "kbit-compile", "kbit-low-memory"):
+    for name in ("kbit", "kbit-compile", "kbit-low-memory", "kbit-fp16"):
         r = results.get(name, {})
         if "tok_s" not in r or "tok_s" not in base:
             continue
@@ -253,8 +261,9 @@ def main(argv=None) -> int:
                     help="a kbit folder (kbit convert SmolLM2 --bits 4 --block 64 --dtype nf)")
     ap.add_argument("--hf", type=Path, default=cache / "SmolLM2-135M-Instruct")
     ap.add_argument("--gguf", type=Path, default=None)
-    ap.add_argument("--low-memory-reps", type=int, default=1,
-                    help="reps for kbit --low-memory (it dequantizes every layer at every step)")
+    ap.add_argument("--low-memory-reps", type=int, default=3,
+                    help="reps for kbit --low-memory (1 where the fused kernels are unavailable: "
+                    "it then dequantizes every layer at every step)")
     ap.add_argument("--runtimes", default=",".join(RUNTIMES))
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="torch.compile kbit's decode step in every kbit runtime (kbit-compile "

@@ -160,3 +160,27 @@ def test_without_the_kernels_the_runtime_falls_back(tmp_path):
 def test_build_name_tracks_the_source():
     name = cpu.build_name()
     assert name.startswith("kbitrt_cpu_") and name == cpu.build_name()
+
+
+def test_vectorized_here_and_portable_loops_match_the_twin():
+    """This machine runs the AVX-512 paths (the packed default depends on it); the portable build
+    (x86-64 without AVX: the loops every other CPU runs) gives the twin's results too."""
+    with open("/proc/cpuinfo") as f:
+        avx512 = " avx512bw " in f.read()
+    assert cpu.vectorized() == avx512
+    ops = cpu.load_portable()
+    assert ops.simd_width() == 0
+    for bits in (3, 4, 6, 8):
+        qw = _quantized(21, 203, bits, 64, seed=bits)
+        q, a, c = _args(qw)
+        assert torch.equal(ops.kbit_dequantize(q, a, c, bits, 64, 203),
+                           dequantize_packed(q, a, c, bits, 64, 203))
+        x = torch.randn(4, 203)
+        got = ops.kbit_linear(x, q, a, c, None, bits, 64, 203)
+        torch.testing.assert_close(got, kbit_linear_torch(x, q, a, c, None, None, None, bits, 64,
+                                                          203), rtol=1e-5, atol=1e-4)
+        assert torch.equal(ops.kbit_linear(x[:1], q, a, c, None, bits, 64, 203)[0], got[0])
+    w = torch.randn(30, 70).half()
+    x = torch.randn(3, 70)
+    torch.testing.assert_close(ops.half_linear(x, w, None), x @ w.float().t(), rtol=1e-5,
+                               atol=1e-4)

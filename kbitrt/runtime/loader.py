@@ -145,13 +145,13 @@ def check_cpu_weights(cpu_weights: str) -> str:
 
 
 def resolve_cpu_weights(cpu_weights: str, device: torch.device) -> str:
-    """"auto" on the CPU: the packed codes where the fused CPU kernels build (faster and 4x
-    smaller than an fp16 copy at 4 bits), else fp16 copies. Other values as given."""
+    """"auto" on the CPU: the packed codes where the fused CPU kernels run vectorized (faster and
+    4x smaller than an fp16 copy at 4 bits), else fp16 copies. Other values as given."""
     if cpu_weights != "auto":
         return cpu_weights
     if device.type != "cpu":  # what the GPU kernels read (CPU-offloaded layers included)
         return "packed"
-    return "packed" if cpu_kernels.available() else "fp16"
+    return "packed" if cpu_kernels.vectorized() else "fp16"
 
 
 def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:

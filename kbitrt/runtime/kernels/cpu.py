@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -43,14 +44,12 @@ def _cpu_flags() -> str:
                 return line
     except OSError:
         pass
-    import platform
-
     return platform.processor() or platform.machine()
 
 
-def build_name() -> str:
-    """The extension's name: changes with the source, torch's version and the CPU."""
-    key = SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode()
+def build_name(variant: str = "native") -> str:
+    """The extension's name: changes with the source, torch's version, the CPU and the variant."""
+    key = SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode() + variant.encode()
     return "kbitrt_cpu_" + hashlib.sha256(key).hexdigest()[:12]
 
 
@@ -68,24 +67,47 @@ def unavailable_reason() -> str | None:
     return None if available() else _state["reason"]
 
 
-def _load() -> tuple[bool, str]:
+def vectorized() -> bool:
+    """Whether the kernels run their AVX-512 paths here. Only then is the packed mode the CPU
+    default: the portable loops are correct everywhere but not faster than fp16 copies (an AVX2
+    path is still missing)."""
+    return available() and torch.ops.kbitrt_cpu.simd_width() == 512
+
+
+# the build's C flags: native (the default, every instruction this CPU has) or portable (x86-64
+# without AVX: the fallback loops, which tests build and check beside the native ones)
+_VARIANTS = {"native": ["-march=native"], "portable": ["-march=x86-64", "-mno-avx"]}
+
+
+def _load(variant: str = "native") -> tuple[bool, str]:
     if os.environ.get("KBIT_CPU_KERNELS", "1") == "0":
         return False, "KBIT_CPU_KERNELS=0"
     if sys.platform != "linux":
         return False, f"built only on Linux, not {sys.platform}"
-    name = build_name()
+    name = build_name(variant)
     build_dir = _cache_dir() / name
+    namespace = "kbitrt_cpu" if variant == "native" else f"kbitrt_cpu_{variant}"
+    arch = _VARIANTS[variant] if platform.machine() in ("x86_64", "AMD64") else []
     try:
         from torch.utils import cpp_extension
 
         build_dir.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                           extra_cflags=["-O3", *arch, "-fopenmp", f"-DKBIT_NS={namespace}"],
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except (OSError, RuntimeError, ImportError, ValueError) as e:  # no compiler/ninja, build error
         return False, str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
-    _register_fakes()
+    if variant == "native":
+        _register_fakes()
     return True, ""
+
+
+def load_portable():
+    """The portable build's ops (torch.ops.kbitrt_cpu_portable), for tests of the fallback loops."""
+    ok, reason = _load("portable")
+    if not ok:
+        raise RuntimeError(f"the portable CPU kernels did not build: {reason}")
+    return torch.ops.kbitrt_cpu_portable
 
 
 def _register_fakes() -> None:

@@ -483,17 +483,33 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+// 512 where the AVX-512 paths are compiled in, 0 for the portable loops
+int64_t simd_width() {
+#ifdef KBIT_AVX512
+  return 512;
+#else
+  return 0;
+#endif
+}
+
 }  // namespace
 
-TORCH_LIBRARY(kbitrt_cpu, m) {
+// the op namespace: kbitrt_cpu, or another for a second build in the same process (tests build
+// the portable loops beside the native ones)
+#ifndef KBIT_NS
+#define KBIT_NS kbitrt_cpu
+#endif
+
+TORCH_LIBRARY(KBIT_NS, m) {
   m.def("kbit_linear(Tensor x, Tensor qweight, Tensor absmax, Tensor codebook, Tensor? bias, "
         "int bits, int block_size, int in_features) -> Tensor");
   m.def("kbit_dequantize(Tensor qweight, Tensor absmax, Tensor codebook, int bits, "
         "int block_size, int in_features) -> Tensor");
   m.def("half_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("simd_width() -> int", &simd_width);
 }
 
-TORCH_LIBRARY_IMPL(kbitrt_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(KBIT_NS, CPU, m) {
   m.impl("kbit_linear", &kbit_linear);
   m.impl("kbit_dequantize", &kbit_dequantize);
   m.impl("half_linear", &half_linear);
