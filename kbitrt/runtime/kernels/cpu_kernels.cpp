@@ -140,20 +140,26 @@ inline float lanes_sum(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
   return v[0];
 }
 
-inline float dot(const float* a, const float* b, int64_t K) {
+// a . b with b's 16-lane groups from load_b(i) and single values from value_b(i)
+template <typename LoadB, typename ValueB>
+inline float dot_with(const float* a, int64_t K, LoadB load_b, ValueB value_b) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   int64_t i = 0;
   for (; i + 64 <= K; i += 64) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-    acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), acc2);
-    acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), acc3);
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_b(i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), load_b(i + 16), acc1);
+    acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), load_b(i + 32), acc2);
+    acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), load_b(i + 48), acc3);
   }
-  for (; i + 16 <= K; i += 16)
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+  for (; i + 16 <= K; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_b(i), acc0);
   float tail = 0.f;
-  for (; i < K; ++i) tail = std::fma(a[i], b[i], tail);
+  for (; i < K; ++i) tail = std::fma(a[i], value_b(i), tail);
   return lanes_sum(acc0, acc1, acc2, acc3) + tail;
+}
+
+inline float dot(const float* a, const float* b, int64_t K) {
+  return dot_with(a, K, [b](int64_t i) { return _mm512_loadu_ps(b + i); },
+                  [b](int64_t i) { return b[i]; });
 }
 
 // one row of W times one row of x without a buffer (decoding steps): the same sums as
@@ -444,19 +450,8 @@ void half_rows(const float* x, int64_t M, int64_t K, int64_t N, const WT* wp, co
 #ifdef KBIT_AVX512
   auto rd = row_dot_fn(true, [=](int64_t n, const float* xr) {  // dot(), W converted on the fly
     const WT* src = wp + n * K;
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-    int64_t i = 0;
-    for (; i + 64 <= K; i += 64) {
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i), load16(src + i), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i + 16), load16(src + i + 16), acc1);
-      acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i + 32), load16(src + i + 32), acc2);
-      acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i + 48), load16(src + i + 48), acc3);
-    }
-    for (; i + 16 <= K; i += 16)
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(xr + i), load16(src + i), acc0);
-    float tail = 0.f;
-    for (; i < K; ++i) tail = std::fma(xr[i], static_cast<float>(src[i]), tail);
-    return lanes_sum(acc0, acc1, acc2, acc3) + tail;
+    return dot_with(xr, K, [src](int64_t i) { return load16(src + i); },
+                    [src](int64_t i) { return static_cast<float>(src[i]); });
   });
 #else
   auto rd = row_dot_fn(false, [](int64_t, const float*) { return 0.f; });
