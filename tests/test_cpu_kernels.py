@@ -16,7 +16,7 @@ from kbitrt.format.config import OutlierSpec, QuantConfig
 from kbitrt.format.quantizer import quantize_weight
 from kbitrt.runtime.kernels import cpu
 from kbitrt.runtime.kernels.reference import dequantize_packed, kbit_linear_torch, pad_codebook
-from kbitrt.runtime.linear import HalfLinear, KbitLinear
+from kbitrt.runtime.linear import HalfLinear, KbitLinear, stack_rows
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -184,3 +184,42 @@ def test_vectorized_here_and_portable_loops_match_the_twin():
     x = torch.randn(3, 70)
     torch.testing.assert_close(ops.half_linear(x, w, None), x @ w.float().t(), rtol=1e-5,
                                atol=1e-4)
+
+
+def test_stacked_rows_give_the_same_numbers():
+    """q, k, v (or gate, up) stacked into one packed linear: bit-identical outputs, one call."""
+    layers = [KbitLinear.from_quantized(_quantized(n, 160, 4, 32, seed=n), torch.randn(n),
+                                        cpu_cache=False) for n in (48, 16, 16)]
+    stacked = stack_rows(layers)
+    assert stacked is not None and stacked.out_features == 80
+    for m in (1, 5, cpu.FUSED_MAX_ROWS + 2):
+        x = torch.randn(2, m, 160)
+        assert torch.equal(stacked(x), torch.cat([layer(x) for layer in layers], dim=-1))
+    quantile = [KbitLinear.from_quantized(_quantized(16, 160, 4, 32, "quantile", seed=s),
+                                          cpu_cache=False) for s in (1, 2)]
+    assert stack_rows(quantile) is None  # per-tensor codebooks differ
+    assert stack_rows([layers[0], KbitLinear.from_quantized(_quantized(16, 160, 5, 32),
+                                                            cpu_cache=False)]) is None
+
+
+def test_packed_load_stacks_projections_with_equal_logits(tmp_path, smollm2_dir):
+    """The CPU packed load merges wq/wk/wv and gate/up; logits equal an unmerged build exactly."""
+    from conftest import make_tiny_llama
+
+    from kbitrt.convert.converter import convert
+    from kbitrt.format.reader import KbitModel
+    from kbitrt.runtime.loader import build_native, hf_config, load_model
+
+    make_tiny_llama(tmp_path / "hf", smollm2_dir, max_positions=64)
+    convert(tmp_path / "hf", tmp_path / "k4", QuantConfig(bits=4, block_size=64))
+    lm = load_model(tmp_path / "k4", device="cpu")
+    attn, mlp = lm.model.layers[0].attn, lm.model.layers[0].mlp
+    assert lm.cpu_weights == "packed" and attn.qkv_mode == "fused" and mlp.gate_up is not None
+    assert not hasattr(attn, "wq") and mlp.gate is None
+    source = KbitModel.open(tmp_path / "k4")
+    plain = build_native(source, hf_config(source.config), torch.device("cpu"), torch.float32,
+                         "packed")
+    assert plain.layers[0].attn.qkv_mode == "separate"
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids), plain(ids))

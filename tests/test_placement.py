@@ -78,7 +78,10 @@ def test_native_split_over_cpu_and_disk_gives_identical_logits_and_tokens(kbit_d
                                           ("auto", "cpu=1MB", "embed,layers.0-1,head -> disk")):
         lm = load_model(kbit_dir, device="cpu", backend="native", device_map=device_map,
                         max_memory=max_memory)
-        assert where in lm.note and lm.weight_bytes == unsplit.weight_bytes
+        # the unsplit CPU model stacks q/k/v and gate/up (loader.merge_projections): one codebook
+        # per stack instead of one per projection, a few hundred bytes fewer
+        assert where in lm.note
+        assert 0 <= lm.weight_bytes - unsplit.weight_bytes <= 64 * 3 * len(lm.model.layers)
         layer0 = lm.model.layers[0]
         assert all(t.is_meta for t in layer0.parameters())  # on disk between forwards
         assert torch.equal(lm.model(IDS), ref)

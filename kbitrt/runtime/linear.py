@@ -207,6 +207,33 @@ class KbitLinear(nn.Module):
                 f"block={self.block_size}, absmax={absmax}{extra}, bias={self.bias is not None}")
 
 
+def stack_rows(layers: list[nn.Module]) -> KbitLinear | None:
+    """One KbitLinear whose output rows are those of `layers` in turn, or None when they differ in
+    anything but their rows (input size, bits, block, codebook, scale dtype, mode), hold outlier
+    columns or dense copies. Rows are independent in the format and every kernel computes a row
+    the same way, so the stacked layer gives the very same numbers in one call instead of several
+    (a decode step of a small model on the CPU is dispatch-bound)."""
+    first = layers[0]
+    if any(type(m) is not KbitLinear for m in layers):
+        return None
+    same = {(m.in_features, m.bits, m.block_size, m.absmax.dtype, m.cpu_mode, m.data_type,
+             m.bias is None, m.packed_released, m.outlier_idx.numel()) for m in layers}
+    if len(same) != 1 or first.packed_released or first.outlier_idx.numel() \
+            or any(not torch.equal(m.codebook, first.codebook) for m in layers[1:]):
+        return None
+    out = KbitLinear(first.in_features, 0, first.bits, first.block_size, bias=False,
+                     absmax_dtype=first.absmax.dtype, compute_dtype=first.outlier_weight.dtype,
+                     data_type=first.data_type, device=first.qweight.device,
+                     cpu_cache=first.cpu_mode == "dense", cpu_dtype=first.cpu_dtype)
+    out.out_features = sum(m.out_features for m in layers)
+    out.qweight = torch.cat([m.qweight for m in layers])
+    out.absmax = torch.cat([m.absmax for m in layers])
+    out.codebook = first.codebook.clone()
+    out.outlier_weight = first.outlier_weight.new_zeros(out.out_features, 0)
+    out.bias = None if first.bias is None else torch.cat([m.bias for m in layers])
+    return out
+
+
 class HalfLinear(nn.Module):
     """An unquantized linear (the output head, often tied to the embedding) whose weight stays in
     the file's 16 bits on the CPU. With the fused CPU kernels the products and sums are fp32, in

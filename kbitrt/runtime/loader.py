@@ -21,7 +21,7 @@ from torch import nn
 from kbitrt.errors import KbitError, KbitFormatError
 from kbitrt.format.config import QuantConfig
 from kbitrt.runtime.kernels import cpu as cpu_kernels
-from kbitrt.runtime.linear import HalfLinear, KbitLinear
+from kbitrt.runtime.linear import HalfLinear, KbitLinear, stack_rows
 from kbitrt.runtime.models.decoder import Decoder, default_positions
 from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_args, rope_frequencies,
                                 why_not_native)
@@ -438,6 +438,9 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
     with torch.no_grad():
         if placed is None:
             model = build(source, config, device, dtype, cpu_weights)
+            if backend == "native" and device.type == "cpu" and cpu_weights == "packed" \
+                    and cpu_kernels.available():
+                merge_projections(model)
         # one token through, so one-time work (CPU dequant caches, kernel autotuning) is not
         # counted as prompt time later
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
@@ -450,6 +453,21 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
         weight_bytes=placed.weight_bytes if placed else sum(seen.values()),
         quant_label=source.quant.label, path=getattr(source, "path", None), note=note,
         cpu_weights=cpu_weights if device.type == "cpu" else None)
+
+
+def merge_projections(model: Decoder) -> None:
+    """Stack each layer's q, k, v projections into one packed linear, and gate with up, where
+    their formats allow (stack_rows): the same numbers in 2 kernel calls instead of 5."""
+    for layer in model.layers:
+        attn, mlp = layer.attn, layer.mlp
+        if attn.qkv_mode == "separate":
+            wqkv = stack_rows([attn.wq, attn.wk, attn.wv])
+            if wqkv is not None:
+                attn.merge_qkv(wqkv)
+        if mlp.gate is not None:
+            gate_up = stack_rows([mlp.gate, mlp.up])
+            if gate_up is not None:
+                mlp.merge_gate_up(gate_up)
 
 
 def _max_positions(config) -> int | None:

@@ -17,6 +17,9 @@ from kbitrt.runtime.models.kv_cache import KVCache
 from kbitrt.runtime.models.families import ModelArgs
 
 
+_FUSED_RMS_NORM = hasattr(torch, "rms_norm")  # torch >= 2.4
+
+
 class RMSNorm(nn.Module):
     """As transformers' Llama: normalise in fp32, scale in the input dtype."""
 
@@ -26,6 +29,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 == self.weight.dtype and _FUSED_RMS_NORM:
+            # one op instead of six: a decode step is dispatch-bound on a small model's CPU run
+            return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -85,13 +91,19 @@ class Attention(nn.Module):
             self.wqkv = nn.Linear(args.dim, (nh + 2 * nkv) * hd, bias=args.qkv_bias)
         self.wo = nn.Linear(nh * hd, args.dim, bias=args.o_bias)
         self.kv_cache: KVCache | None = None
+        self.qkv_mode = args.qkv  # "fused" once merge_qkv has stacked wq, wk, wv
+
+    def merge_qkv(self, wqkv: nn.Module) -> None:
+        """Replace wq, wk, wv by one linear whose output rows are theirs in turn (one call)."""
+        del self.wq, self.wk, self.wv
+        self.wqkv, self.qkv_mode = wqkv, "fused"
 
     def qkv(self, x: torch.Tensor):
         a = self.args
         B, T, _ = x.shape
-        if a.qkv == "separate":
+        if self.qkv_mode == "separate":
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        elif a.qkv == "fused":  # GPT-2 c_attn: rows are all q, then all k, then all v
+        elif self.qkv_mode == "fused":  # GPT-2 c_attn: rows are all q, then all k, then all v
             q, k, v = self.wqkv(x).split(
                 [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
         else:  # BLOOM / NeoX: rows grouped by head, each head's q, k, v in turn
@@ -123,8 +135,17 @@ class MLP(nn.Module):
         self.down = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
         self.gate = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias) \
             if args.mlp == "gated" else None
+        self.gate_up: nn.Module | None = None  # gate and up stacked (merge_gate_up)
+
+    def merge_gate_up(self, gate_up: nn.Module) -> None:
+        """Replace gate and up by one linear whose output rows are gate's, then up's."""
+        del self.gate, self.up
+        self.gate, self.gate_up = None, gate_up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            g, u = self.gate_up(x).chunk(2, dim=-1)
+            return self.down(self.act(g) * u)
         if self.gate is not None:
             return self.down(self.act(self.gate(x)) * self.up(x))
         return self.down(self.act(self.up(x)))
