@@ -73,6 +73,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, nh, T, hd); cos, sin (B, 1, T, rd): rotate the first rd dims of each head."""
     rd = cos.shape[-1]
+    if rd == x.shape[-1]:  # whole heads (most models): no slicing, fewer ops per decode step
+        return x * cos + rotate_half(x) * sin
     rot, rest = x[..., :rd], x[..., rd:]
     rot = rot * cos + rotate_half(rot) * sin
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
