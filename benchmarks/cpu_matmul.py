@@ -1,5 +1,7 @@
-"""CPU matmul speed of the weight dtypes a CPU KbitLinear could hold (fp32, bf16, fp16) at decode
-shapes (M=1), over a model's worth of distinct weights (SmolLM2-135M: 30 layers of q, k, v, o,
+"""CPU matmul speed of what a CPU KbitLinear can hold at decode shapes (M=1): dense fp32, bf16 and
+fp16 copies through torch, and the packed k-bit codes (k = 3..8, nf, block 64) through the fused
+CPU kernels (kbitrt/runtime/kernels/cpu_kernels.cpp), with the head in fp16 through their
+half_linear. Over a model's worth of distinct weights (SmolLM2-135M: 30 layers of q, k, v, o,
 gate, up, down + the 49152 x 576 head), so the weights stream from memory as in a real decode.
 
 Both wall time and process CPU time are recorded: on a shared machine the CPU time is the steadier
@@ -27,12 +29,47 @@ SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 57
 HEAD = (49152, 576)
 
 
+def _dense(dt):
+    return lambda w: (w.to(dt), w.to(dt).float(), w.numel() * torch.finfo(dt).bits // 8)
+
+
+def _packed(bits: int):
+    """A linear's packed codes (the head: its fp16 copy), the weight they stand for, their bytes."""
+    from kbitrt.format.config import QuantConfig
+    from kbitrt.format.quantizer import quantize_weight
+    from kbitrt.runtime.kernels.reference import pad_codebook
+
+    def prepare(w):
+        if w.shape == HEAD:
+            return ("head", w.half()), w.half().float(), w.numel() * 2
+        qw = quantize_weight(w, QuantConfig(bits=bits, block_size=64, dtype="nf"))
+        state = (qw.qweight, qw.kernel_absmax(), pad_codebook(qw.codebook, bits), bits, w.shape[1])
+        nbytes = sum(t.numel() * t.element_size() for t in state[:3])
+        return state, qw.dequantize(), nbytes
+    return prepare
+
+
+def _packed_linear(x, state):
+    from kbitrt.runtime.kernels import cpu
+
+    if state[0] == "head":
+        return cpu.half_linear(x, state[1])
+    q, a, c, bits, k = state
+    return cpu.kbit_linear(x, q, a, c, None, bits, 64, k)
+
+
 def variants():
-    out = {"fp32 F.linear": (torch.float32, lambda x, w: F.linear(x, w))}
+    """name -> (prepare(w) -> (state, the weight it computes with, bytes held), fn(x, state))."""
+    out = {"fp32 F.linear": (_dense(torch.float32), lambda x, w: F.linear(x, w))}
     for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        out[f"{name} F.linear"] = (dt, lambda x, w, dt=dt: F.linear(x.to(dt), w).float())
-        out[f"{name} mkldnn"] = (dt, lambda x, w, dt=dt: torch.ops.mkldnn._linear_pointwise(
+        out[f"{name} F.linear"] = (_dense(dt), lambda x, w, dt=dt: F.linear(x.to(dt), w).float())
+        out[f"{name} mkldnn"] = (_dense(dt), lambda x, w, dt=dt: torch.ops.mkldnn._linear_pointwise(
             x.to(dt), w, None, "none", [], "").float())
+    from kbitrt.runtime.kernels import cpu
+
+    if cpu.available():
+        for bits in range(3, 9):
+            out[f"kbit nf{bits} fused"] = (_packed(bits), _packed_linear)
     return out
 
 
@@ -43,23 +80,27 @@ def run(layers: int, reps: int, head: bool) -> dict:
     if head:
         base.append(torch.randn(*HEAD, generator=g) * 0.02)
     x = {k: torch.randn(1, k, generator=g) for k in (576, 1536)}
-    ref = [F.linear(x[w.shape[1]], w) for w in base]
-    for name, (dt, fn) in variants().items():
-        ws = [w.to(dt) for w in base]
+    for name, (prepare, fn) in variants().items():
+        prepared = [prepare(w) for w in base]
+        ws = [p[0] for p in prepared]
         try:
-            outs = [fn(x[w.shape[1]], w) for w in ws]
+            outs = [fn(x[w.shape[1]], state) for w, state in zip(base, ws)]
         except RuntimeError as e:
             res[name] = {"error": str(e)[:200]}
             continue
-        err = max(float((o - r).abs().max() / r.abs().max()) for o, r in zip(outs, ref))
+        # error against the weights this variant holds (its own rounding/quantization excluded)
+        err = max(float((o - F.linear(x[w.shape[1]], own)).abs().max()
+                        / F.linear(x[w.shape[1]], own).abs().max())
+                  for o, w, (_, own, _) in zip(outs, base, prepared))
+        nbytes = sum(p[2] for p in prepared)
+        del prepared
         walls, cpus = [], []
         for _ in range(reps):
             c0, t0 = time.process_time(), time.perf_counter()
-            for w in ws:
-                fn(x[w.shape[1]], w)
+            for w, state in zip(base, ws):
+                fn(x[w.shape[1]], state)
             walls.append(time.perf_counter() - t0)
             cpus.append(time.process_time() - c0)
-        nbytes = sum(w.numel() * w.element_size() for w in ws)
         res[name] = {"ms_per_token_wall": 1e3 * statistics.median(walls),
                      "ms_per_token_wall_min": 1e3 * min(walls),
                      "ms_per_token_cpu": 1e3 * statistics.median(cpus),
