@@ -162,28 +162,38 @@ def test_build_name_tracks_the_source():
     assert name.startswith("kbitrt_cpu_") and name == cpu.build_name()
 
 
-def test_vectorized_here_and_portable_loops_match_the_twin():
-    """This machine runs the AVX-512 paths (the packed default depends on it); the portable build
-    (x86-64 without AVX: the loops every other CPU runs) gives the twin's results too."""
+@pytest.mark.parametrize("variant,width", [("avx2", 256), ("portable", 0)])
+def test_other_cpus_paths_match_the_twin(variant, width):
+    """The AVX2 build (-march=haswell) and the portable one (x86-64 without AVX) are what CPUs
+    without AVX-512 run: built here beside the native one, they give the twin's results, with one
+    token equal to its row of a batch."""
+    ops = cpu.load_variant(variant)
+    assert ops.simd_width() == width
+    for bits in range(3, 9):
+        for k, block in ((203, 64), (640, 64), (256, 32)):
+            qw = _quantized(21, k, bits, block, seed=bits)
+            q, a, c = _args(qw)
+            assert torch.equal(ops.kbit_dequantize(q, a, c, bits, block, k),
+                               dequantize_packed(q, a, c, bits, block, k))
+            x = torch.randn(4, k)
+            got = ops.kbit_linear(x, q, a, c, None, bits, block, k)
+            torch.testing.assert_close(got, kbit_linear_torch(x, q, a, c, None, None, None, bits,
+                                                              block, k), rtol=1e-5, atol=1e-4)
+            assert torch.equal(ops.kbit_linear(x[:1], q, a, c, None, bits, block, k)[0], got[0])
+    for wdtype in (torch.float16, torch.bfloat16):
+        w = torch.randn(30, 70).to(wdtype)
+        x = torch.randn(3, 70)
+        torch.testing.assert_close(ops.half_linear(x, w, None), x @ w.float().t(), rtol=1e-5,
+                                   atol=1e-4)
+        assert torch.equal(ops.half_linear(x[:1], w, None)[0], ops.half_linear(x, w, None)[0])
+
+
+def test_vectorized_here():
+    """This machine runs a vector path (the packed default depends on it)."""
     with open("/proc/cpuinfo") as f:
-        avx512 = " avx512bw " in f.read()
-    assert cpu.vectorized() == avx512
-    ops = cpu.load_portable()
-    assert ops.simd_width() == 0
-    for bits in (3, 4, 6, 8):
-        qw = _quantized(21, 203, bits, 64, seed=bits)
-        q, a, c = _args(qw)
-        assert torch.equal(ops.kbit_dequantize(q, a, c, bits, 64, 203),
-                           dequantize_packed(q, a, c, bits, 64, 203))
-        x = torch.randn(4, 203)
-        got = ops.kbit_linear(x, q, a, c, None, bits, 64, 203)
-        torch.testing.assert_close(got, kbit_linear_torch(x, q, a, c, None, None, None, bits, 64,
-                                                          203), rtol=1e-5, atol=1e-4)
-        assert torch.equal(ops.kbit_linear(x[:1], q, a, c, None, bits, 64, 203)[0], got[0])
-    w = torch.randn(30, 70).half()
-    x = torch.randn(3, 70)
-    torch.testing.assert_close(ops.half_linear(x, w, None), x @ w.float().t(), rtol=1e-5,
-                               atol=1e-4)
+        flags = f.read()
+    assert cpu.vectorized() == (" avx512bw " in flags or " avx2 " in flags)
+    assert torch.ops.kbitrt_cpu.simd_width() == (512 if " avx512bw " in flags else 256)
 
 
 def test_stacked_rows_give_the_same_numbers():

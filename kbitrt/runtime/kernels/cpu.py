@@ -68,15 +68,17 @@ def unavailable_reason() -> str | None:
 
 
 def vectorized() -> bool:
-    """Whether the kernels run their AVX-512 paths here. Only then is the packed mode the CPU
-    default: the portable loops are correct everywhere but not faster than fp16 copies (an AVX2
-    path is still missing)."""
-    return available() and torch.ops.kbitrt_cpu.simd_width() == 512
+    """Whether the kernels run vector paths here (AVX-512 or AVX2 with FMA and F16C). Only then is
+    the packed mode the CPU default: the portable loops are correct everywhere but not faster than
+    fp16 copies."""
+    return available() and torch.ops.kbitrt_cpu.simd_width() > 0
 
 
-# the build's C flags: native (the default, every instruction this CPU has) or portable (x86-64
-# without AVX: the fallback loops, which tests build and check beside the native ones)
-_VARIANTS = {"native": ["-march=native"], "portable": ["-march=x86-64", "-mno-avx"]}
+# the build's C flags: native (the default, every instruction this CPU has); avx2 and portable
+# (x86-64 without AVX: the fallback loops) are what other CPUs run, which tests build and check
+# beside the native one
+_VARIANTS = {"native": ["-march=native"], "avx2": ["-march=haswell"],
+             "portable": ["-march=x86-64", "-mno-avx"]}
 
 
 def _load(variant: str = "native") -> tuple[bool, str]:
@@ -102,12 +104,13 @@ def _load(variant: str = "native") -> tuple[bool, str]:
     return True, ""
 
 
-def load_portable():
-    """The portable build's ops (torch.ops.kbitrt_cpu_portable), for tests of the fallback loops."""
-    ok, reason = _load("portable")
+def load_variant(variant: str):
+    """Another build's ops (torch.ops.kbitrt_cpu_<variant>: "avx2" or "portable"), for tests of
+    the paths other CPUs run."""
+    ok, reason = _load(variant)
     if not ok:
-        raise RuntimeError(f"the portable CPU kernels did not build: {reason}")
-    return torch.ops.kbitrt_cpu_portable
+        raise RuntimeError(f"the {variant} CPU kernels did not build: {reason}")
+    return getattr(torch.ops, f"kbitrt_cpu_{variant}")
 
 
 def _register_fakes() -> None:

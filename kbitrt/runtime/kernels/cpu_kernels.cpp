@@ -1,6 +1,8 @@
 // Fused k-bit CPU kernels (docs/cpu.md): y = x W^T with W read from the packed bitslice-v1 codes,
 // its block scales and codebook, never held dense. Built on first use by kernels/cpu.py with
-// -march=native, so the AVX-512 paths exist only where the CPU has them (a portable loop otherwise).
+// -march=native, so the vector paths are AVX-512 or AVX2 (+FMA, F16C) as the CPU has them, and
+// portable loops elsewhere. Both vector paths work on groups of 16 lanes (one AVX-512 register,
+// two AVX2 ones) through the few v* functions below, so they share every loop.
 //
 // Each worker takes a range of output rows; a row is decoded once into an fp32 buffer
 // (codebook[code] * scale, the twin's exact product) and dotted with every row of x in one fixed
@@ -16,7 +18,10 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
-#define KBIT_AVX512 1
+#define KBIT_SIMD 512
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define KBIT_SIMD 256
 #endif
 
 namespace {
@@ -51,56 +56,150 @@ inline int code_at(const uint8_t* row, int64_t kp, int64_t i) {
 inline float to_float(float v) { return v; }
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
 
-#ifdef KBIT_AVX512
+#if KBIT_SIMD == 512
+// 16 fp32 / int32 lanes
+using vf = __m512;
+using vi = __m512i;
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset(float s) { return _mm512_set1_ps(s); }
+inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vi widen(__m128i bytes) { return _mm512_cvtepu8_epi32(bytes); }  // 16 bytes -> 16 lanes
+inline vi vand(vi a, int m) { return _mm512_and_si512(a, _mm512_set1_epi32(m)); }
+inline vi vor(vi a, vi b) { return _mm512_or_si512(a, b); }
+inline vi vsrl(vi a, int n) { return _mm512_srli_epi32(a, n); }
+inline vi vsll(vi a, int n) { return _mm512_slli_epi32(a, n); }
+inline vi vsrlv(vi a, const int32_t* n) { return _mm512_srlv_epi32(a, _mm512_loadu_si512(n)); }
+inline vf lut16(vi c, vf table) { return _mm512_permutexvar_ps(c, table); }  // table[c], c < 16
+inline vf vgather(vi c, const float* cb) { return _mm512_i32gather_ps(c, cb, 4); }
+inline vf load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline vf load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+#elif KBIT_SIMD == 256
+// 16 lanes as two AVX2 registers: lanes 0..7 in a, 8..15 in b
+struct vf {
+  __m256 a, b;
+};
+struct vi {
+  __m256i a, b;
+};
+inline vf vload(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+inline void vstore(float* p, vf v) {
+  _mm256_storeu_ps(p, v.a);
+  _mm256_storeu_ps(p + 8, v.b);
+}
+inline vf vzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline vf vset(float s) { return {_mm256_set1_ps(s), _mm256_set1_ps(s)}; }
+inline vf vmul(vf x, vf y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+inline vf vadd(vf x, vf y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
+inline vf vfma(vf x, vf y, vf z) {
+  return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)};
+}
+inline vi widen(__m128i bytes) {
+  return {_mm256_cvtepu8_epi32(bytes), _mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))};
+}
+inline vi vand(vi x, int m) {
+  const __m256i mv = _mm256_set1_epi32(m);
+  return {_mm256_and_si256(x.a, mv), _mm256_and_si256(x.b, mv)};
+}
+inline vi vor(vi x, vi y) { return {_mm256_or_si256(x.a, y.a), _mm256_or_si256(x.b, y.b)}; }
+inline vi vsrl(vi x, int n) { return {_mm256_srli_epi32(x.a, n), _mm256_srli_epi32(x.b, n)}; }
+inline vi vsll(vi x, int n) { return {_mm256_slli_epi32(x.a, n), _mm256_slli_epi32(x.b, n)}; }
+inline vi vsrlv(vi x, const int32_t* n) {
+  return {_mm256_srlv_epi32(x.a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(n))),
+          _mm256_srlv_epi32(x.b, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(n + 8)))};
+}
+inline __m256 lut16_half(__m256i c, vf table) {  // two 8-entry permutes, bit 3 picks one
+  const __m256 lo = _mm256_permutevar8x32_ps(table.a, c);
+  const __m256 hi = _mm256_permutevar8x32_ps(table.b, c);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+}
+inline vf lut16(vi c, vf table) { return {lut16_half(c.a, table), lut16_half(c.b, table)}; }
+inline vf vgather(vi c, const float* cb) {
+  return {_mm256_i32gather_ps(cb, c.a, 4), _mm256_i32gather_ps(cb, c.b, 4)};
+}
+inline vf load16(const at::Half* p) {
+  return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+inline vf load16(const at::BFloat16* p) {
+  auto half = [](const at::BFloat16* q) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  };
+  return {half(p), half(p + 8)};
+}
+#endif
+
+#ifdef KBIT_SIMD
+alignas(64) constexpr int32_t kShift2[16] = {0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6};
+alignas(64) constexpr int32_t kShift1[16] = {0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7};
+
 // the 16 codes j..j+15 (j % 16 == 0) as int32 lanes
 template <int BITS>
-inline __m512i codes16(const uint8_t* row, int64_t kp, int64_t j) {
-  __m512i c = _mm512_setzero_si512();
+inline vi codes16(const uint8_t* row, int64_t kp, int64_t j) {
+  vi c{};
   for (int t = 0; t < Layout<BITS>::n; ++t) {
     const Slice s = Layout<BITS>::s[t];
     const uint8_t* src = row + s.offset * (kp / 8) + j * s.width / 8;
-    __m512i v;
+    vi v;
     if (s.width == 8) {
-      v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      v = widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
     } else if (s.width == 4) {  // byte b holds codes 2b (low nibble) and 2b+1
       uint64_t b;
       std::memcpy(&b, src, 8);
       const __m128i x = _mm_cvtsi64_si128(static_cast<long long>(b));
       const __m128i m = _mm_set1_epi8(0x0F);
       const __m128i lo = _mm_and_si128(x, m), hi = _mm_and_si128(_mm_srli_epi16(x, 4), m);
-      v = _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+      v = widen(_mm_unpacklo_epi8(lo, hi));
     } else if (s.width == 2) {  // lane i: byte i/4 >> 2(i%4)
       uint32_t b;
       std::memcpy(&b, src, 4);
       const __m128i rep = _mm_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-      v = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(b)), rep));
-      const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6, 0, 2, 4, 6);
-      v = _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi32(3));
+      v = vand(vsrlv(widen(_mm_shuffle_epi8(_mm_cvtsi32_si128(static_cast<int>(b)), rep)),
+                     kShift2), 3);
     } else {  // width 1: lane i: byte i/8 >> (i%8)
       uint16_t b;
       std::memcpy(&b, src, 2);
       const __m128i rep = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-      v = _mm512_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(b), rep));
-      const __m512i sh = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
-      v = _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi32(1));
+      v = vand(vsrlv(widen(_mm_shuffle_epi8(_mm_cvtsi32_si128(b), rep)), kShift1), 1);
     }
-    c = t == 0 ? v : _mm512_or_si512(c, _mm512_slli_epi32(v, s.shift));
+    c = t == 0 ? v : vor(c, vsll(v, s.shift));
   }
   return c;
 }
 
-// codebook[c] * scale for 16 codes: register tables up to 6 bits (table = codebook * scale, one
-// product per entry as the twin's), a gather above
+// register tables: a 16-entry one everywhere; with AVX-512 also 32 and 64 entries
+constexpr int table_bits(int bits) { return KBIT_SIMD == 512 ? (bits <= 6 ? bits : 0) : (bits <= 4 ? bits : 0); }
+
+// codebook[c] * scale for 16 codes: from the register table (codebook * scale, one product per
+// entry as the twin's) where there is one, else a gather and the same product
 template <int BITS>
-inline __m512 lookup16(__m512i c, const __m512* table, const float* cb, __m512 scale) {
-  if (BITS <= 4) return _mm512_permutexvar_ps(c, table[0]);
+inline vf lookup16(vi c, const vf* table, const float* cb, vf scale) {
+  if (BITS <= 4) return lut16(c, table[0]);
+#if KBIT_SIMD == 512
   if (BITS == 5) return _mm512_permutex2var_ps(table[0], c, table[1]);
   if (BITS == 6) {
     const __m512 lo = _mm512_permutex2var_ps(table[0], c, table[1]);
     const __m512 hi = _mm512_permutex2var_ps(table[2], c, table[3]);
     return _mm512_mask_blend_ps(_mm512_test_epi32_mask(c, _mm512_set1_epi32(32)), lo, hi);
   }
-  return _mm512_mul_ps(_mm512_i32gather_ps(c, cb, 4), scale);
+#endif
+  return vmul(vgather(c, cb), scale);
+}
+
+// the register tables of one block (scale s)
+template <int BITS>
+inline void make_tables(const float* cb, vf s, vf* table) {
+  if (table_bits(BITS))
+    for (int t = 0; t < (1 << BITS) / 16 || t == 0; ++t) table[t] = vmul(vload(cb + 16 * t), s);
 }
 #endif
 
@@ -109,19 +208,16 @@ template <int BITS, typename ST>
 void decode_row(const uint8_t* row, const ST* scale, const float* cb, int64_t K, int64_t kp,
                 int64_t B, float* out) {
   int64_t i = 0;
-#ifdef KBIT_AVX512
+#ifdef KBIT_SIMD
   if (B % 16 == 0) {
     const int64_t full = K / 16 * 16;
-    __m512 table[4];
+    vf table[4];
     for (int64_t b0 = 0; b0 < full; b0 += B) {
-      const float s = to_float(scale[b0 / B]);
-      const __m512 sv = _mm512_set1_ps(s);
-      if (BITS <= 6)
-        for (int t = 0; t < (1 << BITS) / 16 || t == 0; ++t)
-          table[t] = _mm512_mul_ps(_mm512_loadu_ps(cb + 16 * t), sv);
+      const vf sv = vset(to_float(scale[b0 / B]));
+      make_tables<BITS>(cb, sv, table);
       const int64_t end = b0 + B < full ? b0 + B : full;
       for (int64_t j = b0; j < end; j += 16)
-        _mm512_storeu_ps(out + j, lookup16<BITS>(codes16<BITS>(row, kp, j), table, cb, sv));
+        vstore(out + j, lookup16<BITS>(codes16<BITS>(row, kp, j), table, cb, sv));
     }
     i = full;
   }
@@ -131,10 +227,10 @@ void decode_row(const uint8_t* row, const ST* scale, const float* cb, int64_t K,
 
 // a . b in one fixed order: 64 lanes (4 x 16) over whole 64s, lanes 0..15 over the remaining
 // 16s, a fixed tree over the lanes, then the scalar tail. Every path below sums in this order.
-#ifdef KBIT_AVX512
-inline float lanes_sum(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+#ifdef KBIT_SIMD
+inline float lanes_sum(vf a0, vf a1, vf a2, vf a3) {
   float v[16];
-  _mm512_storeu_ps(v, _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+  vstore(v, vadd(vadd(a0, a2), vadd(a1, a3)));
   for (int w = 8; w >= 1; w /= 2)
     for (int l = 0; l < w; ++l) v[l] += v[l + w];
   return v[0];
@@ -143,23 +239,22 @@ inline float lanes_sum(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 // a . b with b's 16-lane groups from load_b(i) and single values from value_b(i)
 template <typename LoadB, typename ValueB>
 inline float dot_with(const float* a, int64_t K, LoadB load_b, ValueB value_b) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  vf acc0 = vzero(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   int64_t i = 0;
   for (; i + 64 <= K; i += 64) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_b(i), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), load_b(i + 16), acc1);
-    acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), load_b(i + 32), acc2);
-    acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), load_b(i + 48), acc3);
+    acc0 = vfma(vload(a + i), load_b(i), acc0);
+    acc1 = vfma(vload(a + i + 16), load_b(i + 16), acc1);
+    acc2 = vfma(vload(a + i + 32), load_b(i + 32), acc2);
+    acc3 = vfma(vload(a + i + 48), load_b(i + 48), acc3);
   }
-  for (; i + 16 <= K; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_b(i), acc0);
+  for (; i + 16 <= K; i += 16) acc0 = vfma(vload(a + i), load_b(i), acc0);
   float tail = 0.f;
   for (; i < K; ++i) tail = std::fma(a[i], value_b(i), tail);
   return lanes_sum(acc0, acc1, acc2, acc3) + tail;
 }
 
 inline float dot(const float* a, const float* b, int64_t K) {
-  return dot_with(a, K, [b](int64_t i) { return _mm512_loadu_ps(b + i); },
-                  [b](int64_t i) { return b[i]; });
+  return dot_with(a, K, [b](int64_t i) { return vload(b + i); }, [b](int64_t i) { return b[i]; });
 }
 
 // one row of W times one row of x without a buffer (decoding steps): the same sums as
@@ -167,29 +262,22 @@ inline float dot(const float* a, const float* b, int64_t K) {
 template <int BITS, typename ST>
 float row_dot(const uint8_t* row, const ST* scale, const float* cb, int64_t K, int64_t kp,
               int64_t B, const float* x) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  vf acc0 = vzero(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   const int64_t full = K / 16 * 16, whole = K / 64 * 64;
-  __m512 table[4];
+  vf table[4];
   for (int64_t b0 = 0; b0 < full; b0 += B) {
-    const __m512 sv = _mm512_set1_ps(to_float(scale[b0 / B]));
-    if (BITS <= 6)
-      for (int t = 0; t < (1 << BITS) / 16 || t == 0; ++t)
-        table[t] = _mm512_mul_ps(_mm512_loadu_ps(cb + 16 * t), sv);
+    const vf sv = vset(to_float(scale[b0 / B]));
+    make_tables<BITS>(cb, sv, table);
+    auto w = [&](int64_t j) { return lookup16<BITS>(codes16<BITS>(row, kp, j), table, cb, sv); };
     const int64_t end = b0 + B < full ? b0 + B : full;
     int64_t j = b0;
     for (; j + 64 <= end && j + 64 <= whole; j += 64) {
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j),
-                             lookup16<BITS>(codes16<BITS>(row, kp, j), table, cb, sv), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16),
-                             lookup16<BITS>(codes16<BITS>(row, kp, j + 16), table, cb, sv), acc1);
-      acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 32),
-                             lookup16<BITS>(codes16<BITS>(row, kp, j + 32), table, cb, sv), acc2);
-      acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 48),
-                             lookup16<BITS>(codes16<BITS>(row, kp, j + 48), table, cb, sv), acc3);
+      acc0 = vfma(vload(x + j), w(j), acc0);
+      acc1 = vfma(vload(x + j + 16), w(j + 16), acc1);
+      acc2 = vfma(vload(x + j + 32), w(j + 32), acc2);
+      acc3 = vfma(vload(x + j + 48), w(j + 48), acc3);
     }
-    for (; j < end; j += 16)
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j),
-                             lookup16<BITS>(codes16<BITS>(row, kp, j), table, cb, sv), acc0);
+    for (; j < end; j += 16) acc0 = vfma(vload(x + j), w(j), acc0);
   }
   float tail = 0.f;
   for (int64_t i = full; i < K; ++i)
@@ -212,11 +300,10 @@ inline void to_pair_order(const float* x, int64_t K, float* out) {
   for (int64_t j = k32; j < K; ++j) out[j] = x[j];
 }
 
-inline void pair32(const uint8_t* row, int64_t j, __m512 table, __m512& even, __m512& odd) {
-  const __m512i v =
-      _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j / 2)));
-  even = _mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), table);
-  odd = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+inline void pair32(const uint8_t* row, int64_t j, vf table, vf& even, vf& odd) {
+  const vi v = widen(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j / 2)));
+  even = lut16(vand(v, 15), table);
+  odd = lut16(vsrl(v, 4), table);
 }
 
 // positions [from, K) of a 4-bit row (from % 32 == 0, B % 32 == 0) in pair order, at out[0..]
@@ -224,12 +311,12 @@ template <typename ST>
 void decode_pair4(const uint8_t* row, const ST* scale, const float* cb, int64_t kp, int64_t B,
                   int64_t from, int64_t K, float* out) {
   const int64_t k32 = K / 32 * 32;
-  const __m512 cbv = _mm512_loadu_ps(cb);
+  const vf cbv = vload(cb);
   for (int64_t j = from; j < k32; j += 32) {
-    __m512 even, odd;
-    pair32(row, j, _mm512_mul_ps(cbv, _mm512_set1_ps(to_float(scale[j / B]))), even, odd);
-    _mm512_storeu_ps(out + j - from, even);
-    _mm512_storeu_ps(out + j - from + 16, odd);
+    vf even, odd;
+    pair32(row, j, vmul(cbv, vset(to_float(scale[j / B]))), even, odd);
+    vstore(out + j - from, even);
+    vstore(out + j - from + 16, odd);
   }
   for (int64_t i = from > k32 ? from : k32; i < K; ++i)
     out[i - from] = cb[code_at<4>(row, kp, i)] * to_float(scale[i / B]);
@@ -239,20 +326,20 @@ void decode_pair4(const uint8_t* row, const ST* scale, const float* cb, int64_t 
 template <typename ST>
 float row_dot_pair4(const uint8_t* row, const ST* scale, const float* cb, int64_t K, int64_t kp,
                     int64_t B, const float* x) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+  vf acc0 = vzero(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
   const int64_t whole = K / 64 * 64, k16 = K / 16 * 16;
-  const __m512 cbv = _mm512_loadu_ps(cb);
+  const vf cbv = vload(cb);
   for (int64_t b0 = 0; b0 < whole; b0 += B) {
-    const __m512 table = _mm512_mul_ps(cbv, _mm512_set1_ps(to_float(scale[b0 / B])));
+    const vf table = vmul(cbv, vset(to_float(scale[b0 / B])));
     const int64_t end = b0 + B < whole ? b0 + B : whole;
     for (int64_t j = b0; j < end; j += 64) {
-      __m512 e0, o0, e1, o1;
+      vf e0, o0, e1, o1;
       pair32(row, j, table, e0, o0);
       pair32(row, j + 32, table, e1, o1);
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), e0, acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 16), o0, acc1);
-      acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 32), e1, acc2);
-      acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + j + 48), o1, acc3);
+      acc0 = vfma(vload(x + j), e0, acc0);
+      acc1 = vfma(vload(x + j + 16), o0, acc1);
+      acc2 = vfma(vload(x + j + 32), e1, acc2);
+      acc3 = vfma(vload(x + j + 48), o1, acc3);
     }
   }
   float tail = 0.f;
@@ -260,8 +347,7 @@ float row_dot_pair4(const uint8_t* row, const ST* scale, const float* cb, int64_
     float w[64];
     decode_pair4(row, scale, cb, kp, B, whole, K, w);
     int64_t i = whole;
-    for (; i < k16; i += 16)
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(w + i - whole), acc0);
+    for (; i < k16; i += 16) acc0 = vfma(vload(x + i), vload(w + i - whole), acc0);
     for (; i < K; ++i) tail = std::fma(x[i], w[i - whole], tail);
   }
   return lanes_sum(acc0, acc1, acc2, acc3) + tail;
@@ -354,7 +440,7 @@ void with_decoder(const at::Tensor& qweight, const at::Tensor& absmax, const at:
     auto decode = [=](int64_t n, float* out) {
       decode_row<BITS>(q + n * row_bytes, scale + n * nb, c, K, kp, block_size, out);
     };
-#ifdef KBIT_AVX512
+#ifdef KBIT_SIMD
     if (BITS == 4 && block_size % 32 == 0) {
       auto decode_pair = [=](int64_t n, float* out) {
         decode_pair4(q + n * row_bytes, scale + n * nb, c, kp, block_size, 0, K, out);
@@ -397,7 +483,7 @@ at::Tensor kbit_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   with_decoder(qweight, absmax, codebook, bits, block_size, K,
                [&](auto, auto decode, auto rd, bool pair) {
     const float* xs = x.data_ptr<float>();
-#ifdef KBIT_AVX512
+#ifdef KBIT_SIMD
     std::vector<float> xp(pair ? M * K : 0);
     for (int64_t m = 0; pair && m < M; ++m) to_pair_order(xs + m * K, K, xp.data() + m * K);
     if (pair) xs = xp.data();
@@ -424,17 +510,6 @@ at::Tensor kbit_dequantize(const at::Tensor& qweight, const at::Tensor& absmax,
   return w;
 }
 
-// 16 weights of a 16-bit row as fp32
-#ifdef KBIT_AVX512
-inline __m512 load16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32
-  const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-}
-#endif
-
 // y = x W^T for a 16-bit W (an output head, often the tied embedding): fp32 products and sums
 template <typename WT>
 void half_rows(const float* x, int64_t M, int64_t K, int64_t N, const WT* wp, const float* b,
@@ -442,12 +517,12 @@ void half_rows(const float* x, int64_t M, int64_t K, int64_t N, const WT* wp, co
   auto decode = [=](int64_t n, float* out) {
     const WT* src = wp + n * K;
     int64_t i = 0;
-#ifdef KBIT_AVX512
-    for (; i + 16 <= K; i += 16) _mm512_storeu_ps(out + i, load16(src + i));
+#ifdef KBIT_SIMD
+    for (; i + 16 <= K; i += 16) vstore(out + i, load16(src + i));
 #endif
     for (; i < K; ++i) out[i] = static_cast<float>(src[i]);
   };
-#ifdef KBIT_AVX512
+#ifdef KBIT_SIMD
   auto rd = row_dot_fn(true, [=](int64_t n, const float* xr) {  // dot(), W converted on the fly
     const WT* src = wp + n * K;
     return dot_with(xr, K, [src](int64_t i) { return load16(src + i); },
@@ -478,10 +553,10 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
-// 512 where the AVX-512 paths are compiled in, 0 for the portable loops
+// 512 or 256 where the AVX-512 or AVX2 paths are compiled in, 0 for the portable loops
 int64_t simd_width() {
-#ifdef KBIT_AVX512
-  return 512;
+#ifdef KBIT_SIMD
+  return KBIT_SIMD;
 #else
   return 0;
 #endif
