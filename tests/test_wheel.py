@@ -49,7 +49,7 @@ def test_wheel_contents(wheel):
         meta = _metadata(zf, "METADATA")
         entry_points = _metadata(zf, "entry_points.txt")
     for f in ("kbitrt/__init__.py", "kbitrt/cli/main.py", "kbitrt/runtime/linear.py",
-              "kbitrt/runtime/kernels/cpu_kernels.cpp",
+              "kbitrt/runtime/kernels/cpu_kernels.cpp", "kbitrt/runtime/kernels/cpu_simd.h",
               "kbitrt/eval/data/README.md", "kbitrt/eval/data/wiki_en_dev.txt",
               "kbitrt/eval/data/mc/social_iqa_dev.jsonl",
               "kbitrt/eval/data/mc/cause_and_effect_dev.jsonl",
@@ -92,6 +92,7 @@ def test_installed_wheel_runs(wheel, tmp_path):
     probe = ("import kbitrt, sys; from kbitrt.eval.data import sample_path; "
              "p = sample_path('social_iqa-sample'); assert p.is_file(), p; "
              "from kbitrt.runtime.kernels import cpu; assert cpu.SOURCE.is_file(); "
+             "assert all(h.is_file() for h in cpu.HEADERS); "
              "assert cpu.available(), cpu.unavailable_reason(); print(kbitrt.__file__)")
     out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=120)

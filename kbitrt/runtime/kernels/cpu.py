@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+HEADERS = (Path(__file__).with_name("cpu_simd.h"),)  # included by SOURCE
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # what half_linear reads
 FUSED_MAX_ROWS = 32  # rows of x the fused kernel takes; above, dequantize + torch matmul
 _HEAD_CHUNK = 4096  # output rows per fp32 temporary of a 16-bit head above FUSED_MAX_ROWS
@@ -49,7 +50,8 @@ def _cpu_flags() -> str:
 
 def build_name(variant: str = "native") -> str:
     """The extension's name: changes with the source, torch's version, the CPU and the variant."""
-    key = SOURCE.read_bytes() + torch.__version__.encode() + _cpu_flags().encode() + variant.encode()
+    key = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
+    key += torch.__version__.encode() + _cpu_flags().encode() + variant.encode()
     return "kbitrt_cpu_" + hashlib.sha256(key).hexdigest()[:12]
 
 
