@@ -27,6 +27,15 @@ TINY_CONFIGS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fused_cpu_kernels_built():
+    """Build (or load) the fused CPU kernels once, before any test captures stderr: a first build
+    prints a notice, which tests that count the lines of an error message must not see."""
+    from kbitrt.runtime.kernels import cpu
+
+    cpu.available()
+
+
 def make_tiny_model(family: str, folder: Path, *, safe: bool = True, seed: int = 0) -> Path:
     """Save a tiny random model of `family` as an HF folder (safetensors or .bin)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -96,6 +96,9 @@ def _load(variant: str = "native") -> tuple[bool, str]:
         from torch.utils import cpp_extension
 
         build_dir.mkdir(parents=True, exist_ok=True)
+        if variant == "native" and not (build_dir / f"{name}.so").exists():
+            print(f"kbit: building the fused CPU kernels for this machine (once, ~20 s) in "
+                  f"{build_dir}", file=sys.stderr, flush=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
                            extra_cflags=["-O3", *arch, "-fopenmp", f"-DKBIT_NS={namespace}"],
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
