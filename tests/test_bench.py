@@ -70,6 +70,10 @@ def test_bench_reports_memory_held(k4, tmp_path, flags, max_bits, mode):
     held, mem = rec["held"], rec["memory"]
     assert 3.9 < held["bits_per_quantized_weight_held"] <= max_bits
     assert rec["options"]["cpu_weights"] == mode
+    from kbitrt.runtime.kernels import cpu
+
+    assert rec["options"]["cpu_kernels"] == (cpu.describe() if mode == "packed" else None)
+    assert cpu.describe() in ("avx512", "avx2")  # the vector path runs here
     assert mem["peak_rss_mb"] >= mem["rss_after_imports_mb"] > 0
     assert mem["model_memory_mb"] == pytest.approx(mem["peak_rss_mb"] - mem["rss_after_imports_mb"])
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kbitrt.cli.options import cpu_weight_options, placement_options, resolve_cpu_weights
+from kbitrt.runtime.kernels import cpu as cpu_kernels
 
 
 @click.command("bench")
@@ -87,7 +88,9 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
                   "held": held_weights(lm.model),
                   "options": dict(batches=sizes, prompt=prompt, gen=gen, reps=reps,
                                   warmup=warmup, kernels=kernels,
-                                  cpu_weights=lm.cpu_weights)}
+                                  cpu_weights=lm.cpu_weights,
+                                  cpu_kernels=cpu_kernels.describe()
+                                  if lm.cpu_weights == "packed" else None)}
         if kernels:
             with err.status("timing kernels", spinner="dots"):
                 rows, bw = kernel_table(lm)

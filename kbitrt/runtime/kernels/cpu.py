@@ -76,6 +76,13 @@ def vectorized() -> bool:
     return available() and torch.ops.kbitrt_cpu.simd_width() > 0
 
 
+def describe() -> str:
+    """What runs the packed CPU path here: "avx512", "avx2", "portable" or "unavailable"."""
+    if not available():
+        return "unavailable"
+    return {512: "avx512", 256: "avx2"}.get(torch.ops.kbitrt_cpu.simd_width(), "portable")
+
+
 # the build's C flags: native (the default, every instruction this CPU has); avx2 and portable
 # (x86-64 without AVX: the fallback loops) are what other CPUs run, which tests build and check
 # beside the native one
