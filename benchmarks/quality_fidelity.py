@@ -50,8 +50,13 @@ def settings(calib_samples: int = 32, calib_seqlen: int = 512,
             for sc in ("absmax", "mse"):
                 rows.append((QuantConfig(bits=bits, dtype=dtype, scales=sc).label,
                              dict(bits=bits, dtype=dtype, scales=sc), {}))
+        # importance weighting (zero-shot: the norm gains the linear reads)
+        for dtype, sc in (("nf", "mse"), ("lloyd", "absmax"), ("lloyd", "mse")):
+            opts = dict(bits=bits, dtype=dtype, scales=sc, importance="norm")
+            rows.append((QuantConfig(**opts).label, opts, {}))
         for opts in (dict(bits=bits, method="gptq"),
-                     dict(bits=bits, dtype="lloyd", scales="mse", method="gptq")):
+                     dict(bits=bits, dtype="lloyd", scales="mse", method="gptq"),
+                     dict(bits=bits, scales="mse", method="gptq", importance="hessian")):
             rows.append((QuantConfig(**opts).label + tail, opts, gptq))
     return rows
 
@@ -75,7 +80,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--merge", action="append", default=[], help="JSON of another run: add its rows")
     ap.add_argument("--render", default="", help="only print the markdown table of this JSON")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.render:
         print(render(json.loads(Path(args.render).read_text())))
         return
@@ -99,6 +107,12 @@ def main() -> None:
 
     linears = decoder_linears(model)
     original = {name: m.weight.detach().clone() for name, m in linears.items()}
+    from kbitrt.runtime.importance import norm_inputs
+
+    reads = norm_inputs(model.config)  # checkpoint names: model.layers.{i}.<linear> -> its norm
+    gains = {name: model.get_submodule(reads[f"model.layers.{name}"]).weight.detach().float().square()
+             for name in linears if f"model.layers.{name}" in reads}
+    print(f"norm-gain importance for {len(gains)}/{len(linears)} linears", flush=True)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
@@ -115,10 +129,11 @@ def main() -> None:
             rows[label] = {"setting": label, "options": opts, **({"gptq": gptq} if gptq else {})}
         if label in rows and nll_file.exists() and not any(k in label for k in args.only.split(",") if k):
             if opts and "bits_per_param" not in rows[label] and "gptq" not in label:
-                rows[label].update(quantize_rows(linears, original, opts, None, None, None, apply=False))
+                rows[label].update(quantize_rows(linears, original, opts, None, None, None, apply=False,
+                                                  gains=gains))
             continue
         t0 = time.perf_counter()
-        stats = quantize_rows(linears, original, opts, path, calib, gptq)
+        stats = quantize_rows(linears, original, opts, path, calib, gptq, gains=gains)
         qsecs = time.perf_counter() - t0
         nll = token_nll(model, windows)
         torch.save(nll, nll_file)
@@ -136,9 +151,10 @@ def main() -> None:
 
 
 def quantize_rows(linears: dict, original: dict, opts: dict, path, calib, gptq: dict | None,
-                  apply: bool = True) -> dict:
+                  apply: bool = True, gains: dict | None = None) -> dict:
     """Quantize every decoder linear as `opts` say (into the model when `apply`): the mean relative
-    weight error and the stored bits per parameter."""
+    weight error and the stored bits per parameter. `gains`: linear -> gain^2 of the norm it reads
+    (kbitrt.runtime.importance, the converter's rule), for `importance="norm"`."""
     if not opts:
         return {"rel_error": None, "bits_per_param": 32.0}
     config = QuantConfig(**opts)
@@ -151,7 +167,9 @@ def quantize_rows(linears: dict, original: dict, opts: dict, path, calib, gptq: 
     errs, bits, numel = [], 0, 0
     for name, m in linears.items():
         w = original[name]
-        q = quantized[f"model.layers.{name}"] if quantized else quantize_weight(w, config, name)
+        imp = (gains or {}).get(name) if config.importance == "norm" else None
+        q = quantized[f"model.layers.{name}"] if quantized else \
+            quantize_weight(w, config, name, importance=imp)
         deq = q.dequantize(torch.float32)
         errs.append(((deq - w).norm() / w.norm()).item())
         bits += stored_bits(q)
