@@ -58,6 +58,10 @@ def settings(calib_samples: int = 32, calib_seqlen: int = 512,
                      dict(bits=bits, dtype="lloyd", scales="mse", method="gptq"),
                      dict(bits=bits, scales="mse", method="gptq", importance="hessian")):
             rows.append((QuantConfig(**opts).label + tail, opts, gptq))
+        # calibrated round-to-nearest: mse scales weighted by the inputs' second moments
+        rtn_tail = f"-c{calib_samples}x{calib_seqlen}"
+        for opts in (dict(bits=bits, scales="mse", importance="hessian"),):
+            rows.append((QuantConfig(**opts).label + rtn_tail, opts, {**gptq, "act_order": False}))
     return rows
 
 
@@ -128,7 +132,7 @@ def main() -> None:
         if nll_file.exists() and label not in rows:
             rows[label] = {"setting": label, "options": opts, **({"gptq": gptq} if gptq else {})}
         if label in rows and nll_file.exists() and not any(k in label for k in args.only.split(",") if k):
-            if opts and "bits_per_param" not in rows[label] and "gptq" not in label:
+            if opts and "bits_per_param" not in rows[label] and not gptq:
                 rows[label].update(quantize_rows(linears, original, opts, None, None, None, apply=False,
                                                   gains=gains))
             continue
@@ -137,7 +141,9 @@ def main() -> None:
         qsecs = time.perf_counter() - t0
         nll = token_nll(model, windows)
         torch.save(nll, nll_file)
-        rows[label] = {"setting": label, "options": opts, **({"gptq": {**gptq, "damp": 0.01}} if gptq else {}),
+        rows[label] = {"setting": label, "options": opts,
+                       **({"gptq": {**gptq, "damp": 0.01} if opts.get("method") == "gptq" else gptq}
+                          if gptq else {}),
                        "ppl": math.exp(nll.mean().item()),
                        "mean_nll": nll.mean().item(),
                        **stats,
@@ -159,7 +165,7 @@ def quantize_rows(linears: dict, original: dict, opts: dict, path, calib, gptq: 
         return {"rel_error": None, "bits_per_param": 32.0}
     config = QuantConfig(**opts)
     quantized = None
-    if config.method == "gptq":
+    if config.method == "gptq" or config.importance == "hessian":
         from kbitrt.runtime.gptq import gptq_quantize_model
 
         # checkpoint module names
@@ -227,7 +233,7 @@ def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) 
 def order(row: dict) -> tuple:
     """fp32, then per bit width (4, 3): its nf row, zero-shot rows, GPTQ rows."""
     label, opts = row["setting"], row.get("options", {})
-    return (bool(opts), -opts.get("bits", 32), opts.get("method") == "gptq",
+    return (bool(opts), -opts.get("bits", 32), opts.get("method") == "gptq" or opts.get("importance") == "hessian",
             label not in (REF, "nf3-b64"), label)
 
 

@@ -43,10 +43,11 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.option("--importance", default="none", show_default=True, type=click.Choice(IMPORTANCE),
               help="weight each input column's error in --scales mse / --dtype lloyd: norm = the "
                    "squared gain of the norm the linear reads (zero-shot, native families); "
-                   "hessian = GPTQ's Hessian diagonal (--method gptq)")
+                   "hessian = each input's second moment on the calibration data (--calib; with "
+                   "--method rtn or gptq)")
 @click.option("--method", default="rtn", show_default=True, type=click.Choice(METHODS),
               help="rtn: round to nearest; gptq: GPTQ with calibration data (native decoder families)")
-@click.option("--calib", default=None, help="gptq: calibration text file, or a dataset name (wikitext2, c4)")
+@click.option("--calib", default=None, help="gptq / --importance hessian: calibration text file, or a dataset name (wikitext2, c4)")
 @click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1), help="gptq: windows")
 @click.option("--calib-seqlen", default=2048, show_default=True, type=click.IntRange(min=2), help="gptq: tokens per window")
 @click.option("--damp", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -97,12 +98,13 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
         config = cli_config(any_precision, click.get_current_context(), block_size=block, dtype=dtype,
                             exponent_bits=exponent_bits, absmax_dtype=absmax_dtype,
                             outliers=outliers, quantize_head=quantize_head)
-    if method == "gptq":
+    if method == "gptq" or importance == "hessian":
         from kbitrt.eval.perplexity import load_text
         from kbitrt.runtime.gptq import convert_gptq
 
         if not calib:
-            raise click.UsageError("--method gptq needs --calib FILE (or a dataset name)")
+            raise click.UsageError(f"{'--method gptq' if method == 'gptq' else '--importance hessian'} "
+                                   "needs --calib FILE (or a dataset name)")
         try:
             calib_name, calib_text = load_text(calib)
         except FileNotFoundError as e:

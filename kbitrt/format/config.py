@@ -23,7 +23,8 @@ KNOWN_PACKINGS = (PACKING,)
 
 SCALES = ("absmax", "mse")  # how block scales are chosen (kbitrt/format/scales.py)
 # what weights each input column's error in the fitted choices (mse scales, lloyd): nothing, the
-# gain^2 of the norm the linear reads (zero-shot, converter), GPTQ's Hessian diagonal (one-shot)
+# gain^2 of the norm the linear reads (zero-shot, converter), the diagonal of the calibration
+# Hessian, i.e. each input's second moment on calibration data (one-shot, with rtn or gptq)
 IMPORTANCE = ("none", "norm", "hessian")
 METHODS = ("rtn", "gptq")  # round-to-nearest, or GPTQ with calibration data (runtime/gptq.py)
 ABSMAX_DTYPES = ("fp16", "fp32", "dq8")
@@ -112,8 +113,6 @@ class QuantConfig:
         if self.importance != "none" and self.scales == "absmax" and not data_type.whole_rows:
             raise KbitFormatError(f"--importance {self.importance} changes only fitted choices: "
                                   "use it with --scales mse or --dtype lloyd")
-        if self.importance == "hessian" and self.method != "gptq":
-            raise KbitFormatError("--importance hessian needs --method gptq (the calibration Hessian)")
         if self.importance == "norm" and self.method == "gptq":
             raise KbitFormatError("--importance norm is for round-to-nearest: with --method gptq "
                                   "use --importance hessian")
