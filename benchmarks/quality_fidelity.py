@@ -62,6 +62,12 @@ def settings(calib_samples: int = 32, calib_seqlen: int = 512,
         rtn_tail = f"-c{calib_samples}x{calib_seqlen}"
         for opts in (dict(bits=bits, scales="mse", importance="hessian"),):
             rows.append((QuantConfig(**opts).label + rtn_tail, opts, {**gptq, "act_order": False}))
+        # no data: the same, with the model reading seeded uniformly random tokens
+        for opts in (dict(bits=bits, scales="mse", importance="random"),
+                     dict(bits=bits, dtype="lloyd", importance="random"),
+                     dict(bits=bits, dtype="lloyd", scales="mse", importance="random")):
+            rows.append((QuantConfig(**opts).label + f"-r{calib_samples}x{calib_seqlen}", opts,
+                         {**gptq, "act_order": False, "tokens": "random, seed 0"}))
     return rows
 
 
@@ -165,9 +171,11 @@ def quantize_rows(linears: dict, original: dict, opts: dict, path, calib, gptq: 
         return {"rel_error": None, "bits_per_param": 32.0}
     config = QuantConfig(**opts)
     quantized = None
-    if config.method == "gptq" or config.importance == "hessian":
-        from kbitrt.runtime.gptq import gptq_quantize_model
+    if config.method == "gptq" or config.importance in ("hessian", "random"):
+        from kbitrt.runtime.gptq import gptq_quantize_model, random_windows
 
+        if config.importance == "random":  # no data: seeded random token ids
+            calib = random_windows(path, gptq["samples"], gptq["seqlen"])
         # checkpoint module names
         quantized = gptq_quantize_model(path, config, calib, act_order=gptq["act_order"])
     errs, bits, numel = [], 0, 0
@@ -233,7 +241,7 @@ def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) 
 def order(row: dict) -> tuple:
     """fp32, then per bit width (4, 3): its nf row, zero-shot rows, GPTQ rows."""
     label, opts = row["setting"], row.get("options", {})
-    return (bool(opts), -opts.get("bits", 32), opts.get("method") == "gptq" or opts.get("importance") == "hessian",
+    return (bool(opts), -opts.get("bits", 32), opts.get("method") == "gptq" or opts.get("importance") in ("hessian", "random"),
             label not in (REF, "nf3-b64"), label)
 
 

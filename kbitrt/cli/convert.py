@@ -42,7 +42,9 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
               help="block scales: absmax, or mse (the least-squared-error scale of each block)")
 @click.option("--importance", default="none", show_default=True, type=click.Choice(IMPORTANCE),
               help="weight each input column's error in --scales mse / --dtype lloyd: norm = the "
-                   "squared gain of the norm the linear reads (zero-shot, native families); "
+                   "squared gain of the norm the linear reads (zero-shot, native families); random = "
+                   "each input's second moment while the model reads seeded random tokens (no data; "
+                   "--calib-samples x --calib-seqlen of them); "
                    "hessian = each input's second moment on the calibration data (--calib; with "
                    "--method rtn or gptq)")
 @click.option("--method", default="rtn", show_default=True, type=click.Choice(METHODS),
@@ -98,7 +100,16 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
         config = cli_config(any_precision, click.get_current_context(), block_size=block, dtype=dtype,
                             exponent_bits=exponent_bits, absmax_dtype=absmax_dtype,
                             outliers=outliers, quantize_head=quantize_head)
-    if method == "gptq" or importance == "hessian":
+    if importance == "random":  # no data: the model reads seeded random tokens
+        from kbitrt.runtime.gptq import convert_gptq
+
+        if calib:
+            raise click.UsageError("--importance random reads random tokens: drop --calib "
+                                   "(or use --importance hessian)")
+        with byte_progress() as progress:
+            report = convert_gptq(source, output, config, samples=calib_samples, seqlen=calib_seqlen,
+                                  progress=progress, **kwargs)
+    elif method == "gptq" or importance == "hessian":
         from kbitrt.eval.perplexity import load_text
         from kbitrt.runtime.gptq import convert_gptq
 

@@ -384,9 +384,10 @@ class Converter:
 
     def _importance(self, module: str, k: int) -> torch.Tensor | None:
         """--importance norm: the squared gain (K,) of the norm `module` reads, None for uniform."""
-        if self.config.importance == "hessian" and self.overrides is None:
-            raise KbitFormatError("--importance hessian needs calibration data: give --calib "
-                                  "(kbitrt.runtime.gptq.convert_gptq)")
+        if self.config.importance in ("hessian", "random") and self.overrides is None:
+            raise KbitFormatError(f"--importance {self.config.importance} needs the model's forward "
+                                  "on calibration tokens: kbitrt.runtime.gptq.convert_gptq (kbit "
+                                  "convert does this)")
         if self.config.importance != "norm" or module not in self.norm_inputs:
             return None
         if not hasattr(self, "_by_canonical"):

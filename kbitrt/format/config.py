@@ -23,9 +23,10 @@ KNOWN_PACKINGS = (PACKING,)
 
 SCALES = ("absmax", "mse")  # how block scales are chosen (kbitrt/format/scales.py)
 # what weights each input column's error in the fitted choices (mse scales, lloyd): nothing, the
-# gain^2 of the norm the linear reads (zero-shot, converter), the diagonal of the calibration
-# Hessian, i.e. each input's second moment on calibration data (one-shot, with rtn or gptq)
-IMPORTANCE = ("none", "norm", "hessian")
+# gain^2 of the norm the linear reads (zero-shot, converter), each input's second moment while the
+# model reads uniformly random tokens (no data), or on calibration text (the diagonal of the
+# calibration Hessian: one-shot, with rtn or gptq)
+IMPORTANCE = ("none", "norm", "random", "hessian")
 METHODS = ("rtn", "gptq")  # round-to-nearest, or GPTQ with calibration data (runtime/gptq.py)
 ABSMAX_DTYPES = ("fp16", "fp32", "dq8")
 MIN_BITS, MAX_BITS = 3, 8
@@ -113,9 +114,9 @@ class QuantConfig:
         if self.importance != "none" and self.scales == "absmax" and not data_type.whole_rows:
             raise KbitFormatError(f"--importance {self.importance} changes only fitted choices: "
                                   "use it with --scales mse or --dtype lloyd")
-        if self.importance == "norm" and self.method == "gptq":
-            raise KbitFormatError("--importance norm is for round-to-nearest: with --method gptq "
-                                  "use --importance hessian")
+        if self.importance in ("norm", "random") and self.method == "gptq":
+            raise KbitFormatError(f"--importance {self.importance} is for round-to-nearest: with "
+                                  "--method gptq use --importance hessian")
         for key, (flag, owners) in dtypes.option_flags().items():
             if getattr(self, key) is not None and self.dtype not in owners:
                 raise KbitFormatError(
