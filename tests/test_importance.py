@@ -103,6 +103,8 @@ def test_importance_config_checks_and_json():
         QuantConfig(importance="norm")  # absmax nf: nothing is fitted, nothing to weight
     with pytest.raises(KbitFormatError, match="--importance hessian"):
         QuantConfig(scales="mse", method="gptq", importance="norm")
+    with pytest.raises(KbitFormatError, match="--importance hessian"):
+        QuantConfig(scales="mse", method="gptq", importance="random")
     cfg = QuantConfig(scales="mse", importance="norm")
     assert cfg.label == "nf4-b64-mse-norm" and cfg.to_json()["importance"] == "norm"
     assert QuantConfig.from_json(cfg.to_json()) == cfg
@@ -240,6 +242,33 @@ def test_calibrated_rtn_cli_end_to_end(tiny_llama_with_tokenizer, tmp_path):
                for m in a.quantized_modules)  # the calibration changed the scales
     ours, theirs, _ = greedy_both(out, [1, 17, 33, 5, 90, 12], 8)
     assert ours == theirs and len(ours) > 0
+
+
+def test_random_importance_cli_end_to_end(tiny_llama_with_tokenizer, tmp_path):
+    """--importance random: no data, the model reads seeded random tokens; deterministic, recorded,
+    reloads with equal greedy tokens; --calib with it is refused."""
+    from test_hf_integration import greedy_both
+
+    from kbitrt.runtime.gptq import random_windows
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        r = run_cli("convert", tiny_llama_with_tokenizer, "-o", out, "--scales", "mse", "--importance",
+                    "random", "--calib-samples", "3", "--calib-seqlen", "32", "--json")
+        assert r.exit_code == 0, r.output
+    for f in sorted(a.glob("*.safetensors")):  # same seed, same bytes
+        assert f.read_bytes() == (b / f.name).read_bytes(), f.name
+    qc = json.loads((a / "config.json").read_text())["quantization_config"]
+    assert qc["importance"] == "random"
+    assert qc["calibration"] == {"dataset": "random tokens", "samples": 3, "seqlen": 32,
+                                 "windows": "uniform over the vocabulary, seed 0"}
+    ids = random_windows(tiny_llama_with_tokenizer, 3, 32)
+    assert ids.shape == (3, 32) and torch.equal(ids, random_windows(tiny_llama_with_tokenizer, 3, 32))
+    ours, theirs, _ = greedy_both(a, [1, 17, 33, 5, 90, 12], 8)
+    assert ours == theirs and len(ours) > 0
+    r = run_cli("convert", tiny_llama_with_tokenizer, "-o", tmp_path / "c", "--scales", "mse",
+                "--importance", "random", "--calib", "wiki-sample")
+    assert r.exit_code != 0 and "drop --calib" in r.output
 
 
 def test_gptq_hessian_importance_lowers_the_output_error_of_static_scales():
