@@ -91,6 +91,9 @@ def main() -> None:
     ap.add_argument("--merge", action="append", default=[], help="JSON of another run: add its rows")
     ap.add_argument("--render", default="", help="only print the markdown table of this JSON")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--keep-max", action="store_true",
+                    help="experiment: mse scale candidates >= the block absmax only (no clipping); "
+                         "the mse rows get a -keepmax label")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,6 +136,14 @@ def main() -> None:
     todo = [s for s in settings(args.calib_samples, args.calib_seqlen, args.act_order) if not args.only or s[0] in (REF, "fp32")
             or any(k in s[0] for k in args.only.split(","))]
     todo = [s for s in todo if s[0] not in args.skip.split(",")]
+    if args.keep_max:  # format/scales.py's keep_max, for every mse row of this run
+        import functools
+
+        from kbitrt.format import scales
+
+        scales.block_scales = functools.partial(scales.block_scales, keep_max=True)
+        todo = [(label.replace("-mse", "-mse-keepmax", 1), {**opts, "keep_max": True}, gptq)
+                for label, opts, gptq in todo if opts.get("scales") == "mse"]
     for label, opts, gptq in todo:
         nll_file = cache / f"{label}-{args.windows}x{args.seqlen}.pt"
         if nll_file.exists() and label not in rows:
@@ -169,7 +180,7 @@ def quantize_rows(linears: dict, original: dict, opts: dict, path, calib, gptq: 
     (kbitrt.runtime.importance, the converter's rule), for `importance="norm"`."""
     if not opts:
         return {"rel_error": None, "bits_per_param": 32.0}
-    config = QuantConfig(**opts)
+    config = QuantConfig(**{k: v for k, v in opts.items() if k != "keep_max"})
     quantized = None
     if config.method == "gptq" or config.importance in ("hessian", "random"):
         from kbitrt.runtime.gptq import gptq_quantize_model, random_windows
@@ -218,6 +229,9 @@ def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) 
             if ref3 is not None:
                 excess = (ref3 - fp).mean().item()
                 row["excess_nll_vs_nf3_b64"] = (x - fp).mean().item() / excess if excess > 0 else None
+                # its paired standard error (against nf3-b64, on the same tokens)
+                row["stderr_excess_nll_vs_nf3_b64"] = ((x - ref3).std() / math.sqrt(x.numel())).item() \
+                    / excess if excess > 0 else None
     result = {
         "benchmark": "quality_fidelity",
         "model": "SmolLM2-135M-Instruct (fp32, dequantized from its Q4_1 GGUF)",
@@ -238,10 +252,22 @@ def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) 
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def data_used(row: dict) -> str:
+    """What a row's quantization read besides the weights: nothing, random tokens, calibration text."""
+    opts, cal = row.get("options", {}), row.get("gptq") or {}
+    if opts.get("importance") == "random":
+        return f"random tokens {cal.get('samples')}x{cal.get('seqlen')}"
+    if opts.get("method") == "gptq" or opts.get("importance") == "hessian":
+        return f"text {cal.get('samples')}x{cal.get('seqlen')}"
+    return "-"
+
+
 def order(row: dict) -> tuple:
-    """fp32, then per bit width (4, 3): its nf row, zero-shot rows, GPTQ rows."""
+    """fp32, then per bit width (4, 3): its nf row, zero-shot rows (weights only, then random
+    tokens), one-shot rows (calibrated rtn, then GPTQ)."""
     label, opts = row["setting"], row.get("options", {})
-    return (bool(opts), -opts.get("bits", 32), opts.get("method") == "gptq" or opts.get("importance") in ("hessian", "random"),
+    group = {"random": 1, "hessian": 2}.get(opts.get("importance"), 0)
+    return (bool(opts), -opts.get("bits", 32), 3 if opts.get("method") == "gptq" else group,
             label not in (REF, "nf3-b64"), label)
 
 
@@ -250,17 +276,20 @@ def render(result: dict) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    lines = ["| setting | bits/param | rel. weight error | perplexity | dNLL vs nf4-b64 (+/- paired se) "
-             "| nf4->fp32 gap closed | share of nf3's excess NLL left |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | data read | bits/param | rel. weight error | perplexity "
+             "| dNLL vs nf4-b64 (+/- paired se) | nf4->fp32 gap closed | share of nf3's excess NLL left "
+             "(+/- paired se) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         d, se = r.get("delta_nll_vs_nf4"), r.get("stderr_delta_nll_vs_nf4")
         gap = r.get("gap_closed_vs_nf4_b64")
         lines.append(
-            f"| {r['setting']} | {f(r.get('bits_per_param'), '.3f')} | {f(r.get('rel_error'), '.4f')} "
+            f"| {r['setting']} | {data_used(r)} | {f(r.get('bits_per_param'), '.3f')} | {f(r.get('rel_error'), '.4f')} "
             f"| {f(r.get('ppl'), '.3f')} | {'-' if d is None else f'{d:+.4f} +/- {se:.4f}'} "
             f"| {'-' if gap is None or r.get('options', {}).get('bits') == 3 else format(gap, '.0%')} "
-            f"| {f(r.get('excess_nll_vs_nf3_b64'), '.0%')} |")
+            f"| {f(r.get('excess_nll_vs_nf3_b64'), '.0%')}"
+            + (f" +/- {r['stderr_excess_nll_vs_nf3_b64']:.0%}" if r.get("stderr_excess_nll_vs_nf3_b64")
+               else "") + " |")
     return "\n".join(lines)
 
 
