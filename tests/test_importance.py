@@ -128,6 +128,20 @@ def test_weighted_lloyd_never_increases_the_weighted_error_of_its_start():
     assert e_fit < weighted_block_error(w, plain, v, 64).sum()  # the weights change the fit
 
 
+def test_lloyd_with_mse_and_importance_fits_the_plain_codebook_then_weights_the_scales():
+    """With --scales mse the importance weights the scale search only: the codebook is the plain
+    (absmax, unweighted) Lloyd fit, and the scales are the weighted search's for it."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(64, 256, generator=g) * 0.05
+    v = torch.rand(256, generator=g) ** 4 * 30
+    q = quantizer.quantize_weight(w, QuantConfig(bits=3, dtype="lloyd", scales="mse",
+                                                 importance="norm"), importance=v)
+    plain = quantizer.quantize_weight(w, QuantConfig(bits=3, dtype="lloyd"))
+    assert torch.equal(q.codebook, plain.codebook)
+    s = scales.round_scale(scales.block_scales(w, 64, "mse", plain.codebook, "fp16", v), "fp16")
+    assert torch.equal(q.absmax_float(), s)
+
+
 # ------------------------------------------------------------------------------- norm lookup rule
 
 def test_norm_lookup_picks_the_norm_each_linear_reads(tiny_models):

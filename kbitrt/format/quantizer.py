@@ -100,9 +100,13 @@ class MatrixQuantizer:
         raw = torch.cat(self._absmax_parts)
         if self._pass == 0 and self.fit and self.data_type.whole_rows:
             cfg = self.config
+            # with importance and mse scales the codebook is the plain fit (absmax scales, no
+            # weights) and the importance weights the scale search for it: weighting both (the
+            # alternation) measured worse on SmolLM2 (docs/fidelity.md, issue 15)
+            both = self.importance is not None and cfg.scales != "absmax"
             self.codebook = lloyd.fit_codebook(torch.cat(self._sample_parts), cfg.bits,
-                                               cfg.block_size, cfg.scales, cfg.absmax_dtype,
-                                               self.importance)
+                                               cfg.block_size, "absmax" if both else cfg.scales,
+                                               cfg.absmax_dtype, None if both else self.importance)
         self.stored, self.scale, self.offset, self.absmax = quantize_absmax(
             raw, self.config.absmax_dtype, self.name)
         if self._pass == 0 and self.fit and not self.data_type.whole_rows:
