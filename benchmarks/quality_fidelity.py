@@ -1,7 +1,12 @@
-"""SmolLM2-135M perplexity with mse scales, Lloyd codebooks and GPTQ beside nf4/nf3 (issue 15).
+"""SmolLM2-135M perplexity: mse scales, Lloyd codebooks, input importance, GPTQ vs nf4/nf3 (issue 15).
 
     python benchmarks/quality_fidelity.py --text kbitrt/eval/data/wiki_en_dev.txt --windows 8
     python benchmarks/quality_fidelity.py --text ... --only gptq      # add rows to the same JSON
+    python benchmarks/quality_fidelity.py --text ... --windows 2 --threads 1 --only mse-random
+
+Importance rows (`--importance`, format/scales.py): `-norm` weights the zero-shot searches by the
+squared norm gains, `-random-rNxT` by the input second moments while the model reads N x T seeded
+random tokens (no data), `-hessian-cNxT` by those on N x T calibration tokens (rtn or GPTQ).
 
 Protocol `gptq`: the text tokenized once, non-overlapping windows of --seqlen, the first --windows
 evaluated. GPTQ calibrates on --calib-samples windows of --calib-seqlen taken from the END of the
@@ -284,7 +289,8 @@ def render(result: dict) -> str:
         d, se = r.get("delta_nll_vs_nf4"), r.get("stderr_delta_nll_vs_nf4")
         gap = r.get("gap_closed_vs_nf4_b64")
         lines.append(
-            f"| {r['setting']} | {data_used(r)} | {f(r.get('bits_per_param'), '.3f')} | {f(r.get('rel_error'), '.4f')} "
+            f"| {r['setting']} | {data_used(r)} | {f(r.get('bits_per_param'), '.3f')} "
+            f"| {f(r.get('rel_error'), '.4f')} "
             f"| {f(r.get('ppl'), '.3f')} | {'-' if d is None else f'{d:+.4f} +/- {se:.4f}'} "
             f"| {'-' if gap is None or r.get('options', {}).get('bits') == 3 else format(gap, '.0%')} "
             f"| {f(r.get('excess_nll_vs_nf3_b64'), '.0%')}"

@@ -49,7 +49,8 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
                    "--method rtn or gptq)")
 @click.option("--method", default="rtn", show_default=True, type=click.Choice(METHODS),
               help="rtn: round to nearest; gptq: GPTQ with calibration data (native decoder families)")
-@click.option("--calib", default=None, help="gptq / --importance hessian: calibration text file, or a dataset name (wikitext2, c4)")
+@click.option("--calib", default=None,
+              help="gptq / --importance hessian: calibration text file, or a dataset name (wikitext2, c4)")
 @click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1), help="gptq: windows")
 @click.option("--calib-seqlen", default=2048, show_default=True, type=click.IntRange(min=2), help="gptq: tokens per window")
 @click.option("--damp", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True),

@@ -7,16 +7,18 @@ scales.py), and minimises the tensor's squared error on that sample:
     E(C) = sum_blocks sum_i (w_i - s_b * C[q_i])^2 = sum_i s_b^2 (x_i - C[q_i])^2,   x = w / s
 
 so it is a k-means in 1-D with weights s_b^2 (times the input column's importance v_j when one is
-given: the weighted error of scales.py, E = sum v_j (w - s C[q])^2). Each Lloyd step assigns every x to its exact nearest
-entry (the float32 thresholds of dtypes.thresholds, the quantizer's own rule) and moves every entry
-to the weighted mean of its cell (clamped to [-1, 1]); the entry 0 is pinned, so all-zero blocks and
-zero weights stay exact. Neither step can raise E, and the codebook returned is the best one seen,
+given: the weighted error of scales.py, E = sum v_j (w - s C[q])^2). Each Lloyd step assigns every
+x to its exact nearest entry (the float32 thresholds of dtypes.thresholds, the quantizer's own rule)
+and moves every entry to the weighted mean of its cell (clamped to [-1, 1]); the entry 0 is pinned,
+so all-zero blocks and zero weights stay exact. Neither step can raise E, and the codebook returned is the best one seen,
 the starting levels included: the fit never increases the error of its starting levels.
 The sample is sorted once; a step costs one binary search per entry on weighted prefix sums.
 
 Starts: the nf levels and the tensor's quantile levels (both tried, the better fit kept). With
 `--scales mse` the fit alternates with the scale search: fit C for the current scales, choose the
-scales for C, repeat (ROUNDS times), keeping the best (C, scales) pair by the sample's error.
+scales for C, repeat (ROUNDS times), keeping the best (C, scales) pair by the sample's error. (With
+an importance and `--scales mse` the quantizer fits the plain codebook instead and weights only the
+scale search: format/quantizer.py.)
 """
 
 from __future__ import annotations

@@ -253,7 +253,8 @@ def random_windows(folder: Path, samples: int, seqlen: int, seed: int = 0) -> to
 
 
 def convert_gptq(source: str | Path, output: str | Path, config: QuantConfig, *,
-                 calib_text: str | None = None, calib_name: str = "random tokens", samples: int = 128, seqlen: int = 2048, damp: float = 0.01,
+                 calib_text: str | None = None, calib_name: str = "random tokens",
+                 samples: int = 128, seqlen: int = 2048, damp: float = 0.01,
                  act_order: bool = False, force: bool = False, revision: str | None = None,
                  trust_remote_code: bool = False, progress: Progress | None = None, **convert_kw):
     """`kbit convert --method gptq`: GPTQ layer by layer, then the streaming converter writes it."""
