@@ -285,6 +285,21 @@ def test_random_importance_cli_end_to_end(tiny_llama_with_tokenizer, tmp_path):
     assert r.exit_code != 0 and "drop --calib" in r.output
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_random_importance_converts_each_native_family(tiny_models, tmp_path, family):
+    from kbitrt.runtime.gptq import convert_gptq
+
+    cfg = QuantConfig(bits=4, block_size=32, dtype="lloyd", scales="mse", importance="random")
+    report = convert_gptq(tiny_models[family], tmp_path / "out", cfg, samples=2, seqlen=16)
+    km = KbitModel.open(tmp_path / "out")
+    assert km.quant == cfg and report.linears_quantized == len(km.quantized_modules) > 0
+    plain = tmp_path / "plain"
+    convert(tiny_models[family], plain, QuantConfig(bits=4, block_size=32, dtype="lloyd", scales="mse"))
+    other = KbitModel.open(plain)
+    assert any(not torch.equal(km.quantized(m).absmax, other.quantized(m).absmax)
+               for m in km.quantized_modules)
+
+
 def test_gptq_hessian_importance_lowers_the_output_error_of_static_scales():
     """With --act-order (static scales) the Hessian-weighted mse scales give a lower layer-output
     error on the calibration inputs than unweighted ones, on inputs with uneven channels."""

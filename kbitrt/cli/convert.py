@@ -51,8 +51,8 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
               help="rtn: round to nearest; gptq: GPTQ with calibration data (native decoder families)")
 @click.option("--calib", default=None,
               help="gptq / --importance hessian: calibration text file, or a dataset name (wikitext2, c4)")
-@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1), help="gptq: windows")
-@click.option("--calib-seqlen", default=2048, show_default=True, type=click.IntRange(min=2), help="gptq: tokens per window")
+@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1), help="gptq / --importance hessian|random: windows")
+@click.option("--calib-seqlen", default=2048, show_default=True, type=click.IntRange(min=2), help="gptq / --importance hessian|random: tokens per window")
 @click.option("--damp", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="gptq: dampening, a fraction of the mean Hessian diagonal")
 @click.option("--act-order", is_flag=True, help="gptq: columns in order of decreasing activation")
