@@ -1,7 +1,12 @@
-"""SmolLM2-135M perplexity with mse scales, Lloyd codebooks and GPTQ beside nf4/nf3 (issue 15).
+"""SmolLM2-135M perplexity: mse scales, Lloyd codebooks, input importance, GPTQ vs nf4/nf3 (issue 15).
 
     python benchmarks/quality_fidelity.py --text kbitrt/eval/data/wiki_en_dev.txt --windows 8
     python benchmarks/quality_fidelity.py --text ... --only gptq      # add rows to the same JSON
+    python benchmarks/quality_fidelity.py --text ... --windows 2 --threads 1 --only mse-random
+
+Importance rows (`--importance`, format/scales.py): `-norm` weights the zero-shot searches by the
+squared norm gains, `-random-rNxT` by the input second moments while the model reads N x T seeded
+random tokens (no data), `-hessian-cNxT` by those on N x T calibration tokens (rtn or GPTQ).
 
 Protocol `gptq`: the text tokenized once, non-overlapping windows of --seqlen, the first --windows
 evaluated. GPTQ calibrates on --calib-samples windows of --calib-seqlen taken from the END of the
@@ -50,9 +55,24 @@ def settings(calib_samples: int = 32, calib_seqlen: int = 512,
             for sc in ("absmax", "mse"):
                 rows.append((QuantConfig(bits=bits, dtype=dtype, scales=sc).label,
                              dict(bits=bits, dtype=dtype, scales=sc), {}))
+        # importance weighting (zero-shot: the norm gains the linear reads)
+        for dtype, sc in (("nf", "mse"), ("lloyd", "absmax"), ("lloyd", "mse")):
+            opts = dict(bits=bits, dtype=dtype, scales=sc, importance="norm")
+            rows.append((QuantConfig(**opts).label, opts, {}))
         for opts in (dict(bits=bits, method="gptq"),
-                     dict(bits=bits, dtype="lloyd", scales="mse", method="gptq")):
+                     dict(bits=bits, dtype="lloyd", scales="mse", method="gptq"),
+                     dict(bits=bits, scales="mse", method="gptq", importance="hessian")):
             rows.append((QuantConfig(**opts).label + tail, opts, gptq))
+        # calibrated round-to-nearest: mse scales weighted by the inputs' second moments
+        rtn_tail = f"-c{calib_samples}x{calib_seqlen}"
+        for opts in (dict(bits=bits, scales="mse", importance="hessian"),):
+            rows.append((QuantConfig(**opts).label + rtn_tail, opts, {**gptq, "act_order": False}))
+        # no data: the same, with the model reading seeded uniformly random tokens
+        for opts in (dict(bits=bits, scales="mse", importance="random"),
+                     dict(bits=bits, dtype="lloyd", importance="random"),
+                     dict(bits=bits, dtype="lloyd", scales="mse", importance="random")):
+            rows.append((QuantConfig(**opts).label + f"-r{calib_samples}x{calib_seqlen}", opts,
+                         {**gptq, "act_order": False, "tokens": "random, seed 0"}))
     return rows
 
 
@@ -75,7 +95,13 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--merge", action="append", default=[], help="JSON of another run: add its rows")
     ap.add_argument("--render", default="", help="only print the markdown table of this JSON")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--keep-max", action="store_true",
+                    help="experiment: mse scale candidates >= the block absmax only (no clipping); "
+                         "the mse rows get a -keepmax label")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.render:
         print(render(json.loads(Path(args.render).read_text())))
         return
@@ -99,6 +125,12 @@ def main() -> None:
 
     linears = decoder_linears(model)
     original = {name: m.weight.detach().clone() for name, m in linears.items()}
+    from kbitrt.runtime.importance import norm_inputs
+
+    reads = norm_inputs(model.config)  # checkpoint names: model.layers.{i}.<linear> -> its norm
+    gains = {name: model.get_submodule(reads[f"model.layers.{name}"]).weight.detach().float().square()
+             for name in linears if f"model.layers.{name}" in reads}
+    print(f"norm-gain importance for {len(gains)}/{len(linears)} linears", flush=True)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
@@ -109,20 +141,31 @@ def main() -> None:
     todo = [s for s in settings(args.calib_samples, args.calib_seqlen, args.act_order) if not args.only or s[0] in (REF, "fp32")
             or any(k in s[0] for k in args.only.split(","))]
     todo = [s for s in todo if s[0] not in args.skip.split(",")]
+    if args.keep_max:  # format/scales.py's keep_max, for every mse row of this run
+        import functools
+
+        from kbitrt.format import scales
+
+        scales.block_scales = functools.partial(scales.block_scales, keep_max=True)
+        todo = [(label.replace("-mse", "-mse-keepmax", 1), {**opts, "keep_max": True}, gptq)
+                for label, opts, gptq in todo if opts.get("scales") == "mse"]
     for label, opts, gptq in todo:
         nll_file = cache / f"{label}-{args.windows}x{args.seqlen}.pt"
         if nll_file.exists() and label not in rows:
             rows[label] = {"setting": label, "options": opts, **({"gptq": gptq} if gptq else {})}
         if label in rows and nll_file.exists() and not any(k in label for k in args.only.split(",") if k):
-            if opts and "bits_per_param" not in rows[label] and "gptq" not in label:
-                rows[label].update(quantize_rows(linears, original, opts, None, None, None, apply=False))
+            if opts and "bits_per_param" not in rows[label] and not gptq:
+                rows[label].update(quantize_rows(linears, original, opts, None, None, None, apply=False,
+                                                  gains=gains))
             continue
         t0 = time.perf_counter()
-        stats = quantize_rows(linears, original, opts, path, calib, gptq)
+        stats = quantize_rows(linears, original, opts, path, calib, gptq, gains=gains)
         qsecs = time.perf_counter() - t0
         nll = token_nll(model, windows)
         torch.save(nll, nll_file)
-        rows[label] = {"setting": label, "options": opts, **({"gptq": {**gptq, "damp": 0.01}} if gptq else {}),
+        rows[label] = {"setting": label, "options": opts,
+                       **({"gptq": {**gptq, "damp": 0.01} if opts.get("method") == "gptq" else gptq}
+                          if gptq else {}),
                        "ppl": math.exp(nll.mean().item()),
                        "mean_nll": nll.mean().item(),
                        **stats,
@@ -136,22 +179,27 @@ def main() -> None:
 
 
 def quantize_rows(linears: dict, original: dict, opts: dict, path, calib, gptq: dict | None,
-                  apply: bool = True) -> dict:
+                  apply: bool = True, gains: dict | None = None) -> dict:
     """Quantize every decoder linear as `opts` say (into the model when `apply`): the mean relative
-    weight error and the stored bits per parameter."""
+    weight error and the stored bits per parameter. `gains`: linear -> gain^2 of the norm it reads
+    (kbitrt.runtime.importance, the converter's rule), for `importance="norm"`."""
     if not opts:
         return {"rel_error": None, "bits_per_param": 32.0}
-    config = QuantConfig(**opts)
+    config = QuantConfig(**{k: v for k, v in opts.items() if k != "keep_max"})
     quantized = None
-    if config.method == "gptq":
-        from kbitrt.runtime.gptq import gptq_quantize_model
+    if config.method == "gptq" or config.importance in ("hessian", "random"):
+        from kbitrt.runtime.gptq import gptq_quantize_model, random_windows
 
+        if config.importance == "random":  # no data: seeded random token ids
+            calib = random_windows(path, gptq["samples"], gptq["seqlen"])
         # checkpoint module names
         quantized = gptq_quantize_model(path, config, calib, act_order=gptq["act_order"])
     errs, bits, numel = [], 0, 0
     for name, m in linears.items():
         w = original[name]
-        q = quantized[f"model.layers.{name}"] if quantized else quantize_weight(w, config, name)
+        imp = (gains or {}).get(name) if config.importance == "norm" else None
+        q = quantized[f"model.layers.{name}"] if quantized else \
+            quantize_weight(w, config, name, importance=imp)
         deq = q.dequantize(torch.float32)
         errs.append(((deq - w).norm() / w.norm()).item())
         bits += stored_bits(q)
@@ -186,6 +234,9 @@ def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) 
             if ref3 is not None:
                 excess = (ref3 - fp).mean().item()
                 row["excess_nll_vs_nf3_b64"] = (x - fp).mean().item() / excess if excess > 0 else None
+                # its paired standard error (against nf3-b64, on the same tokens)
+                row["stderr_excess_nll_vs_nf3_b64"] = ((x - ref3).std() / math.sqrt(x.numel())).item() \
+                    / excess if excess > 0 else None
     result = {
         "benchmark": "quality_fidelity",
         "model": "SmolLM2-135M-Instruct (fp32, dequantized from its Q4_1 GGUF)",
@@ -206,10 +257,22 @@ def write(args, out: Path, rows: dict, cache: Path, n_tokens: int, calib_shape) 
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def data_used(row: dict) -> str:
+    """What a row's quantization read besides the weights: nothing, random tokens, calibration text."""
+    opts, cal = row.get("options", {}), row.get("gptq") or {}
+    if opts.get("importance") == "random":
+        return f"random tokens {cal.get('samples')}x{cal.get('seqlen')}"
+    if opts.get("method") == "gptq" or opts.get("importance") == "hessian":
+        return f"text {cal.get('samples')}x{cal.get('seqlen')}"
+    return "-"
+
+
 def order(row: dict) -> tuple:
-    """fp32, then per bit width (4, 3): its nf row, zero-shot rows, GPTQ rows."""
+    """fp32, then per bit width (4, 3): its nf row, zero-shot rows (weights only, then random
+    tokens), one-shot rows (calibrated rtn, then GPTQ)."""
     label, opts = row["setting"], row.get("options", {})
-    return (bool(opts), -opts.get("bits", 32), opts.get("method") == "gptq",
+    group = {"random": 1, "hessian": 2}.get(opts.get("importance"), 0)
+    return (bool(opts), -opts.get("bits", 32), 3 if opts.get("method") == "gptq" else group,
             label not in (REF, "nf3-b64"), label)
 
 
@@ -218,17 +281,21 @@ def render(result: dict) -> str:
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    lines = ["| setting | bits/param | rel. weight error | perplexity | dNLL vs nf4-b64 (+/- paired se) "
-             "| nf4->fp32 gap closed | share of nf3's excess NLL left |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | data read | bits/param | rel. weight error | perplexity "
+             "| dNLL vs nf4-b64 (+/- paired se) | nf4->fp32 gap closed | share of nf3's excess NLL left "
+             "(+/- paired se) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         d, se = r.get("delta_nll_vs_nf4"), r.get("stderr_delta_nll_vs_nf4")
         gap = r.get("gap_closed_vs_nf4_b64")
         lines.append(
-            f"| {r['setting']} | {f(r.get('bits_per_param'), '.3f')} | {f(r.get('rel_error'), '.4f')} "
+            f"| {r['setting']} | {data_used(r)} | {f(r.get('bits_per_param'), '.3f')} "
+            f"| {f(r.get('rel_error'), '.4f')} "
             f"| {f(r.get('ppl'), '.3f')} | {'-' if d is None else f'{d:+.4f} +/- {se:.4f}'} "
             f"| {'-' if gap is None or r.get('options', {}).get('bits') == 3 else format(gap, '.0%')} "
-            f"| {f(r.get('excess_nll_vs_nf3_b64'), '.0%')} |")
+            f"| {f(r.get('excess_nll_vs_nf3_b64'), '.0%')}"
+            + (f" +/- {r['stderr_excess_nll_vs_nf3_b64']:.0%}" if r.get("stderr_excess_nll_vs_nf3_b64")
+               else "") + " |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ from rich.table import Table
 from kbitrt.errors import KbitError
 from kbitrt.eval.progress import byte_progress
 from kbitrt.format import dtypes
-from kbitrt.format.config import ABSMAX_DTYPES, METHODS, SCALES, OutlierSpec, QuantConfig
+from kbitrt.format.config import ABSMAX_DTYPES, IMPORTANCE, METHODS, SCALES, OutlierSpec, QuantConfig
 
 err = Console(stderr=True)
 out = Console()
@@ -40,11 +40,19 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.option("--outliers", default=None, callback=lambda ctx, param, v: _outliers(v), help="proxy quantization: 'zscore:4' or 'top:2%' (16-bit columns)")
 @click.option("--scales", default="absmax", show_default=True, type=click.Choice(SCALES),
               help="block scales: absmax, or mse (the least-squared-error scale of each block)")
+@click.option("--importance", default="none", show_default=True, type=click.Choice(IMPORTANCE),
+              help="weight each input column's error in --scales mse / --dtype lloyd: norm = the "
+                   "squared gain of the norm the linear reads (zero-shot, native families); random = "
+                   "each input's second moment while the model reads seeded random tokens (no data; "
+                   "--calib-samples x --calib-seqlen of them); "
+                   "hessian = each input's second moment on the calibration data (--calib; with "
+                   "--method rtn or gptq)")
 @click.option("--method", default="rtn", show_default=True, type=click.Choice(METHODS),
               help="rtn: round to nearest; gptq: GPTQ with calibration data (native decoder families)")
-@click.option("--calib", default=None, help="gptq: calibration text file, or a dataset name (wikitext2, c4)")
-@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1), help="gptq: windows")
-@click.option("--calib-seqlen", default=2048, show_default=True, type=click.IntRange(min=2), help="gptq: tokens per window")
+@click.option("--calib", default=None,
+              help="gptq / --importance hessian: calibration text file, or a dataset name (wikitext2, c4)")
+@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(min=1), help="gptq / --importance hessian|random: windows")
+@click.option("--calib-seqlen", default=2048, show_default=True, type=click.IntRange(min=2), help="gptq / --importance hessian|random: tokens per window")
 @click.option("--damp", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="gptq: dampening, a fraction of the mean Hessian diagonal")
 @click.option("--act-order", is_flag=True, help="gptq: columns in order of decreasing activation")
@@ -65,7 +73,7 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.option("--any-precision", "any_precision", default=None, metavar="LO-HI",
               help="one file serving every width LO..HI (e.g. 3-8; bit planes, docs/any_precision.md)")
 def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype, outliers, scales,
-                method, calib, calib_samples, calib_seqlen, damp, act_order, quantize_head,
+                importance, method, calib, calib_samples, calib_seqlen, damp, act_order, quantize_head,
                 dtype16, max_shard_size, revision, trust_remote_code, force, drop_unused, as_json,
                 push_to_hub, any_precision):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
@@ -79,8 +87,8 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
 
     config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,
                          absmax_dtype=absmax_dtype, outliers=outliers,
-                         quantize_head=quantize_head, scales=scales,
-                         method=method) if not any_precision else None
+                         quantize_head=quantize_head, scales=scales, method=method,
+                         importance=importance) if not any_precision else None
     kwargs = dict(force=force, dtype16=dtype16, max_shard_bytes=max_shard_size, revision=revision,
                   trust_remote_code=trust_remote_code, drop_unused=drop_unused)
     if any_precision:  # kbitrt/convert/any_precision.py
@@ -88,15 +96,27 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
 
         if method != "rtn":
             raise click.UsageError("--any-precision rounds to nearest: drop --method")
+        if importance != "none":
+            raise click.UsageError("--any-precision takes no --importance")
         config = cli_config(any_precision, click.get_current_context(), block_size=block, dtype=dtype,
                             exponent_bits=exponent_bits, absmax_dtype=absmax_dtype,
                             outliers=outliers, quantize_head=quantize_head)
-    if method == "gptq":
+    if importance == "random":  # no data: the model reads seeded random tokens
+        from kbitrt.runtime.gptq import convert_gptq
+
+        if calib:
+            raise click.UsageError("--importance random reads random tokens: drop --calib "
+                                   "(or use --importance hessian)")
+        with byte_progress() as progress:
+            report = convert_gptq(source, output, config, samples=calib_samples, seqlen=calib_seqlen,
+                                  progress=progress, **kwargs)
+    elif method == "gptq" or importance == "hessian":
         from kbitrt.eval.perplexity import load_text
         from kbitrt.runtime.gptq import convert_gptq
 
         if not calib:
-            raise click.UsageError("--method gptq needs --calib FILE (or a dataset name)")
+            raise click.UsageError(f"{'--method gptq' if method == 'gptq' else '--importance hessian'} "
+                                   "needs --calib FILE (or a dataset name)")
         try:
             calib_name, calib_text = load_text(calib)
         except FileNotFoundError as e:
@@ -106,6 +126,8 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
                                   samples=calib_samples, seqlen=calib_seqlen, damp=damp,
                                   act_order=act_order, progress=progress, **kwargs)
     else:
+        if config is not None and config.importance == "norm":
+            kwargs["norm_inputs"] = _norm_inputs(source, revision)
         with byte_progress() as progress:
             report = convert(source, output, config, progress=progress, **kwargs)
     s = report.to_json()
@@ -136,6 +158,18 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
                               "frequencies) the model recomputes")] if s["skipped_buffers"] else [])
       + [(f"width {w['bits']}", f"{w['bits_per_param_quantized']:.4f} bits/param, rel. error "
           f"{w['mean_rel_weight_error']:.4f}") for w in s.get("widths", [])]))
+
+
+def _norm_inputs(source: str, revision: str | None) -> dict:
+    """--importance norm: which norm each linear reads (kbitrt/runtime/importance.py)."""
+    from kbitrt.convert.source import resolve_model
+    from kbitrt.runtime.importance import norm_inputs_of_folder
+
+    found = norm_inputs_of_folder(resolve_model(source, revision))
+    if not found:
+        raise KbitError("--importance norm needs a pre-norm model of a native decoder family "
+                        "(llama, gpt2, gpt_neox, bloom, opt): no linear of this one reads a known norm")
+    return found
 
 
 def _outliers(text: str | None) -> OutlierSpec | None:

@@ -141,8 +141,10 @@ class Converter:
 
     def __init__(self, folder: Path, config: QuantConfig, dtype16: torch.dtype,
                  trust_remote_code: bool = False, drop_unused: bool = False, overrides=None,
-                 extra_quantization: dict | None = None):
+                 extra_quantization: dict | None = None, norm_inputs: dict | None = None):
         self.overrides = overrides  # module -> QuantizedWeight computed elsewhere (GPTQ)
+        # --importance norm: linear module -> the norm module whose output it reads
+        self.norm_inputs = norm_inputs or {}
         self.extra_quantization = extra_quantization or {}  # more quantization_config keys
         self.folder = folder
         self.config = config
@@ -350,7 +352,8 @@ class Converter:
                                               row0 * t[0].numel() * t.element_size() if row0 else 0)
 
         q = quantizer.MatrixQuantizer(cfg, (lay.out_features, lay.in_features), lp.source,
-                                      idx if idx.numel() else None, self.dtype16)
+                                      idx if idx.numel() else None, self.dtype16,
+                                      importance=self._importance(name, lay.in_features))
         for _ in range(q.passes):  # block scales (and the weight sample) before any code is chosen
             for r0, w in rows():
                 q.observe(r0, w)
@@ -378,6 +381,27 @@ class Converter:
         report.linears_quantized += 1
         report.outlier_columns += idx.numel()
         report.rel_error_sum += (err / norm) ** 0.5 if norm > 0 else 0.0
+
+    def _importance(self, module: str, k: int) -> torch.Tensor | None:
+        """--importance norm: the squared gain (K,) of the norm `module` reads, None for uniform."""
+        if self.config.importance in ("hessian", "random") and self.overrides is None:
+            raise KbitFormatError(f"--importance {self.config.importance} needs the model's forward "
+                                  "on calibration tokens: kbitrt.runtime.gptq.convert_gptq (kbit "
+                                  "convert does this)")
+        if self.config.importance != "norm" or module not in self.norm_inputs:
+            return None
+        if not hasattr(self, "_by_canonical"):
+            self._by_canonical = {self.map.canonical(key): key for key in self.tensors.names()}
+        keys = self._by_canonical
+        for norm in self.norm_inputs[module].split("|"):  # alternative names, as in the spec
+            if f"{norm}.weight" in keys:
+                gain = self.tensors.read(keys[f"{norm}.weight"]).float().reshape(-1)
+                if gain.numel() != k:
+                    raise KbitFormatError(f"{module}: its norm {norm} has {gain.numel()} gains for "
+                                          f"{k} input columns")
+                return gain.square()
+        raise KbitFormatError(f"{module}: the checkpoint lacks the weight of its norm "
+                              f"{self.norm_inputs[module]!r}")
 
     def _write_given(self, lp: LinearPlan, qw: blockwise.QuantizedWeight,
                      writers: dict[str, ShardWriter], report: ConversionReport) -> None:
@@ -412,19 +436,23 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantC
             revision: str | None = None, trust_remote_code: bool = False,
             drop_unused: bool = False, progress: Progress | None = None,
             converter: type[Converter] | None = None, overrides=None,
-            extra_quantization: dict | None = None) -> ConversionReport:
+            extra_quantization: dict | None = None,
+            norm_inputs: dict | None = None) -> ConversionReport:
     """Convert a local folder or Hub id into a kbit folder at `output`; returns the summary.
 
     `converter` is the Converter subclass that writes the quantized linears (any-precision models
     use their own); everything else (validation, staging, sharding, card) is shared. `overrides`
-    are linears quantized elsewhere (GPTQ), `extra_quantization` more quantization_config keys."""
+    are linears quantized elsewhere (GPTQ), `extra_quantization` more quantization_config keys,
+    `norm_inputs` (linear module -> norm module, kbitrt.runtime.importance) the norms whose squared
+    gains weight each input column's error with `config.importance == "norm"`."""
     out = Path(output).expanduser().resolve()
     folder = resolve_model(source, revision)
     check_output(folder, out, force)
     start = time.perf_counter()
     raw = read_config(folder)
     conv = (converter or Converter)(folder, config, pick_dtype16(dtype16, raw), trust_remote_code,
-                                    drop_unused, overrides, extra_quantization)
+                                    drop_unused, overrides, extra_quantization,
+                                    **({"norm_inputs": norm_inputs} if norm_inputs else {}))
     report = conv.report_class(str(source), str(out), config, str(conv.dtype16).replace("torch.", ""))
     conv.plan(progress)  # refuses unplaced tensors before anything is written
     with staged_folder(out) as tmp:

@@ -10,7 +10,10 @@ block itself when its first column comes up, from the weights as GPTQ has update
 (GPTQ's group quantization, the group being the format's block), with --scales absmax or mse. With
 --act-order (columns in order of decreasing H diagonal) or dq8 scales, every block's scale is fixed
 up front from the original W instead (GPTQ's "static groups"), since a block's columns are then not
-processed together. Outlier columns (proxy quantization) are not rounded: they are stored in 16 bit
+processed together. With --importance hessian (and --scales mse) the scale search weights each
+input column's squared error by H's diagonal (the column's input second moment), so a block's scale
+minimises its expected output error rather than its weight error; the Lloyd fit (--dtype lloyd)
+likewise. Outlier columns (proxy quantization) are not rounded: they are stored in 16 bit
 as GPTQ has updated them (the code of 0 in the packed codes, as the format requires).
 """
 
@@ -55,8 +58,10 @@ def outlier_columns(w: torch.Tensor, config: QuantConfig) -> torch.Tensor:
     return blockwise.outliers_from_std(std, config.outliers)
 
 
-def _static_scales(w: torch.Tensor, config: QuantConfig, codebook: torch.Tensor, name: str):
-    raw = scales.block_scales(w, config.block_size, config.scales, codebook, config.absmax_dtype)
+def _static_scales(w: torch.Tensor, config: QuantConfig, codebook: torch.Tensor, name: str,
+                   importance: torch.Tensor | None = None):
+    raw = scales.block_scales(w, config.block_size, config.scales, codebook, config.absmax_dtype,
+                              importance)
     return blockwise.quantize_absmax(raw, config.absmax_dtype, name)
 
 
@@ -73,14 +78,17 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, *, damp
     is_out[idx] = True
     w0 = w.clone()
     w0[:, idx] = 0.0
+    diag = torch.diagonal(h).float().clamp(min=0)
+    imp = diag if config.importance == "hessian" else None  # weights of the scale search / fit
     # the codebook round-to-nearest would use (fitted on the original weights for quantile/lloyd)
-    codebook = quantizer.quantize_weight(w0, replace(config, outliers=None), name).codebook
+    codebook = quantizer.quantize_weight(w0, replace(config, outliers=None), name,
+                                         importance=imp).codebook
     zero_code = int(dtypes.nearest_index(torch.zeros(1), codebook)[0])
     static = act_order or config.absmax_dtype == "dq8"
     nb = -(-k // bsz)
     stored_scale = stored_offset = None
     if static:
-        stored, stored_scale, stored_offset, sc = _static_scales(w0, config, codebook, name)
+        stored, stored_scale, stored_offset, sc = _static_scales(w0, config, codebook, name, imp)
     else:
         sc = torch.zeros(n, nb, dtype=torch.float32)
 
@@ -120,7 +128,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, *, damp
                 if not static and col % bsz == 0:  # the block starts: its scale, from the block
                     blk = w1[:, i: i + bsz].clone()
                     blk[:, is_out[col: col + blk.shape[1]]] = 0.0
-                    raw = scales.block_scales(blk, bsz, config.scales, codebook, config.absmax_dtype)
+                    raw = scales.block_scales(blk, bsz, config.scales, codebook, config.absmax_dtype,
+                                              None if imp is None else imp[col: col + blk.shape[1]])
                     sc[:, col // bsz] = scales.round_scale(raw, config.absmax_dtype)[:, 0]
                 s = sc[:, col // bsz]
                 safe = torch.where(s > 0, s, torch.ones_like(s))

@@ -22,6 +22,11 @@ PACKING = "bitslice-v1"
 KNOWN_PACKINGS = (PACKING,)
 
 SCALES = ("absmax", "mse")  # how block scales are chosen (kbitrt/format/scales.py)
+# what weights each input column's error in the fitted choices (mse scales, lloyd): nothing, the
+# gain^2 of the norm the linear reads (zero-shot, converter), each input's second moment while the
+# model reads uniformly random tokens (no data), or on calibration text (the diagonal of the
+# calibration Hessian: one-shot, with rtn or gptq)
+IMPORTANCE = ("none", "norm", "random", "hessian")
 METHODS = ("rtn", "gptq")  # round-to-nearest, or GPTQ with calibration data (runtime/gptq.py)
 ABSMAX_DTYPES = ("fp16", "fp32", "dq8")
 MIN_BITS, MAX_BITS = 3, 8
@@ -86,6 +91,7 @@ class QuantConfig:
     quantize_head: bool = False
     scales: str = "absmax"
     method: str = "rtn"
+    importance: str = "none"
 
     def __post_init__(self) -> None:
         if not MIN_BITS <= self.bits <= MAX_BITS:
@@ -102,6 +108,15 @@ class QuantConfig:
             raise KbitFormatError(f"--scales {self.scales!r} is unknown: use one of {', '.join(SCALES)}")
         if self.method not in METHODS:
             raise KbitFormatError(f"--method {self.method!r} is unknown: use one of {', '.join(METHODS)}")
+        if self.importance not in IMPORTANCE:
+            raise KbitFormatError(
+                f"--importance {self.importance!r} is unknown: use one of {', '.join(IMPORTANCE)}")
+        if self.importance != "none" and self.scales == "absmax" and not data_type.whole_rows:
+            raise KbitFormatError(f"--importance {self.importance} changes only fitted choices: "
+                                  "use it with --scales mse or --dtype lloyd")
+        if self.importance in ("norm", "random") and self.method == "gptq":
+            raise KbitFormatError(f"--importance {self.importance} is for round-to-nearest: with "
+                                  "--method gptq use --importance hessian")
         for key, (flag, owners) in dtypes.option_flags().items():
             if getattr(self, key) is not None and self.dtype not in owners:
                 raise KbitFormatError(
@@ -115,7 +130,8 @@ class QuantConfig:
     @property
     def label(self) -> str:
         """Short human name, e.g. `nf4-b64` or `fp4(E3M0)-b64`."""
-        extra = "".join(f"-{x}" for x in (self.scales, self.method) if x not in ("absmax", "rtn"))
+        extra = "".join(f"-{x}" for x in (self.scales, self.method, self.importance)
+                        if x not in ("absmax", "rtn", "none"))
         return f"{self.data_type.label(self)}-b{self.block_size}{extra}"
 
     def to_json(self) -> dict:
@@ -136,6 +152,7 @@ class QuantConfig:
             # only when not the default, so a default conversion stays byte-identical
             **({"scales": self.scales} if self.scales != "absmax" else {}),
             **({"method": self.method} if self.method != "rtn" else {}),
+            **({"importance": self.importance} if self.importance != "none" else {}),
         }
 
     @classmethod
@@ -189,6 +206,7 @@ class QuantConfig:
             quantize_head=qc.get("quantize_head", False),
             scales=qc.get("scales", "absmax"),
             method=qc.get("method", "rtn"),
+            importance=qc.get("importance", "none"),
         )
 
 
@@ -212,6 +230,7 @@ QC_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "transposed_modules": ((list,), False),
     "scales": ((str,), False),
     "method": ((str,), False),
+    "importance": ((str,), False),  # none | norm | hessian (format/scales.py); stored values only
     "calibration": ((dict,), False),  # GPTQ: the calibration set and settings (runtime/gptq.py)
 }
 

@@ -6,16 +6,19 @@ scales.py), and minimises the tensor's squared error on that sample:
 
     E(C) = sum_blocks sum_i (w_i - s_b * C[q_i])^2 = sum_i s_b^2 (x_i - C[q_i])^2,   x = w / s
 
-so it is a k-means in 1-D with weights s_b^2. Each Lloyd step assigns every x to its exact nearest
-entry (the float32 thresholds of dtypes.thresholds, the quantizer's own rule) and moves every entry
-to the weighted mean of its cell (clamped to [-1, 1]); the entry 0 is pinned, so all-zero blocks and
-zero weights stay exact. Neither step can raise E, and the codebook returned is the best one seen,
+so it is a k-means in 1-D with weights s_b^2 (times the input column's importance v_j when one is
+given: the weighted error of scales.py, E = sum v_j (w - s C[q])^2). Each Lloyd step assigns every
+x to its exact nearest entry (the float32 thresholds of dtypes.thresholds, the quantizer's own rule)
+and moves every entry to the weighted mean of its cell (clamped to [-1, 1]); the entry 0 is pinned,
+so all-zero blocks and zero weights stay exact. Neither step can raise E, and the codebook returned is the best one seen,
 the starting levels included: the fit never increases the error of its starting levels.
 The sample is sorted once; a step costs one binary search per entry on weighted prefix sums.
 
 Starts: the nf levels and the tensor's quantile levels (both tried, the better fit kept). With
 `--scales mse` the fit alternates with the scale search: fit C for the current scales, choose the
-scales for C, repeat (ROUNDS times), keeping the best (C, scales) pair by the sample's error.
+scales for C, repeat (ROUNDS times), keeping the best (C, scales) pair by the sample's error. (With
+an importance and `--scales mse` the quantizer fits the plain codebook instead and weights only the
+scale search: format/quantizer.py.)
 """
 
 from __future__ import annotations
@@ -88,12 +91,17 @@ def lloyd_max(x: torch.Tensor, v: torch.Tensor, start: torch.Tensor,
     return best, best_err
 
 
-def _normalized(w: torch.Tensor, s: torch.Tensor, block_size: int):
-    """(x, v): w / s per block and the weight s^2 of every value (0 for padding and zero blocks)."""
+def _normalized(w: torch.Tensor, s: torch.Tensor, block_size: int,
+                importance: torch.Tensor | None = None):
+    """(x, v): w / s per block and the weight s^2 (x the column's importance) of every value (0 for
+    padding and zero blocks)."""
     wb = blocks(w, block_size)
     safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
     x = wb / safe
     v = (s * s)[..., None].expand_as(wb).clone()
+    cols = scales.column_weights(importance, w.shape[1], block_size)
+    if cols is not None:
+        v.mul_(cols)
     k = w.shape[1]
     if wb.shape[1] * block_size != k:  # padding is no data
         v.view(w.shape[0], -1)[:, k:] = 0
@@ -101,11 +109,12 @@ def _normalized(w: torch.Tensor, s: torch.Tensor, block_size: int):
 
 
 def fit_codebook(sample: torch.Tensor, bits: int, block_size: int, scale_method: str = "absmax",
-                 absmax_dtype: str = "fp16") -> torch.Tensor:
-    """The Lloyd-Max codebook (2^k float32 values, sorted, with 0) for rows `sample` (m, K)."""
+                 absmax_dtype: str = "fp16", importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The Lloyd-Max codebook (2^k float32 values, sorted, with 0) for rows `sample` (m, K);
+    `importance` (K,) weights each input column's squared error (scales.py)."""
     sample = sample.float()
     absmax = scales.round_scale(scales.block_scales(sample, block_size, "absmax", None), absmax_dtype)
-    x, v = _normalized(sample, absmax, block_size)
+    x, v = _normalized(sample, absmax, block_size, importance)
     starts = [dtypes.get("nf").levels(bits), dtypes.get("quantile").fit(bits, x[v > 0])]
     best, best_err = None, float("inf")
     for start in starts:
@@ -116,8 +125,8 @@ def fit_codebook(sample: torch.Tensor, bits: int, block_size: int, scale_method:
         return best
     cb = best
     for _ in range(ROUNDS):
-        s = scales.block_scales(sample, block_size, scale_method, cb, absmax_dtype)
-        x, v = _normalized(sample, s, block_size)
+        s = scales.block_scales(sample, block_size, scale_method, cb, absmax_dtype, importance)
+        x, v = _normalized(sample, s, block_size, importance)
         err_here = _Sorted(x.reshape(-1), v.reshape(-1)).error(cb)
         if err_here < best_err:
             best, best_err = cb, err_here

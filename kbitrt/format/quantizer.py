@@ -15,14 +15,16 @@ from kbitrt.format.config import QuantConfig
 
 def quantize_weight(w: torch.Tensor, config: QuantConfig, name: str = "tensor",
                     dtype16: torch.dtype = torch.float16,
-                    codebook: torch.Tensor | None = None) -> QuantizedWeight:
+                    codebook: torch.Tensor | None = None,
+                    importance: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize a whole (N, K) matrix in memory: MatrixQuantizer over one chunk of rows.
-    `codebook` replaces the data type's own (a codebook fitted elsewhere, e.g. to compare fits)."""
+    `codebook` replaces the data type's own (a codebook fitted elsewhere, e.g. to compare fits);
+    `importance` (K,) weights each input column's error in the mse scales and the Lloyd fit."""
     outlier_idx = None
     if config.outliers is not None:
         check_finite(w, name)
         outlier_idx = select_outliers(w, config.outliers)
-    q = MatrixQuantizer(config, w.shape, name, outlier_idx, dtype16, codebook)
+    q = MatrixQuantizer(config, w.shape, name, outlier_idx, dtype16, codebook, importance)
     for _ in range(q.passes):
         q.observe(0, w)
         q.finish_observing()
@@ -40,13 +42,15 @@ class MatrixQuantizer:
     (its codebook), double-quantized scales (their 8-bit codes span the matrix), and `mse` scales
     with double quantization (a second look, once the codebook is known). `passes` says how many
     times to `observe` each chunk (calling `finish_observing` after each pass) before `quantize`.
-    Outlier columns (`outlier_idx`) are kept in 16 bit and quantized as zeros.
+    Outlier columns (`outlier_idx`) are kept in 16 bit and quantized as zeros. `importance` (K,)
+    weights each input column's squared error where the weights are fitted (mse scales, lloyd).
     """
 
     def __init__(self, config: QuantConfig, shape: tuple[int, int], name: str = "tensor",
                  outlier_idx: torch.Tensor | None = None, dtype16: torch.dtype = torch.float16,
-                 codebook: torch.Tensor | None = None):
+                 codebook: torch.Tensor | None = None, importance: torch.Tensor | None = None):
         self.config, self.name, self.dtype16 = config, name, dtype16
+        self.importance = importance
         self.n, self.k = shape
         self.outlier_idx = outlier_idx
         self.data_type = dtypes.get(config.dtype)
@@ -96,8 +100,13 @@ class MatrixQuantizer:
         raw = torch.cat(self._absmax_parts)
         if self._pass == 0 and self.fit and self.data_type.whole_rows:
             cfg = self.config
+            # with importance and mse scales the codebook is the plain fit (absmax scales, no
+            # weights) and the importance weights the scale search for it: weighting both (the
+            # alternation) measured worse on SmolLM2 (docs/fidelity.md, issue 15)
+            both = self.importance is not None and cfg.scales != "absmax"
             self.codebook = lloyd.fit_codebook(torch.cat(self._sample_parts), cfg.bits,
-                                               cfg.block_size, cfg.scales, cfg.absmax_dtype)
+                                               cfg.block_size, "absmax" if both else cfg.scales,
+                                               cfg.absmax_dtype, None if both else self.importance)
         self.stored, self.scale, self.offset, self.absmax = quantize_absmax(
             raw, self.config.absmax_dtype, self.name)
         if self._pass == 0 and self.fit and not self.data_type.whole_rows:
@@ -117,7 +126,7 @@ class MatrixQuantizer:
             return self._block_absmax(w)
         self._block_absmax(w)  # refuses NaN/Inf by name
         return scales.block_scales(w, self.config.block_size, self.config.scales, self.codebook,
-                                   self.config.absmax_dtype)
+                                   self.config.absmax_dtype, self.importance)
 
     def quantize(self, r0: int, w: torch.Tensor) -> QuantizedWeight:
         """Rows r0.. of the matrix, quantized. With double-quantized scales (whose 8-bit codes

@@ -18,6 +18,14 @@ error, which exact nearest rounding at conversion can only lower) and compared w
 absmax error (the quantizer's own arithmetic: IEEE division by the stored scale, clamp, exact
 nearest index); a block keeps its absmax scale unless the winner is better by MARGIN, so no block's
 error ever grows. Vectorized over row chunks that stay in cache.
+
+Importance: with a per-input-column weight v (K,) >= 0 every error above is the weighted one,
+E(s) = sum_i v_i (w_i - s C[q_i])^2 (the least-squares step becomes s = <v w, c> / <v c, c>). For a
+linear y = W x with E[x_j^2] proportional to v_j and uncorrelated inputs, that is its expected output
+error. Zero-shot, v comes from the checkpoint (the gain of the norm the linear reads, converter);
+one-shot, from the calibration Hessian's diagonal (GPTQ). The winner is compared with absmax under
+the same weighted error, so no block's weighted error grows. `keep_max` restricts the candidates to
+scales >= the absmax (no clipping: the block's largest weight stays in range).
 """
 
 from __future__ import annotations
@@ -49,8 +57,10 @@ def round_scale(s: torch.Tensor, absmax_dtype: str) -> torch.Tensor:
 
 
 def block_scales(w: torch.Tensor, block_size: int, method: str, codebook: torch.Tensor,
-                 absmax_dtype: str = "fp16") -> torch.Tensor:
-    """float32 (N, n_blocks) per-block scales of a float (N, K) tensor, as `method` chooses them."""
+                 absmax_dtype: str = "fp16", importance: torch.Tensor | None = None,
+                 keep_max: bool = False) -> torch.Tensor:
+    """float32 (N, n_blocks) per-block scales of a float (N, K) tensor, as `method` chooses them;
+    `importance` (K,) weights each input column's squared error (mse only)."""
     absmax = block_absmax(w, block_size)
     if method == "absmax":
         return absmax
@@ -58,7 +68,20 @@ def block_scales(w: torch.Tensor, block_size: int, method: str, codebook: torch.
         raise KbitFormatError(f"--scales {method!r} is unknown: use one of {', '.join(SCALES)}")
     if not torch.isfinite(absmax).all():
         return absmax  # the caller reports the broken weights
-    return mse_scales(w, absmax, codebook, block_size, absmax_dtype)
+    return mse_scales(w, absmax, codebook, block_size, absmax_dtype, importance, keep_max)
+
+
+def column_weights(importance: torch.Tensor | None, k: int, block_size: int) -> torch.Tensor | None:
+    """(n_blocks, B) float32 weights of the (padded) columns, or None for uniform; padding gets 0."""
+    if importance is None:
+        return None
+    v = importance.detach().reshape(-1).float().cpu()
+    if v.numel() != k:
+        raise KbitFormatError(f"importance has {v.numel()} values for {k} input columns")
+    if not (torch.isfinite(v).all() and (v >= 0).all()):
+        raise KbitFormatError("importance values must be finite and >= 0")
+    nb = -(-k // block_size)
+    return torch.nn.functional.pad(v, (0, nb * block_size - k)).view(nb, block_size)
 
 
 def _lookup(table: dtypes.NearestTable, x: torch.Tensor) -> torch.Tensor:
@@ -87,23 +110,30 @@ def _grid_codes(wb: torch.Tensor, s: torch.Tensor, grid_table: torch.Tensor) -> 
     return torch.index_select(grid_table, 0, idx.view(-1)).view(wb.shape)
 
 
-def _sums(wb: torch.Tensor, c: torch.Tensor, s: torch.Tensor):
-    """(squared error, sum w*c, sum c*c) per block of codes with normalised values c at scales s."""
-    wc, cc = (c * wb).sum(-1), (c * c).sum(-1)
-    return c.mul_(s[..., None]).sub_(wb).square_().sum(-1), wc, cc
+def _sums(wb: torch.Tensor, c: torch.Tensor, s: torch.Tensor, v: torch.Tensor | None = None):
+    """(squared error, sum v*w*c, sum v*c*c) per block of codes with normalised values c at scales
+    s; v (nb, B) weights the columns (None: all 1)."""
+    vc = c if v is None else c * v
+    wc, cc = (vc * wb).sum(-1), (vc * c).sum(-1)
+    err = c.mul_(s[..., None]).sub_(wb).square_()
+    if v is not None:
+        err.mul_(v)
+    return err.sum(-1), wc, cc
 
 
-def _exact(wb: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor, table: dtypes.NearestTable):
-    """(squared error, sum w*c, sum c*c) per block of wb (m, nb, B) quantized as the converter does
-    with stored scales s (m, nb): c are the normalised codebook values of the codes."""
+def _exact(wb: torch.Tensor, s: torch.Tensor, codebook: torch.Tensor, table: dtypes.NearestTable,
+           v: torch.Tensor | None = None):
+    """(squared error, sum v*w*c, sum v*c*c) per block of wb (m, nb, B) quantized as the converter
+    does with stored scales s (m, nb): c are the normalised codebook values of the codes."""
     safe = torch.where(s > 0, s, torch.ones_like(s))[..., None]
     x = (wb / safe).clamp_(-1.0, 1.0)
     c = torch.index_select(codebook, 0, _lookup(table, x).view(-1)).view(wb.shape)
-    return _sums(wb, c, s)
+    return _sums(wb, c, s, v)
 
 
 def mse_scales(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, block_size: int,
-               absmax_dtype: str = "fp16") -> torch.Tensor:
+               absmax_dtype: str = "fp16", importance: torch.Tensor | None = None,
+               keep_max: bool = False) -> torch.Tensor:
     """Per-block least-squared-error scales: the clipping/widening grid, then least-squares steps.
 
     Candidates are ranked by E(s) = sum w^2 - 2 s <w, c> + s^2 <c, c> (float64, from the two float32
@@ -114,6 +144,9 @@ def mse_scales(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, bl
     cb = codebook.float().to(w.device)
     table = dtypes.nearest_table(cb)
     grid_table = _grid_table(cb.cpu().numpy().tobytes()).to(w.device)
+    v = column_weights(importance, k, block_size)
+    if v is not None:
+        v = v.to(w.device)
     out = torch.empty_like(absmax)
     rows = max(1, CHUNK * torch.get_num_threads() // max(nb * block_size, 1))
     for r0 in range(0, n, rows):
@@ -124,14 +157,20 @@ def mse_scales(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, bl
         wb = wb.reshape(r1 - r0, nb, block_size)
         a = absmax[r0:r1]
         s_abs = round_scale(a, absmax_dtype)
-        e_abs, best_wc, best_cc = _exact(wb, s_abs, cb, table)
-        ww = wb.square().sum(-1).double()
+        e_abs, best_wc, best_cc = _exact(wb, s_abs, cb, table, v)
+        ww = (wb.square() if v is None else wb.square() * v).sum(-1).double()
         best_s, best_e = s_abs, e_abs.double()
 
         def consider(s: torch.Tensor) -> None:
             nonlocal best_s, best_e, best_wc, best_cc
+            if keep_max:
+                s = torch.maximum(s, s_abs)
             c = _grid_codes(wb, s, grid_table)
-            wc, cc = (c * wb).sum(-1), c.square_().sum(-1)
+            if v is not None:
+                c2 = c * v
+                wc, cc = (c2 * wb).sum(-1), c2.mul_(c).sum(-1)
+            else:
+                wc, cc = (c * wb).sum(-1), c.square_().sum(-1)
             sd = s.double()
             e = ww - 2 * sd * wc + sd * sd * cc
             better = e < best_e
@@ -141,12 +180,14 @@ def mse_scales(w: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor, bl
             best_cc = torch.where(better, cc, best_cc)
 
         for alpha in GRID_ALPHAS:
+            if keep_max and alpha < 1:
+                continue
             consider(round_scale(a * alpha, absmax_dtype))
         for _ in range(LS_STEPS):  # the least-squares scale of the best codes so far
             ls = best_wc / torch.where(best_cc > 0, best_cc, torch.ones_like(best_cc))
             ok = (best_cc > 0) & (ls > 0) & torch.isfinite(ls)
             consider(round_scale(torch.where(ok, ls, best_s), absmax_dtype))
         # the winner's own error, summed directly (an upper bound of its exact nearest error)
-        e, _, _ = _sums(wb, _grid_codes(wb, best_s, grid_table), best_s)
+        e, _, _ = _sums(wb, _grid_codes(wb, best_s, grid_table), best_s, v)
         out[r0:r1] = torch.where(e < e_abs * (1 - MARGIN), best_s, s_abs)
     return out

@@ -13,6 +13,13 @@ linears are quantized from the layer's fp inputs (computed through the layers al
 as GPTQ does), then the layer is run again with its quantized weights to give the next layer's
 inputs. The output head is not part of a decoder layer: with --quantize-head it is rounded to
 nearest as usual.
+
+`--method rtn --importance hessian` takes the same path with round-to-nearest instead of GPTQ: each
+linear is rounded to nearest with mse block scales (and/or a Lloyd codebook) whose search weights
+each input column's squared error by the diagonal of H, the column's input second moment on the
+calibration data (format/scales.py), i.e. the scale that minimises the expected output error of the
+block rather than its weight error. `--importance random` does the same with uniformly random
+token ids (seeded) in place of calibration text: no data, only the model's own forward.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from kbitrt.convert.source import find_checkpoint
 from kbitrt.errors import KbitFormatError
 from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.format.config import QuantConfig
+from kbitrt.format.quantizer import quantize_weight
 from kbitrt.runtime.loader import hf_config
 from kbitrt.runtime.models.decoder import Decoder, default_positions
 from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_args,
@@ -134,7 +142,11 @@ def gptq_quantize_model(folder: str | Path, config: QuantConfig, calib: torch.Te
                         damp: float = 0.01, act_order: bool = False, progress: Progress | None = None,
                         trust_remote_code: bool = False, results: GPTQResults | None = None,
                         dtype16: torch.dtype = torch.float16) -> GPTQResults:
-    """GPTQ every linear of every decoder layer of the HF checkpoint `folder` on calib (n, T)."""
+    """GPTQ every linear of every decoder layer of the HF checkpoint `folder` on calib (n, T);
+    with `config.method == "rtn"` (and importance "hessian") round each to nearest instead, its
+    scale search weighted by the Hessian diagonal."""
+    if config.method != "gptq" and config.importance not in ("hessian", "random"):
+        raise KbitFormatError("calibration is for --method gptq or --importance hessian|random")
     folder = Path(folder)
     raw = json.loads((folder / "config.json").read_text())
     hfc = hf_config(raw)
@@ -193,8 +205,12 @@ def gptq_quantize_model(folder: str | Path, config: QuantConfig, calib: torch.Te
             h.remove()
         for ours, theirs in linears.items():
             lin = model.get_submodule(ours)
-            qw = gptq_quantize(lin.weight.data, hess[ours].matrix(), config, damp=damp,
-                               act_order=act_order, name=theirs, dtype16=dtype16)
+            if config.method == "gptq":
+                qw = gptq_quantize(lin.weight.data, hess[ours].matrix(), config, damp=damp,
+                                   act_order=act_order, name=theirs, dtype16=dtype16)
+            else:  # calibrated round-to-nearest: the Hessian diagonal weights the scale search
+                qw = quantize_weight(lin.weight.data, config, theirs, dtype16,
+                                     importance=torch.diagonal(hess[ours].matrix()).float())
             lin.weight.data = qw.dequantize(torch.float32)
             results.put(theirs, qw)
             del hess[ours]
@@ -222,8 +238,23 @@ def calibration_windows(folder: Path, text: str, samples: int, seqlen: int) -> t
     return ids[ids.numel() - n * seqlen:].view(n, seqlen)
 
 
-def convert_gptq(source: str | Path, output: str | Path, config: QuantConfig, *, calib_text: str,
-                 calib_name: str, samples: int = 128, seqlen: int = 2048, damp: float = 0.01,
+def random_windows(folder: Path, samples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """(samples, seqlen) token ids drawn uniformly from the model's vocabulary (seeded): the inputs
+    of `--importance random`, which needs no data."""
+    if samples < 1 or seqlen < 2:
+        raise KbitFormatError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
+    hfc = hf_config(json.loads((Path(folder) / "config.json").read_text()))
+    why = why_not_native(hfc)
+    if why:
+        raise KbitFormatError(f"--importance random runs through the native decoder: {why}")
+    args = model_args(hfc)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, args.vocab_size, (samples, seqlen), generator=g)
+
+
+def convert_gptq(source: str | Path, output: str | Path, config: QuantConfig, *,
+                 calib_text: str | None = None, calib_name: str = "random tokens",
+                 samples: int = 128, seqlen: int = 2048, damp: float = 0.01,
                  act_order: bool = False, force: bool = False, revision: str | None = None,
                  trust_remote_code: bool = False, progress: Progress | None = None, **convert_kw):
     """`kbit convert --method gptq`: GPTQ layer by layer, then the streaming converter writes it."""
@@ -231,18 +262,28 @@ def convert_gptq(source: str | Path, output: str | Path, config: QuantConfig, *,
     from kbitrt.convert.source import resolve_model
     from kbitrt.convert.staging import check_output
 
-    if config.method != "gptq":
-        raise KbitFormatError("convert_gptq needs a QuantConfig with method='gptq'")
+    if config.method != "gptq" and config.importance not in ("hessian", "random"):
+        raise KbitFormatError("convert_gptq needs a QuantConfig with method='gptq' or "
+                              "importance 'hessian' or 'random'")
+    if (config.importance == "random") != (calib_text is None):
+        raise KbitFormatError("--importance random reads random tokens, not --calib text" if
+                              calib_text is not None else "calibration needs --calib text")
     if not damp > 0:
         raise KbitFormatError("--damp must be > 0 (a fraction of the mean Hessian diagonal)")
     folder = resolve_model(source, revision)
     check_output(folder, Path(output).expanduser().resolve(), force)  # fail before hours of work
-    calib = calibration_windows(folder, calib_text, samples, seqlen)
+    if calib_text is None:
+        calib = random_windows(folder, samples, seqlen)
+    else:
+        calib = calibration_windows(folder, calib_text, samples, seqlen)
     results = gptq_quantize_model(folder, config, calib, damp=damp, act_order=act_order,
                                   progress=progress, trust_remote_code=trust_remote_code)
     record = {"calibration": {"dataset": calib_name, "samples": calib.shape[0],
-                              "seqlen": calib.shape[1], "damp": damp, "act_order": act_order,
-                              "windows": "last non-overlapping windows of the text"}}
+                              "seqlen": calib.shape[1],
+                              **({"damp": damp, "act_order": act_order}
+                                 if config.method == "gptq" else {}),
+                              "windows": "uniform over the vocabulary, seed 0" if calib_text is None
+                              else "last non-overlapping windows of the text"}}
     try:
         return convert(source, output, config, force=force, revision=revision,
                        trust_remote_code=trust_remote_code, progress=progress, overrides=results,
