@@ -138,12 +138,12 @@ def test_without_the_kernels_the_runtime_falls_back(tmp_path):
     by default, and the packed mode still runs (dequantizing in torch)."""
     code = ("import torch\n"
             "from kbitrt.runtime.kernels import cpu\n"
-            "from kbitrt.runtime.loader import resolve_cpu_weights\n"
+            "from kbitrt.runtime.loader import cpu_weights_for\n"
             "from kbitrt.format.config import QuantConfig\n"
             "from kbitrt.format.quantizer import quantize_weight\n"
             "from kbitrt.runtime.linear import KbitLinear\n"
             "assert not cpu.available()\n"
-            "assert resolve_cpu_weights('auto', torch.device('cpu')) == 'fp16'\n"
+            "assert cpu_weights_for('auto', torch.device('cpu'), 4) == 'fp16'\n"
             "qw = quantize_weight(torch.randn(8, 64), QuantConfig(bits=4, block_size=32))\n"
             "y = KbitLinear.from_quantized(qw, cpu_cache=False)(torch.ones(1, 64))\n"
             "torch.testing.assert_close(y, torch.ones(1, 64) @ qw.dequantize().t())\n"
@@ -186,6 +186,16 @@ def test_other_cpus_paths_match_the_twin(variant, width):
         torch.testing.assert_close(ops.half_linear(x, w, None), x @ w.float().t(), rtol=1e-5,
                                    atol=1e-4)
         assert torch.equal(ops.half_linear(x[:1], w, None)[0], ops.half_linear(x, w, None)[0])
+
+
+def test_auto_is_packed_up_to_6_bits_here():
+    from kbitrt.runtime.loader import PACKED_DEFAULT_MAX_BITS, cpu_weights_for
+
+    cpu_dev = torch.device("cpu")
+    assert [cpu_weights_for("auto", cpu_dev, k) for k in range(3, 9)] == \
+        ["packed"] * (PACKED_DEFAULT_MAX_BITS - 2) + ["fp16"] * (8 - PACKED_DEFAULT_MAX_BITS)
+    assert cpu_weights_for("fp32", cpu_dev, 4) == "fp32"
+    assert cpu_weights_for("packed", cpu_dev, 8) == "packed"
 
 
 def test_vectorized_here():

@@ -29,7 +29,7 @@ from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_
 BACKENDS = ("auto", "native", "transformers")
 # What a CPU KbitLinear holds: only the packed codes ("packed", --low-memory), read by the fused
 # CPU kernels (kernels/cpu.py), or a dense copy in fp16 / bf16 / fp32 with the packed buffers freed.
-# "auto": packed where the fused kernels build, else fp16 (resolve_cpu_weights)
+# "auto": packed where the fused kernels run vectorized, else fp16 (cpu_weights_for)
 CPU_WEIGHTS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16,
                "fp32": torch.float32, "packed": None}
 # checkpoint tensors that are not weights (transformers' buffers some old checkpoints carry)
@@ -158,13 +158,22 @@ def check_cpu_weights(cpu_weights: str) -> str:
     return cpu_weights
 
 
-def resolve_cpu_weights(cpu_weights: str, device: torch.device) -> str:
-    """"auto" on the CPU: the packed codes where the fused CPU kernels run vectorized (faster and
-    4x smaller than an fp16 copy at 4 bits), else fp16 copies. Other values as given."""
+# widths the fused CPU kernels serve faster than fp16 copies (benchmarks/cpu_matmul.py, AVX-512
+# Xeon, 2 threads, SmolLM2's linears per token: k=3..6 within -8%..+64% of fp16, while k=7 and 8,
+# whose codebook lookup is a gather, take 1.3x and 1.8x as long); wider ones default to fp16 copies
+PACKED_DEFAULT_MAX_BITS = 6
+
+
+def cpu_weights_for(cpu_weights: str, device: torch.device, bits: int | None = None) -> str:
+    """"auto" on the CPU: the packed codes where the fused CPU kernels run vectorized (4x smaller
+    than an fp16 copy at 4 bits, and faster) for widths up to PACKED_DEFAULT_MAX_BITS, else fp16
+    copies. Other values as given."""
     if cpu_weights != "auto":
         return cpu_weights
     if device.type != "cpu":  # what the GPU kernels read (CPU-offloaded layers included)
         return "packed"
+    if bits is not None and bits > PACKED_DEFAULT_MAX_BITS:
+        return "fp16"
     return "packed" if cpu_kernels.vectorized() else "fp16"
 
 
@@ -413,7 +422,7 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
     """A runnable model from a source with the KbitModel interface (on disk or in memory).
 
     cpu_weights (CPU only): "packed" codes or fp16 / bf16 / fp32 dense copies, "auto" (default):
-    packed where the fused CPU kernels build (resolve_cpu_weights);
+    packed where the fused CPU kernels run vectorized (cpu_weights_for);
     `device_map`/`max_memory` split it over devices (runtime/placement.py)."""
     check_cpu_weights(cpu_weights)
     config = hf_config(source.config)
@@ -423,8 +432,8 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
     if device_map is not None:  # placement hook (issue 14)
         from kbitrt.runtime.placement import build_placed
 
-        cpu_weights = resolve_cpu_weights(cpu_weights, device if isinstance(device, torch.device)
-                                          else resolve_device(device))
+        cpu_weights = cpu_weights_for(cpu_weights, device if isinstance(device, torch.device)
+                                      else resolve_device(device), _bits(source))
         placed, dtype = build_placed(source, config, backend, build, device, dtype, device_map,
                                      max_memory, default_dtype, cpu_weights)
         model = placed.model if backend == "native" else TransformersLM(placed.model)
@@ -432,7 +441,7 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
     else:
         device = device if isinstance(device, torch.device) else resolve_device(device)
         dtype = dtype or default_dtype(device, source.config)
-    cpu_weights = resolve_cpu_weights(cpu_weights, device)
+    cpu_weights = cpu_weights_for(cpu_weights, device, _bits(source))
     if device.type == "cpu":
         limit_heap_growth()
     with torch.no_grad():
@@ -468,6 +477,11 @@ def merge_projections(model: Decoder) -> None:
             gate_up = stack_rows([mlp.gate, mlp.up])
             if gate_up is not None:
                 mlp.merge_gate_up(gate_up)
+
+
+def _bits(source) -> int | None:
+    """The width a source's quantized linears hold (None when it does not say)."""
+    return getattr(getattr(source, "quant", None), "bits", None)
 
 
 def _max_positions(config) -> int | None:
