@@ -3,7 +3,8 @@
 On CUDA every forward runs the fused-dequant kernels (kbitrt::kbit_linear): W is never
 materialised in GPU memory. On the CPU there are two modes:
 
-- `packed` (the default where the fused CPU kernels build, kernels/cpu.py; `--low-memory`): only
+- `packed` (the default for 3..6-bit models where the fused CPU kernels run vectorized,
+  kernels/cpu.py and loader.cpu_weights_for; `--low-memory`): only
   the packed k-bit codes stay resident. The fused kernel reads them directly for up to
   cpu.FUSED_MAX_ROWS tokens (decoding); above, the layer is dequantized into a temporary and
   multiplied by torch. Without the kernels each call dequantizes in torch (slow: ~10-35 ms per
@@ -12,7 +13,7 @@ materialised in GPU memory. On the CPU there are two modes:
   our Xeon torch's fp16 GEMV is as fast as bf16 or faster, and fp16 keeps 3 more mantissa bits;
   benchmarks/cpu_matmul.py) and used by F.linear, the activations cast to it and back.
   `release_packed()` then drops the packed buffers, so only the 16-bit copy stays resident: at
-  most 16 bits per weight (the default where the kernels cannot be built).
+  most 16 bits per weight (the default otherwise).
   `cpu_dtype=torch.float32` keeps an exact fp32 copy instead (tests, reference numbers).
 """
 
