@@ -26,9 +26,10 @@ def cpu_weight_options(f):
     """--low-memory and --cpu-weights: what a quantized linear holds on the CPU."""
     f = click.option("--cpu-weights", type=click.Choice(["auto", "packed", "fp16", "bf16", "fp32"]),
                      default=None, help="CPU: what a quantized linear holds (default auto: the "
-                     "packed codes where the fused CPU kernels build, else fp16 copies).")(f)
+                     "packed codes for 3..6-bit models where the fused CPU kernels run "
+                     "vectorized, else fp16 copies).")(f)
     return click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit "
-                        "weights resident (the default where the fused CPU kernels build).")(f)
+                        "weights resident, at any width (= --cpu-weights packed).")(f)
 
 
 def resolve_cpu_weights(low_memory: bool, cpu_weights: str | None, packed: bool = False) -> str:

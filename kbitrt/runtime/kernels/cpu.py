@@ -1,10 +1,11 @@
 """The fused k-bit CPU kernels (cpu_kernels.cpp): built on first use, twins in reference.py.
 
 The C++ source ships with the package and is compiled once per machine by torch's extension
-builder (a C++ compiler and ninja; `-march=native`, so its AVX-512 paths are used where the CPU
-has them) into the kbitrt cache, keyed by the source, torch's version and the CPU's flags. Where
-it cannot be built, `available()` is False, the reason is printed once, and the CPU falls back to
-16-bit dense copies (kbitrt.runtime.linear): a slower path, never a failure.
+builder (a C++ compiler and ninja; `-march=native`, so its AVX-512 or AVX2 paths are used where the
+CPU has them, portable loops elsewhere) into the kbitrt cache, keyed by the source, torch's
+version and the CPU's flags. Where it cannot be built, `available()` is False, the reason is
+printed once, and the CPU falls back to 16-bit dense copies (kbitrt.runtime.linear): a slower
+path, never a failure. Which models hold packed codes by default: loader.cpu_weights_for.
 
     kbit_linear(x, qweight, absmax, codebook, bias, bits, block_size, K)  y = x W^T, W packed
     kbit_dequantize(qweight, absmax, codebook, bits, block_size, K)       W in fp32
