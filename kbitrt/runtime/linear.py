@@ -167,6 +167,13 @@ class KbitLinear(nn.Module):
         vals = F.embedding(self.qweight.int(), table).view(n, -1, self.block_size)
         return (vals * self.absmax.float().unsqueeze(-1)).view(n, k)
 
+    def dense_cpu_weight(self) -> torch.Tensor:
+        """The 16-bit (cpu_dtype) W the dense CPU mode multiplies by: the released copy, else the
+        cache it fills on first use."""
+        if self.dense_weight is not None:
+            return self.dense_weight
+        return self._cached_weight(self.cpu_dtype)
+
     def _cached_weight(self, dtype: torch.dtype) -> torch.Tensor:
         key = (dtype, self.qweight.data_ptr(), self.qweight._version, self.absmax._version)
         if self._w_cache is None or self._w_cache[0] != key:

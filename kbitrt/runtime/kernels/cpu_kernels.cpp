@@ -54,7 +54,12 @@ inline int code_at(const uint8_t* row, int64_t kp, int64_t i) {
 }
 
 inline float to_float(float v) { return v; }
+#if defined(KBIT_SIMD) && defined(__F16C__)
+// one instruction (c10::Half's conversion is a bit-twiddling routine): a block scale per 64 weights
+inline float to_float(c10::Half v) { return _cvtsh_ss(v.x); }
+#else
 inline float to_float(c10::Half v) { return static_cast<float>(v); }
+#endif
 
 #ifdef KBIT_SIMD
 #include "cpu_simd.h"
@@ -158,21 +163,43 @@ inline float lanes_sum(vf a0, vf a1, vf a2, vf a3) {
   return v[0];
 }
 
+// rows of W taken together in a decoding step (M = 1): independent chains hide the FMA latency;
+// each row keeps its own accumulators, so its sum is the same as alone, bit for bit
+constexpr int kRows = KBIT_SIMD == 512 ? 4 : 2;
+
+// a . b_r for R rows b_r, with b_r's 16-lane groups from load_b(r, i) and single values from
+// value_b(r, i)
+template <int R, typename LoadB, typename ValueB>
+inline void dot_rows_with(const float* a, int64_t K, LoadB load_b, ValueB value_b, float* out) {
+  vf acc[R][4];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vzero();
+  int64_t i = 0;
+  for (; i + 64 <= K; i += 64) {
+    const vf a0 = vload(a + i), a1 = vload(a + i + 16), a2 = vload(a + i + 32),
+             a3 = vload(a + i + 48);
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = vfma(a0, load_b(r, i), acc[r][0]);
+      acc[r][1] = vfma(a1, load_b(r, i + 16), acc[r][1]);
+      acc[r][2] = vfma(a2, load_b(r, i + 32), acc[r][2]);
+      acc[r][3] = vfma(a3, load_b(r, i + 48), acc[r][3]);
+    }
+  }
+  for (; i + 16 <= K; i += 16)
+    for (int r = 0; r < R; ++r) acc[r][0] = vfma(vload(a + i), load_b(r, i), acc[r][0]);
+  for (int r = 0; r < R; ++r) {
+    float tail = 0.f;
+    for (int64_t t = i; t < K; ++t) tail = std::fma(a[t], value_b(r, t), tail);
+    out[r] = lanes_sum(acc[r][0], acc[r][1], acc[r][2], acc[r][3]) + tail;
+  }
+}
+
 // a . b with b's 16-lane groups from load_b(i) and single values from value_b(i)
 template <typename LoadB, typename ValueB>
 inline float dot_with(const float* a, int64_t K, LoadB load_b, ValueB value_b) {
-  vf acc0 = vzero(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
-  int64_t i = 0;
-  for (; i + 64 <= K; i += 64) {
-    acc0 = vfma(vload(a + i), load_b(i), acc0);
-    acc1 = vfma(vload(a + i + 16), load_b(i + 16), acc1);
-    acc2 = vfma(vload(a + i + 32), load_b(i + 32), acc2);
-    acc3 = vfma(vload(a + i + 48), load_b(i + 48), acc3);
-  }
-  for (; i + 16 <= K; i += 16) acc0 = vfma(vload(a + i), load_b(i), acc0);
-  float tail = 0.f;
-  for (; i < K; ++i) tail = std::fma(a[i], value_b(i), tail);
-  return lanes_sum(acc0, acc1, acc2, acc3) + tail;
+  float out;
+  dot_rows_with<1>(a, K, [&](int, int64_t i) { return load_b(i); },
+                   [&](int, int64_t i) { return value_b(i); }, &out);
+  return out;
 }
 
 inline float dot(const float* a, const float* b, int64_t K) {
@@ -210,7 +237,7 @@ float row_dot(const uint8_t* row, const ST* scale, const float* cb, int64_t K, i
 // 4 bits: W and x in "pair order". One packed byte holds an even and an odd code, so each whole
 // 32 of K is taken as its 16 even positions, then its 16 odd ones (one widening load of 16 bytes,
 // a mask and a shift give both, half the shuffles of codes16); the rest of K stays in order.
-// x is permuted once per call (to_pair_order); decode_pair4 + dot and row_dot_pair4 then add the
+// x is permuted once per call (to_pair_order); decode_pair4 + dot and rows_dot_pair4 then add the
 // same products in the same order.
 inline void to_pair_order(const float* x, int64_t K, float* out) {
   const int64_t k32 = K / 32 * 32;
@@ -244,37 +271,49 @@ void decode_pair4(const uint8_t* row, const ST* scale, const float* cb, int64_t 
     out[i - from] = cb[code_at<4>(row, kp, i)] * to_float(scale[i / B]);
 }
 
-// row . x for a 4-bit row and x in pair order, blocks of whole 64s: dot(x, decode_pair4(row))
-template <typename ST>
-float row_dot_pair4(const uint8_t* row, const ST* scale, const float* cb, int64_t K, int64_t kp,
-                    int64_t B, const float* x) {
-  vf acc0 = vzero(), acc1 = acc0, acc2 = acc0, acc3 = acc0;
+// rows r < R of a 4-bit W (row_bytes and nb scales apart) times x in pair order, blocks of whole
+// 64s: dot(x, decode_pair4(row)) for each
+template <int R, typename ST>
+void rows_dot_pair4(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
+                    const float* cb, int64_t K, int64_t kp, int64_t B, const float* x,
+                    float* out) {
+  vf acc[R][4];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vzero();
   const int64_t whole = K / 64 * 64, k16 = K / 16 * 16;
   const vf cbv = vload(cb);
   for (int64_t b0 = 0; b0 < whole; b0 += B) {
-    const vf table = vmul(cbv, vset(to_float(scale[b0 / B])));
+    vf table[R];
+    for (int r = 0; r < R; ++r) table[r] = vmul(cbv, vset(to_float(scale[r * nb + b0 / B])));
     const int64_t end = b0 + B < whole ? b0 + B : whole;
     for (int64_t j = b0; j < end; j += 64) {
-      vf e0, o0, e1, o1;
-      pair32(row, j, table, e0, o0);
-      pair32(row, j + 32, table, e1, o1);
-      acc0 = vfma(vload(x + j), e0, acc0);
-      acc1 = vfma(vload(x + j + 16), o0, acc1);
-      acc2 = vfma(vload(x + j + 32), e1, acc2);
-      acc3 = vfma(vload(x + j + 48), o1, acc3);
+      const vf x0 = vload(x + j), x1 = vload(x + j + 16), x2 = vload(x + j + 32),
+               x3 = vload(x + j + 48);
+      for (int r = 0; r < R; ++r) {
+        vf e0, o0, e1, o1;
+        pair32(q + r * row_bytes, j, table[r], e0, o0);
+        pair32(q + r * row_bytes, j + 32, table[r], e1, o1);
+        acc[r][0] = vfma(x0, e0, acc[r][0]);
+        acc[r][1] = vfma(x1, o0, acc[r][1]);
+        acc[r][2] = vfma(x2, e1, acc[r][2]);
+        acc[r][3] = vfma(x3, o1, acc[r][3]);
+      }
     }
   }
-  float tail = 0.f;
-  if (whole < K) {  // under 64 values: decoded, then summed as dot() sums them
-    float w[64];
-    decode_pair4(row, scale, cb, kp, B, whole, K, w);
-    int64_t i = whole;
-    for (; i < k16; i += 16) acc0 = vfma(vload(x + i), vload(w + i - whole), acc0);
-    for (; i < K; ++i) tail = std::fma(x[i], w[i - whole], tail);
+  for (int r = 0; r < R; ++r) {
+    float tail = 0.f;
+    if (whole < K) {  // under 64 values: decoded, then summed as dot() sums them
+      float w[64];
+      decode_pair4(q + r * row_bytes, scale + r * nb, cb, kp, B, whole, K, w);
+      int64_t i = whole;
+      for (; i < k16; i += 16) acc[r][0] = vfma(vload(x + i), vload(w + i - whole), acc[r][0]);
+      for (; i < K; ++i) tail = std::fma(x[i], w[i - whole], tail);
+    }
+    out[r] = lanes_sum(acc[r][0], acc[r][1], acc[r][2], acc[r][3]) + tail;
   }
-  return lanes_sum(acc0, acc1, acc2, acc3) + tail;
 }
 #else
+constexpr int kRows = 1;
+
 inline float dot(const float* a, const float* b, int64_t K) {
   float acc[64] = {0};
   int64_t i = 0;
@@ -291,29 +330,45 @@ inline float dot(const float* a, const float* b, int64_t K) {
 }
 #endif
 
-// row n of W times one row of x; `fused` false: there is none (decode + dot instead)
-template <typename F>
+// rows of W times one row of x; `fused` false: there is none (decode + dot instead).
+// one(n, x) gives row n's result; group(n, x, out) those of rows n..n+kRows-1
+template <typename One, typename Group>
 struct RowDot {
   bool fused;
-  F f;
-  float operator()(int64_t n, const float* x) const { return f(n, x); }
+  One one;
+  Group group;
 };
-template <typename F>
-RowDot<F> row_dot_fn(bool fused, F f) { return RowDot<F>{fused, f}; }
+template <typename One, typename Group>
+RowDot<One, Group> row_dot_fn(bool fused, One one, Group group) {
+  return RowDot<One, Group>{fused, one, group};
+}
+template <typename One>
+auto row_dot_fn(bool fused, One one) {  // rows in turn
+  return row_dot_fn(fused, one, [one](int64_t n, const float* x, float* out) {
+    for (int r = 0; r < kRows; ++r) out[r] = one(n + r, x);
+  });
+}
 
-// the rows [n0, n1) of y (M, N): decode(n, buffer) writes row n of W; row_dot(n, x), where it
-// exists, gives row n times one row of x directly, with the same sums
+// the rows [n0, n1) of y (M, N): decode(n, buffer) writes row n of W; row_dot, where it is
+// fused, gives rows times one row of x directly, with the same sums
 template <typename Decode, typename RowDot>
 void rows_times_x(const float* x, int64_t M, int64_t K, int64_t N, const float* bias,
                   float* y, int64_t n0, int64_t n1, Decode decode, RowDot row_dot) {
-  std::vector<float> w(M == 1 && row_dot.fused ? 0 : K);
+  if (M == 1 && row_dot.fused) {
+    int64_t n = n0;
+    for (float v[kRows]; n + kRows <= n1; n += kRows) {
+      row_dot.group(n, x, v);
+      for (int r = 0; r < kRows; ++r) y[n + r] = bias ? v[r] + bias[n + r] : v[r];
+    }
+    for (; n < n1; ++n) {
+      const float v = row_dot.one(n, x);
+      y[n] = bias ? v + bias[n] : v;
+    }
+    return;
+  }
+  std::vector<float> w(K);
   for (int64_t n = n0; n < n1; ++n) {
     const float b = bias ? bias[n] : 0.f;
-    if (M == 1 && row_dot.fused) {
-      const float v = row_dot(n, x);
-      y[n] = bias ? v + b : v;
-      continue;
-    }
     decode(n, w.data());
     for (int64_t m = 0; m < M; ++m) {
       const float v = dot(x + m * K, w.data(), K);
@@ -367,9 +422,17 @@ void with_decoder(const at::Tensor& qweight, const at::Tensor& absmax, const at:
       auto decode_pair = [=](int64_t n, float* out) {
         decode_pair4(q + n * row_bytes, scale + n * nb, c, kp, block_size, 0, K, out);
       };
-      fn(decode, decode_pair, row_dot_fn(block_size % 64 == 0, [=](int64_t n, const float* xr) {
-        return row_dot_pair4(q + n * row_bytes, scale + n * nb, c, K, kp, block_size, xr);
-      }), true);
+      auto one = [=](int64_t n, const float* xr) {
+        float v;
+        rows_dot_pair4<1>(q + n * row_bytes, row_bytes, scale + n * nb, nb, c, K, kp,
+                          block_size, xr, &v);
+        return v;
+      };
+      auto group = [=](int64_t n, const float* xr, float* out) {
+        rows_dot_pair4<kRows>(q + n * row_bytes, row_bytes, scale + n * nb, nb, c, K, kp,
+                              block_size, xr, out);
+      };
+      fn(decode, decode_pair, row_dot_fn(block_size % 64 == 0, one, group), true);
       return;
     }
     fn(decode, decode, row_dot_fn(block_size % 64 == 0, [=](int64_t n, const float* xr) {
@@ -445,11 +508,22 @@ void half_rows(const float* x, int64_t M, int64_t K, int64_t N, const WT* wp, co
     for (; i < K; ++i) out[i] = static_cast<float>(src[i]);
   };
 #ifdef KBIT_SIMD
-  auto rd = row_dot_fn(true, [=](int64_t n, const float* xr) {  // dot(), W converted on the fly
+  auto rows = [=](auto count, int64_t n, const float* xr, float* out) {  // W converted on the fly
     const WT* src = wp + n * K;
-    return dot_with(xr, K, [src](int64_t i) { return load16(src + i); },
-                    [src](int64_t i) { return static_cast<float>(src[i]); });
-  });
+    dot_rows_with<decltype(count)::value>(
+        xr, K, [src, K](int r, int64_t i) { return load16(src + r * K + i); },
+        [src, K](int r, int64_t i) { return static_cast<float>(src[r * K + i]); }, out);
+  };
+  auto rd = row_dot_fn(
+      true,
+      [=](int64_t n, const float* xr) {
+        float v;
+        rows(std::integral_constant<int, 1>{}, n, xr, &v);
+        return v;
+      },
+      [=](int64_t n, const float* xr, float* out) {
+        rows(std::integral_constant<int, kRows>{}, n, xr, out);
+      });
 #else
   auto rd = row_dot_fn(false, [](int64_t, const float*) { return 0.f; });
 #endif
@@ -484,6 +558,8 @@ int64_t simd_width() {
 #endif
 }
 
+#include "cpu_layers.h"
+
 }  // namespace
 
 // the op namespace: kbitrt_cpu, or another for a second build in the same process (tests build
@@ -499,6 +575,11 @@ TORCH_LIBRARY(KBIT_NS, m) {
         "int block_size, int in_features) -> Tensor");
   m.def("half_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("simd_width() -> int", &simd_width);
+  m.def("layer_stack_create(Tensor[] tensors, int[] config, float eps) -> int",
+        &layer_stack_create);
+  m.def("layer_stack_free(int handle) -> ()", &layer_stack_free);
+  m.def("layer_stack_forward(int handle, Tensor x, Tensor input_pos, Tensor cos, Tensor sin, "
+        "Tensor[] masks) -> Tensor", &layer_stack_forward);
 }
 
 TORCH_LIBRARY_IMPL(KBIT_NS, CPU, m) {

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kbitrt.runtime.models import layer_stack
 from kbitrt.runtime.models.kv_cache import KVCache
 from kbitrt.runtime.models.families import ModelArgs
 
@@ -203,6 +204,11 @@ class Decoder(nn.Module):
         self.inv_freq: torch.Tensor | None = None
         self.rope_scaling = 1.0
         self.slopes: torch.Tensor | None = None
+        # the layers run from C++ on the CPU (layer_stack.py), set up with the KV caches;
+        # use_layer_stack=False keeps the Python layers (tests compare the two)
+        self.use_layer_stack = True
+        self.layer_stack: layer_stack.LayerStack | None = None
+        self.layer_stack_off: str | None = None  # why the Python layers run
 
     # ---------------------------------------------------------------------------------- setup
 
@@ -222,10 +228,21 @@ class Decoder(nn.Module):
         dtype = self.act_dtype or w.dtype
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype, w.device)
+        self.close_layer_stack()
+        if self.use_layer_stack:
+            self.layer_stack, self.layer_stack_off = layer_stack.build(self)
+        else:
+            self.layer_stack_off = "use_layer_stack=False"
 
     def drop_caches(self) -> None:
         for layer in self.layers:
             layer.attn.kv_cache = None
+        self.close_layer_stack()
+
+    def close_layer_stack(self) -> None:
+        if self.layer_stack is not None:
+            self.layer_stack.close()
+            self.layer_stack = None
 
     @property
     def cache_len(self) -> int | None:
@@ -285,8 +302,12 @@ class Decoder(nn.Module):
             rope = ((emb.cos() * self.rope_scaling).to(x.dtype),
                     (emb.sin() * self.rope_scaling).to(x.dtype))
         mask = self.masks(input_pos, pad, x.dtype)
-        for layer in self.layers:
-            x = layer(x, input_pos, rope, mask)
+        if self.layer_stack is not None and x.dtype == torch.float32 \
+                and not torch.compiler.is_compiling():
+            x = self.layer_stack(x, input_pos, rope, mask)
+        else:
+            for layer in self.layers:
+                x = layer(x, input_pos, rope, mask)
         if last_only:
             x = x[:, -1:]
         if a.final_norm:

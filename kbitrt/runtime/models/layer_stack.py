@@ -1,0 +1,152 @@
+"""Every layer of a CPU forward in one call: the decoder's layers handed to the fused CPU kernels'
+library once per KV cache, then run from C++ (kernels/cpu_layers.h) at each step.
+
+A small model's CPU decoding step is dispatch-bound: layer by layer from Python it is ~1,600 torch
+calls around the 121 kernel calls that do the work (benchmarks/results/cpu_step_profile-*.json).
+The C++ side runs the same torch ops in the same order as decoder.py, so the result is
+bit-identical to the Python layers (tests/test_layer_stack.py), without the interpreter between
+them. Models it does not cover (other module types, hooks, outlier columns, a width that changes
+between steps) keep the Python layers; `why_not(decoder)` says why.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from kbitrt.runtime.kernels import cpu as cpu_kernels
+from kbitrt.runtime.linear import KbitLinear
+from kbitrt.runtime.models.kv_cache import KVCache
+
+_NORM = {"rmsnorm": 0, "layernorm": 1}
+_QKV = {"separate": 0, "fused": 1, "interleaved": 2}
+_LINEARS = 7  # per layer: q (or q|k|v), k, v, o, up (or gate|up), gate, down (cpu_layers.h)
+_NONE = torch.empty(0)  # an absent tensor slot
+
+
+def _activation(act: nn.Module) -> int | None:
+    """The C++ code of an activation module (transformers' ACT2FN), None when not covered."""
+    from transformers.activations import GELUActivation, GELUTanh, SiLUActivation
+
+    kind = type(act)
+    if kind in (SiLUActivation, nn.SiLU):
+        return 0
+    if kind is GELUActivation and act.act is torch.nn.functional.gelu:
+        return 1
+    if kind is GELUTanh and getattr(act.act, "keywords", None) == {"approximate": "tanh"}:
+        return 2
+    if kind is nn.ReLU:
+        return 3
+    return None
+
+
+def _linear(m: nn.Module | None, act_dtype: torch.dtype) -> tuple[list[int], list[torch.Tensor]]:
+    """(kind, bits, block, in_features) and (w0, w1, w2, bias) of one linear (cpu_layers.h
+    StackLinear); raises ValueError when the stack cannot run it as its forward does."""
+    if m is None:
+        return [0, 0, 0, 0], [_NONE] * 4
+    if type(m) is nn.Linear:
+        if m.weight.dtype != act_dtype:
+            raise ValueError(f"an nn.Linear in {m.weight.dtype} under {act_dtype} activations")
+        return [2, 0, 0, m.in_features], [m.weight, _NONE, _NONE, _bias(m.bias)]
+    if type(m) is not KbitLinear:  # subclasses (any-precision) change width between steps
+        raise ValueError(f"a {type(m).__name__}")
+    if m.outlier_idx.numel():
+        raise ValueError("outlier columns")
+    if m.packed_released or m.cpu_mode == "dense":
+        return [2, 0, 0, m.in_features], [m.dense_cpu_weight(), _NONE, _NONE, _bias(m.bias)]
+    bias = None if m.bias is None else m.bias.float().contiguous()
+    return ([1, m.bits, m.block_size, m.in_features],
+            [m.qweight, m.absmax, m.codebook, _bias(bias)])
+
+
+def _bias(b: torch.Tensor | None) -> torch.Tensor:
+    return _NONE if b is None else b.detach()
+
+
+def _norm(m: nn.Module, norm: str) -> list[torch.Tensor]:
+    from kbitrt.runtime.models.decoder import RMSNorm
+
+    if norm == "rmsnorm":
+        if type(m) is not RMSNorm or m.weight.dtype != torch.float32:
+            raise ValueError("an RMSNorm not in fp32")
+        return [m.weight.detach(), _NONE]
+    if type(m) is not nn.LayerNorm or m.weight is None:
+        raise ValueError("a LayerNorm without its affine weights")
+    return [m.weight.detach(), _bias(m.bias)]
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
+               for m in module.modules())
+
+
+class LayerStack:
+    """A decoder's layers and KV caches registered with the C++ side; call it as the layers."""
+
+    def __init__(self, decoder: nn.Module):
+        self.handle = 0
+        a = decoder.args
+        layers = list(decoder.layers)
+        self.windows = list(dict.fromkeys(layer.attn.window for layer in layers))
+        mlp_mode = {"plain": 0, "gated": 1}[a.mlp]
+        ints = [len(layers), a.n_heads, a.n_kv_heads, a.head_dim, _NORM[a.norm], 0, 0, 0,
+                int(a.parallel_residual), int(a.post_norm), int(a.residual_from_norm),
+                cpu_kernels.FUSED_MAX_ROWS]
+        tensors: list[torch.Tensor] = []
+        acts = set()
+        for layer in layers:
+            attn, mlp = layer.attn, layer.mlp
+            if type(attn.kv_cache) is not KVCache:
+                raise ValueError("no static KV cache")
+            acts.add(_activation(mlp.act))
+            qkv = [attn.wqkv, None, None] if attn.qkv_mode != "separate" else [attn.wq, attn.wk,
+                                                                                   attn.wv]
+            if mlp.gate_up is not None:
+                mlp_mode, ups = 2, [mlp.gate_up, None]
+            else:
+                ups = [mlp.up, mlp.gate]
+            ints.append(self.windows.index(attn.window))
+            tensors += _norm(layer.attn_norm, a.norm) + _norm(layer.mlp_norm, a.norm)
+            tensors += [attn.kv_cache.k, attn.kv_cache.v]
+            for m in (*qkv, attn.wo, *ups, mlp.down):
+                spec, held = _linear(m, attn.kv_cache.k.dtype)
+                ints += spec
+                tensors += held
+        if len(acts) != 1 or None in acts:
+            raise ValueError(f"activation {type(layers[0].mlp.act).__name__}")
+        ints[5], ints[6], ints[7] = acts.pop(), _QKV[layers[0].attn.qkv_mode], mlp_mode
+        if any(t.device.type != "cpu" for t in tensors):
+            raise ValueError("tensors off the CPU")
+        self.handle = torch.ops.kbitrt_cpu.layer_stack_create(tensors, ints, float(a.norm_eps))
+        # freed with this object, or at exit while torch is still there
+        self._free = weakref.finalize(self, torch.ops.kbitrt_cpu.layer_stack_free, self.handle)
+
+    def __call__(self, x: torch.Tensor, input_pos: torch.Tensor,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None,
+                 mask: dict[int | None, torch.Tensor]) -> torch.Tensor:
+        cos, sin = rope if rope is not None else (_NONE, _NONE)
+        return torch.ops.kbitrt_cpu.layer_stack_forward(self.handle, x, input_pos, cos, sin,
+                                                        [mask[w] for w in self.windows])
+
+    def close(self) -> None:
+        if self.handle:
+            self._free()
+            self.handle = 0
+
+
+def build(decoder: nn.Module) -> tuple[LayerStack | None, str | None]:
+    """(the stack, None) when the C++ side can run this decoder's layers on the CPU, else
+    (None, why not)."""
+    if not cpu_kernels.available():
+        return None, "no fused CPU kernels"
+    if decoder.tok_emb.weight.device.type != "cpu":
+        return None, "not on the CPU"
+    if _has_hooks(decoder.layers):
+        return None, "forward hooks"
+    try:
+        return LayerStack(decoder), None
+    except ValueError as e:
+        return None, str(e)
