@@ -46,11 +46,19 @@ struct StackConfig {
 struct LayerStack {
   StackConfig cfg;
   std::vector<StackLayer> layers;
+  bool rows_ok = true;  // norms and caches in fp32 (cpu_rows.h's decoding path can run)
 };
 
 std::mutex g_stacks_mutex;
 std::map<int64_t, std::shared_ptr<const LayerStack>> g_stacks;
 int64_t g_next_stack = 1;
+
+// whether every defined tensor is contiguous fp32
+bool all_float(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts)
+    if (t->defined() && (t->scalar_type() != at::kFloat || !t->is_contiguous())) return false;
+  return true;
+}
 
 constexpr int64_t kHeaderInts = 12, kTensorsPerLayer = 6 + 4 * kLinears;
 
@@ -87,6 +95,9 @@ int64_t layer_stack_create(const std::vector<at::Tensor>& tensors,
       TORCH_CHECK(s.kind == 0 || s.w0.defined(), "kbitrt_cpu: layer ", l, " linear ", j,
                   " has no weight");
     }
+    stack->rows_ok = stack->rows_ok &&
+                     all_float({&layer.norm1_w, &layer.norm1_b, &layer.norm2_w, &layer.norm2_b,
+                                &layer.k_cache, &layer.v_cache});
     stack->layers.push_back(std::move(layer));
   }
   std::lock_guard<std::mutex> lock(g_stacks_mutex);
@@ -194,20 +205,34 @@ at::Tensor stack_mlp(const StackConfig& c, const StackLayer& layer, const at::Te
   return lin(kDown, stack_act(c, lin(kUp, x)));
 }
 
-// Block.forward
+#include "cpu_rows.h"
+
+// Block.forward; `rows`: the decoding path of cpu_rows.h between the linears
 at::Tensor stack_block(const StackConfig& c, const StackLayer& layer, at::Tensor x,
                        const at::Tensor& input_pos, const at::Tensor& cos, const at::Tensor& sin,
-                       const at::Tensor& mask) {
-  auto norm1 = [&](const at::Tensor& h) { return stack_norm(c, layer.norm1_w, layer.norm1_b, h); };
-  auto norm2 = [&](const at::Tensor& h) { return stack_norm(c, layer.norm2_w, layer.norm2_b, h); };
-  if (c.parallel_residual)
-    return x + stack_attention(c, layer, norm1(x), input_pos, cos, sin, mask) +
-           stack_mlp(c, layer, norm2(x));
+                       const at::Tensor& mask, bool rows) {
+  auto norm = [&](const at::Tensor& w, const at::Tensor& b, const at::Tensor& h) {
+    return rows ? norm_rows(c, w, b, h) : stack_norm(c, w, b, h);
+  };
+  auto norm1 = [&](const at::Tensor& h) { return norm(layer.norm1_w, layer.norm1_b, h); };
+  auto norm2 = [&](const at::Tensor& h) { return norm(layer.norm2_w, layer.norm2_b, h); };
+  auto attention = [&](const at::Tensor& h) {
+    return rows ? attention_rows(c, layer, h, input_pos, cos, sin, mask)
+                : stack_attention(c, layer, h, input_pos, cos, sin, mask);
+  };
+  auto mlp = [&](const at::Tensor& h) {
+    return rows ? mlp_rows(c, layer, h) : stack_mlp(c, layer, h);
+  };
+  auto add = [&](const at::Tensor& a, const at::Tensor& b) { return rows ? add_rows(a, b) : a + b; };
+  if (c.parallel_residual) {
+    const at::Tensor a = attention(norm1(x));
+    return add(add(x, a), mlp(norm2(x)));
+  }
   at::Tensor h = c.post_norm ? x : norm1(x);
-  x = (c.residual_from_norm ? h : x) + stack_attention(c, layer, h, input_pos, cos, sin, mask);
+  x = add(c.residual_from_norm ? h : x, attention(h));
   if (c.post_norm) x = norm1(x);
   h = c.post_norm ? x : norm2(x);
-  x = (c.residual_from_norm ? h : x) + stack_mlp(c, layer, h);
+  x = add(c.residual_from_norm ? h : x, mlp(h));
   return c.post_norm ? norm2(x) : x;
 }
 
@@ -223,11 +248,17 @@ at::Tensor layer_stack_forward(int64_t handle, const at::Tensor& x, const at::Te
     TORCH_CHECK(it != g_stacks.end(), "kbitrt_cpu: no layer stack ", handle);
     stack = it->second;
   }
+  // the loops' path: a decoding step's few rows, everything fp32 and contiguous
+  bool rows = stack->rows_ok && x.size(1) <= stack->cfg.fused_max_rows &&
+              input_pos.scalar_type() == at::kLong && input_pos.is_contiguous() &&
+              all_float({&x, &cos, &sin});
+  for (const at::Tensor& m : masks)
+    rows = rows && all_float({&m}) && m.size(-1) == stack->layers[0].k_cache.size(2);
   at::Tensor h = x;
   for (const StackLayer& layer : stack->layers) {
     TORCH_CHECK(layer.mask_index < static_cast<int64_t>(masks.size()),
                 "kbitrt_cpu: a layer's mask is missing");
-    h = stack_block(stack->cfg, layer, h, input_pos, cos, sin, masks[layer.mask_index]);
+    h = stack_block(stack->cfg, layer, h, input_pos, cos, sin, masks[layer.mask_index], rows);
   }
   return h;
 }

@@ -1,0 +1,160 @@
+// The layer stack's decoding path (cpu_layers.h): for up to fused_max_rows tokens with fp32
+// activations and caches, the work between the linears (norms, rotary, the KV cache write,
+// attention, the gated product, residual adds) as plain loops over rows instead of ~180 small
+// torch ops per layer, each microseconds of dispatch and allocation. Sums run in fixed orders
+// within a row, so a token's result does not depend on how many tokens the step holds (like the
+// kernels): one token at a time and a k-token verifying step agree bit for bit. Against the
+// Python layers (torch ops) the results agree to rounding (tests/test_layer_stack.py).
+//
+// Included by cpu_layers.h after stack_linear and stack_act.
+#pragma once
+
+// y = norm(x) over the last dim, a new tensor (x contiguous fp32)
+at::Tensor norm_rows(const StackConfig& c, const at::Tensor& w, const at::Tensor& b,
+                     const at::Tensor& x) {
+  const int64_t D = x.size(-1), rows = x.numel() / D;
+  at::Tensor y = at::empty_like(x);
+  const float *xs = x.data_ptr<float>(), *ws = w.data_ptr<float>();
+  const float* bs = b.defined() ? b.data_ptr<float>() : nullptr;
+  float* ys = y.data_ptr<float>();
+  const float eps = static_cast<float>(c.eps);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xs + r * D;
+    float* yr = ys + r * D;
+    if (c.norm == 0) {
+      const float inv = 1.f / std::sqrt(dot(xr, xr, D) / D + eps);
+      for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * ws[i];
+      continue;
+    }
+    float mean = 0.f, var = 0.f;
+    for (int64_t i = 0; i < D; ++i) mean += xr[i];
+    mean /= D;
+    for (int64_t i = 0; i < D; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    const float inv = 1.f / std::sqrt(var / D + eps);
+    for (int64_t i = 0; i < D; ++i) yr[i] = (xr[i] - mean) * inv * ws[i] + (bs ? bs[i] : 0.f);
+  }
+  return y;
+}
+
+at::Tensor add_rows(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor y = at::empty_like(a);
+  const float *as = a.data_ptr<float>(), *bs = b.data_ptr<float>();
+  float* ys = y.data_ptr<float>();
+  for (int64_t i = 0, n = a.numel(); i < n; ++i) ys[i] = as[i] + bs[i];
+  return y;
+}
+
+// where q, k or v of token row bt, head h sits in a linear's output
+struct HeadView {
+  const float* base;
+  int64_t row, head, offset;
+  const float* at(int64_t bt, int64_t h) const { return base + bt * row + h * head + offset; }
+};
+
+// rotary over the first rd dims of one head (decoder.py apply_rotary), the rest copied
+inline void rotate_into(const float* src, const float* cs, const float* sn, int64_t rd,
+                        int64_t hd, float* dst) {
+  const int64_t half = rd / 2;
+  for (int64_t i = 0; i < half; ++i) dst[i] = src[i] * cs[i] - src[i + half] * sn[i];
+  for (int64_t i = half; i < rd; ++i) dst[i] = src[i] * cs[i] + src[i - half] * sn[i];
+  std::memcpy(dst + rd, src + rd, sizeof(float) * (hd - rd));
+}
+
+// Attention.forward: the q/k/v linears, rotary, k and v into the cache at input_pos, softmax
+// attention over the cache under the additive mask (B, 1 or nh, T, S), then the output linear
+at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const at::Tensor& x,
+                          const at::Tensor& input_pos, const at::Tensor& cos,
+                          const at::Tensor& sin, const at::Tensor& mask) {
+  const int64_t B = x.size(0), T = x.size(1), nh = c.n_heads, nkv = c.n_kv_heads,
+                hd = c.head_dim, S = layer.k_cache.size(2), group = nh / nkv;
+  auto lin = [&](int j, const at::Tensor& h) {
+    return stack_linear(layer.lin[j], c.fused_max_rows, h).contiguous();
+  };
+  at::Tensor qo = lin(kQ, x), ko, vo;
+  HeadView Q{qo.data_ptr<float>(), nh * hd, hd, 0}, K{}, V{};
+  if (c.qkv == 0) {
+    ko = lin(kK, x), vo = lin(kV, x);
+    K = {ko.data_ptr<float>(), nkv * hd, hd, 0}, V = {vo.data_ptr<float>(), nkv * hd, hd, 0};
+  } else if (c.qkv == 1) {  // rows q | k | v
+    const int64_t W = (nh + 2 * nkv) * hd;
+    Q.row = W, K = {Q.base, W, hd, nh * hd}, V = {Q.base, W, hd, (nh + nkv) * hd};
+  } else {  // per head q, k, v
+    const int64_t W = 3 * nh * hd;
+    Q = {Q.base, W, 3 * hd, 0}, K = {Q.base, W, 3 * hd, hd}, V = {Q.base, W, 3 * hd, 2 * hd};
+  }
+  const int64_t rd = cos.numel() ? cos.size(-1) : 0;
+  const float *cs = rd ? cos.data_ptr<float>() : nullptr, *sn = rd ? sin.data_ptr<float>() : nullptr;
+  const int64_t* pos = input_pos.data_ptr<int64_t>();
+  float *kc = layer.k_cache.data_ptr<float>(), *vc = layer.v_cache.data_ptr<float>();
+  std::vector<float> q(B * T * nh * hd);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t bt = b * T + t;
+      const float *cr = rd ? cs + bt * rd : nullptr, *sr = rd ? sn + bt * rd : nullptr;
+      for (int64_t g = 0; g < nkv; ++g) {
+        float* kd = kc + ((b * nkv + g) * S + pos[t]) * hd;
+        if (rd) rotate_into(K.at(bt, g), cr, sr, rd, hd, kd);
+        else std::memcpy(kd, K.at(bt, g), sizeof(float) * hd);
+        std::memcpy(vc + ((b * nkv + g) * S + pos[t]) * hd, V.at(bt, g), sizeof(float) * hd);
+      }
+      for (int64_t h = 0; h < nh; ++h) {
+        float* qd = q.data() + (bt * nh + h) * hd;
+        if (rd) rotate_into(Q.at(bt, h), cr, sr, rd, hd, qd);
+        else std::memcpy(qd, Q.at(bt, h), sizeof(float) * hd);
+      }
+    }
+  at::Tensor y = at::empty({B, T, nh * hd}, x.options());
+  float* ys = y.data_ptr<float>();
+  const float* ms = mask.data_ptr<float>();
+  const int64_t mb = mask.stride(0), mh = mask.size(1) == 1 ? 0 : mask.stride(1),
+                mt = mask.stride(2);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  at::parallel_for(0, B * nh * T, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (nh * T), h = i / T % nh, t = i % T, g = h / group;
+      const float* qi = q.data() + ((b * T + t) * nh + h) * hd;
+      const float* mrow = ms + b * mb + h * mh + t * mt;
+      const float* kg = kc + (b * nkv + g) * S * hd;
+      const float* vg = vc + (b * nkv + g) * S * hd;
+      float top = -INFINITY;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = mrow[s] == -INFINITY ? -INFINITY : dot(qi, kg + s * hd, hd) * scale + mrow[s];
+        top = p[s] > top ? p[s] : top;
+      }
+      float total = 0.f;
+      for (int64_t s = 0; s < S; ++s) total += p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - top);
+      float* yi = ys + (b * T + t) * nh * hd + h * hd;
+      std::fill(yi, yi + hd, 0.f);
+      for (int64_t s = 0; s < S; ++s) {
+        if (p[s] == 0.f) continue;
+        const float ps = p[s] / total;
+        const float* vs = vg + s * hd;
+        for (int64_t d = 0; d < hd; ++d) yi[d] += ps * vs[d];
+      }
+    }
+  });
+  return stack_linear(layer.lin[kO], c.fused_max_rows, y);
+}
+
+// MLP.forward: the activation is torch's (vectorized exp), the product a loop
+at::Tensor mlp_rows(const StackConfig& c, const StackLayer& layer, const at::Tensor& x) {
+  auto lin = [&](int j, const at::Tensor& h) {
+    return stack_linear(layer.lin[j], c.fused_max_rows, h);
+  };
+  if (c.mlp == 0) return lin(kDown, stack_act(c, lin(kUp, x)));
+  at::Tensor g, u;
+  if (c.mlp == 2) {
+    const at::Tensor gu = lin(kUp, x);
+    const int64_t H = gu.size(-1) / 2;
+    g = stack_act(c, gu.narrow(-1, 0, H)).contiguous(), u = gu.narrow(-1, H, H);
+  } else {
+    g = stack_act(c, lin(kGate, x)).contiguous(), u = lin(kUp, x);
+  }
+  const int64_t H = g.size(-1), rows = g.numel() / H, us = u.stride(-2);
+  float* gs = g.data_ptr<float>();
+  const float* uu = u.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < H; ++i) gs[r * H + i] *= uu[r * us + i];
+  return lin(kDown, g);
+}
