@@ -222,6 +222,8 @@ def set_width(lm, bits: int, reset_compiled: bool = True) -> None:
         if isinstance(m, MultiWidthLinear) and m.bits != bits:
             m.set_bits(bits)
             changed = True
+    if changed and hasattr(model, "refresh_layer_stack"):  # the CPU layer stack's tensors
+        model.refresh_layer_stack()
     if changed and reset_compiled and next(model.buffers()).device.type == "cuda":
         torch._dynamo.reset()  # compiled graphs captured the previous width's buffers
     relabel(lm, bits)

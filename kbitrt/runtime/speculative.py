@@ -121,6 +121,7 @@ class Widths:
     def __init__(self, model: torch.nn.Module, parent: int, draft: int):
         from kbitrt.runtime.any_precision import MultiWidthLinear
 
+        self.model = model
         self.mods = [m for m in model.modules() if isinstance(m, MultiWidthLinear)]
         if not self.mods:
             raise RunError("--draft-bits: this model was loaded at one width; load it with "
@@ -131,6 +132,10 @@ class Widths:
     def set(self, bits: int) -> None:
         for m in self.mods:
             m.set_bits(bits)
+        refresh = getattr(self.model, "refresh_layer_stack", None)
+        if refresh is not None:  # a held width swaps the same tensors in: keep a stack per width
+            held = all(bits in (getattr(m, "held", None) or {}) for m in self.mods)
+            refresh(bits if held else None)
 
 
 def _pick(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None,

@@ -208,6 +208,7 @@ class Decoder(nn.Module):
         # use_layer_stack=False keeps the Python layers (tests compare the two)
         self.use_layer_stack = True
         self.layer_stack: layer_stack.LayerStack | None = None
+        self.kept_stacks: dict[int, layer_stack.LayerStack] = {}  # refresh_layer_stack's keys
         self.layer_stack_off: str | None = None  # why the Python layers run
 
     # ---------------------------------------------------------------------------------- setup
@@ -229,20 +230,36 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype, w.device)
         self.close_layer_stack()
-        if self.use_layer_stack:
-            self.layer_stack, self.layer_stack_off = layer_stack.build(self)
-        else:
-            self.layer_stack_off = "use_layer_stack=False"
+        self.refresh_layer_stack()
 
     def drop_caches(self) -> None:
         for layer in self.layers:
             layer.attn.kv_cache = None
         self.close_layer_stack()
 
-    def close_layer_stack(self) -> None:
-        if self.layer_stack is not None:
+    def refresh_layer_stack(self, key: int | None = None) -> None:
+        """(Re)build the layer stack over the layers' current tensors, once the caches are set up.
+        Called again when they change (an any-precision width switch); `key` names a set of
+        tensors that stays valid (a held width), whose stack is kept for the next switch back."""
+        if self.cache_len is None:
+            return
+        if not self.use_layer_stack:
+            self.layer_stack, self.layer_stack_off = None, "use_layer_stack=False"
+            return
+        if key is not None and key in self.kept_stacks:
+            self.layer_stack = self.kept_stacks[key]
+            return
+        if self.layer_stack is not None and self.layer_stack not in self.kept_stacks.values():
             self.layer_stack.close()
-            self.layer_stack = None
+        self.layer_stack, self.layer_stack_off = layer_stack.build(self)
+        if key is not None and self.layer_stack is not None:
+            self.kept_stacks[key] = self.layer_stack
+
+    def close_layer_stack(self) -> None:
+        for stack in {id(s): s for s in (self.layer_stack, *self.kept_stacks.values())
+                      if s is not None}.values():
+            stack.close()
+        self.layer_stack, self.kept_stacks = None, {}
 
     @property
     def cache_len(self) -> int | None:

@@ -5,8 +5,9 @@ A small model's CPU decoding step is dispatch-bound: layer by layer from Python 
 calls around the 121 kernel calls that do the work (benchmarks/results/cpu_step_profile-*.json).
 The C++ side runs the same torch ops in the same order as decoder.py, so the result is
 bit-identical to the Python layers (tests/test_layer_stack.py), without the interpreter between
-them. Models it does not cover (other module types, hooks, outlier columns, a width that changes
-between steps) keep the Python layers; `why_not(decoder)` says why.
+them. Models it does not cover (other module types, hooks, outlier columns) keep the Python
+layers; `build` says why. A switch of an any-precision model's width changes the linears'
+tensors: the decoder then rebuilds its stack (Decoder.refresh_layer_stack).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _linear(m: nn.Module | None, act_dtype: torch.dtype) -> tuple[list[int], lis
         if m.weight.dtype != act_dtype:
             raise ValueError(f"an nn.Linear in {m.weight.dtype} under {act_dtype} activations")
         return [2, 0, 0, m.in_features], [m.weight, _NONE, _NONE, _bias(m.bias)]
-    if type(m) is not KbitLinear:  # subclasses (any-precision) change width between steps
+    if not isinstance(m, KbitLinear) or type(m).forward is not KbitLinear.forward:
         raise ValueError(f"a {type(m).__name__}")
     if m.outlier_idx.numel():
         raise ValueError("outlier columns")
