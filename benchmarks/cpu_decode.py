@@ -10,7 +10,9 @@ the steadier figure), with the load average before and after.
 
     python benchmarks/cpu_decode.py --threads 2 --reps 3
 
-Writes benchmarks/results/cpu_decode-<threads>threads.json.
+Writes benchmarks/results/cpu_decode-<threads>threads.json. `--memory-only` measures memory alone
+(one untimed prefill + 128 decode steps per runtime, no llama.cpp, no speed figures: it may run on
+a busy machine) into cpu_decode-memory-<threads>threads.json.
 """
 
 from __future__ import annotations
@@ -93,9 +95,13 @@ def worker_kbit(args, cpu_weights: str, compile: bool = False) -> dict:
         finally:
             model.drop_caches()
 
-    # warm-up; a compiled step is specialised to the cache length, so it warms up at the timed length
-    decode(2 if cpu_weights == "packed" else n if compiled else 8)
-    res = timed(lambda: decode(n), args.reps)
+    if args.memory_only:  # one untimed run of the timed length: the same peak, no speed figures
+        decode(n)
+        res = {}
+    else:
+        # warm-up; a compiled step is specialised to the cache length, so it warms up at the timed length
+        decode(2 if cpu_weights == "packed" else n if compiled else 8)
+        res = timed(lambda: decode(n), args.reps)
     return {**res, "compiled": compiled, "rss_after_imports": rss0,
             "held": held_weights(lm.model), "cpu_weights": lm.cpu_weights,
             "fused_cpu_kernels": fused_cpu_kernels()}
@@ -120,6 +126,9 @@ def worker_transformers(args) -> dict:
                        pad_token_id=tok.eos_token_id)
         return time.perf_counter() - t0
 
+    if args.memory_only:  # one untimed generate of the timed length
+        gen(args.new)
+        return {"rss_after_imports": rss0, "weights_bits": 32}
     gen(8)
     # prefill + 1 token subtracted: what is left is n - 1 decode steps
     walls, cpus = [], []
@@ -220,6 +229,8 @@ def run_one(args, name: str) -> dict:
            "--new", str(args.new), "--reps", str(reps), "--kbit", str(args.kbit),
            "--hf", str(args.hf), "--gguf", str(args.gguf),
            "--compile" if args.compile else "--no-compile"]
+    if args.memory_only:
+        cmd.append("--memory-only")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -238,6 +249,10 @@ def ratios(results: dict) -> dict:
     out = {}
     for name in ("kbit", "kbit-compile", "kbit-low-memory", "kbit-fp16"):
         r = results.get(name, {})
+        if "model_memory_mb" in r and "model_memory_mb" in base and "tok_s" not in r:  # --memory-only
+            out[name] = {"model_memory_vs_transformers": r["model_memory_mb"] / base["model_memory_mb"],
+                         "peak_rss_vs_transformers": r["peak_rss_mb"] / base["peak_rss_mb"]}
+            continue
         if "tok_s" not in r or "tok_s" not in base:
             continue
         out[name] = {"model_memory_vs_transformers": r["model_memory_mb"] / base["model_memory_mb"],
@@ -269,9 +284,17 @@ def main(argv=None) -> int:
                     help="torch.compile kbit's decode step in every kbit runtime (kbit-compile "
                     "always compiles)")
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--memory-only", action="store_true",
+                    help="memory alone: no timed reps, no llama.cpp (default runtimes: kbit, "
+                    "kbit-low-memory, transformers-fp32); writes cpu_decode-memory-<threads>threads.json")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("-o", "--output", default=None)
     args = ap.parse_args(argv)
+    if args.memory_only:
+        names = [n for n in args.runtimes.split(",") if n != "llama.cpp"]
+        if args.runtimes == ",".join(RUNTIMES):
+            names = ["kbit", "kbit-low-memory", "transformers-fp32"]
+        args.runtimes = ",".join(names)
     if args.gguf is None:
         sys.path.insert(0, str(ROOT))
         from kbitrt.convert.gguf import GGUF_NAME, gguf_dir
@@ -284,13 +307,14 @@ def main(argv=None) -> int:
     results = {}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    out = Path(args.output or ROOT / f"benchmarks/results/cpu_decode-{args.threads}threads.json")
+    kind = "cpu_decode-memory" if args.memory_only else "cpu_decode"
+    out = Path(args.output or ROOT / f"benchmarks/results/{kind}-{args.threads}threads.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.runtimes.split(","):
         print(f"{name} ...", file=sys.stderr, flush=True)
         results[name] = run_one(args, name)
         print(f"  {json.dumps(results[name])[:400]}", file=sys.stderr, flush=True)
-        record = {"kind": "cpu_decode", "machine": machine(), "cores": os.cpu_count(),
+        record = {"kind": kind, "machine": machine(), "cores": os.cpu_count(),
                   "threads": args.threads, "batch": 1, "new_tokens": args.new, "reps": args.reps,
                   "low_memory_reps": args.low_memory_reps, "prompt": PROMPT,
                   "compile": args.compile, "versions": versions(), "commit": commit,

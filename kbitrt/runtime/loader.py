@@ -146,7 +146,9 @@ def limit_heap_growth() -> None:
 def release_free_heap() -> None:
     """glibc: hand the heap's free pages back (malloc_trim). Loading a tokenizer parses its JSON
     into ~40 MB of temporaries (SmolLM2's: RSS +55 MB, +17 MB after the trim) that would otherwise
-    stay resident under the model loaded next."""
+    stay resident under the model loaded next; building the model frees the parts of merged
+    projections and the warm-up token's temporaries (SmolLM2 nf4 --low-memory: 6 MB resident).
+    benchmarks/cpu_memory_breakdown.py measures both."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
@@ -453,6 +455,8 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
         # one token through, so one-time work (CPU dequant caches, kernel autotuning) is not
         # counted as prompt time later
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    if device.type == "cpu":
+        release_free_heap()
     seen = {}
     for t in list(model.parameters()) + list(model.buffers()):
         seen[t.data_ptr()] = t.numel() * t.element_size()
