@@ -104,7 +104,8 @@ def worker_kbit(args, cpu_weights: str, compile: bool = False) -> dict:
         res = timed(lambda: decode(n), args.reps)
     return {**res, "compiled": compiled, "rss_after_imports": rss0,
             "held": held_weights(lm.model), "cpu_weights": lm.cpu_weights,
-            "fused_cpu_kernels": fused_cpu_kernels()}
+            "fused_cpu_kernels": fused_cpu_kernels(),
+            "cpu_layers": "compiled" if compiled else lm.model.cpu_layers}
 
 
 def worker_transformers(args) -> dict:

@@ -74,6 +74,7 @@ def test_bench_reports_memory_held(k4, tmp_path, flags, max_bits, mode):
 
     assert rec["options"]["cpu_kernels"] == (cpu.describe() if mode == "packed" else None)
     assert cpu.describe() in ("avx512", "avx2")  # the vector path runs here
+    assert rec["options"]["cpu_layers"] == "stack"  # the layers ran from C++ (layer_stack.py)
     assert mem["peak_rss_mb"] >= mem["rss_after_imports_mb"] > 0
     assert mem["model_memory_mb"] == pytest.approx(mem["peak_rss_mb"] - mem["rss_after_imports_mb"])
 

@@ -101,6 +101,8 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
                                  "auto" if compile_ is None else compile_,
                                  on_step=lambda s: status.update(f"benchmarking {s}"))
             record["results"] = [r.to_json() for r in rows]
+            if hasattr(lm.model, "cpu_layers") and lm.device.type == "cpu":
+                record["options"]["cpu_layers"] = lm.model.cpu_layers
         record["memory"] = memory_record(rss0)
     except RunError as e:
         click.secho(f"error: {e}", fg="red", err=True)

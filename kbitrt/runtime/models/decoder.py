@@ -209,7 +209,7 @@ class Decoder(nn.Module):
         self.use_layer_stack = True
         self.layer_stack: layer_stack.LayerStack | None = None
         self.kept_stacks: dict[int, layer_stack.LayerStack] = {}  # refresh_layer_stack's keys
-        self.layer_stack_off: str | None = None  # why the Python layers run
+        self.layer_stack_off: str | None = "no KV cache yet"  # why the Python layers run
 
     # ---------------------------------------------------------------------------------- setup
 
@@ -254,6 +254,11 @@ class Decoder(nn.Module):
         self.layer_stack, self.layer_stack_off = layer_stack.build(self)
         if key is not None and self.layer_stack is not None:
             self.kept_stacks[key] = self.layer_stack
+
+    @property
+    def cpu_layers(self) -> str:
+        """How the last cached run ran its layers: "stack" (C++) or "python (why)"."""
+        return "stack" if self.layer_stack_off is None else f"python ({self.layer_stack_off})"
 
     def close_layer_stack(self) -> None:
         for stack in {id(s): s for s in (self.layer_stack, *self.kept_stacks.values())
