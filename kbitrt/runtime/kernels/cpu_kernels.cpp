@@ -156,11 +156,7 @@ void decode_row(const uint8_t* row, const ST* scale, const float* cb, int64_t K,
 // 16s, a fixed tree over the lanes, then the scalar tail. Every path below sums in this order.
 #ifdef KBIT_SIMD
 inline float lanes_sum(vf a0, vf a1, vf a2, vf a3) {
-  float v[16];
-  vstore(v, vadd(vadd(a0, a2), vadd(a1, a3)));
-  for (int w = 8; w >= 1; w /= 2)
-    for (int l = 0; l < w; ++l) v[l] += v[l + w];
-  return v[0];
+  return vsum16(vadd(vadd(a0, a2), vadd(a1, a3)));
 }
 
 // rows of W taken together in a decoding step (M = 1): independent chains hide the FMA latency;

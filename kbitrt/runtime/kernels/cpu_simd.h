@@ -3,6 +3,13 @@
 // Included inside the kernels' anonymous namespace, after <immintrin.h> and KBIT_SIMD.
 #pragma once
 
+// lanes 0..7 of h summed by the tree h[l] += h[l + w], w = 4, 2, 1
+inline float sum8(__m256 h) {
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(p, _mm_shuffle_ps(p, p, 1)));
+}
+
 #if KBIT_SIMD == 512
 // 16 fp32 / int32 lanes
 using vf = __m512;
@@ -28,6 +35,11 @@ inline vf load16(const at::Half* p) {
 inline vf load16(const at::BFloat16* p) {  // bf16 is the top half of an fp32
   const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+// the 16 lanes summed by the tree v[l] += v[l + w], w = 8, 4, 2, 1 (the order every dot keeps)
+inline float vsum16(vf v) {
+  return sum8(_mm256_add_ps(_mm512_castps512_ps256(v),
+                            _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
 }
 #elif KBIT_SIMD == 256
 // 16 lanes as two AVX2 registers: lanes 0..7 in a, 8..15 in b
@@ -83,5 +95,5 @@ inline vf load16(const at::BFloat16* p) {
   };
   return {half(p), half(p + 8)};
 }
+inline float vsum16(vf v) { return sum8(_mm256_add_ps(v.a, v.b)); }  // as the AVX-512 one
 #endif
-
