@@ -1,7 +1,8 @@
 """CPU matmul speed of what a CPU KbitLinear can hold at decode shapes (M=1): dense fp32, bf16 and
 fp16 copies through torch, and the packed k-bit codes (k = 3..8, nf, block 64) through the fused
 CPU kernels (kbitrt/runtime/kernels/cpu_kernels.cpp), with the head in fp16 through their
-half_linear. Over a model's worth of distinct weights (SmolLM2-135M: 30 layers of q, k, v, o,
+half_linear (also the AVX2 and portable builds of them, which CPUs without AVX-512 or AVX run,
+built and timed on this one). Over a model's worth of distinct weights (SmolLM2-135M: 30 layers of q, k, v, o,
 gate, up, down + the 49152 x 576 head), so the weights stream from memory as in a real decode.
 
 Both wall time and process CPU time are recorded: on a shared machine the CPU time is the steadier
@@ -49,12 +50,15 @@ def _packed(bits: int):
     return prepare
 
 
-def _packed_linear(x, state):
+def _packed_linear(x, state, ops=None):
+    """Through the native build (kernels/cpu.py), or another build's ops (M = 1 shapes only)."""
     from kbitrt.runtime.kernels import cpu
 
     if state[0] == "head":
-        return cpu.half_linear(x, state[1])
+        return cpu.half_linear(x, state[1]) if ops is None else ops.half_linear(x, state[1], None)
     q, a, c, bits, k = state
+    if ops is not None:
+        return ops.kbit_linear(x, q, a, c, None, bits, 64, k)
     return cpu.kbit_linear(x, q, a, c, None, bits, 64, k)
 
 
@@ -70,6 +74,11 @@ def variants():
     if cpu.available():
         for bits in range(3, 9):
             out[f"kbit nf{bits} fused"] = (_packed(bits), _packed_linear)
+        # what a CPU without AVX-512 runs (AVX2 + FMA + F16C), and one without AVX: built here
+        for variant in ("avx2", "portable"):
+            ops = cpu.load_variant(variant)
+            out[f"kbit nf4 fused, {variant} build"] = (
+                _packed(4), lambda x, state, ops=ops: _packed_linear(x, state, ops))
     return out
 
 
