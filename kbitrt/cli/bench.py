@@ -31,7 +31,8 @@ from kbitrt.runtime.kernels import cpu as cpu_kernels
 @click.option("--backend", type=click.Choice(["auto", "native", "transformers"]), default="auto",
               show_default=True)
 @click.option("--compile/--no-compile", "compile_", default=None,
-              help="torch.compile the decode step (default: on for cuda).")
+              help="torch.compile the decode step (default: on for cuda; on the CPU the "
+                   "default C++ layer stack is faster, docs/cpu.md).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON record file (default: <model>/bench-<timestamp>.json).")
 @placement_options

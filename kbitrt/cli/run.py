@@ -46,7 +46,8 @@ def _fail(message: str) -> None:
 @click.option("--dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="auto", show_default=True,
               help="Activation dtype (auto: fp32 on cpu, the model's bf16/fp16 on cuda).")
 @click.option("--compile/--no-compile", "compile_", default=None,
-              help="torch.compile the decode step (default: on for cuda).")
+              help="torch.compile the decode step (default: on for cuda; on the CPU the "
+                   "default C++ layer stack is faster, docs/cpu.md).")
 @placement_options
 @cpu_weight_options
 @click.option("--draft-bits", type=int, default=None, help="Any-precision models: self-speculative"

@@ -218,9 +218,10 @@ def peak_memory(device: torch.device) -> int:
 
 def decode_step(lm: LoadedModel, compile: bool | str):
     """The function one decode step calls (native backend): compiled with CUDA graphs on CUDA by
-    default; on the CPU only when asked (compile=True: inductor's C++ code for the elementwise
-    work around the matmuls). "auto" leaves the CPU eager: compiling costs minutes on a small
-    machine, and the gain was not measured (docs/cpu.md)."""
+    default; on the CPU only when asked (compile=True: inductor's C++ code, traced through the
+    Python layers). "auto" leaves the CPU eager, where the decoder's C++ layer stack runs every
+    layer in one call (models/layer_stack.py): faster than the compiled step, with no
+    compile time (benchmarks/results/cpu_decode-2threads.json, docs/cpu.md)."""
     model = lm.model
     cuda = lm.device.type == "cuda"
     want = compile is True or (compile == "auto" and cuda)
