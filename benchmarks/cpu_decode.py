@@ -212,11 +212,14 @@ def machine() -> str:
     return platform.processor() or platform.machine()
 
 
-def versions() -> dict:
+def versions(packages=("torch", "transformers", "llama-cpp-python", "kbitrt"),
+             libc: bool = False) -> dict:
     import importlib.metadata as md
 
     out = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "transformers", "llama-cpp-python", "kbitrt"):
+    if libc:
+        out["glibc"] = "-".join(platform.libc_ver())
+    for pkg in packages:
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

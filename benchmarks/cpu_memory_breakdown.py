@@ -33,26 +33,20 @@ import ctypes
 import ctypes.util
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
+from cpu_decode import PROMPT, machine, peak, rss, versions  # the same figures as cpu_decode's
+
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = "The history of the city begins"  # cpu_decode.py's
 MB = 2**20
 
 
 # ------------------------------------------------------------------------------- measurements
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def smaps() -> dict:
@@ -206,26 +200,8 @@ def worker(args) -> None:
 
 # ----------------------------------------------------------------------------------------- main
 
-def machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0], "glibc": "-".join(platform.libc_ver())}
-    for pkg in ("torch", "transformers", "tokenizers", "kbitrt"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def subprocess_result(args, name: str) -> dict:
@@ -302,7 +278,8 @@ def main(argv=None) -> int:
         results[name] = subprocess_result(args, name)
     record = {"kind": "cpu_memory_breakdown", "machine": machine(), "cores": os.cpu_count(),
               "threads": args.threads, "new_tokens": args.new, "prompt": PROMPT,
-              "cpu_weights": args.cpu_weights, "model": str(args.kbit), "versions": versions(),
+              "cpu_weights": args.cpu_weights, "model": str(args.kbit),
+              "versions": versions(("torch", "transformers", "tokenizers", "kbitrt"), libc=True),
               "commit": commit, "dirty": dirty, "loadavg_start": load0,
               "loadavg_end": os.getloadavg(),
               "summary": summary(results["run"]) if "stages" in results["run"] else None,

@@ -16,7 +16,7 @@ from kbitrt.format.config import OutlierSpec, QuantConfig
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.linear import HalfLinear
 from kbitrt.runtime.loader import InMemoryKbit, build_model
-from test_models import TINY, V
+from test_models import TINY, V, cached_steps
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no fused CPU kernels")
 
@@ -36,19 +36,12 @@ def tiny(name: str, cpu_weights: str, quant: QuantConfig = QuantConfig(bits=4, b
 
 
 def decode(model, ids: torch.Tensor, pad: torch.Tensor, T0: int, stack: bool) -> torch.Tensor:
-    """Prefill T0 tokens, then one token at a time: every step's logits, concatenated."""
+    """Prefill T0 tokens, then one token at a time, through the stack or the Python layers."""
     model.use_layer_stack = stack
-    B, T = ids.shape
-    model.setup_caches(B, T + 2)
+    model.setup_caches(1, 4)
     assert (model.layer_stack is not None) == stack, model.layer_stack_off
-    try:
-        with torch.no_grad():
-            steps = [model(ids[:, :T0], torch.arange(T0), pad)]
-            for t in range(T0, T):
-                steps.append(model(ids[:, t:t + 1], torch.tensor([t]), pad))
-    finally:
-        model.drop_caches()
-    return torch.cat(steps, 1)
+    model.drop_caches()
+    return cached_steps(model, ids, pad, T0)
 
 
 def tokens(B: int, T: int, pads) -> tuple[torch.Tensor, torch.Tensor]:

@@ -103,8 +103,14 @@ def check(hf, lm):
     torch.testing.assert_close(full[keep], ref[keep], atol=ATOL, rtol=1e-4)
 
     # prefill 6 tokens, then one token at a time through the static cache == full forward
-    T, T0 = ids.shape[1], 6
-    model.setup_caches(2, T + 3)
+    torch.testing.assert_close(cached_steps(model, ids, pad, 6)[keep], ref[keep], atol=ATOL,
+                               rtol=1e-4)
+
+
+def cached_steps(model, ids: torch.Tensor, pad: torch.Tensor, T0: int) -> torch.Tensor:
+    """Prefill T0 tokens into a static cache, then one token at a time: every position's logits."""
+    T = ids.shape[1]
+    model.setup_caches(ids.shape[0], T + 3)
     try:
         with torch.no_grad():
             steps = [model(ids[:, :T0], torch.arange(T0), pad)]
@@ -112,7 +118,7 @@ def check(hf, lm):
                 steps.append(model(ids[:, t:t + 1], torch.tensor([t]), pad))
     finally:
         model.drop_caches()
-    torch.testing.assert_close(torch.cat(steps, 1)[keep], ref[keep], atol=ATOL, rtol=1e-4)
+    return torch.cat(steps, 1)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
