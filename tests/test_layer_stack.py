@@ -117,12 +117,39 @@ def test_uncovered_models_keep_python_layers():
     assert outliers.layer_stack is None and outliers.layer_stack_off == "outlier columns"
     outliers.drop_caches()
 
+    mixed = tiny("llama", "packed")  # layer 1's q, k, v not stacked (as differing codebooks do)
+    attn = mixed.layers[1].attn
+    attn.wq, attn.wk, attn.wv = (stacked_rows_split(attn.wqkv, mixed.args))
+    attn.qkv_mode = "separate"
+    del attn.wqkv
+    mixed.setup_caches(1, 8)
+    assert mixed.layer_stack is None
+    assert mixed.layer_stack_off == "layers with different projection layouts"
+    mixed.drop_caches()
+
     hooked = tiny("llama", "packed")
     handle = hooked.layers[1].mlp.register_forward_hook(lambda *args: None)
     hooked.setup_caches(1, 8)
     assert hooked.layer_stack is None and hooked.layer_stack_off == "forward hooks"
     hooked.drop_caches()
     handle.remove()
+
+
+def stacked_rows_split(wqkv, args):
+    """q, k and v as three KbitLinears again, from a stacked q|k|v one."""
+    import copy
+
+    sizes = [args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim,
+             args.n_kv_heads * args.head_dim]
+    out, row = [], 0
+    for n in sizes:
+        m = copy.deepcopy(wqkv)
+        m.out_features = n
+        m.qweight, m.absmax = wqkv.qweight[row:row + n].clone(), wqkv.absmax[row:row + n].clone()
+        m.outlier_weight = wqkv.outlier_weight[row:row + n].clone()
+        out.append(m)
+        row += n
+    return out
 
 
 def test_stack_is_freed_with_the_caches():

@@ -97,12 +97,13 @@ class LayerStack:
                 int(a.parallel_residual), int(a.post_norm), int(a.residual_from_norm),
                 cpu_kernels.FUSED_MAX_ROWS]
         tensors: list[torch.Tensor] = []
-        acts = set()
+        acts, modes = set(), set()  # one activation and one projection layout for every layer
         for layer in layers:
             attn, mlp = layer.attn, layer.mlp
             if type(attn.kv_cache) is not KVCache:
                 raise ValueError("no static KV cache")
             acts.add(_activation(mlp.act))
+            modes.add((attn.qkv_mode, mlp.gate_up is not None))
             qkv = [attn.wqkv, None, None] if attn.qkv_mode != "separate" else [attn.wq, attn.wk,
                                                                                    attn.wv]
             if mlp.gate_up is not None:
@@ -118,6 +119,8 @@ class LayerStack:
                 tensors += held
         if len(acts) != 1 or None in acts:
             raise ValueError(f"activation {type(layers[0].mlp.act).__name__}")
+        if len(modes) != 1:  # e.g. per-tensor codebooks that let only some layers stack q, k, v
+            raise ValueError("layers with different projection layouts")
         ints[5], ints[6], ints[7] = acts.pop(), _QKV[layers[0].attn.qkv_mode], mlp_mode
         if any(t.device.type != "cpu" for t in tensors):
             raise ValueError("tensors off the CPU")
