@@ -1,9 +1,11 @@
 // A decoder's whole stack of layers in one call (docs/cpu.md, "One call per step"). On a small
 // model a CPU decoding step is dispatch-bound: run layer by layer from Python it is ~1,600 torch
 // calls, each costing microseconds of interpreter and dispatch, around 121 kernel calls that do
-// the work. Here the same torch ops run from C++, in the same order with the same arguments as
-// models/decoder.py (Block, Attention, MLP, KVCache.update, KbitLinear), so the outputs are
-// bit-identical to the Python layers (a test); the linears call the fused kernels directly.
+// the work. Here the layers run from C++ and the linears call the fused kernels directly. Steps
+// of up to fused_max_rows tokens (decoding) do the rest as loops over rows (cpu_rows.h); longer
+// ones (prefill) run the same torch ops, in the same order with the same arguments, as
+// models/decoder.py (Block, Attention, MLP, KVCache.update, KbitLinear): bit-identical to the
+// Python layers there (tests/test_layer_stack.py).
 //
 // Included inside cpu_kernels.cpp's anonymous namespace, after kbit_linear and kbit_dequantize.
 // The Python side (models/layer_stack.py) registers a model's tensors once per KV cache

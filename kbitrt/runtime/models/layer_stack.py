@@ -3,9 +3,10 @@ library once per KV cache, then run from C++ (kernels/cpu_layers.h) at each step
 
 A small model's CPU decoding step is dispatch-bound: layer by layer from Python it is ~1,600 torch
 calls around the 121 kernel calls that do the work (benchmarks/results/cpu_step_profile-*.json).
-The C++ side runs the same torch ops in the same order as decoder.py, so the result is
-bit-identical to the Python layers (tests/test_layer_stack.py), without the interpreter between
-them. Models it does not cover (other module types, hooks, outlier columns) keep the Python
+From C++, a decoding step's work between the linears runs as loops over rows (agreeing with the
+Python layers to rounding, and the same for any number of tokens per step), and a longer prefill
+runs decoder.py's own torch ops (bit-identical); tests/test_layer_stack.py checks both. Models it
+does not cover (other module types, hooks, outlier columns) keep the Python
 layers; `build` says why. A switch of an any-precision model's width changes the linears'
 tensors: the decoder then rebuilds its stack (Decoder.refresh_layer_stack).
 """
