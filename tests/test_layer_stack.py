@@ -20,7 +20,7 @@ from test_models import TINY, V, cached_steps
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no fused CPU kernels")
 
-COVERED = sorted(set(TINY) - {"gpt2"})  # GPT-2's gelu_new is a Python formula: not covered
+COVERED = sorted(TINY)
 ATOL, RTOL = 2e-4, 1e-4  # the loops' sums are not torch's: rounding apart
 # with fp16 weight copies the activations are rounded to fp16 before each matmul, which can turn
 # a last-bit difference into one of fp16's (~5e-4 relative)
@@ -106,10 +106,12 @@ def test_smollm2_stack_matches_python_layers(smollm2_nf4):
 
 
 def test_uncovered_models_keep_python_layers():
-    gpt2 = tiny("gpt2", "packed")
-    gpt2.setup_caches(1, 8)
-    assert gpt2.layer_stack is None and "NewGELUActivation" in gpt2.layer_stack_off
-    gpt2.drop_caches()
+    tanh = tiny("llama", "packed")
+    for layer in tanh.layers:  # an activation the C++ side does not have
+        layer.mlp.act = nn.Tanh()
+    tanh.setup_caches(1, 8)
+    assert tanh.layer_stack is None and tanh.layer_stack_off == "activation Tanh"
+    tanh.drop_caches()
 
     outliers = tiny("llama", "packed", QuantConfig(bits=4, block_size=32,
                                                 outliers=OutlierSpec.parse("top:5%")))

@@ -36,7 +36,7 @@ struct StackLayer {
 struct StackConfig {
   int64_t n_heads, n_kv_heads, head_dim;
   int64_t norm;  // 0 rmsnorm, 1 layernorm
-  int64_t act;   // 0 silu, 1 gelu, 2 gelu (tanh), 3 relu
+  int64_t act;   // 0 silu, 1 gelu, 2 gelu (tanh), 3 relu, 4 gelu_new
   int64_t qkv;   // 0 separate, 1 fused (q|k|v rows), 2 interleaved (per head q, k, v)
   int64_t mlp;   // 0 plain, 1 gated, 2 gated with gate|up stacked
   bool parallel_residual, post_norm, residual_from_norm;
@@ -190,7 +190,11 @@ at::Tensor stack_act(const StackConfig& c, const at::Tensor& x) {
     case 0: return at::silu(x);
     case 1: return at::gelu(x);
     case 2: return at::gelu(x, "tanh");
-    default: return at::relu(x);
+    case 3: return at::relu(x);
+    default: {  // GPT-2's gelu_new: transformers' NewGELUActivation formula, op by op
+      const at::Tensor inner = (x + at::pow(x, 3.0) * 0.044715) * std::sqrt(2.0 / M_PI);
+      return x * 0.5 * (at::tanh(inner) + 1.0);
+    }
   }
 }
 

@@ -30,7 +30,8 @@ _NONE = torch.empty(0)  # an absent tensor slot
 
 def _activation(act: nn.Module) -> int | None:
     """The C++ code of an activation module (transformers' ACT2FN), None when not covered."""
-    from transformers.activations import GELUActivation, GELUTanh, SiLUActivation
+    from transformers.activations import (GELUActivation, GELUTanh, NewGELUActivation,
+                                          SiLUActivation)
 
     kind = type(act)
     if kind in (SiLUActivation, nn.SiLU):
@@ -41,6 +42,8 @@ def _activation(act: nn.Module) -> int | None:
         return 2
     if kind is nn.ReLU:
         return 3
+    if kind is NewGELUActivation:  # cpu_layers.h repeats its formula op by op
+        return 4
     return None
 
 
