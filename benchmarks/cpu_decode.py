@@ -1,5 +1,5 @@
 """CPU decode side by side: kbit (default: the packed codes through the fused CPU kernels;
---low-memory, the same mode named explicitly; 16-bit and fp32 copies), transformers fp32 and
+--low-memory: the same packed weights and an fp16 KV cache; 16-bit and fp32 copies), transformers fp32 and
 llama.cpp on the same machine, model (SmolLM2-135M-Instruct), thread count, batch 1 and 128 new tokens.
 
 Each runtime runs in its own subprocess, so its memory is its own: the RSS after its imports
@@ -58,7 +58,7 @@ def timed(fn, reps: int) -> dict:
 
 # ----------------------------------------------------------------------------------- workers
 
-def worker_kbit(args, cpu_weights: str, compile: bool = False) -> dict:
+def worker_kbit(args, cpu_weights: str, compile: bool = False, kv_cache: str = "auto") -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
@@ -75,7 +75,7 @@ def worker_kbit(args, cpu_weights: str, compile: bool = False) -> dict:
     # the fused kernels' library is code too (built before the run, loaded here): an import
     fused_cpu_kernels()
     rss0 = rss()
-    lm = load_model(args.kbit, device="cpu", cpu_weights=cpu_weights)
+    lm = load_model(args.kbit, device="cpu", cpu_weights=cpu_weights, kv_cache=kv_cache)
     step, compiled = decode_step(lm, compile)
     ids = lm.tokenizer(PROMPT, return_tensors="pt").input_ids
     T0, n = ids.shape[1], args.new
@@ -104,7 +104,7 @@ def worker_kbit(args, cpu_weights: str, compile: bool = False) -> dict:
         res = timed(lambda: decode(n), args.reps)
     return {**res, "compiled": compiled, "rss_after_imports": rss0,
             "held": held_weights(lm.model), "cpu_weights": lm.cpu_weights,
-            "fused_cpu_kernels": fused_cpu_kernels(),
+            "fused_cpu_kernels": fused_cpu_kernels(), "kv_cache": lm.kv_cache,
             "cpu_layers": "compiled" if compiled else lm.model.cpu_layers}
 
 
@@ -188,7 +188,7 @@ def worker(args) -> None:
     elif name == "kbit-fp16":
         out = worker_kbit(args, "fp16", args.compile)
     elif name == "kbit-low-memory":
-        out = worker_kbit(args, "packed", args.compile)
+        out = worker_kbit(args, "packed", args.compile, "fp16")  # as `--low-memory` loads it
     elif name == "kbit-fp32":
         out = worker_kbit(args, "fp32", args.compile)
     elif name == "transformers-fp32":

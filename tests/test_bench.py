@@ -56,20 +56,22 @@ def test_bench_too_long_is_one_line(k4):
     assert res.stderr.strip() == "error: -p 512: the model holds at most 64 positions"
 
 
-@pytest.mark.parametrize("flags,max_bits,mode", [([], 6.0, "packed"),
-                                                  (["--cpu-weights", "fp16"], 16.01, "fp16"),
-                                                  (["--low-memory"], 6.0, "packed")])
-def test_bench_reports_memory_held(k4, tmp_path, flags, max_bits, mode):
+@pytest.mark.parametrize("flags,max_bits,mode,kv", [
+    ([], 6.0, "packed", "auto"), (["--cpu-weights", "fp16"], 16.01, "fp16", "auto"),
+    (["--low-memory"], 6.0, "packed", "fp16"),
+    (["--low-memory", "--kv-cache", "fp32"], 6.0, "packed", "fp32")])
+def test_bench_reports_memory_held(k4, tmp_path, flags, max_bits, mode, kv):
     """Resident memory: bits per quantized weight held (the packed codes by default, where the
-    fused CPU kernels build, and with --low-memory; or a 16-bit copy), peak RSS and model memory
-    (peak minus the RSS after imports)."""
+    fused CPU kernels build, and with --low-memory; or a 16-bit copy), the KV cache's dtype (fp16
+    with --low-memory unless --kv-cache says otherwise), peak RSS and model memory (peak minus the
+    RSS after imports)."""
     res = CliRunner().invoke(cli, ["bench", str(k4), "-p", "4", "-n", "2", "-r", "1", "--json",
                                    "-o", str(tmp_path / "m.json"), *flags])
     assert res.exit_code == 0, res.output
     rec = json.loads(res.stdout)
     held, mem = rec["held"], rec["memory"]
     assert 3.9 < held["bits_per_quantized_weight_held"] <= max_bits
-    assert rec["options"]["cpu_weights"] == mode
+    assert rec["options"]["cpu_weights"] == mode and rec["options"]["kv_cache"] == kv
     from kbitrt.runtime.kernels import cpu
 
     assert rec["options"]["cpu_kernels"] == (cpu.describe() if mode == "packed" else None)

@@ -86,6 +86,66 @@ def test_stack_step_is_token_count_invariant(name):
     assert torch.equal(together, one_by_one)
 
 
+@pytest.mark.parametrize("kv", ["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["llama", "neox", "bloom", "gpt2"])
+def test_stack_with_16bit_kv_cache(name, kv):
+    """--kv-cache fp16/bf16 (fp16 is --low-memory's): the loops write and read the 16-bit cache
+    as KVCache.update does (rounded to nearest even, widened to read). Steps agree with the Python
+    layers to the cache's rounding, a prefill above the row limit bit for bit, and a step's logits
+    still do not depend on how many tokens share it."""
+    from kbitrt.runtime.loader import KV_CACHES
+
+    model = tiny(name, "packed")
+    model.kv_dtype = KV_CACHES[kv]
+    model.setup_caches(1, 4)
+    assert model.layers[0].attn.kv_cache.k.dtype == KV_CACHES[kv]
+    assert model.layer_stack.loops, "the 16-bit cache must not push steps off the loops"
+    model.drop_caches()
+    # the loops' last-bit differences can round a cached value to the 16-bit neighbour
+    tol = dict(atol=2e-2, rtol=2e-2) if kv == "fp16" else dict(atol=1e-1, rtol=1e-1)
+    ids, pad = tokens(2, 12, (3, 0))
+    keep = torch.arange(12)[None, :] >= pad[:, None]
+    ours, ref = decode(model, ids, pad, 5, True), decode(model, ids, pad, 5, False)
+    torch.testing.assert_close(ours[keep], ref[keep], **tol)
+    T0 = cpu_kernels.FUSED_MAX_ROWS + 3
+    ids, pad = tokens(1, T0 + 2, (0,))
+    ours, ref = decode(model, ids, pad, T0, True), decode(model, ids, pad, T0, False)
+    assert torch.equal(ours[:, :T0], ref[:, :T0])
+    model.lm_head = HalfLinear(nn.Parameter(model.lm_head.weight.detach().half()))
+    ids, pad = tokens(2, 10, (2, 0))
+    one_by_one = decode(model, ids, pad, 4, True)[:, 4:]
+    model.setup_caches(2, 13)
+    try:
+        with torch.no_grad():
+            model(ids[:, :4], torch.arange(4), pad)
+            together = model(ids[:, 4:], torch.arange(4, 10), pad)
+    finally:
+        model.drop_caches()
+    assert torch.equal(together, one_by_one)
+
+
+def test_16bit_kv_cache_halves_the_cache_and_keeps_smollm2_greedy(smollm2_nf4):
+    """`--low-memory`'s fp16 cache on the real model: half the bytes, and the first 24 greedy
+    tokens those of the fp32 cache (the logits within fp16's rounding of keys and values)."""
+    from kbitrt.runtime.generate import SamplingConfig, generate
+    from kbitrt.runtime.loader import load_model
+
+    out = {}
+    for kv in ("auto", "fp16"):
+        lm = load_model(smollm2_nf4, device="cpu", cpu_weights="packed", kv_cache=kv)
+        assert lm.kv_cache == kv
+        lm.model.setup_caches(1, 64)
+        cache = lm.model.layers[0].attn.kv_cache
+        out[kv, "bytes"] = cache.k.numel() * cache.k.element_size()
+        assert lm.model.layer_stack is not None and lm.model.layer_stack.loops
+        lm.model.drop_caches()
+        res = generate(lm, ["The history of the city begins"], max_new_tokens=24,
+                       sampling=SamplingConfig(temperature=0.0))
+        out[kv] = res.token_ids[0]
+    assert out["fp16", "bytes"] * 2 == out["auto", "bytes"]
+    assert out["fp16"] == out["auto"]
+
+
 @pytest.mark.parametrize("bits", [3, 5, 8])
 def test_stack_other_widths(bits):
     model = tiny("llama", "packed", QuantConfig(bits=bits, block_size=64))

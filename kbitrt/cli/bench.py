@@ -12,7 +12,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from kbitrt.cli.options import cpu_weight_options, placement_options, resolve_cpu_weights
+from kbitrt.cli.options import (cpu_weight_options, placement_options, resolve_cpu_weights,
+                                resolve_kv_cache)
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 
 
@@ -44,8 +45,8 @@ from kbitrt.runtime.kernels import cpu as cpu_kernels
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record on stdout.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print the table as CSV on stdout.")
 def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backend, compile_,
-              low_memory, cpu_weights, device_map, max_memory, draft_bits, draft_tokens, output,
-              as_json, as_csv, bits=None):
+              low_memory, cpu_weights, kv_cache, device_map, max_memory, draft_bits, draft_tokens,
+              output, as_json, as_csv, bits=None):
     """Prefill and decode tokens/s of MODEL (kbit or plain HF folder), mean ± std over reps.
 
     \b
@@ -72,24 +73,26 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
         sys.exit(2)
     # the kernel table times the packed path, so it needs the packed weights
     cpu_weights = resolve_cpu_weights(low_memory, cpu_weights, packed=kernels)
+    kv_cache = resolve_kv_cache(low_memory, kv_cache)
     rss0 = rss_bytes()
     try:
         if draft_tokens is not None and draft_bits is None:
             raise RunError("--draft-tokens needs --draft-bits (self-speculative decoding)")
         if draft_bits is not None:
             return _speculative(model, bits, draft_bits, draft_tokens, gen, reps, warmup, device,
-                                backend, cpu_weights, device_map or kernels, compile_, output,
-                                as_json, err, rss0)
+                                backend, cpu_weights, kv_cache, device_map or kernels, compile_,
+                                output, as_json, err, rss0)
         with err.status(f"loading {model}", spinner="dots"):
             lm = open_model(model, device=device, backend=backend, cpu_weights=cpu_weights,
-                            bits=bits, device_map=device_map, max_memory=max_memory)
+                            bits=bits, device_map=device_map, max_memory=max_memory,
+                            kv_cache=kv_cache)
         params = count_params(lm.model)
         record = {"kind": "bench", **environment(lm.device), "model": model_record(model, lm),
                   "params": params, "bits_per_param": 8 * lm.weight_bytes / params,
                   "held": held_weights(lm.model),
                   "options": dict(batches=sizes, prompt=prompt, gen=gen, reps=reps,
                                   warmup=warmup, kernels=kernels,
-                                  cpu_weights=lm.cpu_weights,
+                                  cpu_weights=lm.cpu_weights, kv_cache=lm.kv_cache,
                                   cpu_kernels=cpu_kernels.describe()
                                   if lm.cpu_weights == "packed" else None)}
         if kernels:
@@ -128,7 +131,7 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
 
 
 def _speculative(model, bits, draft_bits, draft_tokens, gen, reps, warmup, device, backend,
-                 cpu_weights, other_mode, compile_, output, as_json, err, rss0):
+                 cpu_weights, kv_cache, other_mode, compile_, output, as_json, err, rss0):
     """kbit bench --draft-bits: self-speculative decoding against the parent alone."""
     from kbitrt.errors import KbitFormatError
     from kbitrt.eval.latency import held_weights, memory_record, speculative_bench
@@ -145,7 +148,8 @@ def _speculative(model, bits, draft_bits, draft_tokens, gen, reps, warmup, devic
             raise RunError(f"-n {gen}: --draft-bits needs new tokens to generate")
         with err.status(f"loading {model}", spinner="dots"):
             lm, parent = load_speculative(model, bits, draft_bits, k, device=device,
-                                          backend=backend, cpu_weights=cpu_weights)
+                                          backend=backend, cpu_weights=cpu_weights,
+                                          kv_cache=kv_cache)
         record = {"kind": "bench-speculative", **environment(lm.device),
                   "model": model_record(model, lm), "held": held_weights(lm.model)}
         with err.status("benchmarking (parent alone and speculative, alternating)", spinner="dots"):

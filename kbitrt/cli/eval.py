@@ -13,7 +13,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from kbitrt.cli.options import cpu_weight_options, placement_options, resolve_cpu_weights
+from kbitrt.cli.options import (cpu_weight_options, placement_options, resolve_cpu_weights,
+                                resolve_kv_cache)
 
 
 def _csv(values: tuple[str, ...]) -> list[str]:
@@ -52,7 +53,7 @@ def _csv(values: tuple[str, ...]) -> list[str]:
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON record on stdout.")
 def eval_cmd(model, ppl, tasks, seqlen, protocol, stride, max_tokens, limit, batch_size,
              num_fewshot, baseline, device, backend, device_map, max_memory, low_memory, cpu_weights,
-             output, as_json, bits=None):
+             kv_cache, output, as_json, bits=None):
     """Evaluate MODEL (a kbit folder, a plain HF folder, or a Hub id).
 
     \b
@@ -76,7 +77,8 @@ def eval_cmd(model, ppl, tasks, seqlen, protocol, stride, max_tokens, limit, bat
                        stride=stride, max_tokens=max_tokens, limit=limit, batch_size=batch_size,
                        num_fewshot=num_fewshot, device=device, backend=backend,
                        device_map=device_map, max_memory=max_memory, progress=sys.stderr.isatty(),
-                       bits=bits, cpu_weights=resolve_cpu_weights(low_memory, cpu_weights))
+                       bits=bits, cpu_weights=resolve_cpu_weights(low_memory, cpu_weights),
+                       kv_cache=resolve_kv_cache(low_memory, kv_cache))
     try:
         record = run_eval(model, opts, baseline, output,
                           log=lambda s: err.print(f"[dim]{s}[/]") if not as_json else None)

@@ -23,13 +23,19 @@ def placement_options(f):
 
 
 def cpu_weight_options(f):
-    """--low-memory and --cpu-weights: what a quantized linear holds on the CPU."""
+    """--low-memory, --cpu-weights and --kv-cache: what a quantized linear and the KV cache hold
+    on the CPU."""
+    f = click.option("--kv-cache", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default=None,
+                     help="What the KV cache holds (default auto: the activations' dtype, fp32 on "
+                     "the CPU; fp16 with --low-memory): 16 bits halve it, at their rounding of "
+                     "keys and values.")(f)
     f = click.option("--cpu-weights", type=click.Choice(["auto", "packed", "fp16", "bf16", "fp32"]),
                      default=None, help="CPU: what a quantized linear holds (default auto: the "
                      "packed codes for 3..6-bit models where the fused CPU kernels run "
                      "vectorized, else fp16 copies).")(f)
     return click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit "
-                        "weights resident, at any width (= --cpu-weights packed).")(f)
+                        "weights resident, at any width (= --cpu-weights packed), and the KV "
+                        "cache in fp16 (= --kv-cache fp16).")(f)
 
 
 def resolve_cpu_weights(low_memory: bool, cpu_weights: str | None, packed: bool = False) -> str:
@@ -39,3 +45,8 @@ def resolve_cpu_weights(low_memory: bool, cpu_weights: str | None, packed: bool 
         raise KbitError(f"--low-memory and --cpu-weights {cpu_weights} contradict each other: "
                         "give one of them")
     return "packed" if low_memory or packed else (cpu_weights or "auto")
+
+
+def resolve_kv_cache(low_memory: bool, kv_cache: str | None) -> str:
+    """What the KV cache holds from --low-memory/--kv-cache (an explicit --kv-cache wins)."""
+    return kv_cache or ("fp16" if low_memory else "auto")

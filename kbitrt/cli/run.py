@@ -14,7 +14,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kbitrt.cli.options import cpu_weight_options, placement_options, resolve_cpu_weights
+from kbitrt.cli.options import (cpu_weight_options, placement_options, resolve_cpu_weights,
+                                resolve_kv_cache)
 from kbitrt.errors import KbitError
 
 COMPUTE_DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -57,7 +58,8 @@ def _fail(message: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print results and stats as JSON.")
 def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, top_p,
             repetition_penalty, seed, stops, device, backend, dtype, compile_, low_memory,
-            cpu_weights, device_map, max_memory, draft_bits, draft_tokens, as_json, bits=None):
+            cpu_weights, kv_cache, device_map, max_memory, draft_bits, draft_tokens, as_json,
+            bits=None):
     """Generate text with a kbit model (a folder or a Hub repo id).
 
     \b
@@ -73,6 +75,7 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
     err = Console(stderr=True)
     try:
         cpu_weights = resolve_cpu_weights(low_memory, cpu_weights)
+        kv_cache = resolve_kv_cache(low_memory, kv_cache)
         if greedy and temperature not in (None, 0):
             raise RunError("--greedy and --temperature contradict each other: give one")
         sampling = SamplingConfig(temperature=0.0 if greedy or temperature is None else temperature,
@@ -100,13 +103,13 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
             with err.status(f"loading {model}", spinner="dots"):  # widths checked first
                 lm, parent = load_speculative(model, bits, draft_bits, k, device=device,
                                               backend=backend, dtype=COMPUTE_DTYPES[dtype],
-                                              cpu_weights=cpu_weights)
+                                              cpu_weights=cpu_weights, kv_cache=kv_cache)
             spec = dict(bits=parent, draft_bits=draft_bits, draft_tokens=k)
         else:
             with err.status(f"loading {model}", spinner="dots"):
                 lm = load_model(model, device=device, backend=backend, dtype=COMPUTE_DTYPES[dtype],
                                 cpu_weights=cpu_weights, bits=bits, device_map=device_map,
-                                max_memory=max_memory)
+                                max_memory=max_memory, kv_cache=kv_cache)
         if lm.note and not as_json:
             err.print(f"[yellow]note:[/] {lm.note}")
         compile_mode = "auto" if compile_ is None else compile_
@@ -238,6 +241,9 @@ def stats_table(lm, stats) -> Table:
     table.add_row("peak memory", f"{stats.peak_memory_bytes / 2**20:.0f} MiB")
     held = f" ({lm.cpu_weights} on the CPU)" if getattr(lm, "cpu_weights", None) else ""
     table.add_row("weights", f"{lm.weight_bytes / 2**20:.1f} MiB{held}")
+    if lm.backend == "native":  # the KV cache's dtype (--kv-cache; fp16 with --low-memory)
+        kv = getattr(lm.model, "kv_dtype", None) or lm.dtype
+        table.add_row("KV cache", str(kv).replace("torch.", ""))
     table.add_row("device", stats.device + (" (compiled)" if stats.compiled else ""))
     return table
 

@@ -21,10 +21,10 @@ def is_kbit(path: Path) -> bool:
 def open_model(name: str, device: str = "auto", backend: str = "auto",
                dtype: torch.dtype | None = None, cpu_weights: str = "auto",
                bits: int | str | None = None, device_map: str | None = None,
-               max_memory: str | None = None) -> LoadedModel:
+               max_memory: str | None = None, kv_cache: str = "auto") -> LoadedModel:
     """A kbit folder or Hub id through load_model (cpu_weights: what its CPU linears hold; bits:
-    an any-precision model's width; device_map/max_memory: placement over devices); anything
-    else through transformers."""
+    an any-precision model's width; device_map/max_memory: placement over devices; kv_cache: the
+    KV cache's dtype); anything else through transformers."""
     from kbitrt.convert.source import resolve_model
 
     device_obj = resolve_device(device)
@@ -32,7 +32,7 @@ def open_model(name: str, device: str = "auto", backend: str = "auto",
     if is_kbit(path):
         return load_model(path, device=str(device_obj), backend=backend, dtype=dtype,
                           cpu_weights=cpu_weights, bits=bits, device_map=device_map,
-                          max_memory=max_memory)
+                          max_memory=max_memory, kv_cache=kv_cache)
     if device_map is not None:  # placement hook (issue 14): accelerate splits the plain model
         from kbitrt.runtime.placement import load_hf_placed
 

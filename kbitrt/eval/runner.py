@@ -32,6 +32,7 @@ class EvalOptions:
     device: str = "auto"
     backend: str = "auto"
     cpu_weights: str = "auto"  # CPU: dense fp16/bf16/fp32 copies, or packed (--low-memory)
+    kv_cache: str = "auto"  # the KV cache's dtype (fp16 with --low-memory; loader.KV_CACHES)
     device_map: str | None = None  # auto, balanced, sequential or a JSON file (runtime/placement.py)
     max_memory: str | None = None  # 0=20GiB,cpu=60GiB
     progress: bool = True
@@ -66,7 +67,8 @@ def evaluate_model(name: str, opts: EvalOptions, record: dict, save: Callable[[]
 
     t0 = time.perf_counter()
     lm = open_model(name, device=opts.device, backend=opts.backend, cpu_weights=opts.cpu_weights,
-                    bits=opts.bits, device_map=opts.device_map, max_memory=opts.max_memory)
+                    bits=opts.bits, device_map=opts.device_map, max_memory=opts.max_memory,
+                    kv_cache=opts.kv_cache)
     record["model"] = model_record(name, lm)
     record["model"]["load_seconds"] = time.perf_counter() - t0
     record["model"]["cpu_weights"] = lm.cpu_weights  # None on CUDA or for a plain HF model

@@ -255,6 +255,12 @@ class Nf(DataType):
         cb = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
         return (cb / cb.max()).float()
 
+    @classmethod
+    def codebook_len(cls, config: QuantConfig) -> int:
+        # 2^(k-1) positive, 2^(k-1) - 1 negative and zero, counted without computing the quantiles
+        # (a model's load checks every linear's codebook length)
+        return 2**config.bits
+
 
 class Lloyd(DataType):
     """Per-tensor 2^k codebook fitted by Lloyd-Max (1-D k-means) to the block-normalised weights,

@@ -32,6 +32,9 @@ BACKENDS = ("auto", "native", "transformers")
 # "auto": packed where the fused kernels run vectorized, else fp16 (cpu_weights_for)
 CPU_WEIGHTS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16,
                "fp32": torch.float32, "packed": None}
+# what the KV cache holds (auto: the activations' dtype); a 16-bit cache under the CPU's fp32
+# activations halves it, at fp16's rounding of keys and values (llama.cpp's default cache type)
+KV_CACHES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 # checkpoint tensors that are not weights (transformers' buffers some old checkpoints carry)
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", ".masked_bias")
 # modules stored (in, out) by GPT-2's Conv1D when kept unquantized (quantized ones are (out, in))
@@ -56,6 +59,7 @@ class LoadedModel:
     path: Path | None = None
     note: str | None = None  # why this backend, when it was chosen automatically
     cpu_weights: str | None = None  # what CPU KbitLinears hold (CPU_WEIGHTS); None on CUDA
+    kv_cache: str = "auto"  # what the native decoder's KV cache holds (KV_CACHES)
 
 
 # ------------------------------------------------------------------------------------- devices
@@ -133,14 +137,17 @@ def _libc():
         return None
 
 
-def limit_heap_growth() -> None:
+def limit_heap_growth(threshold_kib: int = 128) -> None:
     """glibc: serve allocations >= 128 KiB from mmap and give them back when freed. Loading
     dequantizes layer after layer into temporaries of many sizes; with glibc's default adaptive
     threshold they fragment the heap and the peak RSS measured ~600 MB above what the model holds
-    (SmolLM2, 2 cores). Harmless elsewhere (no glibc: nothing is done)."""
+    (SmolLM2, 2 cores). Building a model lowers it further (`threshold_kib`), so the small packed
+    k and v projections that merging q, k and v frees leave no holes in the heap (SmolLM2
+    --low-memory: 0.6 MB less resident); decoding steps keep 128 KiB, as their buffers are reused.
+    Harmless elsewhere (no glibc: nothing is done)."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD (fixed: disables the adaptive one)
+        libc.mallopt(-3, threshold_kib * 1024)  # M_MMAP_THRESHOLD (fixed: disables the adaptive one)
 
 
 def release_free_heap() -> None:
@@ -158,6 +165,28 @@ def check_cpu_weights(cpu_weights: str) -> str:
     if cpu_weights not in CPU_WEIGHTS:
         raise RunError(f"cpu weights {cpu_weights!r}: use one of {', '.join(CPU_WEIGHTS)}")
     return cpu_weights
+
+
+def check_kv_cache(kv_cache: str) -> str:
+    if kv_cache not in KV_CACHES:
+        raise RunError(f"kv cache {kv_cache!r}: use one of {', '.join(KV_CACHES)}")
+    return kv_cache
+
+
+def warm_up(model: nn.Module, device: torch.device, cached: bool) -> None:
+    """One token through, so one-time work (CPU dequant caches, kernel autotuning) is not counted
+    as prompt time later. `cached` (the native decoder on the CPU): through a one-slot KV cache,
+    the path decoding runs (the layer stack), so a load does not page in code only the Python
+    layers use (SmolLM2 --low-memory: 1.3 MB less resident)."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    if not cached:
+        model(ids)
+        return
+    model.setup_caches(1, 1)
+    try:
+        model(ids)
+    finally:
+        model.drop_caches()
 
 
 # widths the fused CPU kernels serve faster than fp16 copies (benchmarks/cpu_matmul.py, AVX-512
@@ -420,13 +449,15 @@ def choose_backend(config, backend: str) -> tuple[str, str | None]:
 def build_model(source, device: str | torch.device = "auto", backend: str = "auto",
                 dtype: torch.dtype | None = None, tokenizer: Any = None,
                 cpu_weights: str = "auto", device_map: str | dict | None = None,
-                max_memory: str | dict | None = None) -> LoadedModel:
+                max_memory: str | dict | None = None, kv_cache: str = "auto") -> LoadedModel:
     """A runnable model from a source with the KbitModel interface (on disk or in memory).
 
     cpu_weights (CPU only): "packed" codes or fp16 / bf16 / fp32 dense copies, "auto" (default):
     packed where the fused CPU kernels run vectorized (cpu_weights_for);
-    `device_map`/`max_memory` split it over devices (runtime/placement.py)."""
+    `device_map`/`max_memory` split it over devices (runtime/placement.py);
+    `kv_cache`: the native decoder's KV cache dtype (KV_CACHES; auto: the activations')."""
     check_cpu_weights(cpu_weights)
+    check_kv_cache(kv_cache)
     config = hf_config(source.config)
     backend, note = choose_backend(config, backend)
     build = build_native if backend == "native" else build_transformers
@@ -445,16 +476,25 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
         dtype = dtype or default_dtype(device, source.config)
     cpu_weights = cpu_weights_for(cpu_weights, device, _bits(source))
     if device.type == "cpu":
-        limit_heap_growth()
+        limit_heap_growth(32)
     with torch.no_grad():
-        if placed is None:
-            model = build(source, config, device, dtype, cpu_weights)
-            if backend == "native" and device.type == "cpu" and cpu_weights == "packed" \
-                    and cpu_kernels.available():
-                merge_projections(model)
-        # one token through, so one-time work (CPU dequant caches, kernel autotuning) is not
-        # counted as prompt time later
-        model(torch.zeros(1, 1, dtype=torch.long, device=device))
+        try:
+            if placed is None:
+                model = build(source, config, device, dtype, cpu_weights)
+                if backend == "native" and device.type == "cpu" and cpu_weights == "packed" \
+                        and cpu_kernels.available():
+                    merge_projections(model)
+        finally:
+            if device.type == "cpu":
+                limit_heap_growth()
+        if kv_cache != "auto" and backend != "native":
+            note = "; ".join(filter(None, (note, f"--kv-cache {kv_cache} needs the native decoder: "
+                                           "the cache keeps the activations' dtype")))
+            kv_cache = "auto"
+        if isinstance(model, Decoder):
+            model.kv_dtype = KV_CACHES[kv_cache]
+        warm_up(model, device, cached=isinstance(model, Decoder) and placed is None
+                and device.type == "cpu")
     if device.type == "cpu":
         release_free_heap()
     seen = {}
@@ -465,7 +505,7 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
         config=source.config, max_positions=_max_positions(config),
         weight_bytes=placed.weight_bytes if placed else sum(seen.values()),
         quant_label=source.quant.label, path=getattr(source, "path", None), note=note,
-        cpu_weights=cpu_weights if device.type == "cpu" else None)
+        cpu_weights=cpu_weights if device.type == "cpu" else None, kv_cache=kv_cache)
 
 
 def merge_projections(model: Decoder) -> None:
@@ -499,18 +539,20 @@ def _max_positions(config) -> int | None:
 def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
                dtype: torch.dtype | None = None, cpu_weights: str = "auto",
                bits: int | str | None = None, device_map: str | dict | None = None,
-               max_memory: str | dict | None = None) -> LoadedModel:
+               max_memory: str | dict | None = None, kv_cache: str = "auto") -> LoadedModel:
     """Open a kbit folder (or Hub repo id), validate it, and build a runnable model.
 
     `cpu_weights`: what a quantized linear holds on the CPU (CPU_WEIGHTS); `bits`: the width of an
     any-precision model (K, or LO-HI to choose per call; runtime/any_precision.py);
-    `device_map`/`max_memory`: placement over devices (runtime/placement.py)."""
+    `device_map`/`max_memory`: placement over devices (runtime/placement.py); `kv_cache`: what
+    the KV cache holds (KV_CACHES)."""
     from kbitrt.convert.source import resolve_model
     from kbitrt.format.model_check import check_against_model
     from kbitrt.format.reader import KbitModel
 
     device_obj = resolve_device(device)  # fail on a bad device before reading anything
     check_cpu_weights(cpu_weights)
+    check_kv_cache(kv_cache)
     path = resolve_model(name)
     if not (Path(path) / "config.json").exists():
         raise KbitFormatError(f"{path} is not a kbit model: it has no config.json")
@@ -528,7 +570,7 @@ def load_model(name: str | Path, device: str = "auto", backend: str = "auto",
     if device_obj.type == "cpu":
         release_free_heap()
     return build_model(source, device if device_map is not None else device_obj, backend, dtype,
-                       tokenizer, cpu_weights, device_map, max_memory)
+                       tokenizer, cpu_weights, device_map, max_memory, kv_cache)
 
 
 # -------------------------------------------------------------------------------------- memory
@@ -634,12 +676,27 @@ def load_tokenizer(path: str | Path):
             # modules, ~50 MB of RSS, that a run does not need)
             from transformers import PreTrainedTokenizerFast
 
-            return PreTrainedTokenizerFast.from_pretrained(path)
+            return PreTrainedTokenizerFast.from_pretrained(path, **tokenizer_shortcut(Path(path)))
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise RunError(f"{path} has no usable tokenizer ({str(e).splitlines()[0][:120]}): copy the "
                        "source model's tokenizer files (tokenizer.json, tokenizer_config.json) into "
                        "it") from None
+
+
+def tokenizer_shortcut(path: Path) -> dict:
+    """Without `added_tokens_decoder` in tokenizer_config.json (and no legacy special_tokens_map.json
+    or added_tokens.json), transformers parses the whole tokenizer.json in Python only to list its
+    added tokens, which the Rust tokenizer it builds from the same file holds anyway (SmolLM2: 0.2 s
+    and 2 MB resident after the parse). Saying there are none to add skips that parse; every token,
+    id and special flag still comes from tokenizer.json (tests/test_tokenizer_load.py)."""
+    if (path / "special_tokens_map.json").exists() or (path / "added_tokens.json").exists():
+        return {}
+    try:
+        config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {} if "added_tokens_decoder" in config else {"added_tokens_decoder": {}}
 
 
 def _generic_tokenizer(path: Path) -> bool:

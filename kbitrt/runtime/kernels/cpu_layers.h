@@ -15,6 +15,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 
 // one linear of the stack; kind 0: absent, 1: packed k-bit codes (w0 qweight, w1 absmax, w2
 // codebook, bias fp32), 2: a dense weight w0 and its bias as the module holds them
@@ -48,7 +49,7 @@ struct StackConfig {
 struct LayerStack {
   StackConfig cfg;
   std::vector<StackLayer> layers;
-  bool rows_ok = true;  // norms and caches in fp32 (cpu_rows.h's decoding path can run)
+  bool rows_ok = true;  // norms in fp32, caches in fp32 or 16 bits (cpu_rows.h's path can run)
 };
 
 std::mutex g_stacks_mutex;
@@ -97,9 +98,12 @@ int64_t layer_stack_create(const std::vector<at::Tensor>& tensors,
       TORCH_CHECK(s.kind == 0 || s.w0.defined(), "kbitrt_cpu: layer ", l, " linear ", j,
                   " has no weight");
     }
+    const at::ScalarType kv = layer.k_cache.scalar_type();
     stack->rows_ok = stack->rows_ok &&
-                     all_float({&layer.norm1_w, &layer.norm1_b, &layer.norm2_w, &layer.norm2_b,
-                                &layer.k_cache, &layer.v_cache});
+                     all_float({&layer.norm1_w, &layer.norm1_b, &layer.norm2_w, &layer.norm2_b}) &&
+                     (kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16) &&
+                     layer.v_cache.scalar_type() == kv && layer.k_cache.is_contiguous() &&
+                     layer.v_cache.is_contiguous();
     stack->layers.push_back(std::move(layer));
   }
   std::lock_guard<std::mutex> lock(g_stacks_mutex);
@@ -110,6 +114,14 @@ int64_t layer_stack_create(const std::vector<at::Tensor>& tensors,
 void layer_stack_free(int64_t handle) {
   std::lock_guard<std::mutex> lock(g_stacks_mutex);
   g_stacks.erase(handle);
+}
+
+// whether decoding steps can take cpu_rows.h's loops (else torch's ops run between the linears)
+bool layer_stack_loops(int64_t handle) {
+  std::lock_guard<std::mutex> lock(g_stacks_mutex);
+  auto it = g_stacks.find(handle);
+  TORCH_CHECK(it != g_stacks.end(), "kbitrt_cpu: no layer stack ", handle);
+  return it->second->rows_ok;
 }
 
 // KbitLinear.forward (linear.py) and, for dense weights, its dense_linear / nn.Linear
@@ -180,8 +192,10 @@ at::Tensor stack_attention(const StackConfig& c, const StackLayer& layer, const 
   if (cos.numel()) q = apply_rotary(q, cos, sin), k = apply_rotary(k, cos, sin);
   layer.k_cache.index_copy_(2, input_pos, k.to(layer.k_cache.scalar_type()));
   layer.v_cache.index_copy_(2, input_pos, v.to(layer.v_cache.scalar_type()));
-  const at::Tensor y = at::scaled_dot_product_attention(q, layer.k_cache, layer.v_cache, mask,
-                                                        0.0, false, c10::nullopt, c.enable_gqa);
+  // a 16-bit cache is read widened to the activations' dtype (kv_cache.py KVCache.update)
+  const at::Tensor y = at::scaled_dot_product_attention(
+      q, layer.k_cache.to(q.scalar_type()), layer.v_cache.to(q.scalar_type()), mask, 0.0, false,
+      c10::nullopt, c.enable_gqa);
   return lin(kO, y.transpose(1, 2).reshape({B, T, -1}));
 }
 
@@ -223,8 +237,13 @@ at::Tensor stack_block(const StackConfig& c, const StackLayer& layer, at::Tensor
   auto norm1 = [&](const at::Tensor& h) { return norm(layer.norm1_w, layer.norm1_b, h); };
   auto norm2 = [&](const at::Tensor& h) { return norm(layer.norm2_w, layer.norm2_b, h); };
   auto attention = [&](const at::Tensor& h) {
-    return rows ? attention_rows(c, layer, h, input_pos, cos, sin, mask)
-                : stack_attention(c, layer, h, input_pos, cos, sin, mask);
+    if (!rows) return stack_attention(c, layer, h, input_pos, cos, sin, mask);
+    switch (layer.k_cache.scalar_type()) {
+      case at::kHalf: return attention_rows<at::Half>(c, layer, h, input_pos, cos, sin, mask);
+      case at::kBFloat16:
+        return attention_rows<at::BFloat16>(c, layer, h, input_pos, cos, sin, mask);
+      default: return attention_rows<float>(c, layer, h, input_pos, cos, sin, mask);
+    }
   };
   auto mlp = [&](const at::Tensor& h) {
     return rows ? mlp_rows(c, layer, h) : stack_mlp(c, layer, h);

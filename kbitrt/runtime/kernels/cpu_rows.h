@@ -51,17 +51,33 @@ struct HeadView {
   const float* at(int64_t bt, int64_t h) const { return base + bt * row + h * head + offset; }
 };
 
-// rotary over the first rd dims of one head (decoder.py apply_rotary), the rest copied
+// rotary over the first rd dims of one head (decoder.py apply_rotary), the rest copied; into an
+// fp32 row or a 16-bit cache's (each value rounded once to nearest even, as torch's .to does)
+template <typename D>
 inline void rotate_into(const float* src, const float* cs, const float* sn, int64_t rd,
-                        int64_t hd, float* dst) {
+                        int64_t hd, D* dst) {
   const int64_t half = rd / 2;
-  for (int64_t i = 0; i < half; ++i) dst[i] = src[i] * cs[i] - src[i + half] * sn[i];
-  for (int64_t i = half; i < rd; ++i) dst[i] = src[i] * cs[i] + src[i - half] * sn[i];
-  std::memcpy(dst + rd, src + rd, sizeof(float) * (hd - rd));
+  for (int64_t i = 0; i < half; ++i) dst[i] = D(src[i] * cs[i] - src[i + half] * sn[i]);
+  for (int64_t i = half; i < rd; ++i) dst[i] = D(src[i] * cs[i] + src[i - half] * sn[i]);
+  for (int64_t i = rd; i < hd; ++i) dst[i] = D(src[i]);
+}
+
+// n cached values as fp32 (exact): a 16-bit cache is widened into `buf`, an fp32 one read in place
+inline const float* cache_floats(const float* src, int64_t, float*) { return src; }
+template <typename C>
+inline const float* cache_floats(const C* src, int64_t n, float* buf) {
+  int64_t i = 0;
+#ifdef KBIT_SIMD
+  for (; i + 16 <= n; i += 16) vstore(buf + i, load16(src + i));
+#endif
+  for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+  return buf;
 }
 
 // Attention.forward: the q/k/v linears, rotary, k and v into the cache at input_pos, softmax
-// attention over the cache under the additive mask (B, 1 or nh, T, S), then the output linear
+// attention over the cache under the additive mask (B, 1 or nh, T, S), then the output linear.
+// C: the caches' element type (float, or at::Half / at::BFloat16 for a 16-bit cache)
+template <typename C>
 at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const at::Tensor& x,
                           const at::Tensor& input_pos, const at::Tensor& cos,
                           const at::Tensor& sin, const at::Tensor& mask) {
@@ -85,17 +101,16 @@ at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const a
   const int64_t rd = cos.numel() ? cos.size(-1) : 0;
   const float *cs = rd ? cos.data_ptr<float>() : nullptr, *sn = rd ? sin.data_ptr<float>() : nullptr;
   const int64_t* pos = input_pos.data_ptr<int64_t>();
-  float *kc = layer.k_cache.data_ptr<float>(), *vc = layer.v_cache.data_ptr<float>();
+  C *kc = layer.k_cache.data_ptr<C>(), *vc = layer.v_cache.data_ptr<C>();
   std::vector<float> q(B * T * nh * hd);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {
       const int64_t bt = b * T + t;
       const float *cr = rd ? cs + bt * rd : nullptr, *sr = rd ? sn + bt * rd : nullptr;
       for (int64_t g = 0; g < nkv; ++g) {
-        float* kd = kc + ((b * nkv + g) * S + pos[t]) * hd;
-        if (rd) rotate_into(K.at(bt, g), cr, sr, rd, hd, kd);
-        else std::memcpy(kd, K.at(bt, g), sizeof(float) * hd);
-        std::memcpy(vc + ((b * nkv + g) * S + pos[t]) * hd, V.at(bt, g), sizeof(float) * hd);
+        C* kd = kc + ((b * nkv + g) * S + pos[t]) * hd;
+        rotate_into(K.at(bt, g), cr, sr, rd, hd, kd);  // rd = 0: copied
+        rotate_into(V.at(bt, g), nullptr, nullptr, 0, hd, vc + ((b * nkv + g) * S + pos[t]) * hd);
       }
       for (int64_t h = 0; h < nh; ++h) {
         float* qd = q.data() + (bt * nh + h) * hd;
@@ -111,12 +126,20 @@ at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const a
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   at::parallel_for(0, B * nh * T, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(S);
+    // a 16-bit cache's head group widened once per run of items that share it (items in order:
+    // batch row, head, token; a group's heads are neighbours)
+    std::vector<float> kbuf(std::is_same<C, float>::value ? 0 : S * hd), vbuf(kbuf.size());
+    int64_t widened = -1;
+    const float *kg = nullptr, *vg = nullptr;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (nh * T), h = i / T % nh, t = i % T, g = h / group;
       const float* qi = q.data() + ((b * T + t) * nh + h) * hd;
       const float* mrow = ms + b * mb + h * mh + t * mt;
-      const float* kg = kc + (b * nkv + g) * S * hd;
-      const float* vg = vc + (b * nkv + g) * S * hd;
+      if (b * nkv + g != widened) {
+        widened = b * nkv + g;
+        kg = cache_floats(kc + widened * S * hd, S * hd, kbuf.data());
+        vg = cache_floats(vc + widened * S * hd, S * hd, vbuf.data());
+      }
       float top = -INFINITY;
       for (int64_t s = 0; s < S; ++s) {
         p[s] = mrow[s] == -INFINITY ? -INFINITY : dot(qi, kg + s * hd, hd) * scale + mrow[s];

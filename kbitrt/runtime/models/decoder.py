@@ -200,6 +200,9 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(emb_dim, args.vocab_size, bias=False)
         # activations' dtype when the embedding is held in 16 bits under fp32 activations (the CPU)
         self.act_dtype: torch.dtype | None = None
+        # the KV cache's dtype (None: the activations'); a 16-bit cache under fp32 activations
+        # halves it (`--kv-cache fp16`, implied by `--low-memory`)
+        self.kv_dtype: torch.dtype | None = None
         # position tables, set by `setup_positions` once the model is off the meta device
         self.inv_freq: torch.Tensor | None = None
         self.rope_scaling = 1.0
@@ -226,7 +229,7 @@ class Decoder(nn.Module):
         if a.positions == "learned" and max_len > a.max_positions:
             raise ValueError(f"{max_len} tokens exceed the model's {a.max_positions} positions")
         w = self.tok_emb.weight
-        dtype = self.act_dtype or w.dtype
+        dtype = self.kv_dtype or self.act_dtype or w.dtype
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype, w.device)
         self.close_layer_stack()

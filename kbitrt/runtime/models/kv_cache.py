@@ -16,7 +16,8 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, nkv, T, hd) at slots input_pos (T,); return the whole cache."""
+        """Write k, v (B, nkv, T, hd) at slots input_pos (T,); return the whole cache in k's
+        dtype (a 16-bit cache under fp32 activations, `--kv-cache fp16`, is widened to read)."""
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+        return self.k.to(k.dtype), self.v.to(v.dtype)

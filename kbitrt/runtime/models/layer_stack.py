@@ -101,6 +101,7 @@ class LayerStack:
                 int(a.parallel_residual), int(a.post_norm), int(a.residual_from_norm),
                 cpu_kernels.FUSED_MAX_ROWS]
         tensors: list[torch.Tensor] = []
+        act_dtype = decoder.act_dtype or decoder.tok_emb.weight.dtype  # the cache may be narrower
         acts, modes = set(), set()  # one activation and one projection layout for every layer
         for layer in layers:
             attn, mlp = layer.attn, layer.mlp
@@ -118,7 +119,7 @@ class LayerStack:
             tensors += _norm(layer.attn_norm, a.norm) + _norm(layer.mlp_norm, a.norm)
             tensors += [attn.kv_cache.k, attn.kv_cache.v]
             for m in (*qkv, attn.wo, *ups, mlp.down):
-                spec, held = _linear(m, attn.kv_cache.k.dtype)
+                spec, held = _linear(m, act_dtype)
                 ints += spec
                 tensors += held
         if len(acts) != 1 or None in acts:
@@ -138,6 +139,12 @@ class LayerStack:
         cos, sin = rope if rope is not None else (_NONE, _NONE)
         return torch.ops.kbitrt_cpu.layer_stack_forward(self.handle, x, input_pos, cos, sin,
                                                         [mask[w] for w in self.windows])
+
+    @property
+    def loops(self) -> bool:
+        """Whether decoding steps run cpu_rows.h's loops (norms in fp32, caches in fp32 or 16
+        bits), not torch's ops, between the linears."""
+        return bool(torch.ops.kbitrt_cpu.layer_stack_loops(self.handle))
 
     def close(self) -> None:
         if self.handle:
