@@ -133,7 +133,8 @@ def worker_run(args) -> dict:
     for k, fn in hooks.items():
         setattr(loader, k, fn)
     try:
-        lm = loader.load_model(args.kbit, device="cpu", cpu_weights=args.cpu_weights)
+        lm = loader.load_model(args.kbit, device="cpu", cpu_weights=args.cpu_weights,
+                               kv_cache=args.kv_cache)
     finally:
         for k, fn in saved.items():
             setattr(loader, k, fn)
@@ -206,7 +207,8 @@ def worker(args) -> None:
 
 def subprocess_result(args, name: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--threads", str(args.threads),
-           "--new", str(args.new), "--kbit", str(args.kbit), "--cpu-weights", args.cpu_weights]
+           "--new", str(args.new), "--kbit", str(args.kbit), "--cpu-weights", args.cpu_weights,
+           "--kv-cache", args.kv_cache]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -260,6 +262,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kbit", type=Path, default=cache / "smol-nf4",
                     help="a kbit folder (kbit convert SmolLM2 --bits 4 --block 64 --dtype nf)")
     ap.add_argument("--cpu-weights", default="packed", help="packed = --low-memory")
+    ap.add_argument("--kv-cache", default="fp16", help="fp16 = --low-memory's (auto: fp32)")
     ap.add_argument("--timeout", type=int, default=1200)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("-o", "--output", default=None)
@@ -278,7 +281,7 @@ def main(argv=None) -> int:
         results[name] = subprocess_result(args, name)
     record = {"kind": "cpu_memory_breakdown", "machine": machine(), "cores": os.cpu_count(),
               "threads": args.threads, "new_tokens": args.new, "prompt": PROMPT,
-              "cpu_weights": args.cpu_weights, "model": str(args.kbit),
+              "cpu_weights": args.cpu_weights, "kv_cache": args.kv_cache, "model": str(args.kbit),
               "versions": versions(("torch", "transformers", "tokenizers", "kbitrt"), libc=True),
               "commit": commit, "dirty": dirty, "loadavg_start": load0,
               "loadavg_end": os.getloadavg(),
