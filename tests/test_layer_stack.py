@@ -52,8 +52,11 @@ def tokens(B: int, T: int, pads) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("cpu_weights", ["packed", "fp16", "fp32"])
 @pytest.mark.parametrize("name", COVERED)
 def test_stack_matches_python_layers(name, cpu_weights):
-    model = tiny(name, cpu_weights)
-    tol = TOLERANCE.get(cpu_weights, dict(atol=ATOL, rtol=RTOL))
+    assert_matches_python_layers(tiny(name, cpu_weights),
+                                 TOLERANCE.get(cpu_weights, dict(atol=ATOL, rtol=RTOL)))
+
+
+def assert_matches_python_layers(model, tol: dict) -> None:
     # batch 2 with left padding; a prefill under the fused kernel's row limit, then steps
     ids, pad = tokens(2, 12, (3, 0))
     keep = torch.arange(12)[None, :] >= pad[:, None]
@@ -71,16 +74,20 @@ def test_stack_matches_python_layers(name, cpu_weights):
 def test_stack_step_is_token_count_invariant(name):
     """k tokens in one step give the logits of k one-token steps, bit for bit (what speculative
     decoding's verifying step and batched scoring need)."""
-    model = tiny(name, "packed")
+    assert_token_count_invariant(tiny(name, "packed"), T=14, T0=6)
+
+
+def assert_token_count_invariant(model, T: int, T0: int) -> None:
+    """Batch 2 with padding: tokens T0..T in one step equal them one step at a time."""
     # a 16-bit head, as stored models have (torch's fp32 matmul is not token-count invariant)
     model.lm_head = HalfLinear(nn.Parameter(model.lm_head.weight.detach().half()))
-    ids, pad = tokens(2, 14, (2, 0))
-    one_by_one = decode(model, ids, pad, 6, True)[:, 6:]
-    model.setup_caches(2, 16)
+    ids, pad = tokens(2, T, (2, 0))
+    one_by_one = decode(model, ids, pad, T0, True)[:, T0:]
+    model.setup_caches(2, T + 2)
     try:
         with torch.no_grad():
-            model(ids[:, :6], torch.arange(6), pad)
-            together = model(ids[:, 6:], torch.arange(6, 14), pad)
+            model(ids[:, :T0], torch.arange(T0), pad)
+            together = model(ids[:, T0:], torch.arange(T0, T), pad)
     finally:
         model.drop_caches()
     assert torch.equal(together, one_by_one)
@@ -102,26 +109,9 @@ def test_stack_with_16bit_kv_cache(name, kv):
     assert model.layer_stack.loops, "the 16-bit cache must not push steps off the loops"
     model.drop_caches()
     # the loops' last-bit differences can round a cached value to the 16-bit neighbour
-    tol = dict(atol=2e-2, rtol=2e-2) if kv == "fp16" else dict(atol=1e-1, rtol=1e-1)
-    ids, pad = tokens(2, 12, (3, 0))
-    keep = torch.arange(12)[None, :] >= pad[:, None]
-    ours, ref = decode(model, ids, pad, 5, True), decode(model, ids, pad, 5, False)
-    torch.testing.assert_close(ours[keep], ref[keep], **tol)
-    T0 = cpu_kernels.FUSED_MAX_ROWS + 3
-    ids, pad = tokens(1, T0 + 2, (0,))
-    ours, ref = decode(model, ids, pad, T0, True), decode(model, ids, pad, T0, False)
-    assert torch.equal(ours[:, :T0], ref[:, :T0])
-    model.lm_head = HalfLinear(nn.Parameter(model.lm_head.weight.detach().half()))
-    ids, pad = tokens(2, 10, (2, 0))
-    one_by_one = decode(model, ids, pad, 4, True)[:, 4:]
-    model.setup_caches(2, 13)
-    try:
-        with torch.no_grad():
-            model(ids[:, :4], torch.arange(4), pad)
-            together = model(ids[:, 4:], torch.arange(4, 10), pad)
-    finally:
-        model.drop_caches()
-    assert torch.equal(together, one_by_one)
+    assert_matches_python_layers(model, dict(atol=2e-2, rtol=2e-2) if kv == "fp16"
+                                 else dict(atol=1e-1, rtol=1e-1))
+    assert_token_count_invariant(model, T=10, T0=4)
 
 
 def test_16bit_kv_cache_halves_the_cache_and_keeps_smollm2_greedy(smollm2_nf4):
