@@ -114,6 +114,15 @@ def test_stack_with_16bit_kv_cache(name, kv):
     assert_token_count_invariant(model, T=10, T0=4)
 
 
+def test_kv_cache_under_transformers_is_a_note():
+    """The transformers backend keeps its own cache: --kv-cache is reported, not silently taken."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(TINY["llama"](), dtype=torch.float32).eval()
+    lm = build_model(InMemoryKbit(hf, QuantConfig(bits=4, block_size=32)), "cpu",
+                     backend="transformers", kv_cache="fp16")
+    assert lm.kv_cache == "auto" and "fp16 KV cache needs the native decoder" in lm.note
+
+
 def test_16bit_kv_cache_halves_the_cache_and_keeps_smollm2_greedy(smollm2_nf4):
     """`--low-memory`'s fp16 cache on the real model: half the bytes, and the first 24 greedy
     tokens those of the fp32 cache (the logits within fp16's rounding of keys and values)."""

@@ -18,11 +18,11 @@ from kbitrt.runtime.speculative import (Counts, Widths, accept_or_resample, chec
                                         speculate)
 
 
-def build(folder, bits):
+def build(folder, bits, kv_cache: str = "auto"):
     from kbitrt.runtime.any_precision import select_width
     from kbitrt.runtime.loader import build_model
 
-    return build_model(select_width(KbitModel.open(folder), bits), "cpu")
+    return build_model(select_width(KbitModel.open(folder), bits), "cpu", kv_cache=kv_cache)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,24 @@ def test_greedy_equals_the_parent_alone(ap_models, family):
     lm6 = build(ap_models[family], "4-6")
     got, _ = spec_tokens(lm6, prompt, 30, 6, 4, 3)
     assert got == plain_greedy(build(ap_models[family], 6).model, prompt, 30)
+
+
+def test_greedy_equals_the_parent_alone_with_an_fp16_kv_cache(ap_models):
+    """`--low-memory`'s fp16 KV cache: drafts and the verifying step share the 16-bit cache, and
+    the output is still the parent's own greedy output with that cache."""
+    torch.manual_seed(1)
+    prompt = torch.randint(0, 128, (6,)).tolist()
+    parent_lm = build(ap_models["llama"], 8, kv_cache="fp16")
+    assert parent_lm.kv_cache == "fp16"
+    parent = plain_greedy(parent_lm.model, prompt, 30)
+    lm = build(ap_models["llama"], "3-8", kv_cache="fp16")
+    for k in (1, 4):
+        got, _ = spec_tokens(lm, prompt, 30, 8, 3, k)
+        assert got == parent, k
+    assert lm.model.layers[0].attn.kv_cache is None  # dropped after the run
+    lm.model.setup_caches(1, 4)
+    assert lm.model.layers[0].attn.kv_cache.k.dtype == torch.float16
+    lm.model.drop_caches()
 
 
 def test_top1_sampling_equals_greedy_and_seeded_sampling_repeats(ap_models):

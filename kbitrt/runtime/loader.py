@@ -488,8 +488,8 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
             if device.type == "cpu":
                 limit_heap_growth()
         if kv_cache != "auto" and backend != "native":
-            note = "; ".join(filter(None, (note, f"--kv-cache {kv_cache} needs the native decoder: "
-                                           "the cache keeps the activations' dtype")))
+            note = "; ".join(filter(None, (note, f"an {kv_cache} KV cache needs the native "
+                                           "decoder: this one keeps the activations' dtype")))
             kv_cache = "auto"
         if isinstance(model, Decoder):
             model.kv_dtype = KV_CACHES[kv_cache]
