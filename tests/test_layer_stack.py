@@ -120,7 +120,7 @@ def test_kv_cache_under_transformers_is_a_note():
     hf = AutoModelForCausalLM.from_config(TINY["llama"](), dtype=torch.float32).eval()
     lm = build_model(InMemoryKbit(hf, QuantConfig(bits=4, block_size=32)), "cpu",
                      backend="transformers", kv_cache="fp16")
-    assert lm.kv_cache == "auto" and "fp16 KV cache needs the native decoder" in lm.note
+    assert lm.kv_cache == "auto" and "KV cache in fp16 needs the native decoder" in lm.note
 
 
 def test_16bit_kv_cache_halves_the_cache_and_keeps_smollm2_greedy(smollm2_nf4):

@@ -488,7 +488,7 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
             if device.type == "cpu":
                 limit_heap_growth()
         if kv_cache != "auto" and backend != "native":
-            note = "; ".join(filter(None, (note, f"an {kv_cache} KV cache needs the native "
+            note = "; ".join(filter(None, (note, f"a KV cache in {kv_cache} needs the native "
                                            "decoder: this one keeps the activations' dtype")))
             kv_cache = "auto"
         if isinstance(model, Decoder):
