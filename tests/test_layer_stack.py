@@ -114,6 +114,32 @@ def test_stack_with_16bit_kv_cache(name, kv):
     assert_token_count_invariant(model, T=10, T0=4)
 
 
+@pytest.mark.parametrize("variant", ["avx2", "portable"])
+def test_other_builds_run_the_stack(variant):
+    """The AVX2 build (CPUs without AVX-512) and the portable one run the same stack, 16-bit KV
+    caches included (their own widening of the cache), to the Python layers' results."""
+    from kbitrt.runtime.models.layer_stack import LayerStack
+
+    ops = cpu_kernels.load_variant(variant)
+    model = tiny("llama", "packed")
+    ids, pad = tokens(2, 12, (3, 0))
+    keep = torch.arange(12)[None, :] >= pad[:, None]
+    for kv, tol in ((None, dict(atol=ATOL, rtol=RTOL)), (torch.float16, dict(atol=2e-2, rtol=2e-2)),
+                    (torch.bfloat16, dict(atol=1e-1, rtol=1e-1))):
+        model.kv_dtype = kv
+        ref = decode(model, ids, pad, 5, False)
+        model.setup_caches(2, 15)
+        model.layer_stack = LayerStack(model, ops)  # this build's library instead of the native
+        assert model.layer_stack.loops
+        try:
+            with torch.no_grad():
+                steps = [model(ids[:, :5], torch.arange(5), pad)]
+                steps += [model(ids[:, t:t + 1], torch.tensor([t]), pad) for t in range(5, 12)]
+        finally:
+            model.drop_caches()
+        torch.testing.assert_close(torch.cat(steps, 1)[keep], ref[keep], **tol)
+
+
 def test_kv_cache_under_transformers_is_a_note():
     """The transformers backend keeps its own cache: --kv-cache is reported, not silently taken."""
     torch.manual_seed(0)

@@ -89,10 +89,12 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 class LayerStack:
-    """A decoder's layers and KV caches registered with the C++ side; call it as the layers."""
+    """A decoder's layers and KV caches registered with the C++ side; call it as the layers.
+    `ops`: the kernels' library (tests pass another build's, cpu.load_variant)."""
 
-    def __init__(self, decoder: nn.Module):
+    def __init__(self, decoder: nn.Module, ops=None):
         self.handle = 0
+        self.ops = ops if ops is not None else torch.ops.kbitrt_cpu
         a = decoder.args
         layers = list(decoder.layers)
         self.windows = list(dict.fromkeys(layer.attn.window for layer in layers))
@@ -129,22 +131,22 @@ class LayerStack:
         ints[5], ints[6], ints[7] = acts.pop(), _QKV[layers[0].attn.qkv_mode], mlp_mode
         if any(t.device.type != "cpu" for t in tensors):
             raise ValueError("tensors off the CPU")
-        self.handle = torch.ops.kbitrt_cpu.layer_stack_create(tensors, ints, float(a.norm_eps))
+        self.handle = self.ops.layer_stack_create(tensors, ints, float(a.norm_eps))
         # freed with this object, or at exit while torch is still there
-        self._free = weakref.finalize(self, torch.ops.kbitrt_cpu.layer_stack_free, self.handle)
+        self._free = weakref.finalize(self, self.ops.layer_stack_free, self.handle)
 
     def __call__(self, x: torch.Tensor, input_pos: torch.Tensor,
                  rope: tuple[torch.Tensor, torch.Tensor] | None,
                  mask: dict[int | None, torch.Tensor]) -> torch.Tensor:
         cos, sin = rope if rope is not None else (_NONE, _NONE)
-        return torch.ops.kbitrt_cpu.layer_stack_forward(self.handle, x, input_pos, cos, sin,
-                                                        [mask[w] for w in self.windows])
+        return self.ops.layer_stack_forward(self.handle, x, input_pos, cos, sin,
+                                            [mask[w] for w in self.windows])
 
     @property
     def loops(self) -> bool:
         """Whether decoding steps run cpu_rows.h's loops (norms in fp32, caches in fp32 or 16
         bits), not torch's ops, between the linears."""
-        return bool(torch.ops.kbitrt_cpu.layer_stack_loops(self.handle))
+        return bool(self.ops.layer_stack_loops(self.handle))
 
     def close(self) -> None:
         if self.handle:
