@@ -126,7 +126,9 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
         err.print(f"memory: peak RSS {mem['peak_rss_mb']:.0f} MiB, model memory "
                   f"{mem['model_memory_mb']:.0f} MiB (peak minus {mem['rss_after_imports_mb']:.0f}"
                   f" MiB after imports)" + (f", quantized weights held at {bits:.2f} bits"
-                                            if bits else ""))
+                                            if bits else "")
+                  + (f", KV cache {record['options']['kv_cache']}"
+                     if record["options"].get("kv_cache", "auto") != "auto" else ""))
     err.print(f"[dim]written to {path}[/]")
 
 
