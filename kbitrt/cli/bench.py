@@ -55,8 +55,8 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
       kbit bench DIR --kernels
       kbit bench AP_DIR --bits 8 --draft-bits 3 --draft-tokens 4 -n 128
     """
-    from kbitrt.eval.latency import (held_weights, kernel_table, memory_record, rss_bytes,
-                                     run_bench)
+    from kbitrt.eval.latency import (held_weights, import_run_code, kernel_table, memory_record,
+                                     rss_bytes, run_bench)
     from kbitrt.eval.model_open import count_params, open_model
     from kbitrt.eval.results import default_output, environment, model_record, write_json
     from kbitrt.runtime.loader import RunError
@@ -74,6 +74,7 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
     # the kernel table times the packed path, so it needs the packed weights
     cpu_weights = resolve_cpu_weights(low_memory, cpu_weights, packed=kernels)
     kv_cache = resolve_kv_cache(low_memory, kv_cache)
+    import_run_code(model, device)  # code is not model memory (cpu_decode.py measures alike)
     rss0 = rss_bytes()
     try:
         if draft_tokens is not None and draft_bits is None:

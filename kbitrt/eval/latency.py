@@ -136,6 +136,27 @@ def held_weights(model: torch.nn.Module) -> dict:
             "other_bytes_held": sum(other.values())}
 
 
+def import_run_code(model: str, device: str) -> None:
+    """Import the code loading `model` will run, without reading any weight: the model's
+    transformers config class (~50 MB of config machinery) and, on the CPU, the fused kernels'
+    library. `kbit bench` calls this before it takes the RSS after imports, so its model memory is
+    what benchmarks/cpu_decode.py measures: the model's, not the code's. Errors are left to the
+    load (a bad config or device fails there with its own message)."""
+    import json
+    from pathlib import Path
+
+    from kbitrt.errors import KbitError
+    from kbitrt.runtime.kernels import cpu as cpu_kernels
+    from kbitrt.runtime.loader import hf_config
+
+    try:
+        hf_config(json.loads((Path(model) / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError, KbitError):
+        pass
+    if str(device).startswith("cpu") or (device == "auto" and not torch.cuda.is_available()):
+        cpu_kernels.available()
+
+
 def memory_record(rss_before_load: int) -> dict:
     """Peak RSS, the RSS after imports (before the model), and their difference (model memory)."""
     peak = peak_rss_bytes()
