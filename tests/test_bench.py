@@ -134,3 +134,19 @@ def test_loading_imports_no_compiler_stack(k4):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_bench_counts_the_loads_code_as_imports(k4):
+    """Before its RSS baseline, `kbit bench` imports the model's config class and loads the fused
+    kernels' library (as benchmarks/cpu_decode.py does): code is not model memory. Run in a fresh interpreter, where neither is loaded yet."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, torch\n"
+             "from kbitrt.eval.latency import import_run_code\n"
+             f"import_run_code({str(k4)!r}, 'cpu')\n"
+             "print('transformers.models.llama.configuration_llama' in sys.modules,\n"
+             "      hasattr(torch.ops.kbitrt_cpu, 'simd_width'))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True"], out.stdout
