@@ -171,6 +171,7 @@ def test_low_memory_eval_holds_packed_weights_and_scores_alike(folders, tmp_path
         assert res.exit_code == 0, res.output
         recs[flags[0] == "--low-memory"] = json.loads(res.stdout)
     assert recs[False]["model"]["cpu_weights"] == "fp16" and recs[True]["model"]["cpu_weights"] == "packed"
+    assert recs[False]["model"]["kv_cache"] == "auto" and recs[True]["model"]["kv_cache"] == "fp16"
     assert recs[True]["perplexity"]["wiki.txt"]["perplexity"] == pytest.approx(
         recs[False]["perplexity"]["wiki.txt"]["perplexity"], rel=2e-3)
     res = CliRunner().invoke(cli, ["eval", str(folders["k4"]), "--ppl", str(folders["text"]),

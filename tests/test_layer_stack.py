@@ -140,6 +140,25 @@ def test_other_builds_run_the_stack(variant):
         torch.testing.assert_close(torch.cat(steps, 1)[keep], ref[keep], **tol)
 
 
+def test_low_memory_kv_cache_is_fp16_only_under_fp32_activations():
+    """--low-memory's cache: fp16 under the CPU's fp32 activations; on CUDA (16-bit activations)
+    the activations' own dtype, never fp16 under bf16. An explicit --kv-cache is taken as given."""
+    from kbitrt.cli.options import resolve_kv_cache
+    from kbitrt.runtime.loader import kv_cache_for
+
+    assert resolve_kv_cache(True, None) == "low-memory" and resolve_kv_cache(True, "fp32") == "fp32"
+    assert resolve_kv_cache(False, None) == "auto"
+    assert kv_cache_for("low-memory", torch.float32) == "fp16"
+    assert kv_cache_for("low-memory", torch.bfloat16) == "auto"
+    assert kv_cache_for("low-memory", torch.float16) == "auto"
+    assert kv_cache_for("bf16", torch.float32) == "bf16"
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(TINY["llama"](), dtype=torch.float32).eval()
+    lm = build_model(InMemoryKbit(hf, QuantConfig(bits=4, block_size=32)), "cpu",
+                     kv_cache="low-memory")
+    assert lm.kv_cache == "fp16" and lm.model.kv_dtype == torch.float16
+
+
 def test_kv_cache_under_transformers_is_a_note():
     """The transformers backend keeps its own cache: --kv-cache is reported, not silently taken."""
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ def cpu_weight_options(f):
                      "vectorized, else fp16 copies).")(f)
     return click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit "
                         "weights resident, at any width (= --cpu-weights packed), and the KV "
-                        "cache in fp16 (= --kv-cache fp16).")(f)
+                        "cache in fp16 (= --kv-cache fp16 under the CPU's fp32 activations).")(f)
 
 
 def resolve_cpu_weights(low_memory: bool, cpu_weights: str | None, packed: bool = False) -> str:
@@ -48,5 +48,6 @@ def resolve_cpu_weights(low_memory: bool, cpu_weights: str | None, packed: bool 
 
 
 def resolve_kv_cache(low_memory: bool, kv_cache: str | None) -> str:
-    """What the KV cache holds from --low-memory/--kv-cache (an explicit --kv-cache wins)."""
-    return kv_cache or ("fp16" if low_memory else "auto")
+    """What the KV cache holds from --low-memory/--kv-cache (an explicit --kv-cache wins;
+    --low-memory's fp16 applies under fp32 activations, loader.kv_cache_for)."""
+    return kv_cache or ("low-memory" if low_memory else "auto")

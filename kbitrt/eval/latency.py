@@ -151,7 +151,7 @@ def import_run_code(model: str, device: str) -> None:
 
     try:
         hf_config(json.loads((Path(model) / "config.json").read_text(encoding="utf-8")))
-    except (OSError, ValueError, KbitError):
+    except (OSError, ValueError, TypeError, AttributeError, KbitError):
         pass
     if str(device).startswith("cpu") or (device == "auto" and not torch.cuda.is_available()):
         cpu_kernels.available()

@@ -32,7 +32,7 @@ class EvalOptions:
     device: str = "auto"
     backend: str = "auto"
     cpu_weights: str = "auto"  # CPU: dense fp16/bf16/fp32 copies, or packed (--low-memory)
-    kv_cache: str = "auto"  # the KV cache's dtype (fp16 with --low-memory; loader.KV_CACHES)
+    kv_cache: str = "auto"  # the KV cache's dtype (loader.KV_CACHES; low-memory: fp16 on the CPU)
     device_map: str | None = None  # auto, balanced, sequential or a JSON file (runtime/placement.py)
     max_memory: str | None = None  # 0=20GiB,cpu=60GiB
     progress: bool = True
@@ -72,6 +72,7 @@ def evaluate_model(name: str, opts: EvalOptions, record: dict, save: Callable[[]
     record["model"] = model_record(name, lm)
     record["model"]["load_seconds"] = time.perf_counter() - t0
     record["model"]["cpu_weights"] = lm.cpu_weights  # None on CUDA or for a plain HF model
+    record["model"]["kv_cache"] = getattr(lm, "kv_cache", "auto")  # fp16 with --low-memory
     if lm.note:
         log(f"note: {lm.note}")
     seqlen = opts.seqlen or min(2048, lm.max_positions or 2048)

@@ -33,8 +33,10 @@ BACKENDS = ("auto", "native", "transformers")
 CPU_WEIGHTS = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16,
                "fp32": torch.float32, "packed": None}
 # what the KV cache holds (auto: the activations' dtype); a 16-bit cache under the CPU's fp32
-# activations halves it, at fp16's rounding of keys and values (llama.cpp's default cache type)
-KV_CACHES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# activations halves it, at fp16's rounding of keys and values (llama.cpp's default cache type).
+# "low-memory" (what --low-memory asks for): fp16 under fp32 activations, else the activations'
+KV_CACHES = {"auto": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32,
+             "low-memory": None}
 # checkpoint tensors that are not weights (transformers' buffers some old checkpoints carry)
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", ".masked_bias")
 # modules stored (in, out) by GPT-2's Conv1D when kept unquantized (quantized ones are (out, in))
@@ -170,6 +172,14 @@ def check_cpu_weights(cpu_weights: str) -> str:
 def check_kv_cache(kv_cache: str) -> str:
     if kv_cache not in KV_CACHES:
         raise RunError(f"kv cache {kv_cache!r}: use one of {', '.join(KV_CACHES)}")
+    return kv_cache
+
+
+def kv_cache_for(kv_cache: str, dtype: torch.dtype) -> str:
+    """The KV cache setting that takes effect under activations of `dtype` ("low-memory": fp16
+    under fp32 activations, the CPU's; on CUDA the activations are 16-bit already)."""
+    if kv_cache == "low-memory":
+        return "fp16" if dtype == torch.float32 else "auto"
     return kv_cache
 
 
@@ -487,6 +497,7 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
         finally:
             if device.type == "cpu":
                 limit_heap_growth()
+        kv_cache = kv_cache_for(kv_cache, dtype)
         if kv_cache != "auto" and backend != "native":
             note = "; ".join(filter(None, (note, f"a KV cache in {kv_cache} needs the native "
                                            "decoder: this one keeps the activations' dtype")))
@@ -689,7 +700,13 @@ def tokenizer_shortcut(path: Path) -> dict:
     or added_tokens.json), transformers parses the whole tokenizer.json in Python only to list its
     added tokens, which the Rust tokenizer it builds from the same file holds anyway (SmolLM2: 0.2 s
     and 2 MB resident after the parse). Saying there are none to add skips that parse; every token,
-    id and special flag still comes from tokenizer.json (tests/test_tokenizer_load.py)."""
+    id and special flag still comes from tokenizer.json (tests/test_tokenizer_load.py). Only for
+    transformers 5, whose tokenizer takes special tokens from the Rust side (4.x re-adds named
+    special tokens from that parse)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return {}
     if (path / "special_tokens_map.json").exists() or (path / "added_tokens.json").exists():
         return {}
     try:

@@ -386,7 +386,8 @@ def place_native(model: nn.Module, plan: dict[str, str]) -> torch.device:
         """Static KV caches, each on the device that runs its layer."""
         if args.positions == "learned" and max_len > args.max_positions:
             raise ValueError(f"{max_len} tokens exceed the model's {args.max_positions} positions")
-        dtype = next(t.dtype for t in _tensors(model.layers[0]).values() if t.is_floating_point())
+        dtype = model.kv_dtype or next(t.dtype for t in _tensors(model.layers[0]).values()
+                                       if t.is_floating_point())
         for layer, device in zip(model.layers, layer_device):
             layer.attn.kv_cache = KVCache(batch, args.n_kv_heads, max_len, args.head_dim, dtype, device)
 

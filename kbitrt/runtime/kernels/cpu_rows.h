@@ -124,11 +124,26 @@ at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const a
   const int64_t mb = mask.stride(0), mh = mask.size(1) == 1 ? 0 : mask.stride(1),
                 mt = mask.stride(2);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  // slots after the last one any mask row leaves open (the causal mask hides the cache's future)
+  // are neither widened nor looped over: they would add exp(-inf) = 0, the same sums
+  int64_t live = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < (mh ? nh : 1); ++h)
+      for (int64_t t = 0; t < T; ++t) {
+        const float* mrow = ms + b * mb + h * mh + t * mt;
+        for (int64_t s = S - 1; s >= live; --s)
+          if (mrow[s] != -INFINITY) {
+            live = s + 1;
+            break;
+          }
+      }
   at::parallel_for(0, B * nh * T, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(S);
+    std::vector<float> p(live);
     // a 16-bit cache's head group widened once per run of items that share it (items in order:
-    // batch row, head, token; a group's heads are neighbours)
-    std::vector<float> kbuf(std::is_same<C, float>::value ? 0 : S * hd), vbuf(kbuf.size());
+    // batch row, head, token; a group's heads are neighbours), into buffers each thread keeps
+    static thread_local std::vector<float> kbuf, vbuf;
+    if (!std::is_same<C, float>::value && kbuf.size() < static_cast<size_t>(live * hd))
+      kbuf.resize(live * hd), vbuf.resize(live * hd);
     int64_t widened = -1;
     const float *kg = nullptr, *vg = nullptr;
     for (int64_t i = i0; i < i1; ++i) {
@@ -137,19 +152,20 @@ at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const a
       const float* mrow = ms + b * mb + h * mh + t * mt;
       if (b * nkv + g != widened) {
         widened = b * nkv + g;
-        kg = cache_floats(kc + widened * S * hd, S * hd, kbuf.data());
-        vg = cache_floats(vc + widened * S * hd, S * hd, vbuf.data());
+        kg = cache_floats(kc + widened * S * hd, live * hd, kbuf.data());
+        vg = cache_floats(vc + widened * S * hd, live * hd, vbuf.data());
       }
       float top = -INFINITY;
-      for (int64_t s = 0; s < S; ++s) {
+      for (int64_t s = 0; s < live; ++s) {
         p[s] = mrow[s] == -INFINITY ? -INFINITY : dot(qi, kg + s * hd, hd) * scale + mrow[s];
         top = p[s] > top ? p[s] : top;
       }
       float total = 0.f;
-      for (int64_t s = 0; s < S; ++s) total += p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - top);
+      for (int64_t s = 0; s < live; ++s)
+        total += p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - top);
       float* yi = ys + (b * T + t) * nh * hd + h * hd;
       std::fill(yi, yi + hd, 0.f);
-      for (int64_t s = 0; s < S; ++s) {
+      for (int64_t s = 0; s < live; ++s) {
         if (p[s] == 0.f) continue;
         const float ps = p[s] / total;
         const float* vs = vg + s * hd;
