@@ -33,7 +33,8 @@ from kbitrt.format import dtypes, packing  # noqa: E402
 from kbitrt.format.blockwise import QuantizedWeight  # noqa: E402
 from kbitrt.format.config import QuantConfig  # noqa: E402
 from kbitrt.runtime.generate import decode_step  # noqa: E402
-from kbitrt.runtime.loader import build_model, resolve_device, synchronize  # noqa: E402
+from kbitrt.runtime.devices import resolve_device, synchronize  # noqa: E402
+from kbitrt.runtime.loader import build_model  # noqa: E402
 from kbitrt.eval.results import git_commit  # noqa: E402
 
 LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,

@@ -23,7 +23,7 @@ from kbitrt.eval import perplexity as ppl  # noqa: E402
 from kbitrt.eval import zeroshot  # noqa: E402
 from kbitrt.eval.model_open import open_model  # noqa: E402
 from kbitrt.eval.results import environment, model_record, write_json  # noqa: E402
-from kbitrt.runtime.loader import resolve_device  # noqa: E402
+from kbitrt.runtime.devices import resolve_device  # noqa: E402
 from kbitrt.eval.data import HERE as DATA  # noqa: E402  (the samples shipped in the package)
 
 SETTINGS = [("fp32", None), ("nf4/64", ("nf", 4, 64)), ("int4/64", ("int", 4, 64)),

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from kbitrt.eval import perplexity as ppl  # noqa: E402
 from kbitrt.eval.model_open import load_hf, open_model  # noqa: E402
 from kbitrt.eval.results import environment, model_record, write_json  # noqa: E402
-from kbitrt.runtime.loader import resolve_device  # noqa: E402
+from kbitrt.runtime.devices import resolve_device  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kbitrt.eval.results import environment, write_json  # noqa: E402
-from kbitrt.runtime.loader import resolve_device  # noqa: E402
+from kbitrt.runtime.devices import resolve_device  # noqa: E402
 
 # public checkpoints of the paper's families, parameters in billions
 MODELS = {

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kbitrt.eval.results import environment, write_json  # noqa: E402
-from kbitrt.runtime.loader import resolve_device  # noqa: E402
+from kbitrt.runtime.devices import resolve_device  # noqa: E402
 from kbitrt.sweep.grid import Cell  # noqa: E402
 from kbitrt.sweep.runner import SweepOptions, read_results, run_sweep  # noqa: E402
 

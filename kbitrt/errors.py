@@ -7,3 +7,7 @@ class KbitError(ValueError):
 
 class KbitFormatError(KbitError):
     """A kbit model (or a request to make one) is not valid; the message says what to do."""
+
+
+class RunError(KbitError):
+    """A request the runtime cannot serve (device, backend, prompt length); one clear line."""

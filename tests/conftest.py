@@ -13,6 +13,10 @@ import torch
 # it is set here, before any test module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from interpreter_speedup import skip_repatching_in_device_calls
+
+    skip_repatching_in_device_calls()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 

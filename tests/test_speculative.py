@@ -13,7 +13,7 @@ from kbitrt.errors import KbitFormatError
 from kbitrt.format.bitplane import AnyPrecisionConfig
 from kbitrt.format.reader import KbitModel
 from kbitrt.runtime.generate import SamplingConfig
-from kbitrt.runtime.loader import RunError
+from kbitrt.errors import RunError
 from kbitrt.runtime.speculative import (Counts, Widths, accept_or_resample, check_draft_widths,
                                         speculate)
 

@@ -59,7 +59,7 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
                                      rss_bytes, run_bench)
     from kbitrt.eval.model_open import count_params, open_model
     from kbitrt.eval.results import default_output, environment, model_record, write_json
-    from kbitrt.runtime.loader import RunError
+    from kbitrt.errors import RunError
     from transformers import AutoTokenizer  # noqa: F401  (imported before the RSS baseline)
 
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
@@ -139,7 +139,7 @@ def _speculative(model, bits, draft_bits, draft_tokens, gen, reps, warmup, devic
     from kbitrt.errors import KbitFormatError
     from kbitrt.eval.latency import held_weights, memory_record, speculative_bench
     from kbitrt.eval.results import default_output, environment, model_record, write_json
-    from kbitrt.runtime.loader import RunError
+    from kbitrt.errors import RunError
     from kbitrt.runtime.speculative import DEFAULT_DRAFT_TOKENS, load_speculative
 
     k = DEFAULT_DRAFT_TOKENS if draft_tokens is None else draft_tokens

@@ -67,7 +67,7 @@ def eval_cmd(model, ppl, tasks, seqlen, protocol, stride, max_tokens, limit, bat
     """
     from kbitrt.eval.runner import EvalOptions, run_eval
     from kbitrt.eval.zeroshot import PAPER_TASKS
-    from kbitrt.runtime.loader import RunError
+    from kbitrt.errors import RunError
 
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     ppl_list, task_list = _csv(ppl), _csv(tasks)

@@ -70,7 +70,7 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
       kbit run AP_DIR --bits 8 --draft-bits 3 -p "..."   (self-speculative, any-precision)
     """
     from kbitrt.runtime.generate import SamplingConfig
-    from kbitrt.runtime.loader import RunError
+    from kbitrt.errors import RunError
 
     err = Console(stderr=True)
     try:
@@ -169,7 +169,7 @@ def _chat_loop(lm, max_new_tokens, sampling, stops, compile_mode, err: Console, 
     """Interactive chat: answers stream as they are generated; the conversation is kept and sent
     again each turn. /reset forgets it, /exit (or Ctrl-D) quits, Ctrl-C stops an answer (what was
     shown is kept) or clears the line being typed, and never ends the session."""
-    from kbitrt.runtime.loader import RunError
+    from kbitrt.errors import RunError
 
     err.print("[dim]chat: /reset forgets the conversation, /exit or Ctrl-D quits, "
               "Ctrl-C stops an answer[/]")

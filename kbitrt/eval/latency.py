@@ -17,7 +17,9 @@ from typing import Callable
 
 import torch
 
-from kbitrt.runtime.loader import LoadedModel, RunError, synchronize
+from kbitrt.errors import RunError
+from kbitrt.runtime.devices import synchronize
+from kbitrt.runtime.loader import LoadedModel
 
 
 @dataclass

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from kbitrt.runtime.loader import (LoadedModel, TransformersLM, default_dtype, load_model,
-                                   load_tokenizer, resolve_device)
+from kbitrt.runtime.devices import default_dtype, resolve_device
+from kbitrt.runtime.loader import LoadedModel, TransformersLM, load_model, load_tokenizer
 
 
 def is_kbit(path: Path) -> bool:

@@ -146,7 +146,7 @@ def run_eval(model: str, opts: EvalOptions, baseline: str | None = None,
 
 
 def environment_for(opts: EvalOptions) -> dict:
-    from kbitrt.runtime.loader import resolve_device
+    from kbitrt.runtime.devices import resolve_device
 
     return environment(resolve_device(opts.device))
 

@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from kbitrt.runtime.loader import LoadedModel, RunError
+from kbitrt.errors import RunError
+from kbitrt.runtime.loader import LoadedModel
 
 Request = tuple[Sequence[int], Sequence[int]]
 MAX_BATCH_TOKENS = 16384  # padded tokens per forward: bounds the (B, T, V) logits' memory

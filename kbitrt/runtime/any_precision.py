@@ -25,6 +25,7 @@ import torch
 from kbitrt.errors import KbitFormatError
 from kbitrt.format.bitplane import BitplaneModel, codebook_offset, parse_range, to_bitslice
 from kbitrt.format.blockwise import QuantizedWeight
+from kbitrt.runtime.devices import cpu_path, is_cuda
 from kbitrt.runtime.kernels.reference import pad_codebook
 from kbitrt.runtime.linear import KbitLinear
 
@@ -133,7 +134,7 @@ class MultiWidthLinear(KbitLinear):
         if getattr(self, "held", None):
             raise KbitFormatError("this model already holds ready widths "
                                   f"{sorted(self.held)}: load it again to hold others")
-        cpu_dense = self.absmax.device.type == "cpu" and self.cpu_mode == "dense"
+        cpu_dense = cpu_path(self.absmax.device) and self.cpu_mode == "dense"
         held = {}
         for bits in widths:
             self.held = {}
@@ -224,6 +225,6 @@ def set_width(lm, bits: int, reset_compiled: bool = True) -> None:
             changed = True
     if changed and hasattr(model, "refresh_layer_stack"):  # the CPU layer stack's tensors
         model.refresh_layer_stack()
-    if changed and reset_compiled and next(model.buffers()).device.type == "cuda":
+    if changed and reset_compiled and is_cuda(next(model.buffers()).device):
         torch._dynamo.reset()  # compiled graphs captured the previous width's buffers
     relabel(lm, bits)

@@ -9,7 +9,6 @@ needs the static shapes the cache gives; nothing here touches the GPU unless the
 from __future__ import annotations
 
 import json
-import resource
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from kbitrt.runtime.loader import LoadedModel, RunError, synchronize
+from kbitrt.errors import RunError
+from kbitrt.runtime.devices import (device_name, is_cuda, peak_memory, reset_peak_memory,
+                                    synchronize)
+from kbitrt.runtime.loader import LoadedModel
 
 Message = dict  # {"role": ..., "content": ...}
 Prompt = str | list[Message] | list[int]  # text, a chat, or token ids
@@ -209,13 +211,6 @@ class TextRow:
 
 # ------------------------------------------------------------------------------------ decoding
 
-def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-
 def decode_step(lm: LoadedModel, compile: bool | str):
     """The function one decode step calls (native backend): compiled with CUDA graphs on CUDA by
     default; on the CPU only when asked (compile=True: inductor's C++ code, traced through the
@@ -223,12 +218,12 @@ def decode_step(lm: LoadedModel, compile: bool | str):
     layer in one call (models/layer_stack.py): faster than the compiled step, with no
     compile time (benchmarks/results/cpu_decode-2threads.json, docs/cpu.md)."""
     model = lm.model
-    cuda = lm.device.type == "cuda"
+    cuda = is_cuda(lm.device)  # CUDA graphs need a GPU: the CUDA twin decodes eagerly
     want = compile is True or (compile == "auto" and cuda)
     if not want or lm.backend != "native" \
             or getattr(model, "device_map", None):  # hooks hand activations over: no CUDA graphs
         return model, False
-    if cuda:
+    if cuda:  # pragma: no cover - needs a GPU
         return torch.compile(model, mode="reduce-overhead", fullgraph=False, dynamic=False), True
     return torch.compile(model, fullgraph=False, dynamic=False), True
 
@@ -273,8 +268,7 @@ def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 6
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     step, compiled = decode_step(lm, compile)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
 
     model.setup_caches(B, T0 + new)
     try:
@@ -328,10 +322,3 @@ def finish_rows(rows: Sequence[TextRow], on_text) -> None:
             row.decode()
         row.stream(b, on_text)
 
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    import platform
-
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"

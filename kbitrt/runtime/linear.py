@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from kbitrt.format import packing
 from kbitrt.format.blockwise import QuantizedWeight
+from kbitrt.runtime.devices import cpu_path
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.kernels import kbit_linear
 from kbitrt.runtime.kernels.reference import dequantize_packed, pad_codebook
@@ -184,7 +185,7 @@ class KbitLinear(nn.Module):
         """x (..., in_features) -> (..., out_features) in x.dtype."""
         if self.dense_weight is not None:
             return dense_linear(x, self.dense_weight, self.bias)
-        if x.device.type == "cpu":
+        if cpu_path(x.device):
             if self.cpu_mode == "dense":
                 return dense_linear(x, self._cached_weight(self.cpu_dtype), self.bias)
             if cpu_kernels.available():
@@ -254,7 +255,7 @@ class HalfLinear(nn.Module):
         self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and self.weight.dtype in cpu_kernels.HALF_DTYPES \
+        if cpu_path(x.device) and self.weight.dtype in cpu_kernels.HALF_DTYPES \
                 and cpu_kernels.available():
             y = cpu_kernels.half_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
             return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kbitrt.errors import KbitError, KbitFormatError
+from kbitrt.errors import KbitFormatError, RunError
 from kbitrt.format.config import QuantConfig
+from kbitrt.runtime.devices import cpu_path, default_dtype, gpu_path, resolve_device
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.linear import HalfLinear, KbitLinear, stack_rows
 from kbitrt.runtime.models.decoder import Decoder, default_positions
@@ -43,10 +44,6 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "
 _CONV1D = {"gpt2": ("attn.wqkv", "attn.wo", "mlp.up", "mlp.down")}
 
 
-class RunError(KbitError):
-    """A request the runtime cannot serve (device, backend, prompt length); one clear line."""
-
-
 @dataclass
 class LoadedModel:
     model: nn.Module  # Decoder or TransformersLM, both with the protocol above
@@ -65,38 +62,6 @@ class LoadedModel:
 
 
 # ------------------------------------------------------------------------------------- devices
-
-def resolve_device(name: str | None) -> torch.device:
-    name = (name or "auto").lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise RunError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RunError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RunError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise RunError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a no-op on the CPU): call before reading a clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def default_dtype(device: torch.device, config: dict) -> torch.dtype:
-    """fp32 on the CPU (exact reference); on the GPU the checkpoint's bf16, else fp16."""
-    if device.type == "cpu":
-        return torch.float32
-    return torch.bfloat16 if config.get("torch_dtype", config.get("dtype")) == "bfloat16" \
-        else torch.float16
-
 
 def hf_config(config: dict):
     """A transformers config object from a config.json dict (the kbit quantization_config left out,
@@ -124,7 +89,7 @@ def kbit_module(qw, bias: torch.Tensor | None, dtype: torch.dtype, device: torch
     layer = KbitLinear.from_quantized(qw, bias, compute_dtype=dtype, cpu_cache=not packed,
                                       cpu_dtype=CPU_WEIGHTS[cpu_weights])
     layer = layer.to(device)
-    if device.type == "cpu" and not packed:
+    if cpu_path(device) and not packed:
         layer.release_packed()
     return layer
 
@@ -211,7 +176,7 @@ def cpu_weights_for(cpu_weights: str, device: torch.device, bits: int | None = N
     copies. Other values as given."""
     if cpu_weights != "auto":
         return cpu_weights
-    if device.type != "cpu":  # what the GPU kernels read (CPU-offloaded layers included)
+    if not cpu_path(device):  # what the GPU kernels read (CPU-offloaded layers included)
         return "packed"
     if bits is not None and bits > PACKED_DEFAULT_MAX_BITS:
         return "fp16"
@@ -313,7 +278,7 @@ def build_native(source, config, device: torch.device, dtype: torch.dtype,
     # verifying steps (speculative decoding)
     head = tensors.pick(names["lm_head"])
     tied = head not in tensors.quantized and not tensors.has(f"{head}.weight")
-    cpu32 = device.type == "cpu" and dtype == torch.float32
+    cpu32 = cpu_path(device) and dtype == torch.float32
     fused = cpu32 and cpu_weights == "packed" and cpu_kernels.available()
     hold16 = cpu32 and cpu_weights != "fp32" and (fused or not tied)
     for ours, module in list(model.named_modules()):
@@ -491,9 +456,9 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
         try:
             if placed is None:
                 model = build(source, config, device, dtype, cpu_weights)
-                if backend == "native" and device.type == "cpu" and cpu_weights == "packed" \
-                        and cpu_kernels.available():
-                    merge_projections(model)
+                if backend == "native" and (gpu_path(device) or (
+                        cpu_weights == "packed" and cpu_kernels.available())):
+                    merge_projections(model)  # fewer launches per step on either path
         finally:
             if device.type == "cpu":
                 limit_heap_growth()
@@ -505,7 +470,7 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
         if isinstance(model, Decoder):
             model.kv_dtype = KV_CACHES[kv_cache]
         warm_up(model, device, cached=isinstance(model, Decoder) and placed is None
-                and device.type == "cpu")
+                and cpu_path(device))
     if device.type == "cpu":
         release_free_heap()
     seen = {}
@@ -516,7 +481,7 @@ def build_model(source, device: str | torch.device = "auto", backend: str = "aut
         config=source.config, max_positions=_max_positions(config),
         weight_bytes=placed.weight_bytes if placed else sum(seen.values()),
         quant_label=source.quant.label, path=getattr(source, "path", None), note=note,
-        cpu_weights=cpu_weights if device.type == "cpu" else None, kv_cache=kv_cache)
+        cpu_weights=cpu_weights if cpu_path(device) else None, kv_cache=kv_cache)
 
 
 def merge_projections(model: Decoder) -> None:

@@ -35,11 +35,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from kbitrt.errors import KbitFormatError
+from kbitrt.errors import KbitFormatError, RunError
+from kbitrt.runtime.devices import device_name, peak_memory, reset_peak_memory, synchronize
 from kbitrt.runtime.generate import (GenerationResult, GenerationStats, SamplingConfig, TextRow,
-                                     apply_repetition_penalty, device_name, encode_prompts, finish_rows,
-                                     eos_ids, peak_memory, sampling_probs)
-from kbitrt.runtime.loader import LoadedModel, RunError, synchronize
+                                     apply_repetition_penalty, encode_prompts, finish_rows,
+                                     eos_ids, sampling_probs)
+from kbitrt.runtime.loader import LoadedModel
 
 DEFAULT_DRAFT_TOKENS = 4
 
@@ -291,8 +292,7 @@ def generate_speculative(lm: LoadedModel, prompts: Sequence, max_new_tokens: int
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     rows = [TextRow(tok, stop, on_text is not None) for _ in encoded]
     counts = Counts()
     prompt_s = total_s = 0.0

@@ -1,4 +1,5 @@
-"""The public op `kbitrt::kbit_linear`: Triton on CUDA, the torch twin elsewhere.
+"""The public op `kbitrt::kbit_linear`: Triton on the GPU path (devices.gpu_path), the torch twin
+elsewhere.
 
 A torch.library custom op with a fake (meta) implementation, so decode steps that call it can be
 torch.compiled and CUDA-graphed. Triton is imported on the first CUDA call only: importing kbitrt
@@ -9,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from kbitrt.runtime.devices import gpu_path
 from kbitrt.runtime.kernels.reference import kbit_linear_torch, pad_codebook
 
 __all__ = ["kbit_linear", "kbit_linear_2d", "pad_codebook"]
@@ -20,7 +22,7 @@ def kbit_linear_2d(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
                    outlier_idx: Optional[torch.Tensor], outlier_weight: Optional[torch.Tensor],
                    bits: int, block_size: int, in_features: int) -> torch.Tensor:
     """x (M, K) -> (M, N) in x.dtype; see triton_kbit.kbit_linear_triton for the arguments."""
-    if x.is_cuda:
+    if gpu_path(x.device):  # CUDA, or the CPU under the CUDA twin (Triton interpreted)
         from kbitrt.runtime.kernels.triton_kbit import kbit_linear_triton
         return kbit_linear_triton(x, qweight, absmax, codebook, bias, outlier_idx, outlier_weight,
                                   bits, block_size, in_features)

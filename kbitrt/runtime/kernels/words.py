@@ -204,7 +204,10 @@ def gemv_words_ok(k: int, block_size: int) -> bool:
     return (-(-k // 8) * 8) % 64 == 0 and block_size >= 64
 
 
-_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# id(codebook) -> (weak reference to it, its _version, decode_choice's answer). Not a
+# WeakKeyDictionary: that compares keys with ==, which on tensors is elementwise, so a second call
+# with the same codebook raised "Boolean value of Tensor ... is ambiguous".
+_TABLES: dict[int, tuple[weakref.ref, int, tuple]] = {}
 
 
 def affine_params(codebook: torch.Tensor) -> tuple[float, float] | None:
@@ -255,10 +258,11 @@ def quad_table(codebook: torch.Tensor) -> torch.Tensor:
 
 
 def decode_choice(codebook: torch.Tensor, bits: int) -> tuple[int, torch.Tensor, float, float]:
-    """(DECODE, table, base, step) for the word GEMV, cached per codebook tensor."""
-    hit = _TABLES.get(codebook)
-    if hit is not None and hit[0] == codebook._version:
-        return hit[1]
+    """(DECODE, table, base, step) for the word GEMV, cached per codebook tensor (by identity,
+    rebuilt when the tensor was written in place)."""
+    hit = _TABLES.get(id(codebook))
+    if hit is not None and hit[0]() is codebook and hit[1] == codebook._version:
+        return hit[2]
     affine = None
     if bits in (4, 8) and not (codebook.is_cuda and torch.cuda.is_current_stream_capturing()):
         affine = affine_params(codebook)
@@ -270,5 +274,15 @@ def decode_choice(codebook: torch.Tensor, bits: int) -> tuple[int, torch.Tensor,
         out = (3, quad_table(codebook), 0.0, 0.0)
     else:
         out = (1, pair_table(codebook, bits), 0.0, 0.0)
-    _TABLES[codebook] = (codebook._version, out)
+    _TABLES[id(codebook)] = (weakref.ref(codebook, _forget(id(codebook))), codebook._version, out)
     return out
+
+
+def _forget(key: int):
+    """A weakref callback dropping the cache entry of a codebook that died (unless another
+    tensor has taken its id since)."""
+    def drop(ref: weakref.ref) -> None:
+        hit = _TABLES.get(key)
+        if hit is not None and hit[0] is ref:
+            del _TABLES[key]
+    return drop

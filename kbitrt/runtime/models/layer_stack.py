@@ -18,6 +18,7 @@ import weakref
 import torch
 from torch import nn
 
+from kbitrt.runtime.devices import cpu_path
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.linear import KbitLinear
 from kbitrt.runtime.models.kv_cache import KVCache
@@ -159,8 +160,8 @@ def build(decoder: nn.Module) -> tuple[LayerStack | None, str | None]:
     (None, why not)."""
     if not cpu_kernels.available():
         return None, "no fused CPU kernels"
-    if decoder.tok_emb.weight.device.type != "cpu":
-        return None, "not on the CPU"
+    if not cpu_path(decoder.tok_emb.weight.device):
+        return None, "not on the CPU path"
     if _has_hooks(decoder.layers):
         return None, "forward hooks"
     try:
