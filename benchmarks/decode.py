@@ -1,6 +1,7 @@
 """Decode benchmark: a Llama-2-7B-shaped model with random weights, k-bit vs fp16, one GPU.
 
     python benchmarks/decode.py                 # 4-bit nf, block 64, batch 1/4/16, 128 tokens
+    python benchmarks/decode.py --shape smollm2-135m   # SmolLM2-135M-shaped, random weights
     python benchmarks/decode.py --tiny          # smoke test (tiny shape; runs on the CPU)
 
 Random packed bytes are valid codes at any k, so the k-bit model is built directly (no
@@ -40,6 +41,11 @@ from kbitrt.eval.results import git_commit  # noqa: E402
 LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  max_position_embeddings=4096, tie_word_embeddings=False)
+# SmolLM2-135M's shapes (random weights: the real checkpoint does not travel to a lent GPU)
+SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                    num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    max_position_embeddings=8192, tie_word_embeddings=True)
+SHAPES = {"llama2-7b": LLAMA2_7B, "smollm2-135m": SMOLLM2_135M}
 TINY = dict(LLAMA2_7B, vocab_size=1000, hidden_size=256, intermediate_size=512,
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
 
@@ -172,6 +178,8 @@ def _versions() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="tiny shape, CPU ok (smoke test)")
+    p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES),
+                   help="the model's shapes (random weights)")
     p.add_argument("--device", default="auto")
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--block", type=int, default=64)
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
         print("no CUDA device: the full benchmark is for a GPU; use --tiny for a CPU smoke test",
               file=sys.stderr)
         return 2
-    config = TINY if args.tiny else LLAMA2_7B
+    config = TINY if args.tiny else SHAPES[args.shape]
     batches = [int(b) for b in (args.batches or ("1,4" if args.tiny else "1,4,16")).split(",")]
     tokens = args.tokens or (8 if args.tiny else 128)
     act = torch.float16 if device.type == "cuda" else torch.float32
@@ -207,10 +215,10 @@ def main(argv=None) -> int:
     date = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     slug = re.sub(r"[^A-Za-z0-9]+", "-", dev_name).strip("-").lower()
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / \
-        f"decode-{'tiny-' if args.tiny else ''}{slug}-{date}.json"
+        f"decode-{'tiny' if args.tiny else args.shape}-{slug}-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "benchmark": "decode", "model": "tiny-llama" if args.tiny else "llama-2-7b-shaped",
+        "benchmark": "decode", "model": "tiny-llama" if args.tiny else f"{args.shape}-shaped",
         "config": config, "quantization": quant.to_json(), "activation_dtype": str(act),
         "device": dev_name, "copy_bandwidth_bytes_per_s": copy_bw, "versions": _versions(),
         "git_commit": git_commit() or "unknown", "date": date, "results": rows,

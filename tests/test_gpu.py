@@ -32,6 +32,18 @@ def test_kbit_linear_cuda_graph_matches_reference(bits, m):
     assert err < 5e-3 and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_kbit_linear_called_twice_on_cuda(m):
+    """The second call of a layer (same codebook tensor) once raised in words.decode_choice."""
+    qw = quantize_weight(torch.randn(512, 256), QuantConfig(bits=5, block_size=64, dtype="nf"))
+    lin = KbitLinear.from_quantized(qw, None, compute_dtype=torch.float16).cuda()
+    x = torch.randn(m, 256).half().cuda()
+    ref = x.float().cpu() @ qw.dequantize().t()
+    for _ in range(3):
+        out = lin(x).float().cpu()
+        assert (out - ref).abs().max() / ref.abs().max() < 5e-3
+
+
 def test_smollm2_greedy_on_cuda_matches_cpu(smollm2_dir, tmp_path):
     from kbitrt.convert.converter import convert
     from kbitrt.runtime.generate import SamplingConfig, generate

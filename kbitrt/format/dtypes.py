@@ -14,15 +14,22 @@ from __future__ import annotations
 import functools
 import math
 from fractions import Fraction
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 
 from kbitrt.errors import KbitFormatError
 
-if TYPE_CHECKING:
-    from kbitrt.format.config import QuantConfig
+
+
+class QuantConfig(Protocol):
+    """What a data type reads of a quantization config (format/config.py's QuantConfig, which
+    imports this module: a Protocol here keeps the import graph one way)."""
+
+    bits: int
+    dtype: str
+    exponent_bits: int | None
 
 # Values per tensor that a data type fitted to the weights looks at (a strided subsample of the
 # block-normalised weights), the analogue of SRAM-quantiles' estimate; enough for 2^8 quantiles to 1e-3.

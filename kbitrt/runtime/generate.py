@@ -228,6 +228,27 @@ def decode_step(lm: LoadedModel, compile: bool | str):
     return torch.compile(model, fullgraph=False, dynamic=False), True
 
 
+def token_budget(lm: LoadedModel, prompt_tokens: int, max_new_tokens: int) -> int:
+    """How many tokens may follow a prompt of `prompt_tokens` within the model's positions."""
+    limit = lm.max_positions
+    if limit is not None and prompt_tokens >= limit:
+        raise RunError(f"the prompt is {prompt_tokens} tokens but the model holds at most {limit} "
+                       "positions (prompt + new tokens): shorten the prompt")
+    return min(max_new_tokens, limit - prompt_tokens) if limit is not None else max_new_tokens
+
+
+def seen_tokens(lm: LoadedModel, encoded: list[list[int]], max_id: int,
+                sampling: SamplingConfig, device: torch.device) -> torch.Tensor:
+    """(B, vocab) bool: the tokens each row holds, for the repetition penalty (prompt tokens count
+    only when the penalty is on; generated ones are added as they come)."""
+    vocab = lm.config.get("vocab_size") or lm.tokenizer.vocab_size
+    seen = torch.zeros(len(encoded), max(vocab, max_id + 1), dtype=torch.bool, device=device)
+    if sampling.repetition_penalty != 1.0:
+        for b, e in enumerate(encoded):
+            seen[b, torch.tensor(e, device=device)] = True
+    return seen
+
+
 @torch.no_grad()
 def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 64,
              sampling: SamplingConfig | None = None, stop: Sequence[str] = (), chat: bool = False,
@@ -249,21 +270,13 @@ def generate(lm: LoadedModel, prompts: Sequence[Prompt], max_new_tokens: int = 6
     encoded = encode_prompts(tok, prompts, chat)
     lengths = [len(ids) for ids in encoded]
     B, T0 = len(encoded), max(lengths)
-    limit = lm.max_positions
-    if limit is not None and T0 >= limit:
-        raise RunError(f"the prompt is {T0} tokens but the model holds at most {limit} positions "
-                       "(prompt + new tokens): shorten the prompt")
-    new = min(max_new_tokens, limit - T0) if limit is not None else max_new_tokens
+    new = token_budget(lm, T0, max_new_tokens)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     ids = torch.tensor([[pad_id] * (T0 - len(e)) + e for e in encoded], device=device)
     pad = torch.tensor([T0 - n for n in lengths], device=device)
     stops_at = eos_ids(lm)
     rows = [TextRow(tok, stop, on_text is not None) for _ in range(B)]
-    vocab = lm.config.get("vocab_size") or tok.vocab_size
-    seen = torch.zeros(B, max(vocab, int(ids.max()) + 1), dtype=torch.bool, device=device)
-    if sampling.repetition_penalty != 1.0:
-        for b, e in enumerate(encoded):
-            seen[b, torch.tensor(e, device=device)] = True
+    seen = seen_tokens(lm, encoded, int(ids.max()), sampling, device)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)

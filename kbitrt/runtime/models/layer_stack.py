@@ -73,10 +73,9 @@ def _bias(b: torch.Tensor | None) -> torch.Tensor:
 
 
 def _norm(m: nn.Module, norm: str) -> list[torch.Tensor]:
-    from kbitrt.runtime.models.decoder import RMSNorm
-
-    if norm == "rmsnorm":
-        if type(m) is not RMSNorm or m.weight.dtype != torch.float32:
+    if norm == "rmsnorm":  # decoder.RMSNorm (not imported: decoder.py imports this module)
+        if type(m).__name__ != "RMSNorm" or not hasattr(m, "eps") \
+                or m.weight.dtype != torch.float32:
             raise ValueError("an RMSNorm not in fp32")
         return [m.weight.detach(), _NONE]
     if type(m) is not nn.LayerNorm or m.weight is None:
