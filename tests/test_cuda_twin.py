@@ -48,9 +48,12 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", pad_token="t0")
 
 
-def tiny_hf(family: str):
+def tiny_hf(family: str, layers: int = 1):
+    """One layer by default: the interpreter runs every launch of every step (~0.1 s each)."""
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(TINY[family](), dtype=torch.float32).eval()
+    config = TINY[family]()
+    config.num_hidden_layers = layers
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     for p in hf.parameters():  # larger than the default init: clear argmax margins
         p.data.normal_(0, 0.2)
     return hf
@@ -141,7 +144,8 @@ def test_the_env_switch(monkeypatch):
                                     "bloom"])
 def test_every_native_family_generates_as_on_the_cpu(family, tokenizer):
     """Batch 3, ragged prompts (20 tokens: the prefill kernel), 24 decode steps, 4-bit nf."""
-    src = InMemoryKbit(tiny_hf(family), QuantConfig(bits=4, block_size=64, dtype="nf"))
+    layers = 2 if family == "llama" else 1  # two layers: each with its own KV cache
+    src = InMemoryKbit(tiny_hf(family, layers), QuantConfig(bits=4, block_size=64, dtype="nf"))
     assert_same_greedy(src, tokenizer, prompts())
 
 
@@ -169,18 +173,19 @@ def test_half_activations_follow_the_cpu_path(act, tokenizer):
     the CPU path's tokens, within the parity tolerance; generate runs its loop in that dtype."""
     src = InMemoryKbit(tiny_hf("llama"), QuantConfig(bits=4, block_size=64, dtype="nf"))
     cpu, gpu = both_paths(src, tokenizer, dtype=act)
-    ps = prompts()
+    ps = prompts((20, 5))
     ref = generate(cpu, ps, max_new_tokens=NEW, sampling=GREEDY)
+    with cuda_twin():
+        out = generate(gpu, ps, max_new_tokens=NEW, sampling=GREEDY)
     ids = [p + t for p, t in zip(ps, ref.token_ids)]
     want = forced_logits(cpu.model, ids)
     with cuda_twin():
         got = forced_logits(gpu.model, ids)
-        out = generate(gpu, ps, max_new_tokens=NEW, sampling=GREEDY)
-    assert got.dtype == torch.float32 and gpu.model.tok_emb.weight.dtype == act
+    assert gpu.model.tok_emb.weight.dtype == act
     err = (got - want).abs().max().item() / want.abs().max().item()
     assert err < ACT_TOL[act], f"{act}: relative logit error {err:.3g}"
     agree = sum(a == b for r, o in zip(ref.token_ids, out.token_ids) for a, b in zip(r, o))
-    assert agree >= 0.9 * 3 * NEW  # tokens may part only where two logits tie within rounding
+    assert agree >= 0.9 * 2 * NEW  # tokens may part only where two logits tie within rounding
 
 
 @torch.no_grad()
@@ -213,10 +218,7 @@ def ap_llama(tmp_path_factory):
     from kbitrt.format.bitplane import AnyPrecisionConfig
 
     root = tmp_path_factory.mktemp("twin-ap")
-    hf = tiny_hf("llama")
-    hf.model.layers = hf.model.layers[:1]
-    hf.config.num_hidden_layers = 1
-    hf.save_pretrained(root / "src")
+    tiny_hf("llama").save_pretrained(root / "src")
     convert_any_precision(root / "src", root / "ap", AnyPrecisionConfig(bits=8, min_bits=3,
                                                                        max_bits=8),
                           dtype16="fp16")
@@ -260,12 +262,12 @@ def test_self_speculative_decoding(ap_llama, tokenizer):
 
 def test_device_map_offloads_to_disk(tokenizer):
     """Layers held on disk and in RAM, run on the main device by hooks, on the GPU path."""
-    src = InMemoryKbit(tiny_hf("llama"), QuantConfig(bits=4, block_size=64, dtype="nf"))
+    src = InMemoryKbit(tiny_hf("llama", 2), QuantConfig(bits=4, block_size=64, dtype="nf"))
     ps = prompts((18, 7), seed=7)
     ref = greedy_tokens(build_model(src, "cpu", tokenizer=tokenizer), ps, False)
-    with cuda_twin():
+    with cuda_twin():  # the head is tied to the embedding: both on one device
         lm = build_model(src, "cpu", dtype=torch.float32, tokenizer=tokenizer, device_map={
-            "embed": "cpu", "layers.0": "disk", "layers.1": "cpu", "head": "disk"})
+            "embed": "disk", "layers.0": "disk", "layers.1": "cpu", "head": "disk"})
     assert greedy_tokens(lm, ps, True) == ref
 
 

@@ -26,21 +26,12 @@ from torch import Tensor, nn
 from kbitrt.format import packing
 from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.runtime.devices import cpu_path
-from kbitrt.runtime.kernels import cpu as cpu_kernels
-from kbitrt.runtime.kernels import kbit_linear
+from kbitrt.runtime.kernels.ops import dense_linear, kbit_linear
 from kbitrt.runtime.kernels.reference import dequantize_packed, pad_codebook
 
 _FIXED_DTYPE_BUFFERS = ("codebook", "absmax")  # model.half() must not round these
 CPU_MODES = ("dense", "packed")
 DEFAULT_CPU_DTYPE = torch.float16  # the dense CPU copy (see the module docstring)
-
-
-def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear with W in its own dtype: x is cast to it and the result back to x.dtype."""
-    if x.dtype == w.dtype:
-        return F.linear(x, w, bias.to(w.dtype) if bias is not None else None)
-    y = F.linear(x.to(w.dtype), w).to(x.dtype)
-    return y + bias.to(x.dtype) if bias is not None else y
 
 
 class KbitLinear(nn.Module):
@@ -185,28 +176,13 @@ class KbitLinear(nn.Module):
         """x (..., in_features) -> (..., out_features) in x.dtype."""
         if self.dense_weight is not None:
             return dense_linear(x, self.dense_weight, self.bias)
-        if cpu_path(x.device):
-            if self.cpu_mode == "dense":
-                return dense_linear(x, self._cached_weight(self.cpu_dtype), self.bias)
-            if cpu_kernels.available():
-                return self._fused_cpu(x)
-            # packed without the kernels: a temporary fp32 W, one layer at a time
-            return dense_linear(x, self.dequantize(torch.float32), self.bias)
+        if cpu_path(x.device) and self.cpu_mode == "dense":
+            return dense_linear(x, self._cached_weight(self.cpu_dtype), self.bias)
+        # the op: Triton on the GPU path, the fused C++ kernels on the CPU (the torch twin, a
+        # temporary fp32 W one layer at a time, where they are missing)
         idx, ow = self.outliers()
         return kbit_linear(x, self.qweight, self.absmax, self.codebook, self.bias, idx, ow,
                            self.bits, self.block_size, self.in_features)
-
-    def _fused_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        idx, ow = self.outliers()
-        y = cpu_kernels.kbit_linear(x2, self.qweight, self.absmax, self.codebook,
-                                    self.bias if idx is None else None, self.bits,
-                                    self.block_size, self.in_features)
-        if idx is not None:  # the twin's order: outlier columns, then the bias
-            y = y + x2.float().index_select(1, idx) @ ow.float().t()
-            if self.bias is not None:
-                y = y + self.bias.float()
-        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         dtype = f"{self.data_type}{self.bits}" if self.data_type else f"{self.bits}-bit"
@@ -255,11 +231,8 @@ class HalfLinear(nn.Module):
         self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_path(x.device) and self.weight.dtype in cpu_kernels.HALF_DTYPES \
-                and cpu_kernels.available():
-            y = cpu_kernels.half_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
-            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-        return dense_linear(x, self.weight, self.bias)
+        y = torch.ops.kbitrt.half_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

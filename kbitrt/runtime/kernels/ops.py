@@ -1,33 +1,73 @@
-"""The public op `kbitrt::kbit_linear`: Triton on the GPU path (devices.gpu_path), the torch twin
-elsewhere.
+"""kbitrt's ops, one per function, each with a kernel registered per device:
 
-A torch.library custom op with a fake (meta) implementation, so decode steps that call it can be
-torch.compiled and CUDA-graphed. Triton is imported on the first CUDA call only: importing kbitrt
-needs neither a GPU nor a Triton compile.
+    torch.ops.kbitrt.kbit_linear(x, qweight, absmax, codebook, bias, outlier_idx, outlier_weight,
+                                 bits, block_size, in_features)        y = x W^T (+ b), W packed
+    torch.ops.kbitrt.kbit_dequantize(qweight, absmax, codebook, bits, block_size, in_features)
+    torch.ops.kbitrt.half_linear(x, weight16, bias)                   y = x W^T, W fp16 or bf16
+
+- CUDA: the Triton kernels (triton_kbit.kbit_linear_triton), imported on the first call only, so
+  importing kbitrt needs neither a GPU nor a Triton compile.
+- CPU: the fused C++ kernels (kernels/cpu.py), or, under the CUDA twin (runtime/devices.py), the
+  Triton kernels interpreted, exactly as on CUDA.
+- Anything else, and the CPU without a C++ compiler: the torch twins (kernels/reference.py), which
+  are also the reference every kernel is tested against.
+
+Each op has one fake (meta) implementation, so decode steps that call it can be torch.compiled
+and CUDA-graphed.
 """
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from kbitrt.runtime.devices import gpu_path
-from kbitrt.runtime.kernels.reference import kbit_linear_torch, pad_codebook
+from kbitrt.runtime.devices import twin_enabled
+from kbitrt.runtime.kernels import cpu as cpu_kernels
+from kbitrt.runtime.kernels.reference import dequantize_packed, kbit_linear_torch, pad_codebook
 
-__all__ = ["kbit_linear", "kbit_linear_2d", "pad_codebook"]
+__all__ = ["kbit_linear", "kbit_linear_2d", "kbit_dequantize", "half_linear", "dense_linear",
+           "pad_codebook"]
 
+
+# ------------------------------------------------------------------------------- kbit_linear
 
 @torch.library.custom_op("kbitrt::kbit_linear", mutates_args=())
 def kbit_linear_2d(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
                    codebook: torch.Tensor, bias: Optional[torch.Tensor],
                    outlier_idx: Optional[torch.Tensor], outlier_weight: Optional[torch.Tensor],
                    bits: int, block_size: int, in_features: int) -> torch.Tensor:
-    """x (M, K) -> (M, N) in x.dtype; see triton_kbit.kbit_linear_triton for the arguments."""
-    if gpu_path(x.device):  # CUDA, or the CPU under the CUDA twin (Triton interpreted)
-        from kbitrt.runtime.kernels.triton_kbit import kbit_linear_triton
-        return kbit_linear_triton(x, qweight, absmax, codebook, bias, outlier_idx, outlier_weight,
-                                  bits, block_size, in_features)
+    """x (M, K) -> (M, N) in x.dtype; see triton_kbit.kbit_linear_triton for the arguments.
+    This body is the kernel of devices without one of their own: the torch twin."""
     return kbit_linear_torch(x, qweight, absmax, codebook, bias, outlier_idx, outlier_weight,
                              bits, block_size, in_features)
+
+
+@kbit_linear_2d.register_kernel("cuda")
+def kbit_linear_cuda(x, qweight, absmax, codebook, bias, outlier_idx, outlier_weight, bits,
+                     block_size, in_features):
+    from kbitrt.runtime.kernels.triton_kbit import kbit_linear_triton
+
+    return kbit_linear_triton(x, qweight, absmax, codebook, bias, outlier_idx, outlier_weight,
+                              bits, block_size, in_features)
+
+
+@kbit_linear_2d.register_kernel("cpu")
+def kbit_linear_cpu(x, qweight, absmax, codebook, bias, outlier_idx, outlier_weight, bits,
+                    block_size, in_features):
+    if twin_enabled():  # the CUDA path, Triton interpreted
+        return kbit_linear_cuda(x, qweight, absmax, codebook, bias, outlier_idx, outlier_weight,
+                                bits, block_size, in_features)
+    if not cpu_kernels.available():
+        return kbit_linear_torch(x, qweight, absmax, codebook, bias, outlier_idx, outlier_weight,
+                                 bits, block_size, in_features)
+    has_outliers = outlier_idx is not None and outlier_idx.numel() > 0
+    y = cpu_kernels.kbit_linear(x, qweight, absmax, codebook, None if has_outliers else bias,
+                                bits, block_size, in_features)
+    if has_outliers:  # the twin's order: outlier columns, then the bias
+        y = y + x.float().index_select(1, outlier_idx) @ outlier_weight.float().t()
+        if bias is not None:
+            y = y + bias.float()
+    return y.to(x.dtype)
 
 
 @kbit_linear_2d.register_fake
@@ -46,3 +86,55 @@ def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
     y = torch.ops.kbitrt.kbit_linear(x.reshape(-1, x.shape[-1]), qweight, absmax, codebook, bias,
                                      outlier_idx, outlier_weight, bits, block_size, in_features)
     return y.reshape(*lead, qweight.shape[0])
+
+
+# --------------------------------------------------------------------------- kbit_dequantize
+
+@torch.library.custom_op("kbitrt::kbit_dequantize", mutates_args=())
+def kbit_dequantize(qweight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
+                    bits: int, block_size: int, in_features: int) -> torch.Tensor:
+    """The fp32 (N, in_features) weight of packed codes (without outlier columns)."""
+    return dequantize_packed(qweight, absmax, codebook, bits, block_size, in_features)
+
+
+@kbit_dequantize.register_kernel("cpu")
+def kbit_dequantize_cpu(qweight, absmax, codebook, bits, block_size, in_features):
+    if twin_enabled() or not cpu_kernels.available():
+        return dequantize_packed(qweight, absmax, codebook, bits, block_size, in_features)
+    return cpu_kernels.kbit_dequantize(qweight, absmax, codebook, bits, block_size, in_features)
+
+
+@kbit_dequantize.register_fake
+def _(qweight, absmax, codebook, bits, block_size, in_features):
+    return absmax.new_empty((qweight.shape[0], in_features), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------- half_linear
+
+@torch.library.custom_op("kbitrt::half_linear", mutates_args=())
+def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+                ) -> torch.Tensor:
+    """x (M, K) -> (M, N) in x.dtype for a 16-bit weight (N, K) kept in its own dtype."""
+    return dense_linear(x, weight, bias)
+
+
+@half_linear.register_kernel("cpu")
+def half_linear_cpu(x, weight, bias):
+    if twin_enabled() or weight.dtype not in cpu_kernels.HALF_DTYPES \
+            or not cpu_kernels.available():
+        return dense_linear(x, weight, bias)
+    # products and sums in fp32, one order for any number of rows (decode == verify logits)
+    return cpu_kernels.half_linear(x, weight, bias).to(x.dtype)
+
+
+@half_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear with W in its own dtype: x is cast to it and the result back to x.dtype."""
+    if x.dtype == w.dtype:
+        return F.linear(x, w, bias.to(w.dtype) if bias is not None else None)
+    y = F.linear(x.to(w.dtype), w).to(x.dtype)
+    return y + bias.to(x.dtype) if bias is not None else y
