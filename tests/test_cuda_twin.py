@@ -28,6 +28,7 @@ from test_models import TINY, V
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real CUDA path")
 GREEDY = SamplingConfig(temperature=0.0)
 NEW = 24  # decode steps per generate call (the issue asks for >= 24)
+EOS = 1  # the tokenizer's eos ("t1"); prompts draw from 2..V-1
 ACT_TOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2}  # relative to the logits' scale
 
 
@@ -53,9 +54,12 @@ def tiny_hf(family: str, layers: int = 1):
     torch.manual_seed(0)
     config = TINY[family]()
     config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):  # Qwen2, Mistral: one type per layer
+        config.layer_types = config.layer_types[:layers]
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     for p in hf.parameters():  # larger than the default init: clear argmax margins
         p.data.normal_(0, 0.2)
+    hf.get_output_embeddings().weight.data[EOS] = 0.0  # logit 0: never the argmax, full length
     return hf
 
 
