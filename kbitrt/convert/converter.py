@@ -455,7 +455,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantC
                                     **({"norm_inputs": norm_inputs} if norm_inputs else {}))
     report = conv.report_class(str(source), str(out), config, str(conv.dtype16).replace("torch.", ""))
     conv.plan(progress)  # refuses unplaced tensors before anything is written
-    with staged_folder(out) as tmp:
+    with staged_folder(out, force=force) as tmp:
         conv.write(tmp, report, max_shard_bytes, progress)
         report.dropped = conv.dropped
         report.params_total = sum(_numel(conv.tensors.shape(k)) for k in conv.plain.values()) + \

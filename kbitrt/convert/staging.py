@@ -1,13 +1,22 @@
 """Atomic output folders: everything is written into a hidden sibling and renamed into place at the
 end, so an interrupted or failed run leaves nothing that looks like a model (and the old folder,
-when one is replaced, stays whole until the new one is complete)."""
+when one is replaced, stays whole until the new one is complete).
+
+One writer per output: the writer holds an exclusive OS lock (flock, released by the kernel when
+its process dies, however it dies) on `.<name>.kbit-lock` beside the staging folder; a second
+writer is refused with one line. Holding the lock, a `.<name>.kbit-partial-*` left by a writer
+that was killed (kill -9 skips every cleanup) is stale and removed. The final rename replaces an
+existing folder only when the caller allows it: a folder that appeared meanwhile is not replaced.
+"""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,18 +41,73 @@ def check_output(source: Path, out: Path, force: bool) -> None:
 
 
 @contextmanager
-def staged_folder(out: Path) -> Iterator[Path]:
+def output_lock(out: Path) -> Iterator[Path]:
+    """Hold the exclusive lock on writing `out` (refused with one line while another process holds
+    it); yields the lock file, removed on exit. The lock dies with its process."""
+    lock = out.parent / f".{out.name}.kbit-lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise KbitFormatError(f"another kbit process (pid {holder}) is writing {out}: wait for "
+                                  "it to finish or choose another -o") from None
+        try:  # the previous holder may have removed the file between our open and flock
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)  # still holding it: the next writer opens a fresh file
+        os.close(fd)
+
+
+def remove_stale_partials(out: Path, keep: Path | None = None) -> list[Path]:
+    """Staging folders of `out` left by dead writers (call while holding output_lock)."""
+    gone = []
+    for p in sorted(out.parent.glob(f".{out.name}.kbit-partial-*")):
+        if p != keep and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+            print(f"kbit: removed {p.name}, left by an earlier run that did not finish",
+                  file=sys.stderr)
+    return gone
+
+
+@contextmanager
+def staged_folder(out: Path, force: bool | None = None) -> Iterator[Path]:
     """Yield a fresh hidden folder beside `out`; on success it replaces `out`, on any error (or
-    KeyboardInterrupt) it is removed and `out` is left as it was."""
+    KeyboardInterrupt) it is removed and `out` is left as it was. The output is locked meanwhile
+    (one writer). `force`: whether an existing `out` may be replaced; None: only the folder that
+    was there when staging began (the caller checked it), never one that appeared meanwhile."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.kbit-partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    with output_lock(out):
+        replace = out.exists() if force is None else force
+        tmp = out.parent / f".{out.name}.kbit-partial-{os.getpid()}"
+        remove_stale_partials(out)
+        yield from _staged(tmp, out, replace)
+
+
+def _staged(tmp: Path, out: Path, replace: bool) -> Iterator[Path]:
+    if out.exists() and not replace:
+        raise KbitFormatError(f"{out} already exists: choose another -o or pass --force to replace it")
     tmp.mkdir()
     try:
         with _terminate_as_exit():
             yield tmp
         with _signals_blocked():  # the two renames are not interrupted halfway
+            if (out.exists() or out.is_symlink()) and not replace:
+                raise KbitFormatError(f"{out} appeared while this run was writing it: kept it; "
+                                      "choose another -o or pass --force to replace it")
             swap_into_place(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
