@@ -82,7 +82,7 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
     if push_to_hub:  # no token: say so now, not after hours of converting
         from kbitrt.publish.hub import check_repo_id, resolve_token
 
-        check_repo_id(push_to_hub)
+        check_repo_id(push_to_hub)  # names no token it was given by mistake
         resolve_token(None)
 
     config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,
