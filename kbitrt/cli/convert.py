@@ -78,7 +78,9 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
                 push_to_hub, any_precision):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
     from kbitrt.convert.converter import convert
+    from kbitrt.convert.staging import resolve_output
 
+    output = str(resolve_output(output))  # a symlink loop: one line, before any work
     if push_to_hub:  # no token: say so now, not after hours of converting
         from kbitrt.publish.hub import check_repo_id, resolve_token
 
@@ -98,6 +100,11 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
             raise click.UsageError("--any-precision rounds to nearest: drop --method")
         if importance != "none":
             raise click.UsageError("--any-precision takes no --importance")
+        if scales != "absmax":  # the widths share one set of absmax scales
+            raise click.UsageError("--any-precision stores absmax block scales: drop --scales mse")
+        if dtype == "lloyd":  # the seed is a fixed data type; every width is then refined by splits
+            raise click.UsageError("--any-precision refines each width's codebook itself; its "
+                                   "--dtype seeds it and must be a fixed data type, not lloyd")
         config = cli_config(any_precision, click.get_current_context(), block_size=block, dtype=dtype,
                             exponent_bits=exponent_bits, absmax_dtype=absmax_dtype,
                             outliers=outliers, quantize_head=quantize_head)
@@ -202,7 +209,9 @@ def parse_size(text: str) -> int:
 def dequantize_cmd(source, output, dtype, force, as_json):
     """Write a kbit model back as a plain Hugging Face model (dense 16/32-bit weights)."""
     from kbitrt.convert.dequantize import dequantize_model
+    from kbitrt.convert.staging import resolve_output
 
+    output = str(resolve_output(output))
     with byte_progress() as progress:
         s = dequantize_model(source, output, dtype, force=force,
                              progress=lambda w, d, t: progress(w, d, t) if progress else None)

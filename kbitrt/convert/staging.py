@@ -11,18 +11,29 @@ existing folder only when the caller allows it: a folder that appeared meanwhile
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from kbitrt.errors import KbitFormatError
+
+
+def resolve_output(output) -> Path:
+    """The absolute -o path; one line for one that cannot be resolved (a symlink loop)."""
+    try:
+        return Path(output).expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # RuntimeError: "Symlink loop from ..." (Python < 3.13)
+        raise KbitFormatError(f"-o {output}: cannot resolve the path ({e}): remove the symlink "
+                              "loop or choose another -o") from None
 
 
 def check_output(source: Path, out: Path, force: bool) -> None:
@@ -102,7 +113,7 @@ def _staged(tmp: Path, out: Path, replace: bool) -> Iterator[Path]:
         raise KbitFormatError(f"{out} already exists: choose another -o or pass --force to replace it")
     tmp.mkdir()
     try:
-        with _terminate_as_exit():
+        with terminate_as_exit():
             yield tmp
         with _signals_blocked():  # the two renames are not interrupted halfway
             if (out.exists() or out.is_symlink()) and not replace:
@@ -121,7 +132,7 @@ def _staged(tmp: Path, out: Path, replace: bool) -> Iterator[Path]:
 
 
 @contextmanager
-def _terminate_as_exit() -> Iterator[None]:
+def terminate_as_exit() -> Iterator[None]:
     """SIGTERM (and SIGHUP) raise SystemExit(128 + signal) while a folder is staged, so the cleanup
     above runs as it does for SIGINT's KeyboardInterrupt; the previous handlers come back after."""
     if threading.current_thread() is not threading.main_thread():
@@ -164,3 +175,41 @@ def swap_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     else:
         tmp.rename(out)
+
+
+# ------------------------------------------------------------------------------ temporary folders
+
+_TEMP: set[Path] = set()  # folders temp_folder made that their owner has not released yet
+
+
+def temp_folder(prefix: str) -> Path:
+    """A fresh folder in the system's temp dir that does not outlive the process: its owner
+    releases it (release_temp_folder); failing that it is removed at exit and when SIGTERM or
+    SIGHUP end the process (GPTQ's results, a disk-offloaded model's weights: gigabytes)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if not _TEMP:
+        atexit.unregister(remove_temp_folders)
+        atexit.register(remove_temp_folders)
+    _TEMP.add(path)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) is signal.SIG_DFL:
+                signal.signal(sig, _remove_and_die)
+    return path
+
+
+def release_temp_folder(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    _TEMP.discard(Path(path))
+
+
+def remove_temp_folders() -> None:
+    for path in list(_TEMP):
+        release_temp_folder(path)
+
+
+def _remove_and_die(signum, frame) -> None:
+    """A fatal signal's default action, after removing the temporary folders."""
+    remove_temp_folders()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
