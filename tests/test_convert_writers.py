@@ -119,3 +119,34 @@ def test_output_lock_is_exclusive_and_released(tmp_path):
     assert not lock.exists()
     with output_lock(out):
         pass
+
+
+def test_plain_tensor_shapes_are_checked_against_the_config(tmp_path):
+    """Issue 28: a norm of the wrong size used to convert (the reader refused it only later)."""
+    import json
+    import struct
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conftest import make_tiny_model
+
+    src = make_tiny_model("llama", tmp_path / "src")
+    sd = load_file(src / "model.safetensors")
+    hidden = sd["model.norm.weight"].shape[0]
+    sd["model.norm.weight"] = torch.ones(hidden // 2)
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KbitFormatError, match=rf"model\.norm\.weight has shape \[{hidden // 2}\]"):
+        convert(src, tmp_path / "out", QuantConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    # a header that claims more bytes than the file holds (2^28 floats) is refused too
+    raw = (src / "model.safetensors").read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    b, _ = header["model.norm.weight"]["data_offsets"]
+    header["model.norm.weight"].update(shape=[2**28], data_offsets=[b, b + 4 * 2**28])
+    blob = json.dumps(header).encode()
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+    with pytest.raises(KbitFormatError, match="truncated|overlaps|tile"):
+        convert(src, tmp_path / "out", QuantConfig())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -95,6 +95,21 @@ def model_shapes(where, config: dict) -> ModelShapes | None:
                               "conversion") from None
 
 
+def check_checkpoint_shapes(folder, config: dict, keys: dict[str, str], shape_of) -> None:
+    """A source checkpoint's tensors (model name -> checkpoint key; `shape_of(key)` its shape)
+    against the shapes transformers builds from its config.json, before a byte is converted: a
+    norm of 64 values for hidden size 128, or one whose header claims 2^28 values, is refused."""
+    shapes = model_shapes(f"{folder}/config.json", config)
+    if shapes is None:
+        return
+    for name, key in sorted(keys.items()):
+        want, got = shapes.state.get(name), tuple(shape_of(key))
+        if want is not None and got != want:
+            raise KbitFormatError(f"{folder}: checkpoint tensor {key} has shape {list(got)}, but "
+                                  f"config.json makes {name} {list(want)}: the checkpoint does "
+                                  "not fit its config; nothing was written")
+
+
 def check_against_model(km) -> None:
     """Every tensor of the folder `km` (a KbitModel) has its place and shape in the model."""
     where = km.path / "config.json"
