@@ -176,3 +176,30 @@ def test_unknown_model_type_is_refused_without_auto_map(folders, tmp_path):
     cfg["model_type"] = "no-such-model"
     (f / "config.json").write_text(json.dumps(cfg))
     refused(f, "model_type 'no-such-model' is not an architecture")
+
+
+@pytest.mark.parametrize("packing", ["bitplane", "bitslice"])
+def test_checksums_catch_flipped_bytes_and_swapped_planes(folders, tmp_path, packing, monkeypatch):
+    from click.testing import CliRunner
+
+    from kbitrt.cli.main import cli
+
+    f = _copy(folders, packing, tmp_path)
+    assert KbitModel.open(f, verify=True).verify()["tensors_checksummed"] > 0
+    name = f"{LINEAR}.qweight"
+    q = get_tensor(f, name).clone()
+    if packing == "bitplane":  # two planes exchanged: every structural check still passes
+        q[[0, 1]] = q[[1, 0]]
+    else:
+        q.view(-1)[7] ^= 0x10
+    set_tensor(f, name, q)
+    KbitModel.open(f)  # without verification the change is invisible
+    with pytest.raises(KbitFormatError, match=rf"tensor {name} does not match its CRC-32"):
+        KbitModel.open(f, verify=True)
+    monkeypatch.setenv("KBIT_VERIFY", "1")  # on request at every load
+    with pytest.raises(KbitFormatError, match="CRC-32"):
+        KbitModel.open(f)
+    monkeypatch.delenv("KBIT_VERIFY")
+    r = CliRunner().invoke(cli, ["inspect", str(f), "--verify"])
+    assert r.exit_code == 2 and "does not match its CRC-32" in r.stderr
+    assert CliRunner().invoke(cli, ["inspect", str(f)]).exit_code == 0

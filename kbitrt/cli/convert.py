@@ -227,16 +227,21 @@ def dequantize_cmd(source, output, dtype, force, as_json):
 @click.option("--modules", "show_modules", is_flag=True, help="list every quantized linear")
 @click.option("--bits", default=None, help="any-precision models: show width K")
 @click.option("--json", "as_json", is_flag=True)
-def inspect_cmd(path, show_modules, as_json, bits=None):
+@click.option("--verify", is_flag=True, help="also read every byte: each tensor against its CRC-32 "
+              "(written by kbit convert) and every linear's block scales")
+def inspect_cmd(path, show_modules, as_json, bits=None, verify=False):
     """Validate a kbit model and show what is in it."""
     from kbitrt.convert.source import resolve_model
     from kbitrt.format.reader import KbitModel
 
-    km = KbitModel.open(resolve_model(path))
+    km = KbitModel.open(resolve_model(path), verify=False)
+    verified = km.verify() if verify else None
     if bits is not None:  # kbitrt/runtime/any_precision.py
         from kbitrt.runtime.any_precision import select_width
         km = select_width(km, int(bits) if str(bits).isdigit() else bits)
     s = km.summary()
+    if verified is not None:
+        s["verified"] = verified
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -254,7 +259,12 @@ def inspect_cmd(path, show_modules, as_json, bits=None):
         ("bits/param", f"{s['bits_per_param_quantized']:.4f} quantized, {s['bits_per_param_model']:.4f} model"),
         ("size", f"{s['file_bytes'] / 1e9:.3f} GB in {s['shards']} shard(s)"),
     ] + [(f"width {w['bits']}", f"{w['bits_per_param_quantized']:.4f} bits/param quantized, "
-          f"{w['bits_per_param_model']:.4f} model") for w in s.get("widths", [])]))
+          f"{w['bits_per_param_model']:.4f} model") for w in s.get("widths", [])]
+        + ([("verified", f"{verified['tensors_checksummed']} tensors match their CRC-32"
+             + (f"; no checksums in {', '.join(verified['shards_without_checksums'])}"
+                if verified["shards_without_checksums"] else "")
+             + f"; block scales of {verified['linears_scales_checked']} linears finite")]
+           if verified is not None else [])))
     if show_modules:
         t = Table("module", "out", "in", "outliers")
         for m in s["modules"]:

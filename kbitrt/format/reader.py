@@ -17,7 +17,8 @@ from kbitrt.format import dtypes
 from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.format.model_check import check_against_model
 from kbitrt.format.safetensors_io import SafetensorsFile
-from kbitrt.format.stored_model import StoredModel, format_error, open_shards, read_json
+from kbitrt.format.stored_model import (StoredModel, format_error, open_shards, read_json,
+                                        verify_requested)
 from kbitrt.format.config import (CODEBOOK, QWEIGHT, SHAPE, KbitFormatError, LinearLayout,
                                   QuantConfig)
 
@@ -43,11 +44,13 @@ class KbitModel(StoredModel):
                 check_against_model(self)
 
     @classmethod
-    def open(cls, path: str | Path, check_model: bool = True) -> KbitModel:
+    def open(cls, path: str | Path, check_model: bool = True, verify: bool | None = None) -> KbitModel:
         """Open and validate a kbit folder; every violation is one KbitFormatError naming the file,
         the tensor and what to do (docs/format.md lists the checks). `check_model=False` leaves out
         the check against the architecture transformers builds (model_check.py: it imports the
-        model's code), for callers that check every name and shape themselves (the native decoder)."""
+        model's code), for callers that check every name and shape themselves (the native decoder).
+        `verify` (default: KBIT_VERIFY=1 in the environment) also reads every byte once: each
+        tensor against its CRC-32 and every linear's block scales (StoredModel.verify)."""
         path = Path(path).expanduser()
         if not path.is_dir():
             raise KbitFormatError(f"{path}: no such folder")
@@ -63,13 +66,16 @@ class KbitModel(StoredModel):
                                   "quantization_config): convert it first with `kbit convert`")
         if qc.get("packing") == "bitplane-v1":  # any-precision: kbitrt/format/bitplane.py
             from kbitrt.format.bitplane import BitplaneModel
-            return BitplaneModel.open(path, config, check_model)
-        try:
-            quant = QuantConfig.from_json(qc)
-        except KbitFormatError as e:
-            raise KbitFormatError(f"{cfg_path}: {e}") from None
-        files = open_shards(path, quant, QuantConfig.from_json)
-        return cls(path, config, quant, files, check_model)
+            km = BitplaneModel.open(path, config, check_model)
+        else:
+            try:
+                quant = QuantConfig.from_json(qc)
+            except KbitFormatError as e:
+                raise KbitFormatError(f"{cfg_path}: {e}") from None
+            km = cls(path, config, quant, open_shards(path, quant, QuantConfig.from_json), check_model)
+        if verify_requested(verify):
+            km.verify()
+        return km
 
     def _validate(self) -> None:
         for module, has in self.quantized_groups().items():

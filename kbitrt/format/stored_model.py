@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -108,6 +109,11 @@ def check_order(f: SafetensorsFile) -> None:
     if len(groups) != len(set(groups)) or not in_group_order:
         raise format_error(f.path, "stores its tensors out of order (data_offsets point at another "
                                    "tensor's bytes)", "download or convert the model again")
+
+
+def verify_requested(verify: bool | None) -> bool:
+    """`verify`, or when None the environment's request (KBIT_VERIFY=1: check at every load)."""
+    return bool(verify) if verify is not None else os.environ.get("KBIT_VERIFY", "0") == "1"
 
 
 def dtype16_of(path: Path, config: dict) -> str:
@@ -253,6 +259,21 @@ class StoredModel:
                 raise format_error(self.file_path(name), f"{name} holds {int(bad.sum())} block "
                                    "scale(s) that are NaN, infinite or negative")
         return out
+
+    def verify(self) -> dict:
+        """Read every byte once: each tensor against its CRC-32 (when the shards carry them) and
+        every linear's block scales. Returns what was verified; a failure is one KbitFormatError."""
+        verified, unsummed = 0, []
+        for name, f in self.files.items():
+            n = f.verify_checksums()
+            if n is None:
+                unsummed.append(name)
+            else:
+                verified += n
+        for module in self.modules:
+            self.scales(module)
+        return {"tensors_checksummed": verified, "shards_without_checksums": unsummed,
+                "linears_scales_checked": len(self.modules)}
 
     def file_path(self, name: str) -> Path:
         f = self._file_of.get(name)
