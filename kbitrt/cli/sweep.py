@@ -39,7 +39,9 @@ out = Console()
 @click.option("--shard", default=None, metavar="I/N",
               help="run only the I-th (from 0) of N disjoint slices of the grid (Slurm job arrays)")
 @click.option("--merge", "merge_out", default=None, type=click.Path(), metavar="OUT",
-              help="merge the PARTS results files into OUT (a cell found twice must agree) and exit")
+              help="merge the PARTS results files into OUT (a cell found twice must agree) and exit; "
+              "missing shards are named (exit 1), and with --models and the grid options the "
+              "missing cells too")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cells run in fp32)")
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="local: one process, one cell after another; ray: each cell a Ray task")
