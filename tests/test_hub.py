@@ -238,3 +238,16 @@ def test_only_model_files_are_uploaded(kbit_folder):
     assert not any("eval-" in f or "kbit-partial" in f or f.startswith(".") for f in api.uploaded)
     assert "model.safetensors" in api.uploaded and "config.json" in api.uploaded
     assert res.files == len(api.uploaded)
+
+
+def test_short_tokens_and_the_given_token_are_never_echoed(kbit_folder, fake_hub, monkeypatch):
+    """Issue 28: any `hf_` token, whatever its length, and the --token/HF_TOKEN value."""
+    from kbitrt.publish.hub import redact
+
+    r = CliRunner().invoke(cli, ["push", str(kbit_folder), "hf_secret123"])
+    assert r.exit_code == 2 and "hf_secret123" not in r.output and "Traceback" not in r.output
+    monkeypatch.setenv("HF_TOKEN", "abc-not-hf-shaped-9")
+    r = CliRunner().invoke(cli, ["push", str(kbit_folder), "you/abc-not-hf-shaped-9"])
+    assert r.exit_code == 2 and "abc-not-hf-shaped-9" not in r.output
+    assert redact("token hf_x9 and zz-given-zz", "zz-given-zz") == "token *** and ***"
+    assert fake_hub == []

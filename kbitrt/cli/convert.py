@@ -78,11 +78,13 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
                 push_to_hub, any_precision):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
     from kbitrt.convert.converter import convert
+    from kbitrt.convert.staging import resolve_output
 
+    output = str(resolve_output(output))  # a symlink loop: one line, before any work
     if push_to_hub:  # no token: say so now, not after hours of converting
         from kbitrt.publish.hub import check_repo_id, resolve_token
 
-        check_repo_id(push_to_hub)
+        check_repo_id(push_to_hub)  # names no token it was given by mistake
         resolve_token(None)
 
     config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,
@@ -98,6 +100,11 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
             raise click.UsageError("--any-precision rounds to nearest: drop --method")
         if importance != "none":
             raise click.UsageError("--any-precision takes no --importance")
+        if scales != "absmax":  # the widths share one set of absmax scales
+            raise click.UsageError("--any-precision stores absmax block scales: drop --scales mse")
+        if dtype == "lloyd":  # the seed is a fixed data type; every width is then refined by splits
+            raise click.UsageError("--any-precision refines each width's codebook itself; its "
+                                   "--dtype seeds it and must be a fixed data type, not lloyd")
         config = cli_config(any_precision, click.get_current_context(), block_size=block, dtype=dtype,
                             exponent_bits=exponent_bits, absmax_dtype=absmax_dtype,
                             outliers=outliers, quantize_head=quantize_head)
@@ -202,7 +209,9 @@ def parse_size(text: str) -> int:
 def dequantize_cmd(source, output, dtype, force, as_json):
     """Write a kbit model back as a plain Hugging Face model (dense 16/32-bit weights)."""
     from kbitrt.convert.dequantize import dequantize_model
+    from kbitrt.convert.staging import resolve_output
 
+    output = str(resolve_output(output))
     with byte_progress() as progress:
         s = dequantize_model(source, output, dtype, force=force,
                              progress=lambda w, d, t: progress(w, d, t) if progress else None)
@@ -218,16 +227,21 @@ def dequantize_cmd(source, output, dtype, force, as_json):
 @click.option("--modules", "show_modules", is_flag=True, help="list every quantized linear")
 @click.option("--bits", default=None, help="any-precision models: show width K")
 @click.option("--json", "as_json", is_flag=True)
-def inspect_cmd(path, show_modules, as_json, bits=None):
+@click.option("--verify", is_flag=True, help="also read every byte: each tensor against its CRC-32 "
+              "(written by kbit convert) and every linear's block scales")
+def inspect_cmd(path, show_modules, as_json, bits=None, verify=False):
     """Validate a kbit model and show what is in it."""
     from kbitrt.convert.source import resolve_model
     from kbitrt.format.reader import KbitModel
 
-    km = KbitModel.open(resolve_model(path))
+    km = KbitModel.open(resolve_model(path), verify=False)
+    verified = km.verify() if verify else None
     if bits is not None:  # kbitrt/runtime/any_precision.py
         from kbitrt.runtime.any_precision import select_width
         km = select_width(km, int(bits) if str(bits).isdigit() else bits)
     s = km.summary()
+    if verified is not None:
+        s["verified"] = verified
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -245,7 +259,12 @@ def inspect_cmd(path, show_modules, as_json, bits=None):
         ("bits/param", f"{s['bits_per_param_quantized']:.4f} quantized, {s['bits_per_param_model']:.4f} model"),
         ("size", f"{s['file_bytes'] / 1e9:.3f} GB in {s['shards']} shard(s)"),
     ] + [(f"width {w['bits']}", f"{w['bits_per_param_quantized']:.4f} bits/param quantized, "
-          f"{w['bits_per_param_model']:.4f} model") for w in s.get("widths", [])]))
+          f"{w['bits_per_param_model']:.4f} model") for w in s.get("widths", [])]
+        + ([("verified", f"{verified['tensors_checksummed']} tensors match their CRC-32"
+             + (f"; no checksums in {', '.join(verified['shards_without_checksums'])}"
+                if verified["shards_without_checksums"] else "")
+             + f"; block scales of {verified['linears_scales_checked']} linears finite")]
+           if verified is not None else [])))
     if show_modules:
         t = Table("module", "out", "in", "outliers")
         for m in s["modules"]:

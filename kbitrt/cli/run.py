@@ -7,6 +7,7 @@ Generated text goes to stdout; progress, notes and the stats table go to stderr,
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import click
@@ -76,6 +77,10 @@ def run_cmd(model, prompts, chat, max_new_tokens, greedy, temperature, top_k, to
     try:
         cpu_weights = resolve_cpu_weights(low_memory, cpu_weights)
         kv_cache = resolve_kv_cache(low_memory, kv_cache)
+        for flag, value in (("--temperature", temperature), ("--top-p", top_p),
+                            ("--repetition-penalty", repetition_penalty)):
+            if value is not None and not math.isfinite(value):  # nan/inf pass every range check
+                raise RunError(f"{flag} {value}: must be a finite number")
         if greedy and temperature not in (None, 0):
             raise RunError("--greedy and --temperature contradict each other: give one")
         sampling = SamplingConfig(temperature=0.0 if greedy or temperature is None else temperature,

@@ -39,7 +39,9 @@ out = Console()
 @click.option("--shard", default=None, metavar="I/N",
               help="run only the I-th (from 0) of N disjoint slices of the grid (Slurm job arrays)")
 @click.option("--merge", "merge_out", default=None, type=click.Path(), metavar="OUT",
-              help="merge the PARTS results files into OUT (a cell found twice must agree) and exit")
+              help="merge the PARTS results files into OUT (a cell found twice must agree) and exit; "
+              "missing shards are named (exit 1), and with --models and the grid options the "
+              "missing cells too")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cells run in fp32)")
 @click.option("--executor", default="local", show_default=True, type=click.Choice(["local", "ray"]),
               help="local: one process, one cell after another; ray: each cell a Ray task")
@@ -63,33 +65,41 @@ def sweep_cmd(models, bits, block, dtypes, outliers, scales, methods, calib, cal
     On a Slurm array: kbit sweep ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT -o part$SLURM_ARRAY_TASK_ID.jsonl
     then:             kbit sweep --merge results.jsonl part*.jsonl
     """
-    from kbitrt.sweep.grid import parse_grid
-    from kbitrt.sweep.runner import SweepOptions, read_results, run_sweep
+    from kbitrt.sweep.runner import SweepOptions, run_sweep
     from kbitrt.sweep.shard import merge_results, parse_shard, shard_cells
 
-    if merge_out:
-        merged = merge_results(Path(merge_out), [Path(p) for p in parts])
+    model_list = [m.strip() for m in models.split(",") if m.strip()]
+    if merge_out:  # given --models, the grid options name the cells the merge must hold
+        expected = _grid(model_list, bits, block, dtypes, outliers, scales, methods) \
+            if model_list else None
+        merged = merge_results(Path(merge_out), [Path(p) for p in parts], expected)
+        _notes(merged["skipped"])
         if as_json:
             click.echo(json.dumps(merged))
         else:
             err.print(f"{merged['cells']} cells from {merged['parts']} part(s) in {merge_out} "
                       f"({merged['duplicates']} identical duplicate(s) dropped)")
+        for line in merged["missing"]:
+            err.print(f"[red]incomplete:[/] {line}")
+        if merged["missing"]:
+            raise click.exceptions.Exit(1)
         return
     if parts:
         raise click.UsageError(f"unexpected argument(s) {' '.join(parts)}: files are only taken by --merge OUT")
     if summary_file:
-        return show_summary(read_results(Path(summary_file)), as_json, metric)
-    cells = parse_grid([m.strip() for m in models.split(",") if m.strip()], bits, block, dtypes, outliers,
-                       scales, methods)
+        return show_summary(_existing_rows(Path(summary_file)), as_json, metric)
+    cells = _grid(model_list, bits, block, dtypes, outliers, scales, methods)
     if any(c.method == "gptq" for c in cells) and not calib:
         raise click.UsageError("--method gptq needs --calib FILE (or a dataset name)")
-    cells = __import__("kbitrt.sweep.any_precision", fromlist=["adapt_cells"]).adapt_cells(cells)
+    grid_cells = len(list(dict.fromkeys(cells)))
     if shard:
         cells = shard_cells(cells, *parse_shard(shard))
     opts = SweepOptions(ppl=list(ppl), tasks=[t for t in tasks.split(",") if t.strip()], seqlen=seqlen,
                         max_tokens=max_tokens or None, limit=limit, batch_size=batch_size,
                         device=device, calib=calib, calib_samples=calib_samples,
-                        calib_seqlen=calib_seqlen)
+                        calib_seqlen=calib_seqlen,
+                        shard="/".join(map(str, parse_shard(shard))) if shard else None,
+                        grid_cells=grid_cells if shard else None)
     if executor == "ray":
         return _sweep_ray(cells, opts, Path(output), address, retries, cpus_per_cell, as_json)
     if address:
@@ -106,6 +116,7 @@ def sweep_cmd(models, bits, block, dtypes, outliers, scales, methods, calib, cal
                 err.print(f"[red]skipped[/] {cell.model} {cell.label}: {error}")
 
         report = run_sweep(cells, opts, Path(output), on_cell)
+    _notes(report.notes)
     err.print(f"{report.done} cells measured, {report.skipped} already in {output}, "
               f"{report.seconds / 60:.1f} min")
     for model, why in report.failed_models.items():
@@ -141,6 +152,7 @@ def _sweep_ray(cells, opts, output: Path, address, retries, cpus, as_json) -> No
 
         report = run_ray(cells, opts, output, RayOptions(address=address, retries=retries, cpus=cpus),
                          on_progress)
+    _notes(report.notes)
     err.print(f"{report.done} cells measured, {report.skipped} already in {output}, "
               f"{len(report.failed_cells)} failed, {report.seconds / 60:.1f} min")
     if report.failed_cells:
@@ -150,6 +162,34 @@ def _sweep_ray(cells, opts, output: Path, address, retries, cpus, as_json) -> No
                                "failed_cells": report.failed_cells, "results": str(output)}))
     if report.failed_cells and not report.done and not report.skipped:
         raise click.exceptions.Exit(1)
+
+
+def _grid(models, bits, block, dtypes, outliers, scales, methods):
+    """The cells of the grid options, adapted for any-precision models (as the sweep runs them)."""
+    from kbitrt.sweep.any_precision import adapt_cells
+    from kbitrt.sweep.grid import parse_grid
+
+    return adapt_cells(parse_grid(models, bits, block, dtypes, outliers, scales, methods))
+
+
+def _notes(lines: list[str]) -> None:
+    for line in lines:
+        err.print(f"[yellow]note:[/] {line}", highlight=False)
+
+
+def _existing_rows(path: Path) -> list[dict]:
+    """The rows of a results file that must exist (--summary); bad lines are named and skipped."""
+    from kbitrt.errors import KbitFormatError
+    from kbitrt.sweep.results import read_results
+
+    if not path.is_file():
+        raise KbitFormatError(f"{path}: no such results file")
+    bad: list[str] = []
+    rows = read_results(path, bad)
+    _notes(bad)
+    if not rows:
+        raise KbitFormatError(f"{path}: no results rows in it")
+    return rows
 
 
 def show_summary(rows: list[dict], as_json: bool, metric: str = "auto") -> None:
@@ -189,10 +229,6 @@ def show_summary(rows: list[dict], as_json: bool, metric: str = "auto") -> None:
 def plot_cmd(results, output):
     """Plot a sweep: metric vs total model bits per precision, block-size and data-type panels."""
     from kbitrt.sweep.plot import plot
-    from kbitrt.sweep.runner import read_results
 
-    path = Path(results)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such results file")
-    for p in plot(read_results(path), Path(output)):
+    for p in plot(_existing_rows(Path(results)), Path(output)):
         err.print(f"wrote {p}")

@@ -29,6 +29,7 @@ from kbitrt.convert.model_map import ModelMap, build_model_map, skip_reason
 from kbitrt.format.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter, plan_shards
 from kbitrt.convert.source import companion_files, find_checkpoint, read_config, resolve_model
 from kbitrt.convert.staging import check_output, staged_folder
+from kbitrt.format.model_check import check_checkpoint_shapes
 from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, OUTLIER_IDX,
                                  OUTLIER_WEIGHT, QWEIGHT, SHAPE, KbitFormatError, LinearLayout,
                                  QuantConfig, header_metadata)
@@ -214,6 +215,8 @@ class Converter:
             raise KbitFormatError(
                 f"{self.folder}: the checkpoint lacks {len(missing)} weights the {mm.model_type!r} "
                 f"model needs: {_names(missing)}; nothing was written")
+        check_checkpoint_shapes(self.folder, self.raw_config, {**self.plain, **{  # model_check.py
+            f"{m}.weight": k for m, k in weights.items()}}, self.tensors.shape)
         if cfg.quantize_head and mm.head and mm.head not in weights and mm.tied and mm.embedding_key:
             # a tied head has no tensor of its own: quantize a copy of the embedding
             emb = next((k for k in self.tensors.names() if mm.canonical(k) == mm.embedding_key), None)
@@ -455,7 +458,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantC
                                     **({"norm_inputs": norm_inputs} if norm_inputs else {}))
     report = conv.report_class(str(source), str(out), config, str(conv.dtype16).replace("torch.", ""))
     conv.plan(progress)  # refuses unplaced tensors before anything is written
-    with staged_folder(out) as tmp:
+    with staged_folder(out, force=force) as tmp:
         conv.write(tmp, report, max_shard_bytes, progress)
         report.dropped = conv.dropped
         report.params_total = sum(_numel(conv.tensors.shape(k)) for k in conv.plain.values()) + \

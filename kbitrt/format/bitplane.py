@@ -26,7 +26,8 @@ from kbitrt.format import packing
 from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, MAX_BITS, MIN_BITS,
                                   OUTLIER_IDX, OUTLIER_WEIGHT, PACKING, QWEIGHT,
-                                  SHAPE, KbitFormatError, LinearLayout, QuantConfig)
+                                  KbitFormatError, LinearLayout, QuantConfig)
+from kbitrt.format.model_check import check_against_model
 from kbitrt.format.safetensors_io import SafetensorsFile
 from kbitrt.format.stored_model import StoredModel, open_shards
 
@@ -93,10 +94,12 @@ class AnyPrecisionConfig(QuantConfig):
         if unknown:
             raise KbitFormatError(f"quantization_config has keys this kbitrt does not know "
                                   f"({', '.join(unknown)}): upgrade kbitrt")
-        try:
-            lo, hi = int(qc["min_bits"]), int(qc["bits"])
-        except KeyError as e:
-            raise KbitFormatError(f"quantization_config lacks {e.args[0]!r}") from None
+        for key in ("min_bits", "bits"):  # exact ints: "3", 8.5, [3] or null are not widths
+            if key not in qc:
+                raise KbitFormatError(f"quantization_config lacks {key!r}: convert the model again")
+            if not isinstance(qc[key], int) or isinstance(qc[key], bool):
+                raise KbitFormatError(f"quantization_config.{key} is {qc[key]!r}: it must be int")
+        lo, hi = qc["min_bits"], qc["bits"]
         if not MIN_BITS <= lo <= hi <= MAX_BITS:
             raise KbitFormatError(f"quantization_config: widths {lo}..{hi} are outside "
                                   f"{MIN_BITS}..{MAX_BITS}")
@@ -202,17 +205,23 @@ class BitplaneModel(StoredModel):
     bitslice-v1 with that width's codebook, so every kernel and CPU path serves it unchanged."""
 
     def __init__(self, path: Path, config: dict, quant: AnyPrecisionConfig,
-                 files: dict[str, SafetensorsFile]):
+                 files: dict[str, SafetensorsFile], check_model: bool = True):
         super().__init__(path, config, quant, files)  # quant: the width in use
         self.spec = quant  # the file: widths min_bits..max_bits
-        self._validate()
+        with torch.device("cpu"):
+            self._validate()
+            if check_model:
+                check_against_model(self)
 
     @classmethod
-    def open(cls, path: Path, config: dict) -> BitplaneModel:
+    def open(cls, path: Path, config: dict, check_model: bool = True) -> BitplaneModel:
         """Called by KbitModel.open for packing bitplane-v1 (config.json already read)."""
-        quant = AnyPrecisionConfig.from_json(config["quantization_config"])
+        try:
+            quant = AnyPrecisionConfig.from_json(config["quantization_config"])
+        except KbitFormatError as e:
+            raise KbitFormatError(f"{path / 'config.json'}: {e}") from None
         files = open_shards(path, quant, AnyPrecisionConfig.from_json)
-        return cls(path, config, quant, files)
+        return cls(path, config, quant, files, check_model)
 
     def at_bits(self, bits: int | None) -> BitplaneModel:
         """The same files at another width (validated once; no weight is read here)."""
@@ -231,29 +240,25 @@ class BitplaneModel(StoredModel):
         return self.quant.bits
 
     def _validate(self) -> None:
-        for name in sorted(self._file_of):
-            module, _, suffix = name.rpartition(".")
-            if suffix != QWEIGHT:
-                continue
-            if f"{module}.{SHAPE}" not in self._file_of:
-                raise KbitFormatError(f"{self.path}: {module} has no {SHAPE} tensor")
-            n, k = (int(v) for v in self.read(f"{module}.{SHAPE}").tolist())
-            n_out = self.info(f"{module}.{OUTLIER_IDX}").shape[0] \
-                if f"{module}.{OUTLIER_IDX}" in self._file_of else 0
-            d16 = self.info(f"{module}.{OUTLIER_WEIGHT}").dtype \
-                if f"{module}.{OUTLIER_WEIGHT}" in self._file_of else "F16"
-            for suffix, (dtype, shape) in tensor_specs(n, k, self.spec, n_out, d16).items():
-                full = f"{module}.{suffix}"
-                if full not in self._file_of:
-                    raise KbitFormatError(f"{self.path}: tensor {full} is missing")
-                info = self.info(full)
-                if info.shape != tuple(shape) or info.dtype != dtype:
-                    raise KbitFormatError(
-                        f"{self.path}: {full} is {info.dtype}{list(info.shape)}, expected "
-                        f"{dtype}{list(shape)} for a ({n}, {k}) linear at {self.spec.label}")
+        """The checks of the bitslice reader (stored_model.py, shared), for this packing's tensors:
+        every width's codebook sorted, finite and in [-1, 1] (duplicates allowed: a seed codebook
+        with fewer levels than codes repeats its top value)."""
+        spec = self.spec
+        for module, has in self.quantized_groups().items():
+            n, k = self.linear_shape(module)
+            n_out = self.outlier_count(module, k)
+            self.check_specs(module, has, tensor_specs(n, k, spec, n_out, self.dtype16),
+                             f"a ({n}, {k}) {spec.label} linear"
+                             f"{' without outliers' if not n_out else ''}")
+            values = self.read(f"{module}.{CODEBOOK}").tolist()
+            for bits in spec.widths:
+                off = codebook_offset(bits, spec.min_bits)
+                self.check_codebook(f"{module}.{CODEBOOK}", values[off: off + 2**bits], distinct=False)
+            if n_out:
+                self.check_outlier_idx(module, k)
             self.modules[module] = PlaneEntry(module, n, k, n_out)
-        if not self.modules:
-            raise KbitFormatError(f"{self.path}: no quantized linears found")
+        self.check_plain_dtypes()
+        self.check_module_lists()
 
     def planes(self, module: str, bits: int | None = None) -> torch.Tensor:
         """uint8 (bits, N, ceil(K/8)): the first `bits` planes, read as one contiguous prefix."""
@@ -271,12 +276,12 @@ class BitplaneModel(StoredModel):
     def quantized(self, module: str, bits: int | None = None) -> QuantizedWeight:
         """Width `bits` (default: this view's) of `module`, repacked in bitslice-v1."""
         e, has, bits = self.modules[module], self.suffixes(module), bits or self.bits
+        scales = self.scales(module)  # checked: finite, non-negative
         return QuantizedWeight(
             qweight=to_bitslice(self.planes(module, bits), e.in_features),
-            absmax=self.read(f"{module}.{ABSMAX}"), codebook=self.codebook(module, bits),
+            absmax=scales[ABSMAX], codebook=self.codebook(module, bits),
             shape=(e.out_features, e.in_features), bits=bits, block_size=self.spec.block_size,
-            absmax_scale=self.read(f"{module}.{ABSMAX_SCALE}") if ABSMAX_SCALE in has else None,
-            absmax_offset=self.read(f"{module}.{ABSMAX_OFFSET}") if ABSMAX_OFFSET in has else None,
+            absmax_scale=scales.get(ABSMAX_SCALE), absmax_offset=scales.get(ABSMAX_OFFSET),
             outlier_idx=self.read(f"{module}.{OUTLIER_IDX}") if OUTLIER_IDX in has else None,
             outlier_weight=self.read(f"{module}.{OUTLIER_WEIGHT}") if OUTLIER_WEIGHT in has else None)
 

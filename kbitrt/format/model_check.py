@@ -3,8 +3,9 @@
 transformers builds the architecture on the meta device (no memory), which gives the state-dict
 names and shapes the model has; a folder whose tensors do not fit it (a relabelled shape, a layer
 too many or too few, a `transposed_modules` entry that is not GPT-2's Conv1D) is refused here,
-before a runtime would index out of range or compute something else. Architectures the installed
-transformers does not know (remote code) are not checked here; the runtime refuses them itself.
+before a runtime would index out of range or compute something else. Remote-code architectures
+(config.json with an `auto_map`) are not checked here; the runtime refuses them itself. A
+model_type the installed transformers does not know, without an auto_map, is refused.
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ def _shapes(config_json: str) -> ModelShapes | None:
     d = json.loads(config_json)
     model_type = d.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        return None
+        if "auto_map" in d:  # remote code: the runtime checks what it builds
+            return None
+        raise KbitFormatError(f"model_type {model_type!r} is not an architecture the installed "
+                              "transformers knows (and config.json has no auto_map for remote "
+                              "code): restore config.json from the conversion or upgrade "
+                              "transformers")
     d.pop("model_type")
     config = AutoConfig.for_model(model_type, **d)
     with torch.device("meta"):
@@ -80,13 +86,28 @@ def model_shapes(where, config: dict) -> ModelShapes | None:
     plain = {k: v for k, v in config.items() if k not in ("quantization_config", "dtype", "torch_dtype")}
     try:
         return _shapes(json.dumps(plain, sort_keys=True))
-    except KbitFormatError:
-        raise
+    except KbitFormatError as e:
+        raise KbitFormatError(f"{where}: {e}") from None
     except Exception as e:  # noqa: BLE001 -- transformers refuses a config in many ways
         first = str(e).splitlines()[0][:120] if str(e) else ""
         raise KbitFormatError(f"{where}: transformers cannot build this model from it "
                               f"({type(e).__name__}: {first}): restore config.json from the "
                               "conversion") from None
+
+
+def check_checkpoint_shapes(folder, config: dict, keys: dict[str, str], shape_of) -> None:
+    """A source checkpoint's tensors (model name -> checkpoint key; `shape_of(key)` its shape)
+    against the shapes transformers builds from its config.json, before a byte is converted: a
+    norm of 64 values for hidden size 128, or one whose header claims 2^28 values, is refused."""
+    shapes = model_shapes(f"{folder}/config.json", config)
+    if shapes is None:
+        return
+    for name, key in sorted(keys.items()):
+        want, got = shapes.state.get(name), tuple(shape_of(key))
+        if want is not None and got != want:
+            raise KbitFormatError(f"{folder}: checkpoint tensor {key} has shape {list(got)}, but "
+                                  f"config.json makes {name} {list(want)}: the checkpoint does "
+                                  "not fit its config; nothing was written")
 
 
 def check_against_model(km) -> None:

@@ -4,6 +4,12 @@ The safetensors library maps whole files; touched pages then count as resident m
 converter. Reading with pread keeps the resident set at the size of the chunk being converted, and
 planning every output tensor's offset up front lets each piece be written once, where it belongs.
 Headers are written with sorted keys, so the same tensors give byte-identical files.
+
+Every shard kbitrt writes carries a CRC-32 (zlib) of each tensor's bytes in its header metadata,
+`kbit_crc32`: a JSON object tensor name -> 8 lowercase hex digits, computed from the bytes on disk
+once the shard is complete (the header is rewritten in place; the entry's length is fixed when
+the shard is planned). `verify_checksums` recomputes them: swapped planes, flipped bytes and
+relabelled offsets that pass every structural check are caught (`kbit inspect --verify`).
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +35,9 @@ SAFETENSORS_TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_TORCH_DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
+CHECKSUM_KEY = "kbit_crc32"  # header metadata: tensor name -> crc32 of its bytes, 8 hex digits
+_CRC = re.compile(r"^[0-9a-f]{8}$")
+_CHUNK = 16 * 2**20
 
 
 def _is_int(v) -> bool:
@@ -107,8 +118,55 @@ class SafetensorsFile:
         if pos != size:
             raise self._error(f"has {size - pos} trailing bytes after the last tensor")
 
+        self.checksums = self._checksums()
+
     def _error(self, what: str) -> KbitFormatError:
         return KbitFormatError(f"{self.path} {what}: download or convert it again")
+
+    def _checksums(self) -> dict[str, str] | None:
+        """The header's per-tensor CRC-32s (None when it has none), checked for form (a map of
+        names to 8 hex digits); that they name exactly the file's tensors is checked by
+        verify_checksums, so a tensor missing from a re-saved file is reported as missing."""
+        text = self.metadata.get(CHECKSUM_KEY)
+        if text is None:
+            return None
+        try:
+            sums = json.loads(text)
+        except ValueError:
+            sums = None
+        if not isinstance(sums, dict) or not all(isinstance(v, str) and _CRC.match(v)
+                                                 for v in sums.values()):
+            raise self._error(f"has a malformed {CHECKSUM_KEY} entry (tensor name -> 8-hex-digit "
+                              "CRC-32)")
+        return sums
+
+    def crc32(self, name: str) -> str:
+        """CRC-32 of the tensor's bytes on disk, read in chunks."""
+        info = self.tensors[name]
+        crc, pos = 0, info.begin
+        with open(self.path, "rb", buffering=0) as f:
+            while pos < info.end:
+                chunk = os.pread(f.fileno(), min(_CHUNK, info.end - pos), pos)
+                if not chunk:
+                    raise KbitFormatError(f"{self.path}: truncated while reading {name}")
+                crc = zlib.crc32(chunk, crc)
+                pos += len(chunk)
+        return f"{crc:08x}"
+
+    def verify_checksums(self) -> int | None:
+        """Recompute every tensor's CRC-32 against the header's; the number verified (None when
+        the file has no checksums). A mismatch is one KbitFormatError naming the tensor."""
+        if self.checksums is None:
+            return None
+        odd = sorted(set(self.checksums) ^ set(self.tensors))
+        if odd:
+            raise self._error(f"has {CHECKSUM_KEY} entries that do not match its tensors (e.g. "
+                              f"{odd[0]})")
+        for name in sorted(self.tensors, key=lambda n: self.tensors[n].begin):
+            if self.crc32(name) != self.checksums[name]:
+                raise self._error(f"tensor {name} does not match its CRC-32 (the bytes changed "
+                                  "after it was written)")
+        return len(self.tensors)
 
     def _entry(self, name: str, h, start: int) -> TensorInfo:
         if not isinstance(h, dict) or set(h) != {"dtype", "shape", "data_offsets"}:
@@ -168,24 +226,35 @@ class PlannedTensor:
 class ShardWriter:
     """Writes one safetensors file whose tensors (names, dtypes, shapes) are known in advance."""
 
-    def __init__(self, path: Path, planned: list[PlannedTensor], metadata: dict[str, str]):
+    def __init__(self, path: Path, planned: list[PlannedTensor], metadata: dict[str, str],
+                 checksums: bool = True):
         self.path = path
-        header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+        self.metadata = dict(metadata)
         offset = 0
         self.offsets: dict[str, tuple[int, int]] = {}
-        for t in sorted(planned, key=lambda t: t.name):
-            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape),
-                              "data_offsets": [offset, offset + t.nbytes]}
+        self.planned = sorted(planned, key=lambda t: t.name)
+        for t in self.planned:
             self.offsets[t.name] = (offset, offset + t.nbytes)
             offset += t.nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
+        self.checksums = checksums
+        blob = self._header({t.name: "0" * 8 for t in self.planned})  # the CRCs come at close
         self.data_start = 8 + len(blob)
         self.total = self.data_start + offset
-        self.written = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._pwrite(struct.pack("<Q", len(blob)) + blob, 0)
+        self._rfd: int | None = None
         self.written = 0
+
+    def _header(self, crcs: dict[str, str]) -> bytes:
+        meta = dict(self.metadata)
+        if self.checksums:
+            meta[CHECKSUM_KEY] = json.dumps(crcs, separators=(",", ":"), sort_keys=True)
+        header: dict[str, object] = {"__metadata__": dict(sorted(meta.items()))}
+        for t in self.planned:
+            b, e = self.offsets[t.name]
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [b, e]}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        return blob + b" " * (-len(blob) % 8)  # data starts 8-byte aligned
 
     def _pwrite(self, data, pos: int) -> None:
         view = memoryview(data).cast("B")
@@ -208,10 +277,34 @@ class ShardWriter:
 
     def close(self) -> None:
         expected = self.total - self.data_start
-        os.fsync(self._fd)
-        os.close(self._fd)
-        if self.written != expected:
-            raise RuntimeError(f"{self.path}: wrote {self.written} of {expected} bytes")
+        try:
+            if self.written != expected:
+                raise RuntimeError(f"{self.path}: wrote {self.written} of {expected} bytes")
+            if self.checksums:  # from the bytes on disk, so what is verified is what was written
+                crcs = {}
+                for t in self.planned:
+                    b, e = self.offsets[t.name]
+                    crc, pos = 0, self.data_start + b
+                    while pos < self.data_start + e:
+                        chunk = os.pread(self._fd_read(), min(_CHUNK, self.data_start + e - pos), pos)
+                        if not chunk:
+                            raise RuntimeError(f"{self.path}: short read at {pos}")
+                        crc = zlib.crc32(chunk, crc)
+                        pos += len(chunk)
+                    crcs[t.name] = f"{crc:08x}"
+                blob = self._header(crcs)
+                assert 8 + len(blob) == self.data_start  # same length: only hex digits changed
+                self._pwrite(blob, 8)
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            if self._rfd is not None:
+                os.close(self._rfd)
+
+    def _fd_read(self) -> int:
+        if self._rfd is None:
+            self._rfd = os.open(self.path, os.O_RDONLY)
+        return self._rfd
 
 
 def check_finite_written(name: str, t: torch.Tensor) -> None:

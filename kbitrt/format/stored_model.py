@@ -1,22 +1,32 @@
 """What every reader of a kbit model folder shares, whatever its packing: the folder's shards
-(validated against the index, their headers and each other), one name -> shard index, lookups, and
-the byte accounting from the bytes on disk. reader.KbitModel (bitslice-v1) and
+(validated against the index, their headers and each other), one name -> shard index, lookups, the
+byte accounting from the bytes on disk, and the checks both packings make (one implementation, so
+bitplane-v1 is held to everything bitslice-v1 is): each linear's recorded shape, its tensors'
+dtypes and shapes (unknown ones named), codebook values, outlier indices, the dtype of every plain
+tensor, the module lists of the quantization_config, and finite non-negative block scales (checked
+where they are read, once per linear, vectorised). reader.KbitModel (bitslice-v1) and
 bitplane.BitplaneModel (bitplane-v1) build on it and add what their packing checks and returns."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from kbitrt.format.config import QUANT_SUFFIXES, KbitFormatError
+from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, OUTLIER_IDX, QUANT_SUFFIXES,
+                                  QWEIGHT, SHAPE, KbitFormatError)
 from kbitrt.format.safetensors_io import SafetensorsFile
 
 SHARD_NAME = re.compile(r"^[\w.\-]+\.safetensors$")
+# config.json `dtype` -> dtype of every floating tensor kept unquantized (kbit convert writes 16 bit;
+# a model loaded in fp32 through transformers and saved again keeps fp32)
+FLOAT16 = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+PLAIN_INT_DTYPES = ("I64", "I32", "U8", "BOOL")  # integer buffers a model may carry (ids, masks)
 
 
 def format_error(where, what: str, todo: str = "convert the model again") -> KbitFormatError:
@@ -101,6 +111,20 @@ def check_order(f: SafetensorsFile) -> None:
                                    "tensor's bytes)", "download or convert the model again")
 
 
+def verify_requested(verify: bool | None) -> bool:
+    """`verify`, or when None the environment's request (KBIT_VERIFY=1: check at every load)."""
+    return bool(verify) if verify is not None else os.environ.get("KBIT_VERIFY", "0") == "1"
+
+
+def dtype16_of(path: Path, config: dict) -> str:
+    """The safetensors dtype of everything kept in 16 bit, from config.json's `dtype`."""
+    declared = config.get("dtype", config.get("torch_dtype"))
+    if not isinstance(declared, str) or declared not in FLOAT16:
+        raise format_error(path / "config.json", f"dtype is {declared!r}: a kbit model says "
+                           "float16, bfloat16 or float32 for what it keeps unquantized")
+    return FLOAT16[declared]
+
+
 class StoredModel:
     """A validated folder's tensors by name. Subclasses fill `modules` (quantized linear name ->
     an entry with out_features, in_features, n_outliers) while validating."""
@@ -114,7 +138,142 @@ class StoredModel:
                     raise format_error(f.path, f"tensor {name} is also in {self._file_of[name].path.name}")
                 self._file_of[name] = f
         self.modules: dict = {}
-        self.transposed = set(config["quantization_config"].get("transposed_modules") or [])
+        qc = config["quantization_config"]
+        for key in ("transposed_modules", "modules_not_quantized"):
+            names = qc.get(key)
+            if names is not None and not (isinstance(names, list)
+                                          and all(isinstance(m, str) for m in names)):
+                raise format_error(path / "config.json", f"quantization_config.{key} is {names!r}: "
+                                   "it must be a list of module names")
+        self.transposed = set(qc.get("transposed_modules") or [])
+        self.dtype16 = dtype16_of(path, config)
+
+    # -- checks shared by both packings ---------------------------------------------------------
+    def quantized_groups(self) -> dict[str, set[str]]:
+        """module -> the quantized-linear suffixes it has; a part without its qweight is refused."""
+        by_module: dict[str, set[str]] = {}
+        for name in self._file_of:
+            module, _, suffix = name.rpartition(".")
+            if suffix in QUANT_SUFFIXES:
+                by_module.setdefault(module, set()).add(suffix)
+        for module in sorted(by_module):
+            if QWEIGHT not in by_module[module]:
+                extra = sorted(by_module[module])[0]
+                raise format_error(self.file_path(f"{module}.{extra}"), f"tensor {module}.{extra} "
+                                   f"belongs to no quantized linear ({module}.{QWEIGHT} is missing)")
+        if not by_module:
+            raise KbitFormatError(f"{self.path}: no quantized linears found: convert the model again")
+        return dict(sorted(by_module.items()))
+
+    def linear_shape(self, module: str) -> tuple[int, int]:
+        """(N, K) from `<module>.weight_shape`, an I64[2] of positive values."""
+        name = f"{module}.{SHAPE}"
+        if name not in self._file_of:
+            raise format_error(self.file_path(f"{module}.{QWEIGHT}"), f"{module} has no {SHAPE} tensor")
+        info = self.info(name)
+        if info.dtype != "I64" or info.shape != (2,):
+            raise format_error(self.file_path(name), f"{name} is {info.dtype}{list(info.shape)}, "
+                                                     "expected I64[2]")
+        n, k = (int(v) for v in self.read(name).tolist())
+        if not (0 < n < 2**31 and 0 < k < 2**31):
+            raise format_error(self.file_path(name), f"{name} holds ({n}, {k}), not a linear's shape")
+        return n, k
+
+    def outlier_count(self, module: str, k: int) -> int:
+        """Columns kept in 16 bit: the length of a 1-D `outlier_idx` below K (0 without one)."""
+        name = f"{module}.{OUTLIER_IDX}"
+        if name not in self._file_of:
+            return 0
+        shape = self.info(name).shape
+        if len(shape) != 1 or not 0 < shape[0] < k:
+            raise format_error(self.file_path(name), f"{name} has shape {list(shape)}: expected 1 to "
+                                                     f"{k - 1} column indices")
+        return shape[0]
+
+    def check_specs(self, module: str, has: set[str], specs: dict, what: str) -> None:
+        """Every tensor of `module` is one of `specs` (suffix -> (dtype, shape)), none missing."""
+        for suffix in sorted(has - set(specs)):
+            raise format_error(self.file_path(f"{module}.{suffix}"), f"tensor {module}.{suffix} "
+                               f"does not belong to {what}")
+        for suffix, (dtype, shape) in specs.items():
+            full = f"{module}.{suffix}"
+            if full not in self._file_of:
+                raise format_error(self.path, f"tensor {full} is missing")
+            info = self.info(full)
+            if info.shape != tuple(shape) or info.dtype != dtype:
+                raise format_error(self.file_path(full), f"{full} is {info.dtype}{list(info.shape)}, "
+                                   f"expected {dtype}{list(shape)} for {what}")
+
+    def check_codebook(self, name: str, values: list[float], distinct: bool = True) -> None:
+        """Sorted (strictly when `distinct`), finite, within [-1, 1]: at most 256 plain floats."""
+        ordered = all(hi > lo if distinct else hi >= lo for lo, hi in zip(values, values[1:]))
+        if not ordered or not all(math.isfinite(e) and abs(e) <= 1 for e in values):
+            raise format_error(self.file_path(name), f"{name} is not a sorted codebook of "
+                               f"{'distinct ' if distinct else ''}finite values in [-1, 1]")
+
+    def check_outlier_idx(self, module: str, k: int) -> None:
+        name = f"{module}.{OUTLIER_IDX}"
+        idx = self.read(name)
+        if int(idx.min()) < 0 or int(idx.max()) >= k or bool((idx[1:] <= idx[:-1]).any()):
+            raise format_error(self.file_path(name), f"{name} must be strictly increasing column "
+                                                     f"indices in [0, {k})")
+
+    def check_plain_dtypes(self) -> None:
+        """Floating plain tensors are in config.json's dtype; integer ones of a kind models carry."""
+        for name in self.plain_names:
+            dtype = self.info(name).dtype
+            if dtype in ("F16", "BF16", "F32", "F64"):
+                if dtype != self.dtype16:
+                    raise format_error(self.file_path(name), f"tensor {name} is {dtype}, but "
+                                       f"config.json says the model's 16-bit dtype is {self.dtype16}")
+            elif dtype not in PLAIN_INT_DTYPES:
+                raise format_error(self.file_path(name), f"tensor {name} has dtype {dtype}, which no "
+                                                         "kbit model stores")
+
+    def check_module_lists(self) -> None:
+        """transposed_modules names quantized linears only; modules_not_quantized none of them."""
+        qc = self.config["quantization_config"]
+        for key, names, bad in (("transposed_modules", self.transposed,
+                                 lambda m: m not in self.modules),
+                                ("modules_not_quantized", qc.get("modules_not_quantized") or [],
+                                 lambda m: m in self.modules)):
+            wrong = sorted(m for m in names if bad(m))
+            if wrong:
+                raise format_error(self.path / "config.json", f"quantization_config.{key} names "
+                                   f"{wrong[0]}, which is {'not ' if key == 'transposed_modules' else ''}"
+                                   "a quantized linear of this folder")
+
+    def scales(self, module: str) -> dict[str, torch.Tensor]:
+        """The block scales of `module` (absmax; with dq8 its scale and offset too), read and
+        checked: finite, and the absmax of fp16/fp32 scales non-negative (one vectorised pass)."""
+        out = {s: self.read(f"{module}.{s}") for s in (ABSMAX, ABSMAX_SCALE, ABSMAX_OFFSET)
+               if f"{module}.{s}" in self._file_of}
+        for suffix, t in out.items():
+            if t.dtype == torch.uint8:
+                continue  # dq8 codes: every byte is a valid code
+            bad = ~torch.isfinite(t)
+            if suffix != ABSMAX_OFFSET:
+                bad |= t < 0
+            if bool(bad.any()):
+                name = f"{module}.{suffix}"
+                raise format_error(self.file_path(name), f"{name} holds {int(bad.sum())} block "
+                                   "scale(s) that are NaN, infinite or negative")
+        return out
+
+    def verify(self) -> dict:
+        """Read every byte once: each tensor against its CRC-32 (when the shards carry them) and
+        every linear's block scales. Returns what was verified; a failure is one KbitFormatError."""
+        verified, unsummed = 0, []
+        for name, f in self.files.items():
+            n = f.verify_checksums()
+            if n is None:
+                unsummed.append(name)
+            else:
+                verified += n
+        for module in self.modules:
+            self.scales(module)
+        return {"tensors_checksummed": verified, "shards_without_checksums": unsummed,
+                "linears_scales_checked": len(self.modules)}
 
     def file_path(self, name: str) -> Path:
         f = self._file_of.get(name)

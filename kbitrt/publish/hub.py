@@ -21,6 +21,19 @@ from kbitrt.errors import KbitFormatError
 IGNORE = [".*", "**/.*", "*.kbit-partial*", "*.kbit-old*", "**/*.kbit-partial*/*", "__pycache__/*",
           "*.tmp", "eval-*.json", "**/eval-*.json"]
 TOKEN_LIKE = re.compile(r"(^|/)hf_[A-Za-z0-9]{16,}$|^[A-Za-z0-9_\-]{32,}$")
+HF_TOKEN_TEXT = re.compile(r"hf_[A-Za-z0-9]+")  # any Hugging Face token, whatever its length
+TOKEN_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def _secrets(tokens) -> set[str]:
+    return {t for t in (*tokens, *(os.environ.get(k) for k in TOKEN_ENV)) if t and len(t) >= 4}
+
+
+def redact(text: str, *tokens: str | None) -> str:
+    """`text` with every `hf_...` token and the given (and HF_TOKEN's) token values as ***."""
+    for secret in sorted(_secrets(tokens), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return HF_TOKEN_TEXT.sub("***", text)
 
 
 class PushError(KbitFormatError):
@@ -56,14 +69,15 @@ def resolve_token(token: str | None) -> str:
     return found
 
 
-def check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str, token: str | None = None) -> None:
     from kbitrt.convert.source import REPO_ID
 
-    if TOKEN_LIKE.search(repo_id or ""):  # a token passed by mistake: never echo it
+    if TOKEN_LIKE.search(repo_id or "") or any(t in (repo_id or "") for t in _secrets([token])):
         raise PushError("REPO_ID looks like a Hugging Face token, not a repo id: give 'user/name' "
                         "(pass a token with --token or HF_TOKEN, and revoke one that was exposed)")
     if not REPO_ID.match(repo_id):
-        raise PushError(f"{repo_id!r} is not a Hub repo id: use 'user/name' or 'org/name'")
+        raise PushError(f"{redact(repo_id, token)!r} is not a Hub repo id: use 'user/name' or "
+                        "'org/name'")
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -108,7 +122,7 @@ def _explain(e: BaseException, repo_id: str, token: str) -> PushError:
         msg = f"cannot reach the Hugging Face Hub ({type(e).__name__}): check the network and retry"
     else:
         msg = f"push to {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return PushError(msg.replace(token, "***") if token else msg)
+    return PushError(redact(msg, token))
 
 
 def _files(folder: Path) -> list[Path]:
@@ -132,7 +146,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, private: bool | None
     from kbitrt.format.reader import KbitModel
 
     folder = Path(folder).expanduser()
-    check_repo_id(repo_id)
+    check_repo_id(repo_id, token)
     km = KbitModel.open(folder)  # a broken model stops here, before any file or network call
     log(f"validated {folder}: {km.quant.label}, {len(km.modules)} quantized linears")
     token = resolve_token(token)

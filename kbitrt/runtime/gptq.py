@@ -25,14 +25,13 @@ token ids (seeded) in place of calibration text: no data, only the model's own f
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from kbitrt.convert.staging import release_temp_folder, temp_folder
 from kbitrt.convert.checkpoint import CheckpointTensors
 from kbitrt.convert.gptq import Hessian, gptq_quantize
 from kbitrt.convert.model_map import build_model_map
@@ -56,7 +55,7 @@ class GPTQResults:
     """GPTQ-quantized linears by checkpoint module name, kept in a temporary folder on disk."""
 
     def __init__(self, folder: Path | None = None):
-        self.folder = Path(folder or tempfile.mkdtemp(prefix="kbit-gptq-"))
+        self.folder = Path(folder or temp_folder("kbit-gptq-"))  # gone on exit and SIGTERM
         self.names: list[str] = []
 
     def put(self, module: str, qw: QuantizedWeight) -> None:
@@ -82,7 +81,7 @@ class GPTQResults:
         return ((m, self[m]) for m in self.names)
 
     def close(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        release_temp_folder(self.folder)
 
 
 class _Weights:
@@ -147,6 +146,15 @@ def gptq_quantize_model(folder: str | Path, config: QuantConfig, calib: torch.Te
     scale search weighted by the Hessian diagonal."""
     if config.method != "gptq" and config.importance not in ("hessian", "random"):
         raise KbitFormatError("calibration is for --method gptq or --importance hessian|random")
+    if results is None:  # ours: removed when anything below fails
+        results = GPTQResults()
+        try:
+            return gptq_quantize_model(folder, config, calib, damp=damp, act_order=act_order,
+                                       progress=progress, trust_remote_code=trust_remote_code,
+                                       results=results, dtype16=dtype16)
+        except BaseException:
+            results.close()
+            raise
     folder = Path(folder)
     raw = json.loads((folder / "config.json").read_text())
     hfc = hf_config(raw)
@@ -229,7 +237,12 @@ def calibration_windows(folder: Path, text: str, samples: int, seqlen: int) -> t
 
     if samples < 1 or seqlen < 2:
         raise KbitFormatError("--calib-samples must be >= 1 and --calib-seqlen >= 2")
-    tok = AutoTokenizer.from_pretrained(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # no or unusable tokenizer files
+        raise KbitFormatError(f"{folder}: no usable tokenizer to read the calibration text with "
+                              f"({type(e).__name__}): add the model's tokenizer files, or use "
+                              "--importance random (no data)") from None
     ids = torch.tensor(tok(text).input_ids, dtype=torch.long)
     n = min(samples, ids.numel() // seqlen)
     if n < 1:

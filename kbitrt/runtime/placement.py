@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kbitrt.convert.staging import temp_folder
 from kbitrt.errors import KbitError
 
 STRATEGIES = ("auto", "balanced", "sequential")
@@ -94,8 +94,8 @@ def read_device_map(text: str) -> str | dict:
         raise PlacementError(f"--device-map {text!r}: use auto, balanced, sequential or a JSON file")
     try:
         mapping = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PlacementError(f"--device-map {path}: not JSON ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+        raise PlacementError(f"--device-map {path}: not JSON ({str(e) or 'nested too deep'})") from None
     if not isinstance(mapping, dict) or not mapping:
         raise PlacementError(f"--device-map {path}: give a JSON object {{module: device}}")
     return mapping
@@ -348,7 +348,7 @@ def place_native(model: nn.Module, plan: dict[str, str]) -> torch.device:
             module = model.get_submodule(name)
             if dev == "disk" or (dev == "cpu" and main.type == "cuda"):
                 if dev == "disk" and offload_dir is None:
-                    offload_dir = Path(tempfile.mkdtemp(prefix="kbit-offload-"))
+                    offload_dir = temp_folder("kbit-offload-")  # gone on exit and SIGTERM
                     weakref.finalize(model, shutil.rmtree, offload_dir, True)
                 file = offload_dir / f"{name}.safetensors" if dev == "disk" else None
                 off = _Offloaded(module, main, file, shared)

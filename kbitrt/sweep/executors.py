@@ -30,7 +30,8 @@ from typing import Callable
 
 from kbitrt.errors import KbitError, KbitFormatError
 from kbitrt.sweep.grid import Cell
-from kbitrt.sweep.runner import SweepOptions, SweepReport, append_row, measure_cell, open_model, read_results
+from kbitrt.sweep.results import append_row
+from kbitrt.sweep.runner import SweepOptions, SweepReport, measure_cell, open_model, resume_keys
 
 EXECUTORS = ("local", "ray")
 GiB = 2 ** 30
@@ -160,9 +161,10 @@ def run_ray(cells: list[Cell], opts: SweepOptions, results: Path, ray_opts: RayO
     if ray_opts.retries < 0 or ray_opts.cpus < 1:
         raise ExecutorError("--retries must be >= 0 and --cpus-per-cell >= 1")
     ray = _import_ray()
-    done_keys = {r["cell"] for r in read_results(results)}
+    report = SweepReport()
+    done_keys = resume_keys(results, report.notes)
     todo = [c for c in dict.fromkeys(cells) if c.key not in done_keys]
-    report = SweepReport(skipped=len(cells) - len(todo))
+    report.skipped = len(cells) - len(todo)
     counts = Counts(total=len(todo))
     start = time.perf_counter()
     if not todo:

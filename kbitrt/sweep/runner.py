@@ -5,14 +5,13 @@ output head is quantized with the format's own reference (`quantize_weight`) and
 values are written into the model, so the model computes exactly what the kbit model would (in
 fp32). Per-window NLLs and per-question correctness are kept in the line: the summary compares
 cells on the same items (paired differences), which is far tighter than independent error bars.
-A line is appended and fsynced as soon as its cell ends: a crash loses at most the running cell.
+A line is appended whole and fsynced as soon as its cell ends (results.py): a crash loses at most
+the running cell, and resume truncates a line the crash cut instead of appending onto it.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,10 @@ from typing import Callable
 import torch
 
 from kbitrt.sweep.grid import SCHEMA, UNQUANTIZED, Cell, linear_bytes
+from kbitrt.sweep.results import append_row, read_results, repair_tail
 from kbitrt.errors import KbitFormatError
+
+__all__ = ["append_row", "read_results", "run_sweep", "SweepOptions", "SweepReport"]
 
 
 @dataclass
@@ -36,6 +38,8 @@ class SweepOptions:
     calib: str | None = None  # gptq cells: calibration text file (or dataset name)
     calib_samples: int = 128
     calib_seqlen: int = 2048
+    shard: str | None = None  # "I/N" when this run is one slice of a grid (recorded in each row)
+    grid_cells: int | None = None  # cells of the whole grid the slice was cut from
 
 
 @dataclass
@@ -45,28 +49,7 @@ class SweepReport:
     failed_models: dict[str, str] = field(default_factory=dict)
     failed_cells: dict[str, str] = field(default_factory=dict)  # cell key -> last error (executors)
     seconds: float = 0.0
-
-
-def read_results(path: Path) -> list[dict]:
-    """The lines of a results file; refuses lines written by another schema."""
-    if not path.exists():
-        return []
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if lineno == len(path.read_text().splitlines()):
-                continue  # a line cut by a crash mid-write: that cell simply runs again
-            raise KbitFormatError(f"{path}:{lineno}: not JSON; is this a kbit sweep results file?") from None
-        if row.get("schema") != SCHEMA:
-            raise KbitFormatError(
-                f"{path}:{lineno} was written by schema {row.get('schema')!r}, this kbitrt writes "
-                f"{SCHEMA!r}: start a new results file (-o) rather than mixing the two")
-        rows.append(row)
-    return rows
+    notes: list[str] = field(default_factory=list)  # what resume repaired or skipped, one line each
 
 
 class ModelUnderTest:
@@ -195,15 +178,18 @@ def measure_cell(mut: ModelUnderTest, texts: dict, tasks: dict, cell: Cell, opts
     row["seconds"] = time.perf_counter() - t0
     row["versions"] = _versions()
     row["device"] = opts.device
+    if opts.shard:  # lets --merge name the slices and cells that are missing
+        row["shard"], row["grid_cells"] = opts.shard, opts.grid_cells
     return row
 
 
-def append_row(results: Path, row: dict) -> None:
-    """Append one line and fsync it: a crash loses at most the cells still running."""
-    with open(results, "a") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def resume_keys(results: Path, notes: list[str]) -> set[str]:
+    """The cells already in `results`, after truncating a line cut by a crash (so nothing is ever
+    appended onto it); what was repaired or skipped goes to `notes`."""
+    note = repair_tail(results)
+    if note:
+        notes.append(note)
+    return {r["cell"] for r in read_results(results, notes)}
 
 
 def model_under_test(name: str, device: str, default):
@@ -218,9 +204,10 @@ def run_sweep(cells: list[Cell], opts: SweepOptions, results: Path,
     """Evaluate every cell not yet in `results`; `on_cell(done, total, cell, seconds, error)`."""
     if not opts.ppl and not opts.tasks:
         raise KbitFormatError("nothing to measure: give --ppl TEXT and/or --tasks FILE.jsonl")
-    done_keys = {r["cell"] for r in read_results(results)}
+    report = SweepReport()
+    done_keys = resume_keys(results, report.notes)
     todo = [c for c in cells if c.key not in done_keys]
-    report = SweepReport(skipped=len(cells) - len(todo))
+    report.skipped = len(cells) - len(todo)
     start, finished = time.perf_counter(), 0
     results.parent.mkdir(parents=True, exist_ok=True)
     for model in dict.fromkeys(c.model for c in todo):

@@ -3,7 +3,11 @@
 The C++ source ships with the package and is compiled once per machine by torch's extension
 builder (a C++ compiler and ninja; `-march=native`, so its AVX-512 or AVX2 paths are used where the
 CPU has them, portable loops elsewhere) into the kbitrt cache, keyed by the source, torch's
-version and the CPU's flags. Where it cannot be built, `available()` is False, the reason is
+version and the CPU's flags. One process builds at a time: the build holds an OS file lock
+(flock on `<name>.flock` beside the build folder, released by the kernel however its holder dies),
+so a build killed at any stage never wedges later commands: torch's own `lock` file it leaves is
+removed by the next builder, a wait longer than KBIT_BUILD_TIMEOUT seconds (default 900) gives up
+with one line, and a built library that does not load is rebuilt once. Where it cannot be built, `available()` is False, the reason is
 printed once, and the CPU falls back to 16-bit dense copies (kbitrt.runtime.linear): a slower
 path, never a failure. Which models hold packed codes by default: loader.cpu_weights_for.
 
@@ -18,11 +22,16 @@ Above it a layer is dequantized into a temporary and multiplied by torch (prefil
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import platform
+import shutil
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -93,6 +102,49 @@ _VARIANTS = {"native": ["-march=native"], "avx2": ["-march=haswell"],
              "portable": ["-march=x86-64", "-mno-avx"]}
 
 
+def build_timeout() -> float:
+    """Seconds a build waits for another process's build (KBIT_BUILD_TIMEOUT, default 900)."""
+    try:
+        return max(0.0, float(os.environ.get("KBIT_BUILD_TIMEOUT", "900")))
+    except ValueError:
+        return 900.0
+
+
+@contextmanager
+def build_lock(build_dir: Path, timeout: float) -> Iterator[None]:
+    """Hold the exclusive lock on building into `build_dir`; TimeoutError after `timeout` s.
+
+    Holding it, torch's baton file (`build_dir/lock`, which torch waits on for ever while it
+    exists) can only be left by a builder that died: it is removed."""
+    lock = build_dir.parent / f"{build_dir.name}.flock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        start, told = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                if waited >= timeout:
+                    raise TimeoutError(f"another process held the build lock {lock} for over "
+                                       f"{timeout:.0f} s (KBIT_BUILD_TIMEOUT)") from None
+                if not told and waited > 2:
+                    print(f"kbit: waiting for another process building the CPU kernels ({lock})",
+                          file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(0.1)
+        (build_dir / "lock").unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1][:200] if text else type(e).__name__
+
+
 def _load(variant: str = "native") -> tuple[bool, str]:
     if os.environ.get("KBIT_CPU_KERNELS", "1") == "0":
         return False, "KBIT_CPU_KERNELS=0"
@@ -102,21 +154,42 @@ def _load(variant: str = "native") -> tuple[bool, str]:
     build_dir = _cache_dir() / name
     namespace = "kbitrt_cpu" if variant == "native" else f"kbitrt_cpu_{variant}"
     arch = _VARIANTS[variant] if platform.machine() in ("x86_64", "AMD64") else []
+    flags = ["-O3", *arch, "-fopenmp", f"-DKBIT_NS={namespace}"]
     try:
-        from torch.utils import cpp_extension
-
         build_dir.mkdir(parents=True, exist_ok=True)
-        if variant == "native" and not (build_dir / f"{name}.so").exists():
-            print(f"kbit: building the fused CPU kernels for this machine (once, ~20 s) in "
-                  f"{build_dir}", file=sys.stderr, flush=True)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
-                           extra_cflags=["-O3", *arch, "-fopenmp", f"-DKBIT_NS={namespace}"],
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        with build_lock(build_dir, build_timeout()):
+            _build_and_load(name, build_dir, flags, notice=variant == "native")
     except (OSError, RuntimeError, ImportError, ValueError) as e:  # no compiler/ninja, build error
-        return False, str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        return False, _first_line(e)
     if variant == "native":
         _register_fakes()
     return True, ""
+
+
+def _build_and_load(name: str, build_dir: Path, flags: list[str], notice: bool) -> None:
+    """Build (when out of date) and load the library; one that is built but does not load (a
+    corrupt or truncated .so) is removed with its build folder and rebuilt once."""
+    from torch.utils import cpp_extension
+
+    so = build_dir / f"{name}.so"
+    for attempt in (0, 1):
+        if notice and not so.exists():
+            print(f"kbit: building the fused CPU kernels for this machine (once, ~20 s) in "
+                  f"{build_dir}", file=sys.stderr, flush=True)
+        try:
+            cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
+                               extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                               is_python_module=False, verbose=False)
+            return
+        except (OSError, RuntimeError, ImportError, ValueError) as e:
+            if attempt or not so.exists():
+                raise
+            print(f"kbit: the built CPU kernels in {build_dir} do not load ({_first_line(e)}); "
+                  "rebuilding them once", file=sys.stderr, flush=True)
+            shutil.rmtree(build_dir, ignore_errors=True)
+            build_dir.mkdir(parents=True, exist_ok=True)
+            # torch builds a name once per process: forget that it was "built" here
+            getattr(cpp_extension.JIT_EXTENSION_VERSIONER, "entries", {}).pop(name, None)
 
 
 def load_variant(variant: str):
