@@ -9,7 +9,8 @@ import inspect
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, BloomConfig, GemmaConfig, GPT2Config,
-                          GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config)
+                          GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config,
+                          Qwen3Config)
 
 from kbitrt.format.config import KbitFormatError, QuantConfig
 from kbitrt.runtime.loader import InMemoryKbit, build_model
@@ -50,6 +51,11 @@ TINY = dict(
     qwen2=lambda: Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               max_position_embeddings=48),
+    # q/k norms; attention biases; the second layer a sliding-window one
+    qwen3=lambda: Qwen3Config(vocab_size=V, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=24, max_position_embeddings=48, attention_bias=True,
+                              use_sliding_window=True, sliding_window=4, max_window_layers=1),
 )
 QUANT = QuantConfig(bits=4, block_size=32, dtype="nf")
 ATOL = 2e-4

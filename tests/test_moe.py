@@ -151,7 +151,7 @@ def test_fused_transposed_expert_is_its_slice_transposed(moe_folders):
 def test_transformers_backend_matches_transformers(moe_folders, family):
     _, path = moe_folders[family]
     ref = dequantized_reference(path)
-    lm = build_model(KbitModel.open(path), "cpu", backend="auto", cpu_weights="fp32")
+    lm = build_model(KbitModel.open(path), "cpu", backend="transformers", cpu_weights="fp32")
     assert lm.backend == "transformers"
     experts = [m for m in lm.model.modules() if isinstance(m, KbitExperts)]
     assert experts and not any(p.dim() == 3 for p in lm.model.parameters())
@@ -227,3 +227,40 @@ def test_already_quantized_moe_sources_are_refused_naming_the_format(moe_folders
     with pytest.raises(KbitFormatError, match=method) as e:
         convert(folder, tmp_path / "out", QUANT)
     assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_native_decoder_runs_moe_and_matches_transformers(moe_folders, family):
+    """The generic decoder's MoE layers (runtime/models/moe.py): full forward, batch 2 with left
+    padding, and prefill + one token at a time through the static cache (the Python layers: the
+    CPU layer stack says it has no routed experts)."""
+    from test_models import batch, cached_steps, hf_logits
+
+    _, path = moe_folders[family]
+    ref = dequantized_reference(path)
+    lm = build_model(KbitModel.open(path), "cpu", backend="auto", cpu_weights="fp32")
+    assert lm.backend == "native" and lm.note is None
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(x), ref(x).logits, atol=ATOL, rtol=0)
+    tokens, mask, pad = batch()
+    want = hf_logits(ref, tokens, mask)
+    keep = mask.bool()
+    got = cached_steps(lm.model, tokens, pad, 6)
+    torch.testing.assert_close(got[keep], want[keep], atol=ATOL, rtol=1e-4)
+    lm.model.setup_caches(1, 4)
+    assert lm.model.cpu_layers.startswith("python (")
+    lm.model.drop_caches()
+
+
+def test_native_moe_on_packed_codes_matches_dense(moe_folders):
+    """Each selected expert through the fused CPU kernels on its packed codes (M=1 at decode)."""
+    from test_models import batch, cached_steps
+
+    _, path = moe_folders["qwen3_moe"]
+    tokens, mask, pad = batch()
+    keep = mask.bool()
+    dense = build_model(KbitModel.open(path), "cpu", backend="native", cpu_weights="fp32")
+    packed = build_model(KbitModel.open(path), "cpu", backend="native", cpu_weights="packed")
+    torch.testing.assert_close(cached_steps(packed.model, tokens, pad, 6)[keep],
+                               cached_steps(dense.model, tokens, pad, 6)[keep], atol=ATOL, rtol=1e-4)

@@ -303,7 +303,7 @@ def build_native(source, config, device: torch.device, dtype: torch.dtype,
     args, spec = model_args(config), family_for(config)
     with torch.device("meta"):
         model = Decoder(args)
-    names = checkpoint_names(spec, args.n_layers)
+    names = checkpoint_names(spec, args.n_layers, args.n_experts)
     tensors = _Tensors(source, device, dtype, cpu_weights)
     conv1d = _CONV1D.get(spec.name, ())
     # on the CPU a quantized model holds packed codes or 16-bit copies (cpu_weights), so the

@@ -16,6 +16,7 @@ from torch import nn
 from kbitrt.runtime.models import layer_stack
 from kbitrt.runtime.models.kv_cache import KVCache
 from kbitrt.runtime.models.families import ModelArgs
+from kbitrt.runtime.models.moe import MoE
 
 
 _FUSED_RMS_NORM = hasattr(torch, "rms_norm")  # torch >= 2.4
@@ -95,6 +96,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(nh * hd, args.dim, bias=args.o_bias)
         self.kv_cache: KVCache | None = None
         self.qkv_mode = args.qkv  # "fused" once merge_qkv has stacked wq, wk, wv
+        if args.qk_norm:  # Qwen3: each head's q and k normalised before rotary
+            self.q_norm, self.k_norm = RMSNorm(hd, args.norm_eps), RMSNorm(hd, args.norm_eps)
 
     def merge_qkv(self, wqkv: nn.Module) -> None:
         """Replace wq, wk, wv by one linear whose output rows are theirs in turn (one call)."""
@@ -119,6 +122,8 @@ class Attention(nn.Module):
     def forward(self, x, input_pos, rope, mask):
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
+        if self.args.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if self.kv_cache is not None:
@@ -155,11 +160,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, window: int | None):
+    def __init__(self, args: ModelArgs, window: int | None, moe: bool = False):
         super().__init__()
         self.args = args
         self.attn_norm, self.mlp_norm = make_norm(args), make_norm(args)
-        self.attn, self.mlp = Attention(args, window), MLP(args)
+        self.attn, self.mlp = Attention(args, window), MoE(args) if moe else MLP(args)
 
     def forward(self, x, input_pos, rope, mask):
         a = self.args
@@ -194,7 +199,8 @@ class Decoder(nn.Module):
         if args.emb_norm:
             self.emb_norm = make_norm(args)
         windows = args.sliding_windows or (None,) * args.n_layers
-        self.layers = nn.ModuleList(Block(args, windows[i]) for i in range(args.n_layers))
+        moe = args.moe_layers or (bool(args.n_experts),) * args.n_layers
+        self.layers = nn.ModuleList(Block(args, windows[i], moe[i]) for i in range(args.n_layers))
         if args.final_norm:
             self.norm = make_norm(args)
         self.lm_head = nn.Linear(emb_dim, args.vocab_size, bias=False)

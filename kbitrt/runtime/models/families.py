@@ -64,6 +64,14 @@ class ModelArgs:
     project_dim: int | None = None  # OPT-350m: embeddings narrower than the model (project_in/out)
     rotary_fraction: float = 1.0  # NeoX: rotary on the first part of each head only
     sliding_windows: tuple[int | None, ...] | None = None  # per layer, None = full attention
+    qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3)
+    # Mixture of Experts (moe.py): experts per MoE layer, experts per token, an expert's hidden
+    # width, top-k weights renormalised to sum 1, and which layers are MoE (None: all when n_experts)
+    n_experts: int = 0
+    top_k: int = 0
+    moe_hidden_dim: int | None = None
+    norm_topk: bool = True
+    moe_layers: tuple[bool, ...] | None = None
 
     def __post_init__(self) -> None:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -200,28 +208,24 @@ def _llama_windows(c) -> tuple[int | None, ...] | None:
     window = getattr(c, "sliding_window", None)
     if layer_types:
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
-    if window and c.model_type == "mistral":
+    if window and c.model_type in ("mistral", "mixtral"):
         return (window,) * c.num_hidden_layers
     return None
 
+
+LLAMA_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+    "attn.wo": "self_attn.o_proj",
+    "mlp_norm": "post_attention_layernorm",
+    "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
 
 LLAMA = FamilySpec(
     name="llama", model_types=("llama", "mistral", "qwen2", "smollm", "smollm2"),
     keys=dict(**CONFIG_KEYS, n_kv_heads=("num_key_value_heads",), head_dim=("head_dim",),
               hidden_dim=("intermediate_size",), norm_eps=("rms_norm_eps",), act=("hidden_act",)),
-    weights={
-        "tok_emb": "model.embed_tokens",
-        **per_layer("model.layers", {
-            "attn_norm": "input_layernorm",
-            "attn.wq": "self_attn.q_proj",
-            "attn.wk": "self_attn.k_proj",
-            "attn.wv": "self_attn.v_proj",
-            "attn.wo": "self_attn.o_proj",
-            "mlp_norm": "post_attention_layernorm",
-            "mlp.gate": "mlp.gate_proj",
-            "mlp.up": "mlp.up_proj",
-            "mlp.down": "mlp.down_proj"}),
-        "norm": "model.norm", "lm_head": "lm_head"},
+    weights={"tok_emb": "model.embed_tokens", **per_layer("model.layers", LLAMA_LAYER),
+             "norm": "model.norm", "lm_head": "lm_head"},
     switches=dict(positions="rotary", norm="rmsnorm", mlp="gated"),
     derive=lambda c: dict(
         # Qwen2 always has q/k/v biases; Llama has `attention_bias` for all four projections
@@ -237,7 +241,44 @@ LLAMA = FamilySpec(
         else None),
 )
 
-FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA)
+QK_NORMS = {"attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
+# a MoE layer (moe.py): its router and each expert's stored linears (kbitrt/format/experts.py)
+EXPERTS = {"mlp.router": "mlp.gate", "mlp.gate_up.{expert}": "mlp.experts.gate_up_proj.{expert}",
+           "mlp.down.{expert}": "mlp.experts.down_proj.{expert}"}
+
+
+def _llama_like(name: str, model_types: tuple[str, ...], layer: dict[str, str],
+                switches: dict | None = None, derive=None) -> FamilySpec:
+    """A family that is Llama with more per-layer tensors, switches and derived fields."""
+    base = LLAMA.derive
+    return FamilySpec(
+        name=name, model_types=model_types, keys=LLAMA.keys,
+        weights={"tok_emb": "model.embed_tokens", **per_layer("model.layers", layer),
+                 "norm": "model.norm", "lm_head": "lm_head"},
+        switches={**LLAMA.switches, **(switches or {})},
+        derive=(lambda c: {**base(c), **derive(c)}) if derive else base,
+        unsupported=LLAMA.unsupported)
+
+
+def _moe_layers(c) -> tuple[bool, ...]:
+    """Which layers are MoE: Qwen's decoder_sparse_step and mlp_only_layers (all by default)."""
+    step = getattr(c, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(c, "mlp_only_layers", None) or ())
+    return tuple(i not in dense and (i + 1) % step == 0 for i in range(c.num_hidden_layers))
+
+
+QWEN3 = _llama_like("qwen3", ("qwen3",), {**LLAMA_LAYER, **QK_NORMS}, dict(qk_norm=True))
+MIXTRAL = _llama_like(
+    "mixtral", ("mixtral",), {**LLAMA_LAYER, **EXPERTS},
+    derive=lambda c: dict(n_experts=c.num_local_experts, top_k=c.num_experts_per_tok,
+                          moe_hidden_dim=c.intermediate_size, norm_topk=True))
+QWEN3_MOE = _llama_like(
+    "qwen3_moe", ("qwen3_moe",), {**LLAMA_LAYER, **QK_NORMS, **EXPERTS}, dict(qk_norm=True),
+    derive=lambda c: dict(n_experts=c.num_experts, top_k=c.num_experts_per_tok,
+                          moe_hidden_dim=c.moe_intermediate_size,
+                          norm_topk=bool(c.norm_topk_prob), moe_layers=_moe_layers(c)))
+
+FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA, QWEN3, MIXTRAL, QWEN3_MOE)
 _BY_MODEL_TYPE = {t: spec for spec in FAMILIES for t in spec.model_types}
 
 
@@ -278,15 +319,13 @@ def model_args(config) -> ModelArgs:
 _REQUIRED = ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim")
 
 
-def checkpoint_names(spec: FamilySpec, n_layers: int) -> dict[str, str]:
-    """decoder module name -> checkpoint module name, for every layer."""
+def checkpoint_names(spec: FamilySpec, n_layers: int, n_experts: int = 0) -> dict[str, str]:
+    """decoder module name -> checkpoint module name, for every layer (and expert)."""
     out = {}
     for ours, theirs in spec.weights.items():
-        if "{layer}" in ours:
-            for i in range(n_layers):
-                out[ours.format(layer=i)] = theirs.format(layer=i)
-        else:
-            out[ours] = theirs
+        for i in range(n_layers) if "{layer}" in ours else (0,):
+            for e in range(n_experts) if "{expert}" in ours else (0,):
+                out[ours.format(layer=i, expert=e)] = theirs.format(layer=i, expert=e)
     return out
 
 

@@ -109,6 +109,10 @@ class LayerStack:
             attn, mlp = layer.attn, layer.mlp
             if type(attn.kv_cache) is not KVCache:
                 raise ValueError("no static KV cache")
+            if a.qk_norm:  # cpu_layers.h has no per-head norms
+                raise ValueError("q/k norms (Qwen3)")
+            if a.n_experts:  # nor routed experts
+                raise ValueError("Mixture-of-Experts layers")
             acts.add(_activation(mlp.act))
             modes.add((attn.qkv_mode, mlp.gate_up is not None))
             qkv = [attn.wqkv, None, None] if attn.qkv_mode != "separate" else [attn.wq, attn.wk,
