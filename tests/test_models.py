@@ -51,6 +51,10 @@ TINY = dict(
     qwen2=lambda: Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               max_position_embeddings=48),
+)
+# native families whose features the C++ layer stack lacks: decoding runs the Python layers
+# (tests/test_layer_stack.py covers TINY)
+PYTHON_LAYERS = dict(
     # q/k norms; attention biases; the second layer a sliding-window one
     qwen3=lambda: Qwen3Config(vocab_size=V, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -64,7 +68,8 @@ ATOL = 2e-4
 def tiny_pair(name: str, quant: QuantConfig = QUANT, backend: str = "native"):
     """(transformers model on the dequantized weights, kbit model built from the same quantization)."""
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(TINY[name](), dtype=torch.float32).eval()
+    config = {**TINY, **PYTHON_LAYERS}[name]()
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     for p in hf.parameters():  # larger than the default init, so errors are not hidden in noise
         p.data.normal_(0, 0.2)
     src = InMemoryKbit(hf, quant)
@@ -127,10 +132,24 @@ def cached_steps(model, ids: torch.Tensor, pad: torch.Tensor, T0: int) -> torch.
     return torch.cat(steps, 1)
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(TINY) + sorted(PYTHON_LAYERS))
 def test_native_matches_transformers(name):
     hf, lm = tiny_pair(name)
     check(hf, lm)
+
+
+@pytest.mark.parametrize("name,why", [("qwen3", "q/k norms (Qwen3)")])
+def test_native_says_why_the_python_layers_run(name, why):
+    from kbitrt.runtime.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("no fused CPU kernels: the Python layers run anyway")
+    _, lm = tiny_pair(name)
+    lm.model.setup_caches(1, 4)
+    try:
+        assert lm.model.cpu_layers == f"python ({why})"
+    finally:
+        lm.model.drop_caches()
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])

@@ -11,7 +11,8 @@ materialised in GPU memory. On the CPU there are two modes:
   million weights on 2 cores).
 - `dense`: W is dequantized once, on the first forward, into a 16-bit copy (fp16 by default: on
   our Xeon torch's fp16 GEMV is as fast as bf16 or faster, and fp16 keeps 3 more mantissa bits;
-  benchmarks/cpu_matmul.py) and used by F.linear, the activations cast to it and back.
+  benchmarks/cpu_matmul.py), multiplied with the fp32 activations as they are (dense_linear:
+  products and sums in fp32, so only the weights are rounded).
   `release_packed()` then drops the packed buffers, so only the 16-bit copy stays resident: at
   most 16 bits per weight (the default otherwise).
   `cpu_dtype=torch.float32` keeps an exact fp32 copy instead (tests, reference numbers).
@@ -35,9 +36,16 @@ DEFAULT_CPU_DTYPE = torch.float16  # the dense CPU copy (see the module docstrin
 
 
 def dense_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
-    """F.linear with W in its own dtype: x is cast to it and the result back to x.dtype."""
+    """F.linear with W in its own dtype. A 16-bit W under the CPU's fp32 activations multiplies
+    them as they are (products and sums in fp32: the fused kernels' half_linear, else an fp32 copy
+    of W), so only the weights are rounded; other mixes cast x to W's dtype and the result back."""
     if x.dtype == w.dtype:
         return F.linear(x, w, bias.to(w.dtype) if bias is not None else None)
+    if x.dtype == torch.float32 and x.device.type == "cpu" and w.dtype in cpu_kernels.HALF_DTYPES:
+        x2 = x.reshape(-1, w.shape[1])
+        y = cpu_kernels.half_linear(x2, w.contiguous(), bias) if cpu_kernels.available() else \
+            F.linear(x2, w.float(), None if bias is None else bias.float())
+        return y.reshape(*x.shape[:-1], w.shape[0])
     y = F.linear(x.to(w.dtype), w).to(x.dtype)
     return y + bias.to(x.dtype) if bias is not None else y
 
