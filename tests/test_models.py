@@ -9,8 +9,8 @@ import inspect
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, BloomConfig, GemmaConfig, GPT2Config,
-                          GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config,
-                          Qwen3Config)
+                          GPTNeoXConfig, GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config,
+                          OPTConfig, Qwen2Config, Qwen3Config, SmolLM3Config)
 
 from kbitrt.format.config import KbitFormatError, QuantConfig
 from kbitrt.runtime.loader import InMemoryKbit, build_model
@@ -60,7 +60,24 @@ PYTHON_LAYERS = dict(
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               head_dim=24, max_position_embeddings=48, attention_bias=True,
                               use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    # the second layer without rotary (NoPE)
+    smollm3=lambda: SmolLM3Config(vocab_size=V, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=48, no_rope_layers=[1, 0],
+                                  pad_token_id=0),
+    # embedding, residual and attention multipliers, logits scaling
+    granite=lambda: GraniteConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=48, embedding_multiplier=3.0,
+                                  residual_multiplier=0.5, attention_multiplier=0.3,
+                                  logits_scaling=2.0),
+    # norms on the branch outputs only, q/k norms over all heads
+    olmo2=lambda: Olmo2Config(vocab_size=V, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=48),
 )
+WHY_PYTHON = dict(qwen3="q/k norms (Qwen3, OLMo 2)", smollm3="layers without rotary (NoPE)",
+                  granite="a residual multiplier (Granite)", olmo2="q/k norms (Qwen3, OLMo 2)")
 QUANT = QuantConfig(bits=4, block_size=32, dtype="nf")
 ATOL = 2e-4
 
@@ -138,7 +155,7 @@ def test_native_matches_transformers(name):
     check(hf, lm)
 
 
-@pytest.mark.parametrize("name,why", [("qwen3", "q/k norms (Qwen3)")])
+@pytest.mark.parametrize("name,why", sorted(WHY_PYTHON.items()))
 def test_native_says_why_the_python_layers_run(name, why):
     from kbitrt.runtime.kernels import cpu
 

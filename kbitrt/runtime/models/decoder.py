@@ -96,8 +96,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(nh * hd, args.dim, bias=args.o_bias)
         self.kv_cache: KVCache | None = None
         self.qkv_mode = args.qkv  # "fused" once merge_qkv has stacked wq, wk, wv
-        if args.qk_norm:  # Qwen3: each head's q and k normalised before rotary
+        if args.qk_norm == "head":  # Qwen3: each head's q and k normalised before rotary
             self.q_norm, self.k_norm = RMSNorm(hd, args.norm_eps), RMSNorm(hd, args.norm_eps)
+        elif args.qk_norm == "full":  # OLMo 2: all heads' q (and k) as one vector
+            self.q_norm = RMSNorm(nh * hd, args.norm_eps)
+            self.k_norm = RMSNorm(nkv * hd, args.norm_eps)
+        self.use_rope = True  # SmolLM3's NoPE layers: False (Decoder.__init__)
 
     def merge_qkv(self, wqkv: nn.Module) -> None:
         """Replace wq, wk, wv by one linear whose output rows are theirs in turn (one call)."""
@@ -114,6 +118,8 @@ class Attention(nn.Module):
                 [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
         else:  # BLOOM / NeoX: rows grouped by head, each head's q, k, v in turn
             q, k, v = self.wqkv(x).view(B, T, a.n_heads, 3, a.head_dim).unbind(3)
+        if a.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
@@ -122,14 +128,15 @@ class Attention(nn.Module):
     def forward(self, x, input_pos, rope, mask):
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
-        if self.args.qk_norm:
+        if self.args.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        if rope is not None:
+        if rope is not None and self.use_rope:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[self.window],
-                                           enable_gqa=self.args.n_kv_heads != self.args.n_heads)
+                                           enable_gqa=self.args.n_kv_heads != self.args.n_heads,
+                                           scale=self.args.attn_scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -163,11 +170,16 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, window: int | None, moe: bool = False):
         super().__init__()
         self.args = args
-        self.attn_norm, self.mlp_norm = make_norm(args), make_norm(args)
+        if args.pre_norm:
+            self.attn_norm, self.mlp_norm = make_norm(args), make_norm(args)
+        if args.branch_norm:
+            self.attn_out_norm, self.mlp_out_norm = make_norm(args), make_norm(args)
         self.attn, self.mlp = Attention(args, window), MoE(args) if moe else MLP(args)
 
     def forward(self, x, input_pos, rope, mask):
         a = self.args
+        if a.branch_norm or not a.pre_norm or a.residual_scale != 1.0:
+            return self.scaled_forward(x, input_pos, rope, mask)
         if a.parallel_residual:  # NeoX: both branches read the block input
             return x + self.attn(self.attn_norm(x), input_pos, rope, mask) + self.mlp(self.mlp_norm(x))
         h = x if a.post_norm else self.attn_norm(x)
@@ -177,6 +189,14 @@ class Block(nn.Module):
         h = x if a.post_norm else self.mlp_norm(x)
         x = (h if a.residual_from_norm else x) + self.mlp(h)
         return self.mlp_norm(x) if a.post_norm else x
+
+    def scaled_forward(self, x, input_pos, rope, mask):
+        """Pre-norm residual blocks whose branch outputs are normed (OLMo 2) or scaled (Granite)."""
+        a = self.args
+        h = self.attn(self.attn_norm(x) if a.pre_norm else x, input_pos, rope, mask)
+        x = x + (self.attn_out_norm(h) if a.branch_norm else h) * a.residual_scale
+        h = self.mlp(self.mlp_norm(x) if a.pre_norm else x)
+        return x + (self.mlp_out_norm(h) if a.branch_norm else h) * a.residual_scale
 
 
 def unset_embedding(n: int, dim: int) -> nn.Embedding:
@@ -201,6 +221,8 @@ class Decoder(nn.Module):
         windows = args.sliding_windows or (None,) * args.n_layers
         moe = args.moe_layers or (bool(args.n_experts),) * args.n_layers
         self.layers = nn.ModuleList(Block(args, windows[i], moe[i]) for i in range(args.n_layers))
+        for layer, rotary in zip(self.layers, args.rope_layers or ()):
+            layer.attn.use_rope = rotary
         if args.final_norm:
             self.norm = make_norm(args)
         self.lm_head = nn.Linear(emb_dim, args.vocab_size, bias=False)
@@ -307,6 +329,8 @@ class Decoder(nn.Module):
         x = self.tok_emb(input_ids)
         if self.act_dtype is not None:
             x = x.to(self.act_dtype)
+        if a.emb_scale != 1.0:
+            x = x * a.emb_scale
         if a.project_dim:
             x = self.project_in(x)
         if a.positions == "learned":
@@ -345,4 +369,5 @@ class Decoder(nn.Module):
             x = self.norm(x)
         if a.project_dim:
             x = self.project_out(x)
-        return self.lm_head(x)
+        logits = self.lm_head(x)
+        return logits / a.logits_scale if a.logits_scale != 1.0 else logits

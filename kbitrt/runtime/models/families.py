@@ -64,7 +64,15 @@ class ModelArgs:
     project_dim: int | None = None  # OPT-350m: embeddings narrower than the model (project_in/out)
     rotary_fraction: float = 1.0  # NeoX: rotary on the first part of each head only
     sliding_windows: tuple[int | None, ...] | None = None  # per layer, None = full attention
-    qk_norm: bool = False  # RMSNorm over each head's q and k before rotary (Qwen3)
+    # RMSNorm of q and k before rotary: "head" over each head (Qwen3), "full" over all heads (OLMo 2)
+    qk_norm: str = ""
+    rope_layers: tuple[bool, ...] | None = None  # per layer, False: no rotary (SmolLM3's NoPE)
+    pre_norm: bool = True  # attn_norm / mlp_norm on each branch's input
+    branch_norm: bool = False  # attn_out_norm / mlp_out_norm on each branch's output (OLMo 2)
+    emb_scale: float = 1.0  # embeddings times this (Granite's embedding_multiplier)
+    residual_scale: float = 1.0  # branch outputs times this before the residual add (Granite)
+    attn_scale: float | None = None  # softmax scale (None: 1/sqrt(head_dim); Granite's multiplier)
+    logits_scale: float = 1.0  # logits divided by this (Granite's logits_scaling)
     # Mixture of Experts (moe.py): experts per MoE layer, experts per token, an expert's hidden
     # width, top-k weights renormalised to sum 1, and which layers are MoE (None: all when n_experts)
     n_experts: int = 0
@@ -267,18 +275,38 @@ def _moe_layers(c) -> tuple[bool, ...]:
     return tuple(i not in dense and (i + 1) % step == 0 for i in range(c.num_hidden_layers))
 
 
-QWEN3 = _llama_like("qwen3", ("qwen3",), {**LLAMA_LAYER, **QK_NORMS}, dict(qk_norm=True))
+QWEN3 = _llama_like("qwen3", ("qwen3",), {**LLAMA_LAYER, **QK_NORMS}, dict(qk_norm="head"))
 MIXTRAL = _llama_like(
     "mixtral", ("mixtral",), {**LLAMA_LAYER, **EXPERTS},
     derive=lambda c: dict(n_experts=c.num_local_experts, top_k=c.num_experts_per_tok,
                           moe_hidden_dim=c.intermediate_size, norm_topk=True))
 QWEN3_MOE = _llama_like(
-    "qwen3_moe", ("qwen3_moe",), {**LLAMA_LAYER, **QK_NORMS, **EXPERTS}, dict(qk_norm=True),
+    "qwen3_moe", ("qwen3_moe",), {**LLAMA_LAYER, **QK_NORMS, **EXPERTS}, dict(qk_norm="head"),
     derive=lambda c: dict(n_experts=c.num_experts, top_k=c.num_experts_per_tok,
                           moe_hidden_dim=c.moe_intermediate_size,
                           norm_topk=bool(c.norm_topk_prob), moe_layers=_moe_layers(c)))
 
-FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA, QWEN3, MIXTRAL, QWEN3_MOE)
+def _nope_layers(c) -> tuple[bool, ...]:
+    """SmolLM3: no_rope_layers[i] is 1 where layer i uses rotary, 0 for a NoPE layer."""
+    return tuple(bool(u) for u in c.no_rope_layers)
+
+
+SMOLLM3 = _llama_like("smollm3", ("smollm3",), LLAMA_LAYER,
+                      derive=lambda c: dict(rope_layers=_nope_layers(c)))
+GRANITE = _llama_like(
+    "granite", ("granite",), LLAMA_LAYER,
+    derive=lambda c: dict(emb_scale=float(c.embedding_multiplier),
+                          residual_scale=float(c.residual_multiplier),
+                          attn_scale=float(c.attention_multiplier),
+                          logits_scale=float(c.logits_scaling)))
+OLMO2 = _llama_like(
+    "olmo2", ("olmo2",),
+    {k: v for k, v in LLAMA_LAYER.items() if k not in ("attn_norm", "mlp_norm")}
+    | QK_NORMS | {"attn_out_norm": "post_attention_layernorm",
+                  "mlp_out_norm": "post_feedforward_layernorm"},
+    dict(qk_norm="full", pre_norm=False, branch_norm=True))
+
+FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, SMOLLM3, GRANITE, OLMO2)
 _BY_MODEL_TYPE = {t: spec for spec in FAMILIES for t in spec.model_types}
 
 

@@ -83,6 +83,19 @@ def _norm(m: nn.Module, norm: str) -> list[torch.Tensor]:
     return [m.weight.detach(), _bias(m.bias)]
 
 
+def uncovered(a) -> str | None:
+    """The first of a decoder's layer features cpu_layers.h lacks (ModelArgs `a`), else None."""
+    for lacks, what in ((a.qk_norm, "q/k norms (Qwen3, OLMo 2)"),
+                        (a.n_experts, "Mixture-of-Experts layers"),
+                        (a.rope_layers and not all(a.rope_layers), "layers without rotary (NoPE)"),
+                        (a.branch_norm or not a.pre_norm, "norms on the branch outputs (OLMo 2)"),
+                        (a.residual_scale != 1.0, "a residual multiplier (Granite)"),
+                        (a.attn_scale is not None, "an attention multiplier (Granite)")):
+        if lacks:
+            return what
+    return None
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
                for m in module.modules())
@@ -109,10 +122,9 @@ class LayerStack:
             attn, mlp = layer.attn, layer.mlp
             if type(attn.kv_cache) is not KVCache:
                 raise ValueError("no static KV cache")
-            if a.qk_norm:  # cpu_layers.h has no per-head norms
-                raise ValueError("q/k norms (Qwen3)")
-            if a.n_experts:  # nor routed experts
-                raise ValueError("Mixture-of-Experts layers")
+            unsupported = uncovered(a)
+            if unsupported:
+                raise ValueError(unsupported)
             acts.add(_activation(mlp.act))
             modes.add((attn.qkv_mode, mlp.gate_up is not None))
             qkv = [attn.wqkv, None, None] if attn.qkv_mode != "separate" else [attn.wq, attn.wk,
