@@ -8,7 +8,7 @@ import inspect
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, BloomConfig, GemmaConfig, GPT2Config,
+from transformers import (AutoModelForCausalLM, BloomConfig, Gemma2Config, GemmaConfig, GPT2Config,
                           GPTNeoXConfig, GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config,
                           OPTConfig, Qwen2Config, Qwen3Config, SmolLM3Config)
 
@@ -75,9 +75,17 @@ PYTHON_LAYERS = dict(
     olmo2=lambda: Olmo2Config(vocab_size=V, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               max_position_embeddings=48),
+    # sandwich norms (1 + weight), scaled embeddings, gelu-tanh, attention and final softcapping,
+    # a query scale of its own, sliding-window and full layers, tied head
+    gemma2=lambda: Gemma2Config(vocab_size=V, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=16, max_position_embeddings=48, query_pre_attn_scalar=24,
+                                attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                sliding_window=4),
 )
 WHY_PYTHON = dict(qwen3="q/k norms (Qwen3, OLMo 2)", smollm3="layers without rotary (NoPE)",
-                  granite="a residual multiplier (Granite)", olmo2="q/k norms (Qwen3, OLMo 2)")
+                  granite="a residual multiplier (Granite)", olmo2="q/k norms (Qwen3, OLMo 2)",
+                  gemma2="norms on the branch outputs (OLMo 2, Gemma 2)")
 QUANT = QuantConfig(bits=4, block_size=32, dtype="nf")
 ATOL = 2e-4
 

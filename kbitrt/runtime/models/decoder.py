@@ -39,6 +39,15 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's: normalise and scale by (1 + weight), both in fp32, then cast to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
 def default_positions(input_ids: torch.Tensor, input_pos: torch.Tensor | None,
                       pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cache slots 0..T-1 and no left padding, unless given (the forward protocol's defaults)."""
@@ -50,10 +59,11 @@ def default_positions(input_ids: torch.Tensor, input_pos: torch.Tensor | None,
     return input_pos, pad
 
 
-def make_norm(args: ModelArgs) -> nn.Module:
-    if args.norm == "rmsnorm":
-        return RMSNorm(args.dim, args.norm_eps)
-    return nn.LayerNorm(args.dim, eps=args.norm_eps)
+def make_norm(args: ModelArgs, dim: int | None = None) -> nn.Module:
+    dim = dim or args.dim
+    if args.norm in ("rmsnorm", "gemma"):
+        return (GemmaRMSNorm if args.norm == "gemma" else RMSNorm)(dim, args.norm_eps)
+    return nn.LayerNorm(dim, eps=args.norm_eps)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -82,6 +92,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 
+def softcapped_attention(q, k, v, mask, a: ModelArgs) -> torch.Tensor:
+    """Attention whose scores are capped c * tanh(s / c) before the mask (Gemma 2), as
+    transformers' eager attention: q (B, nh, T, hd), k, v (B, nkv, S, hd), mask (B, 1, T, S)."""
+    groups = a.n_heads // a.n_kv_heads
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(2, 3) * (a.attn_scale or a.head_dim ** -0.5)  # (B, nh, T, S)
+    scores = torch.tanh(scores / a.attn_softcap) * a.attn_softcap + mask
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, window: int | None = None):
         super().__init__()
@@ -97,10 +117,9 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
         self.qkv_mode = args.qkv  # "fused" once merge_qkv has stacked wq, wk, wv
         if args.qk_norm == "head":  # Qwen3: each head's q and k normalised before rotary
-            self.q_norm, self.k_norm = RMSNorm(hd, args.norm_eps), RMSNorm(hd, args.norm_eps)
+            self.q_norm, self.k_norm = make_norm(args, hd), make_norm(args, hd)
         elif args.qk_norm == "full":  # OLMo 2: all heads' q (and k) as one vector
-            self.q_norm = RMSNorm(nh * hd, args.norm_eps)
-            self.k_norm = RMSNorm(nkv * hd, args.norm_eps)
+            self.q_norm, self.k_norm = make_norm(args, nh * hd), make_norm(args, nkv * hd)
         self.use_rope = True  # SmolLM3's NoPE layers: False (Decoder.__init__)
 
     def merge_qkv(self, wqkv: nn.Module) -> None:
@@ -134,9 +153,12 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[self.window],
-                                           enable_gqa=self.args.n_kv_heads != self.args.n_heads,
-                                           scale=self.args.attn_scale)
+        if self.args.attn_softcap:
+            y = softcapped_attention(q, k, v, mask[self.window], self.args)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[self.window],
+                                               enable_gqa=self.args.n_kv_heads != self.args.n_heads,
+                                               scale=self.args.attn_scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -370,4 +392,6 @@ class Decoder(nn.Module):
         if a.project_dim:
             x = self.project_out(x)
         logits = self.lm_head(x)
+        if a.logits_softcap:
+            logits = torch.tanh(logits / a.logits_softcap) * a.logits_softcap
         return logits / a.logits_scale if a.logits_scale != 1.0 else logits

@@ -47,7 +47,7 @@ class ModelArgs:
     head_dim: int | None = None
     norm_eps: float = 1e-5
     act: str = "gelu"  # a transformers ACT2FN name, so activations match its forward exactly
-    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm: str = "layernorm"  # layernorm | rmsnorm | gemma (RMSNorm scaled by 1 + weight)
     positions: str = "learned"  # learned | rotary | alibi
     pos_offset: int = 0  # OPT's learned positions start at 2
     qkv: str = "separate"  # separate (wq, wk, wv) | fused (q|k|v rows) | interleaved (per head q,k,v)
@@ -73,6 +73,8 @@ class ModelArgs:
     residual_scale: float = 1.0  # branch outputs times this before the residual add (Granite)
     attn_scale: float | None = None  # softmax scale (None: 1/sqrt(head_dim); Granite's multiplier)
     logits_scale: float = 1.0  # logits divided by this (Granite's logits_scaling)
+    attn_softcap: float | None = None  # attention scores c * tanh(s / c) (Gemma 2)
+    logits_softcap: float | None = None  # logits c * tanh(l / c) (Gemma 2)
     # Mixture of Experts (moe.py): experts per MoE layer, experts per token, an expert's hidden
     # width, top-k weights renormalised to sum 1, and which layers are MoE (None: all when n_experts)
     n_experts: int = 0
@@ -306,7 +308,23 @@ OLMO2 = _llama_like(
                   "mlp_out_norm": "post_feedforward_layernorm"},
     dict(qk_norm="full", pre_norm=False, branch_norm=True))
 
-FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, SMOLLM3, GRANITE, OLMO2)
+SANDWICH = {"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
+            "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}
+GEMMA2 = FamilySpec(
+    name="gemma2", model_types=("gemma2",),
+    keys={**LLAMA.keys, "act": ("hidden_activation", "hidden_act")},
+    weights={"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
+             **per_layer("model.layers", {**LLAMA_LAYER, **SANDWICH})},
+    switches=dict(positions="rotary", norm="gemma", mlp="gated", branch_norm=True),
+    derive=lambda c: {**LLAMA.derive(c), "emb_scale": c.hidden_size ** 0.5,
+                      "attn_scale": c.query_pre_attn_scalar ** -0.5,
+                      "attn_softcap": c.attn_logit_softcapping,
+                      "logits_softcap": c.final_logit_softcapping,
+                      "tie_embeddings": bool(getattr(c, "tie_word_embeddings", True))},
+    unsupported=LLAMA.unsupported)
+
+FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, SMOLLM3, GRANITE, OLMO2,
+            GEMMA2)
 _BY_MODEL_TYPE = {t: spec for spec in FAMILIES for t in spec.model_types}
 
 

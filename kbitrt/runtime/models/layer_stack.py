@@ -88,9 +88,11 @@ def uncovered(a) -> str | None:
     for lacks, what in ((a.qk_norm, "q/k norms (Qwen3, OLMo 2)"),
                         (a.n_experts, "Mixture-of-Experts layers"),
                         (a.rope_layers and not all(a.rope_layers), "layers without rotary (NoPE)"),
-                        (a.branch_norm or not a.pre_norm, "norms on the branch outputs (OLMo 2)"),
+                        (a.branch_norm or not a.pre_norm, "norms on the branch outputs (OLMo 2, Gemma 2)"),
                         (a.residual_scale != 1.0, "a residual multiplier (Granite)"),
-                        (a.attn_scale is not None, "an attention multiplier (Granite)")):
+                        (a.attn_scale is not None, "an attention multiplier (Granite)"),
+                        (a.attn_softcap, "attention softcapping (Gemma 2)"),
+                        (a.norm not in _NORM, f"{a.norm} norms")):
         if lacks:
             return what
     return None
@@ -109,6 +111,8 @@ class LayerStack:
         self.handle = 0
         self.ops = ops if ops is not None else torch.ops.kbitrt_cpu
         a = decoder.args
+        if uncovered(a):
+            raise ValueError(uncovered(a))
         layers = list(decoder.layers)
         self.windows = list(dict.fromkeys(layer.attn.window for layer in layers))
         mlp_mode = {"plain": 0, "gated": 1}[a.mlp]
@@ -122,9 +126,6 @@ class LayerStack:
             attn, mlp = layer.attn, layer.mlp
             if type(attn.kv_cache) is not KVCache:
                 raise ValueError("no static KV cache")
-            unsupported = uncovered(a)
-            if unsupported:
-                raise ValueError(unsupported)
             acts.add(_activation(mlp.act))
             modes.add((attn.qkv_mode, mlp.gate_up is not None))
             qkv = [attn.wqkv, None, None] if attn.qkv_mode != "separate" else [attn.wq, attn.wk,
