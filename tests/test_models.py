@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import (AutoModelForCausalLM, BloomConfig, Gemma2Config, GemmaConfig, GPT2Config,
                           GPTNeoXConfig, GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config,
-                          OPTConfig, Qwen2Config, Qwen3Config, SmolLM3Config)
+                          OPTConfig, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
 from kbitrt.format.config import KbitFormatError, QuantConfig
 from kbitrt.runtime.loader import InMemoryKbit, build_model
@@ -51,6 +51,14 @@ TINY = dict(
     qwen2=lambda: Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               max_position_embeddings=48),
+    # fused qkv and gate_up projections, longrope (short factors below 32 positions)
+    phi3=lambda: Phi3Config(vocab_size=V, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64, pad_token_id=0,
+                            original_max_position_embeddings=32,
+                            rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                 short_factor=[1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0],
+                                                 long_factor=[2.0] * 8)),
 )
 # native families whose features the C++ layer stack lacks: decoding runs the Python layers
 # (tests/test_layer_stack.py covers TINY)
@@ -247,3 +255,24 @@ def test_smollm2_native_matches_transformers(smollm2_dir, smollm2_nf4):
         model.drop_caches()
     keep = mask.bool()
     torch.testing.assert_close(torch.cat(steps, 1)[keep], ref[keep], atol=2e-3, rtol=1e-3)
+
+
+def test_phi3_longrope_switches_to_long_factors_past_the_original_length():
+    """Positions past original_max_position_embeddings (8 here, 11 tokens) use the long factors,
+    as transformers' dynamic update does for such a forward."""
+    torch.manual_seed(0)
+    cfg = TINY["phi3"]()
+    cfg.rope_parameters["original_max_position_embeddings"] = 8
+    cfg.original_max_position_embeddings = 8
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    for p in hf.parameters():
+        p.data.normal_(0, 0.2)
+    src = InMemoryKbit(hf, QUANT)
+    hf.load_state_dict(src.dequantized_state_dict(), strict=False)
+    lm = build_model(src, "cpu", backend="native", cpu_weights="fp32")
+    ids, mask, _ = batch(pads=(0, 0))
+    with torch.no_grad():
+        ours, short = lm.model(ids), lm.model(ids[:, :8])
+    torch.testing.assert_close(ours, hf_logits(hf, ids, mask), atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(short, hf_logits(hf, ids[:, :8], mask[:, :8]), atol=ATOL, rtol=1e-4)
+    assert not torch.allclose(ours[:, :8], short, atol=1e-3)  # the long factors changed them

@@ -15,7 +15,7 @@ from torch import nn
 
 from kbitrt.runtime.models import layer_stack
 from kbitrt.runtime.models.kv_cache import KVCache
-from kbitrt.runtime.models.families import ModelArgs
+from kbitrt.runtime.models.families import LongRope, ModelArgs
 from kbitrt.runtime.models.moe import MoE
 
 
@@ -168,11 +168,14 @@ class MLP(nn.Module):
         from transformers.activations import ACT2FN
 
         self.act = ACT2FN[args.act]
-        self.up = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        fused = args.mlp == "gated_fused"  # Phi-3 stores gate and up stacked
+        self.up = None if fused else nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
         self.down = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
         self.gate = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias) \
             if args.mlp == "gated" else None
-        self.gate_up: nn.Module | None = None  # gate and up stacked (merge_gate_up)
+        # gate and up stacked (stored so, or merge_gate_up)
+        self.gate_up: nn.Module | None = nn.Linear(args.dim, 2 * args.hidden_dim, bias=args.mlp_bias) \
+            if fused else None
 
     def merge_gate_up(self, gate_up: nn.Module) -> None:
         """Replace gate and up by one linear whose output rows are gate's, then up's."""
@@ -255,6 +258,7 @@ class Decoder(nn.Module):
         self.kv_dtype: torch.dtype | None = None
         # position tables, set by `setup_positions` once the model is off the meta device
         self.inv_freq: torch.Tensor | None = None
+        self.long_rope: LongRope | None = None
         self.rope_scaling = 1.0
         self.slopes: torch.Tensor | None = None
         # the layers run from C++ on the CPU (layer_stack.py), set up with the KV caches;
@@ -266,8 +270,11 @@ class Decoder(nn.Module):
 
     # ---------------------------------------------------------------------------------- setup
 
-    def setup_positions(self, inv_freq: torch.Tensor | None, rope_scaling: float = 1.0) -> None:
+    def setup_positions(self, inv_freq: torch.Tensor | LongRope | None,
+                        rope_scaling: float = 1.0) -> None:
         device = self.tok_emb.weight.device
+        if isinstance(inv_freq, LongRope):  # Phi-3: the table depends on the forward's positions
+            self.long_rope, inv_freq = inv_freq.to(device), inv_freq.short
         self.inv_freq = None if inv_freq is None else inv_freq.to(device)
         self.rope_scaling = rope_scaling
         if self.args.positions == "alibi":
@@ -374,7 +381,10 @@ class Decoder(nn.Module):
         x = self.embed(input_ids, pos)
         rope = None
         if a.positions == "rotary":
-            freqs = pos[..., None].float() * self.inv_freq  # (B, T, rd/2)
+            inv_freq = self.inv_freq
+            if self.long_rope is not None and int(pos.max()) + 1 > self.long_rope.switch:
+                inv_freq = self.long_rope.long
+            freqs = pos[..., None].float() * inv_freq  # (B, T, rd/2)
             emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, rd)
             rope = ((emb.cos() * self.rope_scaling).to(x.dtype),
                     (emb.sin() * self.rope_scaling).to(x.dtype))

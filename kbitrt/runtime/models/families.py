@@ -52,6 +52,7 @@ class ModelArgs:
     pos_offset: int = 0  # OPT's learned positions start at 2
     qkv: str = "separate"  # separate (wq, wk, wv) | fused (q|k|v rows) | interleaved (per head q,k,v)
     mlp: str = "plain"  # plain: down(act(up x)) | gated: down(act(gate x) * up x)
+    # | gated_fused: gated, gate and up stored as one linear, gate rows first (Phi-3)
     parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x)  (NeoX)
     post_norm: bool = False  # norm after the residual add (OPT-350m)
     residual_from_norm: bool = False  # the residual is the normed input (BLOOM option)
@@ -247,7 +248,8 @@ LLAMA = FamilySpec(
         tie_embeddings=bool(getattr(c, "tie_word_embeddings", False))),
     unsupported=lambda c: (
         f"rope_type {_rope(c).get('rope_type')!r}"
-        if _rope(c).get("rope_type", "default") not in ("default", "linear", "dynamic", "llama3", "yarn")
+        if _rope(c).get("rope_type", "default") not in ("default", "linear", "dynamic", "llama3", "yarn",
+                                                        "longrope")
         else None),
 )
 
@@ -322,9 +324,16 @@ GEMMA2 = FamilySpec(
                       "logits_softcap": c.final_logit_softcapping,
                       "tie_embeddings": bool(getattr(c, "tie_word_embeddings", True))},
     unsupported=LLAMA.unsupported)
+PHI3 = _llama_like(
+    "phi3", ("phi3",),
+    {k: v for k, v in LLAMA_LAYER.items() if k not in ("attn.wq", "attn.wk", "attn.wv", "mlp.gate",
+                                                        "mlp.up")}
+    | {"attn.wqkv": "self_attn.qkv_proj", "mlp.gate_up": "mlp.gate_up_proj"},
+    dict(qkv="fused", mlp="gated_fused"),
+    derive=lambda c: dict(qkv_bias=False, o_bias=False, mlp_bias=False))
 
 FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, SMOLLM3, GRANITE, OLMO2,
-            GEMMA2)
+            GEMMA2, PHI3)
 _BY_MODEL_TYPE = {t: spec for spec in FAMILIES for t in spec.model_types}
 
 
@@ -375,9 +384,23 @@ def checkpoint_names(spec: FamilySpec, n_layers: int, n_experts: int = 0) -> dic
     return out
 
 
+@dataclass(frozen=True)
+class LongRope:
+    """Phi-3's longrope: `short` inverse frequencies while every position of a forward is below
+    `switch` (original_max_position_embeddings), else `long` (transformers' dynamic update)."""
+
+    short: torch.Tensor
+    long: torch.Tensor
+    switch: int
+
+    def to(self, device) -> LongRope:
+        return LongRope(self.short.to(device), self.long.to(device), self.switch)
+
+
 def rope_frequencies(config, args: ModelArgs, seq_len: int | None = None,
-                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
-    """(inv_freq (rotary_dim/2,), attention scaling) as transformers computes them.
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor | LongRope, float]:
+    """(inv_freq (rotary_dim/2,), attention scaling) as transformers computes them (longrope: both
+    tables and where transformers switches from one to the other, LongRope).
 
     RoPE scaling variants (linear, dynamic, llama3, yarn) come from transformers' own
     ROPE_INIT_FUNCTIONS so they match its forward; `dynamic` is evaluated at `seq_len` (the cache
@@ -391,6 +414,12 @@ def rope_frequencies(config, args: ModelArgs, seq_len: int | None = None,
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    if rope_type == "longrope":  # short factors up to original_max_position_embeddings, then long
+        short, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device)
+        switch = params.get("original_max_position_embeddings") or \
+            getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        long, _ = ROPE_INIT_FUNCTIONS[rope_type](config, device, seq_len=switch + 1)
+        return LongRope(short.float(), long.float(), int(switch)), float(scaling)
     kwargs = {"seq_len": seq_len} if rope_type == "dynamic" and seq_len else {}
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device, **kwargs)
     return inv_freq.float(), float(scaling)

@@ -115,7 +115,7 @@ class LayerStack:
             raise ValueError(uncovered(a))
         layers = list(decoder.layers)
         self.windows = list(dict.fromkeys(layer.attn.window for layer in layers))
-        mlp_mode = {"plain": 0, "gated": 1}[a.mlp]
+        mlp_mode = {"plain": 0, "gated": 1, "gated_fused": 2}[a.mlp]
         ints = [len(layers), a.n_heads, a.n_kv_heads, a.head_dim, _NORM[a.norm], 0, 0, 0,
                 int(a.parallel_residual), int(a.post_norm), int(a.residual_from_norm),
                 cpu_kernels.FUSED_MAX_ROWS]
