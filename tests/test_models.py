@@ -8,7 +8,8 @@ import inspect
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, BloomConfig, Gemma2Config, GemmaConfig, GPT2Config,
+from transformers import (AutoModelForCausalLM, BloomConfig, Gemma2Config, Gemma3TextConfig,
+                          GemmaConfig, GPT2Config,
                           GPTNeoXConfig, GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config,
                           OPTConfig, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
@@ -90,10 +91,21 @@ PYTHON_LAYERS = dict(
                                 head_dim=16, max_position_embeddings=48, query_pre_attn_scalar=24,
                                 attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
                                 sliding_window=4),
+    # Gemma 2's features with q/k norms, and a rotary table per layer type: local layers at
+    # their own base frequency, global ones linearly scaled
+    gemma3=lambda: Gemma3TextConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=48,
+        query_pre_attn_scalar=24, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=3.0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 10000.0}}),
 )
 WHY_PYTHON = dict(qwen3="q/k norms (Qwen3, OLMo 2)", smollm3="layers without rotary (NoPE)",
                   granite="a residual multiplier (Granite)", olmo2="q/k norms (Qwen3, OLMo 2)",
-                  gemma2="norms on the branch outputs (OLMo 2, Gemma 2)")
+                  gemma2="norms on the branch outputs (OLMo 2, Gemma 2)",
+                  gemma3="q/k norms (Qwen3, OLMo 2)")
 QUANT = QuantConfig(bits=4, block_size=32, dtype="nf")
 ATOL = 2e-4
 

@@ -102,6 +102,14 @@ def softcapped_attention(q, k, v, mask, a: ModelArgs) -> torch.Tensor:
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
 
+def rope_table(pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) (B, 1, T, rd) at model positions pos (B, T), as transformers' rotary embedding."""
+    freqs = pos[..., None].float() * inv_freq  # (B, T, rd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, rd)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, window: int | None = None):
         super().__init__()
@@ -259,6 +267,7 @@ class Decoder(nn.Module):
         # position tables, set by `setup_positions` once the model is off the meta device
         self.inv_freq: torch.Tensor | None = None
         self.long_rope: LongRope | None = None
+        self.layer_ropes: dict[str, tuple[torch.Tensor, float]] | None = None
         self.rope_scaling = 1.0
         self.slopes: torch.Tensor | None = None
         # the layers run from C++ on the CPU (layer_stack.py), set up with the KV caches;
@@ -275,6 +284,9 @@ class Decoder(nn.Module):
         device = self.tok_emb.weight.device
         if isinstance(inv_freq, LongRope):  # Phi-3: the table depends on the forward's positions
             self.long_rope, inv_freq = inv_freq.to(device), inv_freq.short
+        if isinstance(inv_freq, dict):  # Gemma 3: a table per layer type (args.rope_types)
+            self.layer_ropes = {t: (f.to(device), scale) for t, (f, scale) in inv_freq.items()}
+            inv_freq, rope_scaling = next(iter(inv_freq.values()))
         self.inv_freq = None if inv_freq is None else inv_freq.to(device)
         self.rope_scaling = rope_scaling
         if self.args.positions == "alibi":
@@ -384,17 +396,18 @@ class Decoder(nn.Module):
             inv_freq = self.inv_freq
             if self.long_rope is not None and int(pos.max()) + 1 > self.long_rope.switch:
                 inv_freq = self.long_rope.long
-            freqs = pos[..., None].float() * inv_freq  # (B, T, rd/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, rd)
-            rope = ((emb.cos() * self.rope_scaling).to(x.dtype),
-                    (emb.sin() * self.rope_scaling).to(x.dtype))
+            rope = rope_table(pos, inv_freq, self.rope_scaling, x.dtype)
+        ropes = [rope] * a.n_layers
+        if self.layer_ropes is not None:
+            tables = {t: rope_table(pos, f, scale, x.dtype) for t, (f, scale) in self.layer_ropes.items()}
+            ropes = [tables[t] for t in a.rope_types]
         mask = self.masks(input_pos, pad, x.dtype)
         if self.layer_stack is not None and x.dtype == torch.float32 \
                 and not torch.compiler.is_compiling():
             x = self.layer_stack(x, input_pos, rope, mask)
         else:
-            for layer in self.layers:
-                x = layer(x, input_pos, rope, mask)
+            for layer, layer_rope in zip(self.layers, ropes):
+                x = layer(x, input_pos, layer_rope, mask)
         if last_only:
             x = x[:, -1:]
         if a.final_norm:

@@ -75,6 +75,7 @@ class ModelArgs:
     attn_scale: float | None = None  # softmax scale (None: 1/sqrt(head_dim); Granite's multiplier)
     logits_scale: float = 1.0  # logits divided by this (Granite's logits_scaling)
     attn_softcap: float | None = None  # attention scores c * tanh(s / c) (Gemma 2)
+    rope_types: tuple[str, ...] | None = None  # per layer, its rotary table's key (Gemma 3)
     logits_softcap: float | None = None  # logits c * tanh(l / c) (Gemma 2)
     # Mixture of Experts (moe.py): experts per MoE layer, experts per token, an expert's hidden
     # width, top-k weights renormalised to sum 1, and which layers are MoE (None: all when n_experts)
@@ -331,9 +332,17 @@ PHI3 = _llama_like(
     | {"attn.wqkv": "self_attn.qkv_proj", "mlp.gate_up": "mlp.gate_up_proj"},
     dict(qkv="fused", mlp="gated_fused"),
     derive=lambda c: dict(qkv_bias=False, o_bias=False, mlp_bias=False))
+GEMMA3 = FamilySpec(
+    name="gemma3", model_types=("gemma3_text",), keys=GEMMA2.keys,
+    weights={"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
+             **per_layer("model.layers", {**LLAMA_LAYER, **SANDWICH, **QK_NORMS})},
+    switches={**GEMMA2.switches, "qk_norm": "head"},
+    derive=lambda c: {**GEMMA2.derive(c), "rope_types": tuple(c.layer_types)},
+    unsupported=lambda c: next((f"rope_type {p.get('rope_type')!r}" for p in c.rope_parameters.values()
+                                if p.get("rope_type", "default") not in ("default", "linear")), None))
 
 FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, SMOLLM3, GRANITE, OLMO2,
-            GEMMA2, PHI3)
+            GEMMA2, PHI3, GEMMA3)
 _BY_MODEL_TYPE = {t: spec for spec in FAMILIES for t in spec.model_types}
 
 
@@ -384,6 +393,18 @@ def checkpoint_names(spec: FamilySpec, n_layers: int, n_experts: int = 0) -> dic
     return out
 
 
+class _SubRope:
+    """A config seen through one layer type's rope_parameters (Gemma 3's per-type tables);
+    transformers' init functions take the layer type, the default one is ours."""
+
+    def __init__(self, config, layer_type: str):
+        self._config, self._type = config, layer_type
+        self.rope_parameters = config.rope_parameters[layer_type]
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
 @dataclass(frozen=True)
 class LongRope:
     """Phi-3's longrope: `short` inverse frequencies while every position of a forward is below
@@ -407,6 +428,9 @@ def rope_frequencies(config, args: ModelArgs, seq_len: int | None = None,
     length), which equals transformers' result for a sequence of that length.
     """
     params = _rope(config)
+    if args.rope_types and not isinstance(config, _SubRope):  # Gemma 3: a table per layer type
+        return {t: rope_frequencies(_SubRope(config, t), args, seq_len, device)
+                for t in sorted(set(args.rope_types))}, 1.0
     rope_type = params.get("rope_type", "default")
     base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     if rope_type == "default":
@@ -421,5 +445,7 @@ def rope_frequencies(config, args: ModelArgs, seq_len: int | None = None,
         long, _ = ROPE_INIT_FUNCTIONS[rope_type](config, device, seq_len=switch + 1)
         return LongRope(short.float(), long.float(), int(switch)), float(scaling)
     kwargs = {"seq_len": seq_len} if rope_type == "dynamic" and seq_len else {}
+    if isinstance(config, _SubRope):
+        config, kwargs = config._config, {**kwargs, "layer_type": config._type}
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device, **kwargs)
     return inv_freq.float(), float(scaling)

@@ -92,6 +92,7 @@ def uncovered(a) -> str | None:
                         (a.residual_scale != 1.0, "a residual multiplier (Granite)"),
                         (a.attn_scale is not None, "an attention multiplier (Granite)"),
                         (a.attn_softcap, "attention softcapping (Gemma 2)"),
+                        (a.rope_types, "rotary tables per layer type (Gemma 3)"),
                         (a.norm not in _NORM, f"{a.norm} norms")):
         if lacks:
             return what
