@@ -264,3 +264,16 @@ def test_native_moe_on_packed_codes_matches_dense(moe_folders):
     packed = build_model(KbitModel.open(path), "cpu", backend="native", cpu_weights="packed")
     torch.testing.assert_close(cached_steps(packed.model, tokens, pad, 6)[keep],
                                cached_steps(dense.model, tokens, pad, 6)[keep], atol=ATOL, rtol=1e-4)
+
+
+def test_inspect_shows_the_experts(moe_folders):
+    from conftest import run_cli
+
+    _, path = moe_folders["qwen2_moe"]
+    r = run_cli("inspect", path)
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if "experts" in line)
+    assert "16 linears" in row and "4 fused parameters x 4 experts" in row  # 2 layers x 2 params
+    r = run_cli("inspect", path, "--json")
+    summary = json.loads(r.output)["experts"]
+    assert summary["model.layers.1.mlp.experts.down_proj"] == {"experts": 4, "shape": [64, 48]}
