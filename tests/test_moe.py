@@ -277,3 +277,28 @@ def test_inspect_shows_the_experts(moe_folders):
     r = run_cli("inspect", path, "--json")
     summary = json.loads(r.output)["experts"]
     assert summary["model.layers.1.mlp.experts.down_proj"] == {"experts": 4, "shape": [64, 48]}
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])
+def test_conversion_reads_one_expert_at_a_time(moe_folders, family, tmp_path, monkeypatch):
+    """Streaming stays bounded: a fused (E, ., .) tensor is read one expert's slice at a time, and
+    no read of an expert tensor is larger than one expert's matrix."""
+    from kbitrt.convert.checkpoint import CheckpointTensors
+
+    src, _ = moe_folders[family]
+    reads = []
+    original = CheckpointTensors.read
+
+    def read(self, name, rows=None):
+        t = original(self, name, rows)
+        reads.append((name, self.shape(name), rows, t.numel()))
+        return t
+
+    monkeypatch.setattr(CheckpointTensors, "read", read)
+    convert(src, tmp_path / "out", QUANT)
+    expert_reads = [r for r in reads if ".experts." in r[0] and "bias" not in r[0]]
+    assert expert_reads
+    for name, shape, rows, numel in expert_reads:
+        if len(shape) == 3:  # fused: one expert
+            assert rows is not None and rows[1] - rows[0] == 1, (name, rows)
+        assert numel <= max(shape[-1] * shape[-2], 2 * 48 * 64), (name, numel)
