@@ -302,3 +302,18 @@ def test_conversion_reads_one_expert_at_a_time(moe_folders, family, tmp_path, mo
         if len(shape) == 3:  # fused: one expert
             assert rows is not None and rows[1] - rows[0] == 1, (name, rows)
         assert numel <= max(shape[-1] * shape[-2], 2 * 48 * 64), (name, numel)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_dequantize_writes_fused_experts_transformers_loads(moe_folders, family, tmp_path):
+    """`kbit dequantize` puts each expert back into transformers' fused tensors (gpt-oss: in its
+    (E, in, out) orientation), so the dense folder loads and computes the dequantized model."""
+    from kbitrt.convert.dequantize import dequantize_model
+
+    _, path = moe_folders[family]
+    dequantize_model(path, tmp_path / "dense", "fp32")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    ref = dequantized_reference(path)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x).logits, ref(x).logits, atol=1e-5, rtol=0)

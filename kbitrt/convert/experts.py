@@ -22,7 +22,7 @@ import torch
 
 from kbitrt.convert.model_map import ModelMap
 from kbitrt.errors import KbitFormatError
-from kbitrt.format.experts import ExpertParam
+from kbitrt.format.experts import ExpertParam, expert_params, split_expert_linear
 
 # the operations of transformers' WeightConverter that build a fused (E, out, in) parameter from
 # per-expert (out, in) tensors: stack the experts, concatenate the parts along the rows
@@ -153,3 +153,40 @@ class ExpertTensors:
             return self.base.read(part.key, (a, b))
         w = self.base.read(part.key, (part.expert, part.expert + 1))[0]  # one expert's slice
         return (w.t() if part.transposed else w)[a:b].contiguous()
+
+
+@dataclass(frozen=True)
+class FusedTarget:
+    """A fused expert parameter as `kbit dequantize` writes it back for transformers to load."""
+
+    name: str
+    shape: tuple[int, int, int]  # (E, out, in), or (E, in, out) when transposed
+    transposed: bool
+
+
+def fused_targets(km) -> dict[str, FusedTarget]:
+    """Fused parameter name -> FusedTarget for the per-expert linears of a kbit folder `km` (empty
+    for a dense model: the architecture is only built when some linear is an expert's)."""
+    if not any(split_expert_linear(m) for m in km.modules):
+        return {}
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = {k: v for k, v in km.config.items() if k not in ("quantization_config", "dtype", "torch_dtype")}
+    config = AutoConfig.for_model(d.pop("model_type"), **d)
+    with torch.device("meta"):
+        params = expert_params(AutoModelForCausalLM.from_config(config))
+    out = {}
+    for p in params.values():
+        if all(m in km.modules for m in p.linears()):
+            shape = (p.num_experts, p.in_features, p.out_features) if p.transposed else \
+                (p.num_experts, p.out_features, p.in_features)
+            out[p.name] = FusedTarget(p.name, shape, p.transposed)
+    return out
+
+
+def write_fused(writer, km, target: FusedTarget, dtype: torch.dtype) -> None:
+    """Dequantize expert after expert into the fused tensor (one expert's matrix in memory)."""
+    for e in range(target.shape[0]):
+        w = km.quantized(f"{target.name}.{e}").dequantize(dtype)
+        w = (w.t() if target.transposed else w).contiguous()
+        writer.write(target.name, w, e * w.numel() * w.element_size())
