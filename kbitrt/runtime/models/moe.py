@@ -2,7 +2,7 @@
 softmax over the experts, the top k per token (renormalised when the family says so), and each
 selected expert's SwiGLU MLP through its own linears (KbitLinear when quantized).
 
-Tokens are grouped by expert (one stable sort), so every selected expert runs once per step on
+Tokens are grouped by expert (runtime/experts.expert_groups), so every selected expert runs once per step on
 its tokens: M = 1 per selected expert when decoding one sequence, its token count at prefill and
 batch > 1, through the same kernels as every other linear. Matches transformers' MixtralExperts /
 Qwen3MoeExperts on the same weights.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kbitrt.runtime.experts import expert_groups
 from kbitrt.runtime.models.families import ModelArgs
 
 
@@ -47,17 +48,8 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # (N, D)
         weights, ids = self.route(x)
         out = torch.zeros_like(x)
-        flat = ids.reshape(-1)  # slot s is token s // k
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=len(self.down)).tolist()
         weights = weights.reshape(-1)
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            slots = order[start: start + count]
-            start += count
-            tokens = slots // self.top_k
+        for e, slots, tokens in expert_groups(ids, len(self.down)):
             g, u = self.gate_up[e](x[tokens]).chunk(2, dim=-1)
             y = self.down[e](self.act(g) * u) * weights[slots, None]
             out.index_add_(0, tokens, y)
