@@ -76,7 +76,7 @@ def _shapes(config_json: str) -> ModelShapes | None:
         for m in p.linears():
             linears[m] = (p.out_features, p.in_features, False)
             params[f"{m}.weight"] = state[f"{m}.weight"] = (p.out_features, p.in_features)
-        params.pop(p.name), state.pop(p.name)
+        del params[p.name], state[p.name]
     return ModelShapes(
         params=params, state=state,
         linears=linears, tied_head=f"{tied}.weight" if tied else None)

@@ -8,6 +8,7 @@ padding, cache slots are shared by the batch and a token's model position is `sl
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -207,7 +208,9 @@ class Block(nn.Module):
             self.attn_norm, self.mlp_norm = make_norm(args), make_norm(args)
         if args.branch_norm:
             self.attn_out_norm, self.mlp_out_norm = make_norm(args), make_norm(args)
-        self.attn, self.mlp = Attention(args, window), MoE(args) if moe else MLP(args)
+        shared = MLP(replace(args, hidden_dim=args.shared_hidden_dim, mlp="gated", mlp_bias=False)) \
+            if moe and args.shared_hidden_dim else None
+        self.attn, self.mlp = Attention(args, window), MoE(args, shared) if moe else MLP(args)
 
     def forward(self, x, input_pos, rope, mask):
         a = self.args

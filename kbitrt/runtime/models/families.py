@@ -84,6 +84,7 @@ class ModelArgs:
     moe_hidden_dim: int | None = None
     norm_topk: bool = True
     moe_layers: tuple[bool, ...] | None = None
+    shared_hidden_dim: int | None = None  # a gated shared expert of this width (Qwen2-MoE)
 
     def __post_init__(self) -> None:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -295,6 +296,15 @@ def _nope_layers(c) -> tuple[bool, ...]:
     """SmolLM3: no_rope_layers[i] is 1 where layer i uses rotary, 0 for a NoPE layer."""
     return tuple(bool(u) for u in c.no_rope_layers)
 
+QWEN2_MOE = _llama_like(
+    "qwen2_moe", ("qwen2_moe",),
+    {**LLAMA_LAYER, **EXPERTS, "mlp.shared.gate": "mlp.shared_expert.gate_proj",
+     "mlp.shared.up": "mlp.shared_expert.up_proj", "mlp.shared.down": "mlp.shared_expert.down_proj",
+     "mlp.shared_gate": "mlp.shared_expert_gate"},
+    derive=lambda c: dict(qkv_bias=bool(c.qkv_bias), o_bias=False, n_experts=c.num_experts,
+                          top_k=c.num_experts_per_tok, moe_hidden_dim=c.moe_intermediate_size,
+                          norm_topk=bool(c.norm_topk_prob), moe_layers=_moe_layers(c),
+                          shared_hidden_dim=c.shared_expert_intermediate_size or None))
 
 SMOLLM3 = _llama_like("smollm3", ("smollm3",), LLAMA_LAYER,
                       derive=lambda c: dict(rope_layers=_nope_layers(c)))
@@ -341,8 +351,8 @@ GEMMA3 = FamilySpec(
     unsupported=lambda c: next((f"rope_type {p.get('rope_type')!r}" for p in c.rope_parameters.values()
                                 if p.get("rope_type", "default") not in ("default", "linear")), None))
 
-FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, SMOLLM3, GRANITE, OLMO2,
-            GEMMA2, PHI3, GEMMA3)
+FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, SMOLLM3,
+            GRANITE, OLMO2, GEMMA2, PHI3, GEMMA3)
 _BY_MODEL_TYPE = {t: spec for spec in FAMILIES for t in spec.model_types}
 
 

@@ -1,6 +1,7 @@
-"""The native decoder's Mixture-of-Experts feed-forward (Mixtral, Qwen3-MoE): a 16-bit router,
-softmax over the experts, the top k per token (renormalised when the family says so), and each
-selected expert's SwiGLU MLP through its own linears (KbitLinear when quantized).
+"""The native decoder's Mixture-of-Experts feed-forward (Mixtral, Qwen2/3-MoE): a 16-bit router,
+softmax over the experts, the top k per token (renormalised when the family says so), each
+selected expert's SwiGLU MLP through its own linears (KbitLinear when quantized), and Qwen2-MoE's
+gated shared expert.
 
 Tokens are grouped by expert (runtime/experts.expert_groups), so every selected expert runs once per step on
 its tokens: M = 1 per selected expert when decoding one sequence, its token count at prefill and
@@ -22,8 +23,10 @@ class MoE(nn.Module):
     # stacked per expert already (gate_up)
     gate = None
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, shared: nn.Module | None = None):
         super().__init__()
+        if shared is not None:  # Qwen2-MoE: a shared expert on every token, behind a sigmoid gate
+            self.shared, self.shared_gate = shared, nn.Linear(args.dim, 1, bias=False)
         from transformers.activations import ACT2FN
 
         self.act = ACT2FN[args.act]
@@ -53,4 +56,6 @@ class MoE(nn.Module):
             g, u = self.gate_up[e](x[tokens]).chunk(2, dim=-1)
             y = self.down[e](self.act(g) * u) * weights[slots, None]
             out.index_add_(0, tokens, y)
+        if hasattr(self, "shared"):
+            out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return out.reshape(shape)
