@@ -1,7 +1,8 @@
 """16-bit CPU copies under fp32 activations (linear.dense_linear, cpu_layers.h's dense linears):
-only the weights are rounded, the activations are multiplied as they are and summed in fp32, so
-a model held in fp16 copies gives logits within 1e-4 (relative) of the same model in fp32 copies,
-on the native decoder (C++ layer stack and Python layers) and the transformers backend."""
+only the weights are rounded, the activations are multiplied as they are and summed in fp32: a
+model held in fp16 copies computes what the same copies widened to fp32 do (to 1e-5 of the
+logits), on the native decoder (C++ layer stack and Python layers) and the transformers backend.
+What remains against fp32 copies is the weights' rounding (benchmarks/cpu_half_weights.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kbitrt.runtime.linear import dense_linear
+from kbitrt.runtime.kernels.ops import dense_linear
+from kbitrt.runtime.linear import KbitLinear
 from kbitrt.runtime.loader import InMemoryKbit, build_model
 from test_models import QUANT, TINY, batch, cached_steps
 
@@ -25,8 +27,8 @@ def test_dense_linear_keeps_fp32_activations(dtype, rows):
     got = dense_linear(x, w, b)
     assert got.dtype == torch.float32
     rounded = F.linear(x.to(dtype), w).double() + b.double()  # what rounding x as well gives
-    err, err_rounded = (got - want).abs().max(), (rounded - want).abs().max()
-    assert err < 1e-4 * want.abs().max() and err < err_rounded / 4
+    err, err_rounded = float((got - want).abs().max()), float((rounded - want).abs().max())
+    assert err < 1e-6 * float(want.abs().max()) * 96 and err < err_rounded / 100
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -35,19 +37,26 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("backend", ["native", "transformers"])
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_fp16_copies_give_fp32_copies_logits(name, backend):
-    torch.manual_seed(0)
+def test_fp16_copies_compute_in_fp32(name, backend):
+    """A model in fp16 copies against the same model with those copies widened to fp32: the only
+    difference left is the order of fp32 sums (the weights' own rounding is the same in both)."""
     from transformers import AutoModelForCausalLM
 
+    torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(TINY[name](), dtype=torch.float32).eval()
     for p in hf.parameters():
         p.data.normal_(0, 0.2)
     src = InMemoryKbit(hf, QUANT)
-    ref = build_model(src, "cpu", backend=backend, cpu_weights="fp32").model
     half = build_model(src, "cpu", backend=backend, cpu_weights="fp16").model
+    ref = build_model(src, "cpu", backend=backend, cpu_weights="fp16").model
+    widened = 0
+    for m in ref.modules():
+        if isinstance(m, KbitLinear) and m.dense_weight is not None:
+            m.dense_weight, widened = m.dense_weight.float(), widened + 1
+    assert widened and any(isinstance(m, KbitLinear) and m.dense_weight.dtype == torch.float16
+                           for m in half.modules())
     ids, _, pad = batch()
     with torch.no_grad():
-        assert relative(half(ids), ref(ids)) < 1e-4
-    if backend == "native":  # decoding steps: the C++ layer stack (dense kind) where it builds
-        steps_half, steps_ref = cached_steps(half, ids, pad, 6), cached_steps(ref, ids, pad, 6)
-        assert relative(steps_half, steps_ref) < 1e-4
+        assert relative(half(ids), ref(ids)) < 1e-5
+    if backend == "native":  # decoding steps: the C++ layer stack's dense linears where it builds
+        assert relative(cached_steps(half, ids, pad, 6), cached_steps(ref, ids, pad, 6)) < 1e-5

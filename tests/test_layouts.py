@@ -185,13 +185,18 @@ MOE = {"mixtral": dict(num_local_experts=4),
 
 
 @pytest.mark.parametrize("model_type", sorted(MOE))
-def test_moe_is_refused_up_front_with_one_line(tmp_path, model_type):
+def test_moe_expert_missing_a_part_is_refused_up_front_with_one_line(tmp_path, model_type):
+    """MoE models convert (tests/test_moe.py); an expert whose up projection is missing is named."""
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(model_type, vocab_size=V, hidden_size=64, intermediate_size=32,
                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                max_position_embeddings=48, **MOE[model_type])
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src")
-    with pytest.raises(KbitFormatError, match="Mixture-of-Experts") as e:
+    state = load_file(tmp_path / "src" / "model.safetensors")
+    gone = next(k for k in sorted(state) if k.endswith(("experts.3.w3.weight", "experts.3.up_proj.weight")))
+    save_file({k: v for k, v in state.items() if k != gone}, tmp_path / "src" / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(KbitFormatError, match="experts.gate_up_proj.3 gets 32 rows") as e:
         convert(tmp_path / "src", tmp_path / "kbit", QUANT)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "kbit").exists() and not list(tmp_path.glob(".kbit*"))

@@ -8,8 +8,10 @@ import inspect
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, BloomConfig, GemmaConfig, GPT2Config,
-                          GPTNeoXConfig, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config)
+from transformers import (AutoModelForCausalLM, BloomConfig, Gemma2Config, Gemma3TextConfig,
+                          GemmaConfig, GPT2Config,
+                          GPTNeoXConfig, GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config,
+                          OPTConfig, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
 from kbitrt.format.config import KbitFormatError, QuantConfig
 from kbitrt.runtime.loader import InMemoryKbit, build_model
@@ -50,7 +52,60 @@ TINY = dict(
     qwen2=lambda: Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               max_position_embeddings=48),
+    # fused qkv and gate_up projections, longrope (short factors below 32 positions)
+    phi3=lambda: Phi3Config(vocab_size=V, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=64, pad_token_id=0,
+                            original_max_position_embeddings=32,
+                            rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                 short_factor=[1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0],
+                                                 long_factor=[2.0] * 8)),
 )
+# native families whose features the C++ layer stack lacks: decoding runs the Python layers
+# (tests/test_layer_stack.py covers TINY)
+PYTHON_LAYERS = dict(
+    # q/k norms; attention biases; the second layer a sliding-window one
+    qwen3=lambda: Qwen3Config(vocab_size=V, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=24, max_position_embeddings=48, attention_bias=True,
+                              use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    # the second layer without rotary (NoPE)
+    smollm3=lambda: SmolLM3Config(vocab_size=V, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=48, no_rope_layers=[1, 0],
+                                  pad_token_id=0),
+    # embedding, residual and attention multipliers, logits scaling
+    granite=lambda: GraniteConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=48, embedding_multiplier=3.0,
+                                  residual_multiplier=0.5, attention_multiplier=0.3,
+                                  logits_scaling=2.0),
+    # norms on the branch outputs only, q/k norms over all heads
+    olmo2=lambda: Olmo2Config(vocab_size=V, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=48),
+    # sandwich norms (1 + weight), scaled embeddings, gelu-tanh, attention and final softcapping,
+    # a query scale of its own, sliding-window and full layers, tied head
+    gemma2=lambda: Gemma2Config(vocab_size=V, hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=16, max_position_embeddings=48, query_pre_attn_scalar=24,
+                                attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                                sliding_window=4),
+    # Gemma 2's features with q/k norms, and a rotary table per layer type: local layers at
+    # their own base frequency, global ones linearly scaled
+    gemma3=lambda: Gemma3TextConfig(
+        vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=48,
+        query_pre_attn_scalar=24, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=3.0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 10000.0}}),
+)
+WHY_PYTHON = dict(qwen3="q/k norms (Qwen3, OLMo 2)", smollm3="layers without rotary (NoPE)",
+                  granite="a residual multiplier (Granite)", olmo2="q/k norms (Qwen3, OLMo 2)",
+                  gemma2="norms on the branch outputs (OLMo 2, Gemma 2)",
+                  gemma3="q/k norms (Qwen3, OLMo 2)")
 QUANT = QuantConfig(bits=4, block_size=32, dtype="nf")
 ATOL = 2e-4
 
@@ -58,7 +113,8 @@ ATOL = 2e-4
 def tiny_pair(name: str, quant: QuantConfig = QUANT, backend: str = "native"):
     """(transformers model on the dequantized weights, kbit model built from the same quantization)."""
     torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(TINY[name](), dtype=torch.float32).eval()
+    config = {**TINY, **PYTHON_LAYERS}[name]()
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     for p in hf.parameters():  # larger than the default init, so errors are not hidden in noise
         p.data.normal_(0, 0.2)
     src = InMemoryKbit(hf, quant)
@@ -121,10 +177,24 @@ def cached_steps(model, ids: torch.Tensor, pad: torch.Tensor, T0: int) -> torch.
     return torch.cat(steps, 1)
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(TINY) + sorted(PYTHON_LAYERS))
 def test_native_matches_transformers(name):
     hf, lm = tiny_pair(name)
     check(hf, lm)
+
+
+@pytest.mark.parametrize("name,why", sorted(WHY_PYTHON.items()))
+def test_native_says_why_the_python_layers_run(name, why):
+    from kbitrt.runtime.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("no fused CPU kernels: the Python layers run anyway")
+    _, lm = tiny_pair(name)
+    lm.model.setup_caches(1, 4)
+    try:
+        assert lm.model.cpu_layers == f"python ({why})"
+    finally:
+        lm.model.drop_caches()
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
@@ -197,3 +267,24 @@ def test_smollm2_native_matches_transformers(smollm2_dir, smollm2_nf4):
         model.drop_caches()
     keep = mask.bool()
     torch.testing.assert_close(torch.cat(steps, 1)[keep], ref[keep], atol=2e-3, rtol=1e-3)
+
+
+def test_phi3_longrope_switches_to_long_factors_past_the_original_length():
+    """Positions past original_max_position_embeddings (8 here, 11 tokens) use the long factors,
+    as transformers' dynamic update does for such a forward."""
+    torch.manual_seed(0)
+    cfg = TINY["phi3"]()
+    cfg.rope_parameters["original_max_position_embeddings"] = 8
+    cfg.original_max_position_embeddings = 8
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    for p in hf.parameters():
+        p.data.normal_(0, 0.2)
+    src = InMemoryKbit(hf, QUANT)
+    hf.load_state_dict(src.dequantized_state_dict(), strict=False)
+    lm = build_model(src, "cpu", backend="native", cpu_weights="fp32")
+    ids, mask, _ = batch(pads=(0, 0))
+    with torch.no_grad():
+        ours, short = lm.model(ids), lm.model(ids[:, :8])
+    torch.testing.assert_close(ours, hf_logits(hf, ids, mask), atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(short, hf_logits(hf, ids[:, :8], mask[:, :8]), atol=ATOL, rtol=1e-4)
+    assert not torch.allclose(ours[:, :8], short, atol=1e-3)  # the long factors changed them

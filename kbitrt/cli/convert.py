@@ -222,6 +222,15 @@ def dequantize_cmd(source, output, dtype, force, as_json):
                                              ("dtype", dtype), ("size", f"{s['bytes'] / 1e9:.3f} GB")]))
 
 
+def _expert_rows(experts: dict) -> list[tuple[str, str]]:
+    """The inspect row of a Mixture-of-Experts model: its per-expert linears (format/experts.py)."""
+    if not experts:
+        return []
+    per = max(x["experts"] for x in experts.values())
+    return [("experts", f"{sum(x['experts'] for x in experts.values())} linears: {len(experts)} "
+                        f"fused parameters x {per} experts")]
+
+
 @click.command("inspect")
 @click.argument("path")
 @click.option("--modules", "show_modules", is_flag=True, help="list every quantized linear")
@@ -254,6 +263,7 @@ def inspect_cmd(path, show_modules, as_json, bits=None, verify=False):
         ("block / absmax", f"{qc['block_size']} / {qc['absmax_dtype']}"),
         ("outliers", f"{qc.get('outliers') or 'none'} ({s['outlier_columns']} columns)"),
         ("quantized linears", str(s["linears_quantized"])),
+    ] + _expert_rows(s.get("experts") or {}) + [
         ("kept in 16 bit", ", ".join(s["modules_not_quantized"]) or "-"),
         ("parameters", f"{s['params_total']:,} total, {s['params_quantized']:,} quantized"),
         ("bits/param", f"{s['bits_per_param_quantized']:.4f} quantized, {s['bits_per_param_model']:.4f} model"),

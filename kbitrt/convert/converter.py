@@ -25,6 +25,7 @@ import torch
 from kbitrt.format import blockwise, dtypes, quantizer
 from kbitrt.convert.card import write_model_card
 from kbitrt.convert.checkpoint import CheckpointTensors
+from kbitrt.convert.experts import ExpertTensors
 from kbitrt.convert.model_map import ModelMap, build_model_map, skip_reason
 from kbitrt.format.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter, plan_shards
 from kbitrt.convert.source import companion_files, find_checkpoint, read_config, resolve_model
@@ -163,11 +164,8 @@ class Converter:
         self.dropped: list[str] = []  # unused tensors dropped on purpose (--drop-unused)
         self.skipped: list[str] = []  # known non-persistent buffers (model_map.SKIPPABLE_BUFFERS)
         self.drop_unused = drop_unused
-        if self.map.fused_experts:
-            raise KbitFormatError(
-                f"{folder}: {self.map.model_type!r} is a Mixture-of-Experts model whose experts "
-                f"transformers keeps fused in 3-D tensors ({self.map.fused_experts[0]}, ...); kbitrt "
-                "cannot quantize fused experts yet: nothing was written")
+        if self.map.experts:  # MoE: one linear per expert and fused parameter (convert/experts.py)
+            self.tensors = ExpertTensors(self.tensors, self.map)
 
     def plan(self, progress: Progress | None = None) -> None:
         """Decide what every checkpoint tensor becomes; outlier statistics are gathered here.

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from kbitrt.convert.converter import MAX_SHARD_BYTES
+from kbitrt.convert.experts import fused_targets, write_fused
+from kbitrt.format.experts import split_expert_linear
 from kbitrt.convert.staging import check_output, staged_folder
 from kbitrt.format.reader import KbitModel
 from kbitrt.format.safetensors_io import DTYPE_NAMES, PlannedTensor, ShardWriter, plan_shards
@@ -30,7 +32,11 @@ def dequantize_model(source: str | Path, output: str | Path, dtype: str = "fp16"
     out = Path(output).expanduser().resolve()
     check_output(km.path, out, force)
     plan: list[PlannedTensor] = []
+    fused = fused_targets(km)  # MoE: per-expert linears back into transformers' fused tensors
+    plan += [PlannedTensor(f.name, DTYPE_NAMES[target], f.shape) for f in fused.values()]
     for module, e in km.modules.items():
+        if (split := split_expert_linear(module)) and split[0] in fused:
+            continue
         shape = (e.in_features, e.out_features) if module in km.transposed else (e.out_features, e.in_features)
         plan.append(PlannedTensor(f"{module}.weight", DTYPE_NAMES[target], shape))
     for name in km.plain_names:
@@ -46,7 +52,9 @@ def dequantize_model(source: str | Path, output: str | Path, dtype: str = "fp16"
             w = ShardWriter(tmp / fname, group, {"format": "pt"})
             for t in group:
                 module = t.name.rpartition(".")[0]
-                if module in km.modules and t.name.endswith(".weight"):
+                if t.name in fused:
+                    write_fused(w, km, fused[t.name], target)
+                elif module in km.modules and t.name.endswith(".weight"):
                     dense = km.quantized(module).dequantize(target)
                     w.write(t.name, dense.t().contiguous() if module in km.transposed else dense)
                 else:

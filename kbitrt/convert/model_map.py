@@ -7,8 +7,10 @@ the output head, and which checkpoint names belong to the model at all.
 Checkpoint names are resolved the way transformers resolves them when it loads that architecture:
 through its checkpoint conversion mapping (`transformers.conversion_mapping`: renames such as
 GPT-NeoX's `embed_out` -> `lm_head`, `LayerNorm.gamma` -> `.weight`) and its base-model-prefix rule
-(GPT-2 saved without `transformer.`, OPT with or without `model.`). Conversions that merge or split
-tensors (fused Mixture-of-Experts weights) are recognised and refused with one line.
+(GPT-2 saved without `transformer.`, OPT with or without `model.`). Fused Mixture-of-Experts
+parameters (3-D) become one linear per expert, `<parameter>.<e>` (kbitrt/format/experts.py);
+convert/experts.py gathers each expert's matrix from the checkpoint's own layout. Other conversions
+that merge or split tensors are recognised and refused with one line.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 
 from kbitrt.convert.source import read_config
 from kbitrt.errors import KbitFormatError
+from kbitrt.format.experts import ExpertParam, expert_params
 
 # Non-persistent buffers that old transformers versions saved into checkpoints and that every
 # current model recomputes: causal masks and rotary frequencies. A checkpoint tensor the model does
@@ -68,7 +71,7 @@ class ModelMap:
     params: set[str] = field(default_factory=set)  # parameter names (tied ones once)
     renamings: list = field(default_factory=list)  # transformers WeightRenaming objects
     converters: list = field(default_factory=list)  # transformers WeightConverter objects
-    fused_experts: list[str] = field(default_factory=list)  # 3-D+ parameters (MoE experts)
+    experts: dict[str, ExpertParam] = field(default_factory=dict)  # fused 3-D expert parameters
 
     def canonical(self, key: str) -> str | None:
         """The model's state-dict name of a checkpoint key, None when the model has no such tensor."""
@@ -161,12 +164,18 @@ def build_model_map(folder: Path, trust_remote_code: bool = False) -> ModelMap:
     tied = bool(getattr(config, "tie_word_embeddings", False)) and head is not None
     renamings, converters = _conversions(model)
     params = {n for n, _ in model.named_parameters()}
-    fused = sorted(n for n, p in model.named_parameters() if p.dim() >= 3 and "expert" in n)
-    return ModelMap(linears=linears, head=head, state_keys=set(model.state_dict().keys()),
+    state_keys = set(model.state_dict().keys())
+    experts = expert_params(model)
+    for p in experts.values():  # each expert's matrix is a linear of its own
+        per_expert = {f"{m}.weight" for m in p.linears()}
+        linears.update({m: False for m in p.linears()})
+        params = (params - {p.name}) | per_expert
+        state_keys = (state_keys - {p.name}) | per_expert
+    return ModelMap(linears=linears, head=head, state_keys=state_keys,
                     prefix=getattr(model, "base_model_prefix", "") or "", tied=tied,
                     embedding_key=embedding_key, model_type=raw.get("model_type", ""),
                     params=params, renamings=renamings, converters=converters,
-                    fused_experts=fused)
+                    experts=experts)
 
 
 def prefix_variants(name: str, prefix: str) -> list[str]:

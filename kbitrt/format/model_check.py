@@ -17,6 +17,7 @@ from functools import lru_cache
 import torch
 
 from kbitrt.errors import KbitFormatError
+from kbitrt.format.experts import expert_params
 
 STRUCTURAL_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "intermediate_size", "vocab_size", "max_position_embeddings", "n_embd", "n_layer",
@@ -75,9 +76,15 @@ def _shapes(config_json: str) -> ModelShapes | None:
         elif isinstance(m, torch.nn.Linear):
             linears[name] = (m.out_features, m.in_features, False)
     tied = head_name if getattr(config, "tie_word_embeddings", False) and head_name is not None else None
+    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    state = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    for p in expert_params(model).values():  # a linear per expert (format/experts.py)
+        for m in p.linears():
+            linears[m] = (p.out_features, p.in_features, False)
+            params[f"{m}.weight"] = state[f"{m}.weight"] = (p.out_features, p.in_features)
+        del params[p.name], state[p.name]
     return ModelShapes(
-        params={n: tuple(p.shape) for n, p in model.named_parameters()},
-        state={n: tuple(t.shape) for n, t in model.state_dict().items()},
+        params=params, state=state,
         linears=linears, tied_head=f"{tied}.weight" if tied else None)
 
 

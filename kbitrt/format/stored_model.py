@@ -20,6 +20,7 @@ import torch
 
 from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, OUTLIER_IDX, QUANT_SUFFIXES,
                                   QWEIGHT, SHAPE, KbitFormatError)
+from kbitrt.format.experts import expert_summary
 from kbitrt.format.safetensors_io import SafetensorsFile
 
 SHARD_NAME = re.compile(r"^[\w.\-]+\.safetensors$")
@@ -336,6 +337,7 @@ class StoredModel:
             "bits_per_param_model": round(8 * self.tensor_bytes() / max(pt, 1), 6),
             "tensor_bytes": self.tensor_bytes(), "file_bytes": self.file_bytes(), "shards": len(self.files),
             "outlier_columns": sum(e.n_outliers for e in self.modules.values()),
+            "experts": expert_summary({m: (e.out_features, e.in_features) for m, e in self.modules.items()}),
             "modules": [{"name": e.name, "out_features": e.out_features, "in_features": e.in_features,
                          "outliers": e.n_outliers} for e in self.modules.values()],
         }

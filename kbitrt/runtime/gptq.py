@@ -164,6 +164,10 @@ def gptq_quantize_model(folder: str | Path, config: QuantConfig, calib: torch.Te
     if calib.ndim != 2 or not calib.numel():
         raise KbitFormatError("GPTQ needs calibration tokens (samples x seqlen)")
     args, spec = model_args(hfc), family_for(hfc)
+    if args.n_experts or args.rope_types:  # the layer loop below runs one rotary table, no routing
+        raise KbitFormatError(f"--method gptq does not handle {hfc.model_type!r} models yet "
+                              "(Mixture-of-Experts layers or rotary tables per layer type): use "
+                              "--method rtn")
     if args.positions == "learned" and args.max_positions and calib.shape[1] > args.max_positions:
         raise KbitFormatError(f"--calib-seqlen {calib.shape[1]} exceeds the model's "
                               f"{args.max_positions} positions")

@@ -20,6 +20,7 @@ from kbitrt.format.safetensors_io import SAFETENSORS_TORCH_DTYPES
 from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, OUTLIER_IDX,
                                  OUTLIER_WEIGHT, QWEIGHT, SHAPE, KbitFormatError, LinearLayout,
                                  QuantConfig, header_metadata)
+from kbitrt.runtime.experts import install_kbit_experts
 from kbitrt.runtime.kernels.reference import pad_codebook
 from kbitrt.runtime.linear import KbitLinear
 
@@ -179,6 +180,7 @@ class KbitHfQuantizer(HfQuantizer):
         quant = self.quantization_config.quant_config
         self.compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float16
         self.placed = []
+        install_kbit_experts(model)  # MoE: a linear slot per expert (runtime/experts.py)
         names = set(km.plain_names)
         for name, entry in km.modules.items():
             target = _find_module(model, name)

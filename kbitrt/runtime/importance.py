@@ -32,7 +32,7 @@ def norm_inputs(config) -> dict[str, str]:
     if spec is None:
         return {}
     args = model_args(config)
-    if args.post_norm:
+    if args.post_norm or args.norm == "gemma":  # Gemma's norms scale by 1 + weight, not weight
         return {}
     names = checkpoint_names(spec, args.n_layers)
     out = {}

@@ -11,7 +11,8 @@ materialised in GPU memory. On the CPU there are two modes:
   million weights on 2 cores).
 - `dense`: W is dequantized once, on the first forward, into a 16-bit copy (fp16 by default: on
   our Xeon torch's fp16 GEMV is as fast as bf16 or faster, and fp16 keeps 3 more mantissa bits;
-  benchmarks/cpu_matmul.py) and used by F.linear, the activations cast to it and back.
+  benchmarks/cpu_matmul.py), multiplied with the fp32 activations as they are (dense_linear:
+  products and sums in fp32, so only the weights are rounded).
   `release_packed()` then drops the packed buffers, so only the 16-bit copy stays resident: at
   most 16 bits per weight (the default otherwise).
   `cpu_dtype=torch.float32` keeps an exact fp32 copy instead (tests, reference numbers).

@@ -21,6 +21,7 @@ from torch import nn
 from kbitrt.errors import KbitFormatError, RunError
 from kbitrt.format.config import QuantConfig
 from kbitrt.runtime.devices import cpu_path, default_dtype, gpu_path, resolve_device
+from kbitrt.runtime.experts import install_kbit_experts
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.linear import HalfLinear, KbitLinear, stack_rows
 from kbitrt.runtime.models.decoder import Decoder, default_positions
@@ -267,7 +268,7 @@ def build_native(source, config, device: torch.device, dtype: torch.dtype,
     args, spec = model_args(config), family_for(config)
     with torch.device("meta"):
         model = Decoder(args)
-    names = checkpoint_names(spec, args.n_layers)
+    names = checkpoint_names(spec, args.n_layers, args.n_experts)
     tensors = _Tensors(source, device, dtype, cpu_weights)
     conv1d = _CONV1D.get(spec.name, ())
     # on the CPU a quantized model holds packed codes or 16-bit copies (cpu_weights), so the
@@ -380,6 +381,7 @@ def build_transformers(source, config, device: torch.device, dtype: torch.dtype,
 
     with _params_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    install_kbit_experts(model)  # MoE: a slot per expert for its KbitLinear (runtime/experts.py)
     tensors = _Tensors(source, device, dtype, cpu_weights)
     for name in source.quantized_modules:
         module = model.get_submodule(name)
@@ -389,11 +391,16 @@ def build_transformers(source, config, device: torch.device, dtype: torch.dtype,
         tensors.used.add(name)
         model.set_submodule(name, kbit_module(qw, b, dtype, device, cpu_weights))
     params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
     for name in sorted(tensors.plain - tensors.used):
         if name in params:
             t = tensors.get(name, tuple(params[name].shape))
             module_name, _, pname = name.rpartition(".")
             setattr(model.get_submodule(module_name), pname, nn.Parameter(t, requires_grad=False))
+        elif name in buffers:  # a persistent buffer (DeepSeek-V3's e_score_correction_bias)
+            module_name, _, bname = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[bname] = tensors.get(
+                name, tuple(buffers[name].shape)).to(buffers[name].dtype)
     if getattr(config, "tie_word_embeddings", False):
         out, inp = model.get_output_embeddings(), model.get_input_embeddings()
         if isinstance(out, nn.Linear) and out.weight.is_meta:

@@ -124,6 +124,31 @@ bool layer_stack_loops(int64_t handle) {
   return it->second->rows_ok;
 }
 
+// cpu.half_linear (kernels/cpu.py): the fused loop up to fused_max_rows tokens, above fp32
+// copies of at most kHeadChunk rows of W at a time
+constexpr int64_t kHeadChunk = 4096;  // cpu.py's _HEAD_CHUNK
+
+at::Tensor stack_half_linear(const at::Tensor& w, const at::Tensor& bias, int64_t fused_max_rows,
+                             const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  const at::Tensor x2 = x.reshape({-1, w.size(1)}).contiguous();
+  const at::Tensor b = bias.defined() ? bias.to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor y;
+  if (x2.size(0) <= fused_max_rows) {
+    y = half_linear(x2, w, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt);
+  } else {
+    std::vector<at::Tensor> parts;
+    for (int64_t i = 0; i < w.size(0); i += kHeadChunk) {
+      const int64_t j = std::min(w.size(0), i + kHeadChunk);
+      parts.push_back(at::linear(x2, w.slice(0, i, j).to(at::kFloat),
+                                 b.defined() ? b.slice(0, i, j) : at::Tensor()));
+    }
+    y = at::cat(parts, -1);
+  }
+  shape.back() = w.size(0);
+  return y.reshape(shape);
+}
+
 // KbitLinear.forward (linear.py) and, for dense weights, its dense_linear / nn.Linear
 at::Tensor stack_linear(const StackLinear& s, int64_t fused_max_rows, const at::Tensor& x) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -131,6 +156,11 @@ at::Tensor stack_linear(const StackLinear& s, int64_t fused_max_rows, const at::
     const at::Tensor& w = s.w0;
     if (x.scalar_type() == w.scalar_type())
       return at::linear(x, w, s.bias.defined() ? s.bias.to(w.scalar_type()) : at::Tensor());
+    if (x.scalar_type() == at::kFloat &&
+        (w.scalar_type() == at::kHalf || w.scalar_type() == at::kBFloat16)) {
+      // a 16-bit copy under fp32 activations, as dense_linear: fp32 products and sums
+      return stack_half_linear(w, s.bias, fused_max_rows, x);
+    }
     at::Tensor y = at::linear(x.to(w.scalar_type()), w).to(x.scalar_type());
     return s.bias.defined() ? y + s.bias.to(x.scalar_type()) : y;
   }

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kbitrt.runtime.devices import twin_enabled
+from kbitrt.runtime.devices import cpu_path, twin_enabled
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.kernels.reference import dequantize_packed, kbit_linear_torch, pad_codebook
 
@@ -120,11 +120,7 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 @half_linear.register_kernel("cpu")
 def half_linear_cpu(x, weight, bias):
-    if twin_enabled() or weight.dtype not in cpu_kernels.HALF_DTYPES \
-            or not cpu_kernels.available():
-        return dense_linear(x, weight, bias)
-    # products and sums in fp32, one order for any number of rows (decode == verify logits)
-    return cpu_kernels.half_linear(x, weight, bias).to(x.dtype)
+    return dense_linear(x, weight, bias)  # the fused kernel for fp32 x on the CPU path
 
 
 @half_linear.register_fake
@@ -133,8 +129,16 @@ def _(x, weight, bias):
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear with W in its own dtype: x is cast to it and the result back to x.dtype."""
+    """F.linear with W in its own dtype. A 16-bit W under the CPU path's fp32 activations
+    multiplies them as they are (products and sums in fp32, in one order for any number of rows:
+    the fused kernels' half_linear, else an fp32 copy of W), so only the weights are rounded;
+    other mixes cast x to W's dtype and the result back."""
     if x.dtype == w.dtype:
         return F.linear(x, w, bias.to(w.dtype) if bias is not None else None)
+    if x.dtype == torch.float32 and w.dtype in cpu_kernels.HALF_DTYPES and cpu_path(x.device):
+        x2 = x.reshape(-1, w.shape[1])
+        y = cpu_kernels.half_linear(x2, w.contiguous(), bias) if cpu_kernels.available() else \
+            F.linear(x2, w.float(), None if bias is None else bias.float())
+        return y.reshape(*x.shape[:-1], w.shape[0])
     y = F.linear(x.to(w.dtype), w).to(x.dtype)
     return y + bias.to(x.dtype) if bias is not None else y

@@ -8,6 +8,7 @@ padding, cache slots are shared by the batch and a token's model position is `sl
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,8 @@ from torch import nn
 
 from kbitrt.runtime.models import layer_stack
 from kbitrt.runtime.models.kv_cache import KVCache
-from kbitrt.runtime.models.families import ModelArgs
+from kbitrt.runtime.models.families import LongRope, ModelArgs
+from kbitrt.runtime.models.moe import MoE
 
 
 _FUSED_RMS_NORM = hasattr(torch, "rms_norm")  # torch >= 2.4
@@ -38,6 +40,15 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's: normalise and scale by (1 + weight), both in fp32, then cast to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
 def default_positions(input_ids: torch.Tensor, input_pos: torch.Tensor | None,
                       pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cache slots 0..T-1 and no left padding, unless given (the forward protocol's defaults)."""
@@ -49,10 +60,11 @@ def default_positions(input_ids: torch.Tensor, input_pos: torch.Tensor | None,
     return input_pos, pad
 
 
-def make_norm(args: ModelArgs) -> nn.Module:
-    if args.norm == "rmsnorm":
-        return RMSNorm(args.dim, args.norm_eps)
-    return nn.LayerNorm(args.dim, eps=args.norm_eps)
+def make_norm(args: ModelArgs, dim: int | None = None) -> nn.Module:
+    dim = dim or args.dim
+    if args.norm in ("rmsnorm", "gemma"):
+        return (GemmaRMSNorm if args.norm == "gemma" else RMSNorm)(dim, args.norm_eps)
+    return nn.LayerNorm(dim, eps=args.norm_eps)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -81,6 +93,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 
+def softcapped_attention(q, k, v, mask, a: ModelArgs) -> torch.Tensor:
+    """Attention whose scores are capped c * tanh(s / c) before the mask (Gemma 2), as
+    transformers' eager attention: q (B, nh, T, hd), k, v (B, nkv, S, hd), mask (B, 1, T, S)."""
+    groups = a.n_heads // a.n_kv_heads
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = q @ k.transpose(2, 3) * (a.attn_scale or a.head_dim ** -0.5)  # (B, nh, T, S)
+    scores = torch.tanh(scores / a.attn_softcap) * a.attn_softcap + mask
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def rope_table(pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) (B, 1, T, rd) at model positions pos (B, T), as transformers' rotary embedding."""
+    freqs = pos[..., None].float() * inv_freq  # (B, T, rd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, rd)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, window: int | None = None):
         super().__init__()
@@ -95,6 +125,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(nh * hd, args.dim, bias=args.o_bias)
         self.kv_cache: KVCache | None = None
         self.qkv_mode = args.qkv  # "fused" once merge_qkv has stacked wq, wk, wv
+        if args.qk_norm == "head":  # Qwen3: each head's q and k normalised before rotary
+            self.q_norm, self.k_norm = make_norm(args, hd), make_norm(args, hd)
+        elif args.qk_norm == "full":  # OLMo 2: all heads' q (and k) as one vector
+            self.q_norm, self.k_norm = make_norm(args, nh * hd), make_norm(args, nkv * hd)
+        self.use_rope = True  # SmolLM3's NoPE layers: False (Decoder.__init__)
 
     def merge_qkv(self, wqkv: nn.Module) -> None:
         """Replace wq, wk, wv by one linear whose output rows are theirs in turn (one call)."""
@@ -111,6 +146,8 @@ class Attention(nn.Module):
                 [a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
         else:  # BLOOM / NeoX: rows grouped by head, each head's q, k, v in turn
             q, k, v = self.wqkv(x).view(B, T, a.n_heads, 3, a.head_dim).unbind(3)
+        if a.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.reshape(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
@@ -119,12 +156,18 @@ class Attention(nn.Module):
     def forward(self, x, input_pos, rope, mask):
         B, T, _ = x.shape
         q, k, v = self.qkv(x)
-        if rope is not None:
+        if self.args.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None and self.use_rope:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[self.window],
-                                           enable_gqa=self.args.n_kv_heads != self.args.n_heads)
+        if self.args.attn_softcap:
+            y = softcapped_attention(q, k, v, mask[self.window], self.args)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[self.window],
+                                               enable_gqa=self.args.n_kv_heads != self.args.n_heads,
+                                               scale=self.args.attn_scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -134,11 +177,14 @@ class MLP(nn.Module):
         from transformers.activations import ACT2FN
 
         self.act = ACT2FN[args.act]
-        self.up = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
+        fused = args.mlp == "gated_fused"  # Phi-3 stores gate and up stacked
+        self.up = None if fused else nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)
         self.down = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)
         self.gate = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias) \
             if args.mlp == "gated" else None
-        self.gate_up: nn.Module | None = None  # gate and up stacked (merge_gate_up)
+        # gate and up stacked (stored so, or merge_gate_up)
+        self.gate_up: nn.Module | None = nn.Linear(args.dim, 2 * args.hidden_dim, bias=args.mlp_bias) \
+            if fused else None
 
     def merge_gate_up(self, gate_up: nn.Module) -> None:
         """Replace gate and up by one linear whose output rows are gate's, then up's."""
@@ -155,14 +201,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, window: int | None):
+    def __init__(self, args: ModelArgs, window: int | None, moe: bool = False):
         super().__init__()
         self.args = args
-        self.attn_norm, self.mlp_norm = make_norm(args), make_norm(args)
-        self.attn, self.mlp = Attention(args, window), MLP(args)
+        if args.pre_norm:
+            self.attn_norm, self.mlp_norm = make_norm(args), make_norm(args)
+        if args.branch_norm:
+            self.attn_out_norm, self.mlp_out_norm = make_norm(args), make_norm(args)
+        shared = MLP(replace(args, hidden_dim=args.shared_hidden_dim, mlp="gated", mlp_bias=False)) \
+            if moe and args.shared_hidden_dim else None
+        self.attn, self.mlp = Attention(args, window), MoE(args, shared) if moe else MLP(args)
 
     def forward(self, x, input_pos, rope, mask):
         a = self.args
+        if a.branch_norm or not a.pre_norm or a.residual_scale != 1.0:
+            return self.scaled_forward(x, input_pos, rope, mask)
         if a.parallel_residual:  # NeoX: both branches read the block input
             return x + self.attn(self.attn_norm(x), input_pos, rope, mask) + self.mlp(self.mlp_norm(x))
         h = x if a.post_norm else self.attn_norm(x)
@@ -172,6 +225,14 @@ class Block(nn.Module):
         h = x if a.post_norm else self.mlp_norm(x)
         x = (h if a.residual_from_norm else x) + self.mlp(h)
         return self.mlp_norm(x) if a.post_norm else x
+
+    def scaled_forward(self, x, input_pos, rope, mask):
+        """Pre-norm residual blocks whose branch outputs are normed (OLMo 2) or scaled (Granite)."""
+        a = self.args
+        h = self.attn(self.attn_norm(x) if a.pre_norm else x, input_pos, rope, mask)
+        x = x + (self.attn_out_norm(h) if a.branch_norm else h) * a.residual_scale
+        h = self.mlp(self.mlp_norm(x) if a.pre_norm else x)
+        return x + (self.mlp_out_norm(h) if a.branch_norm else h) * a.residual_scale
 
 
 def unset_embedding(n: int, dim: int) -> nn.Embedding:
@@ -194,7 +255,10 @@ class Decoder(nn.Module):
         if args.emb_norm:
             self.emb_norm = make_norm(args)
         windows = args.sliding_windows or (None,) * args.n_layers
-        self.layers = nn.ModuleList(Block(args, windows[i]) for i in range(args.n_layers))
+        moe = args.moe_layers or (bool(args.n_experts),) * args.n_layers
+        self.layers = nn.ModuleList(Block(args, windows[i], moe[i]) for i in range(args.n_layers))
+        for layer, rotary in zip(self.layers, args.rope_layers or ()):
+            layer.attn.use_rope = rotary
         if args.final_norm:
             self.norm = make_norm(args)
         self.lm_head = nn.Linear(emb_dim, args.vocab_size, bias=False)
@@ -205,6 +269,8 @@ class Decoder(nn.Module):
         self.kv_dtype: torch.dtype | None = None
         # position tables, set by `setup_positions` once the model is off the meta device
         self.inv_freq: torch.Tensor | None = None
+        self.long_rope: LongRope | None = None
+        self.layer_ropes: dict[str, tuple[torch.Tensor, float]] | None = None
         self.rope_scaling = 1.0
         self.slopes: torch.Tensor | None = None
         # the layers run from C++ on the CPU (layer_stack.py), set up with the KV caches;
@@ -216,8 +282,14 @@ class Decoder(nn.Module):
 
     # ---------------------------------------------------------------------------------- setup
 
-    def setup_positions(self, inv_freq: torch.Tensor | None, rope_scaling: float = 1.0) -> None:
+    def setup_positions(self, inv_freq: torch.Tensor | LongRope | None,
+                        rope_scaling: float = 1.0) -> None:
         device = self.tok_emb.weight.device
+        if isinstance(inv_freq, LongRope):  # Phi-3: the table depends on the forward's positions
+            self.long_rope, inv_freq = inv_freq.to(device), inv_freq.short
+        if isinstance(inv_freq, dict):  # Gemma 3: a table per layer type (args.rope_types)
+            self.layer_ropes = {t: (f.to(device), scale) for t, (f, scale) in inv_freq.items()}
+            inv_freq, rope_scaling = next(iter(inv_freq.values()))
         self.inv_freq = None if inv_freq is None else inv_freq.to(device)
         self.rope_scaling = rope_scaling
         if self.args.positions == "alibi":
@@ -301,6 +373,8 @@ class Decoder(nn.Module):
         x = self.tok_emb(input_ids)
         if self.act_dtype is not None:
             x = x.to(self.act_dtype)
+        if a.emb_scale != 1.0:
+            x = x * a.emb_scale
         if a.project_dim:
             x = self.project_in(x)
         if a.positions == "learned":
@@ -322,21 +396,28 @@ class Decoder(nn.Module):
         x = self.embed(input_ids, pos)
         rope = None
         if a.positions == "rotary":
-            freqs = pos[..., None].float() * self.inv_freq  # (B, T, rd/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, rd)
-            rope = ((emb.cos() * self.rope_scaling).to(x.dtype),
-                    (emb.sin() * self.rope_scaling).to(x.dtype))
+            inv_freq = self.inv_freq
+            if self.long_rope is not None and int(pos.max()) + 1 > self.long_rope.switch:
+                inv_freq = self.long_rope.long
+            rope = rope_table(pos, inv_freq, self.rope_scaling, x.dtype)
+        ropes = [rope] * a.n_layers
+        if self.layer_ropes is not None:
+            tables = {t: rope_table(pos, f, scale, x.dtype) for t, (f, scale) in self.layer_ropes.items()}
+            ropes = [tables[t] for t in a.rope_types]
         mask = self.masks(input_pos, pad, x.dtype)
         if self.layer_stack is not None and x.dtype == torch.float32 \
                 and not torch.compiler.is_compiling():
             x = self.layer_stack(x, input_pos, rope, mask)
         else:
-            for layer in self.layers:
-                x = layer(x, input_pos, rope, mask)
+            for layer, layer_rope in zip(self.layers, ropes):
+                x = layer(x, input_pos, layer_rope, mask)
         if last_only:
             x = x[:, -1:]
         if a.final_norm:
             x = self.norm(x)
         if a.project_dim:
             x = self.project_out(x)
-        return self.lm_head(x)
+        logits = self.lm_head(x)
+        if a.logits_softcap:
+            logits = torch.tanh(logits / a.logits_softcap) * a.logits_softcap
+        return logits / a.logits_scale if a.logits_scale != 1.0 else logits

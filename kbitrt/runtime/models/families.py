@@ -47,11 +47,12 @@ class ModelArgs:
     head_dim: int | None = None
     norm_eps: float = 1e-5
     act: str = "gelu"  # a transformers ACT2FN name, so activations match its forward exactly
-    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm: str = "layernorm"  # layernorm | rmsnorm | gemma (RMSNorm scaled by 1 + weight)
     positions: str = "learned"  # learned | rotary | alibi
     pos_offset: int = 0  # OPT's learned positions start at 2
     qkv: str = "separate"  # separate (wq, wk, wv) | fused (q|k|v rows) | interleaved (per head q,k,v)
     mlp: str = "plain"  # plain: down(act(up x)) | gated: down(act(gate x) * up x)
+    # | gated_fused: gated, gate and up stored as one linear, gate rows first (Phi-3)
     parallel_residual: bool = False  # x + attn(ln1 x) + mlp(ln2 x)  (NeoX)
     post_norm: bool = False  # norm after the residual add (OPT-350m)
     residual_from_norm: bool = False  # the residual is the normed input (BLOOM option)
@@ -64,6 +65,26 @@ class ModelArgs:
     project_dim: int | None = None  # OPT-350m: embeddings narrower than the model (project_in/out)
     rotary_fraction: float = 1.0  # NeoX: rotary on the first part of each head only
     sliding_windows: tuple[int | None, ...] | None = None  # per layer, None = full attention
+    # RMSNorm of q and k before rotary: "head" over each head (Qwen3), "full" over all heads (OLMo 2)
+    qk_norm: str = ""
+    rope_layers: tuple[bool, ...] | None = None  # per layer, False: no rotary (SmolLM3's NoPE)
+    pre_norm: bool = True  # attn_norm / mlp_norm on each branch's input
+    branch_norm: bool = False  # attn_out_norm / mlp_out_norm on each branch's output (OLMo 2)
+    emb_scale: float = 1.0  # embeddings times this (Granite's embedding_multiplier)
+    residual_scale: float = 1.0  # branch outputs times this before the residual add (Granite)
+    attn_scale: float | None = None  # softmax scale (None: 1/sqrt(head_dim); Granite's multiplier)
+    logits_scale: float = 1.0  # logits divided by this (Granite's logits_scaling)
+    attn_softcap: float | None = None  # attention scores c * tanh(s / c) (Gemma 2)
+    rope_types: tuple[str, ...] | None = None  # per layer, its rotary table's key (Gemma 3)
+    logits_softcap: float | None = None  # logits c * tanh(l / c) (Gemma 2)
+    # Mixture of Experts (moe.py): experts per MoE layer, experts per token, an expert's hidden
+    # width, top-k weights renormalised to sum 1, and which layers are MoE (None: all when n_experts)
+    n_experts: int = 0
+    top_k: int = 0
+    moe_hidden_dim: int | None = None
+    norm_topk: bool = True
+    moe_layers: tuple[bool, ...] | None = None
+    shared_hidden_dim: int | None = None  # a gated shared expert of this width (Qwen2-MoE)
 
     def __post_init__(self) -> None:
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -200,28 +221,24 @@ def _llama_windows(c) -> tuple[int | None, ...] | None:
     window = getattr(c, "sliding_window", None)
     if layer_types:
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
-    if window and c.model_type == "mistral":
+    if window and c.model_type in ("mistral", "mixtral"):
         return (window,) * c.num_hidden_layers
     return None
 
+
+LLAMA_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+    "attn.wo": "self_attn.o_proj",
+    "mlp_norm": "post_attention_layernorm",
+    "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj", "mlp.down": "mlp.down_proj"}
 
 LLAMA = FamilySpec(
     name="llama", model_types=("llama", "mistral", "qwen2", "smollm", "smollm2"),
     keys=dict(**CONFIG_KEYS, n_kv_heads=("num_key_value_heads",), head_dim=("head_dim",),
               hidden_dim=("intermediate_size",), norm_eps=("rms_norm_eps",), act=("hidden_act",)),
-    weights={
-        "tok_emb": "model.embed_tokens",
-        **per_layer("model.layers", {
-            "attn_norm": "input_layernorm",
-            "attn.wq": "self_attn.q_proj",
-            "attn.wk": "self_attn.k_proj",
-            "attn.wv": "self_attn.v_proj",
-            "attn.wo": "self_attn.o_proj",
-            "mlp_norm": "post_attention_layernorm",
-            "mlp.gate": "mlp.gate_proj",
-            "mlp.up": "mlp.up_proj",
-            "mlp.down": "mlp.down_proj"}),
-        "norm": "model.norm", "lm_head": "lm_head"},
+    weights={"tok_emb": "model.embed_tokens", **per_layer("model.layers", LLAMA_LAYER),
+             "norm": "model.norm", "lm_head": "lm_head"},
     switches=dict(positions="rotary", norm="rmsnorm", mlp="gated"),
     derive=lambda c: dict(
         # Qwen2 always has q/k/v biases; Llama has `attention_bias` for all four projections
@@ -233,11 +250,109 @@ LLAMA = FamilySpec(
         tie_embeddings=bool(getattr(c, "tie_word_embeddings", False))),
     unsupported=lambda c: (
         f"rope_type {_rope(c).get('rope_type')!r}"
-        if _rope(c).get("rope_type", "default") not in ("default", "linear", "dynamic", "llama3", "yarn")
+        if _rope(c).get("rope_type", "default") not in ("default", "linear", "dynamic", "llama3", "yarn",
+                                                        "longrope")
         else None),
 )
 
-FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA)
+QK_NORMS = {"attn.q_norm": "self_attn.q_norm", "attn.k_norm": "self_attn.k_norm"}
+# a MoE layer (moe.py): its router and each expert's stored linears (kbitrt/format/experts.py)
+EXPERTS = {"mlp.router": "mlp.gate", "mlp.gate_up.{expert}": "mlp.experts.gate_up_proj.{expert}",
+           "mlp.down.{expert}": "mlp.experts.down_proj.{expert}"}
+
+
+def _llama_like(name: str, model_types: tuple[str, ...], layer: dict[str, str],
+                switches: dict | None = None, derive=None) -> FamilySpec:
+    """A family that is Llama with more per-layer tensors, switches and derived fields."""
+    base = LLAMA.derive
+    return FamilySpec(
+        name=name, model_types=model_types, keys=LLAMA.keys,
+        weights={"tok_emb": "model.embed_tokens", **per_layer("model.layers", layer),
+                 "norm": "model.norm", "lm_head": "lm_head"},
+        switches={**LLAMA.switches, **(switches or {})},
+        derive=(lambda c: {**base(c), **derive(c)}) if derive else base,
+        unsupported=LLAMA.unsupported)
+
+
+def _moe_layers(c) -> tuple[bool, ...]:
+    """Which layers are MoE: Qwen's decoder_sparse_step and mlp_only_layers (all by default)."""
+    step = getattr(c, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(c, "mlp_only_layers", None) or ())
+    return tuple(i not in dense and (i + 1) % step == 0 for i in range(c.num_hidden_layers))
+
+
+QWEN3 = _llama_like("qwen3", ("qwen3",), {**LLAMA_LAYER, **QK_NORMS}, dict(qk_norm="head"))
+MIXTRAL = _llama_like(
+    "mixtral", ("mixtral",), {**LLAMA_LAYER, **EXPERTS},
+    derive=lambda c: dict(n_experts=c.num_local_experts, top_k=c.num_experts_per_tok,
+                          moe_hidden_dim=c.intermediate_size, norm_topk=True))
+QWEN3_MOE = _llama_like(
+    "qwen3_moe", ("qwen3_moe",), {**LLAMA_LAYER, **QK_NORMS, **EXPERTS}, dict(qk_norm="head"),
+    derive=lambda c: dict(n_experts=c.num_experts, top_k=c.num_experts_per_tok,
+                          moe_hidden_dim=c.moe_intermediate_size,
+                          norm_topk=bool(c.norm_topk_prob), moe_layers=_moe_layers(c)))
+
+def _nope_layers(c) -> tuple[bool, ...]:
+    """SmolLM3: no_rope_layers[i] is 1 where layer i uses rotary, 0 for a NoPE layer."""
+    return tuple(bool(u) for u in c.no_rope_layers)
+
+QWEN2_MOE = _llama_like(
+    "qwen2_moe", ("qwen2_moe",),
+    {**LLAMA_LAYER, **EXPERTS, "mlp.shared.gate": "mlp.shared_expert.gate_proj",
+     "mlp.shared.up": "mlp.shared_expert.up_proj", "mlp.shared.down": "mlp.shared_expert.down_proj",
+     "mlp.shared_gate": "mlp.shared_expert_gate"},
+    derive=lambda c: dict(qkv_bias=bool(c.qkv_bias), o_bias=False, n_experts=c.num_experts,
+                          top_k=c.num_experts_per_tok, moe_hidden_dim=c.moe_intermediate_size,
+                          norm_topk=bool(c.norm_topk_prob), moe_layers=_moe_layers(c),
+                          shared_hidden_dim=c.shared_expert_intermediate_size or None))
+
+SMOLLM3 = _llama_like("smollm3", ("smollm3",), LLAMA_LAYER,
+                      derive=lambda c: dict(rope_layers=_nope_layers(c)))
+GRANITE = _llama_like(
+    "granite", ("granite",), LLAMA_LAYER,
+    derive=lambda c: dict(emb_scale=float(c.embedding_multiplier),
+                          residual_scale=float(c.residual_multiplier),
+                          attn_scale=float(c.attention_multiplier),
+                          logits_scale=float(c.logits_scaling)))
+OLMO2 = _llama_like(
+    "olmo2", ("olmo2",),
+    {k: v for k, v in LLAMA_LAYER.items() if k not in ("attn_norm", "mlp_norm")}
+    | QK_NORMS | {"attn_out_norm": "post_attention_layernorm",
+                  "mlp_out_norm": "post_feedforward_layernorm"},
+    dict(qk_norm="full", pre_norm=False, branch_norm=True))
+
+SANDWICH = {"attn_norm": "input_layernorm", "attn_out_norm": "post_attention_layernorm",
+            "mlp_norm": "pre_feedforward_layernorm", "mlp_out_norm": "post_feedforward_layernorm"}
+GEMMA2 = FamilySpec(
+    name="gemma2", model_types=("gemma2",),
+    keys={**LLAMA.keys, "act": ("hidden_activation", "hidden_act")},
+    weights={"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
+             **per_layer("model.layers", {**LLAMA_LAYER, **SANDWICH})},
+    switches=dict(positions="rotary", norm="gemma", mlp="gated", branch_norm=True),
+    derive=lambda c: {**LLAMA.derive(c), "emb_scale": c.hidden_size ** 0.5,
+                      "attn_scale": c.query_pre_attn_scalar ** -0.5,
+                      "attn_softcap": c.attn_logit_softcapping,
+                      "logits_softcap": c.final_logit_softcapping,
+                      "tie_embeddings": bool(getattr(c, "tie_word_embeddings", True))},
+    unsupported=LLAMA.unsupported)
+PHI3 = _llama_like(
+    "phi3", ("phi3",),
+    {k: v for k, v in LLAMA_LAYER.items() if k not in ("attn.wq", "attn.wk", "attn.wv", "mlp.gate",
+                                                        "mlp.up")}
+    | {"attn.wqkv": "self_attn.qkv_proj", "mlp.gate_up": "mlp.gate_up_proj"},
+    dict(qkv="fused", mlp="gated_fused"),
+    derive=lambda c: dict(qkv_bias=False, o_bias=False, mlp_bias=False))
+GEMMA3 = FamilySpec(
+    name="gemma3", model_types=("gemma3_text",), keys=GEMMA2.keys,
+    weights={"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head",
+             **per_layer("model.layers", {**LLAMA_LAYER, **SANDWICH, **QK_NORMS})},
+    switches={**GEMMA2.switches, "qk_norm": "head"},
+    derive=lambda c: {**GEMMA2.derive(c), "rope_types": tuple(c.layer_types)},
+    unsupported=lambda c: next((f"rope_type {p.get('rope_type')!r}" for p in c.rope_parameters.values()
+                                if p.get("rope_type", "default") not in ("default", "linear")), None))
+
+FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, SMOLLM3,
+            GRANITE, OLMO2, GEMMA2, PHI3, GEMMA3)
 _BY_MODEL_TYPE = {t: spec for spec in FAMILIES for t in spec.model_types}
 
 
@@ -278,27 +393,54 @@ def model_args(config) -> ModelArgs:
 _REQUIRED = ("vocab_size", "dim", "n_layers", "n_heads", "hidden_dim")
 
 
-def checkpoint_names(spec: FamilySpec, n_layers: int) -> dict[str, str]:
-    """decoder module name -> checkpoint module name, for every layer."""
+def checkpoint_names(spec: FamilySpec, n_layers: int, n_experts: int = 0) -> dict[str, str]:
+    """decoder module name -> checkpoint module name, for every layer (and expert)."""
     out = {}
     for ours, theirs in spec.weights.items():
-        if "{layer}" in ours:
-            for i in range(n_layers):
-                out[ours.format(layer=i)] = theirs.format(layer=i)
-        else:
-            out[ours] = theirs
+        for i in range(n_layers) if "{layer}" in ours else (0,):
+            for e in range(n_experts) if "{expert}" in ours else (0,):
+                out[ours.format(layer=i, expert=e)] = theirs.format(layer=i, expert=e)
     return out
 
 
+class _SubRope:
+    """A config seen through one layer type's rope_parameters (Gemma 3's per-type tables);
+    transformers' init functions take the layer type, the default one is ours."""
+
+    def __init__(self, config, layer_type: str):
+        self._config, self._type = config, layer_type
+        self.rope_parameters = config.rope_parameters[layer_type]
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
+@dataclass(frozen=True)
+class LongRope:
+    """Phi-3's longrope: `short` inverse frequencies while every position of a forward is below
+    `switch` (original_max_position_embeddings), else `long` (transformers' dynamic update)."""
+
+    short: torch.Tensor
+    long: torch.Tensor
+    switch: int
+
+    def to(self, device) -> LongRope:
+        return LongRope(self.short.to(device), self.long.to(device), self.switch)
+
+
 def rope_frequencies(config, args: ModelArgs, seq_len: int | None = None,
-                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
-    """(inv_freq (rotary_dim/2,), attention scaling) as transformers computes them.
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor | LongRope, float]:
+    """(inv_freq (rotary_dim/2,), attention scaling) as transformers computes them (longrope: both
+    tables and where transformers switches from one to the other, LongRope).
 
     RoPE scaling variants (linear, dynamic, llama3, yarn) come from transformers' own
     ROPE_INIT_FUNCTIONS so they match its forward; `dynamic` is evaluated at `seq_len` (the cache
     length), which equals transformers' result for a sequence of that length.
     """
     params = _rope(config)
+    if args.rope_types and not isinstance(config, _SubRope):  # Gemma 3: a table per layer type
+        return {t: rope_frequencies(_SubRope(config, t), args, seq_len, device)
+                for t in sorted(set(args.rope_types))}, 1.0
     rope_type = params.get("rope_type", "default")
     base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
     if rope_type == "default":
@@ -306,6 +448,14 @@ def rope_frequencies(config, args: ModelArgs, seq_len: int | None = None,
         return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim)), 1.0
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    if rope_type == "longrope":  # short factors up to original_max_position_embeddings, then long
+        short, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device)
+        switch = params.get("original_max_position_embeddings") or \
+            getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        long, _ = ROPE_INIT_FUNCTIONS[rope_type](config, device, seq_len=switch + 1)
+        return LongRope(short.float(), long.float(), int(switch)), float(scaling)
     kwargs = {"seq_len": seq_len} if rope_type == "dynamic" and seq_len else {}
+    if isinstance(config, _SubRope):
+        config, kwargs = config._config, {**kwargs, "layer_type": config._type}
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device, **kwargs)
     return inv_freq.float(), float(scaling)

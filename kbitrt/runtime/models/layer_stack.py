@@ -83,6 +83,22 @@ def _norm(m: nn.Module, norm: str) -> list[torch.Tensor]:
     return [m.weight.detach(), _bias(m.bias)]
 
 
+def uncovered(a) -> str | None:
+    """The first of a decoder's layer features cpu_layers.h lacks (ModelArgs `a`), else None."""
+    for lacks, what in ((a.qk_norm, "q/k norms (Qwen3, OLMo 2)"),
+                        (a.n_experts, "Mixture-of-Experts layers"),
+                        (a.rope_layers and not all(a.rope_layers), "layers without rotary (NoPE)"),
+                        (a.branch_norm or not a.pre_norm, "norms on the branch outputs (OLMo 2, Gemma 2)"),
+                        (a.residual_scale != 1.0, "a residual multiplier (Granite)"),
+                        (a.attn_scale is not None, "an attention multiplier (Granite)"),
+                        (a.attn_softcap, "attention softcapping (Gemma 2)"),
+                        (a.rope_types, "rotary tables per layer type (Gemma 3)"),
+                        (a.norm not in _NORM, f"{a.norm} norms")):
+        if lacks:
+            return what
+    return None
+
+
 def _has_hooks(module: nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
                for m in module.modules())
@@ -96,9 +112,11 @@ class LayerStack:
         self.handle = 0
         self.ops = ops if ops is not None else torch.ops.kbitrt_cpu
         a = decoder.args
+        if uncovered(a):
+            raise ValueError(uncovered(a))
         layers = list(decoder.layers)
         self.windows = list(dict.fromkeys(layer.attn.window for layer in layers))
-        mlp_mode = {"plain": 0, "gated": 1}[a.mlp]
+        mlp_mode = {"plain": 0, "gated": 1, "gated_fused": 2}[a.mlp]
         ints = [len(layers), a.n_heads, a.n_kv_heads, a.head_dim, _NORM[a.norm], 0, 0, 0,
                 int(a.parallel_residual), int(a.post_norm), int(a.residual_from_norm),
                 cpu_kernels.FUSED_MAX_ROWS]
