@@ -97,7 +97,8 @@ class Engine:
             for req in self.waiting:
                 req.cancel()
             self.cv.notify()
-        self.thread.join(timeout)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
 
     def busy(self) -> bool:
         return bool(self.waiting)
@@ -207,6 +208,11 @@ class BatchEngine(Engine):
 
     def admit(self, req: Request) -> None:
         L = len(req.prompt_ids)
+        if L >= self.ctx:  # the server checks first; a direct caller gets the error here
+            self.metrics.finished("error")
+            req.emit("error", f"the prompt's {L} tokens fill the {self.ctx}-token context")
+            return
+        req.max_tokens = min(req.max_tokens, self.ctx - L)  # so the cache never overflows
         if not self.rows:
             self.s = L
         elif self.s < L:
@@ -228,6 +234,8 @@ class BatchEngine(Engine):
         n = len(self.rows)
         if self.s == self.ctx:  # the cache is full: every live row moves left by the least pad
             self.shift(-int(self.pad[:n].min()))
+            if self.s == self.ctx:
+                raise RuntimeError("a live row fills the whole cache")
         ids = torch.tensor([[r.next_token] for r in self.rows], device=self.device)  # (n, 1)
         self.model.use_cache_rows(0, n)
         logits = self.model(ids, torch.tensor([self.s], device=self.device), self.pad[:n])
