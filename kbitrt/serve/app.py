@@ -25,6 +25,7 @@ from kbitrt.serve import protocol as P
 from kbitrt.serve.scheduler import Engine, Finish, Request
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
+CLOSE_SECONDS = 3.0  # at shutdown, after uvicorn's grace: the scheduler's thread is waited for
 
 
 class Session:
@@ -212,7 +213,7 @@ def create_app(session: Session) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         yield
-        await asyncio.to_thread(session.engine.close, 3.0)
+        await asyncio.to_thread(session.engine.close, CLOSE_SECONDS)
 
     app = FastAPI(title="kbit serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_exception_handler(P.APIError, lambda r, e: error_response(e))
