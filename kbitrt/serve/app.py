@@ -99,7 +99,8 @@ class Session:
         def emit(kind: str, value: object) -> None:  # on the scheduler's thread
             loop.call_soon_threadsafe(queue.put_nowait, (kind, value))
 
-        req = Request(ids, max_tokens, self.sampling(body), emit, body.stops())
+        req = Request(ids, max_tokens, self.sampling(body), emit, body.stops(),
+                      ignore_eos=body.ignore_eos)
         if not self.engine.submit(req):
             raise P.APIError(503, "The server is shutting down: it takes no new requests",
                              code="shutting_down")

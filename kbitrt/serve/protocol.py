@@ -43,6 +43,7 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extra: generate max_tokens whatever comes (batching only)
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -54,6 +54,7 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     cancelled: bool = False  # set by the client's side (a disconnect, the stop button)
+    ignore_eos: bool = False  # run to max_tokens (vLLM's extra field; benchmarks use it)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -249,7 +250,7 @@ class BatchEngine(Engine):
             live = self.rows[b]
             token = int(sample(logits[j:j + 1], live.req.sampling, live.generator)[0])
             self.note_first_token(live.req)
-            if live.take(token, self.stops_at):
+            if live.take(token, set() if live.req.ignore_eos else self.stops_at):
                 done.append(b)
         for b in reversed(done):
             self.retire(b)
