@@ -163,6 +163,7 @@ def main(argv=None) -> int:
             except httpx.TransportError:
                 time.sleep(0.5)
         result = asyncio.run(measure(url, "smollm2", args))
+        result["server_health"] = httpx.get(url + "/health", timeout=10).json()
     finally:
         server.terminate()
         try:

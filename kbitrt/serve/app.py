@@ -272,7 +272,8 @@ def create_app(session: Session) -> FastAPI:
         e = session.engine
         body = {"status": "draining" if e.draining else "ok", "model": session.model_id,
                 "batching": e.batching, "running": e.metrics.batch_size,
-                "waiting": e.metrics.queue_depth}
+                "waiting": e.metrics.queue_depth,
+                "cpu_layers": getattr(e.lm.model, "cpu_layers", None)}  # native: stack or why not
         return JSONResponse(body, status_code=503 if e.draining else 200)
 
     @app.get("/metrics", dependencies=api)
