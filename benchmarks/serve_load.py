@@ -10,7 +10,8 @@ then, greedy and with `ignore_eos` so that every request generates exactly --tok
 Every loaded request must complete with its prompt's reference text (none lost, none mixed with
 another's tokens). Reports p50/p99 time to first token, aggregate tok/s and its ratio to the
 single stream. The clients run in this process (httpx, asyncio) on the same machine: they take
-some of its CPU from the server. JSON: benchmarks/results/serve_load-cpu.json.
+some of its CPU from the server. Then, with the server gone, the cost of one decoding step over
+1, 4 and 16 rows in this process. JSON: benchmarks/results/serve_load-cpu.json.
 """
 
 from __future__ import annotations
@@ -128,6 +129,34 @@ async def measure(url: str, model: str, args) -> dict:
     }
 
 
+def step_cost(folder: Path, threads: int, ctx: int, rows=(1, 4, 16), reps: int = 5) -> dict:
+    """In this process, with the server gone: one decoding step of the native decoder over n
+    rows (what the scheduler's step runs), the fastest of `reps`, in ms."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from kbitrt.runtime.loader import load_model
+
+    torch.set_num_threads(threads)
+    lm = load_model(folder, device="cpu")
+    model = lm.model
+    model.setup_caches(max(rows), ctx)
+    out = {}
+    with torch.no_grad():
+        for n in rows:
+            model.use_cache_rows(0, n)
+            ids, pad = torch.full((n, 1), 5), torch.zeros(n, dtype=torch.long)
+            pos = torch.tensor([ctx // 2])
+            times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                model(ids, pos, pad)
+                times.append(time.perf_counter() - t0)
+            out[str(n)] = {"step_ms": 1e3 * min(times), "tok_s": n / min(times)}
+    model.drop_caches()
+    return {"cpu_layers": model.cpu_layers, "rows": out}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="kbit folder (default SmolLM2 nf4)")
@@ -170,6 +199,7 @@ def main(argv=None) -> int:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
+    result["step_cost"] = step_cost(folder, args.threads, args.ctx)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     import importlib.metadata as md
@@ -179,6 +209,7 @@ def main(argv=None) -> int:
         "cores": os.cpu_count(), "server_threads": args.threads, "model": str(folder),
         "clients": args.clients, "tokens_per_request": args.tokens, "max_batch": args.max_batch,
         "ctx": args.ctx, "greedy": True, "ignore_eos": True, "commit": commit,
+        "kbit_cache": os.environ.get("KBIT_CACHE"),  # where the CPU kernels were built
         "versions": {p: md.version(p) for p in ("torch", "transformers", "fastapi", "uvicorn",
                                                 "httpx")} | {"python": sys.version.split()[0]},
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
