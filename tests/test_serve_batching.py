@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kbitrt.format.config import QuantConfig
 from kbitrt.runtime.generate import SamplingConfig, generate
@@ -20,20 +20,16 @@ PROMPTS = ["The capital of France is", "Hi", "1, 2, 3, 4, 5, 6, 7",
            "Once upon a time there was a long prompt that went on and on and on", "def f(x):"]
 
 
-def tiny_lm(smollm2_dir, backend="native"):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=True, eos_token_id=2)
-    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    return build_model(InMemoryKbit(hf, QuantConfig(bits=4, block_size=64)), "cpu",
-                       backend=backend, tokenizer=tok)
-
-
 @pytest.fixture(scope="module")
-def tiny(smollm2_dir):
-    return tiny_lm(smollm2_dir)
+def tiny(tiny_llama_with_tokenizer):
+    return tiny_lm(tiny_llama_with_tokenizer)
+
+
+def tiny_lm(folder, backend="native"):
+    """The tiny Llama that reads text (conftest), quantized in memory as the converter would."""
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return build_model(InMemoryKbit(hf, QuantConfig(bits=4, block_size=64)), "cpu",
+                       backend=backend, tokenizer=AutoTokenizer.from_pretrained(folder))
 
 
 class Client:
@@ -181,8 +177,8 @@ def test_thread_serves_concurrent_requests(tiny):
         assert c.finish.token_ids == generate(tiny, [c.req.prompt_ids], 10).token_ids[0]
 
 
-def test_transformers_backend_is_served_one_at_a_time(smollm2_dir):
-    lm = tiny_lm(smollm2_dir, backend="transformers")
+def test_transformers_backend_is_served_one_at_a_time(tiny_llama_with_tokenizer):
+    lm = tiny_lm(tiny_llama_with_tokenizer, backend="transformers")
     served = open_engine(lm, "tiny", max_batch=4, ctx=64)
     try:
         assert isinstance(served.engine, SerialEngine) and "one request at a time" in served.how

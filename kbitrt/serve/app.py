@@ -38,6 +38,15 @@ class Session:
 
     # ------------------------------------------------------------------------- validation
 
+    def authorize(self, http: HTTPRequest) -> None:
+        """With --api-key: the request's bearer key, else a 401."""
+        if self.api_key is None:
+            return
+        scheme, _, key = http.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or key.strip() != self.api_key:
+            raise P.APIError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
+                             code="invalid_api_key")
+
     def check_model(self, body: P.Sampling) -> None:
         if body.model != self.model_id:
             raise P.APIError(404, f"The model `{body.model}` does not exist: this server serves "
@@ -145,33 +154,40 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
 
-async def chat_stream(session: Session, req: Request, queue: asyncio.Queue, rid: str,
-                      include_usage: bool) -> AsyncIterator[str]:
+async def event_stream(session: Session, req: Request, queue: asyncio.Queue, rid: str,
+                       include_usage: bool, chat: bool) -> AsyncIterator[str]:
+    """A request's SSE events: chat.completion.chunk or text_completion chunks, then [DONE]."""
     model = session.model_id
-    yield sse(P.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
+
+    def chunk(text: str | None, reason: str | None = None) -> dict:
+        if chat:
+            return P.chat_chunk(rid, model, {} if text is None else {"content": text}, reason)
+        return P.completion_chunk(rid, model, text or "", reason)
+
+    if chat:
+        yield sse(P.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
     async for kind, value in events(req, queue):
         if kind == "text":
-            yield sse(P.chat_chunk(rid, model, {"content": value}))
-        else:
-            yield sse(P.chat_chunk(rid, model, {}, value.reason))
-            if include_usage:
-                yield sse(P.usage_chunk(rid, model, "chat.completion.chunk", value.prompt_tokens,
-                                        value.completion_tokens))
+            yield sse(chunk(value))
+            continue
+        yield sse(chunk(None, value.reason))
+        if include_usage:
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            yield sse(P.usage_chunk(rid, model, obj, value.prompt_tokens, value.completion_tokens))
     yield sse("[DONE]")
 
 
-async def completion_stream(session: Session, req: Request, queue: asyncio.Queue, rid: str,
-                            include_usage: bool) -> AsyncIterator[str]:
-    model = session.model_id
-    async for kind, value in events(req, queue):
-        if kind == "text":
-            yield sse(P.completion_chunk(rid, model, value))
-        else:
-            yield sse(P.completion_chunk(rid, model, "", value.reason))
-            if include_usage:
-                yield sse(P.usage_chunk(rid, model, "text_completion", value.prompt_tokens,
-                                        value.completion_tokens))
-    yield sse("[DONE]")
+async def answer(session: Session, http: HTTPRequest, body: P.Sampling, ids: list[int],
+                 max_tokens: int, chat: bool):
+    """Queue the request; its stream, or (not streaming) its whole response."""
+    req, queue = session.submit(ids, max_tokens, body)
+    rid = P.completion_id("chatcmpl" if chat else "cmpl")
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return streaming(req, event_stream(session, req, queue, rid, usage, chat))
+    text, fin = await collect(http, req, queue)
+    build = P.chat_response if chat else P.completion_response
+    return build(rid, session.model_id, text, fin.reason, fin.prompt_tokens, fin.completion_tokens)
 
 
 async def guarded(req: Request, body: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -224,43 +240,21 @@ def create_app(session: Session) -> FastAPI:
     app.add_exception_handler(
         HTTPException, lambda r, e: error_response(P.APIError(e.status_code, str(e.detail))))
 
-    def authorized(http: HTTPRequest) -> None:
-        if session.api_key is None:
-            return
-        scheme, _, key = http.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or key.strip() != session.api_key:
-            raise P.APIError(401, "Incorrect or missing API key: send Authorization: Bearer KEY",
-                             code="invalid_api_key")
-
-    api = [Depends(authorized)]
+    api = [Depends(session.authorize)]
 
     @app.post("/v1/chat/completions", dependencies=api)
     async def chat(body: P.ChatRequest, http: HTTPRequest):
         session.check_model(body)
         ids = session.chat_ids(body)
         asked = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
-        req, queue = session.submit(ids, session.budget(len(ids), asked, None), body)
-        rid = P.completion_id("chatcmpl")
-        usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream:
-            return streaming(req, chat_stream(session, req, queue, rid, usage))
-        text, fin = await collect(http, req, queue)
-        return P.chat_response(rid, session.model_id, text, fin.reason, fin.prompt_tokens,
-                               fin.completion_tokens)
+        return await answer(session, http, body, ids, session.budget(len(ids), asked, None), True)
 
     @app.post("/v1/completions", dependencies=api)
     async def completions(body: P.CompletionRequest, http: HTTPRequest):
         session.check_model(body)
         ids = session.completion_ids(body)
         max_tokens = session.budget(len(ids), body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
-        req, queue = session.submit(ids, max_tokens, body)
-        rid = P.completion_id("cmpl")
-        usage = bool(body.stream_options and body.stream_options.include_usage)
-        if body.stream:
-            return streaming(req, completion_stream(session, req, queue, rid, usage))
-        text, fin = await collect(http, req, queue)
-        return P.completion_response(rid, session.model_id, text, fin.reason, fin.prompt_tokens,
-                                     fin.completion_tokens)
+        return await answer(session, http, body, ids, max_tokens, False)
 
     @app.get("/v1/models", dependencies=api)
     async def models():
