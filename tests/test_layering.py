@@ -16,7 +16,7 @@ ROOT = Path(kbitrt.__file__).parent
 # Rank of each layer: an import must not go to a higher rank. eval, sweep and publish share a rank
 # but sweep may use eval (it evaluates cells); eval and publish must not use sweep.
 RANK = {"": 0, "errors": 0, "format": 1, "convert": 2, "runtime": 3, "eval": 4, "publish": 4,
-        "sweep": 5, "cli": 6}
+        "sweep": 5, "serve": 4, "cli": 6}
 
 
 def _modules() -> dict[str, Path]:

@@ -93,6 +93,7 @@ def _register() -> None:
     cli.add_command(__import__("kbitrt.cli.push", fromlist=["push_cmd"]).push_cmd)
     cli.add_command(__import__("kbitrt.cli.eval", fromlist=["eval_cmd"]).eval_cmd)
     cli.add_command(__import__("kbitrt.cli.bench", fromlist=["bench_cmd"]).bench_cmd)
+    cli.add_command(__import__("kbitrt.cli.serve", fromlist=["serve_cmd"]).serve_cmd)
     from kbitrt.cli.sweep import plot_cmd, sweep_cmd
 
     cli.add_command(sweep_cmd)

@@ -312,6 +312,15 @@ class Decoder(nn.Module):
             layer.attn.kv_cache = None
         self.close_layer_stack()
 
+    def use_cache_rows(self, start: int, stop: int) -> None:
+        """Let the next forwards read and write only rows start..stop-1 of the KV caches that
+        `setup_caches` made (a server's live rows, or one newcomer's prefill; kbitrt/serve): the
+        layers get views of those rows and a layer stack over them, kept for the next call with
+        the same rows until drop_caches. use_cache_rows(0, batch) is the whole batch again."""
+        for layer in self.layers:
+            layer.attn.kv_cache = layer.attn.kv_cache.rows(start, stop)
+        self.refresh_layer_stack(key=("rows", start, stop))
+
     def refresh_layer_stack(self, key: int | None = None) -> None:
         """(Re)build the layer stack over the layers' current tensors, once the caches are set up.
         Called again when they change (an any-precision width switch); `key` names a set of

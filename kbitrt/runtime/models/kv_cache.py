@@ -21,3 +21,19 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k.to(k.dtype), self.v.to(v.dtype)
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """This cache's rows start..stop-1 as a cache of their own: views, so what a forward
+        writes lands in the whole cache (a server runs its live rows, or one newcomer, on them)."""
+        whole = self.whole
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", whole.k[start:stop], persistent=False)
+        view.register_buffer("v", whole.v[start:stop], persistent=False)
+        object.__setattr__(view, "parent", whole)  # not a submodule: the view does not own it
+        return view
+
+    @property
+    def whole(self) -> KVCache:
+        """The cache whose rows this one views (itself when it is no view)."""
+        return self.__dict__.get("parent", self)

@@ -1,0 +1,1 @@
+"""`kbit serve`: an OpenAI-compatible HTTP server over a continuous-batching scheduler."""
