@@ -225,16 +225,32 @@ def test_smollm2_overlapping_equals_alone(smollm2_nf4, monkeypatch):
 def test_cuda_overlapping_equals_alone(tiny_llama_with_tokenizer):
     """On CUDA (eager, fp32): each request's greedy tokens are what it gets alone, except after
     a near-tie of the run alone (another GEMM shape may round the last bit differently there)."""
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama_with_tokenizer, dtype=torch.float32)
-    lm = build_model(InMemoryKbit(hf.eval(), QuantConfig(bits=4, block_size=64)), "cuda",
-                     dtype=torch.float32,
-                     tokenizer=AutoTokenizer.from_pretrained(tiny_llama_with_tokenizer))
-    enc = [lm.tokenizer(p)["input_ids"] for p in PROMPTS]
-    budgets = [20, 12, 21, 9, 30]
+    overlapping_equals_alone(tiny_llama_with_tokenizer, "cuda", [20, 12, 21, 9, 30], max_batch=3,
+                             arrivals=[0, 2, 3, 3, 5])
+
+
+def test_gpu_path_overlapping_equals_alone(tiny_llama_with_tokenizer):
+    """The same on the GPU path without a GPU (the CUDA twin: the Triton kernels interpreted)."""
+    from kbitrt.runtime.devices import cuda_twin
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU runs the real CUDA path (test_cuda_overlapping_equals_alone)")
+    with cuda_twin():
+        overlapping_equals_alone(tiny_llama_with_tokenizer, "cpu", [10, 6, 8], max_batch=2,
+                                 arrivals=[0, 2, 3])
+
+
+def overlapping_equals_alone(folder, device: str, budgets: list[int], max_batch: int,
+                             arrivals: list[int]) -> None:
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    lm = build_model(InMemoryKbit(hf.eval(), QuantConfig(bits=4, block_size=64)), device,
+                     dtype=torch.float32, tokenizer=AutoTokenizer.from_pretrained(folder))
+    assert lm.cpu_weights is None  # the GPU path's model (packed codes through the op)
+    enc = [lm.tokenizer(p)["input_ids"] for p in PROMPTS[:len(budgets)]]
     alone = [generate(lm, [e], n, compile=False).token_ids[0] for e, n in zip(enc, budgets)]
-    engine = BatchEngine(lm, ctx=40, max_batch=3)
+    engine = BatchEngine(lm, ctx=40, max_batch=max_batch)
     clients = [Client(e, n) for e, n in zip(enc, budgets)]
-    run_overlapping(engine, clients, arrivals=[0, 2, 3, 3, 5])
+    run_overlapping(engine, clients, arrivals=arrivals)
     engine.close()
     for c, e, ref in zip(clients, enc, alone):
         got = c.finish.token_ids
@@ -243,6 +259,6 @@ def test_cuda_overlapping_equals_alone(tiny_llama_with_tokenizer):
             assert got == ref
             continue
         with torch.no_grad():  # the run alone's logits where the two part
-            logits = lm.model(torch.tensor([e + ref[:d]], device="cuda"))[0, -1].float()
+            logits = lm.model(torch.tensor([e + ref[:d]], device=device))[0, -1].float()
         top2 = logits.topk(2).values
         assert float(top2[0] - top2[1]) < 1e-3 * max(1.0, abs(float(top2[0]))), (d, top2)
