@@ -67,7 +67,8 @@ def worker_kbit(args, cpu_weights: str, compile: bool = False, kv_cache: str = "
     from kbitrt.eval.latency import held_weights
     from kbitrt.runtime.generate import decode_step
     from kbitrt.runtime.kernels.cpu import available as fused_cpu_kernels
-    from kbitrt.runtime.loader import hf_config, load_model
+    from kbitrt.runtime.build import hf_config
+    from kbitrt.runtime.loader import load_model
 
     # the transformers config of the model is code, not model: building it imports transformers'
     # config machinery (~50 MB), as the transformers worker's import of its modeling module does

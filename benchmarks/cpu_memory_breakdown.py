@@ -175,7 +175,8 @@ def worker_tokenizer(args, how: str) -> dict:
         import torch  # noqa: F401  (as in a run: transformers' tokenizers import it anyway)
         from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
         if how == "load_tokenizer":
-            from kbitrt.runtime.loader import load_tokenizer, release_free_heap
+            from kbitrt.runtime.memory import release_free_heap
+            from kbitrt.runtime.tokenizer import load_tokenizer
     st.mark("imports")
     if how == "tokenizers":
         tok = Tokenizer.from_file(str(Path(args.kbit) / "tokenizer.json"))

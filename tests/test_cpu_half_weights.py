@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from kbitrt.runtime.kernels.ops import dense_linear
 from kbitrt.runtime.linear import KbitLinear
-from kbitrt.runtime.loader import InMemoryKbit, build_model
+from kbitrt.runtime.in_memory import InMemoryKbit
+from kbitrt.runtime.loader import build_model
 from test_models import QUANT, TINY, batch, cached_steps
 
 

@@ -189,7 +189,7 @@ def test_other_cpus_paths_match_the_twin(variant, width):
 
 
 def test_auto_is_packed_up_to_6_bits_here():
-    from kbitrt.runtime.loader import PACKED_DEFAULT_MAX_BITS, cpu_weights_for
+    from kbitrt.runtime.weights_policy import PACKED_DEFAULT_MAX_BITS, cpu_weights_for
 
     cpu_dev = torch.device("cpu")
     assert [cpu_weights_for("auto", cpu_dev, k) for k in range(3, 9)] == \
@@ -228,7 +228,8 @@ def test_packed_load_stacks_projections_with_equal_logits(tmp_path, smollm2_dir)
 
     from kbitrt.convert.converter import convert
     from kbitrt.format.reader import KbitModel
-    from kbitrt.runtime.loader import build_native, hf_config, load_model
+    from kbitrt.runtime.build import build_native, hf_config
+    from kbitrt.runtime.loader import load_model
 
     make_tiny_llama(tmp_path / "hf", smollm2_dir, max_positions=64)
     convert(tmp_path / "hf", tmp_path / "k4", QuantConfig(bits=4, block_size=64))

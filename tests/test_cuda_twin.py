@@ -21,7 +21,8 @@ from kbitrt.runtime.devices import cuda_twin, gpu_path, twin_enabled
 from kbitrt.runtime.generate import SamplingConfig, generate
 from kbitrt.runtime.kernels import pad_codebook
 from kbitrt.runtime.linear import KbitLinear
-from kbitrt.runtime.loader import InMemoryKbit, build_model
+from kbitrt.runtime.in_memory import InMemoryKbit
+from kbitrt.runtime.loader import build_model
 from test_models import TINY, V
 
 # with a GPU, TRITON_INTERPRET is off and tests/test_gpu.py runs the real CUDA path instead

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from kbitrt.format.config import QuantConfig
 from kbitrt.runtime.generate import SamplingConfig, apply_repetition_penalty, generate, sample
 from kbitrt.errors import RunError
-from kbitrt.runtime.loader import InMemoryKbit, build_model
+from kbitrt.runtime.in_memory import InMemoryKbit
+from kbitrt.runtime.loader import build_model
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 from kbitrt.format.config import OutlierSpec, QuantConfig
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.linear import HalfLinear
-from kbitrt.runtime.loader import InMemoryKbit, build_model
+from kbitrt.runtime.in_memory import InMemoryKbit
+from kbitrt.runtime.loader import build_model
 from test_models import TINY, V, cached_steps
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no fused CPU kernels")
@@ -100,7 +101,7 @@ def test_stack_with_16bit_kv_cache(name, kv):
     as KVCache.update does (rounded to nearest even, widened to read). Steps agree with the Python
     layers to the cache's rounding, a prefill above the row limit bit for bit, and a step's logits
     still do not depend on how many tokens share it."""
-    from kbitrt.runtime.loader import KV_CACHES
+    from kbitrt.runtime.weights_policy import KV_CACHES
 
     model = tiny(name, "packed")
     model.kv_dtype = KV_CACHES[kv]
@@ -144,7 +145,7 @@ def test_low_memory_kv_cache_is_fp16_only_under_fp32_activations():
     """--low-memory's cache: fp16 under the CPU's fp32 activations; on CUDA (16-bit activations)
     the activations' own dtype, never fp16 under bf16. An explicit --kv-cache is taken as given."""
     from kbitrt.cli.options import resolve_kv_cache
-    from kbitrt.runtime.loader import kv_cache_for
+    from kbitrt.runtime.weights_policy import kv_cache_for
 
     assert resolve_kv_cache(True, None) == "low-memory" and resolve_kv_cache(True, "fp32") == "fp32"
     assert resolve_kv_cache(False, None) == "auto"

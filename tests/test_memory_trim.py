@@ -14,6 +14,7 @@ import torch
 
 from kbitrt.format.config import QuantConfig
 from kbitrt.runtime import loader
+from kbitrt.runtime.in_memory import InMemoryKbit
 from kbitrt.runtime.models.decoder import Decoder
 
 
@@ -35,7 +36,7 @@ def test_build_model_trims_heap_after_the_warmup_token(monkeypatch, tiny_models)
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
-    source = loader.InMemoryKbit(hf, QuantConfig(bits=4, block_size=32))
+    source = InMemoryKbit(hf, QuantConfig(bits=4, block_size=32))
     calls = []
     forward = Decoder.forward
     monkeypatch.setattr(Decoder, "forward", lambda self, *a, **kw: calls.append("forward")

@@ -14,7 +14,8 @@ from transformers import (AutoModelForCausalLM, BloomConfig, Gemma2Config, Gemma
                           OPTConfig, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
 from kbitrt.format.config import KbitFormatError, QuantConfig
-from kbitrt.runtime.loader import InMemoryKbit, build_model
+from kbitrt.runtime.in_memory import InMemoryKbit
+from kbitrt.runtime.loader import build_model
 
 V = 96  # vocab
 TINY = dict(

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from kbitrt.cli.main import cli
 from kbitrt.format.config import QuantConfig
 from kbitrt.runtime.generate import SamplingConfig, generate
-from kbitrt.runtime.loader import InMemoryKbit, build_model, load_model
+from kbitrt.runtime.in_memory import InMemoryKbit
+from kbitrt.runtime.loader import build_model, load_model
 from kbitrt.runtime.placement import (PlacementError, describe, native_units, parse_max_memory,
                                       parse_size, plan_native, unit_bytes)
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kbitrt.format.config import QuantConfig
 from kbitrt.runtime.generate import SamplingConfig, generate
-from kbitrt.runtime.loader import InMemoryKbit, build_model
+from kbitrt.runtime.in_memory import InMemoryKbit
+from kbitrt.runtime.loader import build_model
 from kbitrt.serve.scheduler import BatchEngine, Request, SerialEngine
 from kbitrt.serve.server import open_engine
 

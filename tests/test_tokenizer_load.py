@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from kbitrt.runtime.loader import load_tokenizer, tokenizer_shortcut
+from kbitrt.runtime.tokenizer import load_tokenizer, tokenizer_shortcut
 
 TEXTS = ["Hello <|im_end|> world<|endoftext|>", "  spaces\tand\nnewlines  ", "Paris, 1889: ünïcødé ✓",
          "<|im_start|>user\nhi<|im_end|>"]

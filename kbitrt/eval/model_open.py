@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from kbitrt.runtime.devices import default_dtype, resolve_device
-from kbitrt.runtime.loader import LoadedModel, TransformersLM, load_model, load_tokenizer
+from kbitrt.runtime.build import TransformersLM
+from kbitrt.runtime.loader import LoadedModel, load_model
+from kbitrt.runtime.tokenizer import load_tokenizer
 
 
 def is_kbit(path: Path) -> bool:

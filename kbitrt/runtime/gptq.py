@@ -40,7 +40,7 @@ from kbitrt.errors import KbitFormatError
 from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.format.config import QuantConfig
 from kbitrt.format.quantizer import quantize_weight
-from kbitrt.runtime.loader import hf_config
+from kbitrt.runtime.build import hf_config
 from kbitrt.runtime.models.decoder import Decoder, default_positions
 from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_args,
                                             rope_frequencies, why_not_native)

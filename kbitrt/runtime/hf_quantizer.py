@@ -238,7 +238,7 @@ class KbitHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """model.dequantize(): plain nn.Linear layers with the dequantized weights."""
-        from kbitrt.runtime.loader import plain_linear
+        from kbitrt.runtime.build import plain_linear
 
         for name, mod in list(model.named_modules()):
             if isinstance(mod, KbitLinear):

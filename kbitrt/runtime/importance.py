@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kbitrt.runtime.loader import hf_config
+from kbitrt.runtime.build import hf_config
 from kbitrt.runtime.models.families import checkpoint_names, family_for, model_args
 
 # decoder norm (per layer) -> the decoder linears that read its output

@@ -59,7 +59,7 @@ class ModelUnderTest:
     def __init__(self, name: str, device: str):
         from kbitrt.convert.source import resolve_model
         from kbitrt.eval.model_open import load_hf
-        from kbitrt.runtime.loader import InMemoryKbit
+        from kbitrt.runtime.in_memory import InMemoryKbit
 
         self.folder = resolve_model(name)
         self.calib: torch.Tensor | None = None  # gptq cells: (samples, seqlen) tokens
