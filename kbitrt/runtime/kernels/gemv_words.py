@@ -43,7 +43,8 @@ def gemv_words_kernel(
 ):
     """x (1, K) -> out (1, N); qw_ptr is the packed weight as int64 words (row stride in words).
 
-    Requires Kp % 64 == 0 (n_groups = Kp / 64 whole groups per row) and B >= 64.
+    Requires Kp % 64 == 0 (n_groups = Kp / 64 whole groups per row) and B >= 32 (B = 32: two
+    scales per group, the first half's partial scaled and flushed halfway through the codes).
     """
     KB: tl.constexpr = S0 + S1 + S2
     pid_n = tl.program_id(0)
@@ -70,8 +71,17 @@ def gemv_words_kernel(
         xmask = (g < n_groups)[None, :] & (offs_n * 0 == 0)[:, None]
         p = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
         xs = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+        if B == 32:  # two blocks per group: codes 0..31 take s, codes 32..63 s_hi
+            s_hi = tl.load(a_rows + (g * 2 + 1)[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            s_hi = s
         if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB from the code OR-ed into 1.0's mantissa
             for j in tl.static_range(32):
+                if B == 32 and j == 16:  # the first block's half is done
+                    acc += p * s
+                    accx += xs * s
+                    p = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+                    xs = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
                 x0, x1 = x_pair(xg, g, 2 * j, K, xmask, EVEN_K)
                 f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j, 1, 23 - KB, dmask)
                 f = (f | one_bits(dmask)).to(tl.float32, bitcast=True)
@@ -83,6 +93,9 @@ def gemv_words_kernel(
                 xs += x1
         elif DECODE == 3:  # quad table (k = 3): 4 codes (12 bits) -> two 64-bit loads
             for u in tl.static_range(16):
+                if B == 32 and u == 8:
+                    acc += p * s
+                    p = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
                 idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 4 * u, 4, 4)
                 idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 4 * u, 4, 4 * S0 + 4)
                 q_ptr = (tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64))
@@ -97,6 +110,9 @@ def gemv_words_kernel(
         else:
             if DECODE == 1:  # pair table: 2 codes -> one 64-bit load
                 for u in tl.static_range(32):
+                    if B == 32 and u == 16:
+                        acc += p * s
+                        p = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
                     if S2 > 0 and ASM:  # k = 7: the address in PTX (words.pair7_asm)
                         pair = tl.load(pair7_pointer(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0,
                                                      tab_lo, tab_hi, 2 * u))
@@ -116,19 +132,20 @@ def gemv_words_kernel(
             else:  # byte table (k = 8)
                 tab32 = tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True)
                 for j in tl.static_range(32):
+                    if B == 32 and j == 16:
+                        acc += p * s
+                        p = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
                     x0, x1 = x_pair(xg, g, 2 * j, K, xmask, EVEN_K)
                     idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j, 1, 0)
                     p += tl.load(tab32 + idx) * x0
                     idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j + 1, 1, 0)
                     p += tl.load(tab32 + idx) * x1
-        acc += p * s
+        acc += p * s_hi
         if DECODE == 0:
-            accx += xs * s
-    if DECODE == 0:
-        y = tl.sum(acc, axis=1) * (cb_step * (1 << KB)) + tl.sum(accx, axis=1) * (
-            cb_base - cb_step * (1 << KB))
-    else:
-        y = tl.sum(acc, axis=1)
+            accx += xs * s_hi
+    if DECODE == 0:  # one row reduction: the two partials combined per element first
+        acc = acc * (cb_step * (1 << KB)) + accx * (cb_base - cb_step * (1 << KB))
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         if pid_k == 0:
