@@ -395,8 +395,9 @@ def render(paths: list[Path], shapes: set | None = None, blocks: set | None = No
 
 
 def render_shapes(paths: list[Path]) -> str:
-    """Markdown: one row per (arch, kernel, shape, block, act) with the worst instr/weight over the
-    data types at each k (budget misses marked) and the launch `pick_config` chose at k = 4."""
+    """Markdown: one row per (arch, kernel, shape, block, act): at each k the worst over the data
+    types of the loop-only and the whole-program instructions per weight ("loop / whole"; budget
+    misses of either marked) and the launch `pick_config` chose at k = 4."""
     recs = [r for p in paths for r in json.loads(p.read_text())["records"]]
     groups: dict = {}
     for r in recs:
@@ -415,13 +416,20 @@ def render_shapes(paths: list[Path]) -> str:
             if not rb:
                 cells.append("")
                 continue
-            worst = max(rb, key=lambda r: r["instr_per_weight"])
-            miss = "" if worst["budget"] is None or worst["within_budget"] else " **over**"
-            cells.append(f"{worst['instr_per_weight']:.2f}{miss}")
+            loop = max(rb, key=lambda r: r["instr_per_weight"])
+            whole = max(rb, key=lambda r: r.get("whole_per_weight", 0))
+            cell = f"{loop['instr_per_weight']:.2f}"
+            if "whole_per_weight" in whole:
+                cell += f" / {whole['whole_per_weight']:.2f}"
+            over = loop["budget"] is not None and (
+                loop["instr_per_weight"] > loop["budget"]
+                or whole.get("whole_per_weight", 0) > loop["budget"])
+            cells.append(cell + (" **over**" if over else ""))
         r4 = next((r for r in g if r["bits"] == 4), g[0])
-        launch = f"{r4['config']}, grid {r4['grid'][0]}x{r4['grid'][1]}"
+        grid = "x".join(str(d) for d in r4["grid"])
+        trips = f", {r4['trips_per_program']} trips" if "trips_per_program" in r4 else ""
         out.append(f"| {arch} | {kern} {act} | {block} | {shape} | {r4['N']} x {r4['K']} | "
-                   + " | ".join(cells) + f" | {launch} |")
+                   + " | ".join(cells) + f" | {r4['config']}, grid {grid}{trips} |")
     return "\n".join(out)
 
 

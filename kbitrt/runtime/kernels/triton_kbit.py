@@ -4,7 +4,9 @@ Twin of `reference.kbit_linear_torch` (same signature). W is never materialised:
 loads a (BLOCK_N, BLOCK_K) tile of packed bytes, unpacks its bit slices in registers, looks the
 codes up in the codebook (2^k fp32 values, an L1-resident table) and applies the block absmax.
 
-Three paths, chosen by M (the rows of x):
+The legacy byte kernels below serve what the word kernels (gemv_words, dot_words; `plan_launch`
+picks) do not: blocks of 16 and rows whose padded length is not a multiple of 64. Three paths,
+chosen by M (the rows of x):
 - GEMV (M = 1): elementwise product and row reduction in fp32, no tensor cores; split-K when
   there are too few row tiles to fill the GPU.
 - small batch (M = 2..16): tl.dot with BLOCK_M = 16 (the weight is read once for all rows), split-K.
@@ -270,8 +272,10 @@ def _pick(m: int, n: int, k: int, bits: int, block_size: int, sms: int,
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         return KernelConfig(16, block_n, block_k, split, num_warps=4, num_stages=3)
     if prefill_words and gemv_words_ok(k, block_size):
-        # tensor cores on the word layout: each weight decoded once per 64 rows of x
-        return KernelConfig(64, 128, 128, 1, num_warps=4, num_stages=1)
+        # tensor cores on the word layout: each weight decoded once per 64 rows of x; 8 warps
+        # (1 (row, group) pair per thread: with 4 warps the 64 x 128 fp32 accumulator and two
+        # pairs spilled at 4-bit nf), 4 at k = 8 (8 warps spent 8.1 per weight on its byte table)
+        return KernelConfig(64, 128, 128, 1, num_warps=4 if bits == 8 else 8, num_stages=1)
     block_m = 64 if m <= 64 else 128
     return KernelConfig(block_m, 128, min(64, kpow), 1, num_warps=8 if block_m == 128 else 4,
                         num_stages=3)
