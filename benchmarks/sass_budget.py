@@ -375,7 +375,8 @@ def render(paths: list[Path], shapes: set | None = None, blocks: set | None = No
         g = groups[key]
         dts = sorted({d for _, d in g}, key=["int", "nf", "fp"].index)
         out.append(f"\n{arch} {kern} (M={M_OF_KERNEL[kern]}) {shape} block {block} {act}\n")
-        out.append("| k | budget | " + " | ".join(f"{d}: instr/w, pred % BW" for d in dts)
+        out.append("| k | budget | " + " | ".join(f"{d}: instr/w (loop / whole), pred % BW"
+                                                 for d in dts)
                    + " | load bits | regs |")
         out.append("|---|---|" + "---|" * len(dts) + "---|---|")
         for bits in sorted({b for b, _ in g}):
@@ -386,8 +387,11 @@ def render(paths: list[Path], shapes: set | None = None, blocks: set | None = No
                     cells.append("")
                     continue
                 any_r = r
-                miss = "" if r["budget"] is None or r["within_budget"] else " **over**"
-                cells.append(f"{r['instr_per_weight']:.2f}{miss}, {100 * r['pred_frac_bw']:.0f}%")
+                whole = f" / {r['whole_per_weight']:.2f}" if "whole_per_weight" in r else ""
+                ok = r["within_budget"] and r.get("whole_within_budget", True)
+                miss = "" if r["budget"] is None or ok else " **over**"
+                cells.append(f"{r['instr_per_weight']:.2f}{whole}{miss}, "
+                             f"{100 * r['pred_frac_bw']:.0f}%")
             b = any_r["budget"] if any_r and any_r["budget"] is not None else "-"
             out.append(f"| {bits} | {b} | " + " | ".join(cells)
                        + f" | {any_r['weight_load_bits']} | {any_r['regs']} |")

@@ -93,7 +93,9 @@ def dot_words_kernel(
     decodes its weight tile once for its BLOCK_M rows of x."""
     KB: tl.constexpr = S0 + S1 + S2
     BK: tl.constexpr = 64 * BLOCK_G
-    SCALE_AFTER: tl.constexpr = B >= BK and DECODE != 0  # affine: the per-weight FMA stays
+    # affine: the per-weight FMA stays; prefill (BLOCK_M > 16): scaling its 64-row result per
+    # trip would cost more than the per-weight multiply
+    SCALE_AFTER: tl.constexpr = B >= BK and DECODE != 0 and BLOCK_M <= 16
     W_DTYPE: tl.constexpr = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)

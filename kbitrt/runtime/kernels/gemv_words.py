@@ -34,6 +34,20 @@ from kbitrt.runtime.kernels.words import (bit_field, in_register, load_group, on
 
 
 @triton.jit
+def _x2(xg, g, i: tl.constexpr, K, xmask, EVEN_K: tl.constexpr):
+    """fp32 (x[64 g + i], x[64 g + i + 1]) for an even i, as `words.x_pair`; fp16 with
+    K % 64 == 0 also as one 32-bit load of both (each half widened by its own HADD2.F32), which
+    halves the x loads a thread issues for its rows (the launch keeps x 4-byte aligned)."""
+    if EVEN_K and xg.dtype.element_ty == tl.float16:
+        w = tl.load((xg + i).to(tl.pointer_type(tl.int32), bitcast=True))
+        lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+    else:
+        return x_pair(xg, g, i, K, xmask, EVEN_K)
+
+
+@triton.jit
 def _codes_times_x(p, xs, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, xg, g, K, xmask, tab, tab_lo,
                    tab_hi, tab_ptr, dmask, LO: tl.constexpr, HI: tl.constexpr, S0: tl.constexpr,
                    S1: tl.constexpr, S2: tl.constexpr, DECODE: tl.constexpr,
@@ -43,7 +57,7 @@ def _codes_times_x(p, xs, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, xg, g, K, 
     KB: tl.constexpr = S0 + S1 + S2
     if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB from the code OR-ed into 1.0's mantissa
         for j in tl.static_range(LO, HI):
-            x0, x1 = x_pair(xg, g, 2 * j, K, xmask, EVEN_K)
+            x0, x1 = _x2(xg, g, 2 * j, K, xmask, EVEN_K)
             f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j, 1, 23 - KB, dmask)
             f = (f | one_bits(dmask)).to(tl.float32, bitcast=True)
             p += f * x0
@@ -59,8 +73,8 @@ def _codes_times_x(p, xs, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, xg, g, K, 
             q_ptr = (tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64))
             q01 = tl.load(q_ptr)
             q23 = tl.load(q_ptr + 1)
-            x0, x1 = x_pair(xg, g, 4 * u, K, xmask, EVEN_K)
-            x2, x3 = x_pair(xg, g, 4 * u + 2, K, xmask, EVEN_K)
+            x0, x1 = _x2(xg, g, 4 * u, K, xmask, EVEN_K)
+            x2, x3 = _x2(xg, g, 4 * u + 2, K, xmask, EVEN_K)
             p += q01.to(tl.int32).to(tl.float32, bitcast=True) * x0
             p += (q01 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x1
             p += q23.to(tl.int32).to(tl.float32, bitcast=True) * x2
@@ -79,13 +93,13 @@ def _codes_times_x(p, xs, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, xg, g, K, 
                 pair = tl.load((tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64)))
             v0 = pair.to(tl.int32).to(tl.float32, bitcast=True)
             v1 = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            x0, x1 = x_pair(xg, g, 2 * u, K, xmask, EVEN_K)
+            x0, x1 = _x2(xg, g, 2 * u, K, xmask, EVEN_K)
             p += v0 * x0
             p += v1 * x1
     else:  # byte table (k = 8)
         tab32 = tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True)
         for j in tl.static_range(LO, HI):
-            x0, x1 = x_pair(xg, g, 2 * j, K, xmask, EVEN_K)
+            x0, x1 = _x2(xg, g, 2 * j, K, xmask, EVEN_K)
             idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j, 1, 0)
             p += tl.load(tab32 + idx) * x0
             idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j + 1, 1, 0)
