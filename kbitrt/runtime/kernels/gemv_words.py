@@ -56,8 +56,8 @@ def _codes_times_x(p, xs, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, xg, g, K, 
     each (row, group): cb[c] as DECODE decodes it (for 0, f = 1 + c / 2^k; xs only for 0)."""
     KB: tl.constexpr = S0 + S1 + S2
     if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB from the code OR-ed into 1.0's mantissa
-        for j in tl.static_range(LO, HI):
-            x0, x1 = _x2(xg, g, 2 * j, K, xmask, EVEN_K)
+        for j in tl.static_range(LO, HI):  # (fp16 pairs: no fewer instructions, 2x registers)
+            x0, x1 = x_pair(xg, g, 2 * j, K, xmask, EVEN_K)
             f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j, 1, 23 - KB, dmask)
             f = (f | one_bits(dmask)).to(tl.float32, bitcast=True)
             p += f * x0
