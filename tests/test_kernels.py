@@ -421,3 +421,11 @@ def test_words_plans_state_fusion_and_never_split():
                     assert p.grid[0] * p.grid[1] * (p.grid[2] if len(p.grid) > 2 else 1) >= 32
     legacy = tk.plan_launch(1, 4096, 4100, 4, 64, sms=132)
     assert legacy.launch_options == {"enable_fp_fusion": True}
+
+
+def test_plan_without_words():
+    """words=False (no decode tables, e.g. a weight not 8-byte aligned) plans only byte kernels."""
+    for m in (1, 8, 64):
+        p = tk.plan_launch(m, 4096, 4096, 4, 64, sms=132, words=False, prefill_words=True)
+        assert p.kernel in (tk._gemv_kernel, tk._dot_kernel)
+        assert p.launch_options == {"enable_fp_fusion": True}

@@ -247,13 +247,14 @@ def pick_config(m: int, n: int, k: int, bits: int, block_size: int,
 
 
 def _pick(m: int, n: int, k: int, bits: int, block_size: int, sms: int,
-          prefill_words: bool = False) -> KernelConfig:
+          prefill_words: bool = False, words: bool = True) -> KernelConfig:
     key = (m_bucket(m), n, k, bits, block_size)
     if key in CONFIG_OVERRIDES:
         return CONFIG_OVERRIDES[key]
     kpow = max(32, triton.next_power_of_2(k))
     n_groups = packing.padded_len(k) // 64
-    if m == 1 and gemv_words_ok(k, block_size):
+    words = words and gemv_words_ok(k, block_size)
+    if m == 1 and words:
         # 4 warps; 8 (row, group) pairs per thread (4 at k >= 6, where registers run out)
         bn, bg = _words_tile(n, n_groups, 1024 if bits <= 5 else 512, sms, 8)
         return KernelConfig(1, bn, 64 * bg, 1, num_warps=4, num_stages=1)
@@ -261,7 +262,7 @@ def _pick(m: int, n: int, k: int, bits: int, block_size: int, sms: int,
         block_n, block_k = 16, min(512, kpow)
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         return KernelConfig(1, block_n, block_k, split, num_warps=4, num_stages=2)
-    if m <= 16 and gemv_words_ok(k, block_size):
+    if m <= 16 and words:
         # 2 (row, group) pairs per thread (4 spill registers), >= 64 rows (fewer rows re-read x
         # from smem per weight); BLOCK_K >= 128 keeps the tile's smem stores 128 bits wide (with BLOCK_K = 64
         # Triton stores the dot operand 16 bits at a time)
@@ -271,7 +272,7 @@ def _pick(m: int, n: int, k: int, bits: int, block_size: int, sms: int,
         block_n, block_k = 64, min(128, kpow)
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         return KernelConfig(16, block_n, block_k, split, num_warps=4, num_stages=3)
-    if prefill_words and gemv_words_ok(k, block_size):
+    if prefill_words and words:
         # tensor cores on the word layout: each weight decoded once per 64 rows of x; 8 warps
         # (1 (row, group) pair per thread: with 4 warps the 64 x 128 fp32 accumulator and two
         # pairs spilled at 4-bit nf), 4 at k = 8 (8 warps spent 8.1 per weight on its byte table)
@@ -335,14 +336,15 @@ def launch(plan: LaunchPlan, call_args: list) -> None:
 def plan_launch(m: int, n: int, k: int, bits: int, block_size: int, act: str = "fp16",
                 codebook_kind: str = "table", sms: int = 132, absmax: str = "fp16",
                 has_bias: bool = False, config: KernelConfig | None = None,
-                prefill_words: bool = False) -> LaunchPlan:
+                prefill_words: bool = False, words: bool = True) -> LaunchPlan:
     """The launch of one call. Word kernels (packed weight as int64 words, decode tables from
     `words.decode_choice`) where `gemv_words_ok`: M = 1, M = 2..16 and, with `prefill_words`
-    (the caller prepared the tables for M > 16 too), prefill on tensor cores."""
+    (the caller prepared the tables for M > 16 too), prefill on tensor cores. `words=False`
+    (a weight not 8-byte aligned, no tables) plans the legacy byte kernels only."""
     kp = packing.padded_len(k)
     nb = -(-k // block_size)
-    cfg = config or _pick(m, n, k, bits, block_size, sms, prefill_words)
-    if cfg.block_k % 64 == 0 and gemv_words_ok(k, block_size):
+    cfg = config or _pick(m, n, k, bits, block_size, sms, prefill_words, words)
+    if words and cfg.block_k % 64 == 0 and gemv_words_ok(k, block_size):
         if (cfg.block_m == 1 or (cfg.block_m == 16 and m <= 16)
                 or (prefill_words and m > 16 and cfg.block_m >= 32)):
             return _plan_words(1 if cfg.block_m == 1 else m, n, k, bits, block_size, act,
