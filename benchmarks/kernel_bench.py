@@ -183,12 +183,20 @@ def check(verbose: bool = True) -> int:
 def tune_configs(m: int) -> list:
     from kbitrt.runtime.kernels.triton_kbit import KernelConfig
 
+    # word kernels (where they apply): tiles of 4 / 8 (row, group) pairs per thread (M = 1) and
+    # 2 / 4 (M = 2..16), unsplit and split: whether a split's memset + cast launches pay for the
+    # fill it buys is what a GPU decides (pick_config never splits them)
     if m == 1:
-        return [KernelConfig(1, bn, bk, s, w, 2, gather=g) for bn in (4, 8, 16, 32)
-                for bk in (256, 512, 1024) for s in (1, 2) for w in (4, 8) for g in (False, True)
-                if bn * bk <= 16384]
-    return [KernelConfig(16, bn, bk, s, 4, st, gather=g) for bn in (32, 64, 128) for bk in (64, 128)
-            for s in (1, 2) for st in (2, 3, 4) for g in (False, True)]
+        words = [KernelConfig(1, bn, 64 * (pairs // bn), s, 4, 1)
+                 for pairs in (512, 1024) for bn in (8, 16, 32, 64, 128, 256) for s in (1, 2, 4)]
+        return words + [KernelConfig(1, bn, bk, s, w, 2, gather=g) for bn in (4, 8, 16, 32)
+                        for bk in (256, 512, 1024) for s in (1, 2) for w in (4, 8)
+                        for g in (False, True) if bn * bk <= 16384]
+    words = [KernelConfig(16, bn, 64 * bg, s, 4, 1) for bn in (64, 128) for bg in (2, 4)
+             for s in (1, 2, 4)]
+    return words + [KernelConfig(16, bn, bk, s, 4, st, gather=g) for bn in (32, 64, 128)
+                    for bk in (64, 128) for s in (1, 2) for st in (2, 3, 4)
+                    for g in (False, True)]
 
 
 

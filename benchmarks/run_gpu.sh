@@ -16,7 +16,7 @@ python3 -m pytest -q tests/test_gpu.py tests/test_kernels.py tests/test_linear.p
 # device-to-device copy of the same run; the static prediction for the same shapes beside it
 python3 benchmarks/kernel_bench.py --check --quick || status=1
 python3 benchmarks/kernel_bench.py || status=1
-python3 benchmarks/sass_budget.py --arch sm_90 --shapes 7b-o 7b-gateup 70b-o --kernels gemv small \
+python3 benchmarks/sass_budget.py --arch sm_90 --shapes 7b-o 7b-gateup 70b-o --kernels gemv small prefill \
   --bits 3 4 8 --dtypes nf int --out benchmarks/results/sass_budget-gpu-run.json \
   >/dev/null || status=1
 python3 benchmarks/decode.py || status=1

@@ -39,7 +39,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.pop("TRITON_INTERPRET", None)
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -84,6 +83,7 @@ SHAPES = {  # Llama-2 linear layers: name -> (N = out_features, K = in_features)
 }
 M_OF_KERNEL = {"gemv": 1, "small": 16, "prefill": 512}
 ISSUE_PER_SM_CLK = 128  # 4 schedulers x 32 lanes: thread-instructions per SM per clock
+LAUNCH_US = 2.0  # an extra launch in a decode step (stream order or a graph node), in microseconds
 LSU_PER_SM_CLK = 32  # one 32-lane memory instruction (LDG/LDS/STS/ATOM/SHFL) per SM per clock
 
 _CLASSES = [  # (class, opcode prefixes), first match wins
@@ -152,6 +152,32 @@ def hot_loop(instrs: list[Instr]) -> list[Instr]:
     return instrs[a:b + 1]
 
 
+def program_instrs(instrs: list[Instr]) -> list[Instr]:
+    """The kernel's instructions without the padding after its end (NOPs, the branch-to-self
+    that follows the last EXIT). Every other instruction counts once, taken or not."""
+    return [ins for i, ins in enumerate(instrs)
+            if not ins.op.startswith("NOP") and not (ins.op.startswith("BRA") and ins.target == i)]
+
+
+def whole_program(plan: tk.LaunchPlan, gpu: Gpu, r: dict, n: int, k: int) -> dict:
+    """Instructions per weight of the whole launch: every program's code outside the K loop
+    (prologue, epilogue: counted whole, as if every branch were taken) plus the loop once per trip,
+    summed over the grid, per weight and M tile (N x K x M tiles); plus each extra launch
+    (split-K's memset and cast) charged as LAUNCH_US of the whole GPU's issue slots."""
+    threads = plan.num_warps * 32
+    programs = plan.grid[0] * plan.grid[1] * (plan.grid[2] if len(plan.grid) > 2 else 1)
+    per_trip = r["loop_instr"] / r["unroll"]
+    trips = plan.k_trips * programs // plan.split  # each (row tile, M tile, trip) runs once
+    weights = n * k * plan.m_tiles
+    body = threads * (programs * r["outside_loop_instr"] + trips * per_trip) / weights
+    launches = plan.extra_launches * LAUNCH_US * 1e-6 * gpu.sms * ISSUE_PER_SM_CLK * \
+        gpu.clock_ghz * 1e9 / weights
+    return dict(whole_per_weight=round(body + launches, 3), whole_kernel_per_weight=round(body, 3),
+                extra_launch_per_weight=round(launches, 3), extra_launches=plan.extra_launches,
+                programs=programs, trips_per_program=-(-plan.k_trips // plan.split),
+                weights_per_thread_program=round(weights / programs / threads, 1))
+
+
 def _load_bits(op: str) -> int:
     m = re.search(r"\.(8|16|32|64|128)\b", op.replace(".U8", ".8").replace(".S8", ".8")
                   .replace(".U16", ".16").replace(".S16", ".16"))
@@ -211,7 +237,8 @@ def compile_plan(plan: tk.LaunchPlan, gpu: Gpu) -> dict:
     sig, attrs = _signature(plan)
     ck = triton.compile(ASTSource(plan.kernel, sig, dict(plan.constexprs), attrs),
                         target=GPUTarget("cuda", gpu.cc, 32),
-                        options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+                        options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages,
+                                     **plan.launch_options))
     cubin = ck.asm["cubin"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -232,7 +259,9 @@ def compile_plan(plan: tk.LaunchPlan, gpu: Gpu) -> dict:
     # a loop unrolled u times loads u trips' weights: count the trips from the weight bytes
     wbytes = sum(_load_bits(i.op) for i in wloads) / 8
     unroll = max(1, round(wbytes / (wpt * plan.bits / 8))) if wloads else 1
+    body = program_instrs(instrs)
     return dict(loop_instr=len(loop), unroll=unroll, weights_per_thread_trip=wpt,
+                program_instr=len(body), outside_loop_instr=len(body) - len(loop),
                 instr_per_weight=round(len(loop) / (wpt * unroll), 3) if loop else None,
                 mix=dict(sorted(mix.items(), key=lambda kv: -kv[1])),
                 weight_load_bits=max((_load_bits(i.op) for i in wloads), default=0),
@@ -261,12 +290,14 @@ def roofline(gpu: Gpu, plan: tk.LaunchPlan, r: dict) -> dict:
     lsu = (gpu.sms * LSU_PER_SM_CLK * clk / mem_per_weight / bw_weights if mem_per_weight
            else float("inf"))
     warps = occupancy(gpu, r["regs"], r["smem"], plan.num_warps)
-    in_flight = warps * 32 * r["weights_per_thread_trip"] * bytes_per_weight  # bytes per SM
+    programs = plan.grid[0] * plan.grid[1] * (plan.grid[2] if len(plan.grid) > 2 else 1)
+    # resident warps on an SM that has work: what occupancy allows, at most the grid's share
+    resident = min(warps, -(-programs // gpu.sms) * plan.num_warps)
+    in_flight = resident * 32 * r["weights_per_thread_trip"] * bytes_per_weight  # bytes per SM
     need = gpu.copy_gbs * 1e9 / gpu.sms * gpu.latency_ns * 1e-9
-    programs = plan.grid[0] * plan.grid[1]
     fill = min(1.0, programs / gpu.sms)
     frac = min(1.0, issue, lsu, in_flight / need) * fill
-    return dict(occupancy_warps=warps, pred_issue=round(issue, 3), pred_lsu=round(lsu, 3),
+    return dict(occupancy_warps=warps, resident_warps=resident, pred_issue=round(issue, 3), pred_lsu=round(lsu, 3),
                 pred_inflight=round(in_flight / need, 3), pred_fill=round(fill, 3),
                 pred_frac_bw=round(frac, 3),
                 bound=min((("issue", issue), ("lsu", lsu), ("latency", in_flight / need)),
@@ -295,7 +326,8 @@ _CACHE: dict = {}
 def measure(v: dict) -> dict:
     gpu = GPUS[v["arch"]]
     plan = tk.plan_launch(v["M"], v["N"], v["K"], v["bits"], v["block"], act=v["act"],
-                          codebook_kind=tk.codebook_kind_of(v["dtype"]), sms=gpu.sms)
+                          codebook_kind=tk.codebook_kind_of(v["dtype"]), sms=gpu.sms,
+                          prefill_words=True)
     name = getattr(plan.kernel, "__name__", str(plan.kernel))
     key = (v["arch"], name, tuple(sorted(plan.constexprs)),
            tuple((n, None if n == "split_k" else a if isinstance(a, (str, float)) else a % 16 == 0)
@@ -307,19 +339,25 @@ def measure(v: dict) -> dict:
     rec = dict(v, kernel_fn=name, config=plan.config_str, grid=list(plan.grid),
                **r)
     rec.update(roofline(gpu, plan, r))
+    rec.update(whole_program(plan, gpu, r, v["N"], v["K"]))
+    rec["launch_options"] = dict(plan.launch_options)
     rec["budget"] = budget(v["M"], v["bits"])
     rec["within_budget"] = (rec["instr_per_weight"] is not None and rec["budget"] is not None
                             and rec["instr_per_weight"] <= rec["budget"])
+    rec["whole_within_budget"] = (rec["budget"] is not None
+                                  and rec["whole_per_weight"] <= rec["budget"])
     return rec
 
 
 def budget(m: int, bits: int) -> float | None:
-    """Issue 10's budgets (instructions per weight per thread in the hot loop, sm_90)."""
+    """Budgets in instructions per weight (sm_90), for the loop and, since issue 23, for the
+    whole program: issue 10's M = 1 and M = 2..16 (4 bits); issue 23's prefill (M > 16, per
+    weight and M tile: each weight is decoded once per M tile)."""
     if m == 1:
         return {3: 5, 4: 4, 5: 6, 6: 6, 7: 6, 8: 7}[bits]
-    if m <= 16 and bits == 4:
-        return 5
-    return None
+    if m <= 16:
+        return 5 if bits == 4 else None
+    return 6 if bits == 4 else 8
 
 
 def render(paths: list[Path], shapes: set | None = None, blocks: set | None = None) -> str:
@@ -337,7 +375,8 @@ def render(paths: list[Path], shapes: set | None = None, blocks: set | None = No
         g = groups[key]
         dts = sorted({d for _, d in g}, key=["int", "nf", "fp"].index)
         out.append(f"\n{arch} {kern} (M={M_OF_KERNEL[kern]}) {shape} block {block} {act}\n")
-        out.append("| k | budget | " + " | ".join(f"{d}: instr/w, pred % BW" for d in dts)
+        out.append("| k | budget | " + " | ".join(f"{d}: instr/w (loop / whole), pred % BW"
+                                                 for d in dts)
                    + " | load bits | regs |")
         out.append("|---|---|" + "---|" * len(dts) + "---|---|")
         for bits in sorted({b for b, _ in g}):
@@ -348,8 +387,11 @@ def render(paths: list[Path], shapes: set | None = None, blocks: set | None = No
                     cells.append("")
                     continue
                 any_r = r
-                miss = "" if r["budget"] is None or r["within_budget"] else " **over**"
-                cells.append(f"{r['instr_per_weight']:.2f}{miss}, {100 * r['pred_frac_bw']:.0f}%")
+                whole = f" / {r['whole_per_weight']:.2f}" if "whole_per_weight" in r else ""
+                ok = r["within_budget"] and r.get("whole_within_budget", True)
+                miss = "" if r["budget"] is None or ok else " **over**"
+                cells.append(f"{r['instr_per_weight']:.2f}{whole}{miss}, "
+                             f"{100 * r['pred_frac_bw']:.0f}%")
             b = any_r["budget"] if any_r and any_r["budget"] is not None else "-"
             out.append(f"| {bits} | {b} | " + " | ".join(cells)
                        + f" | {any_r['weight_load_bits']} | {any_r['regs']} |")
@@ -357,8 +399,9 @@ def render(paths: list[Path], shapes: set | None = None, blocks: set | None = No
 
 
 def render_shapes(paths: list[Path]) -> str:
-    """Markdown: one row per (arch, kernel, shape, block, act) with the worst instr/weight over the
-    data types at each k (budget misses marked) and the launch `pick_config` chose at k = 4."""
+    """Markdown: one row per (arch, kernel, shape, block, act): at each k the worst over the data
+    types of the loop-only and the whole-program instructions per weight ("loop / whole"; budget
+    misses of either marked) and the launch `pick_config` chose at k = 4."""
     recs = [r for p in paths for r in json.loads(p.read_text())["records"]]
     groups: dict = {}
     for r in recs:
@@ -377,13 +420,20 @@ def render_shapes(paths: list[Path]) -> str:
             if not rb:
                 cells.append("")
                 continue
-            worst = max(rb, key=lambda r: r["instr_per_weight"])
-            miss = "" if worst["budget"] is None or worst["within_budget"] else " **over**"
-            cells.append(f"{worst['instr_per_weight']:.2f}{miss}")
+            loop = max(rb, key=lambda r: r["instr_per_weight"])
+            whole = max(rb, key=lambda r: r.get("whole_per_weight", 0))
+            cell = f"{loop['instr_per_weight']:.2f}"
+            if "whole_per_weight" in whole:
+                cell += f" / {whole['whole_per_weight']:.2f}"
+            over = loop["budget"] is not None and (
+                loop["instr_per_weight"] > loop["budget"]
+                or whole.get("whole_per_weight", 0) > loop["budget"])
+            cells.append(cell + (" **over**" if over else ""))
         r4 = next((r for r in g if r["bits"] == 4), g[0])
-        launch = f"{r4['config']}, grid {r4['grid'][0]}x{r4['grid'][1]}"
+        grid = "x".join(str(d) for d in r4["grid"])
+        trips = f", {r4['trips_per_program']} trips" if "trips_per_program" in r4 else ""
         out.append(f"| {arch} | {kern} {act} | {block} | {shape} | {r4['N']} x {r4['K']} | "
-                   + " | ".join(cells) + f" | {launch} |")
+                   + " | ".join(cells) + f" | {r4['config']}, grid {grid}{trips} |")
     return "\n".join(out)
 
 
@@ -397,7 +447,7 @@ def _git_commit() -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", nargs="+", default=["sm_90"], choices=sorted(GPUS))
+    p.add_argument("--arch", nargs="+", choices=sorted(GPUS), help="default sm_90 (--all: every)")
     p.add_argument("--shapes", nargs="+", default=[s for s in SHAPES if s.startswith("7b")],
                    choices=sorted(SHAPES))
     p.add_argument("--kernels", nargs="+", default=["gemv", "small"],
@@ -422,8 +472,10 @@ def main() -> int:
         print(render_shapes(args.render_shapes))
         return 0
     if args.all:
-        args.arch, args.shapes, args.kernels = sorted(GPUS), list(SHAPES), list(M_OF_KERNEL)
+        args.arch = args.arch or sorted(GPUS)
+        args.shapes, args.kernels = list(SHAPES), list(M_OF_KERNEL)
         args.blocks, args.acts = [64, 1024], ["fp16", "bf16"]
+    args.arch = args.arch or ["sm_90"]
     recs = []
     for v in variants(args):
         rec = measure(v)

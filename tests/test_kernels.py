@@ -330,3 +330,102 @@ def test_pair7_asm_matches_twin():
         got = _ptx_emulate(asm, {"$1": ta, "$2": tb, "$3": tc, "$4": lo, "$5": hi})
         want = (hi << 32 | lo) | (ta & masks[0]) | (tb & masks[1]) | (tc & masks[2])
         assert got == want
+
+
+# Issue 23: blocks of 32 on the word kernels (two scales per group of 64 codes), and prefill
+# (M > 16) on tensor cores on the word layout. kbit_linear_triton prepares decode tables for
+# M <= 16 only; `_prefill` runs the prefill plan (`plan_launch(prefill_words=True)`) through
+# `triton_kbit.launch` with the tables of `words.decode_choice`, as the launch path will.
+@pytest.mark.parametrize("bits", range(3, 9))
+@pytest.mark.parametrize("dtype", ["nf", "int"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_words_block32(bits, dtype, m):
+    qw = _quantized(20, 250 if bits % 2 else 256, bits, 32, dtype, seed=bits)
+    assert _words_plan(m, qw, dtype) in (tk.gemv_words_kernel, tk.dot_words_kernel)
+    _check(qw, m, bias=bits == 5)
+
+
+def _prefill(x, qw, bias=None):
+    """y of the word prefill kernel for x (M > 16, K), outliers added as the launch adds them."""
+    from kbitrt.runtime.kernels import words
+    m, k = x.shape
+    n = qw.shape[0]
+    qweight, absmax, cb, idx, ow = _args(qw)
+    decode, table, base, step = words.decode_choice(cb, qw.bits)
+    plan = tk.plan_launch(m, n, k, qw.bits, qw.block_size, act=tk._TL_NAMES[x.dtype],
+                          codebook_kind="affine" if decode == 0 else "table", sms=8,
+                          absmax=tk._TL_NAMES[absmax.dtype], has_bias=bias is not None,
+                          prefill_words=True)
+    assert plan.kernel is tk.dot_words_kernel and dict(plan.constexprs)["BLOCK_M"] >= 64
+    assert plan.launch_options["enable_fp_fusion"] is True
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype).fill_(float("nan"))
+    tensors = dict(x_ptr=x, qw_ptr=qweight.view(torch.int64), absmax_ptr=absmax, tab_ptr=table,
+                   bias_ptr=bias if bias is not None else out, out_ptr=out)
+    scalars = dict(cb_base=base, cb_step=step, tab_addr=table.data_ptr())
+    tk.launch(plan, [tensors[name] if isinstance(v, str) else scalars.get(name, v)
+                     for name, v in plan.args])
+    if idx is not None and idx.numel():
+        out = out.addmm_(x.index_select(1, idx), ow.to(x.dtype).t())
+    return out
+
+
+def _check_prefill(qw, m, act=torch.float16, bias=False, seed=1):
+    n, k = qw.shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(act).to(DEVICE)
+    b = torch.randn(n, generator=g).to(act).to(DEVICE) if bias else None
+    y = _prefill(x, qw, b)
+    qweight, absmax, cb, idx, ow = _args(qw)
+    ref = kbit_linear_torch(x, qweight, absmax, cb, b, idx, ow, qw.bits, qw.block_size, k)
+    assert y.shape == (m, n) and y.dtype == act and not torch.isnan(y).any()
+    scale = ref.float().abs().max().item() + 1.0
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= TOL[act] * scale, f"prefill vs torch twin: max err {err:.3g}"
+
+
+@pytest.mark.parametrize("bits", range(3, 9))
+@pytest.mark.parametrize("dtype", ["nf", "int"])
+def test_prefill_words_bits(bits, dtype):
+    # K = 250: ragged against 64 (x masked past K); M = 70: a partial M tile
+    _check_prefill(_quantized(24, 250, bits, 64, dtype, seed=bits), 70)
+
+
+@pytest.mark.parametrize("block,m", [(32, 65), (1024, 130)])
+def test_prefill_words_blocks(block, m):
+    _check_prefill(_quantized(20, 256, 4, block, "int", seed=block), m, bias=True)
+    _check_prefill(_quantized(20, 192, 5, block, "nf", seed=block), m)
+
+
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
+def test_prefill_words_act_outliers(act):
+    _check_prefill(_quantized(33, 192, 4, 64, outliers="top:5%"), 67, act=act, bias=True)
+
+
+def test_prefill_words_zero_blocks():
+    _check_prefill(_quantized(24, 256, 6, 32, zero_blocks=True), 80, bias=True)
+
+
+def test_words_plans_state_fusion_and_never_split():
+    """Every plan states FP fusion; the word kernels' default launches at the Llama shapes on
+    132 SMs take no split-K (no memset and cast launches) and give >= 64 programs."""
+    shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (8192, 8192),
+              (28672, 8192), (8192, 28672), (1024, 8192)]
+    for n, k in shapes:
+        for m in (1, 16, 512):
+            for bits in range(3, 9):
+                p = tk.plan_launch(m, n, k, bits, 64, sms=132, prefill_words=True)
+                assert p.launch_options == {"enable_fp_fusion": True}
+                assert p.kernel in (tk.gemv_words_kernel, tk.dot_words_kernel)
+                assert p.split == 1 and p.extra_launches == 0, (n, k, m, bits, p.config_str)
+                if n >= 4096:
+                    assert p.grid[0] * p.grid[1] * (p.grid[2] if len(p.grid) > 2 else 1) >= 32
+    legacy = tk.plan_launch(1, 4096, 4100, 4, 64, sms=132)
+    assert legacy.launch_options == {"enable_fp_fusion": True}
+
+
+def test_plan_without_words():
+    """words=False (no decode tables, e.g. a weight not 8-byte aligned) plans only byte kernels."""
+    for m in (1, 8, 64):
+        p = tk.plan_launch(m, 4096, 4096, 4, 64, sms=132, words=False, prefill_words=True)
+        assert p.kernel in (tk._gemv_kernel, tk._dot_kernel)
+        assert p.launch_options == {"enable_fp_fusion": True}

@@ -18,10 +18,16 @@ from kbitrt.runtime.kernels.words import bit_field, in_register, load_group, one
 
 @triton.jit
 def _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta, dmask,
+          s2, alpha2, beta2,
           U: tl.constexpr, J: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr,
-          S2: tl.constexpr, DECODE: tl.constexpr, W_DTYPE: tl.constexpr):
-    """Scaled weight of code U of each (row, group) pair (J: which code of a pair / quad unit)."""
+          S2: tl.constexpr, DECODE: tl.constexpr, W_DTYPE: tl.constexpr, HALF: tl.constexpr):
+    """Scaled weight of code U of each (row, group) pair (J: which code of a pair / quad unit).
+    HALF (blocks of 32): codes 32..63 take the second block's s2, alpha2, beta2."""
     KB: tl.constexpr = S0 + S1 + S2
+    if HALF and U >= 32:
+        s = s2
+        alpha = alpha2
+        beta = beta2
     if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB, w = f * alpha + beta
         f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, U, 1, 23 - KB, dmask)
         v = (f | one_bits(dmask)).to(tl.float32, bitcast=True) * alpha + beta
@@ -52,18 +58,22 @@ def _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alph
 
 @triton.jit
 def _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta, dmask,
+          s2, alpha2, beta2,
           LO: tl.constexpr, STRIDE: tl.constexpr, CNT: tl.constexpr, S0: tl.constexpr,
-          S1: tl.constexpr, S2: tl.constexpr, DECODE: tl.constexpr, W_DTYPE: tl.constexpr):
+          S1: tl.constexpr, S2: tl.constexpr, DECODE: tl.constexpr, W_DTYPE: tl.constexpr,
+          HALF: tl.constexpr):
     """Codes LO, LO + STRIDE, .. (CNT of them) joined so that the flattened trailing dims run
     over them in order (each join appends the lowest remaining bit of the code index last)."""
     if CNT == 1:
         return _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
-                     dmask, LO, 0, S0, S1, S2, DECODE, W_DTYPE)
+                     dmask, s2, alpha2, beta2, LO, 0, S0, S1, S2, DECODE, W_DTYPE, HALF)
     else:
         lo = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
-                   dmask, LO, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE, W_DTYPE)
+                   dmask, s2, alpha2, beta2, LO, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE,
+                   W_DTYPE, HALF)
         hi = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alpha, beta,
-                   dmask, LO + STRIDE, 2 * STRIDE, CNT // 2, S0, S1, S2, DECODE, W_DTYPE)
+                   dmask, s2, alpha2, beta2, LO + STRIDE, 2 * STRIDE, CNT // 2, S0, S1, S2,
+                   DECODE, W_DTYPE, HALF)
         return tl.join(lo, hi)
 
 
@@ -77,14 +87,21 @@ def dot_words_kernel(
     BLOCK_G: tl.constexpr, ATOMIC: tl.constexpr, DOT_F32: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """x (M <= BLOCK_M, K) -> out (M, N); qw_ptr: the packed weight as int64 words."""
+    """x (M, K) -> out (M, N); qw_ptr: the packed weight as int64 words. Programs: axis 0 the
+    M tiles of BLOCK_M rows (fastest, so the M tiles of one weight tile run together and share
+    its reads in L2), axis 1 the BLOCK_N row tiles of W, axis 2 the K splits; each program
+    decodes its weight tile once for its BLOCK_M rows of x."""
     KB: tl.constexpr = S0 + S1 + S2
     BK: tl.constexpr = 64 * BLOCK_G
-    SCALE_AFTER: tl.constexpr = B >= BK and DECODE != 0  # affine: the per-weight FMA stays
+    # affine: the per-weight FMA stays; prefill (BLOCK_M > 16): scaling its 64-row result per
+    # trip would cost more than the per-weight multiply
+    SCALE_AFTER: tl.constexpr = B >= BK and DECODE != 0 and BLOCK_M <= 16
     W_DTYPE: tl.constexpr = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    HALF: tl.constexpr = B == 32  # two blocks per group of 64 codes
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -107,9 +124,16 @@ def dot_words_kernel(
             s = tl.load(a_rows + (g * 64 // B)[None, :], mask=mask, other=0.0).to(tl.float32)
             alpha = s * (cb_step * (1 << KB))
             beta = s * (cb_base - cb_step * (1 << KB))
+        if HALF:  # Kp % 64 == 0, so every group's second block exists
+            s2 = tl.load(a_rows + (g * 2 + 1)[None, :], mask=mask, other=0.0).to(tl.float32)
+            alpha2 = s2 * (cb_step * (1 << KB))
+            beta2 = s2 * (cb_base - cb_step * (1 << KB))
+        else:
+            s2 = s
+            alpha2 = alpha
+            beta2 = beta
         w = _tree(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab, s, alpha, beta,
-                  dmask,
-                  0, 1, 64, S0, S1, S2, DECODE, W_DTYPE)
+                  dmask, s2, alpha2, beta2, 0, 1, 64, S0, S1, S2, DECODE, W_DTYPE, HALF)
         w = tl.reshape(w, (BLOCK_N, BK))
         offs_k = t * BK + tl.arange(0, BK)
         x = tl.load(x_rows + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],

@@ -34,6 +34,80 @@ from kbitrt.runtime.kernels.words import (bit_field, in_register, load_group, on
 
 
 @triton.jit
+def _x2(xg, g, i: tl.constexpr, K, xmask, EVEN_K: tl.constexpr):
+    """fp32 (x[64 g + i], x[64 g + i + 1]) for an even i, as `words.x_pair`; fp16 with
+    K % 64 == 0 also as one 32-bit load of both (each half widened by its own HADD2.F32), which
+    halves the x loads a thread issues for its rows (the launch keeps x 4-byte aligned)."""
+    if EVEN_K and xg.dtype.element_ty == tl.float16:
+        w = tl.load((xg + i).to(tl.pointer_type(tl.int32), bitcast=True))
+        lo = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+    else:
+        return x_pair(xg, g, i, K, xmask, EVEN_K)
+
+
+@triton.jit
+def _codes_times_x(p, xs, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, xg, g, K, xmask, tab, tab_lo,
+                   tab_hi, tab_ptr, dmask, LO: tl.constexpr, HI: tl.constexpr, S0: tl.constexpr,
+                   S1: tl.constexpr, S2: tl.constexpr, DECODE: tl.constexpr,
+                   EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    """(p + sum cb[c] x, xs + sum x) over the code pairs LO..HI-1 (codes 2 LO .. 2 HI - 1) of
+    each (row, group): cb[c] as DECODE decodes it (for 0, f = 1 + c / 2^k; xs only for 0)."""
+    KB: tl.constexpr = S0 + S1 + S2
+    if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB from the code OR-ed into 1.0's mantissa
+        for j in tl.static_range(LO, HI):  # (fp16 pairs: no fewer instructions, 2x registers)
+            x0, x1 = x_pair(xg, g, 2 * j, K, xmask, EVEN_K)
+            f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j, 1, 23 - KB, dmask)
+            f = (f | one_bits(dmask)).to(tl.float32, bitcast=True)
+            p += f * x0
+            xs += x0
+            f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j + 1, 1, 23 - KB, dmask)
+            f = (f | one_bits(dmask)).to(tl.float32, bitcast=True)
+            p += f * x1
+            xs += x1
+    elif DECODE == 3:  # quad table (k = 3): 4 codes (12 bits) -> two 64-bit loads
+        for u in tl.static_range(LO // 2, HI // 2):
+            idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 4 * u, 4, 4)
+            idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 4 * u, 4, 4 * S0 + 4)
+            q_ptr = (tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64))
+            q01 = tl.load(q_ptr)
+            q23 = tl.load(q_ptr + 1)
+            x0, x1 = _x2(xg, g, 4 * u, K, xmask, EVEN_K)
+            x2, x3 = _x2(xg, g, 4 * u + 2, K, xmask, EVEN_K)
+            p += q01.to(tl.int32).to(tl.float32, bitcast=True) * x0
+            p += (q01 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x1
+            p += q23.to(tl.int32).to(tl.float32, bitcast=True) * x2
+            p += (q23 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x3
+    elif DECODE == 1:  # pair table: 2 codes -> one 64-bit load
+        for u in tl.static_range(LO, HI):
+            if S2 > 0 and ASM:  # k = 7: the address in PTX (words.pair7_asm)
+                pair = tl.load(pair7_pointer(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0,
+                                             tab_lo, tab_hi, 2 * u))
+            else:
+                idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * u, 2, 3)
+                if S1 > 0:
+                    idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 2 * u, 2, 2 * S0 + 3)
+                if S2 > 0:
+                    idx |= bit_field(c0, 0, 0, 0, 0, 0, 0, 0, S2, 2 * u, 2, 2 * (S0 + S1) + 3)
+                pair = tl.load((tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64)))
+            v0 = pair.to(tl.int32).to(tl.float32, bitcast=True)
+            v1 = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            x0, x1 = _x2(xg, g, 2 * u, K, xmask, EVEN_K)
+            p += v0 * x0
+            p += v1 * x1
+    else:  # byte table (k = 8)
+        tab32 = tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True)
+        for j in tl.static_range(LO, HI):
+            x0, x1 = _x2(xg, g, 2 * j, K, xmask, EVEN_K)
+            idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j, 1, 0)
+            p += tl.load(tab32 + idx) * x0
+            idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j + 1, 1, 0)
+            p += tl.load(tab32 + idx) * x1
+    return p, xs
+
+
+@triton.jit
 def gemv_words_kernel(
     x_ptr, qw_ptr, absmax_ptr, tab_ptr, bias_ptr, out_ptr,
     N, K, n_groups, stride_qn, stride_an, cb_base, cb_step, dmask, tab_addr, split_k,
@@ -43,7 +117,8 @@ def gemv_words_kernel(
 ):
     """x (1, K) -> out (1, N); qw_ptr is the packed weight as int64 words (row stride in words).
 
-    Requires Kp % 64 == 0 (n_groups = Kp / 64 whole groups per row) and B >= 64.
+    Requires Kp % 64 == 0 (n_groups = Kp / 64 whole groups per row) and B >= 32 (B = 32: two
+    scales per group, the first half's partial scaled and flushed halfway through the codes).
     """
     KB: tl.constexpr = S0 + S1 + S2
     pid_n = tl.program_id(0)
@@ -70,65 +145,29 @@ def gemv_words_kernel(
         xmask = (g < n_groups)[None, :] & (offs_n * 0 == 0)[:, None]
         p = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
         xs = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
-        if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB from the code OR-ed into 1.0's mantissa
-            for j in tl.static_range(32):
-                x0, x1 = x_pair(xg, g, 2 * j, K, xmask, EVEN_K)
-                f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j, 1, 23 - KB, dmask)
-                f = (f | one_bits(dmask)).to(tl.float32, bitcast=True)
-                p += f * x0
-                xs += x0
-                f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j + 1, 1, 23 - KB, dmask)
-                f = (f | one_bits(dmask)).to(tl.float32, bitcast=True)
-                p += f * x1
-                xs += x1
-        elif DECODE == 3:  # quad table (k = 3): 4 codes (12 bits) -> two 64-bit loads
-            for u in tl.static_range(16):
-                idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 4 * u, 4, 4)
-                idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 4 * u, 4, 4 * S0 + 4)
-                q_ptr = (tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64))
-                q01 = tl.load(q_ptr)
-                q23 = tl.load(q_ptr + 1)
-                x0, x1 = x_pair(xg, g, 4 * u, K, xmask, EVEN_K)
-                x2, x3 = x_pair(xg, g, 4 * u + 2, K, xmask, EVEN_K)
-                p += q01.to(tl.int32).to(tl.float32, bitcast=True) * x0
-                p += (q01 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x1
-                p += q23.to(tl.int32).to(tl.float32, bitcast=True) * x2
-                p += (q23 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x3
+        if B == 32:  # two blocks per group: codes 0..31 take s, codes 32..63 s_hi
+            s_hi = tl.load(a_rows + (g * 2 + 1)[None, :], mask=mask, other=0.0).to(tl.float32)
+            p, xs = _codes_times_x(p, xs, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, xg, g, K,
+                                   xmask, tab, tab_lo, tab_hi, tab_ptr, dmask, 0, 16, S0, S1, S2,
+                                   DECODE, EVEN_K, ASM)
+            acc += p * s
+            accx += xs * s
+            s = s_hi
+            p = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+            xs = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+            p, xs = _codes_times_x(p, xs, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, xg, g, K,
+                                   xmask, tab, tab_lo, tab_hi, tab_ptr, dmask, 16, 32, S0, S1, S2,
+                                   DECODE, EVEN_K, ASM)
         else:
-            if DECODE == 1:  # pair table: 2 codes -> one 64-bit load
-                for u in tl.static_range(32):
-                    if S2 > 0 and ASM:  # k = 7: the address in PTX (words.pair7_asm)
-                        pair = tl.load(pair7_pointer(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0,
-                                                     tab_lo, tab_hi, 2 * u))
-                    else:
-                        idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * u, 2, 3)
-                        if S1 > 0:
-                            idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 2 * u, 2, 2 * S0 + 3)
-                        if S2 > 0:
-                            idx |= bit_field(c0, 0, 0, 0, 0, 0, 0, 0, S2, 2 * u, 2,
-                                             2 * (S0 + S1) + 3)
-                        pair = tl.load((tab | idx.to(tl.int64)).to(tl.pointer_type(tl.int64)))
-                    v0 = pair.to(tl.int32).to(tl.float32, bitcast=True)
-                    v1 = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-                    x0, x1 = x_pair(xg, g, 2 * u, K, xmask, EVEN_K)
-                    p += v0 * x0
-                    p += v1 * x1
-            else:  # byte table (k = 8)
-                tab32 = tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True)
-                for j in tl.static_range(32):
-                    x0, x1 = x_pair(xg, g, 2 * j, K, xmask, EVEN_K)
-                    idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j, 1, 0)
-                    p += tl.load(tab32 + idx) * x0
-                    idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j + 1, 1, 0)
-                    p += tl.load(tab32 + idx) * x1
+            p, xs = _codes_times_x(p, xs, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, xg, g, K,
+                                   xmask, tab, tab_lo, tab_hi, tab_ptr, dmask, 0, 32, S0, S1, S2,
+                                   DECODE, EVEN_K, ASM)
         acc += p * s
         if DECODE == 0:
             accx += xs * s
-    if DECODE == 0:
-        y = tl.sum(acc, axis=1) * (cb_step * (1 << KB)) + tl.sum(accx, axis=1) * (
-            cb_base - cb_step * (1 << KB))
-    else:
-        y = tl.sum(acc, axis=1)
+    if DECODE == 0:  # one row reduction: the two partials combined per element first
+        acc = acc * (cb_step * (1 << KB)) + accx * (cb_base - cb_step * (1 << KB))
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         if pid_k == 0:

@@ -4,7 +4,9 @@ Twin of `reference.kbit_linear_torch` (same signature). W is never materialised:
 loads a (BLOCK_N, BLOCK_K) tile of packed bytes, unpacks its bit slices in registers, looks the
 codes up in the codebook (2^k fp32 values, an L1-resident table) and applies the block absmax.
 
-Three paths, chosen by M (the rows of x):
+The legacy byte kernels below serve what the word kernels (gemv_words, dot_words; `plan_launch`
+picks) do not: blocks of 16 and rows whose padded length is not a multiple of 64. Three paths,
+chosen by M (the rows of x):
 - GEMV (M = 1): elementwise product and row reduction in fp32, no tensor cores; split-K when
   there are too few row tiles to fill the GPU.
 - small batch (M = 2..16): tl.dot with BLOCK_M = 16 (the weight is read once for all rows), split-K.
@@ -18,7 +20,7 @@ partials atomically into a zeroed workspace (bias added by split 0), then one ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -208,12 +210,34 @@ def m_bucket(m: int) -> int:
 
 
 def _split_k(n_tiles: int, k_tiles: int, sms: int) -> int:
-    """Split K only when the row tiles fill less than one wave: a split costs a memset and a cast
-    (two more launches), which at ~3 us per decode GEMV is not free. Then aim at ~2 waves."""
+    """Split K (legacy kernels) only when the row tiles fill less than one wave: a split costs a
+    memset and a cast (two more launches), which at ~3 us per decode GEMV is not free. Then aim
+    at ~2 waves."""
     if n_tiles >= sms:
         return 1
     want = -(-2 * sms // max(n_tiles, 1))
     return max(1, min(want, k_tiles, 16))
+
+
+def _words_tile(n: int, n_groups: int, pairs: int, sms: int, min_rows: int,
+                max_rows: int = 256) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_G) of a word kernel with `pairs` (row, group) pairs per program: the fewest,
+    longest programs that still give about one program per SM (>= 0.9 x SMs), so each program's
+    prologue and epilogue spread over as many loop trips as the grid allows and no split-K (two
+    more launches) is needed; where N is too small for that, the most programs (the grid's fill
+    decides the bandwidth a decode GEMV reaches, docs/kernels.md). Tiles whose last trip would
+    run more than 6% clamped groups past K (work without weights) are avoided where any other
+    tile fits."""
+    g_cap = triton.next_power_of_2(max(n_groups, 1))
+    tiles = [(bn, pairs // bn) for bn in (256, 128, 64, 32, 16, 8)
+             if min_rows <= bn <= min(pairs, max_rows) and pairs // bn <= g_cap]
+    if not tiles:
+        return min_rows, max(1, pairs // min_rows)
+    tight = [t for t in tiles if -(-n_groups // t[1]) * t[1] <= 1.06 * n_groups] or tiles
+    for bn, bg in tight:
+        if triton.cdiv(n, bn) >= 0.9 * sms:
+            return bn, bg
+    return tight[-1]
 
 
 def pick_config(m: int, n: int, k: int, bits: int, block_size: int,
@@ -222,30 +246,37 @@ def pick_config(m: int, n: int, k: int, bits: int, block_size: int,
     return _pick(m, n, k, bits, block_size, _sm_count(device))
 
 
-def _pick(m: int, n: int, k: int, bits: int, block_size: int, sms: int) -> KernelConfig:
+def _pick(m: int, n: int, k: int, bits: int, block_size: int, sms: int,
+          prefill_words: bool = False, words: bool = True) -> KernelConfig:
     key = (m_bucket(m), n, k, bits, block_size)
     if key in CONFIG_OVERRIDES:
         return CONFIG_OVERRIDES[key]
     kpow = max(32, triton.next_power_of_2(k))
-    if m == 1 and gemv_words_ok(k, block_size):
-        # 4 warps, 1 group of 64 codes per thread and trip; 8 rows per thread where registers allow
-        block_n, block_k = (256 if bits <= 5 else 128), 256
-        split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
-        return KernelConfig(1, block_n, block_k, split, num_warps=4, num_stages=1)
+    n_groups = packing.padded_len(k) // 64
+    words = words and gemv_words_ok(k, block_size)
+    if m == 1 and words:
+        # 4 warps; 8 (row, group) pairs per thread (4 at k >= 6, where registers run out)
+        bn, bg = _words_tile(n, n_groups, 1024 if bits <= 5 else 512, sms, 8)
+        return KernelConfig(1, bn, 64 * bg, 1, num_warps=4, num_stages=1)
     if m == 1:
         block_n, block_k = 16, min(512, kpow)
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         return KernelConfig(1, block_n, block_k, split, num_warps=4, num_stages=2)
-    if m <= 16 and gemv_words_ok(k, block_size):
-        # two (row, group) pairs per thread; BLOCK_K = 128 keeps the tile's smem stores 128 bits
-        # wide (with BLOCK_K = 64 Triton stores the dot operand 16 bits at a time)
-        block_n, block_k = 128, 128
-        split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
-        return KernelConfig(16, block_n, block_k, split, num_warps=4, num_stages=1)
+    if m <= 16 and words:
+        # 2 (row, group) pairs per thread (4 spill registers), >= 64 rows (fewer rows re-read x
+        # from smem per weight); BLOCK_K >= 128 keeps the tile's smem stores 128 bits wide (with BLOCK_K = 64
+        # Triton stores the dot operand 16 bits at a time)
+        bn, bg = _words_tile(n, n_groups, 256, sms, 64, 128)
+        return KernelConfig(16, bn, 64 * bg, 1, num_warps=4, num_stages=1)
     if m <= 16:
         block_n, block_k = 64, min(128, kpow)
         split = _split_k(triton.cdiv(n, block_n), triton.cdiv(k, block_k), sms)
         return KernelConfig(16, block_n, block_k, split, num_warps=4, num_stages=3)
+    if prefill_words and words:
+        # tensor cores on the word layout: each weight decoded once per 64 rows of x; 8 warps
+        # (1 (row, group) pair per thread: with 4 warps the 64 x 128 fp32 accumulator and two
+        # pairs spilled at 4-bit nf), 4 at k = 8 (8 warps spent 8.1 per weight on its byte table)
+        return KernelConfig(64, 128, 128, 1, num_warps=4 if bits == 8 else 8, num_stages=1)
     block_m = 64 if m <= 64 else 128
     return KernelConfig(block_m, 128, min(64, kpow), 1, num_warps=8 if block_m == 128 else 4,
                         num_stages=3)
@@ -283,16 +314,39 @@ class LaunchPlan:
     block_size: int
     absmax_bytes: int
     config_str: str
+    split: int = 1  # programs that share one tile's K loop (split-K)
+    k_trips: int = 1  # trips of the K loop over the whole K (split programs share them)
+    m_tiles: int = 1  # M tiles (programs along M; the weight is decoded once per M tile)
+    extra_launches: int = 0  # launches besides the kernel (split-K: memset + cast)
+    # compile/launch options stated, not left to Triton's defaults (the counts depend on them)
+    launch_options: dict = field(default_factory=lambda: dict(LAUNCH_OPTIONS))
+
+
+# Floating-point contraction (FFMA) is stated: Triton 3.9 fuses by default and announces the
+# default turns off in 3.10; every count in docs/kernels.md assumes it on.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
+def launch(plan: LaunchPlan, call_args: list) -> None:
+    """Run `plan` with its argument values (in `plan.args` order) and its stated options."""
+    plan.kernel[plan.grid](*call_args, **dict(plan.constexprs), num_warps=plan.num_warps,
+                           num_stages=plan.num_stages, **plan.launch_options)
 
 
 def plan_launch(m: int, n: int, k: int, bits: int, block_size: int, act: str = "fp16",
                 codebook_kind: str = "table", sms: int = 132, absmax: str = "fp16",
-                has_bias: bool = False, config: KernelConfig | None = None) -> LaunchPlan:
+                has_bias: bool = False, config: KernelConfig | None = None,
+                prefill_words: bool = False, words: bool = True) -> LaunchPlan:
+    """The launch of one call. Word kernels (packed weight as int64 words, decode tables from
+    `words.decode_choice`) where `gemv_words_ok`: M = 1, M = 2..16 and, with `prefill_words`
+    (the caller prepared the tables for M > 16 too), prefill on tensor cores. `words=False`
+    (a weight not 8-byte aligned, no tables) plans the legacy byte kernels only."""
     kp = packing.padded_len(k)
     nb = -(-k // block_size)
-    cfg = config or _pick(m, n, k, bits, block_size, sms)
-    if cfg.block_k % 64 == 0 and gemv_words_ok(k, block_size):
-        if cfg.block_m == 1 or (cfg.block_m == 16 and m <= 16):
+    cfg = config or _pick(m, n, k, bits, block_size, sms, prefill_words, words)
+    if words and cfg.block_k % 64 == 0 and gemv_words_ok(k, block_size):
+        if (cfg.block_m == 1 or (cfg.block_m == 16 and m <= 16)
+                or (prefill_words and m > 16 and cfg.block_m >= 32)):
             return _plan_words(1 if cfg.block_m == 1 else m, n, k, bits, block_size, act,
                                codebook_kind, absmax, has_bias, cfg)
     widths = _SLICE_WIDTHS[bits] + (0, 0)
@@ -312,7 +366,8 @@ def plan_launch(m: int, n: int, k: int, bits: int, block_size: int, act: str = "
                 ("stride_an", nb))
         return LaunchPlan(_gemv_kernel, grid, ptrs + ints, tuple(common.items()), cfg.num_warps,
                           cfg.num_stages, cfg.block_n * cfg.block_k, bits, block_size,
-                          4 if absmax == "fp32" else 2, cstr)
+                          4 if absmax == "fp32" else 2, cstr, split, triton.cdiv(k, cfg.block_k),
+                          1, 2 if split > 1 else 0)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     precision = "ieee" if act == "fp32" else "tf32"
     dot_f32 = act == "bf16" and interpreted()
@@ -322,7 +377,8 @@ def plan_launch(m: int, n: int, k: int, bits: int, block_size: int, act: str = "
             ("stride_xm", k), ("stride_qn", row), ("stride_an", nb), ("stride_om", n))
     return LaunchPlan(_dot_kernel, grid, ptrs + ints, tuple(common.items()), cfg.num_warps,
                       cfg.num_stages, cfg.block_n * cfg.block_k, bits, block_size,
-                      4 if absmax == "fp32" else 2, cstr)
+                      4 if absmax == "fp32" else 2, cstr, split, triton.cdiv(k, cfg.block_k),
+                      triton.cdiv(m, cfg.block_m), 2 if split > 1 else 0)
 
 
 _ADDR = 1 << 40  # placeholder of the table address in a plan (the launch passes the real one)
@@ -354,14 +410,20 @@ def _plan_words(m, n, k, bits, block_size, act, codebook_kind, absmax, has_bias,
     else:
         kernel, name = dot_words_kernel, "dotwords"
         dot_f32 = act == "bf16" and interpreted()
-        c.update(BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_G=block_g, ATOMIC=split > 1,
+        c.update(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_G=block_g, ATOMIC=split > 1,
                  DOT_F32=dot_f32, DOT_PRECISION="ieee" if dot_f32 or act == "fp32" else "tf32")
         ints = (("M", m), ("N", n), ("K", k), ("n_groups", kp // 64), ("stride_xm", k),
                 ("stride_qn", kp * bits // 64), ("stride_an", nb), ("stride_om", n))
-    return LaunchPlan(kernel, (triton.cdiv(n, cfg.block_n), split), ptrs + ints + tail,
+    m_tiles = 1 if m == 1 else triton.cdiv(m, cfg.block_m)
+    n_tiles = triton.cdiv(n, cfg.block_n)
+    grid = (n_tiles, split) if m == 1 else (m_tiles, n_tiles, split)
+    bm = "" if m == 1 else f" bm{cfg.block_m}"
+    return LaunchPlan(kernel, grid, ptrs + ints + tail,
                       tuple(c.items()), cfg.num_warps, cfg.num_stages, cfg.block_n * cfg.block_k,
                       bits, block_size, 4 if absmax == "fp32" else 2,
-                      f"{name} d{decode} bn{cfg.block_n} bg{block_g} sk{split} w{cfg.num_warps}")
+                      f"{name} d{decode}{bm} bn{cfg.block_n} bg{block_g} sk{split} "
+                      f"w{cfg.num_warps}", split, triton.cdiv(kp // 64, block_g), m_tiles,
+                      2 if split > 1 else 0)
 
 
 def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,

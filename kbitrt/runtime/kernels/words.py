@@ -200,8 +200,8 @@ def x_pair(xg, g, i: tl.constexpr, K, xmask, EVEN_K: tl.constexpr):
 
 
 def gemv_words_ok(k: int, block_size: int) -> bool:
-    """Whether the word GEMV applies: whole 64-code groups per row and blocks of >= 64 codes."""
-    return (-(-k // 8) * 8) % 64 == 0 and block_size >= 64
+    """Whether the word kernels apply: whole 64-code groups per row and blocks of >= 32 codes."""
+    return (-(-k // 8) * 8) % 64 == 0 and block_size >= 32
 
 
 # id(codebook) -> (weak reference to it, its _version, decode_choice's answer). Not a
