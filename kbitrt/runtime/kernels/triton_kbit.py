@@ -197,12 +197,12 @@ CONFIG_OVERRIDES: dict[tuple, KernelConfig] = {}
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # the interpreter: a few programs, so split-K is exercised on small shapes
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    if device.type == "cuda":  # pragma: no cover - needs a GPU
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        return _SM_COUNT[idx]
+    return 8  # the interpreter: a few programs, so split-K is exercised on small shapes
 
 
 def m_bucket(m: int) -> int:
@@ -451,14 +451,16 @@ def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Ten
         x = x.clone()
     qweight, absmax = qweight.contiguous(), absmax.contiguous()
     kind, table, scalars = "table", codebook, {}
-    if m <= 16 and gemv_words_ok(k, block_size) and qweight.data_ptr() % 8 == 0:
+    words = gemv_words_ok(k, block_size) and qweight.data_ptr() % 8 == 0
+    if words:  # the word kernels (every M): 64-bit loads and the codebook's decode tables
         decode, table, base, step = decode_choice(codebook, bits)
         kind = "affine" if decode == 0 else "table"
         scalars = dict(cb_base=base, cb_step=step, tab_addr=table.data_ptr())
         qweight = qweight.view(torch.int64)
     plan = plan_launch(m, n, k, bits, block_size, act=_TL_NAMES[x.dtype],
                        codebook_kind=kind, sms=_sm_count(x.device),
-                       absmax=_TL_NAMES[absmax.dtype], has_bias=bias is not None, config=config)
+                       absmax=_TL_NAMES[absmax.dtype], has_bias=bias is not None, config=config,
+                       prefill_words=words, words=words)
     if plan.kernel not in (gemv_words_kernel, dot_words_kernel) and qweight.dtype != torch.uint8:
         qweight = qweight.view(torch.uint8)
     c = dict(plan.constexprs)
@@ -469,8 +471,7 @@ def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Ten
                    bias_ptr=bias if bias is not None else out, out_ptr=out)
     call = [tensors[name] if isinstance(v, str) else scalars.get(name, v)
             for name, v in plan.args]
-    plan.kernel[plan.grid](*call, **dict(plan.constexprs), num_warps=plan.num_warps,
-                           num_stages=plan.num_stages)
+    launch(plan, call)
     if split > 1:
         out = out.to(x.dtype)
     if outlier_idx is not None and outlier_idx.numel():
