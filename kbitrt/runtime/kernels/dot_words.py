@@ -13,7 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import bit_field, in_register, load_group, one_bits, store_out
+from kbitrt.runtime.kernels.words import (AFFINE, BYTE, PAIR, bit_field, in_register, load_group,
+                                          one_bits, store_out)
 
 
 @triton.jit
@@ -28,13 +29,13 @@ def _leaf(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, tab_ptr, tab_addr, s, alph
         s = s2
         alpha = alpha2
         beta = beta2
-    if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB, w = f * alpha + beta
+    if DECODE == AFFINE:  # arithmetic: f = 1 + c / 2^KB, w = f * alpha + beta
         f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, U, 1, 23 - KB, dmask)
         v = (f | one_bits(dmask)).to(tl.float32, bitcast=True) * alpha + beta
-    elif DECODE == 2:  # byte table
+    elif DECODE == BYTE:  # byte table
         idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, U, 1, 0)
         v = tl.load(tab_ptr.to(tl.pointer_type(tl.float32), bitcast=True) + idx) * s
-    elif DECODE == 1:  # pair table: the unit of code U is the pair U // 2
+    elif DECODE == PAIR:  # pair table: the unit of code U is the pair U // 2
         P: tl.constexpr = U - U % 2
         idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, P, 2, 3)
         if S1 > 0:
@@ -95,7 +96,7 @@ def dot_words_kernel(
     BK: tl.constexpr = 64 * BLOCK_G
     # affine: the per-weight FMA stays; prefill (BLOCK_M > 16): scaling its 64-row result per
     # trip would cost more than the per-weight multiply
-    SCALE_AFTER: tl.constexpr = B >= BK and DECODE != 0 and BLOCK_M <= 16
+    SCALE_AFTER: tl.constexpr = B >= BK and DECODE != AFFINE and BLOCK_M <= 16
     W_DTYPE: tl.constexpr = tl.float32 if DOT_F32 else x_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)

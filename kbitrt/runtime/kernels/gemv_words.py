@@ -7,14 +7,14 @@ BLOCK_G groups at a time; each thread holds a few (row, group) pairs and, for ea
 codes with compile-time shifts (`tl.static_range`), multiplies by x and keeps a 2-D fp32 partial;
 rows are reduced once, after the loop (no cross-thread reduction in the K loop).
 
-Decoders (DECODE):
-- 0, arithmetic (affine codebooks: int, k = 4 and 8): the code is OR-ed into the top of the mantissa
+Decoders (DECODE, named in words.py and chosen by words.decoder_for):
+- AFFINE (0), arithmetic (affine codebooks: int, k = 4 and 8): the code is OR-ed into the top of the mantissa
   of 1.0, f = 1 + c / 2^k (two integer ops, no conversion); with cb[c] = base + step * c,
   sum cb[c] x = step 2^k sum f x + (base - step 2^k) sum x, the scale applied per (row, group).
-- 1, pair table (k = 4..7): the 2k bits of two neighbouring codes, which lie side by side in every
+- PAIR (1), pair table (k = 4..7): the 2k bits of two neighbouring codes, which lie side by side in every
   slice, index a table of (cb[c0], cb[c1]) fp32 pairs: one 64-bit load per two weights.
-- 2, byte table (k = 8): one fp32 load per weight, indexed by the code byte.
-- 3, quad table (k = 3): the 12 bits of four neighbouring codes index (cb[c0], .., cb[c3]): a 64 KB
+- BYTE (2), byte table (k = 8): one fp32 load per weight, indexed by the code byte.
+- QUAD (3), quad table (k = 3): the 12 bits of four neighbouring codes index (cb[c0], .., cb[c3]): a 64 KB
   table, two 64-bit loads per four weights.
 
 Tables are aligned to their size (words.aligned_copy): an entry's address is tab_addr | offset, an
@@ -29,8 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import (bit_field, in_register, load_group, one_bits,
-                                          pair7_pointer, x_pair)
+from kbitrt.runtime.kernels.words import (AFFINE, PAIR, QUAD, bit_field, in_register, load_group,
+                                          one_bits, pair7_pointer, x_pair)
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def _codes_times_x(p, xs, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, xg, g, K, 
     """(p + sum cb[c] x, xs + sum x) over the code pairs LO..HI-1 (codes 2 LO .. 2 HI - 1) of
     each (row, group): cb[c] as DECODE decodes it (for 0, f = 1 + c / 2^k; xs only for 0)."""
     KB: tl.constexpr = S0 + S1 + S2
-    if DECODE == 0:  # arithmetic: f = 1 + c / 2^KB from the code OR-ed into 1.0's mantissa
+    if DECODE == AFFINE:  # arithmetic: f = 1 + c / 2^KB from the code OR-ed into 1.0's mantissa
         for j in tl.static_range(LO, HI):  # (fp16 pairs: no fewer instructions, 2x registers)
             x0, x1 = x_pair(xg, g, 2 * j, K, xmask, EVEN_K)
             f = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 2 * j, 1, 23 - KB, dmask)
@@ -66,7 +66,7 @@ def _codes_times_x(p, xs, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, xg, g, K, 
             f = (f | one_bits(dmask)).to(tl.float32, bitcast=True)
             p += f * x1
             xs += x1
-    elif DECODE == 3:  # quad table (k = 3): 4 codes (12 bits) -> two 64-bit loads
+    elif DECODE == QUAD:  # quad table (k = 3): 4 codes (12 bits) -> two 64-bit loads
         for u in tl.static_range(LO // 2, HI // 2):
             idx = bit_field(a0, a1, a2, a3, a4, a5, a6, a7, S0, 4 * u, 4, 4)
             idx |= bit_field(b0, b1, 0, 0, 0, 0, 0, 0, S1, 4 * u, 4, 4 * S0 + 4)
@@ -79,7 +79,7 @@ def _codes_times_x(p, xs, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0, xg, g, K, 
             p += (q01 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x1
             p += q23.to(tl.int32).to(tl.float32, bitcast=True) * x2
             p += (q23 >> 32).to(tl.int32).to(tl.float32, bitcast=True) * x3
-    elif DECODE == 1:  # pair table: 2 codes -> one 64-bit load
+    elif DECODE == PAIR:  # pair table: 2 codes -> one 64-bit load
         for u in tl.static_range(LO, HI):
             if S2 > 0 and ASM:  # k = 7: the address in PTX (words.pair7_asm)
                 pair = tl.load(pair7_pointer(a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, c0,
@@ -163,9 +163,9 @@ def gemv_words_kernel(
                                    xmask, tab, tab_lo, tab_hi, tab_ptr, dmask, 0, 32, S0, S1, S2,
                                    DECODE, EVEN_K, ASM)
         acc += p * s
-        if DECODE == 0:
+        if DECODE == AFFINE:
             accx += xs * s
-    if DECODE == 0:  # one row reduction: the two partials combined per element first
+    if DECODE == AFFINE:  # one row reduction: the two partials combined per element first
         acc = acc * (cb_step * (1 << KB)) + accx * (cb_base - cb_step * (1 << KB))
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:

@@ -29,7 +29,8 @@ import triton.language as tl
 from kbitrt.format import packing
 from kbitrt.runtime.kernels.dot_words import dot_words_kernel
 from kbitrt.runtime.kernels.gemv_words import gemv_words_kernel
-from kbitrt.runtime.kernels.words import decode_choice, gemv_words_ok, store_out
+from kbitrt.runtime.kernels.words import (AFFINE, decode_choice, decoder_for, gemv_words_ok,
+                                          store_out)
 
 _SLICE_WIDTHS = {b: tuple(w for w, _, _ in packing.slices(b)) for b in range(3, 9)}
 
@@ -290,13 +291,6 @@ def codebook_kind_of(dtype: str) -> str:
     return "affine" if dtype == "int" else "table"
 
 
-def _words_decode(bits: int, codebook_kind: str) -> int:
-    """The word GEMV's decoder (gemv_words.decode_choice picks the same from the codebook)."""
-    if codebook_kind == "affine" and bits in (4, 8):
-        return 0
-    return {8: 2, 3: 3}.get(bits, 1)
-
-
 @dataclass(frozen=True)
 class LaunchPlan:
     """One launch: kernel, grid, constexprs and the argument list (name -> pointer element type
@@ -389,7 +383,7 @@ def _plan_words(m, n, k, bits, block_size, act, codebook_kind, absmax, has_bias,
     """The plan of a word kernel: gemv_words_kernel for M = 1, else dot_words_kernel."""
     kp = packing.padded_len(k)
     widths = _SLICE_WIDTHS[bits] + (0, 0)
-    decode = _words_decode(bits, codebook_kind)
+    decode = decoder_for(bits, codebook_kind == "affine")
     split = cfg.split_k
     out = "fp32" if split > 1 else act
     block_g = cfg.block_k // 64
@@ -454,7 +448,7 @@ def kbit_linear_triton(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Ten
     words = gemv_words_ok(k, block_size) and qweight.data_ptr() % 8 == 0
     if words:  # the word kernels (every M): 64-bit loads and the codebook's decode tables
         decode, table, base, step = decode_choice(codebook, bits)
-        kind = "affine" if decode == 0 else "table"
+        kind = "affine" if decode == AFFINE.value else "table"
         scalars = dict(cb_base=base, cb_step=step, tab_addr=table.data_ptr())
         qweight = qweight.view(torch.int64)
     plan = plan_launch(m, n, k, bits, block_size, act=_TL_NAMES[x.dtype],

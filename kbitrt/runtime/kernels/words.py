@@ -10,6 +10,7 @@ side in every slice.
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import triton
@@ -257,8 +258,32 @@ def quad_table(codebook: torch.Tensor) -> torch.Tensor:
                         .view(torch.int64).view(-1))
 
 
-def decode_choice(codebook: torch.Tensor, bits: int) -> tuple[int, torch.Tensor, float, float]:
-    """(DECODE, table, base, step) for the word GEMV, cached per codebook tensor (by identity,
+# The word kernels' four decoders (the DECODE constexpr), chosen by `decoder_for` only.
+AFFINE = tl.constexpr(0)  # arithmetic, for equally spaced codebooks (int) at k = 4 and 8
+PAIR = tl.constexpr(1)  # a table of (cb[c0], cb[c1]) pairs: k = 4..7
+BYTE = tl.constexpr(2)  # one fp32 load per code byte: k = 8
+QUAD = tl.constexpr(3)  # a table of four values per 12 bits: k = 3
+
+
+def decoder_for(bits: int, affine: bool) -> int:
+    """The word kernels' decoder for a width and a codebook that is (or is not) equally spaced."""
+    if affine and bits in (4, 8):
+        return AFFINE.value
+    return {8: BYTE.value, 3: QUAD.value}.get(bits, PAIR.value)
+
+
+class DecodeTables(NamedTuple):
+    """What a word kernel reads of a codebook: its decoder, the table (or the codebook itself)
+    and, for AFFINE, cb[c] = base + step * c."""
+
+    decoder: int
+    table: torch.Tensor
+    base: float
+    step: float
+
+
+def decode_choice(codebook: torch.Tensor, bits: int) -> DecodeTables:
+    """The decoder and tables of a padded codebook, cached per codebook tensor (by identity,
     rebuilt when the tensor was written in place)."""
     hit = _TABLES.get(id(codebook))
     if hit is not None and hit[0]() is codebook and hit[1] == codebook._version:
@@ -266,14 +291,15 @@ def decode_choice(codebook: torch.Tensor, bits: int) -> tuple[int, torch.Tensor,
     affine = None
     if bits in (4, 8) and not (codebook.is_cuda and torch.cuda.is_current_stream_capturing()):
         affine = affine_params(codebook)
-    if affine is not None:
-        out = (0, codebook, affine[0], affine[1])
-    elif bits == 8:
-        out = (2, codebook, 0.0, 0.0)
-    elif bits == 3:
-        out = (3, quad_table(codebook), 0.0, 0.0)
+    decoder = decoder_for(bits, affine is not None)
+    if decoder == AFFINE.value:
+        out = DecodeTables(decoder, codebook, affine[0], affine[1])
+    elif decoder == BYTE.value:
+        out = DecodeTables(decoder, codebook, 0.0, 0.0)
+    elif decoder == QUAD.value:
+        out = DecodeTables(decoder, quad_table(codebook), 0.0, 0.0)
     else:
-        out = (1, pair_table(codebook, bits), 0.0, 0.0)
+        out = DecodeTables(decoder, pair_table(codebook, bits), 0.0, 0.0)
     _TABLES[id(codebook)] = (weakref.ref(codebook, _forget(id(codebook))), codebook._version, out)
     return out
 
