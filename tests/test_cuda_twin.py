@@ -305,3 +305,17 @@ def test_docs_list_every_line_that_needs_a_gpu():
                 if f"`{code}`" not in section or rel.split("/")[-1] not in section:
                     missing.append(f"{rel}: {code}")
     assert not missing, "not listed in docs/kernels.md: " + "; ".join(missing)
+
+
+def test_the_twin_refuses_a_compiling_triton(monkeypatch):
+    """KBIT_CUDA_TWIN=1 without the interpreter would hand CPU pointers to compiled kernels."""
+    from kbitrt.errors import RunError
+    from kbitrt.runtime.kernels import triton_kbit
+
+    monkeypatch.setattr(triton_kbit, "interpreted", lambda: False)
+    monkeypatch.setenv("KBIT_CUDA_TWIN", "1")
+    with pytest.raises(RunError, match="TRITON_INTERPRET=1"):
+        gpu_path("cpu")
+    with pytest.raises(RunError, match="TRITON_INTERPRET=1"):
+        with cuda_twin():
+            pass

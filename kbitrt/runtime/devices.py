@@ -30,16 +30,28 @@ _twin_depth = 0  # cuda_twin() contexts entered and not left
 
 def twin_enabled() -> bool:
     """Whether CPU tensors take the GPU path (KBIT_CUDA_TWIN=1 or inside `cuda_twin()`)."""
-    return _twin_depth > 0 or os.environ.get(TWIN_ENV, "") not in ("", "0")
+    if _twin_depth > 0:
+        return True
+    if os.environ.get(TWIN_ENV, "") in ("", "0"):
+        return False
+    check_interpreted()
+    return True
+
+
+def check_interpreted() -> None:
+    """The twin runs Triton's interpreter: refuse, in one line, a Triton that would compile."""
+    from kbitrt.runtime.kernels.triton_kbit import interpreted
+
+    if not interpreted():
+        raise RunError(f"the CUDA twin ({TWIN_ENV}=1) runs Triton's interpreter: set "
+                       "TRITON_INTERPRET=1 too, before anything imports triton")
 
 
 @contextlib.contextmanager
 def cuda_twin() -> Iterator[None]:
     """Send CPU tensors through the GPU path while inside (the Triton kernels interpreted)."""
     global _twin_depth
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise RunError("the CUDA twin runs Triton's interpreter: set TRITON_INTERPRET=1 before "
-                       "anything imports triton")
+    check_interpreted()
     _twin_depth += 1
     try:
         yield
