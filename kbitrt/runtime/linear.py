@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from kbitrt.format import packing
 from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.runtime.devices import cpu_path
-from kbitrt.runtime.kernels.ops import dense_linear, kbit_linear
+from kbitrt.runtime.kernels.ops import dense_linear, half_linear, kbit_linear
 from kbitrt.runtime.kernels.reference import dequantize_packed, pad_codebook
 
 _FIXED_DTYPE_BUFFERS = ("codebook", "absmax")  # model.half() must not round these
@@ -232,8 +232,7 @@ class HalfLinear(nn.Module):
         self.weight, self.bias = weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.kbitrt.half_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return half_linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

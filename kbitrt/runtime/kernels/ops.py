@@ -25,8 +25,8 @@ from kbitrt.runtime.devices import cpu_path, twin_enabled
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.kernels.reference import dequantize_packed, kbit_linear_torch, pad_codebook
 
-__all__ = ["kbit_linear", "kbit_linear_2d", "kbit_dequantize", "half_linear", "dense_linear",
-           "pad_codebook"]
+__all__ = ["kbit_linear", "kbit_linear_2d", "kbit_dequantize", "half_linear", "half_linear_2d",
+           "dense_linear", "pad_codebook"]
 
 
 # ------------------------------------------------------------------------------- kbit_linear
@@ -81,10 +81,16 @@ def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
                 codebook: torch.Tensor, bias: Optional[torch.Tensor],
                 outlier_idx: Optional[torch.Tensor], outlier_weight: Optional[torch.Tensor],
                 bits: int, block_size: int, in_features: int) -> torch.Tensor:
-    """x (..., K) -> (..., N): flattens the leading dims into M and calls the op."""
-    lead = x.shape[:-1]
-    y = torch.ops.kbitrt.kbit_linear(x.reshape(-1, x.shape[-1]), qweight, absmax, codebook, bias,
-                                     outlier_idx, outlier_weight, bits, block_size, in_features)
+    """x (..., K) -> (..., N): flattens the leading dims into M and calls the op. On the CPU path
+    the op's CPU kernel is called directly: the custom op's Python dispatch imports torch._dynamo
+    on its first call (~170 MB resident), which an eager CPU run never needs otherwise."""
+    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    args = (qweight, absmax, codebook, bias, outlier_idx, outlier_weight, bits, block_size,
+            in_features)
+    if cpu_path(x.device) and not torch.compiler.is_compiling():
+        y = kbit_linear_cpu(x2, *args)
+    else:
+        y = torch.ops.kbitrt.kbit_linear(x2, *args)
     return y.reshape(*lead, qweight.shape[0])
 
 
@@ -112,20 +118,32 @@ def _(qweight, absmax, codebook, bits, block_size, in_features):
 # ------------------------------------------------------------------------------- half_linear
 
 @torch.library.custom_op("kbitrt::half_linear", mutates_args=())
-def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
-                ) -> torch.Tensor:
+def half_linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+                   ) -> torch.Tensor:
     """x (M, K) -> (M, N) in x.dtype for a 16-bit weight (N, K) kept in its own dtype."""
     return dense_linear(x, weight, bias)
 
 
-@half_linear.register_kernel("cpu")
+@half_linear_2d.register_kernel("cpu")
 def half_linear_cpu(x, weight, bias):
     return dense_linear(x, weight, bias)  # the fused kernel for fp32 x on the CPU path
 
 
-@half_linear.register_fake
+@half_linear_2d.register_fake
 def _(x, weight, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+    """x (..., K) -> (..., N) for a 16-bit weight; the CPU path calls the CPU kernel directly
+    (see kbit_linear)."""
+    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    if cpu_path(x.device) and not torch.compiler.is_compiling():
+        y = half_linear_cpu(x2, weight, bias)
+    else:
+        y = torch.ops.kbitrt.half_linear(x2, weight, bias)
+    return y.reshape(*lead, weight.shape[0])
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
