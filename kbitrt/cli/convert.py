@@ -117,7 +117,7 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
 
 def _any_precision_config(any_precision: str, method: str, importance: str, scales: str, *,
                           block: int, dtype: str, exponent_bits: int | None, absmax_dtype: str,
-                          outliers: OutlierSpec | None, quantize_head: bool):
+                          outliers: OutlierSpec | None, quantize_head: bool) -> QuantConfig:
     """--any-precision LO-HI: the options it cannot take (one usage line each), then its config."""
     from kbitrt.convert.any_precision import cli_config
 
@@ -135,7 +135,7 @@ def _any_precision_config(any_precision: str, method: str, importance: str, scal
                       outliers=outliers, quantize_head=quantize_head)
 
 
-def _run_conversion(source: str, output: str, config, *, method: str, importance: str,
+def _run_conversion(source: str, output: str, config: QuantConfig | None, *, method: str, importance: str,
                     calib: str | None, calib_samples: int, calib_seqlen: int, damp: float,
                     act_order: bool, any_precision: bool, **kwargs):
     """The conversion the options ask for, under a byte progress bar: calibrated (GPTQ, or
@@ -175,8 +175,8 @@ def _run_conversion(source: str, output: str, config, *, method: str, importance
         return convert(source, output, config, progress=progress, **kwargs)
 
 
-def _summary_rows(s: dict, config) -> list[tuple[str, str]]:
-    """The rows of the conversion summary table (config: the QuantConfig or AnyPrecisionConfig)."""
+def _summary_rows(s: dict, config: QuantConfig) -> list[tuple[str, str]]:
+    """The rows of the conversion summary table (config: one width, or any-precision's)."""
     return ([
         ("source", s["source"]), ("output", s["output"]),
         ("parameters", f"{s['params_total']:,} total, {s['params_quantized']:,} quantized "
