@@ -55,22 +55,14 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
       kbit bench DIR --kernels
       kbit bench AP_DIR --bits 8 --draft-bits 3 --draft-tokens 4 -n 128
     """
-    from kbitrt.eval.latency import (held_weights, import_run_code, kernel_table, memory_record,
-                                     rss_bytes, run_bench)
-    from kbitrt.eval.model_open import count_params, open_model
-    from kbitrt.eval.results import default_output, environment, model_record, write_json
+    from kbitrt.eval.latency import import_run_code, rss_bytes
+    from kbitrt.eval.model_open import open_model
+    from kbitrt.eval.results import default_output, write_json
     from kbitrt.errors import RunError
     from transformers import AutoTokenizer  # noqa: F401  (imported before the RSS baseline)
 
     err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-    try:
-        sizes = [int(b) for b in batches.split(",") if b.strip()]
-        if not sizes or min(sizes) < 1:
-            raise ValueError
-    except ValueError:
-        click.secho(f"error: --batch {batches!r}: give positive integers, e.g. 1,4,16", fg="red",
-                    err=True)
-        sys.exit(2)
+    sizes = _parse_batches(batches)
     # the kernel table times the packed path, so it needs the packed weights
     cpu_weights = resolve_cpu_weights(low_memory, cpu_weights, packed=kernels)
     kv_cache = resolve_kv_cache(low_memory, kv_cache)
@@ -87,28 +79,8 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
             lm = open_model(model, device=device, backend=backend, cpu_weights=cpu_weights,
                             bits=bits, device_map=device_map, max_memory=max_memory,
                             kv_cache=kv_cache)
-        params = count_params(lm.model)
-        record = {"kind": "bench", **environment(lm.device), "model": model_record(model, lm),
-                  "params": params, "bits_per_param": 8 * lm.weight_bytes / params,
-                  "held": held_weights(lm.model),
-                  "options": dict(batches=sizes, prompt=prompt, gen=gen, reps=reps,
-                                  warmup=warmup, kernels=kernels,
-                                  cpu_weights=lm.cpu_weights, kv_cache=lm.kv_cache,
-                                  cpu_kernels=cpu_kernels.describe()
-                                  if lm.cpu_weights == "packed" else None)}
-        if kernels:
-            with err.status("timing kernels", spinner="dots"):
-                rows, bw = kernel_table(lm)
-            record.update(kernels=rows, copy_gbps=bw / 1e9)
-        else:
-            with err.status("benchmarking", spinner="dots") as status:
-                rows = run_bench(lm, sizes, prompt, gen, reps, warmup,
-                                 "auto" if compile_ is None else compile_,
-                                 on_step=lambda s: status.update(f"benchmarking {s}"))
-            record["results"] = [r.to_json() for r in rows]
-            if hasattr(lm.model, "cpu_layers") and lm.device.type == "cpu":
-                record["options"]["cpu_layers"] = lm.model.cpu_layers
-        record["memory"] = memory_record(rss0)
+        record = _measure(lm, model, sizes, prompt, gen, reps, warmup, kernels, compile_, err,
+                          rss0)
     except RunError as e:
         click.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)
@@ -122,15 +94,66 @@ def bench_cmd(model, batches, prompt, gen, reps, warmup, kernels, device, backen
     else:
         err.print(table)
     if not as_json and not as_csv:
-        mem, held = record["memory"], record["held"]
-        bits = held["bits_per_quantized_weight_held"]
-        err.print(f"memory: peak RSS {mem['peak_rss_mb']:.0f} MiB, model memory "
-                  f"{mem['model_memory_mb']:.0f} MiB (peak minus {mem['rss_after_imports_mb']:.0f}"
-                  f" MiB after imports)" + (f", quantized weights held at {bits:.2f} bits"
-                                            if bits else "")
-                  + (f", KV cache {record['options']['kv_cache']}"
-                     if record["options"].get("kv_cache", "auto") != "auto" else ""))
+        err.print(_memory_line(record))
     err.print(f"[dim]written to {path}[/]")
+
+
+def _parse_batches(batches: str) -> list[int]:
+    """--batch "1,4,16" -> [1, 4, 16]; anything but positive integers: one line, exit 2."""
+    try:
+        sizes = [int(b) for b in batches.split(",") if b.strip()]
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        click.secho(f"error: --batch {batches!r}: give positive integers, e.g. 1,4,16", fg="red",
+                    err=True)
+        sys.exit(2)
+    return sizes
+
+
+def _measure(lm, model: str, sizes: list[int], prompt: int, gen: int, reps: int, warmup: int,
+             kernels: bool, compile_: bool | None, err: Console, rss0: int) -> dict:
+    """The bench record of the opened model `lm`: the kernel table (--kernels) or prefill/decode
+    tokens/s per batch size, with the environment, model, held weights and memory."""
+    from kbitrt.eval.latency import held_weights, kernel_table, memory_record, run_bench
+    from kbitrt.eval.model_open import count_params
+    from kbitrt.eval.results import environment, model_record
+
+    params = count_params(lm.model)
+    record = {"kind": "bench", **environment(lm.device), "model": model_record(model, lm),
+              "params": params, "bits_per_param": 8 * lm.weight_bytes / params,
+              "held": held_weights(lm.model),
+              "options": dict(batches=sizes, prompt=prompt, gen=gen, reps=reps,
+                              warmup=warmup, kernels=kernels,
+                              cpu_weights=lm.cpu_weights, kv_cache=lm.kv_cache,
+                              cpu_kernels=cpu_kernels.describe()
+                              if lm.cpu_weights == "packed" else None)}
+    if kernels:
+        with err.status("timing kernels", spinner="dots"):
+            rows, bw = kernel_table(lm)
+        record.update(kernels=rows, copy_gbps=bw / 1e9)
+    else:
+        with err.status("benchmarking", spinner="dots") as status:
+            rows = run_bench(lm, sizes, prompt, gen, reps, warmup,
+                             "auto" if compile_ is None else compile_,
+                             on_step=lambda s: status.update(f"benchmarking {s}"))
+        record["results"] = [r.to_json() for r in rows]
+        if hasattr(lm.model, "cpu_layers") and lm.device.type == "cpu":
+            record["options"]["cpu_layers"] = lm.model.cpu_layers
+    record["memory"] = memory_record(rss0)
+    return record
+
+
+def _memory_line(record: dict) -> str:
+    """The line under the table: peak RSS, model memory, bits the quantized weights are held at."""
+    mem, held = record["memory"], record["held"]
+    bits = held["bits_per_quantized_weight_held"]
+    return (f"memory: peak RSS {mem['peak_rss_mb']:.0f} MiB, model memory "
+            f"{mem['model_memory_mb']:.0f} MiB (peak minus {mem['rss_after_imports_mb']:.0f}"
+            f" MiB after imports)" + (f", quantized weights held at {bits:.2f} bits"
+                                      if bits else "")
+            + (f", KV cache {record['options']['kv_cache']}"
+               if record["options"].get("kv_cache", "auto") != "auto" else ""))
 
 
 def _speculative(model, bits, draft_bits, draft_tokens, gen, reps, warmup, device, backend,

@@ -77,7 +77,6 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
                 dtype16, max_shard_size, revision, trust_remote_code, force, drop_unused, as_json,
                 push_to_hub, any_precision):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
-    from kbitrt.convert.converter import convert
     from kbitrt.convert.staging import resolve_output
 
     output = str(resolve_output(output))  # a symlink loop: one line, before any work
@@ -94,49 +93,14 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
     kwargs = dict(force=force, dtype16=dtype16, max_shard_bytes=max_shard_size, revision=revision,
                   trust_remote_code=trust_remote_code, drop_unused=drop_unused)
     if any_precision:  # kbitrt/convert/any_precision.py
-        from kbitrt.convert.any_precision import cli_config, convert_any_precision as convert
-
-        if method != "rtn":
-            raise click.UsageError("--any-precision rounds to nearest: drop --method")
-        if importance != "none":
-            raise click.UsageError("--any-precision takes no --importance")
-        if scales != "absmax":  # the widths share one set of absmax scales
-            raise click.UsageError("--any-precision stores absmax block scales: drop --scales mse")
-        if dtype == "lloyd":  # the seed is a fixed data type; every width is then refined by splits
-            raise click.UsageError("--any-precision refines each width's codebook itself; its "
-                                   "--dtype seeds it and must be a fixed data type, not lloyd")
-        config = cli_config(any_precision, click.get_current_context(), block_size=block, dtype=dtype,
-                            exponent_bits=exponent_bits, absmax_dtype=absmax_dtype,
-                            outliers=outliers, quantize_head=quantize_head)
-    if importance == "random":  # no data: the model reads seeded random tokens
-        from kbitrt.runtime.gptq import convert_gptq
-
-        if calib:
-            raise click.UsageError("--importance random reads random tokens: drop --calib "
-                                   "(or use --importance hessian)")
-        with byte_progress() as progress:
-            report = convert_gptq(source, output, config, samples=calib_samples, seqlen=calib_seqlen,
-                                  progress=progress, **kwargs)
-    elif method == "gptq" or importance == "hessian":
-        from kbitrt.eval.perplexity import load_text
-        from kbitrt.runtime.gptq import convert_gptq
-
-        if not calib:
-            raise click.UsageError(f"{'--method gptq' if method == 'gptq' else '--importance hessian'} "
-                                   "needs --calib FILE (or a dataset name)")
-        try:
-            calib_name, calib_text = load_text(calib)
-        except FileNotFoundError as e:
-            raise click.BadParameter(str(e).replace("--ppl", "--calib"), param_hint="--calib") from None
-        with byte_progress() as progress:
-            report = convert_gptq(source, output, config, calib_text=calib_text, calib_name=calib_name,
-                                  samples=calib_samples, seqlen=calib_seqlen, damp=damp,
-                                  act_order=act_order, progress=progress, **kwargs)
-    else:
-        if config is not None and config.importance == "norm":
-            kwargs["norm_inputs"] = _norm_inputs(source, revision)
-        with byte_progress() as progress:
-            report = convert(source, output, config, progress=progress, **kwargs)
+        config = _any_precision_config(any_precision, method, importance, scales, block=block,
+                                       dtype=dtype, exponent_bits=exponent_bits,
+                                       absmax_dtype=absmax_dtype, outliers=outliers,
+                                       quantize_head=quantize_head)
+    report = _run_conversion(source, output, config, method=method, importance=importance,
+                             calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                             damp=damp, act_order=act_order, any_precision=bool(any_precision),
+                             **kwargs)
     s = report.to_json()
     if push_to_hub:  # only reached when the conversion succeeded
         from kbitrt.publish.hub import push_folder
@@ -148,7 +112,72 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
         return
     if push_to_hub:
         out.print(f"pushed to {s['push']['repo_url']} (commit {s['push']['commit_oid']})")
-    out.print(_table(f"kbit convert: {config.label}", [
+    out.print(_table(f"kbit convert: {config.label}", _summary_rows(s, config)))
+
+
+def _any_precision_config(any_precision: str, method: str, importance: str, scales: str, *,
+                          block: int, dtype: str, exponent_bits: int | None, absmax_dtype: str,
+                          outliers: OutlierSpec | None, quantize_head: bool) -> QuantConfig:
+    """--any-precision LO-HI: the options it cannot take (one usage line each), then its config."""
+    from kbitrt.convert.any_precision import cli_config
+
+    if method != "rtn":
+        raise click.UsageError("--any-precision rounds to nearest: drop --method")
+    if importance != "none":
+        raise click.UsageError("--any-precision takes no --importance")
+    if scales != "absmax":  # the widths share one set of absmax scales
+        raise click.UsageError("--any-precision stores absmax block scales: drop --scales mse")
+    if dtype == "lloyd":  # the seed is a fixed data type; every width is then refined by splits
+        raise click.UsageError("--any-precision refines each width's codebook itself; its "
+                               "--dtype seeds it and must be a fixed data type, not lloyd")
+    return cli_config(any_precision, click.get_current_context(), block_size=block, dtype=dtype,
+                      exponent_bits=exponent_bits, absmax_dtype=absmax_dtype,
+                      outliers=outliers, quantize_head=quantize_head)
+
+
+def _run_conversion(source: str, output: str, config: QuantConfig | None, *, method: str, importance: str,
+                    calib: str | None, calib_samples: int, calib_seqlen: int, damp: float,
+                    act_order: bool, any_precision: bool, **kwargs):
+    """The conversion the options ask for, under a byte progress bar: calibrated (GPTQ, or
+    --importance hessian|random) through the native decoder, else streaming round-to-nearest
+    (one width, or every width of --any-precision); returns its report."""
+    if importance == "random":  # no data: the model reads seeded random tokens
+        from kbitrt.runtime.gptq import convert_gptq
+
+        if calib:
+            raise click.UsageError("--importance random reads random tokens: drop --calib "
+                                   "(or use --importance hessian)")
+        with byte_progress() as progress:
+            return convert_gptq(source, output, config, samples=calib_samples, seqlen=calib_seqlen,
+                                progress=progress, **kwargs)
+    if method == "gptq" or importance == "hessian":
+        from kbitrt.eval.perplexity import load_text
+        from kbitrt.runtime.gptq import convert_gptq
+
+        if not calib:
+            raise click.UsageError(f"{'--method gptq' if method == 'gptq' else '--importance hessian'} "
+                                   "needs --calib FILE (or a dataset name)")
+        try:
+            calib_name, calib_text = load_text(calib)
+        except FileNotFoundError as e:
+            raise click.BadParameter(str(e).replace("--ppl", "--calib"), param_hint="--calib") from None
+        with byte_progress() as progress:
+            return convert_gptq(source, output, config, calib_text=calib_text, calib_name=calib_name,
+                                samples=calib_samples, seqlen=calib_seqlen, damp=damp,
+                                act_order=act_order, progress=progress, **kwargs)
+    if any_precision:
+        from kbitrt.convert.any_precision import convert_any_precision as convert
+    else:
+        from kbitrt.convert.converter import convert
+    if config is not None and config.importance == "norm":
+        kwargs["norm_inputs"] = _norm_inputs(source, kwargs["revision"])
+    with byte_progress() as progress:
+        return convert(source, output, config, progress=progress, **kwargs)
+
+
+def _summary_rows(s: dict, config: QuantConfig) -> list[tuple[str, str]]:
+    """The rows of the conversion summary table (config: one width, or any-precision's)."""
+    return ([
         ("source", s["source"]), ("output", s["output"]),
         ("parameters", f"{s['params_total']:,} total, {s['params_quantized']:,} quantized "
                        f"in {s['linears_quantized']} linears"),
@@ -164,7 +193,7 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
       + ([("skipped buffers", f"{len(s['skipped_buffers'])} non-persistent buffers (masks, rotary "
                               "frequencies) the model recomputes")] if s["skipped_buffers"] else [])
       + [(f"width {w['bits']}", f"{w['bits_per_param_quantized']:.4f} bits/param, rel. error "
-          f"{w['mean_rel_weight_error']:.4f}") for w in s.get("widths", [])]))
+          f"{w['mean_rel_weight_error']:.4f}") for w in s.get("widths", [])])
 
 
 def _norm_inputs(source: str, revision: str | None) -> dict:

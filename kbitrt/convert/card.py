@@ -131,20 +131,10 @@ def eval_section(rows: list[dict]) -> str:
 
 # ------------------------------------------------------------------------------------- the card
 
-def render_card(name: str, config: dict, summary: dict, base_model: str | None,
-                license_: str | None, evals: list[dict], repo_id: str | None = None) -> str:
-    from huggingface_hub import ModelCardData
-
-    qc = config["quantization_config"]
+def _quantization_lines(qc: dict, summary: dict) -> list[str]:
+    """The card's Quantization bullets: data type, outliers, what stays 16-bit, and the figures
+    of the conversion summary that it has (linears, exact bits/param, size, weight error, drops)."""
     bits, block, dtype = qc["bits"], qc["block_size"], qc["dtype"]
-    data = ModelCardData(
-        base_model=base_model, license=license_, library_name="kbitrt",
-        pipeline_tag="text-generation",
-        tags=["kbit", f"{bits}-bit", dtype, f"block-{block}", "quantized"],
-        base_model_relation="quantized")
-    where = repo_id or "<this repo or folder>"
-    source = (f"[{base_model}](https://huggingface.co/{base_model})" if base_model
-              else f"`{summary.get('source') or 'the source model'}`")
     pq, pt = summary.get("params_quantized"), summary.get("params_total")
     bpq, bpm = summary.get("bits_per_param_quantized"), summary.get("bits_per_param_model")
     lines = [
@@ -171,11 +161,35 @@ def render_card(name: str, config: dict, summary: dict, base_model: str | None,
     if dropped:
         lines.append(f"- Dropped on purpose (`--drop-unused`), {len(dropped)} source tensors the "
                      f"model does not use: {', '.join(f'`{d}`' for d in dropped)}")
-    settings = "\n".join(f"| {k} | {v} |" for k, v in sorted(qc.items())
-                         if k not in ("modules_not_quantized", "transposed_modules"))
+    return lines
+
+
+def _kept_summary(summary: dict) -> dict:
+    """What of the conversion summary the card keeps in its HTML comment (for a later refresh)."""
     kept = {k: summary[k] for k in _SUMMARY_KEYS if k in summary}
     if summary.get("dropped_tensors"):  # only when a user dropped tensors on purpose
         kept["dropped_tensors"] = summary["dropped_tensors"]
+    return kept
+
+
+def render_card(name: str, config: dict, summary: dict, base_model: str | None,
+                license_: str | None, evals: list[dict], repo_id: str | None = None) -> str:
+    from huggingface_hub import ModelCardData
+
+    qc = config["quantization_config"]
+    bits, block, dtype = qc["bits"], qc["block_size"], qc["dtype"]
+    data = ModelCardData(
+        base_model=base_model, license=license_, library_name="kbitrt",
+        pipeline_tag="text-generation",
+        tags=["kbit", f"{bits}-bit", dtype, f"block-{block}", "quantized"],
+        base_model_relation="quantized")
+    where = repo_id or "<this repo or folder>"
+    source = (f"[{base_model}](https://huggingface.co/{base_model})" if base_model
+              else f"`{summary.get('source') or 'the source model'}`")
+    lines = _quantization_lines(qc, summary)
+    settings = "\n".join(f"| {k} | {v} |" for k, v in sorted(qc.items())
+                         if k not in ("modules_not_quantized", "transposed_modules"))
+    kept = _kept_summary(summary)
     body = f"""{MARKER}
 # {name}
 

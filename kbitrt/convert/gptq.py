@@ -65,6 +65,27 @@ def _static_scales(w: torch.Tensor, config: QuantConfig, codebook: torch.Tensor,
     return blockwise.quantize_absmax(raw, config.absmax_dtype, name)
 
 
+def _inverse_hessian_factor(w: torch.Tensor, h: torch.Tensor, damp: float, act_order: bool,
+                            name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ's set-up of H: dead inputs zeroed (in `w` too), columns permuted (--act-order),
+    dampened; returns (w permuted, the upper Cholesky factor of H^-1 in float32, the permutation)."""
+    k = w.shape[1]
+    h = h.double().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order \
+        else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except RuntimeError:
+        raise KbitFormatError(f"{name}: the calibration Hessian is not positive definite; "
+                              "raise --damp or give more calibration samples") from None
+    return w, hinv.float(), perm
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, *, damp: float = 0.01,
                   act_order: bool = False, name: str = "tensor",
                   dtype16: torch.dtype = torch.float16) -> blockwise.QuantizedWeight:
@@ -92,20 +113,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: QuantConfig, *, damp
     else:
         sc = torch.zeros(n, nb, dtype=torch.float32)
 
-    h = h.double().clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order \
-        else torch.arange(k)
-    w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.diagonal(h).mean() * torch.eye(k, dtype=torch.float64)
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except RuntimeError:
-        raise KbitFormatError(f"{name}: the calibration Hessian is not positive definite; "
-                              "raise --damp or give more calibration samples") from None
-    hinv = hinv.float()
+    w, hinv, perm = _inverse_hessian_factor(w, h, damp, act_order, name)
     codes = torch.zeros(n, k, dtype=torch.uint8)
     out_w = torch.zeros(n, idx.numel(), dtype=torch.float32)
     out_pos = {int(c): i for i, c in enumerate(idx.tolist())}

@@ -136,6 +136,91 @@ def _layer_context(model: Decoder, seqlen: int):
     return input_pos, rope, model.masks(input_pos, pad, torch.float32)
 
 
+def _native_decoder_args(folder: Path, calib: torch.Tensor):
+    """(HF config, model args, family spec) of the checkpoint `folder`, after the checks that the
+    layer loop can run it, on calibration tokens `calib` (n, T)."""
+    raw = json.loads((folder / "config.json").read_text())
+    hfc = hf_config(raw)
+    why = why_not_native(hfc)
+    if why:
+        raise KbitFormatError(f"--method gptq runs through the native decoder: {why}")
+    if calib.ndim != 2 or not calib.numel():
+        raise KbitFormatError("GPTQ needs calibration tokens (samples x seqlen)")
+    args, spec = model_args(hfc), family_for(hfc)
+    if args.n_experts or args.rope_types:  # the layer loop below runs one rotary table, no routing
+        raise KbitFormatError(f"--method gptq does not handle {hfc.model_type!r} models yet "
+                              "(Mixture-of-Experts layers or rotary tables per layer type): use "
+                              "--method rtn")
+    if args.positions == "learned" and args.max_positions and calib.shape[1] > args.max_positions:
+        raise KbitFormatError(f"--calib-seqlen {calib.shape[1]} exceeds the model's "
+                              f"{args.max_positions} positions")
+    return hfc, args, spec
+
+
+def _first_layer_inputs(model: Decoder, src: _Weights, names: dict, hfc, args,
+                        calib: torch.Tensor) -> torch.Tensor:
+    """The first decoder layer's inputs on `calib`: the (meta) decoder's embedding modules filled
+    from the checkpoint, its positions set up, the windows embedded BATCH at a time."""
+    for ours in ("tok_emb", "pos_emb", "project_in", "emb_norm"):
+        if ours in names and hasattr(model, ours):
+            src.fill(model, ours, src.pick(names[ours]))
+    if args.positions == "rotary":
+        model.setup_positions(*rope_frequencies(hfc, args, seq_len=args.max_positions or 0))
+    else:
+        model.setup_positions(None)
+    calib = calib.long()
+    return torch.cat([_embed(model, calib[i: i + BATCH]) for i in range(0, calib.shape[0], BATCH)])
+
+
+def _quantize_layer(model: Decoder, li: int, src: _Weights, names: dict, quantizable: set,
+                    xs: torch.Tensor, context: tuple, config: QuantConfig, results: GPTQResults, *,
+                    damp: float, act_order: bool, dtype16: torch.dtype) -> torch.Tensor:
+    """Decoder layer `li`: its fp32 weights from the checkpoint, each linear's Hessian from the
+    layer's inputs `xs`, every linear quantized (GPTQ or calibrated round-to-nearest) into
+    `results` and put back dequantized; returns the layer's outputs through the quantized weights
+    (the next layer's inputs)."""
+    input_pos, rope, mask = context
+    prefix = f"layers.{li}."
+    block_names = {o: src.pick(t) for o, t in names.items() if o.startswith(prefix)}
+    for ours, theirs in block_names.items():
+        src.fill(model, ours, theirs)
+    layer = model.layers[li]
+    linears = {ours: theirs for ours, theirs in block_names.items()
+               if isinstance(model.get_submodule(ours), nn.Linear) and theirs in quantizable}
+    hess = {ours: Hessian(model.get_submodule(ours).in_features) for ours in linears}
+    memo: dict = {}  # q/k/v (gate/up) read the same input: x^T x once
+
+    def hook(h: Hessian):
+        def add(module, inp):
+            same = memo.get("x") is inp[0]
+            memo["xtx"] = h.add(inp[0], memo["xtx"] if same else None)
+            memo["x"] = inp[0]
+        return add
+
+    hooks = [model.get_submodule(ours).register_forward_pre_hook(hook(hess[ours]))
+             for ours in linears]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(x[i: i + BATCH], input_pos, rope, mask)
+                          for i in range(0, x.shape[0], BATCH)])
+
+    run(xs)
+    for h in hooks:
+        h.remove()
+    for ours, theirs in linears.items():
+        lin = model.get_submodule(ours)
+        if config.method == "gptq":
+            qw = gptq_quantize(lin.weight.data, hess[ours].matrix(), config, damp=damp,
+                               act_order=act_order, name=theirs, dtype16=dtype16)
+        else:  # calibrated round-to-nearest: the Hessian diagonal weights the scale search
+            qw = quantize_weight(lin.weight.data, config, theirs, dtype16,
+                                 importance=torch.diagonal(hess[ours].matrix()).float())
+        lin.weight.data = qw.dequantize(torch.float32)
+        results.put(theirs, qw)
+        del hess[ours]
+    return run(xs)
+
+
 @torch.no_grad()
 def gptq_quantize_model(folder: str | Path, config: QuantConfig, calib: torch.Tensor, *,
                         damp: float = 0.01, act_order: bool = False, progress: Progress | None = None,
@@ -156,77 +241,18 @@ def gptq_quantize_model(folder: str | Path, config: QuantConfig, calib: torch.Te
             results.close()
             raise
     folder = Path(folder)
-    raw = json.loads((folder / "config.json").read_text())
-    hfc = hf_config(raw)
-    why = why_not_native(hfc)
-    if why:
-        raise KbitFormatError(f"--method gptq runs through the native decoder: {why}")
-    if calib.ndim != 2 or not calib.numel():
-        raise KbitFormatError("GPTQ needs calibration tokens (samples x seqlen)")
-    args, spec = model_args(hfc), family_for(hfc)
-    if args.n_experts or args.rope_types:  # the layer loop below runs one rotary table, no routing
-        raise KbitFormatError(f"--method gptq does not handle {hfc.model_type!r} models yet "
-                              "(Mixture-of-Experts layers or rotary tables per layer type): use "
-                              "--method rtn")
-    if args.positions == "learned" and args.max_positions and calib.shape[1] > args.max_positions:
-        raise KbitFormatError(f"--calib-seqlen {calib.shape[1]} exceeds the model's "
-                              f"{args.max_positions} positions")
+    hfc, args, spec = _native_decoder_args(folder, calib)
     names = checkpoint_names(spec, args.n_layers)
     src = _Weights(folder, trust_remote_code)
     with torch.device("meta"):
         model = Decoder(args)
-    for ours in ("tok_emb", "pos_emb", "project_in", "emb_norm"):
-        if ours in names and hasattr(model, ours):
-            src.fill(model, ours, src.pick(names[ours]))
-    if args.positions == "rotary":
-        model.setup_positions(*rope_frequencies(hfc, args, seq_len=args.max_positions or 0))
-    else:
-        model.setup_positions(None)
-    calib = calib.long()
-    xs = torch.cat([_embed(model, calib[i: i + BATCH]) for i in range(0, calib.shape[0], BATCH)])
-    input_pos, rope, mask = _layer_context(model, calib.shape[1])
+    xs = _first_layer_inputs(model, src, names, hfc, args, calib)
+    context = _layer_context(model, calib.shape[1])
     results = results or GPTQResults()
     quantizable = set(src.map.linears) - {src.map.head}
     for li in range(args.n_layers):
-        prefix = f"layers.{li}."
-        block_names = {o: src.pick(t) for o, t in names.items() if o.startswith(prefix)}
-        for ours, theirs in block_names.items():
-            src.fill(model, ours, theirs)
-        layer = model.layers[li]
-        linears = {ours: theirs for ours, theirs in block_names.items()
-                   if isinstance(model.get_submodule(ours), nn.Linear) and theirs in quantizable}
-        hess = {ours: Hessian(model.get_submodule(ours).in_features) for ours in linears}
-        memo: dict = {}  # q/k/v (gate/up) read the same input: x^T x once
-
-        def hook(h: Hessian):
-            def add(module, inp):
-                same = memo.get("x") is inp[0]
-                memo["xtx"] = h.add(inp[0], memo["xtx"] if same else None)
-                memo["x"] = inp[0]
-            return add
-
-        hooks = [model.get_submodule(ours).register_forward_pre_hook(hook(hess[ours]))
-                 for ours in linears]
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([layer(x[i: i + BATCH], input_pos, rope, mask)
-                              for i in range(0, x.shape[0], BATCH)])
-
-        run(xs)
-        for h in hooks:
-            h.remove()
-        for ours, theirs in linears.items():
-            lin = model.get_submodule(ours)
-            if config.method == "gptq":
-                qw = gptq_quantize(lin.weight.data, hess[ours].matrix(), config, damp=damp,
-                                   act_order=act_order, name=theirs, dtype16=dtype16)
-            else:  # calibrated round-to-nearest: the Hessian diagonal weights the scale search
-                qw = quantize_weight(lin.weight.data, config, theirs, dtype16,
-                                     importance=torch.diagonal(hess[ours].matrix()).float())
-            lin.weight.data = qw.dequantize(torch.float32)
-            results.put(theirs, qw)
-            del hess[ours]
-        xs = run(xs)
+        xs = _quantize_layer(model, li, src, names, quantizable, xs, context, config, results,
+                             damp=damp, act_order=act_order, dtype16=dtype16)
         model.layers[li] = nn.Identity()  # free the layer's weights
         if progress:
             progress(f"GPTQ layer {li + 1}/{args.n_layers}", li + 1, args.n_layers)

@@ -148,6 +148,54 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}".strip()
 
 
+def _init_ray(ray, ray_opts: RayOptions) -> bool:
+    """Join the cluster at --address, or start a local one, unless Ray is already initialized;
+    returns whether it was started here (and is to be shut down here)."""
+    started_here = not ray.is_initialized()
+    if started_here:
+        try:
+            if ray_opts.address:
+                ray.init(address=ray_opts.address, log_to_driver=False)
+            else:
+                ray.init(include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = f"join the Ray cluster at {ray_opts.address}" if ray_opts.address else "start Ray"
+            raise ExecutorError(f"cannot {where}: {_one_line(e)}") from None
+    return started_here
+
+
+def _cell_tasks(ray, todo: list[Cell], opts: SweepOptions, ray_opts: RayOptions,
+                cell_fn: Callable[[Cell, SweepOptions, int], dict] | None) -> tuple[dict, dict]:
+    """(resources, Ray remote function) per model of the cells to run; on a local cluster, one
+    clear line when some model's cell fits no node."""
+    demands = {m: cell_resources(m, opts, ray_opts) for m in dict.fromkeys(c.model for c in todo)}
+    for model, demand in demands.items():
+        why = _check_fits(ray, demand, model)
+        if why and not ray_opts.address:
+            raise ExecutorError(f"{why}: no cell could ever start on this local cluster")
+    remotes = {m: ray.remote(cell_fn or measure_in_worker).options(max_retries=0, **d)
+               for m, d in demands.items()}
+    return demands, remotes
+
+
+def _record_failure(error: BaseException, cell: Cell, attempt: int, results: Path,
+                    ray_opts: RayOptions, counts: Counts, queue: deque) -> bool:
+    """A failed attempt: its line in the failures file, then the cell queued again (first in
+    line) while retries are left, else counted as failed; returns whether it is retried."""
+    message = _one_line(error)
+    retry = attempt <= ray_opts.retries
+    append_row(failures_path(results), {
+        "cell": cell.key, "label": cell.label, "attempt": attempt, "error": message,
+        "retried": retry, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if retry:
+        counts.retried += 1
+        queue.appendleft((cell, attempt + 1))
+    else:
+        counts.failed += 1
+        counts.failed_cells[cell.key] = message
+    return retry
+
+
 def run_ray(cells: list[Cell], opts: SweepOptions, results: Path, ray_opts: RayOptions,
             on_progress: Callable[[Counts, Cell | None, str], None] | None = None,
             cell_fn: Callable[[Cell, SweepOptions, int], dict] | None = None) -> SweepReport:
@@ -170,25 +218,10 @@ def run_ray(cells: list[Cell], opts: SweepOptions, results: Path, ray_opts: RayO
     if not todo:
         return report
     results.parent.mkdir(parents=True, exist_ok=True)
-    started_here = not ray.is_initialized()
-    if started_here:
-        try:
-            if ray_opts.address:
-                ray.init(address=ray_opts.address, log_to_driver=False)
-            else:
-                ray.init(include_dashboard=False, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            where = f"join the Ray cluster at {ray_opts.address}" if ray_opts.address else "start Ray"
-            raise ExecutorError(f"cannot {where}: {_one_line(e)}") from None
+    started_here = _init_ray(ray, ray_opts)
     pending: dict = {}  # ObjectRef -> (cell, attempt)
     try:
-        demands = {m: cell_resources(m, opts, ray_opts) for m in dict.fromkeys(c.model for c in todo)}
-        for model, demand in demands.items():
-            why = _check_fits(ray, demand, model)
-            if why and not ray_opts.address:
-                raise ExecutorError(f"{why}: no cell could ever start on this local cluster")
-        remotes = {m: ray.remote(cell_fn or measure_in_worker).options(max_retries=0, **d)
-                   for m, d in demands.items()}
+        demands, remotes = _cell_tasks(ray, todo, opts, ray_opts, cell_fn)
         queue = deque((c, 1) for c in todo)  # grid order: a worker mostly stays on one model
         while queue or pending:
             capacity = _capacity(ray, demands[queue[0][0].model]) if queue else 0
@@ -205,17 +238,7 @@ def run_ray(cells: list[Cell], opts: SweepOptions, results: Path, ray_opts: RayO
                 try:
                     row = ray.get(ref)
                 except Exception as e:  # the task raised, or its worker died
-                    message = _one_line(e)
-                    retry = attempt <= ray_opts.retries
-                    append_row(failures_path(results), {
-                        "cell": cell.key, "label": cell.label, "attempt": attempt, "error": message,
-                        "retried": retry, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                    if retry:
-                        counts.retried += 1
-                        queue.appendleft((cell, attempt + 1))
-                    else:
-                        counts.failed += 1
-                        counts.failed_cells[cell.key] = message
+                    retry = _record_failure(e, cell, attempt, results, ray_opts, counts, queue)
                     if on_progress:
                         on_progress(counts, cell, "retry" if retry else "failed")
                     continue

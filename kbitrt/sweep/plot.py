@@ -45,17 +45,9 @@ def _acc(r: dict) -> tuple[float, float]:
     return value, stderr
 
 
-def plot(rows: list[dict], output: Path) -> list[Path]:
-    """Write `output` (.png) and the same figure as .svg; returns both paths."""
-    if not rows:
-        raise KbitFormatError("the results file has no cells to plot")
-    plt = _pyplot()
-    has_acc = bool(rows[0].get("tasks"))
-    has_ppl = bool(rows[0].get("ppl"))
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    (ax_acc, ax_ppl), (ax_block, ax_dtype) = axes
-
-    # Figure 2: metric vs total model bits, one line per precision (best cell per model)
+def _plot_scaling(ax_acc, ax_ppl, rows: list[dict], has_acc: bool, has_ppl: bool) -> None:
+    """Figure 2: metric vs total model bits, one line per precision (best cell per model), every
+    cell faintly, and the bit-level frontier."""
     best = _best(rows, lambda r: (r["model"], r["bits"]))
     lines: dict[int, list[dict]] = defaultdict(list)
     for (_, bits), r in best.items():
@@ -96,7 +88,9 @@ def plot(rows: list[dict], output: Path) -> list[Path]:
     if has_ppl:
         ax_ppl.set_yscale("log")
 
-    # Figure 3 style: block size at 4 bits (per data type) and data types across precisions
+
+def _plot_settings(ax_block, ax_dtype, rows: list[dict], has_ppl: bool) -> None:
+    """Figure 3 style: block size at 4 bits (per data type) and data types across precisions."""
     # perplexity separates settings that a few hundred questions cannot; accuracy otherwise
     value = _ppl if has_ppl else _acc
     four = [r for r in rows if r["bits"] == 4 and r["outliers"] == "none"]
@@ -123,6 +117,19 @@ def plot(rows: list[dict], output: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=8)
+
+
+def plot(rows: list[dict], output: Path) -> list[Path]:
+    """Write `output` (.png) and the same figure as .svg; returns both paths."""
+    if not rows:
+        raise KbitFormatError("the results file has no cells to plot")
+    plt = _pyplot()
+    has_acc = bool(rows[0].get("tasks"))
+    has_ppl = bool(rows[0].get("ppl"))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    (ax_acc, ax_ppl), (ax_block, ax_dtype) = axes
+    _plot_scaling(ax_acc, ax_ppl, rows, has_acc, has_ppl)
+    _plot_settings(ax_block, ax_dtype, rows, has_ppl)
     fig.suptitle(", ".join(sorted({Path(r["model"]).name for r in rows})))
     fig.tight_layout()
     output = Path(output)
