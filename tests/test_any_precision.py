@@ -235,8 +235,7 @@ def test_other_families_run_at_every_width(tiny_models, tmp_path, family):
 def test_multi_width_switches_per_call(ap_folder):
     """bits='3-8' holds the 8 planes, one set of scales and the codebooks per linear, nothing else
     (no repacked or dense copy); each width runs the plane kernels on the first K planes and gives
-    the logits of a model loaded at that width alone (the bitslice kernels: equal sums but at 4
-    bits, whose kernel sums in pair order)."""
+    the logits of a model loaded at that width alone (the bitslice kernels, to rounding)."""
     from kbitrt.runtime.any_precision import MultiWidthLinear, set_width
 
     ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(1))
@@ -257,8 +256,7 @@ def test_multi_width_switches_per_call(ap_folder):
         exact = load_model(ap_folder, device="cpu", bits=k, cpu_weights="fp32")
         with torch.no_grad():
             got = multi.model(ids)
-            if k != 4:
-                assert torch.equal(got, single.model(ids)), k
+            torch.testing.assert_close(got, single.model(ids), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(got, exact.model(ids), rtol=1e-4, atol=1e-4)
     with pytest.raises(KbitFormatError, match="bits=2"):
         set_width(multi, 2)
