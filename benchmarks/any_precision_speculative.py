@@ -10,6 +10,11 @@ For each draft width and number of draft tokens: kbitrt.eval.latency.speculative
 shipped Wikipedia sample, the parent alone and the speculative run alternating, decode tokens/s,
 acceptance rate, tokens per round, and whether the tokens are identical. Timings on a shared
 machine are noisy: the JSON records the load average before and after every configuration.
+
+The model is loaded once with the draft and parent widths (bits="D-P"): every linear holds the P
+planes, one set of scales and the codebooks, and both the parent alone and the draft/verify steps
+run the plane kernels on the first D or P planes (runtime/any_precision.py), on the CPU through
+the C++ layer stack.
 """
 
 from __future__ import annotations
@@ -55,8 +60,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
     drafts = [int(v) for v in args.drafts.split(",")]
     ks = [int(v) for v in args.draft_tokens.split(",")]
 

@@ -25,7 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kbitrt.runtime.kernels.words import shift_const
+from kbitrt.runtime.kernels.words import aligned_copy, in_register, shift_const
+
+
+PAIR_MAX_BITS = tl.constexpr(5)  # widths decoded through a pair table (2^(8 + K) entries)
 
 
 @triton.jit
@@ -58,39 +61,47 @@ def _pick8(w0, w1, w2, w3, w4, w5, w6, w7, P: tl.constexpr):
 
 
 @triton.jit
-def _signed32(m: tl.constexpr):
-    """A 32-bit mask as a signed int32 constant."""
-    if m >= 2147483648:
-        return m - 4294967296
+def _and_const(x, M: tl.constexpr):
+    """x & M for an int32 x and a 32-bit constant M (as the int32 of the same bits)."""
+    if M >= 2147483648:
+        return x & (M - 4294967296)
     else:
-        return m
+        return x & M
+
+
+@triton.jit
+def _half(w, H: tl.constexpr):
+    if H == 1:
+        w = w >> 32
+    return w.to(tl.int32)
+
+
+@triton.jit
+def _select(a, u, M: tl.constexpr):
+    """u's bits where M is set, a's elsewhere (one LOP3)."""
+    return _and_const(u, M) | _and_const(a, 0xFFFFFFFF ^ M)
 
 
 @triton.jit
 def assemble_codes(w0, w1, w2, w3, w4, w5, w6, w7, KP: tl.constexpr, H: tl.constexpr,
-                   Q: tl.constexpr):
-    """int32 with the KP-bit codes 32H + 8t + Q (t = 0..3) of a group of 64 in its bytes."""
-    a = tl.zeros_like(w0.to(tl.int32))
-    for p in tl.static_range(KP):
-        w = _pick8(w0, w1, w2, w3, w4, w5, w6, w7, p)
-        if H == 1:
-            w = w >> 32
-        half = w.to(tl.int32)
-        DEST: tl.constexpr = KP - 1 - p
-        MASK: tl.constexpr = _signed32(0x01010101 << DEST)
-        a = a | (shift_const(half, DEST - Q) & MASK)
+                   Q: tl.constexpr, Q0: tl.constexpr):
+    """int32 holding the KP-bit codes 32H + 8t + Q (t = 0..3) at bits 8t + Q - Q0 .. + KP - 1
+    (other bits: garbage). Plane p shifted by KP - 1 - p - Q0 puts its bit of code 8t + Q at
+    8t + Q - Q0 + KP - 1 - p for every Q of the window Q0 .. Q0 + 8 - KP (no bit of a code
+    shifted out), so a window shares the K shifts and each Q costs K - 1 selects."""
+    a = shift_const(_half(w0, H), KP - 1 - Q0)
+    for p in tl.static_range(1, KP):
+        u = shift_const(_half(_pick8(w0, w1, w2, w3, w4, w5, w6, w7, p), H), KP - 1 - p - Q0)
+        a = _select(a, u, 0x01010101 << (KP - 1 - p + Q - Q0))
     return a
 
 
 @triton.jit
-def _code_byte(a, T: tl.constexpr):
-    """Byte T of a (an int32 of four codes)."""
-    if T == 3:
-        return (a.to(tl.uint32, bitcast=True) >> 24).to(tl.int32, bitcast=True)
-    elif T == 0:
-        return a & 0xFF
-    else:
-        return (a >> (8 * T)) & 0xFF
+def _entry(tab, a, DEST: tl.constexpr, MASK: tl.constexpr):
+    """Address of the table entry whose byte offset is the bits MASK of `a` moved by DEST:
+    tab | field (the table is aligned to its size: one and-or, no 64-bit add)."""
+    return (tab | _and_const(shift_const(a, DEST), MASK).to(tl.int64)).to(
+        tl.pointer_type(tl.int64))
 
 
 @triton.jit
@@ -102,34 +113,49 @@ def _x_at(xg, g, i: tl.constexpr, K, xmask, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _half_partial(xg, g, K, xmask, cb_ptr, w0, w1, w2, w3, w4, w5, w6, w7, KP: tl.constexpr,
+def _half_partial(xg, g, K, xmask, tab, w0, w1, w2, w3, w4, w5, w6, w7, KP: tl.constexpr,
                   H: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_G: tl.constexpr):
-    """sum over the 32 codes of half H of each (row, group) of codebook[code] * x."""
+    """sum over the 32 codes of half H of each (row, group) of codebook[code] * x. Small KP: the
+    code bytes 2h, 2h + 1 of A_q index a pair table (one 64-bit load per two weights); else one
+    fp32 load per weight from the codebook (KP > PAIR_MAX_BITS)."""
     part = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     for q in tl.static_range(8):
-        a = assemble_codes(w0, w1, w2, w3, w4, w5, w6, w7, KP, H, q)
-        for t in tl.static_range(4):
-            v = tl.load(cb_ptr + _code_byte(a, t))
-            part += v * _x_at(xg, g, 32 * H + 8 * t + q, K, xmask, EVEN_K)
+        a = assemble_codes(w0, w1, w2, w3, w4, w5, w6, w7, KP, H, q, q // (9 - KP) * (9 - KP))
+        if KP <= PAIR_MAX_BITS:
+            for h in tl.static_range(2):  # bytes 2h, 2h + 1: index (lo | hi << 8) * 8
+                pair = tl.load(_entry(tab, a, 3 - 16 * h - q % (9 - KP),
+                                      ((1 << KP) - 1) * 0x0101 << 3))
+                v0 = pair.to(tl.int32).to(tl.float32, bitcast=True)
+                v1 = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+                part += v0 * _x_at(xg, g, 32 * H + 16 * h + q, K, xmask, EVEN_K)
+                part += v1 * _x_at(xg, g, 32 * H + 16 * h + 8 + q, K, xmask, EVEN_K)
+        else:
+            for t in tl.static_range(4):
+                ptr = _entry(tab, a, 2 - 8 * t - q % (9 - KP), ((1 << KP) - 1) << 2)
+                ptr = ptr.to(tl.pointer_type(tl.float32), bitcast=True)
+                part += tl.load(ptr) * _x_at(xg, g, 32 * H + 8 * t + q, K, xmask, EVEN_K)
     return part
 
 
 @triton.jit
 def planes_gemv_kernel(
-    x_ptr, pl_ptr, absmax_ptr, cb_ptr, bias_ptr, out_ptr,
-    N, K, n_groups, plane_stride, stride_an, n_blocks,
+    x_ptr, pl_ptr, absmax_ptr, bias_ptr, out_ptr,
+    N, K, n_groups, plane_stride, stride_an, tab_addr, zero,
     KP: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """x (1, K) -> out (1, N) fp32; pl_ptr: the planes as int64 words (rows of n_groups words,
-    planes plane_stride words apart). Requires ceil(K/8) % 8 == 0 and B % 32 == 0."""
+    planes plane_stride words apart); tab_addr: the decode table (`decode_table`), aligned to its
+    size; zero: 0 (keeps the table address in a register). Requires ceil(K/8) % 8 == 0 and
+    B % 32 == 0."""
     pid_n = tl.program_id(0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = pl_ptr + tl.minimum(offs_n, N - 1)[:, None].to(tl.int64) * n_groups
     a_rows = absmax_ptr + offs_n[:, None].to(tl.int64) * stride_an
     x_base = x_ptr + (offs_n * 0)[:, None]
+    tab = in_register(tab_addr, zero)
     acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
     for t0 in range(0, n_groups, BLOCK_G):
         g = t0 + tl.arange(0, BLOCK_G)
@@ -149,15 +175,15 @@ def planes_gemv_kernel(
         m0 = mask_n[:, None] & (g < n_groups)[None, :] & (k_lo < K)
         m1 = mask_n[:, None] & (g < n_groups)[None, :] & (k_lo + 32 < K)
         s0 = tl.load(a_rows + k_lo // B, mask=m0, other=0.0).to(tl.float32)
-        p0 = _half_partial(xg, g, K, xmask, cb_ptr, w0, w1, w2, w3, w4, w5, w6, w7, KP, 0,
+        p0 = _half_partial(xg, g, K, xmask, tab, w0, w1, w2, w3, w4, w5, w6, w7, KP, 0,
                            EVEN_K, BLOCK_N, BLOCK_G)
         if B == 32:
             s1 = tl.load(a_rows + (k_lo + 32) // B, mask=m1, other=0.0).to(tl.float32)
-            p1 = _half_partial(xg, g, K, xmask, cb_ptr, w0, w1, w2, w3, w4, w5, w6, w7, KP, 1,
+            p1 = _half_partial(xg, g, K, xmask, tab, w0, w1, w2, w3, w4, w5, w6, w7, KP, 1,
                                EVEN_K, BLOCK_N, BLOCK_G)
             acc += p0 * s0 + p1 * s1
         else:  # B % 64 == 0: one scale per group
-            p1 = _half_partial(xg, g, K, xmask, cb_ptr, w0, w1, w2, w3, w4, w5, w6, w7, KP, 1,
+            p1 = _half_partial(xg, g, K, xmask, tab, w0, w1, w2, w3, w4, w5, w6, w7, KP, 1,
                                EVEN_K, BLOCK_N, BLOCK_G)
             acc += (p0 + p1) * s0
     y = tl.sum(acc, axis=1)
@@ -211,7 +237,33 @@ def gemv_planes_ok(in_features: int, block_size: int) -> bool:
     return (-(-in_features // 8)) % 8 == 0 and block_size % 32 == 0
 
 
-GEMV_BLOCK_N, GEMV_BLOCK_G = 16, 8
+GEMV_BLOCK_G = 8
+
+
+def gemv_block_n(bits: int) -> int:
+    """Rows per program of the word GEMV: 4 (row, group) pairs per thread share their x loads
+    (8 at 3 bits, where the registers allow it); counted by benchmarks/sass_budget.py."""
+    return 128 if bits == 3 else 64
+
+
+def decode_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
+    """The word GEMV's table for a width-`bits` codebook (fp32 (2^bits,)), aligned to its size:
+    bits <= PAIR_MAX_BITS, (cb[lo], cb[hi]) fp32 pairs at index lo | hi << 8 (codes of two bytes
+    of A_q); else the codebook itself. Cached on the codebook tensor (rebuilt when it changes)."""
+    hit = getattr(codebook, "_kbit_planes_table", None)
+    if hit is not None and hit[0] == (codebook._version, bits):
+        return hit[1]
+    cb = codebook.float().reshape(-1)
+    n = 1 << bits
+    if bits <= PAIR_MAX_BITS.value:
+        i = torch.arange(1 << (8 + bits), device=cb.device)
+        lo, hi = (i & 0xFF).clamp(max=n - 1), i >> 8
+        table = torch.stack([cb[lo], cb[hi]], dim=1).contiguous().view(torch.int64).view(-1)
+    else:
+        table = cb[:n].contiguous().view(torch.int64)
+    table = aligned_copy(table)
+    codebook._kbit_planes_table = ((codebook._version, bits), table)
+    return table
 
 
 def kbit_linear_planes_triton(x: torch.Tensor, planes: torch.Tensor, absmax: torch.Tensor,
@@ -235,14 +287,15 @@ def kbit_linear_planes_triton(x: torch.Tensor, planes: torch.Tensor, absmax: tor
     b = bias if has_bias else out
     if m == 1 and gemv_planes_ok(k, block_size):
         words = planes.view(torch.int64)  # (P, N, nb / 8)
-        grid = (triton.cdiv(n, GEMV_BLOCK_N),)
+        table = decode_table(codebook, k_planes)
+        block_n = gemv_block_n(k_planes)
+        grid = (triton.cdiv(n, block_n),)
         planes_gemv_kernel[grid](
-            x, words, absmax, cb, b, out, n, k, nb // 8, n * nb // 8, absmax.stride(0),
-            absmax.shape[1], KP=k_planes, B=block_size, HAS_BIAS=has_bias,
-            BLOCK_N=GEMV_BLOCK_N, BLOCK_G=GEMV_BLOCK_G, EVEN_K=k % 64 == 0, num_warps=4)
+            x, words, absmax, b, out, n, k, nb // 8, n * nb // 8, absmax.stride(0),
+            table.data_ptr(), 0, KP=k_planes, B=block_size, HAS_BIAS=has_bias,
+            BLOCK_N=block_n, BLOCK_G=GEMV_BLOCK_G, EVEN_K=k % 64 == 0, num_warps=4)
     else:
-        block_m = 16 if m <= 16 else 64
-        block_n, block_k = 64, 64
+        block_m, block_n, block_k = dot_block_m(m), DOT_BLOCK_N, DOT_BLOCK_K
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         planes_dot_kernel[grid](
             x, planes, absmax, cb, b, out, m, n, k, nb, n * nb, x.stride(0), absmax.stride(0),
@@ -254,3 +307,42 @@ def kbit_linear_planes_triton(x: torch.Tensor, planes: torch.Tensor, absmax: tor
         if bias is not None:
             out += bias.float()
     return out.to(x.dtype)
+
+
+DOT_BLOCK_N, DOT_BLOCK_K = 64, 64
+
+
+def dot_block_m(m: int) -> int:
+    return 16 if m <= 16 else 64
+
+
+def plan_planes(m: int, n: int, k: int, bits: int, block_size: int, act: str = "fp16",
+                absmax: str = "fp16", has_bias: bool = False):
+    """The launch kbit_linear_planes_triton makes for these shapes, as a triton_kbit.LaunchPlan
+    (benchmarks/sass_budget.py compiles exactly it)."""
+    from kbitrt.runtime.kernels.triton_kbit import LaunchPlan
+
+    nb = -(-k // 8)
+    n_blocks = -(-k // block_size)
+    c = dict(KP=bits, B=block_size, HAS_BIAS=has_bias)
+    bias = act if has_bias else "fp32"
+    if m == 1 and gemv_planes_ok(k, block_size):
+        bn = gemv_block_n(bits)
+        c.update(BLOCK_N=bn, BLOCK_G=GEMV_BLOCK_G, EVEN_K=k % 64 == 0)
+        args = (("x_ptr", act), ("pl_ptr", "i64"), ("absmax_ptr", absmax), ("bias_ptr", bias),
+                ("out_ptr", "fp32"), ("N", n), ("K", k), ("n_groups", nb // 8),
+                ("plane_stride", n * nb // 8), ("stride_an", n_blocks), ("tab_addr", 2**40),
+                ("zero", 3))
+        return LaunchPlan(planes_gemv_kernel, (triton.cdiv(n, bn), 1), args, tuple(c.items()), 4,
+                          3, bn * GEMV_BLOCK_G * 64, bits, block_size,
+                          4 if absmax == "fp32" else 2, f"planes-gemv bn{bn} bg{GEMV_BLOCK_G} w4")
+    bm = dot_block_m(m)
+    c.update(BLOCK_M=bm, BLOCK_N=DOT_BLOCK_N, BLOCK_K=DOT_BLOCK_K, IEEE=act == "fp32")
+    args = (("x_ptr", act), ("pl_ptr", "u8"), ("absmax_ptr", absmax), ("cb_ptr", "fp32"),
+            ("bias_ptr", bias), ("out_ptr", "fp32"), ("M", m), ("N", n), ("K", k), ("nb", nb),
+            ("plane_stride", n * nb), ("stride_xm", k), ("stride_an", n_blocks),
+            ("stride_om", n))
+    return LaunchPlan(planes_dot_kernel, (triton.cdiv(m, bm), triton.cdiv(n, DOT_BLOCK_N)), args,
+                      tuple(c.items()), 4, 3, DOT_BLOCK_N * DOT_BLOCK_K, bits, block_size,
+                      4 if absmax == "fp32" else 2,
+                      f"planes-dot bm{bm} bn{DOT_BLOCK_N} bk{DOT_BLOCK_K} w4")
