@@ -184,6 +184,17 @@ float plane_row_dot(const uint8_t* p0, int64_t ps, const ST* scale, const float*
 }
 #endif
 
+// f(std::integral_constant<int, k>) for k in KP..8 (k > 8 runs 8)
+template <int KP = 3, typename F>
+void for_width(int64_t k, F f) {
+  if constexpr (KP < 8) {
+    if (k == KP) return f(std::integral_constant<int, KP>{});
+    for_width<KP + 1>(k, f);
+  } else {
+    f(std::integral_constant<int, 8>{});
+  }
+}
+
 // run fn(decode, row_dot, quad) for the call's k_planes and scale dtype (checks the tensors);
 // quad: rows decode in quad order (x must be permuted by to_quad_order)
 template <typename Fn>
@@ -232,14 +243,7 @@ void with_plane_decoder(const at::Tensor& planes, const at::Tensor& absmax,
       with_order(std::false_type{});
   };
   auto dispatch = [&](const auto* scale) {
-    switch (k_planes) {
-      case 3: run(std::integral_constant<int, 3>{}, scale); break;
-      case 4: run(std::integral_constant<int, 4>{}, scale); break;
-      case 5: run(std::integral_constant<int, 5>{}, scale); break;
-      case 6: run(std::integral_constant<int, 6>{}, scale); break;
-      case 7: run(std::integral_constant<int, 7>{}, scale); break;
-      default: run(std::integral_constant<int, 8>{}, scale); break;
-    }
+    for_width(k_planes, [&](auto tag) { run(tag, scale); });
   };
   if (absmax.scalar_type() == at::kHalf)
     dispatch(absmax.data_ptr<at::Half>());
