@@ -298,7 +298,8 @@ _CACHE: dict = {}
 def measure(v: dict) -> dict:
     gpu = GPUS[v["arch"]]
     if v["kernel"].startswith("planes"):  # K planes of the stored layout (dtype: codebook only)
-        plan = kp.plan_planes(v["M"], v["N"], v["K"], v["bits"], v["block"], act=v["act"])
+        plan = kp.plan_planes(v["M"], v["N"], v["K"], v["bits"], v["block"], act=v["act"],
+                              sms=gpu.sms)
     else:
         plan = tk.plan_launch(v["M"], v["N"], v["K"], v["bits"], v["block"], act=v["act"],
                               codebook_kind=tk.codebook_kind_of(v["dtype"]), sms=gpu.sms)

@@ -141,15 +141,17 @@ def _half_partial(xg, g, K, xmask, tab, w0, w1, w2, w3, w4, w5, w6, w7, KP: tl.c
 @triton.jit
 def planes_gemv_kernel(
     x_ptr, pl_ptr, absmax_ptr, bias_ptr, out_ptr,
-    N, K, n_groups, plane_stride, stride_an, tab_addr, zero,
+    N, K, n_groups, plane_stride, stride_an, tab_addr, zero, split_k,
     KP: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     """x (1, K) -> out (1, N) fp32; pl_ptr: the planes as int64 words (rows of n_groups words,
     planes plane_stride words apart); tab_addr: the decode table (`decode_table`), aligned to its
-    size; zero: 0 (keeps the table address in a register). Requires ceil(K/8) % 8 == 0 and
-    B % 32 == 0."""
+    size; zero: 0 (keeps the table address in a register). Program (i, j) takes trips j,
+    j + split_k, ... of its rows (split-K: fp32 atomics into a zeroed out, bias by split 0).
+    Requires ceil(K/8) % 8 == 0 and B % 32 == 0."""
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     rows = pl_ptr + tl.minimum(offs_n, N - 1)[:, None].to(tl.int64) * n_groups
@@ -157,8 +159,8 @@ def planes_gemv_kernel(
     x_base = x_ptr + (offs_n * 0)[:, None]
     tab = in_register(tab_addr, zero)
     acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
-    for t0 in range(0, n_groups, BLOCK_G):
-        g = t0 + tl.arange(0, BLOCK_G)
+    for t in range(pid_k, tl.cdiv(n_groups, BLOCK_G), split_k):
+        g = t * BLOCK_G + tl.arange(0, BLOCK_G)
         gc = tl.minimum(g, n_groups - 1)[None, :]
         base = rows + gc
         w0 = _plane_word(base, 0, KP, plane_stride)
@@ -188,8 +190,13 @@ def planes_gemv_kernel(
             acc += (p0 + p1) * s0
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs_n, y, mask=mask_n)
+        b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if pid_k == 0:
+            y += b
+    if ATOMIC:
+        tl.atomic_add(out_ptr + offs_n, y, mask=mask_n)
+    else:
+        tl.store(out_ptr + offs_n, y, mask=mask_n)
 
 
 @triton.jit
@@ -240,6 +247,19 @@ def gemv_planes_ok(in_features: int, block_size: int) -> bool:
 GEMV_BLOCK_G = 8
 
 
+def gemv_split(n: int, k: int, bits: int, sms: int) -> int:
+    """Split-K factor of the word GEMV: enough programs for two per SM, at most one per trip."""
+    tiles = triton.cdiv(n, gemv_block_n(bits))
+    trips = triton.cdiv(-(-k // 64), GEMV_BLOCK_G)
+    return max(1, min(trips, triton.cdiv(2 * sms, tiles)))
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter: a few programs, so split-K runs in the tests too
+
+
 def gemv_block_n(bits: int) -> int:
     """Rows per program of the word GEMV: 4 (row, group) pairs per thread share their x loads
     (8 at 3 bits, where the registers allow it); counted by benchmarks/sass_budget.py."""
@@ -282,18 +302,21 @@ def kbit_linear_planes_triton(x: torch.Tensor, planes: torch.Tensor, absmax: tor
     x = x.contiguous()
     absmax = absmax.contiguous()
     cb = codebook.float().contiguous()
-    out = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    gemv = m == 1 and gemv_planes_ok(k, block_size)
+    split = gemv_split(n, k, k_planes, sm_count(x.device)) if gemv else 1
+    out = (torch.zeros if split > 1 else torch.empty)(m, n, dtype=torch.float32, device=x.device)
     has_bias = bias is not None and not (outlier_idx is not None and outlier_idx.numel())
     b = bias if has_bias else out
-    if m == 1 and gemv_planes_ok(k, block_size):
+    if gemv:
         words = planes.view(torch.int64)  # (P, N, nb / 8)
         table = decode_table(codebook, k_planes)
         block_n = gemv_block_n(k_planes)
-        grid = (triton.cdiv(n, block_n),)
+        grid = (triton.cdiv(n, block_n), split)
         planes_gemv_kernel[grid](
             x, words, absmax, b, out, n, k, nb // 8, n * nb // 8, absmax.stride(0),
-            table.data_ptr(), 0, KP=k_planes, B=block_size, HAS_BIAS=has_bias,
-            BLOCK_N=block_n, BLOCK_G=GEMV_BLOCK_G, EVEN_K=k % 64 == 0, num_warps=4)
+            table.data_ptr(), 0, split, KP=k_planes, B=block_size, HAS_BIAS=has_bias,
+            BLOCK_N=block_n, BLOCK_G=GEMV_BLOCK_G, EVEN_K=k % 64 == 0, ATOMIC=split > 1,
+            num_warps=4)
     else:
         block_m, block_n, block_k = dot_block_m(m), DOT_BLOCK_N, DOT_BLOCK_K
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
@@ -317,7 +340,7 @@ def dot_block_m(m: int) -> int:
 
 
 def plan_planes(m: int, n: int, k: int, bits: int, block_size: int, act: str = "fp16",
-                absmax: str = "fp16", has_bias: bool = False):
+                absmax: str = "fp16", has_bias: bool = False, sms: int = 132):
     """The launch kbit_linear_planes_triton makes for these shapes, as a triton_kbit.LaunchPlan
     (benchmarks/sass_budget.py compiles exactly it)."""
     from kbitrt.runtime.kernels.triton_kbit import LaunchPlan
@@ -327,15 +350,16 @@ def plan_planes(m: int, n: int, k: int, bits: int, block_size: int, act: str = "
     c = dict(KP=bits, B=block_size, HAS_BIAS=has_bias)
     bias = act if has_bias else "fp32"
     if m == 1 and gemv_planes_ok(k, block_size):
-        bn = gemv_block_n(bits)
-        c.update(BLOCK_N=bn, BLOCK_G=GEMV_BLOCK_G, EVEN_K=k % 64 == 0)
+        bn, split = gemv_block_n(bits), gemv_split(n, k, bits, sms)
+        c.update(BLOCK_N=bn, BLOCK_G=GEMV_BLOCK_G, EVEN_K=k % 64 == 0, ATOMIC=split > 1)
         args = (("x_ptr", act), ("pl_ptr", "i64"), ("absmax_ptr", absmax), ("bias_ptr", bias),
                 ("out_ptr", "fp32"), ("N", n), ("K", k), ("n_groups", nb // 8),
                 ("plane_stride", n * nb // 8), ("stride_an", n_blocks), ("tab_addr", 2**40),
-                ("zero", 3))
-        return LaunchPlan(planes_gemv_kernel, (triton.cdiv(n, bn), 1), args, tuple(c.items()), 4,
-                          3, bn * GEMV_BLOCK_G * 64, bits, block_size,
-                          4 if absmax == "fp32" else 2, f"planes-gemv bn{bn} bg{GEMV_BLOCK_G} w4")
+                ("zero", 3), ("split_k", split))
+        return LaunchPlan(planes_gemv_kernel, (triton.cdiv(n, bn), split), args,
+                          tuple(c.items()), 4, 3, bn * GEMV_BLOCK_G * 64, bits, block_size,
+                          4 if absmax == "fp32" else 2,
+                          f"planes-gemv bn{bn} bg{GEMV_BLOCK_G} sk{split} w4")
     bm = dot_block_m(m)
     c.update(BLOCK_M=bm, BLOCK_N=DOT_BLOCK_N, BLOCK_K=DOT_BLOCK_K, IEEE=act == "fp32")
     args = (("x_ptr", act), ("pl_ptr", "u8"), ("absmax_ptr", absmax), ("cb_ptr", "fp32"),
