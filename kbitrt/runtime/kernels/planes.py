@@ -318,7 +318,7 @@ def kbit_linear_planes_triton(x: torch.Tensor, planes: torch.Tensor, absmax: tor
             BLOCK_N=block_n, BLOCK_G=GEMV_BLOCK_G, EVEN_K=k % 64 == 0, ATOMIC=split > 1,
             num_warps=4)
     else:
-        block_m, block_n, block_k = dot_block_m(m), DOT_BLOCK_N, DOT_BLOCK_K
+        block_m, block_n, block_k = dot_block_m(m), dot_block_n(m), DOT_BLOCK_K
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
         planes_dot_kernel[grid](
             x, planes, absmax, cb, b, out, m, n, k, nb, n * nb, x.stride(0), absmax.stride(0),
@@ -332,11 +332,16 @@ def kbit_linear_planes_triton(x: torch.Tensor, planes: torch.Tensor, absmax: tor
     return out.to(x.dtype)
 
 
-DOT_BLOCK_N, DOT_BLOCK_K = 64, 64
+DOT_BLOCK_K = 64
 
 
 def dot_block_m(m: int) -> int:
     return 16 if m <= 16 else 64
+
+
+def dot_block_n(m: int) -> int:
+    """Rows of W per tile: 32 for M <= 16 (64 spills the decoded tile's registers at sm_90)."""
+    return 32 if m <= 16 else 64
 
 
 def plan_planes(m: int, n: int, k: int, bits: int, block_size: int, act: str = "fp16",
@@ -360,13 +365,12 @@ def plan_planes(m: int, n: int, k: int, bits: int, block_size: int, act: str = "
                           tuple(c.items()), 4, 3, bn * GEMV_BLOCK_G * 64, bits, block_size,
                           4 if absmax == "fp32" else 2,
                           f"planes-gemv bn{bn} bg{GEMV_BLOCK_G} sk{split} w4")
-    bm = dot_block_m(m)
-    c.update(BLOCK_M=bm, BLOCK_N=DOT_BLOCK_N, BLOCK_K=DOT_BLOCK_K, IEEE=act == "fp32")
+    bm, bn = dot_block_m(m), dot_block_n(m)
+    c.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=DOT_BLOCK_K, IEEE=act == "fp32")
     args = (("x_ptr", act), ("pl_ptr", "u8"), ("absmax_ptr", absmax), ("cb_ptr", "fp32"),
             ("bias_ptr", bias), ("out_ptr", "fp32"), ("M", m), ("N", n), ("K", k), ("nb", nb),
             ("plane_stride", n * nb), ("stride_xm", k), ("stride_an", n_blocks),
             ("stride_om", n))
-    return LaunchPlan(planes_dot_kernel, (triton.cdiv(m, bm), triton.cdiv(n, DOT_BLOCK_N)), args,
-                      tuple(c.items()), 4, 3, DOT_BLOCK_N * DOT_BLOCK_K, bits, block_size,
-                      4 if absmax == "fp32" else 2,
-                      f"planes-dot bm{bm} bn{DOT_BLOCK_N} bk{DOT_BLOCK_K} w4")
+    return LaunchPlan(planes_dot_kernel, (triton.cdiv(m, bm), triton.cdiv(n, bn)), args,
+                      tuple(c.items()), 4, 3, bn * DOT_BLOCK_K, bits, block_size,
+                      4 if absmax == "fp32" else 2, f"planes-dot bm{bm} bn{bn} bk{DOT_BLOCK_K} w4")
