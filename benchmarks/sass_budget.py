@@ -44,6 +44,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from kbitrt.runtime.kernels import planes as kp  # noqa: E402
 from kbitrt.runtime.kernels import triton_kbit as tk  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -81,7 +82,9 @@ SHAPES = {  # Llama-2 linear layers: name -> (N = out_features, K = in_features)
     "70b-qkv": (10240, 8192), "70b-o": (8192, 8192), "70b-kv": (1024, 8192),
     "70b-up": (28672, 8192), "70b-gateup": (57344, 8192), "70b-down": (8192, 28672),
 }
-M_OF_KERNEL = {"gemv": 1, "small": 16, "prefill": 512}
+M_OF_KERNEL = {"gemv": 1, "small": 16, "prefill": 512,
+               # the bit-plane kernels of any-precision models (kernels/planes.py, issue 24)
+               "planes-gemv": 1, "planes-small": 16, "planes-prefill": 512}
 ISSUE_PER_SM_CLK = 128  # 4 schedulers x 32 lanes: thread-instructions per SM per clock
 LAUNCH_US = 2.0  # an extra launch in a decode step (stream order or a graph node), in microseconds
 LSU_PER_SM_CLK = 32  # one 32-lane memory instruction (LDG/LDS/STS/ATOM/SHFL) per SM per clock
@@ -325,9 +328,13 @@ _CACHE: dict = {}
 
 def measure(v: dict) -> dict:
     gpu = GPUS[v["arch"]]
-    plan = tk.plan_launch(v["M"], v["N"], v["K"], v["bits"], v["block"], act=v["act"],
-                          codebook_kind=tk.codebook_kind_of(v["dtype"]), sms=gpu.sms,
-                          prefill_words=True)
+    if v["kernel"].startswith("planes"):  # K planes of the stored layout (dtype: codebook only)
+        plan = kp.plan_planes(v["M"], v["N"], v["K"], v["bits"], v["block"], act=v["act"],
+                              sms=gpu.sms)
+    else:
+        plan = tk.plan_launch(v["M"], v["N"], v["K"], v["bits"], v["block"], act=v["act"],
+                              codebook_kind=tk.codebook_kind_of(v["dtype"]), sms=gpu.sms,
+                              prefill_words=True)
     name = getattr(plan.kernel, "__name__", str(plan.kernel))
     key = (v["arch"], name, tuple(sorted(plan.constexprs)),
            tuple((n, None if n == "split_k" else a if isinstance(a, (str, float)) else a % 16 == 0)
@@ -346,7 +353,29 @@ def measure(v: dict) -> dict:
                             and rec["instr_per_weight"] <= rec["budget"])
     rec["whole_within_budget"] = (rec["budget"] is not None
                                   and rec["whole_per_weight"] <= rec["budget"])
+    if v["kernel"].startswith("planes"):  # issue 24: the whole program against its ceilings
+        rec["whole_program_instr_per_weight"] = whole_program(plan, r, v["K"])
+        rec["budget"] = PLANES_CEILING.get(v["bits"]) if v["M"] == 1 else None
+        rec["within_budget"] = (rec["budget"] is not None
+                                and rec["whole_program_instr_per_weight"] <= rec["budget"])
     return rec
+
+
+# issue 24: above these (instructions per weight, whole program, sm_90) a plane kernel at width K
+# is issue-bound, not bandwidth-bound
+PLANES_CEILING = {3: 4.5, 4: 5.9, 5: 7.2, 6: 8.6, 7: 10.0, 8: 11.4}
+
+
+def whole_program(plan, r: dict, k: int) -> float | None:
+    """SASS instructions a thread executes per weight over a whole program: prologue and
+    epilogue (every instruction outside the hot loop, once) plus trips x the loop."""
+    if not r["loop_instr"]:
+        return None
+    c = dict(plan.constexprs)
+    k_per_trip = c["BLOCK_G"] * 64 if "BLOCK_G" in c else c["BLOCK_K"]
+    trips = -(-k // k_per_trip) / r["unroll"]
+    weights = trips * r["weights_per_thread_trip"] * r["unroll"]
+    return round((r["total_instr"] - r["loop_instr"] + trips * r["loop_instr"]) / weights, 3)
 
 
 def budget(m: int, bits: int) -> float | None:

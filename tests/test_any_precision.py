@@ -233,15 +233,31 @@ def test_other_families_run_at_every_width(tiny_models, tmp_path, family):
 
 
 def test_multi_width_switches_per_call(ap_folder):
-    from kbitrt.runtime.any_precision import set_width
+    """bits='3-8' holds the 8 planes, one set of scales and the codebooks per linear, nothing else
+    (no repacked or dense copy); each width runs the plane kernels on the first K planes and gives
+    the logits of a model loaded at that width alone (the bitslice kernels, to rounding)."""
+    from kbitrt.runtime.any_precision import MultiWidthLinear, set_width
 
     ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(1))
-    multi = load_model(ap_folder, device="cpu", bits="3-8", cpu_weights="fp16")  # its head as single's
+    multi = load_model(ap_folder, device="cpu", bits="3-8")
+    mods = [m for m in multi.model.modules() if isinstance(m, MultiWidthLinear)]
+    assert mods
+    for m in mods:
+        nb = -(-m.in_features // 8)
+        assert m.qweight.numel() == 0 and tuple(m.planes.shape) == (8, m.out_features, nb)
+        assert m.dense_weight is None and m._w_cache is None
+        fixed = sum(t.numel() * t.element_size() for t in
+                    (m.absmax, m.codebooks, m.codebook, m.outlier_weight, m.outlier_idx))
+        assert m.held_bytes() == m.planes.numel() + fixed + (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
     for k in (4, 8, 3, 6):
         set_width(multi, k)
-        single = load_model(ap_folder, device="cpu", bits=k, cpu_weights="fp16")  # as the multi-width layer
+        assert all(m.planes.shape[0] == 8 for m in mods)  # nothing repacked or dropped
+        single = load_model(ap_folder, device="cpu", bits=k, cpu_weights="packed")
+        exact = load_model(ap_folder, device="cpu", bits=k, cpu_weights="fp32")
         with torch.no_grad():
-            assert torch.equal(multi.model(ids), single.model(ids)), k
+            got = multi.model(ids)
+            torch.testing.assert_close(got, single.model(ids), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got, exact.model(ids), rtol=1e-4, atol=1e-4)
     with pytest.raises(KbitFormatError, match="bits=2"):
         set_width(multi, 2)
     one = load_model(ap_folder, device="cpu", bits=4)

@@ -83,6 +83,27 @@ def test_greedy_equals_the_parent_alone(ap_models, family):
     assert got == plain_greedy(build(ap_models[family], 6).model, prompt, 30)
 
 
+def test_speculation_runs_from_one_resident_copy(ap_models):
+    """Draft and verify read the same planes (issue 24): after hold_widths each linear holds the
+    parent's planes, one set of scales and the codebooks, no repacked or dense copy; dropping the
+    planes keeps those up to the parent."""
+    from kbitrt.runtime.any_precision import MultiWidthLinear, hold_widths
+
+    torch.manual_seed(2)
+    prompt = torch.randint(0, 128, (6,)).tolist()
+    lm = build(ap_models["llama"], "3-8")
+    hold_widths(lm, (4, 6), keep_planes=False)
+    mods = [m for m in lm.model.modules() if isinstance(m, MultiWidthLinear)]
+    for m in mods:
+        assert m.qweight.numel() == 0 and m.dense_weight is None
+        assert tuple(m.planes.shape) == (6, m.out_features, -(-m.in_features // 8))
+        resident = {name for name, t in m.named_buffers() if t is not None and t.numel()}
+        assert resident <= {"planes", "absmax", "codebook", "codebooks", "bias"}, resident
+    got, _ = spec_tokens(lm, prompt, 20, 6, 4, 3)
+    assert got == plain_greedy(build(ap_models["llama"], 6).model, prompt, 20)
+    assert all(m.planes.shape[0] == 6 for m in mods)  # still the one copy
+
+
 def test_greedy_equals_the_parent_alone_with_an_fp16_kv_cache(ap_models):
     """`--low-memory`'s fp16 KV cache: drafts and the verifying step share the 16-bit cache, and
     the output is still the parent's own greedy output with that cache."""

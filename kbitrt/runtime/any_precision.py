@@ -5,14 +5,16 @@ the shared scales and the width-K codebook) and repacks them once, at load, into
 bitslice-v1 layout, so every kernel and the CPU path serve width K unchanged: resident memory and
 bytes read per token are those of a K-bit model.
 
-`--bits LO-HI`: every plane stays resident (MultiWidthLinear) and the width is picked per call,
-`generate(lm, ..., bits=K)` or `set_width(lm, K)`; switching width repacks the top K planes of each
-linear (one pass over the weights), and the active width's bitslice copy is held beside the planes.
+`--bits LO-HI`: each linear (MultiWidthLinear) holds the HI planes as stored, one set of block
+scales and the codebooks of every width, and nothing else: no repacked or dense copy. A call at
+width K runs the plane kernels (kernels/planes.py on CUDA, cpu_planes.h on the CPU, twin
+planes_reference.py), which read the first K planes directly; K is an argument of each call, so
+`generate(lm, ..., bits=K)` / `set_width(lm, K)` only swaps the codebook (2^K values) and
+copies no weight.
 
-`hold_widths(lm, (3, 8))` (self-speculative decoding, runtime/speculative.py): a ready copy of each
-listed width is built once (bitslice codes + codebook; on the CPU the dense 16-bit weight the CPU
-path multiplies with), so switching between them swaps buffers and copies nothing. With
-`keep_planes=False` the planes are dropped: the model then holds those widths' copies alone.
+`hold_widths(lm, (3, 8))` (self-speculative decoding, runtime/speculative.py) marks those widths
+ready (the CPU layer stack keeps one stack per width); with `keep_planes=False` the planes above
+the widest listed width are dropped.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from kbitrt.errors import KbitFormatError
-from kbitrt.format.bitplane import BitplaneModel, codebook_offset, parse_range, to_bitslice
+from kbitrt.format.bitplane import BitplaneModel, codebook_offset, parse_range
 from kbitrt.format.blockwise import QuantizedWeight
-from kbitrt.runtime.devices import cpu_path, is_cuda
+from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, OUTLIER_IDX,
+                                  OUTLIER_WEIGHT)
+from kbitrt.runtime.devices import is_cuda
+from kbitrt.runtime.kernels.ops import kbit_linear_planes
+from kbitrt.runtime.kernels.planes_reference import dequantize_planes
 from kbitrt.runtime.kernels.reference import pad_codebook
 from kbitrt.runtime.linear import KbitLinear
 
@@ -57,7 +63,8 @@ def select_width(source, bits: int | str | None):
 
 @dataclass
 class MultiWidthWeight(QuantizedWeight):
-    """A QuantizedWeight at its top width plus every plane and codebook of widths min..max."""
+    """A QuantizedWeight of an any-precision linear: the planes of widths up to max_bits and every
+    width's codebook; `qweight` is empty (nothing is repacked)."""
 
     planes: torch.Tensor | None = None  # uint8 (max_bits, N, ceil(K/8))
     codebooks: torch.Tensor | None = None  # the stored codebook tensor (all widths)
@@ -76,24 +83,50 @@ class MultiWidthSource:
         return getattr(self.top, name)
 
     def quantized(self, module: str) -> MultiWidthWeight:
-        qw = self.top.quantized(module, self.max_bits)
-        fields = {f: getattr(qw, f) for f in QuantizedWeight.__dataclass_fields__}
-        return MultiWidthWeight(**fields, planes=self.top.planes(module, self.max_bits),
-                                codebooks=self.top.tensor_codebooks(module),
-                                min_bits=self.min_bits, file_min_bits=self.top.spec.min_bits)
+        top, e = self.top, self.top.modules[module]
+        has = top.suffixes(module)
+
+        def opt(suffix):
+            return top.read(f"{module}.{suffix}") if suffix in has else None
+
+        return MultiWidthWeight(
+            qweight=torch.empty(e.out_features, 0, dtype=torch.uint8),
+            absmax=top.read(f"{module}.{ABSMAX}"), codebook=top.codebook(module, self.max_bits),
+            shape=(e.out_features, e.in_features), bits=self.max_bits,
+            block_size=top.spec.block_size, absmax_scale=opt(ABSMAX_SCALE),
+            absmax_offset=opt(ABSMAX_OFFSET), outlier_idx=opt(OUTLIER_IDX),
+            outlier_weight=opt(OUTLIER_WEIGHT), planes=top.planes(module, self.max_bits),
+            codebooks=top.tensor_codebooks(module), min_bits=self.min_bits,
+            file_min_bits=top.spec.min_bits)
 
 
 class MultiWidthLinear(KbitLinear):
-    """A KbitLinear whose width can change: the planes of widths up to max_bits stay resident, and
-    `set_bits(K)` repacks the top K of them (bitslice-v1) with width K's codebook."""
+    """A KbitLinear whose width is chosen per call: it holds the planes of widths up to max_bits
+    (`planes`), the block scales and every width's codebook (`codebooks`); `set_bits(K)` swaps the
+    active codebook and forward reads the first K planes through the plane kernels."""
 
     @classmethod
     def from_weight(cls, qw: MultiWidthWeight, bias: torch.Tensor | None = None,
                     compute_dtype: torch.dtype = torch.float16) -> MultiWidthLinear:
-        mod = cls.from_quantized(qw, bias, compute_dtype)
+        n, k = qw.shape
+        absmax = qw.kernel_absmax()
+        n_out = qw.outlier_idx.numel() if qw.outlier_idx is not None else 0
+        mod = cls(k, n, qw.bits, qw.block_size, bias=bias is not None, n_outliers=n_out,
+                  absmax_dtype=absmax.dtype, compute_dtype=compute_dtype, cpu_cache=False,
+                  device=absmax.device)
+        mod._buffers["qweight"] = torch.empty(n, 0, dtype=torch.uint8, device=absmax.device)
+        mod.absmax.copy_(absmax)
+        if n_out:
+            mod.outlier_idx.copy_(qw.outlier_idx)
+            mod.outlier_weight.copy_(qw.outlier_weight)
+        if bias is not None:
+            mod.bias.copy_(bias)
         mod.register_buffer("planes", qw.planes.contiguous().clone())
         mod.register_buffer("codebooks", qw.codebooks.float().clone())
         mod.min_bits, mod.max_bits, mod.file_min_bits = qw.min_bits, qw.bits, qw.file_min_bits
+        mod.width_codebooks = {}
+        mod.bits = 0
+        mod.set_bits(qw.bits)
         return mod
 
     def _apply(self, fn, recurse=True):
@@ -101,70 +134,62 @@ class MultiWidthLinear(KbitLinear):
         super()._apply(fn, recurse)
         if codebooks is not None:  # fp32 under model.half(), like the codebook
             self._buffers["codebooks"] = codebooks.to(self._buffers["codebooks"].device)
-        device = self._buffers["absmax"].device
-        for bits, copy in (getattr(self, "held", None) or {}).items():  # follow devices, keep dtypes
-            for name, t in copy.items():
-                copy[name] = self._buffers[name] if bits == self.bits else t.to(device)
+        self.width_codebooks = {self.bits: self._buffers["codebook"]}
         return self
+
+    def width_codebook(self, bits: int) -> torch.Tensor:
+        """Width `bits`'s codebook, padded (one tensor per width, kept: stacks hold it)."""
+        if bits not in self.width_codebooks:
+            off = codebook_offset(bits, self.file_min_bits)
+            self.width_codebooks[bits] = pad_codebook(self.codebooks[off: off + 2**bits], bits)
+        return self.width_codebooks[bits]
 
     def set_bits(self, bits: int) -> None:
         if not self.min_bits <= bits <= self.max_bits:
             raise KbitFormatError(f"bits={bits}: this model holds widths {self.min_bits}.."
                                   f"{self.max_bits}")
-        if bits == self.bits:
-            return
-        held = getattr(self, "held", None)
-        if held and bits in held:  # a ready copy: swap buffers, copy nothing
-            self._buffers.update(held[bits])
-            self.bits = bits
-            self._w_cache = None
-            return
-        if self.planes.numel() == 0:
-            raise KbitFormatError(f"bits={bits}: this model holds widths "
-                                  f"{', '.join(map(str, sorted(held or ())))} only (planes dropped)")
-        off = codebook_offset(bits, self.file_min_bits)
-        self._buffers["qweight"] = to_bitslice(self.planes[:bits], self.in_features)
-        self._buffers["codebook"] = pad_codebook(self.codebooks[off: off + 2**bits], bits)
+        self._buffers["codebook"] = self.width_codebook(bits)
         self.bits = bits
         self._w_cache = None
 
     def hold(self, widths, keep_planes: bool = True) -> None:
-        """Build a ready copy of each width in `widths` (see the module docstring); the active
-        width afterwards is the last one listed."""
-        if getattr(self, "held", None):
-            raise KbitFormatError("this model already holds ready widths "
-                                  f"{sorted(self.held)}: load it again to hold others")
-        cpu_dense = cpu_path(self.absmax.device) and self.cpu_mode == "dense"
-        held = {}
+        """Mark `widths` ready (no copy is built); keep_planes=False drops the planes above the
+        widest of them. The active width afterwards is the last one listed."""
         for bits in widths:
-            self.held = {}
-            self.set_bits(bits)
-            if cpu_dense:  # what the CPU path multiplies with; the packed codes are not needed
-                dense = self.dequantize(self.cpu_dtype)
-                held[bits] = {"dense_weight": dense}
-            else:
-                held[bits] = {"qweight": self.qweight, "codebook": self.codebook}
-        if cpu_dense:
-            for name in ("qweight", "absmax", "codebook", "outlier_weight", "outlier_idx"):
-                t = self._buffers[name]
-                self._buffers[name] = t.new_empty((0,) * t.dim())
-        if not keep_planes:
-            self._buffers["planes"] = self.planes.new_empty((0, 0, 0))
-            self._buffers["codebooks"] = self.codebooks.new_empty(0)
-        self.held = held
-        self._buffers.update(held[bits])
-        self._w_cache = None
+            self.set_bits(bits)  # the one clear error
+        top = max(widths)
+        if not keep_planes and top < self.planes.shape[0]:
+            self._buffers["planes"] = self.planes[:top].clone()
+            self.max_bits = top
+        self.held = {**(getattr(self, "held", None) or {}), **{b: {} for b in widths}}
+        self.set_bits(widths[-1])
 
-    def held_bytes(self) -> int:
-        """Resident bytes for W: the active buffers and every other held width's copy."""
-        n = super().held_bytes()
-        for bits, copy in (getattr(self, "held", None) or {}).items():
-            if bits != self.bits:
-                n += sum(t.numel() * t.element_size() for t in copy.values())
-        return n
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features) in x.dtype, at width self.bits."""
+        idx, ow = self.outliers()  # the op: Triton on the GPU path, the C++ kernels on the CPU
+        return kbit_linear_planes(x, self.planes, self.absmax, self.codebook, self.bias, idx, ow,
+                                  self.bits, self.block_size, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full (N, K) weight at the active width, outlier columns included."""
+        w = dequantize_planes(self.planes, self.absmax, self.codebook, self.bits, self.block_size,
+                              self.in_features)
+        idx, ow = self.outliers()
+        if idx is not None:
+            w[:, idx] = ow.float()
+        return w.to(dtype)
+
+    def stack_linear(self) -> tuple[list[int], list[torch.Tensor]]:
+        """(kind 3, bits, block, in_features) and (planes, absmax, codebook, bias) for the CPU
+        layer stack (cpu_layers.h); ValueError where it cannot run this layer."""
+        if self.outlier_idx.numel():
+            raise ValueError("outlier columns")
+        bias = torch.empty(0) if self.bias is None else self.bias.detach().float().contiguous()
+        return ([3, self.bits, self.block_size, self.in_features],
+                [self.planes, self.absmax, self.codebook, bias])
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", widths={self.min_bits}..{self.max_bits}"
+        return super().extra_repr() + f", widths={self.min_bits}..{self.max_bits} (planes)"
 
 
 def multi_width_linear(qw: MultiWidthWeight, bias, dtype: torch.dtype,
@@ -181,9 +206,9 @@ def widths_of(model: torch.nn.Module) -> tuple[int, int] | None:
 
 
 def hold_widths(lm, widths, keep_planes: bool = True) -> None:
-    """Build ready copies of `widths` in every MultiWidthLinear (switching between them then
-    copies nothing); the last width listed is active afterwards. keep_planes=False drops the planes
-    (other widths are then refused)."""
+    """Mark `widths` ready in every MultiWidthLinear (nothing is copied: every width reads the same
+    planes); the last width listed is active afterwards. keep_planes=False drops the planes above
+    the widest listed width (wider widths are then refused)."""
     model = getattr(lm, "model", lm)
     span = widths_of(model)
     for bits in widths:
@@ -192,6 +217,8 @@ def hold_widths(lm, widths, keep_planes: bool = True) -> None:
     for m in model.modules():
         if isinstance(m, MultiWidthLinear):
             m.hold(widths, keep_planes)
+    if hasattr(model, "refresh_layer_stack"):  # the CPU layer stack holds the planes it reads
+        model.refresh_layer_stack()
     relabel(lm, widths[-1])
     if hasattr(lm, "weight_bytes"):  # what the model holds now: every tensor once, held copies too
         seen = {t.data_ptr(): t.numel() * t.element_size()

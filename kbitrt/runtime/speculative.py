@@ -1,8 +1,10 @@
 """Self-speculative decoding of an any-precision model: a low width drafts, the parent verifies.
 
-`kbit run OUT --bits 8 --draft-bits 3 --draft-tokens 4`. Both widths come from the same resident
-planes (runtime/any_precision.py `hold_widths`: one ready copy per width, switched by swapping
-buffers, no second model). One round:
+`kbit run OUT --bits 8 --draft-bits 3 --draft-tokens 4`. Both widths come from the one resident
+copy: every linear holds the parent's planes, one set of scales and the codebooks
+(runtime/any_precision.py), and each call runs the plane kernels on the first D (draft) or P
+(parent) planes; switching width swaps a codebook, no weight is copied and there is no second
+model. One round:
 
 1. **Draft.** At the draft width, `k` single-token steps from the last accepted token propose
    d1..dk (greedy: argmax; sampling: drawn from the draft's distribution q).
@@ -84,8 +86,8 @@ def load_speculative(name, bits: int | str | None, draft_bits: int,
                      draft_tokens: int = DEFAULT_DRAFT_TOKENS, keep_planes: bool = False,
                      **load_kwargs) -> tuple[LoadedModel, int]:
     """Load an any-precision model for self-speculative decoding: widths checked from the headers
-    first, then the planes up to the parent read once and a ready copy of the draft and parent
-    widths held (planes dropped unless keep_planes). Returns (model at the parent width, parent)."""
+    first, then the planes up to the parent read once (the one resident copy both widths run
+    from). Returns (model at the parent width, parent)."""
     from kbitrt.convert.source import resolve_model
     from kbitrt.format.reader import KbitModel
     from kbitrt.runtime.any_precision import hold_widths

@@ -38,7 +38,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),  # included by SOURCE
            Path(__file__).with_name("cpu_pair4.h"), Path(__file__).with_name("cpu_layers.h"),
-           Path(__file__).with_name("cpu_rows.h"))
+           Path(__file__).with_name("cpu_rows.h"), Path(__file__).with_name("cpu_planes.h"))
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # what half_linear reads
 FUSED_MAX_ROWS = 32  # rows of x the fused kernel takes; above, dequantize + torch matmul
 _HEAD_CHUNK = 4096  # output rows per fp32 temporary of a 16-bit head above FUSED_MAX_ROWS
@@ -211,6 +211,10 @@ def _register_fakes() -> None:
     def _(qweight, absmax, codebook, bits, block_size, in_features):
         return absmax.new_empty((qweight.shape[0], in_features), dtype=torch.float32)
 
+    @torch.library.register_fake("kbitrt_cpu::kbit_linear_planes")
+    def _(x, planes, absmax, codebook, bias, k_planes, block_size, in_features):
+        return x.new_empty((x.shape[0], planes.shape[1]))
+
     @torch.library.register_fake("kbitrt_cpu::half_linear")
     def _(x, weight, bias):
         return x.new_empty((x.shape[0], weight.shape[0]))
@@ -234,6 +238,20 @@ def kbit_dequantize(qweight: torch.Tensor, absmax: torch.Tensor, codebook: torch
                     bits: int, block_size: int, in_features: int) -> torch.Tensor:
     return torch.ops.kbitrt_cpu.kbit_dequantize(qweight, absmax, codebook, bits, block_size,
                                                 in_features)
+
+
+def kbit_linear_planes(x: torch.Tensor, planes: torch.Tensor, absmax: torch.Tensor,
+                       codebook: torch.Tensor, bias: torch.Tensor | None, k_planes: int,
+                       block_size: int, in_features: int) -> torch.Tensor:
+    """x (M, K) fp32 -> (M, N) fp32 from the first k_planes bit planes (cpu_planes.h)."""
+    x = x.float().contiguous()
+    b = None if bias is None else bias.float().contiguous()
+    if x.shape[0] <= FUSED_MAX_ROWS:
+        return torch.ops.kbitrt_cpu.kbit_linear_planes(x, planes, absmax, codebook, b, k_planes,
+                                                       block_size, in_features)
+    w = torch.ops.kbitrt_cpu.kbit_dequantize_planes(planes, absmax, codebook, k_planes,
+                                                    block_size, in_features)
+    return torch.nn.functional.linear(x, w, b)
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None

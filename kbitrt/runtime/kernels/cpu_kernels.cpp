@@ -479,6 +479,7 @@ int64_t simd_width() {
 #endif
 }
 
+#include "cpu_planes.h"
 #include "cpu_layers.h"
 
 }  // namespace
@@ -495,6 +496,10 @@ TORCH_LIBRARY(KBIT_NS, m) {
   m.def("kbit_dequantize(Tensor qweight, Tensor absmax, Tensor codebook, int bits, "
         "int block_size, int in_features) -> Tensor");
   m.def("half_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("kbit_linear_planes(Tensor x, Tensor planes, Tensor absmax, Tensor codebook, "
+        "Tensor? bias, int k_planes, int block_size, int in_features) -> Tensor");
+  m.def("kbit_dequantize_planes(Tensor planes, Tensor absmax, Tensor codebook, int k_planes, "
+        "int block_size, int in_features) -> Tensor");
   m.def("simd_width() -> int", &simd_width);
   m.def("layer_stack_create(Tensor[] tensors, int[] config, float eps) -> int",
         &layer_stack_create);
@@ -508,4 +513,6 @@ TORCH_LIBRARY_IMPL(KBIT_NS, CPU, m) {
   m.impl("kbit_linear", &kbit_linear);
   m.impl("kbit_dequantize", &kbit_dequantize);
   m.impl("half_linear", &half_linear);
+  m.impl("kbit_linear_planes", &kbit_linear_planes);
+  m.impl("kbit_dequantize_planes", &kbit_dequantize_planes);
 }

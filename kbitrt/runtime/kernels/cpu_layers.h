@@ -18,7 +18,9 @@
 #include <type_traits>
 
 // one linear of the stack; kind 0: absent, 1: packed k-bit codes (w0 qweight, w1 absmax, w2
-// codebook, bias fp32), 2: a dense weight w0 and its bias as the module holds them
+// codebook, bias fp32), 2: a dense weight w0 and its bias as the module holds them, 3: bit planes
+// (cpu_planes.h: w0 the planes (P, N, ceil(K/8)) of which the first `bits` are read, w1 absmax,
+// w2 the width's codebook, bias fp32)
 struct StackLinear {
   int64_t kind = 0, bits = 0, block = 0, in_features = 0;
   at::Tensor w0, w1, w2, bias;
@@ -168,7 +170,12 @@ at::Tensor stack_linear(const StackLinear& s, int64_t fused_max_rows, const at::
   const c10::optional<at::Tensor> bias =
       s.bias.defined() ? c10::optional<at::Tensor>(s.bias) : c10::nullopt;
   at::Tensor y;
-  if (x2.size(0) <= fused_max_rows) {
+  if (s.kind == 3) {  // bit planes (cpu_planes.h): w0 the planes, the first `bits` read
+    y = x2.size(0) <= fused_max_rows
+            ? kbit_linear_planes(x2, s.w0, s.w1, s.w2, bias, s.bits, s.block, s.in_features)
+            : at::linear(x2, kbit_dequantize_planes(s.w0, s.w1, s.w2, s.bits, s.block,
+                                                    s.in_features), s.bias);
+  } else if (x2.size(0) <= fused_max_rows) {
     y = kbit_linear(x2, s.w0, s.w1, s.w2, bias, s.bits, s.block, s.in_features);
   } else {
     y = at::linear(x2, kbit_dequantize(s.w0, s.w1, s.w2, s.bits, s.block, s.in_features),

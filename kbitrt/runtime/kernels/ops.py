@@ -2,6 +2,9 @@
 
     torch.ops.kbitrt.kbit_linear(x, qweight, absmax, codebook, bias, outlier_idx, outlier_weight,
                                  bits, block_size, in_features)        y = x W^T (+ b), W packed
+    torch.ops.kbitrt.kbit_linear_planes(x, planes, absmax, codebook, bias, outlier_idx,
+                                        outlier_weight, k_planes, block_size, in_features)
+                                                  the same from the top k_planes bit planes
     torch.ops.kbitrt.kbit_dequantize(qweight, absmax, codebook, bits, block_size, in_features)
     torch.ops.kbitrt.half_linear(x, weight16, bias)                   y = x W^T, W fp16 or bf16
 
@@ -23,10 +26,11 @@ import torch.nn.functional as F
 
 from kbitrt.runtime.devices import cpu_path, twin_enabled
 from kbitrt.runtime.kernels import cpu as cpu_kernels
+from kbitrt.runtime.kernels.planes_reference import kbit_linear_planes_torch
 from kbitrt.runtime.kernels.reference import dequantize_packed, kbit_linear_torch, pad_codebook
 
-__all__ = ["kbit_linear", "kbit_linear_2d", "kbit_dequantize", "half_linear", "half_linear_2d",
-           "dense_linear", "pad_codebook"]
+__all__ = ["kbit_linear", "kbit_linear_2d", "kbit_linear_planes", "kbit_linear_planes_2d",
+           "kbit_dequantize", "half_linear", "half_linear_2d", "dense_linear", "pad_codebook"]
 
 
 # ------------------------------------------------------------------------------- kbit_linear
@@ -64,9 +68,7 @@ def kbit_linear_cpu(x, qweight, absmax, codebook, bias, outlier_idx, outlier_wei
     y = cpu_kernels.kbit_linear(x, qweight, absmax, codebook, None if has_outliers else bias,
                                 bits, block_size, in_features)
     if has_outliers:  # the twin's order: outlier columns, then the bias
-        y = y + x.float().index_select(1, outlier_idx) @ outlier_weight.float().t()
-        if bias is not None:
-            y = y + bias.float()
+        y = outliers_then_bias(y, x, bias, outlier_idx, outlier_weight)
     return y.to(x.dtype)
 
 
@@ -92,6 +94,77 @@ def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
     else:
         y = torch.ops.kbitrt.kbit_linear(x2, *args)
     return y.reshape(*lead, qweight.shape[0])
+
+
+def outliers_then_bias(y: torch.Tensor, x: torch.Tensor, bias, outlier_idx, outlier_weight):
+    """A CPU kernel's fp32 y plus the outlier columns, then the bias (the twins' order)."""
+    y = y + x.float().index_select(1, outlier_idx) @ outlier_weight.float().t()
+    return y + bias.float() if bias is not None else y
+
+
+# ------------------------------------------------------------------------ kbit_linear_planes
+
+@torch.library.custom_op("kbitrt::kbit_linear_planes", mutates_args=())
+def kbit_linear_planes_2d(x: torch.Tensor, planes: torch.Tensor, absmax: torch.Tensor,
+                          codebook: torch.Tensor, bias: Optional[torch.Tensor],
+                          outlier_idx: Optional[torch.Tensor],
+                          outlier_weight: Optional[torch.Tensor], k_planes: int, block_size: int,
+                          in_features: int) -> torch.Tensor:
+    """x (M, K) -> (M, N) in x.dtype from the first k_planes bit planes of an any-precision
+    linear, as stored (planes_reference.kbit_linear_planes_torch: the twin and the default)."""
+    return kbit_linear_planes_torch(x, planes, absmax, codebook, bias, outlier_idx,
+                                    outlier_weight, k_planes, block_size, in_features)
+
+
+@kbit_linear_planes_2d.register_kernel("cuda")
+def kbit_linear_planes_cuda(x, planes, absmax, codebook, bias, outlier_idx, outlier_weight,
+                            k_planes, block_size, in_features):
+    from kbitrt.runtime.kernels.planes import kbit_linear_planes_triton
+
+    return kbit_linear_planes_triton(x, planes, absmax, codebook, bias, outlier_idx,
+                                     outlier_weight, k_planes, block_size, in_features)
+
+
+@kbit_linear_planes_2d.register_kernel("cpu")
+def kbit_linear_planes_cpu(x, planes, absmax, codebook, bias, outlier_idx, outlier_weight,
+                           k_planes, block_size, in_features):
+    if twin_enabled():  # the CUDA path, Triton interpreted
+        return kbit_linear_planes_cuda(x, planes, absmax, codebook, bias, outlier_idx,
+                                       outlier_weight, k_planes, block_size, in_features)
+    if not cpu_kernels.available():
+        return kbit_linear_planes_torch(x.float(), planes, absmax, codebook, bias, outlier_idx,
+                                        outlier_weight, k_planes, block_size,
+                                        in_features).to(x.dtype)
+    has_outliers = outlier_idx is not None and outlier_idx.numel() > 0
+    y = cpu_kernels.kbit_linear_planes(x, planes, absmax, codebook,
+                                       None if has_outliers else bias, k_planes, block_size,
+                                       in_features)
+    if has_outliers:
+        y = outliers_then_bias(y, x, bias, outlier_idx, outlier_weight)
+    return y.to(x.dtype)
+
+
+@kbit_linear_planes_2d.register_fake
+def _(x, planes, absmax, codebook, bias, outlier_idx, outlier_weight, k_planes, block_size,
+      in_features):
+    torch._check(x.dim() == 2 and x.shape[1] == in_features)
+    return x.new_empty((x.shape[0], planes.shape[1]))
+
+
+def kbit_linear_planes(x: torch.Tensor, planes: torch.Tensor, absmax: torch.Tensor,
+                       codebook: torch.Tensor, bias: Optional[torch.Tensor],
+                       outlier_idx: Optional[torch.Tensor], outlier_weight: Optional[torch.Tensor],
+                       k_planes: int, block_size: int, in_features: int) -> torch.Tensor:
+    """x (..., K) -> (..., N) at width k_planes; the CPU path calls the CPU kernel directly (see
+    kbit_linear)."""
+    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+    args = (planes, absmax, codebook, bias, outlier_idx, outlier_weight, k_planes, block_size,
+            in_features)
+    if cpu_path(x.device) and not torch.compiler.is_compiling():
+        y = kbit_linear_planes_cpu(x2, *args)
+    else:
+        y = torch.ops.kbitrt.kbit_linear_planes(x2, *args)
+    return y.reshape(*lead, planes.shape[1])
 
 
 # --------------------------------------------------------------------------- kbit_dequantize

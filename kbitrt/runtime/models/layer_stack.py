@@ -57,6 +57,8 @@ def _linear(m: nn.Module | None, act_dtype: torch.dtype) -> tuple[list[int], lis
         if m.weight.dtype != act_dtype:
             raise ValueError(f"an nn.Linear in {m.weight.dtype} under {act_dtype} activations")
         return [2, 0, 0, m.in_features], [m.weight, _NONE, _NONE, _bias(m.bias)]
+    if hasattr(m, "stack_linear"):  # bit planes read per call (runtime/any_precision.py)
+        return m.stack_linear()
     if not isinstance(m, KbitLinear) or type(m).forward is not KbitLinear.forward:
         raise ValueError(f"a {type(m).__name__}")
     if m.outlier_idx.numel():
