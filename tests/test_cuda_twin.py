@@ -29,7 +29,7 @@ from test_models import TINY, V
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the real CUDA path")
 GREEDY = SamplingConfig(temperature=0.0)
 NEW = 24  # decode steps per generate call (the issue asks for >= 24)
-EOS = 1  # the tokenizer's eos ("t1"); prompts draw from 2..V-1
+FIRST_ID = 3  # ids 0..2 are pad, eos ("t0", "t1") and the configs' special ids: not in prompts
 ACT_TOL = {torch.float16: 1e-2, torch.bfloat16: 6e-2}  # relative to the logits' scale
 
 
@@ -60,14 +60,16 @@ def tiny_hf(family: str, layers: int = 1):
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     for p in hf.parameters():  # larger than the default init: clear argmax margins
         p.data.normal_(0, 0.2)
-    hf.get_output_embeddings().weight.data[EOS] = 0.0  # logit 0: never the argmax, full length
+    # logit 0 for every id that may stop a row (the tokenizer's eos, configs' bos/eos/pad ids
+    # 0..2): never the argmax, so every call decodes its full length
+    hf.get_output_embeddings().weight.data[:FIRST_ID] = 0.0
     return hf
 
 
 def prompts(lengths=(20, 5, 13), seed: int = 0) -> list[list[int]]:
     """Ragged prompts; the longest over 16 tokens, so the prefill takes the M > 16 kernel."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, V, (n,), generator=g).tolist() for n in lengths]
+    return [torch.randint(FIRST_ID, V, (n,), generator=g).tolist() for n in lengths]
 
 
 def both_paths(src, tokenizer, dtype=torch.float32, **kw):

@@ -304,11 +304,12 @@ def decode_choice(codebook: torch.Tensor, bits: int) -> DecodeTables:
     return out
 
 
-def _forget(key: int):
+def _forget(key: int, tables: dict = _TABLES):
     """A weakref callback dropping the cache entry of a codebook that died (unless another
-    tensor has taken its id since)."""
+    tensor has taken its id since). `tables` is bound here: at interpreter exit the module's
+    globals may already be None when the last codebooks die."""
     def drop(ref: weakref.ref) -> None:
-        hit = _TABLES.get(key)
+        hit = tables.get(key)
         if hit is not None and hit[0] is ref:
-            del _TABLES[key]
+            del tables[key]
     return drop
