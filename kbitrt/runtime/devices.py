@@ -92,7 +92,7 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RunError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
+        if device.index is not None and device.index >= torch.cuda.device_count():  # pragma: no cover - needs a GPU
             raise RunError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
         raise RunError(f"--device {name}: only cpu and cuda are supported")
