@@ -7,8 +7,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from kbitrt.errors import KbitError
-from kbitrt.runtime.loader import LoadedModel, RunError
+from kbitrt.errors import KbitError, RunError
+from kbitrt.runtime.loader import LoadedModel
 
 DEFAULT_CTX = 2048
 GRACE_SECONDS = 4.0  # SIGTERM: running requests may finish this long, then are cancelled
