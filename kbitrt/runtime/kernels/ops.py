@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from kbitrt.runtime.devices import cpu_path, twin_enabled
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.kernels.planes_reference import kbit_linear_planes_torch
-from kbitrt.runtime.kernels.reference import dequantize_packed, kbit_linear_torch, pad_codebook
+from kbitrt.runtime.kernels.reference import (add_outliers_and_bias, dequantize_packed,
+                                              kbit_linear_torch, pad_codebook)
 
 __all__ = ["kbit_linear", "kbit_linear_2d", "kbit_linear_planes", "kbit_linear_planes_2d",
            "kbit_dequantize", "half_linear", "half_linear_2d", "dense_linear", "pad_codebook"]
@@ -68,7 +69,7 @@ def kbit_linear_cpu(x, qweight, absmax, codebook, bias, outlier_idx, outlier_wei
     y = cpu_kernels.kbit_linear(x, qweight, absmax, codebook, None if has_outliers else bias,
                                 bits, block_size, in_features)
     if has_outliers:  # the twin's order: outlier columns, then the bias
-        y = outliers_then_bias(y, x, bias, outlier_idx, outlier_weight)
+        y = add_outliers_and_bias(y, x, bias, outlier_idx, outlier_weight)
     return y.to(x.dtype)
 
 
@@ -94,12 +95,6 @@ def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
     else:
         y = torch.ops.kbitrt.kbit_linear(x2, *args)
     return y.reshape(*lead, qweight.shape[0])
-
-
-def outliers_then_bias(y: torch.Tensor, x: torch.Tensor, bias, outlier_idx, outlier_weight):
-    """A CPU kernel's fp32 y plus the outlier columns, then the bias (the twins' order)."""
-    y = y + x.float().index_select(1, outlier_idx) @ outlier_weight.float().t()
-    return y + bias.float() if bias is not None else y
 
 
 # ------------------------------------------------------------------------ kbit_linear_planes
@@ -140,7 +135,7 @@ def kbit_linear_planes_cpu(x, planes, absmax, codebook, bias, outlier_idx, outli
                                        None if has_outliers else bias, k_planes, block_size,
                                        in_features)
     if has_outliers:
-        y = outliers_then_bias(y, x, bias, outlier_idx, outlier_weight)
+        y = add_outliers_and_bias(y, x, bias, outlier_idx, outlier_weight)
     return y.to(x.dtype)
 
 

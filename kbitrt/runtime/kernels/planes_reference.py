@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kbitrt.format.bitplane import unpack_planes
+from kbitrt.runtime.kernels.reference import add_outliers_and_bias
 
 
 def dequantize_planes(planes: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
@@ -44,9 +45,4 @@ def kbit_linear_planes_torch(x: torch.Tensor, planes: torch.Tensor, absmax: torc
     x W^T, then the outlier columns, then the bias."""
     w = dequantize_planes(planes, absmax, codebook, k_planes, block_size, in_features)
     xf = x.float()
-    y = xf @ w.t()
-    if outlier_idx is not None and outlier_idx.numel():
-        y = y + xf.index_select(1, outlier_idx) @ outlier_weight.float().t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    return add_outliers_and_bias(xf @ w.t(), xf, bias, outlier_idx, outlier_weight).to(x.dtype)

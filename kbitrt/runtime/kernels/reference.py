@@ -72,9 +72,14 @@ def kbit_linear_torch(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tens
     """x (M, K) -> (M, N) in x.dtype, computed in fp32 (the reference every kernel must match)."""
     w = dequantize_packed(qweight, absmax, codebook, bits, block_size, in_features)
     xf = x.float()
-    y = xf @ w.t()
+    return add_outliers_and_bias(xf @ w.t(), xf, bias, outlier_idx, outlier_weight).to(x.dtype)
+
+
+def add_outliers_and_bias(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
+                          outlier_idx: torch.Tensor | None,
+                          outlier_weight: torch.Tensor | None) -> torch.Tensor:
+    """fp32 y (M, N) of the quantized columns, plus the outlier columns' products, then the bias:
+    the order every twin and CPU kernel path adds them in."""
     if outlier_idx is not None and outlier_idx.numel():
-        y = y + xf.index_select(1, outlier_idx) @ outlier_weight.float().t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+        y = y + x.float().index_select(1, outlier_idx) @ outlier_weight.float().t()
+    return y + bias.float() if bias is not None else y
