@@ -112,3 +112,32 @@ def test_smollm2_4bit_says_paris(smollm2_nf4):
     out = generate(lm, ["The capital of France is"], 8)
     assert "Paris" in out.texts[0]
     assert out.stats.new_tokens_per_s > 0
+
+
+@pytest.mark.parametrize("kw,says", [(dict(temperature=-1.0), "--temperature -1.0"),
+                                     (dict(top_p=0.0), "--top-p 0.0"),
+                                     (dict(top_k=0), "--top-k 0"),
+                                     (dict(repetition_penalty=0.0), "--repetition-penalty 0.0")])
+def test_sampling_settings_are_checked(kw, says):
+    with pytest.raises(RunError, match=says):
+        SamplingConfig(**kw)
+
+
+def test_bad_requests_are_one_line_errors(tiny):
+    with pytest.raises(RunError, match="--max-new-tokens 0: must be >= 1"):
+        generate(tiny, ["Hi"], max_new_tokens=0)
+    with pytest.raises(RunError, match="a prompt is empty"):
+        generate(tiny, [[]], max_new_tokens=2)
+    with pytest.raises(RunError, match="shorten the prompt"):
+        generate(tiny, [list(range(3, 70))], max_new_tokens=2)  # the model holds 64 positions
+
+
+def test_repetition_penalty_counts_the_prompt(tiny):
+    """With a penalty the prompt's tokens count as seen: the output differs from greedy's."""
+    prompt = [[5, 6, 7, 5, 6, 7, 5, 6, 7]]
+    plain = generate(tiny, prompt, 6, SamplingConfig(temperature=0.0)).token_ids
+    again = generate(tiny, prompt, 6, SamplingConfig(temperature=0.0)).token_ids
+    penalized = generate(tiny, prompt, 6, SamplingConfig(temperature=0.0,
+                                                         repetition_penalty=50.0)).token_ids
+    assert plain == again
+    assert not set(penalized[0]) & set(prompt[0])  # a huge penalty avoids every seen token

@@ -203,7 +203,9 @@ def _sm_count(device: torch.device) -> int:
         if idx not in _SM_COUNT:
             _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
         return _SM_COUNT[idx]
-    return 8  # the interpreter: a few programs, so split-K is exercised on small shapes
+    # the interpreter runs a grid's programs one after another in Python: plan for one SM, so a
+    # tiny layer is one or two programs (tests that exercise split-K pass sms or a config)
+    return 1
 
 
 def m_bucket(m: int) -> int:
@@ -233,7 +235,7 @@ def _words_tile(n: int, n_groups: int, pairs: int, sms: int, min_rows: int,
     tiles = [(bn, pairs // bn) for bn in (256, 128, 64, 32, 16, 8)
              if min_rows <= bn <= min(pairs, max_rows) and pairs // bn <= g_cap]
     if not tiles:
-        return min_rows, max(1, pairs // min_rows)
+        return max(min_rows, min(max_rows, pairs)), max(1, pairs // max(min_rows, min(max_rows, pairs)))  # K of a few groups: the most rows
     tight = [t for t in tiles if -(-n_groups // t[1]) * t[1] <= 1.06 * n_groups] or tiles
     for bn, bg in tight:
         if triton.cdiv(n, bn) >= 0.9 * sms:
