@@ -354,7 +354,7 @@ def measure(v: dict) -> dict:
     rec["whole_within_budget"] = (rec["budget"] is not None
                                   and rec["whole_per_weight"] <= rec["budget"])
     if v["kernel"].startswith("planes"):  # issue 24: the whole program against its ceilings
-        rec["whole_program_instr_per_weight"] = whole_program(plan, r, v["K"])
+        rec["whole_program_instr_per_weight"] = planes_whole_program(plan, r, v["K"])
         rec["budget"] = PLANES_CEILING.get(v["bits"]) if v["M"] == 1 else None
         rec["within_budget"] = (rec["budget"] is not None
                                 and rec["whole_program_instr_per_weight"] <= rec["budget"])
@@ -366,7 +366,7 @@ def measure(v: dict) -> dict:
 PLANES_CEILING = {3: 4.5, 4: 5.9, 5: 7.2, 6: 8.6, 7: 10.0, 8: 11.4}
 
 
-def whole_program(plan, r: dict, k: int) -> float | None:
+def planes_whole_program(plan, r: dict, k: int) -> float | None:
     """SASS instructions a thread executes per weight over a whole program: prologue and
     epilogue (every instruction outside the hot loop, once) plus trips x the loop."""
     if not r["loop_instr"]:
