@@ -235,7 +235,8 @@ def _words_tile(n: int, n_groups: int, pairs: int, sms: int, min_rows: int,
     tiles = [(bn, pairs // bn) for bn in (256, 128, 64, 32, 16, 8)
              if min_rows <= bn <= min(pairs, max_rows) and pairs // bn <= g_cap]
     if not tiles:
-        return max(min_rows, min(max_rows, pairs)), max(1, pairs // max(min_rows, min(max_rows, pairs)))  # K of a few groups: the most rows
+        rows = max(min_rows, min(max_rows, pairs))  # K of a few groups: the most rows
+        return rows, max(1, pairs // rows)
     tight = [t for t in tiles if -(-n_groups // t[1]) * t[1] <= 1.06 * n_groups] or tiles
     for bn, bg in tight:
         if triton.cdiv(n, bn) >= 0.9 * sms:
