@@ -87,14 +87,19 @@ def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
     """x (..., K) -> (..., N): flattens the leading dims into M and calls the op. On the CPU path
     the op's CPU kernel is called directly: the custom op's Python dispatch imports torch._dynamo
     on its first call (~170 MB resident), which an eager CPU run never needs otherwise."""
-    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    args = (qweight, absmax, codebook, bias, outlier_idx, outlier_weight, bits, block_size,
-            in_features)
-    if cpu_path(x.device) and not torch.compiler.is_compiling():
-        y = kbit_linear_cpu(x2, *args)
-    else:
-        y = torch.ops.kbitrt.kbit_linear(x2, *args)
-    return y.reshape(*lead, qweight.shape[0])
+    return call_2d(torch.ops.kbitrt.kbit_linear, kbit_linear_cpu, x, qweight.shape[0],
+                   qweight, absmax, codebook, bias, outlier_idx, outlier_weight, bits,
+                   block_size, in_features)
+
+
+def call_2d(op, cpu_kernel, x: torch.Tensor, n_out: int, *args) -> torch.Tensor:
+    """An op over x (..., K) -> (..., n_out) with its leading dims flattened. On the CPU path the
+    op's CPU kernel is called directly: the custom op's Python dispatch imports torch._dynamo on
+    its first call (~170 MB resident), which an eager CPU run never needs otherwise."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = cpu_kernel(x2, *args) if cpu_path(x.device) and not torch.compiler.is_compiling() \
+        else op(x2, *args)
+    return y.reshape(*x.shape[:-1], n_out)
 
 
 # ------------------------------------------------------------------------ kbit_linear_planes
@@ -152,14 +157,9 @@ def kbit_linear_planes(x: torch.Tensor, planes: torch.Tensor, absmax: torch.Tens
                        k_planes: int, block_size: int, in_features: int) -> torch.Tensor:
     """x (..., K) -> (..., N) at width k_planes; the CPU path calls the CPU kernel directly (see
     kbit_linear)."""
-    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    args = (planes, absmax, codebook, bias, outlier_idx, outlier_weight, k_planes, block_size,
-            in_features)
-    if cpu_path(x.device) and not torch.compiler.is_compiling():
-        y = kbit_linear_planes_cpu(x2, *args)
-    else:
-        y = torch.ops.kbitrt.kbit_linear_planes(x2, *args)
-    return y.reshape(*lead, planes.shape[1])
+    return call_2d(torch.ops.kbitrt.kbit_linear_planes, kbit_linear_planes_cpu, x,
+                   planes.shape[1], planes, absmax, codebook, bias, outlier_idx, outlier_weight,
+                   k_planes, block_size, in_features)
 
 
 # --------------------------------------------------------------------------- kbit_dequantize
@@ -206,12 +206,8 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 ) -> torch.Tensor:
     """x (..., K) -> (..., N) for a 16-bit weight; the CPU path calls the CPU kernel directly
     (see kbit_linear)."""
-    lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
-    if cpu_path(x.device) and not torch.compiler.is_compiling():
-        y = half_linear_cpu(x2, weight, bias)
-    else:
-        y = torch.ops.kbitrt.half_linear(x2, weight, bias)
-    return y.reshape(*lead, weight.shape[0])
+    return call_2d(torch.ops.kbitrt.half_linear, half_linear_cpu, x, weight.shape[0], weight,
+                   bias)
 
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
