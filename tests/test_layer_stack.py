@@ -119,7 +119,7 @@ def test_stack_with_16bit_kv_cache(name, kv):
 def test_other_builds_run_the_stack(variant):
     """The AVX2 build (CPUs without AVX-512) and the portable one run the same stack, 16-bit KV
     caches included (their own widening of the cache), to the Python layers' results."""
-    from kbitrt.runtime.models.layer_stack import LayerStack
+    from kbitrt.runtime.layer_stack import LayerStack
 
     ops = cpu_kernels.load_variant(variant)
     model = tiny("llama", "packed")

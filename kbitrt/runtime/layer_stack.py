@@ -21,7 +21,8 @@ from torch import nn
 from kbitrt.runtime.devices import cpu_path
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.linear import KbitLinear
-from kbitrt.runtime.models.kv_cache import KVCache
+from kbitrt.model.decoder import RMSNorm
+from kbitrt.model.kv_cache import KVCache
 
 _NORM = {"rmsnorm": 0, "layernorm": 1}
 _QKV = {"separate": 0, "fused": 1, "interleaved": 2}
@@ -75,9 +76,8 @@ def _bias(b: torch.Tensor | None) -> torch.Tensor:
 
 
 def _norm(m: nn.Module, norm: str) -> list[torch.Tensor]:
-    if norm == "rmsnorm":  # decoder.RMSNorm (not imported: decoder.py imports this module)
-        if type(m).__name__ != "RMSNorm" or not hasattr(m, "eps") \
-                or m.weight.dtype != torch.float32:
+    if norm == "rmsnorm":
+        if type(m) is not RMSNorm or m.weight.dtype != torch.float32:
             raise ValueError("an RMSNorm not in fp32")
         return [m.weight.detach(), _NONE]
     if type(m) is not nn.LayerNorm or m.weight is None:
