@@ -245,11 +245,13 @@ def unset_embedding(n: int, dim: int) -> nn.Embedding:
 
 class LayerEngine(Protocol):
     """Every layer of a forward in one call, over the KV caches it was built with (the CPU layer
-    stack): called as the layers are, closed when the caches go."""
+    stack): called as the layers are, closed when the caches go; a step it does not serve (a
+    long prefill) gets None and runs the Python layers."""
 
     def __call__(self, x: torch.Tensor, input_pos: torch.Tensor,
                  rope: tuple[torch.Tensor, torch.Tensor] | None,
-                 mask: dict[int | None, torch.Tensor]) -> torch.Tensor: ...
+                 mask: dict[int | None, torch.Tensor]) -> torch.Tensor | None:
+        """The layers' output, or None for a step it does not serve (the Python layers run)."""
 
     def close(self) -> None: ...
 
@@ -435,12 +437,15 @@ class Decoder(nn.Module):
             tables = {t: rope_table(pos, f, scale, x.dtype) for t, (f, scale) in self.layer_ropes.items()}
             ropes = [tables[t] for t in a.rope_types]
         mask = self.masks(input_pos, pad, x.dtype)
+        y = None
         if self.layer_stack is not None and x.dtype == torch.float32 \
                 and not torch.compiler.is_compiling():
-            x = self.layer_stack(x, input_pos, rope, mask)
-        else:
+            y = self.layer_stack(x, input_pos, rope, mask)  # None: not a step it serves
+        if y is None:
             for layer, layer_rope in zip(self.layers, ropes):
                 x = layer(x, input_pos, layer_rope, mask)
+        else:
+            x = y
         if last_only:
             x = x[:, -1:]
         if a.final_norm:
