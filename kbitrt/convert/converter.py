@@ -451,10 +451,11 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantC
     kbitrt.convert.importance) the norms whose squared gains weight each input column's error
     with `config.importance == "norm"`."""
     if overrides is None and needs_calibration(config):
-        check_calibration(config, calibration or Calibration())
+        calibration = calibration or Calibration()  # default: seeded random tokens
+        check_calibration(config, calibration)
         results, record = calibrate(_checked_source(source, output, revision, force), config,
-                                    calibration or Calibration(),
-                                    trust_remote_code=trust_remote_code, progress=progress)
+                                    calibration, trust_remote_code=trust_remote_code,
+                                    progress=progress)
         try:
             return convert(source, output, config, force=force, dtype16=dtype16,
                            max_shard_bytes=max_shard_bytes, revision=revision,
