@@ -67,7 +67,7 @@ def worker_kbit(args, cpu_weights: str, compile: bool = False, kv_cache: str = "
     from kbitrt.eval.latency import held_weights
     from kbitrt.runtime.generate import decode_step
     from kbitrt.runtime.kernels.cpu import available as fused_cpu_kernels
-    from kbitrt.runtime.build import hf_config
+    from kbitrt.model.families import hf_config
     from kbitrt.runtime.loader import load_model
 
     # the transformers config of the model is code, not model: building it imports transformers'

@@ -2,7 +2,7 @@
 (default: packed codes through the fused CPU kernels), counting the torch ops per step (top-level
 and all), the kernels' calls among them and their time, and, separately, the wall-clock spread of
 repeated 128-token decodes in one process (this VM's run-to-run noise); for the layer stack
-(the default: the layers run from C++, models/layer_stack.py) and for the Python layers.
+(the default: the layers run from C++, runtime/layer_stack.py) and for the Python layers.
 
     python benchmarks/cpu_step_profile.py --kbit /tmp/smol-nf4 --threads 2
 

@@ -11,7 +11,7 @@ random tokens (no data), `-hessian-cNxT` by those on N x T calibration tokens (r
 Protocol `gptq`: the text tokenized once, non-overlapping windows of --seqlen, the first --windows
 evaluated. GPTQ calibrates on --calib-samples windows of --calib-seqlen taken from the END of the
 same text (disjoint from the evaluated windows). Every decoder linear is quantized (in memory, with
-the format's own quantize_weight, or kbitrt.runtime.gptq), lm_head and embeddings stay fp32.
+the format's own quantize_weight, or kbitrt.convert.calibrate), lm_head and embeddings stay fp32.
 bits/param counts the stored tensors (codes + scales + codebook) of the quantized linears. Every
 row carries the paired standard error of its mean per-token NLL difference against nf4-b64 (same
 tokens), and its share of the nf4-b64 -> fp32 gap closed. Writes
@@ -125,7 +125,7 @@ def main() -> None:
 
     linears = decoder_linears(model)
     original = {name: m.weight.detach().clone() for name, m in linears.items()}
-    from kbitrt.runtime.importance import norm_inputs
+    from kbitrt.convert.importance import norm_inputs
 
     reads = norm_inputs(model.config)  # checkpoint names: model.layers.{i}.<linear> -> its norm
     gains = {name: model.get_submodule(reads[f"model.layers.{name}"]).weight.detach().float().square()
@@ -182,13 +182,13 @@ def quantize_rows(linears: dict, original: dict, opts: dict, path, calib, gptq: 
                   apply: bool = True, gains: dict | None = None) -> dict:
     """Quantize every decoder linear as `opts` say (into the model when `apply`): the mean relative
     weight error and the stored bits per parameter. `gains`: linear -> gain^2 of the norm it reads
-    (kbitrt.runtime.importance, the converter's rule), for `importance="norm"`."""
+    (kbitrt.convert.importance, the converter's rule), for `importance="norm"`."""
     if not opts:
         return {"rel_error": None, "bits_per_param": 32.0}
     config = QuantConfig(**{k: v for k, v in opts.items() if k != "keep_max"})
     quantized = None
     if config.method == "gptq" or config.importance in ("hessian", "random"):
-        from kbitrt.runtime.gptq import gptq_quantize_model, random_windows
+        from kbitrt.convert.calibrate import gptq_quantize_model, random_windows
 
         if config.importance == "random":  # no data: seeded random token ids
             calib = random_windows(path, gptq["samples"], gptq["seqlen"])

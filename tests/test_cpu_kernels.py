@@ -228,7 +228,8 @@ def test_packed_load_stacks_projections_with_equal_logits(tmp_path, smollm2_dir)
 
     from kbitrt.convert.converter import convert
     from kbitrt.format.reader import KbitModel
-    from kbitrt.runtime.build import build_native, hf_config
+    from kbitrt.model.families import hf_config
+    from kbitrt.runtime.build import build_native
     from kbitrt.runtime.loader import load_model
 
     make_tiny_llama(tmp_path / "hf", smollm2_dir, max_positions=64)

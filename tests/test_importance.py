@@ -147,7 +147,7 @@ def test_lloyd_with_mse_and_importance_fits_the_plain_codebook_then_weights_the_
 def test_norm_lookup_picks_the_norm_each_linear_reads(tiny_models):
     from transformers import AutoConfig
 
-    from kbitrt.runtime.importance import norm_inputs
+    from kbitrt.convert.importance import norm_inputs
 
     llama = norm_inputs(AutoConfig.from_pretrained(tiny_models["llama"]))
     for i in range(2):
@@ -188,7 +188,7 @@ def test_conversion_with_norm_importance_streams_as_in_memory_and_reloads(tiny_m
                                                                           tmp_path):
     from test_hf_integration import greedy_both
 
-    from kbitrt.runtime.importance import norm_inputs_of_folder
+    from kbitrt.convert.importance import norm_inputs_of_folder
 
     src = with_random_gains(tiny_models["llama"], tmp_path / "src")
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -263,7 +263,7 @@ def test_random_importance_cli_end_to_end(tiny_llama_with_tokenizer, tmp_path):
     reloads with equal greedy tokens; --calib with it is refused."""
     from test_hf_integration import greedy_both
 
-    from kbitrt.runtime.gptq import random_windows
+    from kbitrt.convert.calibrate import random_windows
 
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
@@ -287,10 +287,11 @@ def test_random_importance_cli_end_to_end(tiny_llama_with_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_random_importance_converts_each_native_family(tiny_models, tmp_path, family):
-    from kbitrt.runtime.gptq import convert_gptq
+    from kbitrt.convert.calibrate import Calibration
 
     cfg = QuantConfig(bits=4, block_size=32, dtype="lloyd", scales="mse", importance="random")
-    report = convert_gptq(tiny_models[family], tmp_path / "out", cfg, samples=2, seqlen=16)
+    report = convert(tiny_models[family], tmp_path / "out", cfg,
+                     calibration=Calibration(samples=2, seqlen=16))
     km = KbitModel.open(tmp_path / "out")
     assert km.quant == cfg and report.linears_quantized == len(km.quantized_modules) > 0
     plain = tmp_path / "plain"

@@ -1,9 +1,10 @@
-"""The CPU layer stack (models/layer_stack.py, kernels/cpu_layers.h, cpu_rows.h) runs a decoder's
-layers from C++. Above the fused kernel's row limit (prefill) it runs the very ops of decoder.py:
-its logits equal the Python layers' bit for bit. At or below it (decoding) its loops agree with
-them to rounding, and a token's logits do not depend on how many tokens share its step. Checked
-for every family it covers, packed and dense weights, and left padding; what it does not cover
-keeps the Python layers."""
+"""The CPU layer stack (runtime/layer_stack.py, kernels/cpu_layers.h, cpu_rows.h) runs a decoder's
+steps from C++, as loops over rows: they agree with the Python layers to rounding, and a token's
+logits do not depend on how many tokens share its step. A step above the loops' row limit (a long
+prefill) runs the Python layers, on the same caches: bit for bit theirs. Checked for every family
+it covers, packed and dense weights, and left padding; a model it does not serve keeps the Python
+layers and says which feature the loops lack. Python and C++ read one schema (cpu_schema.py,
+cpu_schema.h generated from it)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,22 @@ def tiny(name: str, cpu_weights: str, quant: QuantConfig = QuantConfig(bits=4, b
     return build_model(InMemoryKbit(hf, quant), "cpu", cpu_weights=cpu_weights).model
 
 
+class Spy:
+    """Wraps a model's stack: whether each call was served by the loops (False: Python layers)."""
+
+    def __init__(self, model):
+        self.stack, self.served = model.layer_stack, []
+        model.layer_stack = self
+
+    def __call__(self, *args):
+        y = self.stack(*args)
+        self.served.append(y is not None)
+        return y
+
+    def close(self):
+        self.stack.close()
+
+
 def decode(model, ids: torch.Tensor, pad: torch.Tensor, T0: int, stack: bool) -> torch.Tensor:
     """Prefill T0 tokens, then one token at a time, through the stack or the Python layers."""
     model.use_layer_stack = stack
@@ -63,7 +80,7 @@ def assert_matches_python_layers(model, tol: dict) -> None:
     keep = torch.arange(12)[None, :] >= pad[:, None]
     ours, ref = decode(model, ids, pad, 5, True), decode(model, ids, pad, 5, False)
     torch.testing.assert_close(ours[keep], ref[keep], **tol)
-    # a prefill above it (torch's ops, bit for bit), then steps
+    # a prefill above it (the Python layers, bit for bit), then steps
     T0 = cpu_kernels.FUSED_MAX_ROWS + 3
     ids, pad = tokens(1, T0 + 2, (0,))
     ours, ref = decode(model, ids, pad, T0, True), decode(model, ids, pad, T0, False)
@@ -107,7 +124,7 @@ def test_stack_with_16bit_kv_cache(name, kv):
     model.kv_dtype = KV_CACHES[kv]
     model.setup_caches(1, 4)
     assert model.layers[0].attn.kv_cache.k.dtype == KV_CACHES[kv]
-    assert model.layer_stack.loops, "the 16-bit cache must not push steps off the loops"
+    assert model.layer_stack is not None, "the 16-bit cache must not push steps off the loops"
     model.drop_caches()
     # the loops' last-bit differences can round a cached value to the 16-bit neighbour
     assert_matches_python_layers(model, dict(atol=2e-2, rtol=2e-2) if kv == "fp16"
@@ -119,7 +136,7 @@ def test_stack_with_16bit_kv_cache(name, kv):
 def test_other_builds_run_the_stack(variant):
     """The AVX2 build (CPUs without AVX-512) and the portable one run the same stack, 16-bit KV
     caches included (their own widening of the cache), to the Python layers' results."""
-    from kbitrt.runtime.models.layer_stack import LayerStack
+    from kbitrt.runtime.layer_stack import LayerStack
 
     ops = cpu_kernels.load_variant(variant)
     model = tiny("llama", "packed")
@@ -130,14 +147,16 @@ def test_other_builds_run_the_stack(variant):
         model.kv_dtype = kv
         ref = decode(model, ids, pad, 5, False)
         model.setup_caches(2, 15)
+        model.close_layer_stack()
         model.layer_stack = LayerStack(model, ops)  # this build's library instead of the native
-        assert model.layer_stack.loops
+        spy = Spy(model)
         try:
             with torch.no_grad():
                 steps = [model(ids[:, :5], torch.arange(5), pad)]
                 steps += [model(ids[:, t:t + 1], torch.tensor([t]), pad) for t in range(5, 12)]
         finally:
             model.drop_caches()
+        assert spy.served == [True] * 8
         torch.testing.assert_close(torch.cat(steps, 1)[keep], ref[keep], **tol)
 
 
@@ -182,7 +201,7 @@ def test_16bit_kv_cache_halves_the_cache_and_keeps_smollm2_greedy(smollm2_nf4):
         lm.model.setup_caches(1, 64)
         cache = lm.model.layers[0].attn.kv_cache
         out[kv, "bytes"] = cache.k.numel() * cache.k.element_size()
-        assert lm.model.layer_stack is not None and lm.model.layer_stack.loops
+        assert lm.model.layer_stack is not None
         lm.model.drop_caches()
         res = generate(lm, ["The history of the city begins"], max_new_tokens=24,
                        sampling=SamplingConfig(temperature=0.0))
@@ -215,13 +234,14 @@ def test_uncovered_models_keep_python_layers():
     for layer in tanh.layers:  # an activation the C++ side does not have
         layer.mlp.act = nn.Tanh()
     tanh.setup_caches(1, 8)
-    assert tanh.layer_stack is None and tanh.layer_stack_off == "activation Tanh"
+    assert tanh.layer_stack is None and tanh.cpu_layers == "python (no loops for: activation Tanh)"
     tanh.drop_caches()
 
     outliers = tiny("llama", "packed", QuantConfig(bits=4, block_size=32,
                                                 outliers=OutlierSpec.parse("top:5%")))
     outliers.setup_caches(1, 8)
-    assert outliers.layer_stack is None and outliers.layer_stack_off == "outlier columns"
+    assert outliers.layer_stack is None
+    assert outliers.layer_stack_off == "no loops for: outlier columns"
     outliers.drop_caches()
 
     mixed = tiny("llama", "packed")  # layer 1's q, k, v not stacked (as differing codebooks do)
@@ -231,7 +251,7 @@ def test_uncovered_models_keep_python_layers():
     del attn.wqkv
     mixed.setup_caches(1, 8)
     assert mixed.layer_stack is None
-    assert mixed.layer_stack_off == "layers with different projection layouts"
+    assert mixed.layer_stack_off == "no loops for: layers with different projection layouts"
     mixed.drop_caches()
 
     hooked = tiny("llama", "packed")
@@ -270,3 +290,48 @@ def test_stack_is_freed_with_the_caches():
     with pytest.raises(RuntimeError, match="no layer stack"):
         torch.ops.kbitrt_cpu.layer_stack_forward(handle, x, torch.tensor([0]), torch.empty(0),
                                                  torch.empty(0), [torch.zeros(1, 1, 1, 8)])
+
+
+def test_long_steps_run_the_python_layers():
+    """One path in the stack: a step of more tokens than the loops take comes back unserved (the
+    Python layers run it, on the same caches); the steps after it are the loops' again."""
+    model = tiny("llama", "packed")
+    T0 = cpu_kernels.FUSED_MAX_ROWS + 1
+    ids, pad = tokens(1, T0 + 2, (0,))
+    model.setup_caches(1, T0 + 2)
+    spy = Spy(model)
+    try:
+        with torch.no_grad():
+            model(ids[:, :T0], torch.arange(T0), pad)
+            model(ids[:, T0:T0 + 1], torch.tensor([T0]), pad)
+            model(ids[:, :T0 - 1], torch.arange(T0 - 1), pad)  # at the limit: the loops
+    finally:
+        model.drop_caches()
+    assert spy.served == [False, True, True]
+
+
+def test_schema_header_is_generated_from_the_dataclasses():
+    """cpu_schema.h is what cpu_schema.py generates: Python and C++ cannot drift apart."""
+    from kbitrt.runtime.kernels import cpu_schema
+
+    assert cpu_schema.HEADER.read_text() == cpu_schema.cpp_header(), \
+        "run `python -m kbitrt.runtime.kernels.cpu_schema`"
+    assert "enum class Act : int64_t { silu = 0" in cpu_schema.cpp_header()
+
+
+def test_create_reads_codes_through_the_schema():
+    """The C++ side checks every enum code against cpu_schema.h: a bad one is refused."""
+    from kbitrt.runtime.kernels import cpu_schema
+    from kbitrt.runtime.layer_stack import stack_config, stack_layer
+
+    model = tiny("llama", "packed")
+    model.setup_caches(1, 4)
+    try:
+        config = stack_config(model)
+        layers = [stack_layer(layer, "rmsnorm", 0, torch.float32) for layer in model.layers]
+        tensors, ints = cpu_schema.wire(config, layers)
+        ints[list(cpu_schema.StackConfig.__dataclass_fields__).index("act")] = len(cpu_schema.Act)
+        with pytest.raises(RuntimeError, match="act code .* is not in cpu_schema.h"):
+            torch.ops.kbitrt_cpu.layer_stack_create(tensors, ints, 1e-5)
+    finally:
+        model.drop_caches()

@@ -15,7 +15,7 @@ import torch
 from kbitrt.format.config import QuantConfig
 from kbitrt.runtime import loader
 from kbitrt.runtime.in_memory import InMemoryKbit
-from kbitrt.runtime.models.decoder import Decoder
+from kbitrt.model.decoder import Decoder
 
 
 def _glibc_trim():

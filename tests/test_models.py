@@ -193,7 +193,7 @@ def test_native_says_why_the_python_layers_run(name, why):
     _, lm = tiny_pair(name)
     lm.model.setup_caches(1, 4)
     try:
-        assert lm.model.cpu_layers == f"python ({why})"
+        assert lm.model.cpu_layers == f"python (no loops for: {why})"
     finally:
         lm.model.drop_caches()
 

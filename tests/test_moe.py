@@ -231,7 +231,7 @@ def test_already_quantized_moe_sources_are_refused_naming_the_format(moe_folders
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_native_decoder_runs_moe_and_matches_transformers(moe_folders, family):
-    """The generic decoder's MoE layers (runtime/models/moe.py): full forward, batch 2 with left
+    """The generic decoder's MoE layers (model/moe.py): full forward, batch 2 with left
     padding, and prefill + one token at a time through the static cache (the Python layers: the
     CPU layer stack says it has no routed experts)."""
     from test_models import batch, cached_steps, hf_logits

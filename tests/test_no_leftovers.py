@@ -29,7 +29,7 @@ def tmpdir_only(tmp_path, monkeypatch) -> Path:
 
 
 def test_gptq_results_are_removed_when_gptq_fails(tiny_models, tmpdir_only):
-    from kbitrt.runtime.gptq import gptq_quantize_model
+    from kbitrt.convert.calibrate import gptq_quantize_model
 
     with pytest.raises(KbitError, match="calibration tokens"):
         gptq_quantize_model(tiny_models["llama"], QuantConfig(method="gptq"),
@@ -49,7 +49,7 @@ def test_gptq_on_a_source_without_tokenizer_is_one_line(tiny_models, tmp_path, t
 SIGNALLED = """
 import sys, time
 from kbitrt.convert.staging import temp_folder
-from kbitrt.runtime.gptq import GPTQResults
+from kbitrt.convert.calibrate import GPTQResults
 a = temp_folder("kbit-offload-")
 (a / "w.safetensors").write_bytes(b"x" * 1000)
 b = GPTQResults()

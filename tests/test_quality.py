@@ -275,7 +275,7 @@ def test_gptq_matches_the_reference_algorithm(act_order):
 def test_gptq_model_lowers_logit_error_vs_rtn(tiny_models):
     from transformers import AutoModelForCausalLM
 
-    from kbitrt.runtime.gptq import gptq_quantize_model
+    from kbitrt.convert.calibrate import gptq_quantize_model
 
     src = tiny_models["llama"]
     cfg = QuantConfig(bits=3, block_size=32, method="gptq")
@@ -305,7 +305,7 @@ def test_gptq_model_lowers_logit_error_vs_rtn(tiny_models):
 def test_gptq_conversion_reloads_with_equal_greedy_tokens(tiny_models, smollm2_dir, tmp_path, family):
     from test_hf_integration import greedy_both
 
-    from kbitrt.runtime.gptq import gptq_quantize_model
+    from kbitrt.convert.calibrate import gptq_quantize_model
 
     src = tmp_path / "src"
     shutil.copytree(tiny_models[family], src)
@@ -396,7 +396,7 @@ def test_sweep_grid_takes_scales_method_and_lloyd(tiny_llama_with_tokenizer, tmp
 def test_calibration_windows_are_the_end_of_the_text(tiny_llama_with_tokenizer):
     from transformers import AutoTokenizer
 
-    from kbitrt.runtime.gptq import calibration_windows
+    from kbitrt.convert.calibrate import calibration_windows
 
     text = " ".join(f"word{i}" for i in range(300))
     ids = AutoTokenizer.from_pretrained(tiny_llama_with_tokenizer)(text).input_ids

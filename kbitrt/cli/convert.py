@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import click
 from rich.console import Console
@@ -138,41 +139,35 @@ def _any_precision_config(any_precision: str, method: str, importance: str, scal
 def _run_conversion(source: str, output: str, config: QuantConfig | None, *, method: str, importance: str,
                     calib: str | None, calib_samples: int, calib_seqlen: int, damp: float,
                     act_order: bool, any_precision: bool, **kwargs):
-    """The conversion the options ask for, under a byte progress bar: calibrated (GPTQ, or
-    --importance hessian|random) through the native decoder, else streaming round-to-nearest
-    (one width, or every width of --any-precision); returns its report."""
-    if importance == "random":  # no data: the model reads seeded random tokens
-        from kbitrt.runtime.gptq import convert_gptq
+    """The conversion the options ask for, under a byte progress bar (convert() picks rtn or
+    calibration from the config; --any-precision writes every width); returns its report."""
+    if any_precision:
+        from kbitrt.convert.any_precision import convert_any_precision
 
-        if calib:
-            raise click.UsageError("--importance random reads random tokens: drop --calib "
-                                   "(or use --importance hessian)")
         with byte_progress() as progress:
-            return convert_gptq(source, output, config, samples=calib_samples, seqlen=calib_seqlen,
-                                progress=progress, **kwargs)
-    if method == "gptq" or importance == "hessian":
+            return convert_any_precision(source, output, config, progress=progress, **kwargs)
+    from kbitrt.convert.calibrate import Calibration
+    from kbitrt.convert.converter import convert
+
+    cal = Calibration(samples=calib_samples, seqlen=calib_seqlen, damp=damp, act_order=act_order)
+    if importance == "random" and calib:  # no data: the model reads seeded random tokens
+        raise click.UsageError("--importance random reads random tokens: drop --calib "
+                               "(or use --importance hessian)")
+    if importance != "random" and (method == "gptq" or importance == "hessian"):
         from kbitrt.eval.perplexity import load_text
-        from kbitrt.runtime.gptq import convert_gptq
 
         if not calib:
             raise click.UsageError(f"{'--method gptq' if method == 'gptq' else '--importance hessian'} "
                                    "needs --calib FILE (or a dataset name)")
         try:
-            calib_name, calib_text = load_text(calib)
+            name, text = load_text(calib)
         except FileNotFoundError as e:
             raise click.BadParameter(str(e).replace("--ppl", "--calib"), param_hint="--calib") from None
-        with byte_progress() as progress:
-            return convert_gptq(source, output, config, calib_text=calib_text, calib_name=calib_name,
-                                samples=calib_samples, seqlen=calib_seqlen, damp=damp,
-                                act_order=act_order, progress=progress, **kwargs)
-    if any_precision:
-        from kbitrt.convert.any_precision import convert_any_precision as convert
-    else:
-        from kbitrt.convert.converter import convert
-    if config is not None and config.importance == "norm":
+        cal = replace(cal, text=text, name=name)
+    if config.importance == "norm":
         kwargs["norm_inputs"] = _norm_inputs(source, kwargs["revision"])
     with byte_progress() as progress:
-        return convert(source, output, config, progress=progress, **kwargs)
+        return convert(source, output, config, calibration=cal, progress=progress, **kwargs)
 
 
 def _summary_rows(s: dict, config: QuantConfig) -> list[tuple[str, str]]:
@@ -197,9 +192,9 @@ def _summary_rows(s: dict, config: QuantConfig) -> list[tuple[str, str]]:
 
 
 def _norm_inputs(source: str, revision: str | None) -> dict:
-    """--importance norm: which norm each linear reads (kbitrt/runtime/importance.py)."""
+    """--importance norm: which norm each linear reads (kbitrt/convert/importance.py)."""
     from kbitrt.convert.source import resolve_model
-    from kbitrt.runtime.importance import norm_inputs_of_folder
+    from kbitrt.convert.importance import norm_inputs_of_folder
 
     found = norm_inputs_of_folder(resolve_model(source, revision))
     if not found:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from kbitrt.format import blockwise, dtypes, quantizer
+from kbitrt.convert.calibrate import Calibration, calibrate, check_calibration, needs_calibration
 from kbitrt.convert.card import write_model_card
 from kbitrt.convert.checkpoint import CheckpointTensors
 from kbitrt.convert.experts import ExpertTensors
@@ -387,8 +388,7 @@ class Converter:
         """--importance norm: the squared gain (K,) of the norm `module` reads, None for uniform."""
         if self.config.importance in ("hessian", "random") and self.overrides is None:
             raise KbitFormatError(f"--importance {self.config.importance} needs the model's forward "
-                                  "on calibration tokens: kbitrt.runtime.gptq.convert_gptq (kbit "
-                                  "convert does this)")
+                                  "on calibration tokens: convert() runs it (kbit convert does)")
         if self.config.importance != "norm" or module not in self.norm_inputs:
             return None
         if not hasattr(self, "_by_canonical"):
@@ -437,18 +437,36 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantC
             revision: str | None = None, trust_remote_code: bool = False,
             drop_unused: bool = False, progress: Progress | None = None,
             converter: type[Converter] | None = None, overrides=None,
-            extra_quantization: dict | None = None,
-            norm_inputs: dict | None = None) -> ConversionReport:
+            extra_quantization: dict | None = None, norm_inputs: dict | None = None,
+            calibration: Calibration | None = None) -> ConversionReport:
     """Convert a local folder or Hub id into a kbit folder at `output`; returns the summary.
 
-    `converter` is the Converter subclass that writes the quantized linears (any-precision models
-    use their own); everything else (validation, staging, sharding, card) is shared. `overrides`
-    are linears quantized elsewhere (GPTQ), `extra_quantization` more quantization_config keys,
-    `norm_inputs` (linear module -> norm module, kbitrt.runtime.importance) the norms whose squared
-    gains weight each input column's error with `config.importance == "norm"`."""
+    The one place the method is picked: a config that calibrates (`config.method == "gptq"`,
+    `--importance hessian|random`, calibrate.needs_calibration) runs the model's forward on
+    `calibration` (default: random tokens) and writes what that quantized; every other config
+    streams round-to-nearest. `converter` is the Converter subclass that writes the quantized
+    linears (any-precision models use their own); everything else (validation, staging,
+    sharding, card) is shared. `overrides` are linears quantized elsewhere, `extra_quantization`
+    more quantization_config keys, `norm_inputs` (linear module -> norm module,
+    kbitrt.convert.importance) the norms whose squared gains weight each input column's error
+    with `config.importance == "norm"`."""
+    if overrides is None and needs_calibration(config):
+        calibration = calibration or Calibration()  # default: seeded random tokens
+        check_calibration(config, calibration)
+        results, record = calibrate(_checked_source(source, output, revision, force), config,
+                                    calibration, trust_remote_code=trust_remote_code,
+                                    progress=progress)
+        try:
+            return convert(source, output, config, force=force, dtype16=dtype16,
+                           max_shard_bytes=max_shard_bytes, revision=revision,
+                           trust_remote_code=trust_remote_code, drop_unused=drop_unused,
+                           progress=progress, converter=converter, overrides=results,
+                           extra_quantization={**record, **(extra_quantization or {})},
+                           norm_inputs=norm_inputs)
+        finally:
+            results.close()
     out = Path(output).expanduser().resolve()
-    folder = resolve_model(source, revision)
-    check_output(folder, out, force)
+    folder = _checked_source(source, output, revision, force)
     start = time.perf_counter()
     raw = read_config(folder)
     conv = (converter or Converter)(folder, config, pick_dtype16(dtype16, raw), trust_remote_code,
@@ -472,6 +490,14 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantC
         write_model_card(tmp, conv.output_config(), report.to_json(), base_model=str(source))
         conv.finish_folder(tmp, report)
     return report
+
+
+def _checked_source(source, output, revision: str | None, force: bool) -> Path:
+    """The source's local folder, once the output folder is known to be writable (before hours
+    of work)."""
+    folder = resolve_model(source, revision)
+    check_output(folder, Path(output).expanduser().resolve(), force)
+    return folder
 
 
 def _names(keys: list[str], show: int = 6) -> str:

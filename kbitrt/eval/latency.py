@@ -149,7 +149,7 @@ def import_run_code(model: str, device: str) -> None:
 
     from kbitrt.errors import KbitError
     from kbitrt.runtime.kernels import cpu as cpu_kernels
-    from kbitrt.runtime.build import hf_config
+    from kbitrt.model.families import hf_config
 
     try:
         hf_config(json.loads((Path(model) / "config.json").read_text(encoding="utf-8")))

@@ -27,7 +27,7 @@ SCALES = ("absmax", "mse")  # how block scales are chosen (kbitrt/format/scales.
 # model reads uniformly random tokens (no data), or on calibration text (the diagonal of the
 # calibration Hessian: one-shot, with rtn or gptq)
 IMPORTANCE = ("none", "norm", "random", "hessian")
-METHODS = ("rtn", "gptq")  # round-to-nearest, or GPTQ with calibration data (runtime/gptq.py)
+METHODS = ("rtn", "gptq")  # round-to-nearest, or GPTQ with calibration data (convert/calibrate.py)
 ABSMAX_DTYPES = ("fp16", "fp32", "dq8")
 MIN_BITS, MAX_BITS = 3, 8
 MIN_BLOCK, MAX_BLOCK = 32, 4096
@@ -231,7 +231,7 @@ QC_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "scales": ((str,), False),
     "method": ((str,), False),
     "importance": ((str,), False),  # none | norm | hessian (format/scales.py); stored values only
-    "calibration": ((dict,), False),  # GPTQ: the calibration set and settings (runtime/gptq.py)
+    "calibration": ((dict,), False),  # GPTQ: the calibration set and settings (convert/calibrate.py)
 }
 
 

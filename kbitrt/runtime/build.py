@@ -12,11 +12,12 @@ from torch import nn
 from kbitrt.errors import KbitFormatError, RunError
 from kbitrt.runtime.devices import cpu_path
 from kbitrt.runtime.experts import install_kbit_experts
+from kbitrt.runtime import layer_stack
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.linear import HalfLinear, KbitLinear, stack_rows
-from kbitrt.runtime.models.decoder import Decoder, default_positions
-from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_args, rope_frequencies,
-                                why_not_native)
+from kbitrt.model.decoder import Decoder, default_positions
+from kbitrt.model.families import (checkpoint_names, family_for, model_args,
+                                  rope_frequencies, why_not_native)
 from kbitrt.runtime.weights_policy import CPU_WEIGHTS
 
 
@@ -30,19 +31,6 @@ _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "
 
 # modules stored (in, out) by GPT-2's Conv1D when kept unquantized (quantized ones are (out, in))
 _CONV1D = {"gpt2": ("attn.wqkv", "attn.wo", "mlp.up", "mlp.down")}
-
-
-def hf_config(config: dict):
-    """A transformers config object from a config.json dict (the kbit quantization_config left out,
-    transformers does not know it)."""
-    from transformers import CONFIG_MAPPING
-
-    d = {k: v for k, v in config.items() if k != "quantization_config"}
-    model_type = d.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise KbitFormatError(f"model_type {model_type!r} is not known to the installed transformers;"
-                              " upgrade transformers")
-    return CONFIG_MAPPING[model_type].from_dict(d)
 
 
 def kbit_module(qw, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device,
@@ -159,6 +147,7 @@ def build_native(source, config, device: torch.device, dtype: torch.dtype,
     args, spec = model_args(config), family_for(config)
     with torch.device("meta"):
         model = Decoder(args)
+    model.stack_builder = layer_stack.build  # the CPU layers in C++, set up with the KV caches
     names = checkpoint_names(spec, args.n_layers, args.n_experts)
     tensors = _Tensors(source, device, dtype, cpu_weights)
     conv1d = _CONV1D.get(spec.name, ())

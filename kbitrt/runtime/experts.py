@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from kbitrt.format.experts import ExpertParam, expert_params
+from kbitrt.model.moe import expert_groups
 
 
 class KbitExperts(nn.Module):
@@ -79,24 +80,6 @@ class KbitExperts(nn.Module):
             y = self.expert(e, hidden_states[tokens]) * weights[slots, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
-
-
-def expert_groups(top_k_index: torch.Tensor, num_experts: int):
-    """The (token, slot) pairs of a routing grouped by expert, one stable sort: yields (expert,
-    slots (n,) into top_k_index.reshape(-1), their tokens (n,)) for every expert with tokens;
-    ids >= num_experts (expert-parallel sentinels) are not ours and skipped."""
-    k = top_k_index.shape[-1]
-    flat = top_k_index.reshape(-1)  # (T * k,): slot s is token s // k
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts).tolist()
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        slots = order[start: start + count]
-        start += count
-        if e < num_experts:
-            yield e, slots, slots // k
 
 
 def install_kbit_experts(model: nn.Module) -> list[str]:

@@ -215,7 +215,7 @@ def decode_step(lm: LoadedModel, compile: bool | str):
     """The function one decode step calls (native backend): compiled with CUDA graphs on CUDA by
     default; on the CPU only when asked (compile=True: inductor's C++ code, traced through the
     Python layers). "auto" leaves the CPU eager, where the decoder's C++ layer stack runs every
-    layer in one call (models/layer_stack.py): faster than the compiled step, with no
+    layer in one call (runtime/layer_stack.py): faster than the compiled step, with no
     compile time (benchmarks/results/cpu_decode-2threads.json, docs/cpu.md)."""
     model = lm.model
     cuda = is_cuda(lm.device)  # CUDA graphs need a GPU: the CUDA twin decodes eagerly

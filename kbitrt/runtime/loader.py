@@ -20,8 +20,10 @@ from torch import nn
 from kbitrt.errors import KbitFormatError
 from kbitrt.runtime.devices import cpu_path, default_dtype, gpu_path, resolve_device
 from kbitrt.runtime.kernels import cpu as cpu_kernels
-from kbitrt.runtime.models.decoder import Decoder
-from kbitrt.runtime.build import TransformersLM, build_native, build_transformers, choose_backend, hf_config, merge_projections, warm_up
+from kbitrt.model.decoder import Decoder
+from kbitrt.model.families import hf_config
+from kbitrt.runtime.build import (TransformersLM, build_native, build_transformers,
+                                  choose_backend, merge_projections, warm_up)
 from kbitrt.runtime.memory import limit_heap_growth, release_free_heap
 from kbitrt.runtime.tokenizer import load_tokenizer
 from kbitrt.runtime.weights_policy import KV_CACHES, check_cpu_weights, check_kv_cache, cpu_weights_for, kv_cache_for

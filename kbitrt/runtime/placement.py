@@ -336,7 +336,7 @@ class _Offloaded:
 
 def place_native(model: nn.Module, plan: dict[str, str]) -> torch.device:
     """Put each unit where `plan` says and hook the hand-over; returns the main device."""
-    from kbitrt.runtime.models.kv_cache import KVCache
+    from kbitrt.model.kv_cache import KVCache
 
     main = main_device(plan.values())
     units = native_units(model)

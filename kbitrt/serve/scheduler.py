@@ -1,6 +1,6 @@
 """Continuous batching on the native decoder: one static KV cache of `max_batch` rows, shared slots.
 
-The decoder's batches are left-padded (models/decoder.py): cache slots are shared by the rows, row
+The decoder's batches are left-padded (model/decoder.py): cache slots are shared by the rows, row
 b's slots below `pad[b]` are masked and a token's position is `slot - pad[b]`. The scheduler keeps
 one shared slot `s` (the next one every live row writes) and the live rows at the top of the
 cache (rows 0..n-1), and between decoding steps:

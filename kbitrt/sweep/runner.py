@@ -78,7 +78,7 @@ class ModelUnderTest:
         config = None if cell.bits == UNQUANTIZED else cell.config()
         given = None
         if config is not None and config.method == "gptq":  # one-shot, on the calibration tokens
-            from kbitrt.runtime.gptq import gptq_quantize_model
+            from kbitrt.convert.calibrate import gptq_quantize_model
 
             if self.calib is None:
                 raise KbitFormatError("gptq cells need calibration text: give --calib")
@@ -216,7 +216,7 @@ def run_sweep(cells: list[Cell], opts: SweepOptions, results: Path,
             mut, texts, tasks = open_model(model, opts)
             if opts.calib and any(c.method == "gptq" for c in mine):
                 from kbitrt.eval.perplexity import load_text
-                from kbitrt.runtime.gptq import calibration_windows
+                from kbitrt.convert.calibrate import calibration_windows
 
                 mut.calib = calibration_windows(mut.folder, load_text(opts.calib)[1],
                                                 opts.calib_samples, opts.calib_seqlen)

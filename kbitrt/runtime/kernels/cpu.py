@@ -38,7 +38,8 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),  # included by SOURCE
            Path(__file__).with_name("cpu_pair4.h"), Path(__file__).with_name("cpu_layers.h"),
-           Path(__file__).with_name("cpu_rows.h"), Path(__file__).with_name("cpu_planes.h"))
+           Path(__file__).with_name("cpu_rows.h"), Path(__file__).with_name("cpu_planes.h"),
+           Path(__file__).with_name("cpu_schema.h"))
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # what half_linear reads
 FUSED_MAX_ROWS = 32  # rows of x the fused kernel takes; above, dequantize + torch matmul
 _HEAD_CHUNK = 4096  # output rows per fp32 temporary of a 16-bit head above FUSED_MAX_ROWS

@@ -504,7 +504,6 @@ TORCH_LIBRARY(KBIT_NS, m) {
   m.def("layer_stack_create(Tensor[] tensors, int[] config, float eps) -> int",
         &layer_stack_create);
   m.def("layer_stack_free(int handle) -> ()", &layer_stack_free);
-  m.def("layer_stack_loops(int handle) -> bool", &layer_stack_loops);
   m.def("layer_stack_forward(int handle, Tensor x, Tensor input_pos, Tensor cos, Tensor sin, "
         "Tensor[] masks) -> Tensor", &layer_stack_forward);
 }

@@ -1,15 +1,15 @@
 // A decoder's whole stack of layers in one call (docs/cpu.md, "One call per step"). On a small
 // model a CPU decoding step is dispatch-bound: run layer by layer from Python it is ~1,600 torch
 // calls, each costing microseconds of interpreter and dispatch, around 121 kernel calls that do
-// the work. Here the layers run from C++ and the linears call the fused kernels directly. Steps
-// of up to fused_max_rows tokens (decoding) do the rest as loops over rows (cpu_rows.h); longer
-// ones (prefill) run the same torch ops, in the same order with the same arguments, as
-// models/decoder.py (Block, Attention, MLP, KVCache.update, KbitLinear): bit-identical to the
-// Python layers there (tests/test_layer_stack.py).
+// the work. Here the layers run from C++: the linears call the fused kernels directly and the
+// rest runs as loops over rows (cpu_rows.h), one path. A step the loops do not serve (more than
+// fused_max_rows tokens: a prefill; activations, masks or positions not fp32/int64 contiguous)
+// comes back empty and runs model/decoder.py's Python layers instead.
 //
 // Included inside cpu_kernels.cpp's anonymous namespace, after kbit_linear and kbit_dequantize.
-// The Python side (models/layer_stack.py) registers a model's tensors once per KV cache
-// (layer_stack_create -> a handle) and calls layer_stack_forward at every step.
+// The Python side (runtime/layer_stack.py) registers a model's tensors once per KV cache
+// (layer_stack_create -> a handle) and calls layer_stack_forward at every step. What the
+// create call's ints and tensors hold is cpu_schema.h, generated from cpu_schema.py.
 #pragma once
 
 #include <map>
@@ -17,41 +17,36 @@
 #include <mutex>
 #include <type_traits>
 
-// one linear of the stack; kind 0: absent, 1: packed k-bit codes (w0 qweight, w1 absmax, w2
-// codebook, bias fp32), 2: a dense weight w0 and its bias as the module holds them, 3: bit planes
-// (cpu_planes.h: w0 the planes (P, N, ceil(K/8)) of which the first `bits` are read, w1 absmax,
-// w2 the width's codebook, bias fp32)
+#include "cpu_schema.h"
+
+// one linear of the stack (schema StackLinear; schema::LinearKind says what w0..w2 hold)
 struct StackLinear {
-  int64_t kind = 0, bits = 0, block = 0, in_features = 0;
+  schema::LinearKind kind = schema::LinearKind::absent;
+  int64_t bits = 0, block = 0, in_features = 0;
   at::Tensor w0, w1, w2, bias;
 };
 
-// the per-layer slots: q (or the stacked q|k|v), k, v, o, up (or the stacked gate|up), gate, down
-enum { kQ, kK, kV, kO, kUp, kGate, kDown, kLinears };
-
 struct StackLayer {
   at::Tensor norm1_w, norm1_b, norm2_w, norm2_b, k_cache, v_cache;
-  StackLinear lin[kLinears];
+  StackLinear lin[schema::slot::count];
   int64_t mask_index = 0;
 };
 
-// model switches, the ModelArgs fields of the same names (models/families.py)
+// model switches (schema StackConfig: the ModelArgs fields of the same names)
 struct StackConfig {
   int64_t n_heads, n_kv_heads, head_dim;
-  int64_t norm;  // 0 rmsnorm, 1 layernorm
-  int64_t act;   // 0 silu, 1 gelu, 2 gelu (tanh), 3 relu, 4 gelu_new
-  int64_t qkv;   // 0 separate, 1 fused (q|k|v rows), 2 interleaved (per head q, k, v)
-  int64_t mlp;   // 0 plain, 1 gated, 2 gated with gate|up stacked
+  schema::Norm norm;
+  schema::Act act;
+  schema::Qkv qkv;
+  schema::Mlp mlp;
   bool parallel_residual, post_norm, residual_from_norm;
   int64_t fused_max_rows;  // kernels/cpu.py FUSED_MAX_ROWS: above, dequantize + torch matmul
-  bool enable_gqa;
   double eps;
 };
 
 struct LayerStack {
   StackConfig cfg;
   std::vector<StackLayer> layers;
-  bool rows_ok = true;  // norms in fp32, caches in fp32 or 16 bits (cpu_rows.h's path can run)
 };
 
 std::mutex g_stacks_mutex;
@@ -65,49 +60,74 @@ bool all_float(std::initializer_list<const at::Tensor*> ts) {
   return true;
 }
 
-constexpr int64_t kHeaderInts = 12, kTensorsPerLayer = 6 + 4 * kLinears;
+template <typename E>
+E schema_enum(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v < static_cast<int64_t>(E::count), "kbitrt_cpu: layer stack ", what,
+              " code ", v, " is not in cpu_schema.h");
+  return static_cast<E>(v);
+}
 
-// config: the StackConfig integers, then per layer its mask index and (kind, bits, block,
-// in_features) per linear; tensors: per layer the two norms' weight and bias, the k and v caches
-// and (w0, w1, w2, bias) per linear, an empty tensor where there is none
+StackConfig stack_config(const int64_t* c, double eps) {
+  namespace f = schema::config_int;
+  return StackConfig{c[f::n_heads], c[f::n_kv_heads], c[f::head_dim],
+                     schema_enum<schema::Norm>(c[f::norm], "norm"),
+                     schema_enum<schema::Act>(c[f::act], "act"),
+                     schema_enum<schema::Qkv>(c[f::qkv], "qkv"),
+                     schema_enum<schema::Mlp>(c[f::mlp], "mlp"),
+                     c[f::parallel_residual] != 0, c[f::post_norm] != 0,
+                     c[f::residual_from_norm] != 0, c[f::fused_max_rows], eps};
+}
+
+// one layer from its ints (li) and tensors (t), laid out as cpu_schema.h says
+StackLayer stack_layer(const int64_t* li, const at::Tensor* t, int64_t l) {
+  namespace lt = schema::layer_tensor;
+  namespace wi = schema::linear_int;
+  namespace wt = schema::linear_tensor;
+  auto opt = [](const at::Tensor& x) { return x.numel() ? x : at::Tensor(); };
+  StackLayer layer;
+  layer.norm1_w = opt(t[lt::norm1_w]), layer.norm1_b = opt(t[lt::norm1_b]);
+  layer.norm2_w = opt(t[lt::norm2_w]), layer.norm2_b = opt(t[lt::norm2_b]);
+  layer.k_cache = t[lt::k_cache], layer.v_cache = t[lt::v_cache];
+  layer.mask_index = li[schema::layer_int::mask_index];
+  for (int j = 0; j < schema::slot::count; ++j) {
+    const int64_t* ints = li + schema::layer_int::linears + j * wi::count;
+    const at::Tensor* ts = t + lt::linears + j * wt::count;
+    StackLinear& s = layer.lin[j];
+    s.kind = schema_enum<schema::LinearKind>(ints[wi::kind], "linear kind");
+    s.bits = ints[wi::bits], s.block = ints[wi::block], s.in_features = ints[wi::in_features];
+    s.w0 = opt(ts[wt::w0]), s.w1 = opt(ts[wt::w1]), s.w2 = opt(ts[wt::w2]);
+    s.bias = opt(ts[wt::bias]);
+    TORCH_CHECK(s.kind == schema::LinearKind::absent || s.w0.defined(), "kbitrt_cpu: layer ", l,
+                " linear ", j, " has no weight");
+  }
+  // what the loops read directly (runtime/layer_stack.py refuses the rest, with its reason)
+  const at::ScalarType kv = layer.k_cache.scalar_type();
+  TORCH_CHECK(all_float({&layer.norm1_w, &layer.norm1_b, &layer.norm2_w, &layer.norm2_b}),
+              "kbitrt_cpu: layer ", l, " norms not contiguous fp32");
+  TORCH_CHECK((kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16) &&
+                  layer.v_cache.scalar_type() == kv && layer.k_cache.is_contiguous() &&
+                  layer.v_cache.is_contiguous(),
+              "kbitrt_cpu: layer ", l, " KV cache not contiguous fp32, fp16 or bf16");
+  return layer;
+}
+
+// ints: the config (schema::config_int), then per layer schema::layer_int::count; tensors: per
+// layer schema::layer_tensor::count, an empty tensor where there is none
 int64_t layer_stack_create(const std::vector<at::Tensor>& tensors,
                            const std::vector<int64_t>& config, double eps) {
-  TORCH_CHECK(config.size() >= kHeaderInts, "kbitrt_cpu: layer stack config too short");
-  const int64_t n_layers = config[0];
-  TORCH_CHECK(static_cast<int64_t>(config.size()) == kHeaderInts + n_layers * (1 + 4 * kLinears) &&
-                  static_cast<int64_t>(tensors.size()) == n_layers * kTensorsPerLayer,
+  TORCH_CHECK(config.size() >= schema::config_int::count,
+              "kbitrt_cpu: layer stack config too short");
+  const int64_t n_layers = config[schema::config_int::n_layers];
+  TORCH_CHECK(static_cast<int64_t>(config.size()) ==
+                      schema::config_int::count + n_layers * schema::layer_int::count &&
+                  static_cast<int64_t>(tensors.size()) == n_layers * schema::layer_tensor::count,
               "kbitrt_cpu: layer stack config and tensors do not match ", n_layers, " layers");
   auto stack = std::make_shared<LayerStack>();
-  const int64_t* c = config.data() + 1;
-  stack->cfg = StackConfig{c[0], c[1], c[2], c[3], c[4], c[5], c[6],
-                           c[7] != 0, c[8] != 0, c[9] != 0, c[10], false, eps};
-  stack->cfg.enable_gqa = stack->cfg.n_kv_heads != stack->cfg.n_heads;
-  auto opt = [](const at::Tensor& t) { return t.numel() ? t : at::Tensor(); };
-  for (int64_t l = 0; l < n_layers; ++l) {
-    const int64_t* li = config.data() + kHeaderInts + l * (1 + 4 * kLinears);
-    const at::Tensor* t = tensors.data() + l * kTensorsPerLayer;
-    StackLayer layer;
-    layer.norm1_w = opt(t[0]), layer.norm1_b = opt(t[1]);
-    layer.norm2_w = opt(t[2]), layer.norm2_b = opt(t[3]);
-    layer.k_cache = t[4], layer.v_cache = t[5];
-    layer.mask_index = li[0];
-    for (int j = 0; j < kLinears; ++j) {
-      StackLinear& s = layer.lin[j];
-      s.kind = li[1 + 4 * j], s.bits = li[2 + 4 * j], s.block = li[3 + 4 * j];
-      s.in_features = li[4 + 4 * j];
-      s.w0 = opt(t[6 + 4 * j]), s.w1 = opt(t[7 + 4 * j]), s.w2 = opt(t[8 + 4 * j]);
-      s.bias = opt(t[9 + 4 * j]);
-      TORCH_CHECK(s.kind == 0 || s.w0.defined(), "kbitrt_cpu: layer ", l, " linear ", j,
-                  " has no weight");
-    }
-    const at::ScalarType kv = layer.k_cache.scalar_type();
-    stack->rows_ok = stack->rows_ok &&
-                     all_float({&layer.norm1_w, &layer.norm1_b, &layer.norm2_w, &layer.norm2_b}) &&
-                     (kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16) &&
-                     layer.v_cache.scalar_type() == kv && layer.k_cache.is_contiguous() &&
-                     layer.v_cache.is_contiguous();
-    stack->layers.push_back(std::move(layer));
-  }
+  stack->cfg = stack_config(config.data(), eps);
+  for (int64_t l = 0; l < n_layers; ++l)
+    stack->layers.push_back(stack_layer(
+        config.data() + schema::config_int::count + l * schema::layer_int::count,
+        tensors.data() + l * schema::layer_tensor::count, l));
   std::lock_guard<std::mutex> lock(g_stacks_mutex);
   g_stacks[g_next_stack] = std::move(stack);
   return g_next_stack++;
@@ -118,15 +138,7 @@ void layer_stack_free(int64_t handle) {
   g_stacks.erase(handle);
 }
 
-// whether decoding steps can take cpu_rows.h's loops (else torch's ops run between the linears)
-bool layer_stack_loops(int64_t handle) {
-  std::lock_guard<std::mutex> lock(g_stacks_mutex);
-  auto it = g_stacks.find(handle);
-  TORCH_CHECK(it != g_stacks.end(), "kbitrt_cpu: no layer stack ", handle);
-  return it->second->rows_ok;
-}
-
-// cpu.half_linear (kernels/cpu.py): the fused loop up to fused_max_rows tokens, above fp32
+// cpu.half_linear (kernels/cpu.py): the fused loop up to fused_max_rows rows, above fp32
 // copies of at most kHeadChunk rows of W at a time
 constexpr int64_t kHeadChunk = 4096;  // cpu.py's _HEAD_CHUNK
 
@@ -151,10 +163,11 @@ at::Tensor stack_half_linear(const at::Tensor& w, const at::Tensor& bias, int64_
   return y.reshape(shape);
 }
 
-// KbitLinear.forward (linear.py) and, for dense weights, its dense_linear / nn.Linear
+// KbitLinear.forward (linear.py) and, for dense weights, its dense_linear / nn.Linear; a batch's
+// rows (batch x tokens) may exceed fused_max_rows: then dequantize + torch matmul, as there
 at::Tensor stack_linear(const StackLinear& s, int64_t fused_max_rows, const at::Tensor& x) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  if (s.kind == 2) {
+  if (s.kind == schema::LinearKind::dense) {
     const at::Tensor& w = s.w0;
     if (x.scalar_type() == w.scalar_type())
       return at::linear(x, w, s.bias.defined() ? s.bias.to(w.scalar_type()) : at::Tensor());
@@ -170,7 +183,7 @@ at::Tensor stack_linear(const StackLinear& s, int64_t fused_max_rows, const at::
   const c10::optional<at::Tensor> bias =
       s.bias.defined() ? c10::optional<at::Tensor>(s.bias) : c10::nullopt;
   at::Tensor y;
-  if (s.kind == 3) {  // bit planes (cpu_planes.h): w0 the planes, the first `bits` read
+  if (s.kind == schema::LinearKind::planes) {  // cpu_planes.h: w0 the planes, `bits` read
     y = x2.size(0) <= fused_max_rows
             ? kbit_linear_planes(x2, s.w0, s.w1, s.w2, bias, s.bits, s.block, s.in_features)
             : at::linear(x2, kbit_dequantize_planes(s.w0, s.w1, s.w2, s.bits, s.block,
@@ -185,63 +198,12 @@ at::Tensor stack_linear(const StackLinear& s, int64_t fused_max_rows, const at::
   return y.reshape(shape).to(x.scalar_type());
 }
 
-at::Tensor stack_norm(const StackConfig& cfg, const at::Tensor& w, const at::Tensor& b,
-                      const at::Tensor& x) {
-  if (cfg.norm == 0) return at::rms_norm(x, {w.size(0)}, w, cfg.eps);
-  return at::layer_norm(x, {w.size(0)}, w, b.defined() ? b : at::Tensor(), cfg.eps, true);
-}
-
-at::Tensor rotate_half(const at::Tensor& x) {
-  auto halves = x.chunk(2, -1);
-  return at::cat({-halves[1], halves[0]}, -1);
-}
-
-// apply_rotary (decoder.py): the first rd dims of each head rotated
-at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t rd = cos.size(-1);
-  if (rd == x.size(-1)) return x * cos + rotate_half(x) * sin;
-  at::Tensor rot = x.slice(-1, 0, rd), rest = x.slice(-1, rd);
-  rot = rot * cos + rotate_half(rot) * sin;
-  return rest.size(-1) ? at::cat({rot, rest}, -1) : rot;
-}
-
-at::Tensor stack_attention(const StackConfig& c, const StackLayer& layer, const at::Tensor& x,
-                           const at::Tensor& input_pos, const at::Tensor& cos,
-                           const at::Tensor& sin, const at::Tensor& mask) {
-  const int64_t B = x.size(0), T = x.size(1), nh = c.n_heads, nkv = c.n_kv_heads,
-                hd = c.head_dim;
-  auto lin = [&](int j, const at::Tensor& h) {
-    return stack_linear(layer.lin[j], c.fused_max_rows, h);
-  };
-  at::Tensor q, k, v;
-  if (c.qkv == 0) {
-    q = lin(kQ, x), k = lin(kK, x), v = lin(kV, x);
-  } else if (c.qkv == 1) {
-    auto parts = lin(kQ, x).split_with_sizes({nh * hd, nkv * hd, nkv * hd}, -1);
-    q = parts[0], k = parts[1], v = parts[2];
-  } else {
-    auto parts = lin(kQ, x).view({B, T, nh, 3, hd}).unbind(3);
-    q = parts[0], k = parts[1], v = parts[2];
-  }
-  q = q.reshape({B, T, nh, hd}).transpose(1, 2);
-  k = k.reshape({B, T, nkv, hd}).transpose(1, 2);
-  v = v.reshape({B, T, nkv, hd}).transpose(1, 2);
-  if (cos.numel()) q = apply_rotary(q, cos, sin), k = apply_rotary(k, cos, sin);
-  layer.k_cache.index_copy_(2, input_pos, k.to(layer.k_cache.scalar_type()));
-  layer.v_cache.index_copy_(2, input_pos, v.to(layer.v_cache.scalar_type()));
-  // a 16-bit cache is read widened to the activations' dtype (kv_cache.py KVCache.update)
-  const at::Tensor y = at::scaled_dot_product_attention(
-      q, layer.k_cache.to(q.scalar_type()), layer.v_cache.to(q.scalar_type()), mask, 0.0, false,
-      c10::nullopt, c.enable_gqa);
-  return lin(kO, y.transpose(1, 2).reshape({B, T, -1}));
-}
-
 at::Tensor stack_act(const StackConfig& c, const at::Tensor& x) {
   switch (c.act) {
-    case 0: return at::silu(x);
-    case 1: return at::gelu(x);
-    case 2: return at::gelu(x, "tanh");
-    case 3: return at::relu(x);
+    case schema::Act::silu: return at::silu(x);
+    case schema::Act::gelu: return at::gelu(x);
+    case schema::Act::gelu_tanh: return at::gelu(x, "tanh");
+    case schema::Act::relu: return at::relu(x);
     default: {  // GPT-2's gelu_new: transformers' NewGELUActivation formula, op by op
       const at::Tensor inner = (x + at::pow(x, 3.0) * 0.044715) * std::sqrt(2.0 / M_PI);
       return x * 0.5 * (at::tanh(inner) + 1.0);
@@ -249,32 +211,15 @@ at::Tensor stack_act(const StackConfig& c, const at::Tensor& x) {
   }
 }
 
-at::Tensor stack_mlp(const StackConfig& c, const StackLayer& layer, const at::Tensor& x) {
-  auto lin = [&](int j, const at::Tensor& h) {
-    return stack_linear(layer.lin[j], c.fused_max_rows, h);
-  };
-  if (c.mlp == 2) {
-    auto gu = lin(kUp, x).chunk(2, -1);
-    return lin(kDown, stack_act(c, gu[0]) * gu[1]);
-  }
-  if (c.mlp == 1)
-    return lin(kDown, stack_act(c, lin(kGate, x)) * lin(kUp, x));
-  return lin(kDown, stack_act(c, lin(kUp, x)));
-}
-
 #include "cpu_rows.h"
 
-// Block.forward; `rows`: the decoding path of cpu_rows.h between the linears
+// Block.forward (model/decoder.py) with cpu_rows.h's loops between the linears
 at::Tensor stack_block(const StackConfig& c, const StackLayer& layer, at::Tensor x,
                        const at::Tensor& input_pos, const at::Tensor& cos, const at::Tensor& sin,
-                       const at::Tensor& mask, bool rows) {
-  auto norm = [&](const at::Tensor& w, const at::Tensor& b, const at::Tensor& h) {
-    return rows ? norm_rows(c, w, b, h) : stack_norm(c, w, b, h);
-  };
-  auto norm1 = [&](const at::Tensor& h) { return norm(layer.norm1_w, layer.norm1_b, h); };
-  auto norm2 = [&](const at::Tensor& h) { return norm(layer.norm2_w, layer.norm2_b, h); };
+                       const at::Tensor& mask) {
+  auto norm1 = [&](const at::Tensor& h) { return norm_rows(c, layer.norm1_w, layer.norm1_b, h); };
+  auto norm2 = [&](const at::Tensor& h) { return norm_rows(c, layer.norm2_w, layer.norm2_b, h); };
   auto attention = [&](const at::Tensor& h) {
-    if (!rows) return stack_attention(c, layer, h, input_pos, cos, sin, mask);
     switch (layer.k_cache.scalar_type()) {
       case at::kHalf: return attention_rows<at::Half>(c, layer, h, input_pos, cos, sin, mask);
       case at::kBFloat16:
@@ -282,24 +227,22 @@ at::Tensor stack_block(const StackConfig& c, const StackLayer& layer, at::Tensor
       default: return attention_rows<float>(c, layer, h, input_pos, cos, sin, mask);
     }
   };
-  auto mlp = [&](const at::Tensor& h) {
-    return rows ? mlp_rows(c, layer, h) : stack_mlp(c, layer, h);
-  };
-  auto add = [&](const at::Tensor& a, const at::Tensor& b) { return rows ? add_rows(a, b) : a + b; };
+  auto mlp = [&](const at::Tensor& h) { return mlp_rows(c, layer, h); };
   if (c.parallel_residual) {
     const at::Tensor a = attention(norm1(x));
-    return add(add(x, a), mlp(norm2(x)));
+    return add_rows(add_rows(x, a), mlp(norm2(x)));
   }
   at::Tensor h = c.post_norm ? x : norm1(x);
-  x = add(c.residual_from_norm ? h : x, attention(h));
+  x = add_rows(c.residual_from_norm ? h : x, attention(h));
   if (c.post_norm) x = norm1(x);
   h = c.post_norm ? x : norm2(x);
-  x = add(c.residual_from_norm ? h : x, mlp(h));
+  x = add_rows(c.residual_from_norm ? h : x, mlp(h));
   return c.post_norm ? norm2(x) : x;
 }
 
 // every layer for x (B, T, dim) at cache slots input_pos (T,); cos, sin (B, 1, T, rd) or empty
-// (no rotary positions); masks: the additive masks the layers' mask indices name
+// (no rotary positions); masks: the additive masks the layers' mask indices name. An empty
+// result: the loops do not serve this step (nothing was written), the caller runs its layers
 at::Tensor layer_stack_forward(int64_t handle, const at::Tensor& x, const at::Tensor& input_pos,
                                const at::Tensor& cos, const at::Tensor& sin,
                                const std::vector<at::Tensor>& masks) {
@@ -310,17 +253,17 @@ at::Tensor layer_stack_forward(int64_t handle, const at::Tensor& x, const at::Te
     TORCH_CHECK(it != g_stacks.end(), "kbitrt_cpu: no layer stack ", handle);
     stack = it->second;
   }
-  // the loops' path: a decoding step's few rows, everything fp32 and contiguous
-  bool rows = stack->rows_ok && x.size(1) <= stack->cfg.fused_max_rows &&
-              input_pos.scalar_type() == at::kLong && input_pos.is_contiguous() &&
-              all_float({&x, &cos, &sin});
+  // the loops' steps: a decoding step's few rows, everything fp32 and contiguous
+  bool served = x.size(1) <= stack->cfg.fused_max_rows && input_pos.scalar_type() == at::kLong &&
+                input_pos.is_contiguous() && all_float({&x, &cos, &sin});
   for (const at::Tensor& m : masks)
-    rows = rows && all_float({&m}) && m.size(-1) == stack->layers[0].k_cache.size(2);
+    served = served && all_float({&m}) && m.size(-1) == stack->layers[0].k_cache.size(2);
+  if (!served) return at::empty({0}, x.options());
   at::Tensor h = x;
   for (const StackLayer& layer : stack->layers) {
     TORCH_CHECK(layer.mask_index < static_cast<int64_t>(masks.size()),
                 "kbitrt_cpu: a layer's mask is missing");
-    h = stack_block(stack->cfg, layer, h, input_pos, cos, sin, masks[layer.mask_index], rows);
+    h = stack_block(stack->cfg, layer, h, input_pos, cos, sin, masks[layer.mask_index]);
   }
   return h;
 }

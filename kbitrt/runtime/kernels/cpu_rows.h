@@ -1,10 +1,11 @@
-// The layer stack's decoding path (cpu_layers.h): for up to fused_max_rows tokens with fp32
-// activations and caches, the work between the linears (norms, rotary, the KV cache write,
-// attention, the gated product, residual adds) as plain loops over rows instead of ~180 small
-// torch ops per layer, each microseconds of dispatch and allocation. Sums run in fixed orders
-// within a row, so a token's result does not depend on how many tokens the step holds (like the
-// kernels): one token at a time and a k-token verifying step agree bit for bit. Against the
-// Python layers (torch ops) the results agree to rounding (tests/test_layer_stack.py).
+// The layer stack's one path (cpu_layers.h): for up to fused_max_rows tokens with fp32
+// activations (a longer step runs the Python layers), the work between the linears (norms,
+// rotary, the KV cache write, attention, the gated product, residual adds) as plain loops over
+// rows instead of ~180 small torch ops per layer, each microseconds of dispatch and allocation.
+// Sums run in fixed orders within a row, so a token's result does not depend on how many tokens
+// the step holds (like the kernels): one token at a time and a k-token verifying step agree bit
+// for bit. Against the Python layers (torch ops) the results agree to rounding
+// (tests/test_layer_stack.py).
 //
 // Included by cpu_layers.h after stack_linear and stack_act.
 #pragma once
@@ -21,7 +22,7 @@ at::Tensor norm_rows(const StackConfig& c, const at::Tensor& w, const at::Tensor
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = xs + r * D;
     float* yr = ys + r * D;
-    if (c.norm == 0) {
+    if (c.norm == schema::Norm::rmsnorm) {
       const float inv = 1.f / std::sqrt(dot(xr, xr, D) / D + eps);
       for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * ws[i];
       continue;
@@ -86,12 +87,12 @@ at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const a
   auto lin = [&](int j, const at::Tensor& h) {
     return stack_linear(layer.lin[j], c.fused_max_rows, h).contiguous();
   };
-  at::Tensor qo = lin(kQ, x), ko, vo;
+  at::Tensor qo = lin(schema::slot::q, x), ko, vo;
   HeadView Q{qo.data_ptr<float>(), nh * hd, hd, 0}, K{}, V{};
-  if (c.qkv == 0) {
-    ko = lin(kK, x), vo = lin(kV, x);
+  if (c.qkv == schema::Qkv::separate) {
+    ko = lin(schema::slot::k, x), vo = lin(schema::slot::v, x);
     K = {ko.data_ptr<float>(), nkv * hd, hd, 0}, V = {vo.data_ptr<float>(), nkv * hd, hd, 0};
-  } else if (c.qkv == 1) {  // rows q | k | v
+  } else if (c.qkv == schema::Qkv::fused) {  // rows q | k | v
     const int64_t W = (nh + 2 * nkv) * hd;
     Q.row = W, K = {Q.base, W, hd, nh * hd}, V = {Q.base, W, hd, (nh + nkv) * hd};
   } else {  // per head q, k, v
@@ -173,7 +174,7 @@ at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const a
       }
     }
   });
-  return stack_linear(layer.lin[kO], c.fused_max_rows, y);
+  return stack_linear(layer.lin[schema::slot::o], c.fused_max_rows, y);
 }
 
 // MLP.forward: the activation is torch's (vectorized exp), the product a loop
@@ -181,19 +182,20 @@ at::Tensor mlp_rows(const StackConfig& c, const StackLayer& layer, const at::Ten
   auto lin = [&](int j, const at::Tensor& h) {
     return stack_linear(layer.lin[j], c.fused_max_rows, h);
   };
-  if (c.mlp == 0) return lin(kDown, stack_act(c, lin(kUp, x)));
+  if (c.mlp == schema::Mlp::plain)
+    return lin(schema::slot::down, stack_act(c, lin(schema::slot::up, x)));
   at::Tensor g, u;
-  if (c.mlp == 2) {
-    const at::Tensor gu = lin(kUp, x);
+  if (c.mlp == schema::Mlp::gated_fused) {
+    const at::Tensor gu = lin(schema::slot::up, x);
     const int64_t H = gu.size(-1) / 2;
     g = stack_act(c, gu.narrow(-1, 0, H)).contiguous(), u = gu.narrow(-1, H, H);
   } else {
-    g = stack_act(c, lin(kGate, x)).contiguous(), u = lin(kUp, x);
+    g = stack_act(c, lin(schema::slot::gate, x)).contiguous(), u = lin(schema::slot::up, x);
   }
   const int64_t H = g.size(-1), rows = g.numel() / H, us = u.stride(-2);
   float* gs = g.data_ptr<float>();
   const float* uu = u.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = 0; i < H; ++i) gs[r * H + i] *= uu[r * us + i];
-  return lin(kDown, g);
+  return lin(schema::slot::down, g);
 }

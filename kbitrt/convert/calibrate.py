@@ -1,9 +1,10 @@
-"""The GPTQ driver: a source checkpoint, layer by layer through the native decoder, into kbit.
+"""Calibration (GPTQ, --importance hessian|random): a source checkpoint, layer by layer through the
+native decoder, into the quantized linears the converter writes.
 
-Why here: GPTQ needs each decoder layer's inputs on calibration data, so it needs the model's
-forward, which lives in runtime/ (the native decoder). The per-linear algorithm is format math and
-lives in convert/gptq.py; the converter writes what this driver hands it (layers: format <- convert
-<- runtime, so runtime may call both).
+GPTQ needs each decoder layer's inputs on calibration data, so it needs the model's forward, which
+lives in model/ (the generic decoder, below convert: format <- model <- convert). The per-linear
+algorithm lives in convert/gptq.py; converter.convert() runs this driver when the config asks for
+calibration and writes what it hands back.
 
 Streaming: only the embedding modules, one decoder layer (fp32) and the calibration activations are
 in memory at a time: 2 x samples x seqlen x hidden x 4 bytes (128 x 2048 x 4096 = 8.6 GB for a
@@ -25,6 +26,7 @@ token ids (seeded) in place of calibration text: no data, only the model's own f
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,10 +42,9 @@ from kbitrt.errors import KbitFormatError
 from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.format.config import QuantConfig
 from kbitrt.format.quantizer import quantize_weight
-from kbitrt.runtime.build import hf_config
-from kbitrt.runtime.models.decoder import Decoder, default_positions
-from kbitrt.runtime.models.families import (checkpoint_names, family_for, model_args,
-                                            rope_frequencies, why_not_native)
+from kbitrt.model.decoder import Decoder, default_positions
+from kbitrt.model.families import (checkpoint_names, family_for, hf_config, model_args,
+                                   rope_frequencies, why_not_native)
 
 BATCH = 4  # calibration rows per forward
 Progress = Callable[[str, int, int], None]
@@ -295,41 +296,52 @@ def random_windows(folder: Path, samples: int, seqlen: int, seed: int = 0) -> to
     return torch.randint(0, args.vocab_size, (samples, seqlen), generator=g)
 
 
-def convert_gptq(source: str | Path, output: str | Path, config: QuantConfig, *,
-                 calib_text: str | None = None, calib_name: str = "random tokens",
-                 samples: int = 128, seqlen: int = 2048, damp: float = 0.01,
-                 act_order: bool = False, force: bool = False, revision: str | None = None,
-                 trust_remote_code: bool = False, progress: Progress | None = None, **convert_kw):
-    """`kbit convert --method gptq`: GPTQ layer by layer, then the streaming converter writes it."""
-    from kbitrt.convert.converter import convert
-    from kbitrt.convert.source import resolve_model
-    from kbitrt.convert.staging import check_output
+@dataclass(frozen=True)
+class Calibration:
+    """What calibration reads: `text` (None: seeded random token ids, `--importance random`),
+    `samples` windows of `seqlen` tokens; GPTQ's dampening and column order."""
+    text: str | None = None
+    name: str = "random tokens"  # the text's dataset name, recorded in the config
+    samples: int = 128
+    seqlen: int = 2048
+    damp: float = 0.01
+    act_order: bool = False
 
-    if config.method != "gptq" and config.importance not in ("hessian", "random"):
-        raise KbitFormatError("convert_gptq needs a QuantConfig with method='gptq' or "
-                              "importance 'hessian' or 'random'")
-    if (config.importance == "random") != (calib_text is None):
-        raise KbitFormatError("--importance random reads random tokens, not --calib text" if
-                              calib_text is not None else "calibration needs --calib text")
-    if not damp > 0:
+
+def needs_calibration(config: QuantConfig) -> bool:
+    """Whether a config's linears are quantized on the model's forward (GPTQ, --importance
+    hessian|random) rather than streamed to nearest."""
+    return config.method == "gptq" or config.importance in ("hessian", "random")
+
+
+def check_calibration(config: QuantConfig, calibration: Calibration) -> None:
+    """The calibration options' errors, one line each, before anything is read."""
+    if config.importance == "random" and calibration.text is not None:
+        raise KbitFormatError("--importance random reads random tokens, not --calib text")
+    if config.importance != "random" and calibration.text is None:
+        what = "--method gptq" if config.method == "gptq" else f"--importance {config.importance}"
+        raise KbitFormatError(f"{what} needs the model's forward on calibration text: --calib "
+                              "(convert(calibration=Calibration(text=...)))")
+    if not calibration.damp > 0:
         raise KbitFormatError("--damp must be > 0 (a fraction of the mean Hessian diagonal)")
-    folder = resolve_model(source, revision)
-    check_output(folder, Path(output).expanduser().resolve(), force)  # fail before hours of work
-    if calib_text is None:
-        calib = random_windows(folder, samples, seqlen)
+
+
+def calibrate(folder: Path, config: QuantConfig, calibration: Calibration, *,
+              trust_remote_code: bool = False,
+              progress: Progress | None = None) -> tuple[GPTQResults, dict]:
+    """Quantize the checkpoint `folder`'s decoder linears on its calibration windows: (the results,
+    to be written by the converter and closed after, the quantization_config record)."""
+    cal = calibration
+    if cal.text is None:
+        calib = random_windows(folder, cal.samples, cal.seqlen)
     else:
-        calib = calibration_windows(folder, calib_text, samples, seqlen)
-    results = gptq_quantize_model(folder, config, calib, damp=damp, act_order=act_order,
+        calib = calibration_windows(folder, cal.text, cal.samples, cal.seqlen)
+    results = gptq_quantize_model(folder, config, calib, damp=cal.damp, act_order=cal.act_order,
                                   progress=progress, trust_remote_code=trust_remote_code)
-    record = {"calibration": {"dataset": calib_name, "samples": calib.shape[0],
+    record = {"calibration": {"dataset": cal.name, "samples": calib.shape[0],
                               "seqlen": calib.shape[1],
-                              **({"damp": damp, "act_order": act_order}
+                              **({"damp": cal.damp, "act_order": cal.act_order}
                                  if config.method == "gptq" else {}),
-                              "windows": "uniform over the vocabulary, seed 0" if calib_text is None
+                              "windows": "uniform over the vocabulary, seed 0" if cal.text is None
                               else "last non-overlapping windows of the text"}}
-    try:
-        return convert(source, output, config, force=force, revision=revision,
-                       trust_remote_code=trust_remote_code, progress=progress, overrides=results,
-                       extra_quantization=record, **convert_kw)
-    finally:
-        results.close()
+    return results, record

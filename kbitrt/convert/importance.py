@@ -6,7 +6,7 @@ in proportion to g_j: the mse scale search and the Lloyd fit (format/scales.py, 
 weight column j's squared error by g_j^2. Linears whose inputs come from elsewhere (the attention
 output, the MLP's hidden activation) get no weights (uniform). The rule lives here, beside the native
 decoder's family specs (the one place that knows which norm feeds which linear); the converter gets
-the resulting checkpoint-name map and reads the gains itself (layers: format <- convert <- runtime).
+the resulting checkpoint-name map and reads the gains itself (layers: format <- model <- convert).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kbitrt.runtime.build import hf_config
-from kbitrt.runtime.models.families import checkpoint_names, family_for, model_args
+from kbitrt.model.families import checkpoint_names, family_for, hf_config, model_args
 
 # decoder norm (per layer) -> the decoder linears that read its output
 NORM_READERS = {

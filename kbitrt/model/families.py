@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 import torch
 
+from kbitrt.errors import KbitFormatError
+
 _MISSING = object()
 
 
@@ -354,6 +356,19 @@ GEMMA3 = FamilySpec(
 FAMILIES = (GPT2, OPT, BLOOM, GPT_NEOX, LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE, SMOLLM3,
             GRANITE, OLMO2, GEMMA2, PHI3, GEMMA3)
 _BY_MODEL_TYPE = {t: spec for spec in FAMILIES for t in spec.model_types}
+
+
+def hf_config(config: dict):
+    """A transformers config object from a config.json dict (the kbit quantization_config left out,
+    transformers does not know it)."""
+    from transformers import CONFIG_MAPPING
+
+    d = {k: v for k, v in config.items() if k != "quantization_config"}
+    model_type = d.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise KbitFormatError(f"model_type {model_type!r} is not known to the installed transformers;"
+                              " upgrade transformers")
+    return CONFIG_MAPPING[model_type].from_dict(d)
 
 
 def family_for(config) -> FamilySpec | None:

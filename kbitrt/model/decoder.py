@@ -1,7 +1,9 @@
-"""One generic decoder-only transformer for every native family (spec.py switches the variants).
+"""One generic decoder-only transformer for every native family (families.py switches the variants).
 
-Built on the meta device and filled by loader.py (gpt-fast style); every linear is a KbitLinear or
-a plain nn.Linear. Sequences in a batch are left-padded: `pad[b]` slots at the start of row b are
+Built on the meta device and filled by the runtime (runtime/build.py, gpt-fast style); every linear
+is a KbitLinear or a plain nn.Linear. The model layer knows no runtime: a faster engine for the
+layers (the CPU layer stack, runtime/layer_stack.py) is given to it by whoever builds it
+(`Decoder.stack_builder`), never imported. Sequences in a batch are left-padded: `pad[b]` slots at the start of row b are
 padding, cache slots are shared by the batch and a token's model position is `slot - pad[b]`.
 """
 
@@ -9,15 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kbitrt.runtime.models import layer_stack
-from kbitrt.runtime.models.kv_cache import KVCache
-from kbitrt.runtime.models.families import LongRope, ModelArgs
-from kbitrt.runtime.models.moe import MoE
+from kbitrt.model.families import LongRope, ModelArgs
+from kbitrt.model.kv_cache import KVCache
+from kbitrt.model.moe import MoE
 
 
 _FUSED_RMS_NORM = hasattr(torch, "rms_norm")  # torch >= 2.4
@@ -241,6 +243,23 @@ def unset_embedding(n: int, dim: int) -> nn.Embedding:
     return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
 
 
+class LayerEngine(Protocol):
+    """Every layer of a forward in one call, over the KV caches it was built with (the CPU layer
+    stack): called as the layers are, closed when the caches go; a step it does not serve (a
+    long prefill) gets None and runs the Python layers."""
+
+    def __call__(self, x: torch.Tensor, input_pos: torch.Tensor,
+                 rope: tuple[torch.Tensor, torch.Tensor] | None,
+                 mask: dict[int | None, torch.Tensor]) -> torch.Tensor | None:
+        """The layers' output, or None for a step it does not serve (the Python layers run)."""
+
+    def close(self) -> None: ...
+
+
+# builds an engine over a decoder's current tensors: (engine, None), or (None, why not)
+EngineBuilder = Callable[["Decoder"], "tuple[LayerEngine | None, str | None]"]
+
+
 class Decoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -273,11 +292,13 @@ class Decoder(nn.Module):
         self.layer_ropes: dict[str, tuple[torch.Tensor, float]] | None = None
         self.rope_scaling = 1.0
         self.slopes: torch.Tensor | None = None
-        # the layers run from C++ on the CPU (layer_stack.py), set up with the KV caches;
-        # use_layer_stack=False keeps the Python layers (tests compare the two)
+        # the layers run from C++ on the CPU (runtime/layer_stack.py), set up with the KV caches
+        # by `stack_builder`, which the runtime sets when it builds the model (None: the Python
+        # layers); use_layer_stack=False keeps the Python layers (tests compare the two)
+        self.stack_builder: EngineBuilder | None = None
         self.use_layer_stack = True
-        self.layer_stack: layer_stack.LayerStack | None = None
-        self.kept_stacks: dict[int, layer_stack.LayerStack] = {}  # refresh_layer_stack's keys
+        self.layer_stack: LayerEngine | None = None
+        self.kept_stacks: dict[int, LayerEngine] = {}  # refresh_layer_stack's keys
         self.layer_stack_off: str | None = "no KV cache yet"  # why the Python layers run
 
     # ---------------------------------------------------------------------------------- setup
@@ -327,15 +348,17 @@ class Decoder(nn.Module):
         tensors that stays valid (a held width), whose stack is kept for the next switch back."""
         if self.cache_len is None:
             return
-        if not self.use_layer_stack:
-            self.layer_stack, self.layer_stack_off = None, "use_layer_stack=False"
+        if not self.use_layer_stack or self.stack_builder is None:
+            self.layer_stack = None
+            self.layer_stack_off = "use_layer_stack=False" if not self.use_layer_stack \
+                else "no layer stack given by the runtime"
             return
         if key is not None and key in self.kept_stacks:
             self.layer_stack = self.kept_stacks[key]
             return
         if self.layer_stack is not None and self.layer_stack not in self.kept_stacks.values():
             self.layer_stack.close()
-        self.layer_stack, self.layer_stack_off = layer_stack.build(self)
+        self.layer_stack, self.layer_stack_off = self.stack_builder(self)
         if key is not None and self.layer_stack is not None:
             self.kept_stacks[key] = self.layer_stack
 
@@ -414,12 +437,15 @@ class Decoder(nn.Module):
             tables = {t: rope_table(pos, f, scale, x.dtype) for t, (f, scale) in self.layer_ropes.items()}
             ropes = [tables[t] for t in a.rope_types]
         mask = self.masks(input_pos, pad, x.dtype)
+        y = None
         if self.layer_stack is not None and x.dtype == torch.float32 \
                 and not torch.compiler.is_compiling():
-            x = self.layer_stack(x, input_pos, rope, mask)
-        else:
+            y = self.layer_stack(x, input_pos, rope, mask)  # None: not a step it serves
+        if y is None:
             for layer, layer_rope in zip(self.layers, ropes):
                 x = layer(x, input_pos, layer_rope, mask)
+        else:
+            x = y
         if last_only:
             x = x[:, -1:]
         if a.final_norm:

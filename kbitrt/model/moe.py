@@ -3,7 +3,8 @@ softmax over the experts, the top k per token (renormalised when the family says
 selected expert's SwiGLU MLP through its own linears (KbitLinear when quantized), and Qwen2-MoE's
 gated shared expert.
 
-Tokens are grouped by expert (runtime/experts.expert_groups), so every selected expert runs once per step on
+Tokens are grouped by expert (expert_groups, also used by
+runtime/experts.py's KbitExperts), so every selected expert runs once per step on
 its tokens: M = 1 per selected expert when decoding one sequence, its token count at prefill and
 batch > 1, through the same kernels as every other linear. Matches transformers' MixtralExperts /
 Qwen3MoeExperts on the same weights.
@@ -14,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kbitrt.runtime.experts import expert_groups
-from kbitrt.runtime.models.families import ModelArgs
+from kbitrt.model.families import ModelArgs
 
 
 class MoE(nn.Module):
@@ -59,3 +59,21 @@ class MoE(nn.Module):
         if hasattr(self, "shared"):
             out = out + torch.sigmoid(self.shared_gate(x)) * self.shared(x)
         return out.reshape(shape)
+
+
+def expert_groups(top_k_index: torch.Tensor, num_experts: int):
+    """The (token, slot) pairs of a routing grouped by expert, one stable sort: yields (expert,
+    slots (n,) into top_k_index.reshape(-1), their tokens (n,)) for every expert with tokens;
+    ids >= num_experts (expert-parallel sentinels) are not ours and skipped."""
+    k = top_k_index.shape[-1]
+    flat = top_k_index.reshape(-1)  # (T * k,): slot s is token s // k
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        slots = order[start: start + count]
+        start += count
+        if e < num_experts:
+            yield e, slots, slots // k
