@@ -124,6 +124,12 @@ def fit_codebook(sample: torch.Tensor, bits: int, block_size: int, scale_method:
     if scale_method == "absmax":
         return best
     cb = best
+    for start in starts:  # each start under its own scales too: the fit never ends above them
+        s = scales.block_scales(sample, block_size, scale_method, start, absmax_dtype, importance)
+        x, v = _normalized(sample, s, block_size, importance)
+        err_here = _Sorted(x.reshape(-1), v.reshape(-1)).error(start)
+        if err_here < best_err:
+            best, best_err = start, err_here
     for _ in range(ROUNDS):
         s = scales.block_scales(sample, block_size, scale_method, cb, absmax_dtype, importance)
         x, v = _normalized(sample, s, block_size, importance)
