@@ -34,3 +34,16 @@ def test_neon_block_matches_the_portable_loops_under_qemu(tmp_path, march):
                          timeout=120)
     assert run.returncode == 0 and run.stdout.startswith("OK "), run.stdout[-2000:] + run.stderr
     assert int(run.stdout.split()[1]) > 20000  # k = 3..8 decodes and dots, fp16 and bf16 loads
+
+
+def test_the_parity_programs_reference_is_the_kernels_portable_dot():
+    """neon_parity.cpp carries a copy of cpu_kernels.cpp's portable dot (it builds without torch):
+    the copy must stay the kernels' own summation order, line for line."""
+    def body(text: str, signature: str) -> list[str]:  # the last definition: the portable one
+        start = text.rindex(signature)
+        block = text[text.index("{", start) + 1:text.index("\n}\n", start)]
+        return [ln.strip() for ln in block.splitlines() if ln.strip()]
+
+    kernels = (HERE.parent / "kbitrt/runtime/kernels/cpu_kernels.cpp").read_text()
+    parity = (HERE / "neon_parity.cpp").read_text()
+    assert body(parity, "float dot_portable(") == body(kernels, "inline float dot(const float* a")

@@ -40,7 +40,8 @@ from typing import Iterator
 
 import torch
 
-from kbitrt.runtime.kernels.cpu_build import prebuilt_library, requested_isa, variants
+from kbitrt.runtime.kernels.cpu_build import (cpu_flags, prebuilt_library, requested_isa,
+                                              variants)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),  # included by SOURCE
@@ -57,20 +58,11 @@ def _cache_dir() -> Path:
     return root / "cpu-kernels"
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def build_name(variant: str = "native") -> str:
     """The extension's name: changes with the source, torch's version, the CPU and the variant."""
     key = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
-    key += torch.__version__.encode() + _cpu_flags().encode() + variant.encode()
+    flags = " ".join([platform.machine(), *sorted(cpu_flags())])
+    key += torch.__version__.encode() + flags.encode() + variant.encode()
     return "kbitrt_cpu_" + hashlib.sha256(key).hexdigest()[:12]
 
 
