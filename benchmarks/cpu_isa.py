@@ -3,7 +3,8 @@ with KBIT_CPU_ISA forced to each variant this CPU runs (kernels/cpu_build.py: av
 portable, ...), side by side in one JSON, so the AVX2 build's speed is measured on this AVX-512
 machine. Each figure is benchmarks/cpu_decode.py's kbit worker (its own process, 128 greedy steps,
 median of --reps, wall and CPU time); `kbit` is the default weights (`auto`: the packed codes on a
-vector build, 16-bit copies on the portable one), `kbit-low-memory` forces the packed codes.
+vector build, 16-bit copies on the portable one), `kbit-low-memory` forces the packed codes (not
+on the portable build by default: its loops are ~15x slower, benchmarks/cpu_matmul.py).
 
     python benchmarks/cpu_isa.py --threads 2 --reps 3
 
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--isas", default=",".join(runnable()))
     ap.add_argument("--runtimes", default="kbit,kbit-low-memory")
+    ap.add_argument("--portable-runtimes", default="kbit")
     ap.add_argument("--kbit", type=Path, default=cache / "smol-nf4",
                     help="a kbit folder (kbit convert SmolLM2 --bits 4 --block 64 --dtype nf)")
     ap.add_argument("-o", "--output", type=Path, default=None)
@@ -57,30 +59,40 @@ def main(argv=None) -> int:
                             text=True).stdout.strip()
     load0 = os.getloadavg()
     results: dict = {}
+    best = args.isas.split(",")[0]
     for isa in args.isas.split(","):
         os.environ["KBIT_CPU_ISA"] = isa
         results[isa] = {"loaded": variant_of(isa)}
-        for name in args.runtimes.split(","):
+        names = (args.portable_runtimes if isa == "portable" else args.runtimes).split(",")
+        for name in names:
             print(f"{isa} {name} ...", file=sys.stderr, flush=True)
             results[isa][name] = run_one(worker_args, name)
             print(f"  {json.dumps(results[isa][name])[:300]}", file=sys.stderr, flush=True)
+            write(out, args, commit, load0, results, best)  # after each: partial runs count
     os.environ.pop("KBIT_CPU_ISA", None)
-    best = args.isas.split(",")[0]
-    ratios = {isa: {name: r[name]["tok_s"] / results[best][name]["tok_s"]
-                    for name in args.runtimes.split(",")
-                    if "tok_s" in r.get(name, {}) and "tok_s" in results[best].get(name, {})}
-              for isa, r in results.items()}
+    print(json.dumps(write(out, args, commit, load0, results, best), indent=2))
+    return 0
+
+
+def write(out: Path, args, commit: str, load0, results: dict, best: str) -> dict:
+    """The record so far; returns the speed ratios against the first (best) variant."""
+    def vs_best(key: str) -> dict:
+        return {isa: {name: r[name][key] / results[best][name][key] for name in r
+                      if key in r[name] and key in results[best].get(name, {})}
+                for isa, r in results.items()}
+
+    ratios = vs_best("tok_s")
     record = {"kind": "cpu_isa", "machine": machine(), "cores": os.cpu_count(),
               "threads": args.threads, "new_tokens": args.new, "reps": args.reps,
               "model": str(args.kbit), "versions": versions(("torch", "kbitrt")),
               "commit": commit, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
               "note": "forced variants of one AVX-512 machine (KBIT_CPU_ISA); other agents were "
                       "running on this 2-core machine",
-              "results": results, f"tok_s_vs_{best}": ratios}
+              "results": results, f"tok_s_vs_{best}": ratios,
+              f"tok_s_cpu_time_vs_{best}": vs_best("tok_s_cpu_time")}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(ratios, indent=2))
-    return 0
+    return ratios
 
 
 if __name__ == "__main__":
