@@ -1,6 +1,11 @@
-"""The fused k-bit CPU kernels (cpu_kernels.cpp): built on first use, twins in reference.py.
+"""The fused k-bit CPU kernels (cpu_kernels.cpp): prebuilt, or built on first use; twins in reference.py.
 
-The C++ source ships with the package and is compiled once per machine by torch's extension
+The package is built with the kernels compiled ahead for each instruction set of its architecture
+(kernels/cpu_build.py: AVX-512 with VNNI, AVX-512, AVX2 + FMA + F16C, portable; scripts/setup.sh
+and setup.py run kernels/build_prebuilt.py), and the best variant this CPU runs is loaded without
+a compiler; KBIT_CPU_ISA picks another (`native`: always the build below; or a variant's name).
+Where no prebuilt set matches (the sources changed in a checkout, another torch, none built), the
+C++ source that ships with the package is compiled once per machine by torch's extension
 builder (a C++ compiler and ninja; `-march=native`, so its AVX-512 or AVX2 paths are used where the
 CPU has them, portable loops elsewhere) into the kbitrt cache, keyed by the source, torch's
 version and the CPU's flags. One process builds at a time: the build holds an OS file lock
@@ -35,6 +40,9 @@ from typing import Iterator
 
 import torch
 
+from kbitrt.runtime.kernels.cpu_build import (cpu_flags, prebuilt_library, requested_isa,
+                                              variants)
+
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),  # included by SOURCE
            Path(__file__).with_name("cpu_pair4.h"), Path(__file__).with_name("cpu_layers.h"),
@@ -51,31 +59,53 @@ def _cache_dir() -> Path:
     return root / "cpu-kernels"
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def build_name(variant: str = "native") -> str:
     """The extension's name: changes with the source, torch's version, the CPU and the variant."""
     key = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
-    key += torch.__version__.encode() + _cpu_flags().encode() + variant.encode()
+    flags = " ".join([platform.machine(), *sorted(cpu_flags())])
+    key += torch.__version__.encode() + flags.encode() + variant.encode()
     return "kbitrt_cpu_" + hashlib.sha256(key).hexdigest()[:12]
 
 
 def available() -> bool:
-    """Whether the fused CPU kernels are built and loaded (building them on the first call)."""
+    """Whether the fused CPU kernels are loaded: the prebuilt library for this CPU, else built on
+    the first call. RunError for a KBIT_CPU_ISA this CPU cannot run."""
     if "ok" not in _state:
-        _state["ok"], _state["reason"] = _load()
+        _state["ok"], _state["reason"] = _load_runtime()
         if not _state["ok"]:
             print(f"kbit: fused CPU kernels unavailable ({_state['reason']}); "
                   "using 16-bit dense copies", file=sys.stderr)
     return _state["ok"]
+
+
+def loaded_variant() -> str | None:
+    """Which build runs: "prebuilt <variant>", "built <variant>" or None (unavailable)."""
+    return _state.get("variant") if available() else None
+
+
+def _load_runtime() -> tuple[bool, str]:
+    """The runtime's kernels (torch.ops.kbitrt_cpu): the prebuilt variant KBIT_CPU_ISA asks for
+    (default: the best this CPU runs), else compiled here."""
+    if os.environ.get("KBIT_CPU_KERNELS", "1") == "0":
+        return False, "KBIT_CPU_KERNELS=0"
+    isa = requested_isa()
+    why = "KBIT_CPU_ISA=native"
+    if isa != "native" and sys.platform == "linux":
+        lib, name, why = prebuilt_library((SOURCE, *HEADERS), isa, torch.__version__)
+        if lib is not None:
+            try:
+                torch.ops.load_library(str(lib))
+                _state["variant"] = f"prebuilt {name}"
+                _register_fakes()
+                return True, ""
+            except (OSError, RuntimeError) as e:
+                why = f"the prebuilt {name} kernels do not load: {_first_line(e)}"
+    variant = isa if isa in variants() else "native"
+    ok, reason = _load(variant, "kbitrt_cpu", why)
+    if ok:
+        _state["variant"] = f"built {variant}"
+        return True, ""
+    return False, reason if isa == "native" else f"{why}; and building them: {reason}"
 
 
 def unavailable_reason() -> str | None:
@@ -96,11 +126,12 @@ def describe() -> str:
     return {512: "avx512", 256: "avx2"}.get(torch.ops.kbitrt_cpu.simd_width(), "portable")
 
 
-# the build's C flags: native (the default, every instruction this CPU has); avx2 and portable
-# (x86-64 without AVX: the fallback loops) are what other CPUs run, which tests build and check
-# beside the native one
-_VARIANTS = {"native": ["-march=native"], "avx2": ["-march=haswell"],
-             "portable": ["-march=x86-64", "-mno-avx"]}
+def _cflags(variant: str) -> list[str]:
+    """The build's -march flags: native (the default, every instruction this CPU has) or one of
+    kernels/cpu_build.py's variants (what other CPUs run, which tests build beside the native one)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return [] if variant == "native" else list(variants()[variant].cflags)
+    return ["-march=native"] if variant == "native" else list(variants()[variant].cflags)
 
 
 def build_timeout() -> float:
@@ -146,37 +177,41 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[-1][:200] if text else type(e).__name__
 
 
-def _load(variant: str = "native") -> tuple[bool, str]:
+def _load(variant: str = "native", namespace: str | None = None, why: str = "") -> tuple[bool, str]:
+    """Build (once) and load the kernels for `variant` as torch.ops.<namespace> (default:
+    kbitrt_cpu for native, kbitrt_cpu_<variant> beside it otherwise). `why`: why it is built."""
     if os.environ.get("KBIT_CPU_KERNELS", "1") == "0":
         return False, "KBIT_CPU_KERNELS=0"
     if sys.platform != "linux":
         return False, f"built only on Linux, not {sys.platform}"
-    name = build_name(variant)
+    default_ns = "kbitrt_cpu" if variant == "native" else f"kbitrt_cpu_{variant}"
+    namespace = namespace or default_ns
+    name = build_name(variant if namespace == default_ns else f"{variant}/{namespace}")
     build_dir = _cache_dir() / name
-    namespace = "kbitrt_cpu" if variant == "native" else f"kbitrt_cpu_{variant}"
-    arch = _VARIANTS[variant] if platform.machine() in ("x86_64", "AMD64") else []
-    flags = ["-O3", *arch, "-fopenmp", f"-DKBIT_NS={namespace}"]
+    flags = ["-O3", *_cflags(variant), "-fopenmp", f"-DKBIT_NS={namespace}"]
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
         with build_lock(build_dir, build_timeout()):
-            _build_and_load(name, build_dir, flags, notice=variant == "native")
+            _build_and_load(name, build_dir, flags,
+                            notice=why if namespace == "kbitrt_cpu" else "")
     except (OSError, RuntimeError, ImportError, ValueError) as e:  # no compiler/ninja, build error
         return False, _first_line(e)
-    if variant == "native":
+    if namespace == "kbitrt_cpu":
         _register_fakes()
     return True, ""
 
 
-def _build_and_load(name: str, build_dir: Path, flags: list[str], notice: bool) -> None:
+def _build_and_load(name: str, build_dir: Path, flags: list[str], notice: str) -> None:
     """Build (when out of date) and load the library; one that is built but does not load (a
-    corrupt or truncated .so) is removed with its build folder and rebuilt once."""
+    corrupt or truncated .so) is removed with its build folder and rebuilt once. `notice`: why
+    it is built, told (with where) before a build of the runtime's kernels."""
     from torch.utils import cpp_extension
 
     so = build_dir / f"{name}.so"
     for attempt in (0, 1):
         if notice and not so.exists():
             print(f"kbit: building the fused CPU kernels for this machine (once, ~20 s) in "
-                  f"{build_dir}", file=sys.stderr, flush=True)
+                  f"{build_dir} ({notice})", file=sys.stderr, flush=True)
         try:
             cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(build_dir),
                                extra_cflags=flags, extra_ldflags=["-fopenmp"],
