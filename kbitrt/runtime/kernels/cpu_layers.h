@@ -175,11 +175,8 @@ at::Tensor stack_linear(const StackLinear& s, int64_t fused_max_rows, const at::
             ? kbit_linear_planes(x2, s.w0, s.w1, s.w2, bias, s.bits, s.block, s.in_features)
             : at::linear(x2, kbit_dequantize_planes(s.w0, s.w1, s.w2, s.bits, s.block,
                                                     s.in_features), s.bias);
-  } else if (x2.size(0) <= fused_max_rows) {
+  } else {  // above fused_max_rows the op runs its prefill GEMM (cpu_gemm.h), as cpu.py's
     y = kbit_linear(x2, s.w0, s.w1, s.w2, bias, s.bits, s.block, s.in_features);
-  } else {
-    y = at::linear(x2, kbit_dequantize(s.w0, s.w1, s.w2, s.bits, s.block, s.in_features),
-                   s.bias);
   }
   shape.back() = y.size(1);
   return y.reshape(shape).to(x.scalar_type());
