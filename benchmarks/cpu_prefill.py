@@ -55,23 +55,26 @@ def packed(n: int, k: int, bits: int, seed: int = 0):
     return q, a, pad_codebook(cb, bits)
 
 
-def paths(q, a, c, bits, k):
+def paths(q, a, c, bits, k, bf16: bool = True):
     """name -> fn(x): the new GEMM, the old dequantize + fp32 matmul, a bf16 copy + oneDNN."""
     from kbitrt.runtime.kernels import cpu
 
-    w16 = cpu.kbit_dequantize(q, a, c, bits, BLOCK, k).bfloat16()
+    assert cpu.available(), cpu.unavailable_reason()
 
     def old(x):
         return F.linear(x, torch.ops.kbitrt_cpu.kbit_dequantize(q, a, c, bits, BLOCK, k))
 
-    return {"new": lambda x: cpu.kbit_linear(x, q, a, c, None, bits, BLOCK, k), "old": old,
-            "bf16 matmul (16-bit copy)": lambda x: F.linear(x.bfloat16(), w16).float()}
+    out = {"new": lambda x: cpu.kbit_linear(x, q, a, c, None, bits, BLOCK, k), "old": old}
+    if bf16:
+        w16 = cpu.kbit_dequantize(q, a, c, bits, BLOCK, k).bfloat16()
+        out["bf16 matmul (16-bit copy)"] = lambda x: F.linear(x.bfloat16(), w16).float()
+    return out
 
 
 def temporaries(n: int, k: int, m: int, threads: int) -> dict:
     """Bytes each path allocates beyond x and y (cpu_gemm.h's sizes at AVX-512: 12-row groups,
-    32-token strips, 320 KiB panels)."""
-    nc = min(max(1, 320 * 1024 // (k * 4 * 12)), (n + 11) // 12) * 12
+    32-token strips, 512 KiB panels)."""
+    nc = min(max(2, 512 * 1024 // (k * 4 * 12)), (n + 11) // 12) * 12
     mp = (m + 31) // 32 * 32
     return {"old": n * k * 4, "new": mp * k * 4 + m * k * 4 + threads * nc * (k + mp) * 4}
 
@@ -130,6 +133,35 @@ def plan(quick: bool) -> list[tuple[str, tuple[int, int], int, int]]:
     return items
 
 
+PEAK = """
+import resource, sys, torch
+sys.path.insert(0, {here!r})
+from cpu_prefill import packed, paths
+torch.set_num_threads({threads})
+n, k, m = {n}, {k}, {m}
+q, a, c = packed(n, k, 4)
+x = torch.randn(m, k)
+paths(*packed(64, k, 4), 4, k, bf16=False)[{path!r}](x)  # warm-up: libraries, threads
+fn = paths(q, a, c, 4, k, bf16=False)[{path!r}]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fn(x)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+def peak_growth(n: int, k: int, m: int, threads: int) -> dict:
+    """Peak RSS growth (MiB) of one call, each path in a fresh process (after a smaller call)."""
+    out = {}
+    for path in ("new", "old"):
+        code = PEAK.format(here=str(Path(__file__).parent), threads=threads, n=n, k=k, m=m,
+                           path=path)
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
+        out[path] = int(run.stdout.split()[-1]) / 1024
+    return {"N": n, "K": k, "M": m, "peak_rss_growth_mib": out,
+            "fp32_layer_mib": n * k * 4 / 2**20}
+
+
 def git_commit() -> str:
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                           text=True).stdout.strip()
@@ -160,6 +192,11 @@ def main(argv=None) -> int:
                   f"(x{r['speedup_new_vs_old']:.2f}); per CPU-s new "
                   f"{r['new']['gflops_per_cpu_s']:6.1f} old {r['old']['gflops_per_cpu_s']:6.1f}",
                   flush=True)
+    memory = [peak_growth(n, k, 256, args.threads) for n, k in (LAYER["gate_up"], LAYER["down"])]
+    for r in memory:
+        print(f"peak RSS growth of one call N={r['N']} K={r['K']} M=256: "
+              f"new {r['peak_rss_growth_mib']['new']:.1f} MiB, old "
+              f"{r['peak_rss_growth_mib']['old']:.1f} MiB (fp32 layer {r['fp32_layer_mib']:.0f})")
     layers = [layer_summary(rows, m, b) for m, b in sorted({(r["M"], r["bits"]) for r in rows
                                                             if r["name"] in LAYER})]
     for s in layers:
@@ -175,7 +212,7 @@ def main(argv=None) -> int:
               "commit": git_commit(), "loadavg_start": load_start,
               "loadavg_end": os.getloadavg(),
               "note": "shared 2-core VM; other agents' jobs were running unless the load says "
-                      "otherwise", "rows": rows, "layers": layers}
+                      "otherwise", "rows": rows, "layers": layers, "memory": memory}
     if args.json:
         out = Path(args.output or ROOT / f"benchmarks/results/cpu_prefill-{args.threads}threads"
                    f"{'-quick' if args.quick else ''}.json")

@@ -13,7 +13,7 @@
 // summed across kKc panels through the worker's C tile: a fixed order, independent of threads.
 #pragma once
 
-constexpr int64_t kPanelBytes = 320 * 1024;  // a worker's decoded W rows (whole K): in L2
+constexpr int64_t kPanelBytes = 512 * 1024;  // a worker's decoded W rows (whole K): in L2
 constexpr int64_t kKc = 256;                 // k per pass: a strip of x (kMr x kKc) stays in L1
 #if defined(KBIT_SIMD) && KBIT_SIMD == 512
 constexpr int kMv = 2, kNr = 12;  // 24 accumulators of 32 registers
@@ -73,9 +73,10 @@ inline void micro_tile(const float* xp, const float* w, int64_t ldw, int64_t kc,
 #endif
 }
 
-// W rows per panel: whole groups of kNr, as many as kPanelBytes holds at this K
+// W rows per panel: whole groups of kNr, as many as kPanelBytes holds at this K and at least two
+// (each pass over a strip of x then feeds two micro tiles or more)
 inline int64_t panel_rows(int64_t K, int64_t N) {
-  const int64_t groups = std::max<int64_t>(1, kPanelBytes / (K * 4 * kNr));
+  const int64_t groups = std::max<int64_t>(2, kPanelBytes / (K * 4 * kNr));
   return std::min(groups, (N + kNr - 1) / kNr) * kNr;
 }
 
@@ -84,9 +85,13 @@ template <typename Decode>
 void gemm_panels(const float* xp, int64_t M, int64_t K, int64_t N, const float* bias, float* y,
                  Decode decode) {
   const int64_t nc = panel_rows(K, N), strips = (M + kMr - 1) / kMr, mp = strips * kMr;
-  at::parallel_for(0, (N + nc - 1) / nc, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t tiles = (N + nc - 1) / nc;
+  // workers take the next panel as they finish one: a worker slowed by the machine's other
+  // work does not hold the rest up (each output is computed the same way whoever takes it)
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tiles, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<float> wp(nc * K), ct(nc * mp);  // the panel and its C tile (transposed)
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t; (t = next.fetch_add(1)) < tiles;) {
       const int64_t n0 = t * nc, rows = std::min(nc, N - n0);
       const int64_t padded = (rows + kNr - 1) / kNr * kNr;
       for (int64_t r = 0; r < rows; ++r) decode(n0 + r, wp.data() + r * K);
