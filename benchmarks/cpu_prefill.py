@@ -134,7 +134,9 @@ def plan(quick: bool) -> list[tuple[str, tuple[int, int], int, int]]:
 
 
 PEAK = """
-import resource, sys, torch
+import sys, torch
+def hwm():  # peak RSS of this process image in KiB (ru_maxrss would carry the parent's across exec)
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 sys.path.insert(0, {here!r})
 from cpu_prefill import packed, paths
 torch.set_num_threads({threads})
@@ -143,9 +145,9 @@ q, a, c = packed(n, k, 4)
 x = torch.randn(m, k)
 paths(*packed(64, k, 4), 4, k, bf16=False)[{path!r}](x)  # warm-up: libraries, threads
 fn = paths(q, a, c, 4, k, bf16=False)[{path!r}]
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm()
 fn(x)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+print(hwm() - before)
 """
 
 
