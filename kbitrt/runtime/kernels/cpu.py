@@ -22,7 +22,8 @@ path, never a failure. Which models hold packed codes by default: loader.cpu_wei
 
 x and y are fp32; y[m] does not depend on how many rows x has up to FUSED_MAX_ROWS (one fixed
 summation order), so a decoding step and a verifying step over several tokens agree exactly.
-Above it a layer is dequantized into a temporary and multiplied by torch (prefill, perplexity).
+Above it kbit_linear runs a GEMM over W decoded a few rows at a time into cache (cpu_gemm.h:
+prefill, perplexity); the other ops still dequantize a layer into a temporary for torch's matmul.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),  # included by SOURCE
            Path(__file__).with_name("cpu_pair4.h"), Path(__file__).with_name("cpu_layers.h"),
            Path(__file__).with_name("cpu_rows.h"), Path(__file__).with_name("cpu_planes.h"),
-           Path(__file__).with_name("cpu_schema.h"))
+           Path(__file__).with_name("cpu_schema.h"),
+           Path(__file__).with_name("cpu_gemm.h"))
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # what half_linear reads
-FUSED_MAX_ROWS = 32  # rows of x the fused kernel takes; above, dequantize + torch matmul
+FUSED_MAX_ROWS = 32  # rows of x the fused kernel takes; above, the prefill GEMM (cpu_gemm.h)
 _HEAD_CHUNK = 4096  # output rows per fp32 temporary of a 16-bit head above FUSED_MAX_ROWS
 _state: dict = {}
 
@@ -259,15 +261,12 @@ def _register_fakes() -> None:
 def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
                 codebook: torch.Tensor, bias: torch.Tensor | None, bits: int, block_size: int,
                 in_features: int) -> torch.Tensor:
-    """x (M, K) fp32 -> (M, N) fp32 from the packed weight (available() must be True)."""
+    """x (M, K) fp32 -> (M, N) fp32 from the packed weight (available() must be True); above
+    FUSED_MAX_ROWS rows the op runs its prefill GEMM (cpu_gemm.h)."""
     x = x.float().contiguous()
     b = None if bias is None else bias.float().contiguous()
-    if x.shape[0] <= FUSED_MAX_ROWS:
-        return torch.ops.kbitrt_cpu.kbit_linear(x, qweight, absmax, codebook, b, bits,
-                                                block_size, in_features)
-    w = torch.ops.kbitrt_cpu.kbit_dequantize(qweight, absmax, codebook, bits, block_size,
-                                             in_features)
-    return torch.nn.functional.linear(x, w, b)
+    return torch.ops.kbitrt_cpu.kbit_linear(x, qweight, absmax, codebook, b, bits, block_size,
+                                            in_features)
 
 
 def kbit_dequantize(qweight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,

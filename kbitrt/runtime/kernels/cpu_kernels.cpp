@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
@@ -379,6 +381,10 @@ void with_decoder(const at::Tensor& qweight, const at::Tensor& absmax, const at:
     dispatch(absmax.data_ptr<float>());
 }
 
+#include "cpu_gemm.h"
+
+constexpr int64_t kFusedMaxRows = 32;  // kernels/cpu.py FUSED_MAX_ROWS: above, cpu_gemm.h
+
 at::Tensor kbit_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
                        const at::Tensor& codebook, const c10::optional<at::Tensor>& bias,
                        int64_t bits, int64_t block_size, int64_t in_features) {
@@ -386,6 +392,10 @@ at::Tensor kbit_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   const int64_t M = x.size(0), N = qweight.size(0), K = in_features;
   auto y = at::empty({M, N}, x.options());
   const float* b = bias_ptr(bias, N);
+  if (M > kFusedMaxRows) {  // prefill: decoded tiles and a register-blocked GEMM
+    kbit_gemm_into(x, qweight, absmax, codebook, b, bits, block_size, K, y.data_ptr<float>());
+    return y;
+  }
   with_decoder(qweight, absmax, codebook, bits, block_size, K,
                [&](auto, auto decode, auto rd, bool pair) {
     const float* xs = x.data_ptr<float>();

@@ -40,7 +40,7 @@ struct StackConfig {
   schema::Qkv qkv;
   schema::Mlp mlp;
   bool parallel_residual, post_norm, residual_from_norm;
-  int64_t fused_max_rows;  // kernels/cpu.py FUSED_MAX_ROWS: above, dequantize + torch matmul
+  int64_t fused_max_rows;  // kernels/cpu.py FUSED_MAX_ROWS: above, the op's prefill GEMM (cpu_gemm.h)
   double eps;
 };
 
@@ -164,7 +164,7 @@ at::Tensor stack_half_linear(const at::Tensor& w, const at::Tensor& bias, int64_
 }
 
 // KbitLinear.forward (linear.py) and, for dense weights, its dense_linear / nn.Linear; a batch's
-// rows (batch x tokens) may exceed fused_max_rows: then dequantize + torch matmul, as there
+// rows (batch x tokens) may exceed fused_max_rows: then the op's prefill GEMM, as there
 at::Tensor stack_linear(const StackLinear& s, int64_t fused_max_rows, const at::Tensor& x) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   if (s.kind == schema::LinearKind::dense) {
@@ -188,11 +188,8 @@ at::Tensor stack_linear(const StackLinear& s, int64_t fused_max_rows, const at::
             ? kbit_linear_planes(x2, s.w0, s.w1, s.w2, bias, s.bits, s.block, s.in_features)
             : at::linear(x2, kbit_dequantize_planes(s.w0, s.w1, s.w2, s.bits, s.block,
                                                     s.in_features), s.bias);
-  } else if (x2.size(0) <= fused_max_rows) {
+  } else {  // above fused_max_rows the op runs its prefill GEMM (cpu_gemm.h), as cpu.py's
     y = kbit_linear(x2, s.w0, s.w1, s.w2, bias, s.bits, s.block, s.in_features);
-  } else {
-    y = at::linear(x2, kbit_dequantize(s.w0, s.w1, s.w2, s.bits, s.block, s.in_features),
-                   s.bias);
   }
   shape.back() = y.size(1);
   return y.reshape(shape).to(x.scalar_type());
