@@ -38,7 +38,8 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 HEADERS = (Path(__file__).with_name("cpu_simd.h"),  # included by SOURCE
            Path(__file__).with_name("cpu_pair4.h"), Path(__file__).with_name("cpu_layers.h"),
-           Path(__file__).with_name("cpu_rows.h"), Path(__file__).with_name("cpu_planes.h"))
+           Path(__file__).with_name("cpu_rows.h"), Path(__file__).with_name("cpu_planes.h"),
+           Path(__file__).with_name("cpu_int8.h"))
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # what half_linear reads
 FUSED_MAX_ROWS = 32  # rows of x the fused kernel takes; above, dequantize + torch matmul
 _HEAD_CHUNK = 4096  # output rows per fp32 temporary of a 16-bit head above FUSED_MAX_ROWS
@@ -163,6 +164,7 @@ def _load(variant: str = "native") -> tuple[bool, str]:
         return False, _first_line(e)
     if variant == "native":
         _register_fakes()
+        torch.ops.kbitrt_cpu.set_int8_activations(activations() == "int8")
     return True, ""
 
 
@@ -215,6 +217,10 @@ def _register_fakes() -> None:
     def _(x, planes, absmax, codebook, bias, k_planes, block_size, in_features):
         return x.new_empty((x.shape[0], planes.shape[1]))
 
+    @torch.library.register_fake("kbitrt_cpu::kbit_linear_int8")
+    def _(x, qweight, absmax, codebook, bias, bits, block_size, in_features):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
     @torch.library.register_fake("kbitrt_cpu::half_linear")
     def _(x, weight, bias):
         return x.new_empty((x.shape[0], weight.shape[0]))
@@ -232,6 +238,29 @@ def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
     w = torch.ops.kbitrt_cpu.kbit_dequantize(qweight, absmax, codebook, bits, block_size,
                                              in_features)
     return torch.nn.functional.linear(x, w, b)
+
+
+# what the fused decode path multiplies packed weights with (cpu_int8.h): "int8" quantizes x per
+# 32 values and sums integer products (VNNI / AVX2), "fp32" looks up fp32 weights and uses FMA.
+# The default: KBIT_CPU_ACTIVATIONS, else DEFAULT_ACTIVATIONS (docs/cpu.md gives its fidelity)
+ACTIVATIONS = ("int8", "fp32")
+DEFAULT_ACTIVATIONS = "int8"
+
+
+def set_activations(mode: str) -> None:
+    """Route kbit_linear (and the C++ layer stack's linears) through `mode`'s kernels."""
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"cpu activations {mode!r}: use one of {', '.join(ACTIVATIONS)}")
+    _state["activations"] = mode
+    if available():
+        torch.ops.kbitrt_cpu.set_int8_activations(mode == "int8")
+
+
+def activations() -> str:
+    """The fused decode path's activations: set_activations', else KBIT_CPU_ACTIVATIONS's (when
+    one of ACTIVATIONS), else DEFAULT_ACTIVATIONS."""
+    env = os.environ.get("KBIT_CPU_ACTIVATIONS", DEFAULT_ACTIVATIONS)
+    return _state.get("activations", env if env in ACTIVATIONS else DEFAULT_ACTIVATIONS)
 
 
 def kbit_dequantize(qweight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,

@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
@@ -379,9 +381,13 @@ void with_decoder(const at::Tensor& qweight, const at::Tensor& absmax, const at:
     dispatch(absmax.data_ptr<float>());
 }
 
+#include "cpu_int8.h"
+
 at::Tensor kbit_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
                        const at::Tensor& codebook, const c10::optional<at::Tensor>& bias,
                        int64_t bits, int64_t block_size, int64_t in_features) {
+  if (g_int8_activations.load(std::memory_order_relaxed) && block_size % kGroup == 0)
+    return kbit_linear_int8(x, qweight, absmax, codebook, bias, bits, block_size, in_features);
   check_x(x, in_features);
   const int64_t M = x.size(0), N = qweight.size(0), K = in_features;
   auto y = at::empty({M, N}, x.options());
@@ -501,6 +507,10 @@ TORCH_LIBRARY(KBIT_NS, m) {
   m.def("kbit_dequantize_planes(Tensor planes, Tensor absmax, Tensor codebook, int k_planes, "
         "int block_size, int in_features) -> Tensor");
   m.def("simd_width() -> int", &simd_width);
+  m.def("kbit_linear_int8(Tensor x, Tensor qweight, Tensor absmax, Tensor codebook, Tensor? bias, "
+        "int bits, int block_size, int in_features) -> Tensor");
+  m.def("set_int8_activations(bool on) -> ()", &set_int8_activations);
+  m.def("int8_width() -> int", &int8_width);
   m.def("layer_stack_create(Tensor[] tensors, int[] config, float eps) -> int",
         &layer_stack_create);
   m.def("layer_stack_free(int handle) -> ()", &layer_stack_free);
@@ -511,6 +521,7 @@ TORCH_LIBRARY(KBIT_NS, m) {
 
 TORCH_LIBRARY_IMPL(KBIT_NS, CPU, m) {
   m.impl("kbit_linear", &kbit_linear);
+  m.impl("kbit_linear_int8", &kbit_linear_int8);
   m.impl("kbit_dequantize", &kbit_dequantize);
   m.impl("half_linear", &half_linear);
   m.impl("kbit_linear_planes", &kbit_linear_planes);
