@@ -9,12 +9,21 @@ Both wall time and process CPU time are recorded: on a shared machine the CPU ti
 figure. Writes benchmarks/results/cpu_matmul-<threads>threads.json.
 
     python benchmarks/cpu_matmul.py --threads 2 --reps 5
+
+`--shapes` times instead single linears of SmolLM2-135M's and TinyLlama-1.1B's shapes at M = 1
+and 4 rows of x: the fp16 copy (half_linear) against the packed codes at k = 3..8 (nf, block 64)
+through the fp32 path and the int8-activation path (kernels/cpu_int8.h), each over enough copies
+of the weight (random codes) to stream >= 48 MB from memory. Writes
+benchmarks/results/cpu_matmul_shapes-<threads>threads.json.
+
+    python benchmarks/cpu_matmul.py --shapes --threads 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -62,6 +71,14 @@ def _packed_linear(x, state, ops=None):
     return cpu.kbit_linear(x, q, a, c, None, bits, 64, k)
 
 
+def _int8_linear(x, state):
+    """The int8-activation path (the head stays fp16 through half_linear)."""
+    if state[0] == "head":
+        return _packed_linear(x, state)
+    q, a, c, bits, k = state
+    return torch.ops.kbitrt_cpu.kbit_linear_int8(x, q, a, c, None, bits, 64, k)
+
+
 def variants():
     """name -> (prepare(w) -> (state, the weight it computes with, bytes held), fn(x, state))."""
     out = {"fp32 F.linear": (_dense(torch.float32), lambda x, w: F.linear(x, w))}
@@ -74,6 +91,7 @@ def variants():
     if cpu.available():
         for bits in range(3, 9):
             out[f"kbit nf{bits} fused"] = (_packed(bits), _packed_linear)
+            out[f"kbit nf{bits} fused int8"] = (_packed(bits), _int8_linear)
         # what a CPU without AVX-512 runs (AVX2 + FMA + F16C), and one without AVX: built here
         for variant in ("avx2", "portable"):
             ops = cpu.load_variant(variant)
@@ -119,30 +137,119 @@ def run(layers: int, reps: int, head: bool) -> dict:
     return res
 
 
+SHAPE_SETS = {"SmolLM2-135M": [(576, 576), (192, 576), (1536, 576), (576, 1536)],
+              "TinyLlama-1.1B": [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632)]}
+STREAM_BYTES = 48e6  # per timed pass: over this VM's 32 MB L3
+
+
+def _timed(fn, states, x, reps: int) -> float:
+    """Best wall seconds per call over reps passes through all states."""
+    fn(x, states[0])
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for st in states:
+            fn(x, st)
+        best = min(best, time.perf_counter() - t0)
+    return best / len(states)
+
+
+def run_shapes(reps: int) -> list[dict]:
+    """Per shape, M and k: ms and GB/s of fp16 copies, the fp32 path and the int8 path."""
+    from kbitrt.runtime.kernels import cpu
+    from kbitrt.runtime.kernels.reference import pad_codebook
+
+    assert cpu.available(), cpu.unavailable_reason()
+    ops, g, rows = torch.ops.kbitrt_cpu, torch.Generator().manual_seed(0), []
+    for model, shapes in SHAPE_SETS.items():
+        for n, k in shapes:
+            half = torch.randn(n, k, generator=g).half()
+            copies = max(1, int(STREAM_BYTES // half.nbytes) + 1)
+            hs = [half.clone() for _ in range(copies)]
+            for m in (1, 4):
+                x = torch.randn(m, k, generator=g)
+                t = _timed(lambda x, w: ops.half_linear(x, w, None), hs, x, reps)
+                rows.append({"model": model, "N": n, "K": k, "M": m, "path": "fp16 copy",
+                             "bits": 16, "ms": 1e3 * t, "gbps": half.nbytes / t / 1e9})
+            del hs
+            for bits in range(3, 9):
+                cb = pad_codebook(_nf_codebook(bits), bits)
+                kp = -(-k // 8) * 8
+                q = torch.randint(0, 256, (n, kp * bits // 8), dtype=torch.uint8, generator=g)
+                a = (torch.rand(n, -(-k // 64), generator=g) + 0.5).half()
+                nbytes = q.nbytes + a.nbytes
+                sts = [(q.clone(), a.clone()) for _ in range(max(1, int(STREAM_BYTES // nbytes) + 1))]
+                for m in (1, 4):
+                    x = torch.randn(m, k, generator=g)
+                    for path, op in (("fp32", ops.kbit_linear), ("int8", ops.kbit_linear_int8)):
+                        ops.set_int8_activations(False)
+                        t = _timed(lambda x, s, op=op: op(x, s[0], s[1], cb, None, bits, 64, k),
+                                   sts, x, reps)
+                        rows.append({"model": model, "N": n, "K": k, "M": m, "path": path,
+                                     "bits": bits, "ms": 1e3 * t, "gbps": nbytes / t / 1e9})
+                del sts
+            for m in (1, 4):
+                line = [r for r in rows if r["N"] == n and r["K"] == k and r["M"] == m]
+                print(f"{model} {n}x{k} M={m}: " + ", ".join(
+                    f"{r['path']}{'' if r['bits'] == 16 else r['bits']} {r['ms']:.3f}"
+                    for r in line), flush=True)
+    return rows
+
+
+def _nf_codebook(bits: int) -> torch.Tensor:
+    from kbitrt.format.config import QuantConfig
+    from kbitrt.format.quantizer import quantize_weight
+
+    return quantize_weight(torch.randn(4, 64), QuantConfig(bits=bits, block_size=64,
+                                                           dtype="nf")).codebook
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shapes", action="store_true",
+                    help="single linears of SmolLM2 / TinyLlama shapes, fp16 vs fp32 vs int8")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("-o", "--output", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.shapes:
+        return _main_shapes(args)
     with torch.no_grad():
         run(2, 1, False)  # warm-up
         res = run(args.layers, args.reps, True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else []
-    record = {"kind": "cpu_matmul", "machine": platform.processor() or platform.machine(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "threads": args.threads, "layers": args.layers, "reps": args.reps,
-              "torch": torch.__version__, "python": sys.version.split()[0], "commit": commit,
+    record = {"kind": "cpu_matmul", **_record(args), "layers": args.layers,
               "loadavg_at_end": load, "results": res}
     out = Path(args.output or ROOT / f"benchmarks/results/cpu_matmul-{args.threads}threads.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     for name, r in res.items():
         print(f"{name:16s}", {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()})
+    print(f"written to {out}")
+    return 0
+
+
+def _record(args) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    return {"machine": platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": args.threads, "reps": args.reps, "torch": torch.__version__,
+            "python": sys.version.split()[0], "commit": commit}
+
+
+def _main_shapes(args) -> int:
+    with torch.no_grad():
+        rows = run_shapes(args.reps)
+    record = {"kind": "cpu_matmul_shapes", **_record(args),
+              "int8_width": int(torch.ops.kbitrt_cpu.int8_width()),
+              "stream_bytes": STREAM_BYTES, "loadavg_at_end": list(os.getloadavg()),
+              "note": "other agents were running on this 2-core VM", "results": rows}
+    out = Path(args.output or
+               ROOT / f"benchmarks/results/cpu_matmul_shapes-{args.threads}threads.json")
+    out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"written to {out}")
     return 0
 
