@@ -142,57 +142,61 @@ SHAPE_SETS = {"SmolLM2-135M": [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 STREAM_BYTES = 48e6  # per timed pass: over this VM's 32 MB L3
 
 
-def _timed(fn, states, x, reps: int) -> float:
-    """Best wall seconds per call over reps passes through all states."""
-    fn(x, states[0])
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for st in states:
-            fn(x, st)
-        best = min(best, time.perf_counter() - t0)
-    return best / len(states)
+def _shape_variants(n: int, k: int, g: torch.Generator) -> list[tuple]:
+    """(path, bits, fn(x, state), states, bytes per state) for one shape: the fp16 copy and the
+    packed codes (random, nf codebook, block 64) of each k through both paths, each over enough
+    copies to stream STREAM_BYTES."""
+    from kbitrt.runtime.kernels.reference import pad_codebook
+
+    ops = torch.ops.kbitrt_cpu
+    half = torch.randn(n, k, generator=g).half()
+    out = [("fp16 copy", 16, lambda x, w: ops.half_linear(x, w, None),
+            [half.clone() for _ in range(int(STREAM_BYTES // half.nbytes) + 1)], half.nbytes)]
+    for bits in range(3, 9):
+        cb, kp = pad_codebook(_nf_codebook(bits), bits), -(-k // 8) * 8
+        q = torch.randint(0, 256, (n, kp * bits // 8), dtype=torch.uint8, generator=g)
+        a = (torch.rand(n, -(-k // 64), generator=g) + 0.5).half()
+        nbytes = q.nbytes + a.nbytes
+        states = [(q.clone(), a.clone()) for _ in range(int(STREAM_BYTES // nbytes) + 1)]
+        for path, op in (("fp32", ops.kbit_linear), ("int8", ops.kbit_linear_int8)):
+            out.append((path, bits, lambda x, s, op=op, cb=cb, bits=bits: op(
+                x, s[0], s[1], cb, None, bits, 64, k), states, nbytes))
+    return out
 
 
 def run_shapes(reps: int) -> list[dict]:
-    """Per shape, M and k: ms and GB/s of fp16 copies, the fp32 path and the int8 path."""
+    """Per shape and M: ms (best wall, best process CPU) and GB/s of fp16 copies, the fp32 path and
+    the int8 path at each k; the variants alternate within each rep, so a busy moment of the
+    shared machine falls on all of them."""
     from kbitrt.runtime.kernels import cpu
-    from kbitrt.runtime.kernels.reference import pad_codebook
 
     assert cpu.available(), cpu.unavailable_reason()
-    ops, g, rows = torch.ops.kbitrt_cpu, torch.Generator().manual_seed(0), []
+    torch.ops.kbitrt_cpu.set_int8_activations(False)  # kbit_linear: the fp32 path
+    g, rows = torch.Generator().manual_seed(0), []
     for model, shapes in SHAPE_SETS.items():
         for n, k in shapes:
-            half = torch.randn(n, k, generator=g).half()
-            copies = max(1, int(STREAM_BYTES // half.nbytes) + 1)
-            hs = [half.clone() for _ in range(copies)]
+            variants_ = _shape_variants(n, k, g)
             for m in (1, 4):
                 x = torch.randn(m, k, generator=g)
-                t = _timed(lambda x, w: ops.half_linear(x, w, None), hs, x, reps)
-                rows.append({"model": model, "N": n, "K": k, "M": m, "path": "fp16 copy",
-                             "bits": 16, "ms": 1e3 * t, "gbps": half.nbytes / t / 1e9})
-            del hs
-            for bits in range(3, 9):
-                cb = pad_codebook(_nf_codebook(bits), bits)
-                kp = -(-k // 8) * 8
-                q = torch.randint(0, 256, (n, kp * bits // 8), dtype=torch.uint8, generator=g)
-                a = (torch.rand(n, -(-k // 64), generator=g) + 0.5).half()
-                nbytes = q.nbytes + a.nbytes
-                sts = [(q.clone(), a.clone()) for _ in range(max(1, int(STREAM_BYTES // nbytes) + 1))]
-                for m in (1, 4):
-                    x = torch.randn(m, k, generator=g)
-                    for path, op in (("fp32", ops.kbit_linear), ("int8", ops.kbit_linear_int8)):
-                        ops.set_int8_activations(False)
-                        t = _timed(lambda x, s, op=op: op(x, s[0], s[1], cb, None, bits, 64, k),
-                                   sts, x, reps)
-                        rows.append({"model": model, "N": n, "K": k, "M": m, "path": path,
-                                     "bits": bits, "ms": 1e3 * t, "gbps": nbytes / t / 1e9})
-                del sts
-            for m in (1, 4):
-                line = [r for r in rows if r["N"] == n and r["K"] == k and r["M"] == m]
-                print(f"{model} {n}x{k} M={m}: " + ", ".join(
+                wall = [float("inf")] * len(variants_)
+                cpu_s = list(wall)
+                for v in variants_:
+                    v[2](x, v[3][0])  # warm-up
+                for _ in range(reps):
+                    for i, (_, _, fn, states, _) in enumerate(variants_):
+                        c0, t0 = time.process_time(), time.perf_counter()
+                        for st in states:
+                            fn(x, st)
+                        wall[i] = min(wall[i], (time.perf_counter() - t0) / len(states))
+                        cpu_s[i] = min(cpu_s[i], (time.process_time() - c0) / len(states))
+                for (path, bits, _, _, nbytes), t, c in zip(variants_, wall, cpu_s):
+                    rows.append({"model": model, "N": n, "K": k, "M": m, "path": path,
+                                 "bits": bits, "ms": 1e3 * t, "cpu_ms": 1e3 * c,
+                                 "gbps": nbytes / t / 1e9})
+                print(f"{model} {n}x{k} M={m} ms: " + ", ".join(
                     f"{r['path']}{'' if r['bits'] == 16 else r['bits']} {r['ms']:.3f}"
-                    for r in line), flush=True)
+                    for r in rows[-len(variants_):]), flush=True)
+            del variants_
     return rows
 
 

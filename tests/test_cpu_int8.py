@@ -143,3 +143,14 @@ def test_smollm2_logits_and_greedy_under_int8(smollm2_nf4, int8_mode, monkeypatc
     assert float((got - ref).norm() / ref.norm()) < 0.08
     assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.85
     assert out["int8", "greedy"][:4] == out["fp32", "greedy"][:4]
+
+
+def test_cli_option_sets_the_mode(int8_mode, tmp_path):
+    """`--cpu-activations` (kbit run / bench / eval) sets the mode while parsing."""
+    from click.testing import CliRunner
+
+    from kbitrt.cli.main import cli
+
+    for mode in ("fp32", "int8"):
+        CliRunner().invoke(cli, ["run", str(tmp_path / "missing"), "--cpu-activations", mode])
+        assert cpu.activations() == mode

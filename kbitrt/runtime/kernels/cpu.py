@@ -252,7 +252,7 @@ def set_activations(mode: str) -> None:
     if mode not in ACTIVATIONS:
         raise ValueError(f"cpu activations {mode!r}: use one of {', '.join(ACTIVATIONS)}")
     _state["activations"] = mode
-    if available():
+    if _state.get("ok"):  # else applied when the kernels load
         torch.ops.kbitrt_cpu.set_int8_activations(mode == "int8")
 
 
