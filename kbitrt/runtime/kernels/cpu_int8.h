@@ -327,20 +327,7 @@ at::Tensor kbit_linear_int8(const at::Tensor& x, const at::Tensor& qweight, cons
       int8_rows<BITS>(q, row_bytes, scale, nb, t, K, kp, block_size, qx, M, N, b, yp, n0, n1);
     });
   };
-  auto dispatch = [&](const auto* scale) {
-    switch (bits) {
-      case 3: run(std::integral_constant<int, 3>{}, scale); break;
-      case 4: run(std::integral_constant<int, 4>{}, scale); break;
-      case 5: run(std::integral_constant<int, 5>{}, scale); break;
-      case 6: run(std::integral_constant<int, 6>{}, scale); break;
-      case 7: run(std::integral_constant<int, 7>{}, scale); break;
-      default: run(std::integral_constant<int, 8>{}, scale); break;
-    }
-  };
-  if (absmax.scalar_type() == at::kHalf)
-    dispatch(absmax.data_ptr<at::Half>());
-  else
-    dispatch(absmax.data_ptr<float>());
+  with_bits_and_scale(bits, absmax, run);
   return y;
 }
 

@@ -313,6 +313,25 @@ const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N) {
   return bias->data_ptr<float>();
 }
 
+// fn(std::integral_constant<int, bits>{}, absmax's data pointer (fp16 or fp32)), bits in 3..8
+template <typename Fn>
+void with_bits_and_scale(int64_t bits, const at::Tensor& absmax, Fn fn) {
+  auto dispatch = [&](const auto* scale) {
+    switch (bits) {
+      case 3: fn(std::integral_constant<int, 3>{}, scale); break;
+      case 4: fn(std::integral_constant<int, 4>{}, scale); break;
+      case 5: fn(std::integral_constant<int, 5>{}, scale); break;
+      case 6: fn(std::integral_constant<int, 6>{}, scale); break;
+      case 7: fn(std::integral_constant<int, 7>{}, scale); break;
+      default: fn(std::integral_constant<int, 8>{}, scale); break;
+    }
+  };
+  if (absmax.scalar_type() == at::kHalf)
+    dispatch(absmax.data_ptr<at::Half>());
+  else
+    dispatch(absmax.data_ptr<float>());
+}
+
 // run fn(decode_row<BITS, scale type>) for the tensor's bits and scale dtype
 template <typename Fn>
 void with_decoder(const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& codebook,
@@ -365,20 +384,7 @@ void with_decoder(const at::Tensor& qweight, const at::Tensor& absmax, const at:
     fn(decode, decode, row_dot_fn(false, [](int64_t, const float*) { return 0.f; }), false);
 #endif
   };
-  auto dispatch = [&](const auto* scale) {
-    switch (bits) {
-      case 3: run(std::integral_constant<int, 3>{}, scale); break;
-      case 4: run(std::integral_constant<int, 4>{}, scale); break;
-      case 5: run(std::integral_constant<int, 5>{}, scale); break;
-      case 6: run(std::integral_constant<int, 6>{}, scale); break;
-      case 7: run(std::integral_constant<int, 7>{}, scale); break;
-      default: run(std::integral_constant<int, 8>{}, scale); break;
-    }
-  };
-  if (absmax.scalar_type() == at::kHalf)
-    dispatch(absmax.data_ptr<at::Half>());
-  else
-    dispatch(absmax.data_ptr<float>());
+  with_bits_and_scale(bits, absmax, run);
 }
 
 #include "cpu_int8.h"
