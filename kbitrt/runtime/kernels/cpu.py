@@ -14,6 +14,8 @@ path, never a failure. Which models hold packed codes by default: loader.cpu_wei
     kbit_linear(x, qweight, absmax, codebook, bias, bits, block_size, K)  y = x W^T, W packed
     kbit_dequantize(qweight, absmax, codebook, bits, block_size, K)       W in fp32
     half_linear(x, weight16, bias)                                   y = x W^T, W fp16 or bf16
+    kbit_linear_int8 (the op; cpu_int8.h)   kbit_linear's decode path under int8 activations
+                                            (set_activations, the default), twin int8_reference.py
 
 x and y are fp32; y[m] does not depend on how many rows x has up to FUSED_MAX_ROWS (one fixed
 summation order), so a decoding step and a verifying step over several tokens agree exactly.
