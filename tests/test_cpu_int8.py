@@ -121,23 +121,23 @@ def test_auto_keeps_every_width_packed_under_int8(int8_mode):
     assert cpu_weights_for("auto", dev, PACKED_DEFAULT_MAX_BITS + 1) == "fp16"
 
 
-def test_smollm2_logits_and_greedy_under_int8(smollm2_nf4, int8_mode, monkeypatch):
-    """The real model, every token through the fused decode kernels: the int8 path's logits within
-    a few % of the fp32 path's, the same top-1 at nearly every position, the same greedy start."""
+def test_smollm2_logits_and_greedy_under_int8(smollm2_nf4, int8_mode):
+    """The real model, a 32-token step (FUSED_MAX_ROWS: the decode kernels): the int8 path's logits
+    within a few % of the fp32 path's, the same top-1 at nearly every position, the same greedy
+    start."""
     from kbitrt.runtime.generate import SamplingConfig, generate
     from kbitrt.runtime.loader import load_model
 
-    monkeypatch.setattr(cpu, "FUSED_MAX_ROWS", 1 << 30)  # the 48-token window as decode steps
     text = ("The history of the city begins in the Roman period, when a small fort was built on "
             "the river. Over the following centuries the settlement grew into a market town")
     out = {}
     for mode in ("fp32", "int8"):
         int8_mode(mode)
         lm = load_model(smollm2_nf4, device="cpu", cpu_weights="packed")
-        ids = torch.tensor([lm.tokenizer(text)["input_ids"][:48]])
+        ids = torch.tensor([lm.tokenizer(text)["input_ids"][:cpu.FUSED_MAX_ROWS]])
         with torch.no_grad():
             out[mode] = lm.model(ids)[0].float()
-        out[mode, "greedy"] = generate(lm, ["The history of the city begins"], max_new_tokens=8,
+        out[mode, "greedy"] = generate(lm, ["The history of the city begins"], max_new_tokens=6,
                                        sampling=SamplingConfig(temperature=0.0)).token_ids[0]
     ref, got = out["fp32"], out["int8"]
     assert float((got - ref).norm() / ref.norm()) < 0.08
