@@ -18,6 +18,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
     skip_repatching_in_device_calls()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+# the exact fp32 decode path: tests compare it with twins and HF to fp32 rounding; the default int8
+# activations (kernels/cpu_int8.h) are checked by tests/test_cpu_int8.py
+os.environ.setdefault("KBIT_CPU_ACTIVATIONS", "fp32")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 TINY_CONFIGS = {

@@ -127,6 +127,8 @@ def _measure(lm, model: str, sizes: list[int], prompt: int, gen: int, reps: int,
                               warmup=warmup, kernels=kernels,
                               cpu_weights=lm.cpu_weights, kv_cache=lm.kv_cache,
                               cpu_kernels=cpu_kernels.describe()
+                              if lm.cpu_weights == "packed" else None,
+                              cpu_activations=cpu_kernels.activations()
                               if lm.cpu_weights == "packed" else None)}
     if kernels:
         with err.status("timing kernels", spinner="dots"):

@@ -22,6 +22,13 @@ def placement_options(f):
     return f
 
 
+def _set_cpu_activations(ctx, param, value):
+    if value is not None:
+        from kbitrt.runtime.kernels import cpu
+
+        cpu.set_activations(value)
+
+
 def cpu_weight_options(f):
     """--low-memory, --cpu-weights and --kv-cache: what a quantized linear and the KV cache hold
     on the CPU."""
@@ -31,8 +38,12 @@ def cpu_weight_options(f):
                      "keys and values.")(f)
     f = click.option("--cpu-weights", type=click.Choice(["auto", "packed", "fp16", "bf16", "fp32"]),
                      default=None, help="CPU: what a quantized linear holds (default auto: the "
-                     "packed codes for 3..6-bit models where the fused CPU kernels run "
-                     "vectorized, else fp16 copies).")(f)
+                     "packed codes where the fused CPU kernels run vectorized, else fp16 copies; "
+                     "under --cpu-activations fp32 only for 3..6-bit models).")(f)
+    f = click.option("--cpu-activations", type=click.Choice(["int8", "fp32"]), default=None,
+                     expose_value=False, callback=_set_cpu_activations,
+                     help="CPU decode: activations quantized to int8 per 32 values with integer "
+                     "dot products (default, KBIT_CPU_ACTIVATIONS), or the exact fp32 path.")(f)
     return click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit "
                         "weights resident, at any width (= --cpu-weights packed), and the KV "
                         "cache in fp16 (= --kv-cache fp16 under the CPU's fp32 activations).")(f)

@@ -46,21 +46,25 @@ def kv_cache_for(kv_cache: str, dtype: torch.dtype) -> str:
     return kv_cache
 
 
-# widths the fused CPU kernels serve faster than fp16 copies (benchmarks/cpu_matmul.py, AVX-512
-# Xeon, 2 threads, SmolLM2's linears per token: k=3..6 within -8%..+64% of fp16, while k=7 and 8,
-# whose codebook lookup is a gather, take 1.3x and 1.8x as long); wider ones default to fp16 copies
+# widths the fused CPU kernels' fp32 path serves faster than fp16 copies (benchmarks/cpu_matmul.py,
+# AVX-512, 2 threads, SmolLM2's linears per token: k=3..6 within -8%..+64% of fp16, while k=7 and
+# 8, whose codebook lookup is a gather, take 1.3x and 1.8x as long). The int8-activation path
+# (kernels/cpu_int8.h, the default) is faster than fp16 copies at every k
+# (benchmarks/results/cpu_matmul_shapes-*.json), so under it every width stays packed.
 PACKED_DEFAULT_MAX_BITS = 6
 
 
 def cpu_weights_for(cpu_weights: str, device: torch.device, bits: int | None = None) -> str:
-    """"auto" on the CPU: the packed codes where the fused CPU kernels run vectorized (4x smaller
-    than an fp16 copy at 4 bits, and faster) for widths up to PACKED_DEFAULT_MAX_BITS, else fp16
-    copies. Other values as given."""
+    """"auto" on the CPU: the packed codes where the fused CPU kernels run vectorized (a k-bit
+    model holds k bits per weight), else fp16 copies; under fp32 activations
+    (cpu.set_activations / KBIT_CPU_ACTIVATIONS=fp32) widths above PACKED_DEFAULT_MAX_BITS take
+    fp16 copies too. Other values as given."""
     if cpu_weights != "auto":
         return cpu_weights
     if not cpu_path(device):  # what the GPU kernels read (CPU-offloaded layers included)
         return "packed"
-    if bits is not None and bits > PACKED_DEFAULT_MAX_BITS:
+    if not cpu_kernels.vectorized():
         return "fp16"
-    return "packed" if cpu_kernels.vectorized() else "fp16"
-
+    if bits is not None and bits > PACKED_DEFAULT_MAX_BITS and cpu_kernels.activations() != "int8":
+        return "fp16"
+    return "packed"

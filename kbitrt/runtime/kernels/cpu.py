@@ -19,6 +19,8 @@ path, never a failure. Which models hold packed codes by default: loader.cpu_wei
     kbit_linear(x, qweight, absmax, codebook, bias, bits, block_size, K)  y = x W^T, W packed
     kbit_dequantize(qweight, absmax, codebook, bits, block_size, K)       W in fp32
     half_linear(x, weight16, bias)                                   y = x W^T, W fp16 or bf16
+    kbit_linear_int8 (the op; cpu_int8.h)   kbit_linear's decode path under int8 activations
+                                            (set_activations, the default), twin int8_reference.py
 
 x and y are fp32; y[m] does not depend on how many rows x has up to FUSED_MAX_ROWS (one fixed
 summation order), so a decoding step and a verifying step over several tokens agree exactly.
@@ -49,7 +51,8 @@ HEADERS = (Path(__file__).with_name("cpu_simd.h"),  # included by SOURCE
            Path(__file__).with_name("cpu_pair4.h"), Path(__file__).with_name("cpu_layers.h"),
            Path(__file__).with_name("cpu_rows.h"), Path(__file__).with_name("cpu_planes.h"),
            Path(__file__).with_name("cpu_schema.h"),
-           Path(__file__).with_name("cpu_gemm.h"))
+           Path(__file__).with_name("cpu_gemm.h"),
+           Path(__file__).with_name("cpu_int8.h"))
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # what half_linear reads
 FUSED_MAX_ROWS = 32  # rows of x the fused kernel takes; above, the prefill GEMM (cpu_gemm.h)
 _HEAD_CHUNK = 4096  # output rows per fp32 temporary of a 16-bit head above FUSED_MAX_ROWS
@@ -200,6 +203,7 @@ def _load(variant: str = "native", namespace: str | None = None, why: str = "") 
         return False, _first_line(e)
     if namespace == "kbitrt_cpu":
         _register_fakes()
+        torch.ops.kbitrt_cpu.set_int8_activations(activations() == "int8")
     return True, ""
 
 
@@ -253,6 +257,10 @@ def _register_fakes() -> None:
     def _(x, planes, absmax, codebook, bias, k_planes, block_size, in_features):
         return x.new_empty((x.shape[0], planes.shape[1]))
 
+    @torch.library.register_fake("kbitrt_cpu::kbit_linear_int8")
+    def _(x, qweight, absmax, codebook, bias, bits, block_size, in_features):
+        return x.new_empty((x.shape[0], qweight.shape[0]))
+
     @torch.library.register_fake("kbitrt_cpu::half_linear")
     def _(x, weight, bias):
         return x.new_empty((x.shape[0], weight.shape[0]))
@@ -267,6 +275,29 @@ def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
     b = None if bias is None else bias.float().contiguous()
     return torch.ops.kbitrt_cpu.kbit_linear(x, qweight, absmax, codebook, b, bits, block_size,
                                             in_features)
+
+
+# what the fused decode path multiplies packed weights with (cpu_int8.h): "int8" quantizes x per
+# 32 values and sums integer products (VNNI / AVX2), "fp32" looks up fp32 weights and uses FMA.
+# The default: KBIT_CPU_ACTIVATIONS, else DEFAULT_ACTIVATIONS (docs/cpu.md gives its fidelity)
+ACTIVATIONS = ("int8", "fp32")
+DEFAULT_ACTIVATIONS = "int8"
+
+
+def set_activations(mode: str) -> None:
+    """Route kbit_linear (and the C++ layer stack's linears) through `mode`'s kernels."""
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"cpu activations {mode!r}: use one of {', '.join(ACTIVATIONS)}")
+    _state["activations"] = mode
+    if _state.get("ok"):  # else applied when the kernels load
+        torch.ops.kbitrt_cpu.set_int8_activations(mode == "int8")
+
+
+def activations() -> str:
+    """The fused decode path's activations: set_activations', else KBIT_CPU_ACTIVATIONS's (when
+    one of ACTIVATIONS), else DEFAULT_ACTIVATIONS."""
+    env = os.environ.get("KBIT_CPU_ACTIVATIONS", DEFAULT_ACTIVATIONS)
+    return _state.get("activations", env if env in ACTIVATIONS else DEFAULT_ACTIVATIONS)
 
 
 def kbit_dequantize(qweight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,

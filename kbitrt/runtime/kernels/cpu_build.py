@@ -47,7 +47,9 @@ _X86_V4 = _X86_V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
 # per architecture, best first: the first variant whose flags a CPU has is the one it runs
 VARIANTS: dict[str, dict[str, Variant]] = {
     "x86_64": {
-        "avx512_vnni": Variant(("-march=x86-64-v4", "-mavx512vnni"), _X86_V4 | {"avx512_vnni"}),
+        # cpu_int8.h's 512-bit path needs VBMI (vpermb) and VNNI (vpdpbusd)
+        "avx512_vnni": Variant(("-march=x86-64-v4", "-mavx512vnni", "-mavx512vbmi"),
+                               _X86_V4 | {"avx512_vnni", "avx512vbmi"}),
         "avx512": Variant(("-march=x86-64-v4",), _X86_V4),
         "avx2": Variant(("-march=haswell",), _X86_V3),  # AVX2 + FMA + F16C (x86-64-v3)
         "portable": Variant(("-march=x86-64", "-mno-avx"), frozenset()),  # the fallback loops

@@ -313,6 +313,25 @@ const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t N) {
   return bias->data_ptr<float>();
 }
 
+// fn(std::integral_constant<int, bits>{}, absmax's data pointer (fp16 or fp32)), bits in 3..8
+template <typename Fn>
+void with_bits_and_scale(int64_t bits, const at::Tensor& absmax, Fn fn) {
+  auto dispatch = [&](const auto* scale) {
+    switch (bits) {
+      case 3: fn(std::integral_constant<int, 3>{}, scale); break;
+      case 4: fn(std::integral_constant<int, 4>{}, scale); break;
+      case 5: fn(std::integral_constant<int, 5>{}, scale); break;
+      case 6: fn(std::integral_constant<int, 6>{}, scale); break;
+      case 7: fn(std::integral_constant<int, 7>{}, scale); break;
+      default: fn(std::integral_constant<int, 8>{}, scale); break;
+    }
+  };
+  if (absmax.scalar_type() == at::kHalf)
+    dispatch(absmax.data_ptr<at::Half>());
+  else
+    dispatch(absmax.data_ptr<float>());
+}
+
 // run fn(decode_row<BITS, scale type>) for the tensor's bits and scale dtype
 template <typename Fn>
 void with_decoder(const at::Tensor& qweight, const at::Tensor& absmax, const at::Tensor& codebook,
@@ -365,29 +384,21 @@ void with_decoder(const at::Tensor& qweight, const at::Tensor& absmax, const at:
     fn(decode, decode, row_dot_fn(false, [](int64_t, const float*) { return 0.f; }), false);
 #endif
   };
-  auto dispatch = [&](const auto* scale) {
-    switch (bits) {
-      case 3: run(std::integral_constant<int, 3>{}, scale); break;
-      case 4: run(std::integral_constant<int, 4>{}, scale); break;
-      case 5: run(std::integral_constant<int, 5>{}, scale); break;
-      case 6: run(std::integral_constant<int, 6>{}, scale); break;
-      case 7: run(std::integral_constant<int, 7>{}, scale); break;
-      default: run(std::integral_constant<int, 8>{}, scale); break;
-    }
-  };
-  if (absmax.scalar_type() == at::kHalf)
-    dispatch(absmax.data_ptr<at::Half>());
-  else
-    dispatch(absmax.data_ptr<float>());
+  with_bits_and_scale(bits, absmax, run);
 }
 
 #include "cpu_gemm.h"
+#include "cpu_int8.h"
 
 constexpr int64_t kFusedMaxRows = 32;  // kernels/cpu.py FUSED_MAX_ROWS: above, cpu_gemm.h
 
 at::Tensor kbit_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
                        const at::Tensor& codebook, const c10::optional<at::Tensor>& bias,
                        int64_t bits, int64_t block_size, int64_t in_features) {
+  // decoding steps (up to kFusedMaxRows rows) may take 8-bit activations; prefill runs the GEMM
+  if (g_int8_activations.load(std::memory_order_relaxed) && block_size % kGroup == 0 &&
+      x.size(0) <= kFusedMaxRows)
+    return kbit_linear_int8(x, qweight, absmax, codebook, bias, bits, block_size, in_features);
   check_x(x, in_features);
   const int64_t M = x.size(0), N = qweight.size(0), K = in_features;
   auto y = at::empty({M, N}, x.options());
@@ -511,6 +522,10 @@ TORCH_LIBRARY(KBIT_NS, m) {
   m.def("kbit_dequantize_planes(Tensor planes, Tensor absmax, Tensor codebook, int k_planes, "
         "int block_size, int in_features) -> Tensor");
   m.def("simd_width() -> int", &simd_width);
+  m.def("kbit_linear_int8(Tensor x, Tensor qweight, Tensor absmax, Tensor codebook, Tensor? bias, "
+        "int bits, int block_size, int in_features) -> Tensor");
+  m.def("set_int8_activations(bool on) -> ()", &set_int8_activations);
+  m.def("int8_width() -> int", &int8_width);
   m.def("layer_stack_create(Tensor[] tensors, int[] config, float eps) -> int",
         &layer_stack_create);
   m.def("layer_stack_free(int handle) -> ()", &layer_stack_free);
@@ -520,6 +535,7 @@ TORCH_LIBRARY(KBIT_NS, m) {
 
 TORCH_LIBRARY_IMPL(KBIT_NS, CPU, m) {
   m.impl("kbit_linear", &kbit_linear);
+  m.impl("kbit_linear_int8", &kbit_linear_int8);
   m.impl("kbit_dequantize", &kbit_dequantize);
   m.impl("half_linear", &half_linear);
   m.impl("kbit_linear_planes", &kbit_linear_planes);

@@ -1,0 +1,346 @@
+// 8-bit activations with integer dot products for the fused decode path (docs/cpu.md, "int8
+// activations"). Included inside cpu_kernels.cpp's anonymous namespace after the fp32 kernels.
+//
+// The arithmetic (twin: kernels/int8_reference.py, same names):
+// - x, per row, in groups of 32 values: amax = max |x|, xq = rint(x * (127 / amax)) in int8, and
+//   the group scale d = amax / 127 * cmax / 127 (zero groups: xq = 0, d = 0);
+// - the codebook as int8: cbq[c] = rint(cb[c] * 127 / cmax), cmax = max |cb| (a non-uniform one,
+//   nf/fp, keeps its shape at 8 bits; the rounding is the path's only weight-side error);
+// - y[m, n] = sum over groups g of absmax[n, block of g] * d[m, g] * S[m, n, g], S the exact int32
+//   sum of cbq[code] * xq over the group.
+// Vector paths: AVX-512 VBMI + VNNI (codes -> cbq + 128 as bytes by vpermb / vpermi2b at any
+// width, vpdpbusd with the -128 * sum(xq) correction as its starting value, 64 codes a step),
+// AVX2 (vpshufb lookups, maddubs with the sign trick, 32 codes a step), portable loops elsewhere.
+// The int32 sums are exact on every path; the fp32 sums differ by rounding only. y[m] does not
+// depend on M (one accumulator per row pair in one fixed order), as on the fp32 path.
+#pragma once
+
+#if KBIT_SIMD == 512 && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
+#define KBIT_INT8 512
+#elif defined(KBIT_SIMD)
+#define KBIT_INT8 256
+#endif
+
+constexpr int kGroup = 32;  // activation values per int8 scale
+
+// what the int8 path computes with for one call: the int8 codebook and x quantized per group
+struct Int8Tables {
+  alignas(64) uint8_t u8[256];  // cbq + 128 (vpdpbusd's unsigned operand)
+  alignas(64) int8_t s8[256];   // cbq
+  float cfac;                   // cmax / 127
+};
+
+void int8_tables(const float* cb, int bits, Int8Tables& t) {
+  float cmax = 0.f;
+  for (int c = 0; c < (1 << bits); ++c) cmax = std::max(cmax, std::fabs(cb[c]));
+  const float inv = cmax > 0.f ? 127.f / cmax : 0.f;
+  for (int c = 0; c < 256; ++c) {
+    const float v = c < (1 << bits) ? std::nearbyint(cb[c] * inv) : 0.f;
+    const int q = static_cast<int>(std::min(127.f, std::max(-127.f, v)));
+    t.s8[c] = static_cast<int8_t>(q);
+    t.u8[c] = static_cast<uint8_t>(q + 128);
+  }
+  t.cfac = cmax / 127.f;
+}
+
+// x (M, K) quantized: row m's kx bytes (K padded with zeros to a multiple of 64) at q + m * kx,
+// its kx / 32 group scales at d + m * kx / 32; for AVX-512 also per int32 lane (4 bytes) its
+// group's scale (dl) and -128 * the sum of its 4 bytes (nc), kx / 4 each per row
+struct QuantX {
+  int64_t kx;
+  std::vector<int8_t> q;
+  std::vector<float> d, dl;
+  std::vector<int32_t> nc;
+};
+
+void quantize_x(const float* x, int64_t M, int64_t K, float cfac, QuantX& out) {
+  const int64_t kx = (K + 63) / 64 * 64, ng = kx / kGroup;
+  out.kx = kx;
+  out.q.assign(M * kx, 0);
+  out.d.assign(M * ng, 0.f);
+  out.dl.assign(M * kx / 4, 0.f);
+  out.nc.assign(M * kx / 4, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    int8_t* q = out.q.data() + m * kx;
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t i0 = g * kGroup, i1 = std::min(K, i0 + kGroup);
+      float amax = 0.f;
+      for (int64_t i = i0; i < i1; ++i) amax = std::max(amax, std::fabs(xr[i]));
+      const float id = amax > 0.f ? 127.f / amax : 0.f;
+      for (int64_t i = i0; i < i1; ++i)
+        q[i] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(xr[i] * id))));
+      const float d = amax / 127.f * cfac;
+      out.d[m * ng + g] = d;
+      for (int64_t l = i0 / 4; l < (i0 + kGroup) / 4; ++l) {
+        out.dl[m * kx / 4 + l] = d;
+        out.nc[m * kx / 4 + l] = -128 * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+      }
+    }
+  }
+}
+
+// the scalar part of a row: groups from i0 (a multiple of 32) to K
+template <int BITS, typename ST>
+float int8_tail(const uint8_t* row, const ST* scale, const Int8Tables& t, int64_t K, int64_t kp,
+                int64_t B, const int8_t* xq, const float* d, int64_t i0) {
+  float acc = 0.f;
+  for (int64_t g0 = i0; g0 < K; g0 += kGroup) {
+    int32_t s = 0;
+    for (int64_t i = g0; i < K && i < g0 + kGroup; ++i) s += t.s8[code_at<BITS>(row, kp, i)] * xq[i];
+    acc = std::fma(static_cast<float>(s), d[g0 / kGroup] * to_float(scale[g0 / B]), acc);
+  }
+  return acc;
+}
+
+#if KBIT_INT8 == 512
+// the 64 codes j..j+63 (j % 64 == 0) as bytes, in order
+template <int BITS>
+inline __m512i codes64(const uint8_t* row, int64_t kp, int64_t j) {
+  __m512i c = _mm512_setzero_si512();
+  for (int t = 0; t < Layout<BITS>::n; ++t) {
+    const Slice s = Layout<BITS>::s[t];
+    const uint8_t* src = row + s.offset * (kp / 8) + j * s.width / 8;
+    __m512i v;
+    if (s.width == 8) {
+      v = _mm512_loadu_si512(src);
+    } else if (s.width == 4) {  // 16-bit lane b: byte b; its high nibble moved to the next byte
+      const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+      v = _mm512_and_si512(_mm512_or_si512(w, _mm512_slli_epi16(w, 4)), _mm512_set1_epi8(0x0F));
+    } else if (s.width == 2) {  // 32-bit lane b: byte b, its 2-bit fields moved to bytes 0..3
+      const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      v = _mm512_or_si512(_mm512_or_si512(w, _mm512_slli_epi32(w, 6)),
+                          _mm512_or_si512(_mm512_slli_epi32(w, 12), _mm512_slli_epi32(w, 18)));
+      v = _mm512_and_si512(v, _mm512_set1_epi8(0x03));
+    } else {  // one bit a code: the 64 bits are a byte mask
+      uint64_t b;
+      std::memcpy(&b, src, 8);
+      v = _mm512_maskz_mov_epi8(b, _mm512_set1_epi8(1));
+    }
+    c = t == 0 ? v : _mm512_or_si512(c, _mm512_slli_epi16(v, s.shift));
+  }
+  return c;
+}
+
+// cbq[c] + 128 for 64 codes: one vpermb up to 6 bits, vpermi2b at 7, two and a blend at 8
+template <int BITS>
+inline __m512i lookup64(__m512i c, const __m512i* tab) {
+  if (BITS <= 6) return _mm512_permutexvar_epi8(c, tab[0]);
+  if (BITS == 7) return _mm512_permutex2var_epi8(tab[0], c, tab[1]);
+  const __m512i lo = _mm512_permutex2var_epi8(tab[0], c, tab[1]);
+  const __m512i hi = _mm512_permutex2var_epi8(tab[2], c, tab[3]);
+  return _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), lo, hi);
+}
+
+// rows r < R of W times rows m0..m0+MT-1 of x (R x MT accumulators, each summed alone)
+template <int BITS, int R, int MT, typename ST>
+void int8_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
+               const Int8Tables& t, int64_t K, int64_t kp, int64_t B, const QuantX& qx,
+               int64_t m0, float* out /* [R][MT] */) {
+  __m512i tab[4];
+  for (int i = 0; i < 4; ++i) tab[i] = _mm512_load_si512(t.u8 + 64 * i);
+  __m512 acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int64_t full = K / 64 * 64, step = B < 64 ? 64 : B, kx = qx.kx;
+  for (int64_t b0 = 0; b0 < full; b0 += step) {
+    __m512 ws[R];
+    for (int r = 0; r < R; ++r)
+      ws[r] = B < 64 ? _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(to_float(scale[r * nb + b0 / B])),
+                                            _mm512_set1_ps(to_float(scale[r * nb + b0 / B + 1])))
+                     : _mm512_set1_ps(to_float(scale[r * nb + b0 / B]));
+    const int64_t end = b0 + step < full ? b0 + step : full;
+    for (int64_t j = b0; j < end; j += 64) {
+      __m512i w[R];
+      for (int r = 0; r < R; ++r) w[r] = lookup64<BITS>(codes64<BITS>(q + r * row_bytes, kp, j), tab);
+      for (int m = 0; m < MT; ++m) {
+        const int64_t o = (m0 + m) * kx;
+        const __m512i xq = _mm512_loadu_si512(qx.q.data() + o + j);
+        const __m512i nc = _mm512_loadu_si512(qx.nc.data() + (o + j) / 4);
+        const __m512 dl = _mm512_loadu_ps(qx.dl.data() + (o + j) / 4);
+        for (int r = 0; r < R; ++r) {
+          const __m512 s = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nc, w[r], xq));
+          acc[r][m] = _mm512_fmadd_ps(s, _mm512_mul_ps(dl, ws[r]), acc[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      const int64_t o = (m0 + m) * kx;
+      out[r * MT + m] = vsum16(acc[r][m]) +
+          int8_tail<BITS>(q + r * row_bytes, scale + r * nb, t, K, kp, B, qx.q.data() + o,
+                          qx.d.data() + o / kGroup, full);
+    }
+}
+#elif KBIT_INT8 == 256
+// the 32 codes j..j+31 (j % 32 == 0) as bytes, in order
+template <int BITS>
+inline __m256i codes32(const uint8_t* row, int64_t kp, int64_t j) {
+  __m256i c = _mm256_setzero_si256();
+  for (int t = 0; t < Layout<BITS>::n; ++t) {
+    const Slice s = Layout<BITS>::s[t];
+    const uint8_t* src = row + s.offset * (kp / 8) + j * s.width / 8;
+    __m256i v;
+    if (s.width == 8) {
+      v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    } else if (s.width == 4) {
+      const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+      v = _mm256_and_si256(_mm256_or_si256(w, _mm256_slli_epi16(w, 4)), _mm256_set1_epi8(0x0F));
+    } else if (s.width == 2) {
+      const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(src)));
+      v = _mm256_or_si256(_mm256_or_si256(w, _mm256_slli_epi32(w, 6)),
+                          _mm256_or_si256(_mm256_slli_epi32(w, 12), _mm256_slli_epi32(w, 18)));
+      v = _mm256_and_si256(v, _mm256_set1_epi8(0x03));
+    } else {  // byte i: bit i % 8 of byte i / 8 of the 32 bits
+      uint32_t b;
+      std::memcpy(&b, src, 4);
+      const __m256i rep = _mm256_shuffle_epi8(
+          _mm256_set1_epi32(static_cast<int>(b)),
+          _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                           3, 3, 3, 3, 3, 3, 3, 3));
+      const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+      v = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(rep, bit), bit), _mm256_set1_epi8(1));
+    }
+    c = t == 0 ? v : _mm256_or_si256(c, _mm256_slli_epi16(v, s.shift));
+  }
+  return c;
+}
+
+// cbq[c] for 32 codes: vpshufb on the low 4 bits, one table per value of the bits above
+template <int BITS>
+inline __m256i lookup32(__m256i c, const __m256i* tab) {
+  if (BITS <= 4) return _mm256_shuffle_epi8(tab[0], c);
+  const __m256i lo = _mm256_and_si256(c, _mm256_set1_epi8(0x0F));
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), _mm256_set1_epi8(0x0F));
+  __m256i r = _mm256_shuffle_epi8(tab[0], lo);
+  for (int h = 1; h < (1 << (BITS - 4)); ++h)
+    r = _mm256_blendv_epi8(r, _mm256_shuffle_epi8(tab[h], lo),
+                           _mm256_cmpeq_epi8(hi, _mm256_set1_epi8(static_cast<char>(h))));
+  return r;
+}
+
+template <int BITS, int R, int MT, typename ST>
+void int8_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
+               const Int8Tables& t, int64_t K, int64_t kp, int64_t B, const QuantX& qx,
+               int64_t m0, float* out /* [R][MT] */) {
+  __m256i tab[16];
+  for (int i = 0; i < 16 && i < (1 << BITS) / 16 + (BITS < 4); ++i)
+    tab[i] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(t.s8 + 16 * i)));
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+  const int64_t full = K / 32 * 32, kx = qx.kx;
+  for (int64_t j = 0; j < full; j += 32) {
+    __m256i w[R], aw[R];
+    float ws[R];
+    for (int r = 0; r < R; ++r) {
+      w[r] = lookup32<BITS>(codes32<BITS>(q + r * row_bytes, kp, j), tab);
+      aw[r] = _mm256_abs_epi8(w[r]);
+      ws[r] = to_float(scale[r * nb + j / B]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int64_t o = (m0 + m) * kx;
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.q.data() + o + j));
+      const float d = qx.d[o / kGroup + j / kGroup];
+      for (int r = 0; r < R; ++r) {
+        const __m256i p = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(aw[r], _mm256_sign_epi8(xq, w[r])), ones);
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * ws[r]), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      const int64_t o = (m0 + m) * kx;
+      out[r * MT + m] = sum8(acc[r][m]) +
+          int8_tail<BITS>(q + r * row_bytes, scale + r * nb, t, K, kp, B, qx.q.data() + o,
+                          qx.d.data() + o / kGroup, full);
+    }
+}
+#else
+template <int BITS, int R, int MT, typename ST>
+void int8_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
+               const Int8Tables& t, int64_t K, int64_t kp, int64_t B, const QuantX& qx,
+               int64_t m0, float* out /* [R][MT] */) {
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      const int64_t o = (m0 + m) * qx.kx;
+      out[r * MT + m] = int8_tail<BITS>(q + r * row_bytes, scale + r * nb, t, K, kp, B,
+                                        qx.q.data() + o, qx.d.data() + o / kGroup, 0);
+    }
+}
+#endif
+
+// rows [n0, n1) of y (M, N): M = 1 takes 4 rows of W at a time, more rows of x 4 at a time
+template <int BITS, typename ST>
+void int8_rows(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
+               const Int8Tables& t, int64_t K, int64_t kp, int64_t B, const QuantX& qx,
+               int64_t M, int64_t N, const float* bias, float* y, int64_t n0, int64_t n1) {
+  auto put = [&](int64_t n, int64_t m, float v) { y[m * N + n] = bias ? v + bias[n] : v; };
+  float v[4];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* qn = q + n * row_bytes;
+    const ST* sn = scale + n * nb;
+    if (M == 1 && n + 4 <= n1) {
+      int8_tile<BITS, 4, 1>(qn, row_bytes, sn, nb, t, K, kp, B, qx, 0, v);
+      for (int r = 0; r < 4; ++r) put(n + r, 0, v[r]);
+      n += 3;
+      continue;
+    }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+      int8_tile<BITS, 1, 4>(qn, row_bytes, sn, nb, t, K, kp, B, qx, m, v);
+      for (int i = 0; i < 4; ++i) put(n, m + i, v[i]);
+    }
+    for (; m < M; ++m) {
+      int8_tile<BITS, 1, 1>(qn, row_bytes, sn, nb, t, K, kp, B, qx, m, v);
+      put(n, m, v[0]);
+    }
+  }
+}
+
+// y = x W^T through the int8 path (block_size a multiple of 32: every power of two the format
+// allows)
+at::Tensor kbit_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                            const at::Tensor& codebook, const c10::optional<at::Tensor>& bias,
+                            int64_t bits, int64_t block_size, int64_t in_features) {
+  check_x(x, in_features);
+  TORCH_CHECK(block_size % kGroup == 0, "kbitrt_cpu: the int8 path needs blocks of 32k values");
+  const int64_t M = x.size(0), N = qweight.size(0), K = in_features;
+  auto y = at::empty({M, N}, x.options());
+  const float* b = bias_ptr(bias, N);
+  with_decoder(qweight, absmax, codebook, bits, block_size, K,
+               [&](auto decode, auto, auto, bool) { (void)decode; });  // checks the arguments
+  const int64_t kp = (K + 7) / 8 * 8, nb = absmax.size(1), row_bytes = qweight.size(1);
+  Int8Tables t;
+  const auto cbc = codebook.contiguous();
+  int8_tables(cbc.data_ptr<float>(), static_cast<int>(bits), t);
+  QuantX qx;
+  quantize_x(x.data_ptr<float>(), M, K, t.cfac, qx);
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  auto run = [&](auto tag, const auto* scale) {
+    constexpr int BITS = decltype(tag)::value;
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      int8_rows<BITS>(q, row_bytes, scale, nb, t, K, kp, block_size, qx, M, N, b, yp, n0, n1);
+    });
+  };
+  with_bits_and_scale(bits, absmax, run);
+  return y;
+}
+
+// which path kbit_linear takes (kernels/cpu.py set_activations): 1 int8 activations, 0 fp32
+std::atomic<int> g_int8_activations{0};
+
+void set_int8_activations(bool on) { g_int8_activations.store(on ? 1 : 0); }
+
+// 512 (AVX-512 VBMI + VNNI), 256 (AVX2) or 0 (portable loops): what runs the int8 path here
+int64_t int8_width() {
+#ifdef KBIT_INT8
+  return KBIT_INT8;
+#else
+  return 0;
+#endif
+}

@@ -1,0 +1,156 @@
+"""The int8-activation CPU decode path (kernels/cpu_int8.h) against its torch twin
+(kernels/int8_reference.py): the native (AVX-512 VBMI + VNNI here), AVX2 and portable builds, every
+width and codebook, ragged K, zero blocks, M = 1..32, and its routing through cpu.kbit_linear."""
+
+import pytest
+import torch
+
+from kbitrt.format.config import QuantConfig
+from kbitrt.format.quantizer import quantize_weight
+from kbitrt.runtime.kernels import cpu
+from kbitrt.runtime.kernels.int8_reference import kbit_linear_int8_torch, quantize_x
+from kbitrt.runtime.kernels.reference import kbit_linear_torch, pad_codebook
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cpu.available(), f"fused CPU kernels did not build: {cpu.unavailable_reason()}"
+
+
+@pytest.fixture
+def int8_mode():
+    before = cpu.activations()
+    yield cpu.set_activations
+    cpu.set_activations(before)
+
+
+def _packed(n, k, bits, block, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w[:, :block] = 0.0  # a zero block in every row
+    w[n // 2] = 0.0  # and a zero row
+    qw = quantize_weight(w, QuantConfig(bits=bits, block_size=block, dtype=dtype))
+    return qw.qweight, qw.kernel_absmax(), pad_codebook(qw.codebook, bits)
+
+
+def _x(m, k, seed):
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    x[:, 32:64] = 0.0  # a zero activation group
+    return x
+
+
+def _check(ops, bits, dtype, shapes, ms, bias=False):
+    for i, (n, k, block) in enumerate(shapes):
+        q, a, c = _packed(n, k, bits, block, dtype, seed=bits * 10 + i)
+        x = _x(max(ms), k, seed=i)
+        b = torch.randn(n) if bias else None
+        want = kbit_linear_int8_torch(x, q, a, c, b, bits, block, k)
+        # the integer sums are exact: the rest differs from the float64 twin by fp32 rounding
+        tol = 1e-5 * float(want.abs().max()) + 1e-6
+        for m in ms:
+            got = ops.kbit_linear_int8(x[:m], q, a, c, b, bits, block, k)
+            torch.testing.assert_close(got, want[:m], rtol=1e-5, atol=tol)
+
+
+# ragged K (not a multiple of 8, 32 or 64), one whole 64, K under one group
+SHAPES = [(37, 203, 32), (21, 320, 64), (19, 1000, 128), (8, 24, 32)]
+
+
+@pytest.mark.parametrize("bits", range(3, 9))
+@pytest.mark.parametrize("dtype", ["nf", "int", "fp"])
+def test_native_matches_twin(bits, dtype):
+    _check(torch.ops.kbitrt_cpu, bits, dtype, SHAPES, ms=(1, 3, 4, 9), bias=dtype == "nf")
+
+
+@pytest.mark.parametrize("variant", ["avx2", "portable"])
+def test_other_builds_match_twin(variant):
+    ops = cpu.load_variant(variant)
+    assert ops.int8_width() == (256 if variant == "avx2" else 0)
+    for bits in range(3, 9):
+        _check(ops, bits, "nf", SHAPES[:2], ms=(1, 5))
+
+
+def test_rows_do_not_depend_on_m():
+    """A token alone and in a batch of up to FUSED_MAX_ROWS tokens gets identical outputs."""
+    for bits in (4, 7):
+        q, a, c = _packed(45, 576, bits, 64, "nf", seed=bits)
+        x = _x(cpu.FUSED_MAX_ROWS, 576, seed=1)
+        full = torch.ops.kbitrt_cpu.kbit_linear_int8(x, q, a, c, None, bits, 64, 576)
+        for m in (1, 2, 5, cpu.FUSED_MAX_ROWS):
+            part = torch.ops.kbitrt_cpu.kbit_linear_int8(x[:m], q, a, c, None, bits, 64, 576)
+            assert torch.equal(part, full[:m])
+        for r in (0, 17):
+            one = torch.ops.kbitrt_cpu.kbit_linear_int8(x[r:r + 1], q, a, c, None, bits, 64, 576)
+            assert torch.equal(one, full[r:r + 1])
+
+
+def test_quantize_x_rounds_per_group():
+    x = _x(2, 100, seed=3)
+    xq, d = quantize_x(x, cfac=1.0)
+    assert xq.abs().max() == 127 and torch.all(d[:, 1] == 0)
+    torch.testing.assert_close(xq.float().view(2, -1)[:, :96].view(2, 3, 32) * d[:, :3, None],
+                               x[:, :96].view(2, 3, 32), atol=float(d.max()) / 2 + 1e-7, rtol=0)
+
+
+def test_kbit_linear_routes_by_mode(int8_mode):
+    """cpu.kbit_linear (and the layer stack's linears, the same C++ function) take the int8 path
+    under set_activations("int8") and the exact fp32 one under "fp32"; the int8 result stays
+    within its rounding of the exact one."""
+    bits, k = 4, 576
+    q, a, c = _packed(64, k, bits, 64, "nf", seed=0)
+    x = _x(3, k, seed=0)
+    int8_mode("int8")
+    got8 = cpu.kbit_linear(x, q, a, c, None, bits, 64, k)
+    assert torch.equal(got8, torch.ops.kbitrt_cpu.kbit_linear_int8(x, q, a, c, None, bits, 64, k))
+    int8_mode("fp32")
+    got32 = cpu.kbit_linear(x, q, a, c, None, bits, 64, k)
+    exact = kbit_linear_torch(x, q, a, c, None, None, None, bits, 64, k)
+    torch.testing.assert_close(got32, exact, rtol=1e-5, atol=1e-4)
+    assert float((got8 - exact).norm() / exact.norm()) < 0.03
+    with pytest.raises(ValueError):
+        cpu.set_activations("int4")
+
+
+def test_auto_keeps_every_width_packed_under_int8(int8_mode):
+    from kbitrt.runtime.weights_policy import PACKED_DEFAULT_MAX_BITS, cpu_weights_for
+
+    dev = torch.device("cpu")
+    int8_mode("int8")
+    assert [cpu_weights_for("auto", dev, k) for k in range(3, 9)] == ["packed"] * 6
+    int8_mode("fp32")
+    assert cpu_weights_for("auto", dev, PACKED_DEFAULT_MAX_BITS + 1) == "fp16"
+
+
+def test_smollm2_logits_and_greedy_under_int8(smollm2_nf4, int8_mode):
+    """The real model, a 32-token step (FUSED_MAX_ROWS: the decode kernels): the int8 path's logits
+    within a few % of the fp32 path's, the same top-1 at nearly every position, the same greedy
+    start."""
+    from kbitrt.runtime.generate import SamplingConfig, generate
+    from kbitrt.runtime.loader import load_model
+
+    text = ("The history of the city begins in the Roman period, when a small fort was built on "
+            "the river. Over the following centuries the settlement grew into a market town")
+    out = {}
+    for mode in ("fp32", "int8"):
+        int8_mode(mode)
+        lm = load_model(smollm2_nf4, device="cpu", cpu_weights="packed")
+        ids = torch.tensor([lm.tokenizer(text)["input_ids"][:cpu.FUSED_MAX_ROWS]])
+        with torch.no_grad():
+            out[mode] = lm.model(ids)[0].float()
+        out[mode, "greedy"] = generate(lm, ["The history of the city begins"], max_new_tokens=6,
+                                       sampling=SamplingConfig(temperature=0.0)).token_ids[0]
+    ref, got = out["fp32"], out["int8"]
+    assert float((got - ref).norm() / ref.norm()) < 0.08
+    assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.85
+    assert out["int8", "greedy"][:4] == out["fp32", "greedy"][:4]
+
+
+def test_cli_option_sets_the_mode(int8_mode, tmp_path):
+    """`--cpu-activations` (kbit run / bench / eval) sets the mode while parsing."""
+    from click.testing import CliRunner
+
+    from kbitrt.cli.main import cli
+
+    for mode in ("fp32", "int8"):
+        CliRunner().invoke(cli, ["run", str(tmp_path / "missing"), "--cpu-activations", mode])
+        assert cpu.activations() == mode
