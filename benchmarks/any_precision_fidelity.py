@@ -98,22 +98,28 @@ def main() -> None:
     for k in todo:
         row = {"bits": k}
         nll = {}
-        for kind in ("any_precision", "direct"):
+        direct_w = {}
+        for kind in ("direct", "any_precision"):
             errs, nbytes = [], 0
             for n, m in linears.items():
                 w = original[n]
                 if kind == "direct":
                     q = quantize_weight(w, QuantConfig(bits=k, block_size=args.block, dtype=args.dtype))
-                    deq = q.dequantize()
+                    deq = direct_w[n] = q.dequantize()
                     nbytes += q.qweight.numel() + q.absmax.numel() * 2 + 4 * q.codebook.numel() + 16
                 else:
                     deq = ap_q[n].dequantize(k)
                 errs.append(((deq - w).norm() / w.norm()).item())
                 m.weight.data.copy_(deq)
             t = time.perf_counter()
-            nll[kind] = (token_nll(model, windows) if kind == "any_precision" else
-                         cache.get(f"direct-{args.dtype}{k}-b{args.block}",
-                                   lambda: token_nll(model, windows)))
+            if kind == "direct":
+                nll[kind] = cache.get(f"direct-{args.dtype}{k}-b{args.block}",
+                                      lambda: token_nll(model, windows))
+            elif all(torch.equal(ap_q[n].dequantize(k), direct_w[n]) for n in linears):
+                nll[kind] = nll["direct"]  # the seed width: the same weights, the same forward
+                row["identical_to_direct"] = True
+            else:
+                nll[kind] = token_nll(model, windows)
             row[kind] = {"ppl": math.exp(nll[kind].mean().item()),
                          "rel_weight_error": sum(errs) / len(errs),
                          "seconds": round(time.perf_counter() - t, 1)}
