@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--eval-widths", default="", help="comma-separated widths to evaluate "
                     "(default: all of --widths); the model is still built over all of --widths")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--nll-cache", default="", help="folder keeping the fp32 and direct models' "
+                    "per-token NLLs (they do not depend on the any-precision algorithm)")
     args = ap.parse_args()
     lo, hi = (int(v) for v in args.widths.split("-"))
 
@@ -87,7 +89,8 @@ def main() -> None:
                          "threads": torch.get_num_threads()},
               "versions": {"python": platform.python_version(), "torch": torch.__version__},
               "commit": git_commit()}
-    base = token_nll(model, windows)
+    cache = NllCache(args.nll_cache, f"s{args.seqlen}-w{n_win}")
+    base = cache.get("fp32", lambda: token_nll(model, windows))
     result["fp32_ppl"] = math.exp(base.mean().item())
     print("fp32", result["fp32_ppl"], flush=True)
     direct_sum = 0
@@ -95,20 +98,28 @@ def main() -> None:
     for k in todo:
         row = {"bits": k}
         nll = {}
-        for kind in ("any_precision", "direct"):
+        direct_w = {}
+        for kind in ("direct", "any_precision"):
             errs, nbytes = [], 0
             for n, m in linears.items():
                 w = original[n]
                 if kind == "direct":
                     q = quantize_weight(w, QuantConfig(bits=k, block_size=args.block, dtype=args.dtype))
-                    deq = q.dequantize()
+                    deq = direct_w[n] = q.dequantize()
                     nbytes += q.qweight.numel() + q.absmax.numel() * 2 + 4 * q.codebook.numel() + 16
                 else:
                     deq = ap_q[n].dequantize(k)
                 errs.append(((deq - w).norm() / w.norm()).item())
                 m.weight.data.copy_(deq)
             t = time.perf_counter()
-            nll[kind] = token_nll(model, windows)
+            if kind == "direct":
+                nll[kind] = cache.get(f"direct-{args.dtype}{k}-b{args.block}",
+                                      lambda: token_nll(model, windows))
+            elif all(torch.equal(ap_q[n].dequantize(k), direct_w[n]) for n in linears):
+                nll[kind] = nll["direct"]  # the seed width: the same weights, the same forward
+                row["identical_to_direct"] = True
+            else:
+                nll[kind] = token_nll(model, windows)
             row[kind] = {"ppl": math.exp(nll[kind].mean().item()),
                          "rel_weight_error": sum(errs) / len(errs),
                          "seconds": round(time.perf_counter() - t, 1)}
@@ -129,6 +140,25 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     for n, m in linears.items():
         m.weight.data.copy_(original[n])
+
+
+class NllCache:
+    """Per-token NLL tensors of the models that do not change with the any-precision algorithm
+    (fp32, direct nf_k), kept in a folder as `<name>-<protocol>.pt`; no folder: no cache."""
+
+    def __init__(self, folder: str, protocol: str):
+        self.folder, self.protocol = Path(folder) if folder else None, protocol
+
+    def get(self, name: str, compute):
+        if self.folder is None:
+            return compute()
+        path = self.folder / f"{name}-{self.protocol}.pt"
+        if path.exists():
+            return torch.load(path)
+        out = compute()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save(out, path)
+        return out
 
 
 def render(result: dict) -> str:

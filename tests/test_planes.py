@@ -78,9 +78,9 @@ def test_outliers_then_bias_as_the_plain_twin():
 
 # (n, k, block, m): the word GEMV (whole 64-bit plane words, blocks 32 and 64k), its ragged-K
 # masking (K % 64 != 0 with whole words), and the tl.dot path (M > 1, or plane rows that are not
-# whole words)
+# whole words); (128, 512) fills whole row tiles and trips (EVEN_NG: no masks, as the 7B shapes)
 TRITON_CASES = [(20, 128, 64, 1), (19, 192, 32, 1), (9, 60, 32, 1), (17, 1024, 1024, 1),
-                (18, 100, 32, 1), (21, 128, 64, 3), (7, 1000, 1024, 17)]
+                (18, 100, 32, 1), (128, 512, 64, 1), (21, 128, 64, 3), (7, 1000, 1024, 17)]
 
 
 @pytest.mark.parametrize("n,k,block,m", TRITON_CASES)

@@ -82,6 +82,28 @@ def two_means(x: torch.Tensor, prefix: torch.Tensor, s: torch.Tensor, e: torch.T
     return torch.where(ok, t, inf), torch.where(ok, lo, mean).float(), torch.where(ok, hi, mean).float()
 
 
+def zero_split(x: torch.Tensor, prefix: torch.Tensor, s: int, e: int):
+    """Split the bin x[s:e] (sorted) of a level at exactly 0 so that one child keeps 0: the cut
+    p minimising the bin's squared error with the other child at its mean (either side), among
+    cuts between distinct values. Returns (t, lower value, upper value), or None when the bin holds
+    fewer than two distinct values."""
+    p = torch.arange(s + 1, e)
+    p = p[x[p] != x[p - 1]]
+    if p.numel() == 0:
+        return None
+    below = (prefix[p] - prefix[s]) / (p - s)  # mean of the lower child
+    above = (prefix[e] - prefix[p]) / (e - p)
+    # squared error saved against all-zero: n_lo mean_lo^2 (upper at 0) or n_hi mean_hi^2
+    gain_lo = torch.where(below <= 0, below.square() * (p - s), -1.0)
+    gain_hi = torch.where(above >= 0, above.square() * (e - p), -1.0)
+    i, j = int(gain_lo.argmax()), int(gain_hi.argmax())
+    if max(gain_lo[i], gain_hi[j]) < 0:
+        return None
+    if gain_lo[i] >= gain_hi[j]:
+        return x[p[i]].item(), below[i].item(), 0.0
+    return x[p[j]].item(), 0.0, above[j].item()
+
+
 @dataclass
 class SplitTree:
     """Per level k in min_bits..max_bits-1: thresholds (2^k,) float32; per width: codebook (2^k,)."""
@@ -123,6 +145,10 @@ def fit_splits(x: torch.Tensor, seed_codebook: torch.Tensor, min_bits: int,
         s, e = bounds[:-1], bounds[1:]
         t, lo, hi = two_means(x, prefix, s, e)
         parent = tree.codebooks[k]
+        for c in (parent == 0).nonzero().flatten().tolist():  # a level at 0 keeps a child at 0
+            split = zero_split(x, prefix, int(s[c]), int(e[c]))
+            if split is not None:
+                t[c], lo[c], hi[c] = split
         empty = e == s  # no value holds this code: both children keep the parent's value
         child = torch.stack([torch.where(empty, parent, lo), torch.where(empty, parent, hi)], 1)
         tree.thresholds[k] = t

@@ -143,13 +143,14 @@ def planes_gemv_kernel(
     x_ptr, pl_ptr, absmax_ptr, bias_ptr, out_ptr,
     N, K, n_groups, plane_stride, stride_an, tab_addr, zero, split_k,
     KP: tl.constexpr, B: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr,
+    BLOCK_G: tl.constexpr, EVEN_K: tl.constexpr, ATOMIC: tl.constexpr, EVEN_NG: tl.constexpr,
 ):
     """x (1, K) -> out (1, N) fp32; pl_ptr: the planes as int64 words (rows of n_groups words,
     planes plane_stride words apart); tab_addr: the decode table (`decode_table`), aligned to its
     size; zero: 0 (keeps the table address in a register). Program (i, j) takes trips j,
     j + split_k, ... of its rows (split-K: fp32 atomics into a zeroed out, bias by split 0).
-    Requires ceil(K/8) % 8 == 0 and B % 32 == 0."""
+    Requires ceil(K/8) % 8 == 0 and B % 32 == 0. EVEN_NG: N % BLOCK_N == 0 and n_groups % BLOCK_G
+    == 0, so no row or group is masked or clamped (every 7B shape)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -176,11 +177,17 @@ def planes_gemv_kernel(
         k_lo = g[None, :] * 64
         m0 = mask_n[:, None] & (g < n_groups)[None, :] & (k_lo < K)
         m1 = mask_n[:, None] & (g < n_groups)[None, :] & (k_lo + 32 < K)
-        s0 = tl.load(a_rows + k_lo // B, mask=m0, other=0.0).to(tl.float32)
+        if EVEN_NG:
+            s0 = tl.load(a_rows + k_lo // B).to(tl.float32)
+        else:
+            s0 = tl.load(a_rows + k_lo // B, mask=m0, other=0.0).to(tl.float32)
         p0 = _half_partial(xg, g, K, xmask, tab, w0, w1, w2, w3, w4, w5, w6, w7, KP, 0,
                            EVEN_K, BLOCK_N, BLOCK_G)
         if B == 32:
-            s1 = tl.load(a_rows + (k_lo + 32) // B, mask=m1, other=0.0).to(tl.float32)
+            if EVEN_NG:
+                s1 = tl.load(a_rows + (k_lo + 32) // B).to(tl.float32)
+            else:
+                s1 = tl.load(a_rows + (k_lo + 32) // B, mask=m1, other=0.0).to(tl.float32)
             p1 = _half_partial(xg, g, K, xmask, tab, w0, w1, w2, w3, w4, w5, w6, w7, KP, 1,
                                EVEN_K, BLOCK_N, BLOCK_G)
             acc += p0 * s0 + p1 * s1
@@ -266,6 +273,11 @@ def gemv_block_n(bits: int) -> int:
     return 128 if bits == 3 else 64
 
 
+def even_ng(n: int, n_groups: int, bits: int) -> bool:
+    """Whether the word GEMV's programs cover whole row tiles and whole trips (no masks)."""
+    return n % gemv_block_n(bits) == 0 and n_groups % GEMV_BLOCK_G == 0
+
+
 def decode_table(codebook: torch.Tensor, bits: int) -> torch.Tensor:
     """The word GEMV's table for a width-`bits` codebook (fp32 (2^bits,)), aligned to its size:
     bits <= PAIR_MAX_BITS, (cb[lo], cb[hi]) fp32 pairs at index lo | hi << 8 (codes of two bytes
@@ -316,7 +328,7 @@ def kbit_linear_planes_triton(x: torch.Tensor, planes: torch.Tensor, absmax: tor
             x, words, absmax, b, out, n, k, nb // 8, n * nb // 8, absmax.stride(0),
             table.data_ptr(), 0, split, KP=k_planes, B=block_size, HAS_BIAS=has_bias,
             BLOCK_N=block_n, BLOCK_G=GEMV_BLOCK_G, EVEN_K=k % 64 == 0, ATOMIC=split > 1,
-            num_warps=4)
+            EVEN_NG=even_ng(n, nb // 8, k_planes), num_warps=4)
     else:
         block_m, block_n, block_k = dot_block_m(m), dot_block_n(m), DOT_BLOCK_K
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
@@ -356,7 +368,8 @@ def plan_planes(m: int, n: int, k: int, bits: int, block_size: int, act: str = "
     bias = act if has_bias else "fp32"
     if m == 1 and gemv_planes_ok(k, block_size):
         bn, split = gemv_block_n(bits), gemv_split(n, k, bits, sms)
-        c.update(BLOCK_N=bn, BLOCK_G=GEMV_BLOCK_G, EVEN_K=k % 64 == 0, ATOMIC=split > 1)
+        c.update(BLOCK_N=bn, BLOCK_G=GEMV_BLOCK_G, EVEN_K=k % 64 == 0, ATOMIC=split > 1,
+                 EVEN_NG=even_ng(n, nb // 8, bits))
         args = (("x_ptr", act), ("pl_ptr", "i64"), ("absmax_ptr", absmax), ("bias_ptr", bias),
                 ("out_ptr", "fp32"), ("N", n), ("K", k), ("n_groups", nb // 8),
                 ("plane_stride", n * nb // 8), ("stride_an", n_blocks), ("tab_addr", 2**40),
