@@ -30,6 +30,7 @@ from kbitrt.format.blockwise import QuantizedWeight
 from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, OUTLIER_IDX,
                                   OUTLIER_WEIGHT)
 from kbitrt.runtime.devices import is_cuda
+from kbitrt.runtime.kernels.cpu_schema import NONE, LinearKind, StackLinear
 from kbitrt.runtime.kernels.ops import kbit_linear_planes
 from kbitrt.runtime.kernels.planes_reference import dequantize_planes
 from kbitrt.runtime.kernels.reference import pad_codebook
@@ -179,14 +180,14 @@ class MultiWidthLinear(KbitLinear):
             w[:, idx] = ow.float()
         return w.to(dtype)
 
-    def stack_linear(self) -> tuple[list[int], list[torch.Tensor]]:
-        """(kind 3, bits, block, in_features) and (planes, absmax, codebook, bias) for the CPU
-        layer stack (cpu_layers.h); ValueError where it cannot run this layer."""
+    def stack_linear(self) -> StackLinear:
+        """This layer as the CPU layer stack's loops read it (kernels/cpu_schema.py): the planes,
+        scales and codebook read at the current width; ValueError where they cannot run it."""
         if self.outlier_idx.numel():
             raise ValueError("outlier columns")
-        bias = torch.empty(0) if self.bias is None else self.bias.detach().float().contiguous()
-        return ([3, self.bits, self.block_size, self.in_features],
-                [self.planes, self.absmax, self.codebook, bias])
+        bias = NONE if self.bias is None else self.bias.detach().float().contiguous()
+        return StackLinear(LinearKind.planes, self.bits, self.block_size, self.in_features,
+                           w0=self.planes, w1=self.absmax, w2=self.codebook, bias=bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", widths={self.min_bits}..{self.max_bits} (planes)"

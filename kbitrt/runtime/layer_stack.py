@@ -88,10 +88,9 @@ def _linear(m: nn.Module | None, act_dtype: torch.dtype) -> StackLinear:
                            bias=_bias(m.bias))
     if hasattr(m, "stack_linear"):  # bit planes read per call (runtime/any_precision.py)
         try:
-            ints, held = m.stack_linear()  # (kind, bits, block, in_features), (w0, w1, w2, bias)
+            return m.stack_linear()
         except ValueError as e:
             raise Unserved(str(e)) from None
-        return StackLinear(LinearKind(ints[0]), *ints[1:], *held)
     if not isinstance(m, KbitLinear) or type(m).forward is not KbitLinear.forward:
         raise Unserved(f"a {type(m).__name__}")
     if m.outlier_idx.numel():
