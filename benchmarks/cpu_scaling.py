@@ -23,6 +23,7 @@ and prints the Markdown table of docs/cpu.md.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -187,7 +188,7 @@ def quantize_gguf(f16: Path, out: Path, ftype: str) -> Path:
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = 2
     tmp = out.with_name(out.name + ".tmp")
-    rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), params)
+    rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize {ftype} failed ({rc})")
     tmp.rename(out)

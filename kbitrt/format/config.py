@@ -160,6 +160,8 @@ class QuantConfig:
         """Short human name, e.g. `nf4-b64` or `fp4(E3M0)-b64`."""
         extra = "".join(f"-{x}" for x in (self.scales, self.method, self.importance)
                         if x not in ("absmax", "rtn", "none"))
+        extra += "".join(f"-{name}{b}" for name, b in (("head", self.head_bits),
+                                                        ("emb", self.embedding_bits)) if b)
         return f"{self.data_type.label(self)}-b{self.block_size}{extra}"
 
     def to_json(self) -> dict:
