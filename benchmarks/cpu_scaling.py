@@ -453,12 +453,13 @@ def main(argv=None) -> int:
                 reps[name].append(run_one(args, name, paths[name]))
                 print(f"  {size} rep {rep} {name}: {json.dumps(reps[name][-1])[:200]}",
                       file=sys.stderr, flush=True)
-        results = {n: summarise(reps[n], paths[n], n_layers, SHAPES[size]["layers"]) for n in names}
-        record["sizes"][size] = {"layers": n_layers, "full_layers": SHAPES[size]["layers"],
-                                 "shape": SHAPES[size], "results": results, "ratios": ratios(results)}
-        record["loadavg_end"] = os.getloadavg()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=2) + "\n")  # after each size: partial runs count
+            results = {n: summarise(reps[n], paths[n], n_layers, SHAPES[size]["layers"]) for n in names}
+            record["sizes"][size] = {"layers": n_layers, "full_layers": SHAPES[size]["layers"],
+                                     "shape": SHAPES[size], "rounds": rep + 1, "results": results,
+                                     "ratios": ratios(results)}
+            record["loadavg_end"] = os.getloadavg()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(record, indent=2) + "\n")  # after each round: partial runs count
     if record["sizes"]:
         print(markdown(record))
         print(f"written to {out}", file=sys.stderr)

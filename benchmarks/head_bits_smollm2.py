@@ -37,7 +37,17 @@ def main(argv=None) -> int:
     ap.add_argument("--text", default=str(DATA / "wiki_en_dev.txt"))
     ap.add_argument("-o", "--output",
                     default=str(ROOT / "benchmarks/results/head_bits_smollm2-cpu.json"))
+    ap.add_argument("--head-speed-only", action="store_true",
+                    help="time the head GEMV alone and add it to the existing JSON")
     args = ap.parse_args(argv)
+    if args.head_speed_only:
+        import json
+
+        record = json.loads(Path(args.output).read_text())
+        record["head_gemv"] = {**environment(resolve_device("cpu")), **head_gemv_ms()}
+        write_json(Path(args.output), record)
+        print(record["head_gemv"]["ms"])
+        return 0
 
     from kbitrt.convert.converter import convert
     from kbitrt.convert.gguf import ensure_smollm2
@@ -68,6 +78,40 @@ def main(argv=None) -> int:
             del lm
     print(markdown(record))
     return 0
+
+
+def head_gemv_ms(rounds: int = 5, calls: int = 5, threads: int = 2) -> dict:
+    """ms per decode-step call of a SmolLM2-shaped head (49152 x 576) on the CPU: the fp16 head
+    the runtime holds today (HalfLinear) against packed k-bit KbitLinears, interleaved, medians."""
+    import os
+    import statistics
+    import time
+
+    import torch
+
+    from kbitrt.format.config import QuantConfig
+    from kbitrt.format.quantizer import quantize_weight
+    from kbitrt.runtime.kernels import cpu
+    from kbitrt.runtime.linear import HalfLinear, KbitLinear
+
+    torch.set_num_threads(threads)
+    w = torch.randn(49152, 576, generator=torch.Generator().manual_seed(0)) * 0.02
+    mods = {"fp16": HalfLinear(torch.nn.Parameter(w.half(), requires_grad=False))}
+    for b in (4, 5, 6, 8):
+        mods[f"nf{b}"] = KbitLinear.from_quantized(quantize_weight(w, QuantConfig(bits=b)),
+                                                   compute_dtype=torch.float32, cpu_cache=False)
+    x, times = torch.randn(1, 576), {k: [] for k in mods}
+    load0 = os.getloadavg()
+    with torch.no_grad():
+        for _ in range(rounds):
+            for k, m in mods.items():
+                m(x)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    m(x)
+                times[k].append((time.perf_counter() - t0) / calls * 1e3)
+    return {"threads": threads, "fused_cpu_kernels": cpu.available(), "loadavg": [load0, os.getloadavg()],
+            "ms": {k: statistics.median(v) for k, v in times.items()}, "ms_reps": times}
 
 
 def markdown(record: dict) -> str:
