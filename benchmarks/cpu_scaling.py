@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cpu_decode import machine, peak, rss, versions  # noqa: E402
+from cpu_memory_breakdown import worker_result  # noqa: E402
 
 VOCAB = 49152
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, tied
@@ -315,12 +316,7 @@ def worker(args) -> None:
 def run_one(args, name: str, model: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--model", str(model),
            "--threads", str(args.threads)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if p.returncode or line is None:
-        return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return json.loads(line[len("RESULT "):])
+    return worker_result(cmd, args.threads, args.timeout)
 
 
 # -------------------------------------------------------------------------------------- main
@@ -419,11 +415,11 @@ def main(argv=None) -> int:
     ap.add_argument("--embedding-bits", type=int, default=8, help="kbit-qhead's --embedding-bits")
     ap.add_argument("--workdir", default=str(Path(os.environ.get("KBIT_CACHE", Path.home() / ".cache/kbitrt"))
                                              / "cpu-scaling"))
-    ap.add_argument("--timeout", type=int, default=1200)
     ap.add_argument("--prepare-only", action="store_true", help="build the models, time nothing")
+    ap.add_argument("-o", "--output", default=None)
+    ap.add_argument("--timeout", type=int, default=1200, help="seconds per measurement")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("-o", "--output", default=None)
     args = ap.parse_args(argv)
     if args.worker:
         worker(args)
