@@ -2,8 +2,8 @@
 
 The embedding (vocab, dim) is stored like a linear (`kbit convert --embedding-bits`): packed codes
 per row, block scales along dim, a codebook. `QuantizedEmbedding` holds a KbitLinear of it and
-gathers the looked-up rows' codes and scales, then dequantizes just those (kernels.ops
-kbit_dequantize: the C++ kernel on the CPU, the torch twin elsewhere). A tied model whose head and
+gathers the looked-up rows' codes and scales, then dequantizes just those (the C++
+kbit_dequantize on the CPU, its torch twin elsewhere). A tied model whose head and
 embedding share a width stores the table once: the same KbitLinear is the output head (its
 kernels: Triton on the GPU, the fused C++ ones on the CPU) and, here, the embedding. When that
 head holds a dense 16-bit copy instead (`cpu_weights` fp16), the rows are gathered from the copy.
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kbitrt.runtime.devices import cpu_path
-from kbitrt.runtime.kernels.ops import kbit_dequantize
+from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.kernels.reference import dequantize_packed
 from kbitrt.runtime.linear import KbitLinear
 
@@ -27,7 +27,9 @@ def gather_dequantize(table: KbitLinear, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, table.dense_weight).float()
     q, a = table.qweight[ids], table.absmax[ids]
     args = (q, a, table.codebook, table.bits, table.block_size, table.in_features)
-    rows = kbit_dequantize(*args) if cpu_path(ids.device) else dequantize_packed(*args)
+    # the C++ kernel itself, not the custom op: a first op call imports ~100 MB (torch._dynamo)
+    fused = cpu_path(ids.device) and cpu_kernels.available()
+    rows = cpu_kernels.kbit_dequantize(*args) if fused else dequantize_packed(*args)
     idx, ow = table.outliers()
     if idx is not None:
         rows[:, idx] = ow[ids].float()
