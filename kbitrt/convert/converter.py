@@ -261,8 +261,9 @@ class Converter:
         bits = {emb_module: cfg.embedding_bits} if emb_module in weights else {}
         if mm.head in weights:
             bits[mm.head] = head_bits
-        self.config = replace(cfg, module_bits=tuple(sorted(
-            (m, b) for m, b in bits.items() if b is not None and b != cfg.bits)))
+        own = tuple(sorted((m, b) for m, b in bits.items() if b is not None and b != cfg.bits))
+        if own:
+            self.config = replace(cfg, module_bits=own)
 
     def planned_tensors(self) -> list[PlannedTensor]:
         out = []
