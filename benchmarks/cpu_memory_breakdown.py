@@ -210,8 +210,13 @@ def subprocess_result(args, name: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--threads", str(args.threads),
            "--new", str(args.new), "--kbit", str(args.kbit), "--cpu-weights", args.cpu_weights,
            "--kv-cache", args.kv_cache]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    return worker_result(cmd, args.threads, args.timeout)
+
+
+def worker_result(cmd: list[str], threads: int, timeout: int) -> dict:
+    """Run a worker subprocess at `threads` threads; its `RESULT {json}` line, or {"error": ...}."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if p.returncode or line is None:
         return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1][:300]}

@@ -9,10 +9,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from kbitrt.errors import KbitError
+from kbitrt.errors import KbitError, KbitFormatError
 from kbitrt.eval.progress import byte_progress
 from kbitrt.format import dtypes
-from kbitrt.format.config import ABSMAX_DTYPES, IMPORTANCE, METHODS, SCALES, OutlierSpec, QuantConfig
+from kbitrt.format.config import (ABSMAX_DTYPES, IMPORTANCE, METHODS, SCALES, OutlierSpec, QuantConfig,
+                                  parse_bits16)
 
 err = Console(stderr=True)
 out = Console()
@@ -58,6 +59,10 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
               help="gptq: dampening, a fraction of the mean Hessian diagonal")
 @click.option("--act-order", is_flag=True, help="gptq: columns in order of decreasing activation")
 @click.option("--quantize-head", is_flag=True, help="also quantize the output head (lm_head)")
+@click.option("--head-bits", default="16", show_default=True,
+              help="output head width: 3..8, or 16 to keep it unquantized (docs/format.md)")
+@click.option("--embedding-bits", default="16", show_default=True,
+              help="input embedding width: 3..8 (only looked-up rows are dequantized), or 16")
 @click.option("--dtype16", default="auto", show_default=True, type=click.Choice(["auto", "fp16", "bf16"]),
               help="dtype of what stays unquantized (auto: the model's bf16, else fp16)")
 @click.option("--max-shard-size", default="5GB", show_default=True,
@@ -75,7 +80,7 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
               help="one file serving every width LO..HI (e.g. 3-8; bit planes, docs/any_precision.md)")
 def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype, outliers, scales,
                 importance, method, calib, calib_samples, calib_seqlen, damp, act_order, quantize_head,
-                dtype16, max_shard_size, revision, trust_remote_code, force, drop_unused, as_json,
+                head_bits, embedding_bits, dtype16, max_shard_size, revision, trust_remote_code, force, drop_unused, as_json,
                 push_to_hub, any_precision):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
     from kbitrt.convert.staging import resolve_output
@@ -87,10 +92,14 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
         check_repo_id(push_to_hub)  # names no token it was given by mistake
         resolve_token(None)
 
+    widths = dict(head_bits=parse_bits16("--head-bits", head_bits),
+                  embedding_bits=parse_bits16("--embedding-bits", embedding_bits))
+    if any_precision and any(widths.values()):
+        raise KbitFormatError("--head-bits/--embedding-bits: not with --any-precision")
     config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,
                          absmax_dtype=absmax_dtype, outliers=outliers,
                          quantize_head=quantize_head, scales=scales, method=method,
-                         importance=importance) if not any_precision else None
+                         importance=importance, **widths) if not any_precision else None
     kwargs = dict(force=force, dtype16=dtype16, max_shard_bytes=max_shard_size, revision=revision,
                   trust_remote_code=trust_remote_code, drop_unused=drop_unused)
     if any_precision:  # kbitrt/convert/any_precision.py

@@ -34,7 +34,7 @@ from kbitrt.convert.staging import check_output, staged_folder
 from kbitrt.format.model_check import check_checkpoint_shapes
 from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, OUTLIER_IDX,
                                  OUTLIER_WEIGHT, QWEIGHT, SHAPE, KbitFormatError, LinearLayout,
-                                 QuantConfig, header_metadata)
+                                 QuantConfig, header_metadata, replace)
 
 CHUNK_ELEMS = 1 << 24
 MAX_SHARD_BYTES = 5 * 10**9
@@ -165,6 +165,7 @@ class Converter:
         self.dropped: list[str] = []  # unused tensors dropped on purpose (--drop-unused)
         self.skipped: list[str] = []  # known non-persistent buffers (model_map.SKIPPABLE_BUFFERS)
         self.drop_unused = drop_unused
+        self._placed: dict[str, str] = {}  # checkpoint key -> model name
         if self.map.experts:  # MoE: one linear per expert and fused parameter (convert/experts.py)
             self.tensors = ExpertTensors(self.tensors, self.map)
 
@@ -192,9 +193,10 @@ class Converter:
                     f"{self.folder}: checkpoint tensors {placed[name]} and {key} are both "
                     f"{name} for transformers: remove one of them from the checkpoint")
             placed[name] = key
+            self._placed[key] = name
             module, _, leaf = name.rpartition(".")
             if leaf == "weight" and module in mm.linears and len(self.tensors.shape(key)) == 2 \
-                    and (module != mm.head or cfg.quantize_head):
+                    and (module != mm.head or cfg.head_quantized):
                 weights[module] = key
             elif not (mm.tied and module == mm.head and leaf == "weight"):
                 self.plain[name] = key
@@ -216,11 +218,7 @@ class Converter:
                 f"model needs: {_names(missing)}; nothing was written")
         check_checkpoint_shapes(self.folder, self.raw_config, {**self.plain, **{  # model_check.py
             f"{m}.weight": k for m, k in weights.items()}}, self.tensors.shape)
-        if cfg.quantize_head and mm.head and mm.head not in weights and mm.tied and mm.embedding_key:
-            # a tied head has no tensor of its own: quantize a copy of the embedding
-            emb = next((k for k in self.tensors.names() if mm.canonical(k) == mm.embedding_key), None)
-            if emb is not None:
-                weights[mm.head] = emb
+        self._plan_head_and_embedding(weights)
         if not weights:
             raise KbitFormatError(
                 f"{self.folder}: no linear layers found in the checkpoint (model_type "
@@ -229,7 +227,7 @@ class Converter:
         done = 0
         for module in sorted(weights):
             key = weights[module]
-            transposed = mm.linears[module]
+            transposed = mm.linears.get(module, False)  # the embedding is (vocab, dim)
             shape = self.tensors.shape(key)
             n, k = (shape[1], shape[0]) if transposed else shape
             idx = torch.zeros(0, dtype=torch.int64)
@@ -239,9 +237,34 @@ class Converter:
                 done += self.tensors.nbytes(key)
                 if progress:
                     progress("outlier statistics", done, total)
-            layout = LinearLayout(n, k, cfg, n_outliers=idx.numel(),
-                                  codebook_len=dtypes.codebook_len(cfg))
+            own = self.config.for_module(module)
+            layout = LinearLayout(n, k, own, n_outliers=idx.numel(),
+                                  codebook_len=dtypes.codebook_len(own))
             self.linears.append(LinearPlan(module, key, transposed, layout, idx))
+
+    def _plan_head_and_embedding(self, weights: dict[str, str]) -> None:
+        """The output head and the input embedding at their own widths (head_bits,
+        embedding_bits), recorded in module_bits. A tied pair at one width is stored once, as the
+        embedding, and read by both; otherwise a tied head is a copy of the embedding."""
+        mm, cfg = self.map, self.config
+        emb_module = mm.embedding_key.rpartition(".")[0] if mm.embedding_key else None
+        emb_key = next((k for k, name in self._placed.items() if name == mm.embedding_key), None)
+        head_bits = cfg.head_bits or cfg.bits
+        shared = mm.tied and cfg.head_quantized and cfg.embedding_bits == head_bits
+        if cfg.embedding_bits is not None and emb_module and emb_key:
+            weights[emb_module] = emb_key
+            self.plain.pop(mm.embedding_key, None)
+            if mm.tied and mm.head and not cfg.head_quantized:  # the 16-bit head keeps a copy
+                self.plain[f"{mm.head}.weight"] = emb_key
+        if cfg.head_quantized and mm.head and mm.head not in weights and mm.tied and emb_key \
+                and not shared:  # a tied head has no tensor of its own: quantize a copy
+            weights[mm.head] = emb_key
+        bits = {emb_module: cfg.embedding_bits} if emb_module in weights else {}
+        if mm.head in weights:
+            bits[mm.head] = head_bits
+        own = tuple(sorted((m, b) for m, b in bits.items() if b is not None and b != cfg.bits))
+        if own:
+            self.config = replace(cfg, module_bits=own)
 
     def planned_tensors(self) -> list[PlannedTensor]:
         out = []
@@ -271,8 +294,10 @@ class Converter:
         cfg["quantization_config"] = qc
         cfg["dtype"] = "bfloat16" if self.dtype16 == torch.bfloat16 else "float16"
         cfg.pop("torch_dtype", None)
-        if self.config.quantize_head and self.map.tied:
-            cfg["tie_word_embeddings"] = False  # the head is now its own (quantized) tensor
+        mm = self.map
+        if mm.tied and mm.head and (mm.head in {lp.module for lp in self.linears}
+                                    or f"{mm.head}.weight" in self.plain):
+            cfg["tie_word_embeddings"] = False  # the head is now a tensor of its own
         return cfg
 
     def write(self, tmp: Path, report: ConversionReport, max_shard_bytes: int,
@@ -339,7 +364,7 @@ class Converter:
 
     def _write_linear(self, lp: LinearPlan, writers: dict[str, ShardWriter],
                       report: ConversionReport) -> None:
-        cfg, lay, name = self.config, lp.layout, lp.module
+        cfg, lay, name = self.config.for_module(lp.module), lp.layout, lp.module
         idx = lp.outlier_idx
         if self.overrides is not None and name in self.overrides:
             return self._write_given(lp, self.overrides[name], writers, report)
@@ -438,7 +463,8 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantC
             drop_unused: bool = False, progress: Progress | None = None,
             converter: type[Converter] | None = None, overrides=None,
             extra_quantization: dict | None = None, norm_inputs: dict | None = None,
-            calibration: Calibration | None = None) -> ConversionReport:
+            calibration: Calibration | None = None, head_bits: int | None = None,
+            embedding_bits: int | None = None) -> ConversionReport:
     """Convert a local folder or Hub id into a kbit folder at `output`; returns the summary.
 
     The one place the method is picked: a config that calibrates (`config.method == "gptq"`,
@@ -449,7 +475,11 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, config: QuantC
     sharding, card) is shared. `overrides` are linears quantized elsewhere, `extra_quantization`
     more quantization_config keys, `norm_inputs` (linear module -> norm module,
     kbitrt.convert.importance) the norms whose squared gains weight each input column's error
-    with `config.importance == "norm"`."""
+    with `config.importance == "norm"`. `head_bits` / `embedding_bits` (3..8) set config's
+    widths of the output head and the input embedding."""
+    if head_bits is not None or embedding_bits is not None:
+        config = replace(config, head_bits=head_bits or config.head_bits,
+                         embedding_bits=embedding_bits or config.embedding_bits)
     if overrides is None and needs_calibration(config):
         calibration = calibration or Calibration()  # default: seeded random tokens
         check_calibration(config, calibration)

@@ -92,10 +92,21 @@ class QuantConfig:
     scales: str = "absmax"
     method: str = "rtn"
     importance: str = "none"
+    # the output head's and the input embedding's widths (None: kept in 16 bits; a head_bits
+    # implies quantize_head); module_bits: which stored module holds which width, filled by the
+    # converter, read by the reader (config.json's quantization_config.module_bits)
+    head_bits: int | None = None
+    embedding_bits: int | None = None
+    module_bits: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise KbitFormatError(f"--bits {self.bits} is not supported: use {MIN_BITS}..{MAX_BITS}")
+        for flag, b in (("--head-bits", self.head_bits), ("--embedding-bits", self.embedding_bits),
+                        *(("module_bits", b) for _, b in self.module_bits)):
+            if b is not None and (_is_bool(b) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS):
+                raise KbitFormatError(f"{flag} {b!r} is not supported: use {MIN_BITS}..{MAX_BITS}, "
+                                      "or 16 to keep it in 16 bits")
         b = self.block_size
         if not (MIN_BLOCK <= b <= MAX_BLOCK and b & (b - 1) == 0):
             raise KbitFormatError(
@@ -122,6 +133,23 @@ class QuantConfig:
                 raise KbitFormatError(
                     f"{flag} only applies to --dtype {' or '.join(owners)}")
         data_type.validate(self)
+        for b in {self.head_bits, self.embedding_bits, *(b for _, b in self.module_bits)} - {None}:
+            if b != self.bits:
+                data_type.validate(self.at_bits(b))
+
+    @property
+    def head_quantized(self) -> bool:
+        return self.quantize_head or self.head_bits is not None
+
+    def at_bits(self, bits: int) -> QuantConfig:
+        """These settings at another width, without the per-module widths."""
+        return dataclasses.replace(self, bits=bits, head_bits=None, embedding_bits=None,
+                                   module_bits=())
+
+    def for_module(self, module: str) -> QuantConfig:
+        """The settings `module` was quantized with: its own width from module_bits, else these."""
+        bits = dict(self.module_bits).get(module, self.bits)
+        return self if bits == self.bits else self.at_bits(bits)
 
     @property
     def data_type(self) -> type[dtypes.DataType]:
@@ -132,6 +160,8 @@ class QuantConfig:
         """Short human name, e.g. `nf4-b64` or `fp4(E3M0)-b64`."""
         extra = "".join(f"-{x}" for x in (self.scales, self.method, self.importance)
                         if x not in ("absmax", "rtn", "none"))
+        extra += "".join(f"-{name}{b}" for name, b in (("head", self.head_bits),
+                                                        ("emb", self.embedding_bits)) if b)
         return f"{self.data_type.label(self)}-b{self.block_size}{extra}"
 
     def to_json(self) -> dict:
@@ -153,6 +183,9 @@ class QuantConfig:
             **({"scales": self.scales} if self.scales != "absmax" else {}),
             **({"method": self.method} if self.method != "rtn" else {}),
             **({"importance": self.importance} if self.importance != "none" else {}),
+            **({"head_bits": self.head_bits} if self.head_bits is not None else {}),
+            **({"embedding_bits": self.embedding_bits} if self.embedding_bits is not None else {}),
+            **({"module_bits": dict(self.module_bits)} if self.module_bits else {}),
         }
 
     @classmethod
@@ -207,11 +240,38 @@ class QuantConfig:
             scales=qc.get("scales", "absmax"),
             method=qc.get("method", "rtn"),
             importance=qc.get("importance", "none"),
+            head_bits=qc.get("head_bits"),
+            embedding_bits=qc.get("embedding_bits"),
+            module_bits=_module_bits(qc.get("module_bits")),
         )
 
 
 def _is_bool(v) -> bool:
     return isinstance(v, bool)
+
+
+def _module_bits(value: dict | None) -> tuple[tuple[str, int], ...]:
+    if value is None:
+        return ()
+    for module, bits in value.items():
+        if _is_bool(bits) or not isinstance(bits, int):
+            raise KbitFormatError(f"quantization_config.module_bits.{module} is {bits!r}: it must "
+                                  "be an int")
+    return tuple(sorted(value.items()))
+
+
+def parse_bits16(flag: str, text: str | int | None) -> int | None:
+    """--head-bits / --embedding-bits: 3..8, or 16 (None: kept in 16 bits)."""
+    if text is None or str(text).strip().lower() in ("16", "none", "off"):
+        return None
+    try:
+        bits = int(str(text).strip())
+    except ValueError:
+        bits = None
+    if bits is None or not MIN_BITS <= bits <= MAX_BITS:
+        raise KbitFormatError(f"{flag} {text!r} is not supported: use {MIN_BITS}..{MAX_BITS}, or 16 "
+                              "to keep it in 16 bits")
+    return bits
 
 
 # quantization_config keys: (allowed JSON types, required)
@@ -232,6 +292,9 @@ QC_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "method": ((str,), False),
     "importance": ((str,), False),  # none | norm | hessian (format/scales.py); stored values only
     "calibration": ((dict,), False),  # GPTQ: the calibration set and settings (convert/calibrate.py)
+    "head_bits": ((int, type(None)), False),  # output head width (None/absent: 16 bits)
+    "embedding_bits": ((int, type(None)), False),  # input embedding width
+    "module_bits": ((dict,), False),  # module -> its width, where it differs from `bits`
 }
 
 

@@ -66,12 +66,14 @@ def _shapes(config_json: str) -> ModelShapes | None:
     config = AutoConfig.for_model(model_type, **d)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    head = model.get_output_embeddings()
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     linears, head_name = {}, None
     for name, m in model.named_modules():
         if m is head:
             head_name = name
-        if isinstance(m, Conv1D):
+        if m is emb:  # stored like a linear when quantized (--embedding-bits)
+            linears[name] = (m.num_embeddings, m.embedding_dim, False)
+        elif isinstance(m, Conv1D):
             linears[name] = (m.weight.shape[1], m.weight.shape[0], True)
         elif isinstance(m, torch.nn.Linear):
             linears[name] = (m.out_features, m.in_features, False)

@@ -84,7 +84,7 @@ class KbitModel(StoredModel):
         self.check_module_lists()
 
     def _validate_linear(self, module: str, has: set[str]) -> ModuleEntry:
-        q = self.quant
+        q = self.quant.for_module(module)  # the head and embedding may hold their own width
         n, k = self.linear_shape(module)
         n_out = self.outlier_count(module, k)
         cb_len = self.info(f"{module}.{CODEBOOK}").shape[0] \
@@ -107,4 +107,5 @@ class KbitModel(StoredModel):
         e = self.modules[module]
         tensors = {s: self.read(f"{module}.{s}") for s in self.suffixes(module) if s != SHAPE}
         tensors.update(self.scales(module))  # checked: finite, non-negative
-        return QuantizedWeight.from_tensors(tensors, self.quant, (e.out_features, e.in_features))
+        return QuantizedWeight.from_tensors(tensors, self.quant.for_module(module),
+                                            (e.out_features, e.in_features))

@@ -11,6 +11,7 @@ from torch import nn
 
 from kbitrt.errors import KbitFormatError, RunError
 from kbitrt.runtime.devices import cpu_path
+from kbitrt.runtime.embedding import QuantizedEmbedding
 from kbitrt.runtime.experts import install_kbit_experts
 from kbitrt.runtime import layer_stack
 from kbitrt.runtime.kernels import cpu as cpu_kernels
@@ -141,6 +142,26 @@ def _where(source) -> str:
     return str(getattr(source, "path", None) or "the model")
 
 
+def quantized_embedding(model: nn.Module, tensors: _Tensors, name: str, shared: bool,
+                        attr: str = "tok_emb") -> None:
+    """A k-bit stored embedding `name` becomes a QuantizedEmbedding (runtime/embedding.py) at
+    `attr`; `shared` (a tied head stored once): the same KbitLinear becomes model.lm_head."""
+    if name not in tensors.quantized:
+        return
+    emb = model.get_submodule(attr)
+    qw = tensors.source.quantized(name)
+    if tuple(qw.shape) != (emb.num_embeddings, emb.embedding_dim):
+        raise KbitFormatError(f"{_where(tensors.source)}: {name} is {tuple(qw.shape)}, the config "
+                              f"says {(emb.num_embeddings, emb.embedding_dim)}")
+    tensors.used.add(name)
+    # only the looked-up rows are read: packed codes, unless the head multiplies by them too
+    table = kbit_module(qw, None, tensors.dtype, tensors.device,
+                        tensors.cpu_weights if shared else "packed")
+    model.set_submodule(attr, QuantizedEmbedding(table, tensors.dtype))
+    if shared:
+        model.lm_head = table
+
+
 def build_native(source, config, device: torch.device, dtype: torch.dtype,
                  cpu_weights: str = "auto") -> Decoder:
     """The generic decoder with every tensor of `source` (a KbitModel or the like) assigned."""
@@ -159,6 +180,7 @@ def build_native(source, config, device: torch.device, dtype: torch.dtype,
     # verifying steps (speculative decoding)
     head = tensors.pick(names["lm_head"])
     tied = head not in tensors.quantized and not tensors.has(f"{head}.weight")
+    quantized_embedding(model, tensors, tensors.pick(names["tok_emb"]), args.tie_embeddings and tied)
     cpu32 = cpu_path(device) and dtype == torch.float32
     fused = cpu32 and cpu_weights == "packed" and cpu_kernels.available()
     hold16 = cpu32 and cpu_weights != "fp32" and (fused or not tied)
@@ -261,8 +283,14 @@ def build_transformers(source, config, device: torch.device, dtype: torch.dtype,
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     install_kbit_experts(model)  # MoE: a slot per expert for its KbitLinear (runtime/experts.py)
     tensors = _Tensors(source, device, dtype, cpu_weights)
+    tied = getattr(config, "tie_word_embeddings", False)
     for name in source.quantized_modules:
         module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):  # --embedding-bits: a k-bit table
+            quantized_embedding(model, tensors, name, False, attr=name)
+            if tied and model.get_output_embeddings().weight.is_meta:
+                model.set_output_embeddings(model.get_submodule(name).table)
+            continue
         qw = source.quantized(name)
         bias = getattr(module, "bias", None)
         b = tensors.get(f"{name}.bias", tuple(bias.shape)) if bias is not None else None
@@ -279,7 +307,7 @@ def build_transformers(source, config, device: torch.device, dtype: torch.dtype,
             module_name, _, bname = name.rpartition(".")
             model.get_submodule(module_name)._buffers[bname] = tensors.get(
                 name, tuple(buffers[name].shape)).to(buffers[name].dtype)
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         out, inp = model.get_output_embeddings(), model.get_input_embeddings()
         if isinstance(out, nn.Linear) and out.weight.is_meta:
             out.weight = inp.weight

@@ -177,7 +177,9 @@ def plan_native(model: nn.Module, device_map: str | dict, budgets: dict[str, int
                 gpus: list[str]) -> dict[str, str]:
     """unit -> device: the given map (checked), or a greedy fill in forward order."""
     units = native_units(model)
-    tied = model.lm_head.weight is model.tok_emb.weight
+    # one tensor, or one k-bit table (runtime/embedding.py), read by both
+    tied = model.lm_head is getattr(model.tok_emb, "table", None) \
+        or getattr(model.lm_head, "weight", None) is model.tok_emb.weight
     if isinstance(device_map, dict):
         plan = {}
         for unit, dev in device_map.items():
