@@ -39,11 +39,16 @@ if cpu.available():
     same = torch.equal(torch.ops.kbitrt_cpu.kbit_dequantize(q, a, c, bits, block, k),
                        dequantize_packed(q, a, c, bits, block, k))
     print("TWIN", same)
+    # the default activations (int8: KBIT_CPU_ACTIVATIONS unset) reach a prebuilt library too
+    x, c4 = torch.randn(1, 256), torch.randn(16)
+    q4, a4 = pack(torch.randint(0, 16, (8, 256), dtype=torch.uint8), 4), torch.rand(8, 4)
+    print("INT8", torch.equal(cpu.kbit_linear(x, q4, a4, c4, None, 4, 64, 256),
+                              torch.ops.kbitrt_cpu.kbit_linear_int8(x, q4, a4, c4, None, 4, 64, 256)))
 """
 
 
 def _probe(tmp_path: Path, prebuilt: Path, **extra) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "KBIT_CPU_ISA"}
+    env = {k: v for k, v in os.environ.items() if k not in ("KBIT_CPU_ISA", "KBIT_CPU_ACTIVATIONS")}
     env.update(KBIT_PREBUILT_DIR=str(prebuilt), KBIT_CACHE=str(tmp_path / "cache"), CXX="/bin/false",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **extra)
     return subprocess.run([sys.executable, "-c", PROBE], env=env, text=True, capture_output=True,
@@ -141,7 +146,7 @@ def test_a_prebuilt_library_loads_without_a_compiler(tmp_path, real_library):
     folder = _prebuilt_set(tmp_path, real_library)
     r = _probe(tmp_path, folder)
     assert f"LOADED True prebuilt {cpu_build.runnable()[0]}" in r.stdout, r.stderr
-    assert "TWIN True" in r.stdout
+    assert "TWIN True" in r.stdout and "INT8 True" in r.stdout
     assert not (tmp_path / "cache").exists() and r.stderr == ""  # nothing built, nothing said
 
 

@@ -102,6 +102,7 @@ def _load_runtime() -> tuple[bool, str]:
                 torch.ops.load_library(str(lib))
                 _state["variant"] = f"prebuilt {name}"
                 _register_fakes()
+                torch.ops.kbitrt_cpu.set_int8_activations(activations() == "int8")
                 return True, ""
             except (OSError, RuntimeError) as e:
                 why = f"the prebuilt {name} kernels do not load: {_first_line(e)}"
