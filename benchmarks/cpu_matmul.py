@@ -171,7 +171,7 @@ def run_shapes(reps: int) -> list[dict]:
     from kbitrt.runtime.kernels import cpu
 
     assert cpu.available(), cpu.unavailable_reason()
-    torch.ops.kbitrt_cpu.set_int8_activations(False)  # kbit_linear: the fp32 path
+    torch.ops.kbitrt_cpu.set_int8_activations(0)  # kbit_linear: the fp32 path
     g, rows = torch.Generator().manual_seed(0), []
     for model, shapes in SHAPE_SETS.items():
         for n, k in shapes:

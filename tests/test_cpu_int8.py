@@ -107,6 +107,11 @@ def test_kbit_linear_routes_by_mode(int8_mode):
     exact = kbit_linear_torch(x, q, a, c, None, None, None, bits, 64, k)
     torch.testing.assert_close(got32, exact, rtol=1e-5, atol=1e-4)
     assert float((got8 - exact).norm() / exact.norm()) < 0.03
+    int8_mode("auto")  # the default: 4-bit weights keep the exact fp32 path, other widths int8
+    assert torch.equal(cpu.kbit_linear(x, q, a, c, None, bits, 64, k), got32)
+    q5, a5, c5 = _packed(64, k, 5, 64, "nf", seed=1)
+    assert torch.equal(cpu.kbit_linear(x, q5, a5, c5, None, 5, 64, k),
+                       torch.ops.kbitrt_cpu.kbit_linear_int8(x, q5, a5, c5, None, 5, 64, k))
     with pytest.raises(ValueError):
         cpu.set_activations("int4")
 
@@ -115,8 +120,9 @@ def test_auto_keeps_every_width_packed_under_int8(int8_mode):
     from kbitrt.runtime.weights_policy import PACKED_DEFAULT_MAX_BITS, cpu_weights_for
 
     dev = torch.device("cpu")
-    int8_mode("int8")
-    assert [cpu_weights_for("auto", dev, k) for k in range(3, 9)] == ["packed"] * 6
+    for mode in ("int8", "auto"):
+        int8_mode(mode)
+        assert [cpu_weights_for("auto", dev, k) for k in range(3, 9)] == ["packed"] * 6
     int8_mode("fp32")
     assert cpu_weights_for("auto", dev, PACKED_DEFAULT_MAX_BITS + 1) == "fp16"
 
@@ -151,6 +157,6 @@ def test_cli_option_sets_the_mode(int8_mode, tmp_path):
 
     from kbitrt.cli.main import cli
 
-    for mode in ("fp32", "int8"):
+    for mode in ("fp32", "int8", "auto"):
         CliRunner().invoke(cli, ["run", str(tmp_path / "missing"), "--cpu-activations", mode])
         assert cpu.activations() == mode

@@ -39,11 +39,12 @@ if cpu.available():
     same = torch.equal(torch.ops.kbitrt_cpu.kbit_dequantize(q, a, c, bits, block, k),
                        dequantize_packed(q, a, c, bits, block, k))
     print("TWIN", same)
-    # the default activations (int8: KBIT_CPU_ACTIVATIONS unset) reach a prebuilt library too
-    x, c4 = torch.randn(1, 256), torch.randn(16)
-    q4, a4 = pack(torch.randint(0, 16, (8, 256), dtype=torch.uint8), 4), torch.rand(8, 4)
-    print("INT8", torch.equal(cpu.kbit_linear(x, q4, a4, c4, None, 4, 64, 256),
-                              torch.ops.kbitrt_cpu.kbit_linear_int8(x, q4, a4, c4, None, 4, 64, 256)))
+    # the default activations (auto: int8 at 5 bits; KBIT_CPU_ACTIVATIONS unset) reach a
+    # prebuilt library too
+    x, c5 = torch.randn(1, 256), torch.randn(32)
+    q5, a5 = pack(torch.randint(0, 32, (8, 256), dtype=torch.uint8), 5), torch.rand(8, 4)
+    print("INT8", torch.equal(cpu.kbit_linear(x, q5, a5, c5, None, 5, 64, 256),
+                              torch.ops.kbitrt_cpu.kbit_linear_int8(x, q5, a5, c5, None, 5, 64, 256)))
 """
 
 

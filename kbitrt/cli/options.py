@@ -40,10 +40,11 @@ def cpu_weight_options(f):
                      default=None, help="CPU: what a quantized linear holds (default auto: the "
                      "packed codes where the fused CPU kernels run vectorized, else fp16 copies; "
                      "under --cpu-activations fp32 only for 3..6-bit models).")(f)
-    f = click.option("--cpu-activations", type=click.Choice(["int8", "fp32"]), default=None,
+    f = click.option("--cpu-activations", type=click.Choice(["auto", "int8", "fp32"]), default=None,
                      expose_value=False, callback=_set_cpu_activations,
                      help="CPU decode: activations quantized to int8 per 32 values with integer "
-                     "dot products (default, KBIT_CPU_ACTIVATIONS), or the exact fp32 path.")(f)
+                     "dot products, or the exact fp32 path; auto (default, KBIT_CPU_ACTIVATIONS): "
+                     "int8 except for 4-bit weights, whose fp32 path is as fast.")(f)
     return click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit "
                         "weights resident, at any width (= --cpu-weights packed), and the KV "
                         "cache in fp16 (= --kv-cache fp16 under the CPU's fp32 activations).")(f)

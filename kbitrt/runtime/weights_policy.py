@@ -65,6 +65,6 @@ def cpu_weights_for(cpu_weights: str, device: torch.device, bits: int | None = N
         return "packed"
     if not cpu_kernels.vectorized():
         return "fp16"
-    if bits is not None and bits > PACKED_DEFAULT_MAX_BITS and cpu_kernels.activations() != "int8":
+    if bits is not None and bits > PACKED_DEFAULT_MAX_BITS and cpu_kernels.activations() == "fp32":
         return "fp16"
     return "packed"

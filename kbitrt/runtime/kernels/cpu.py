@@ -102,7 +102,7 @@ def _load_runtime() -> tuple[bool, str]:
                 torch.ops.load_library(str(lib))
                 _state["variant"] = f"prebuilt {name}"
                 _register_fakes()
-                torch.ops.kbitrt_cpu.set_int8_activations(activations() == "int8")
+                torch.ops.kbitrt_cpu.set_int8_activations(_MODE_CODES[activations()])
                 return True, ""
             except (OSError, RuntimeError) as e:
                 why = f"the prebuilt {name} kernels do not load: {_first_line(e)}"
@@ -204,7 +204,7 @@ def _load(variant: str = "native", namespace: str | None = None, why: str = "") 
         return False, _first_line(e)
     if namespace == "kbitrt_cpu":
         _register_fakes()
-        torch.ops.kbitrt_cpu.set_int8_activations(activations() == "int8")
+        torch.ops.kbitrt_cpu.set_int8_activations(_MODE_CODES[activations()])
     return True, ""
 
 
@@ -279,10 +279,13 @@ def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
 
 
 # what the fused decode path multiplies packed weights with (cpu_int8.h): "int8" quantizes x per
-# 32 values and sums integer products (VNNI / AVX2), "fp32" looks up fp32 weights and uses FMA.
-# The default: KBIT_CPU_ACTIVATIONS, else DEFAULT_ACTIVATIONS (docs/cpu.md gives its fidelity)
-ACTIVATIONS = ("int8", "fp32")
-DEFAULT_ACTIVATIONS = "int8"
+# 32 values and sums integer products (VNNI / AVX2), "fp32" looks up fp32 weights and uses FMA,
+# "auto" int8 except for 4-bit weights, whose fp32 path is as fast (benchmarks/results/
+# cpu_matmul_shapes-*.json) and exact. The default: KBIT_CPU_ACTIVATIONS, else
+# DEFAULT_ACTIVATIONS (docs/cpu.md gives the fidelity)
+ACTIVATIONS = ("auto", "int8", "fp32")
+DEFAULT_ACTIVATIONS = "auto"
+_MODE_CODES = {"fp32": 0, "int8": 1, "auto": 2}  # cpu_int8.h set_int8_activations
 
 
 def set_activations(mode: str) -> None:
@@ -291,7 +294,7 @@ def set_activations(mode: str) -> None:
         raise ValueError(f"cpu activations {mode!r}: use one of {', '.join(ACTIVATIONS)}")
     _state["activations"] = mode
     if _state.get("ok"):  # else applied when the kernels load
-        torch.ops.kbitrt_cpu.set_int8_activations(mode == "int8")
+        torch.ops.kbitrt_cpu.set_int8_activations(_MODE_CODES[mode])
 
 
 def activations() -> str:

@@ -396,7 +396,7 @@ at::Tensor kbit_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
                        const at::Tensor& codebook, const c10::optional<at::Tensor>& bias,
                        int64_t bits, int64_t block_size, int64_t in_features) {
   // decoding steps (up to kFusedMaxRows rows) may take 8-bit activations; prefill runs the GEMM
-  if (g_int8_activations.load(std::memory_order_relaxed) && block_size % kGroup == 0 &&
+  if (int8_for(bits) && block_size % kGroup == 0 &&
       x.size(0) <= kFusedMaxRows)
     return kbit_linear_int8(x, qweight, absmax, codebook, bias, bits, block_size, in_features);
   check_x(x, in_features);
@@ -524,7 +524,7 @@ TORCH_LIBRARY(KBIT_NS, m) {
   m.def("simd_width() -> int", &simd_width);
   m.def("kbit_linear_int8(Tensor x, Tensor qweight, Tensor absmax, Tensor codebook, Tensor? bias, "
         "int bits, int block_size, int in_features) -> Tensor");
-  m.def("set_int8_activations(bool on) -> ()", &set_int8_activations);
+  m.def("set_int8_activations(int mode) -> ()", &set_int8_activations);
   m.def("int8_width() -> int", &int8_width);
   m.def("layer_stack_create(Tensor[] tensors, int[] config, float eps) -> int",
         &layer_stack_create);
