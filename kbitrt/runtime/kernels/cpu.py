@@ -101,8 +101,7 @@ def _load_runtime() -> tuple[bool, str]:
             try:
                 torch.ops.load_library(str(lib))
                 _state["variant"] = f"prebuilt {name}"
-                _register_fakes()
-                torch.ops.kbitrt_cpu.set_int8_activations(_MODE_CODES[activations()])
+                _runtime_ops_loaded()
                 return True, ""
             except (OSError, RuntimeError) as e:
                 why = f"the prebuilt {name} kernels do not load: {_first_line(e)}"
@@ -203,9 +202,15 @@ def _load(variant: str = "native", namespace: str | None = None, why: str = "") 
     except (OSError, RuntimeError, ImportError, ValueError) as e:  # no compiler/ninja, build error
         return False, _first_line(e)
     if namespace == "kbitrt_cpu":
-        _register_fakes()
-        torch.ops.kbitrt_cpu.set_int8_activations(_MODE_CODES[activations()])
+        _runtime_ops_loaded()
     return True, ""
+
+
+def _runtime_ops_loaded() -> None:
+    """What every library loaded as torch.ops.kbitrt_cpu (prebuilt or built here) gets: the fakes
+    torch.compile traces and the activations mode."""
+    _register_fakes()
+    torch.ops.kbitrt_cpu.set_int8_activations(_MODE_CODES[activations()])
 
 
 def _build_and_load(name: str, build_dir: Path, flags: list[str], notice: str) -> None:
