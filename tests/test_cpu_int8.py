@@ -160,3 +160,21 @@ def test_cli_option_sets_the_mode(int8_mode, tmp_path):
     for mode in ("fp32", "int8", "auto"):
         CliRunner().invoke(cli, ["run", str(tmp_path / "missing"), "--cpu-activations", mode])
         assert cpu.activations() == mode
+
+
+def test_a_bad_env_mode_is_refused():
+    """KBIT_CPU_ACTIVATIONS that names no mode is refused (RunError: one line in the CLI), not
+    silently replaced by the default; case and spaces do not matter."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from kbitrt.errors import RunError\nfrom kbitrt.runtime.kernels import cpu\n"
+            "try:\n    print(cpu.activations())\nexcept RunError as e:\n    print('RunError', e)")
+    out = {}
+    for value in ("int4", " FP32 "):
+        env = {**os.environ, "KBIT_CPU_ACTIVATIONS": value}
+        out[value] = subprocess.run([sys.executable, "-c", code], env=env, text=True,
+                                    capture_output=True, timeout=120).stdout.strip()
+    assert out["int4"] == "RunError KBIT_CPU_ACTIVATIONS='int4' is not one of auto, int8, fp32"
+    assert out[" FP32 "] == "fp32"

@@ -43,6 +43,7 @@ from typing import Iterator
 
 import torch
 
+from kbitrt.errors import RunError
 from kbitrt.runtime.kernels.cpu_build import (cpu_flags, prebuilt_library, requested_isa,
                                               variants)
 
@@ -303,10 +304,14 @@ def set_activations(mode: str) -> None:
 
 
 def activations() -> str:
-    """The fused decode path's activations: set_activations', else KBIT_CPU_ACTIVATIONS's (when
-    one of ACTIVATIONS), else DEFAULT_ACTIVATIONS."""
-    env = os.environ.get("KBIT_CPU_ACTIVATIONS", DEFAULT_ACTIVATIONS)
-    return _state.get("activations", env if env in ACTIVATIONS else DEFAULT_ACTIVATIONS)
+    """The fused decode path's activations: set_activations', else KBIT_CPU_ACTIVATIONS's, else
+    DEFAULT_ACTIVATIONS; RunError for a KBIT_CPU_ACTIVATIONS that is none of ACTIVATIONS."""
+    if "activations" in _state:
+        return _state["activations"]
+    env = os.environ.get("KBIT_CPU_ACTIVATIONS", "").strip().lower() or DEFAULT_ACTIVATIONS
+    if env not in ACTIVATIONS:
+        raise RunError(f"KBIT_CPU_ACTIVATIONS={env!r} is not one of {', '.join(ACTIVATIONS)}")
+    return env
 
 
 def kbit_dequantize(qweight: torch.Tensor, absmax: torch.Tensor, codebook: torch.Tensor,
