@@ -17,7 +17,7 @@
 
 #if KBIT_SIMD == 512 && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
 #define KBIT_INT8 512
-#elif defined(KBIT_SIMD)
+#elif KBIT_SIMD == 256
 #define KBIT_INT8 256
 #endif
 
@@ -51,6 +51,12 @@ struct QuantX {
   std::vector<int8_t> q;
   std::vector<float> d, dl;
   std::vector<int32_t> nc;
+  // 4-bit weights on AVX-512 (pair4_tile): x's bytes in each whole 128 (then a last whole 64) of
+  // K as the even positions, then the odd ones, the order two nibble masks give W's codes in;
+  // per 8 bytes of K, -128 * their sum (nc8) and their group's scale (dl8), kx / 8 each per row
+  std::vector<int8_t> qp;
+  std::vector<float> dl8;
+  std::vector<int32_t> nc8;
 };
 
 void quantize_x(const float* x, int64_t M, int64_t K, float cfac, QuantX& out) {
@@ -76,6 +82,31 @@ void quantize_x(const float* x, int64_t M, int64_t K, float cfac, QuantX& out) {
         out.dl[m * kx / 4 + l] = d;
         out.nc[m * kx / 4 + l] = -128 * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
       }
+    }
+  }
+}
+
+// QuantX's pair layout (qp, nc8, dl8) from its q and d: the whole 128s of K, then 64s
+void pair_layout(int64_t M, int64_t K, QuantX& qx) {
+  const int64_t kx = qx.kx, ng = kx / kGroup, full128 = K / 128 * 128;
+  qx.qp.assign(M * kx, 0);
+  qx.nc8.assign(M * kx / 8, 0);
+  qx.dl8.assign(M * kx / 8, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* q = qx.q.data() + m * kx;
+    int8_t* p = qx.qp.data() + m * kx;
+    for (int64_t c0 = 0; c0 < kx; c0 += (c0 < full128 ? 128 : 64)) {
+      const int64_t half = c0 < full128 ? 64 : 32;
+      for (int64_t i = 0; i < half; ++i) {
+        p[c0 + i] = q[c0 + 2 * i];
+        p[c0 + half + i] = q[c0 + 2 * i + 1];
+      }
+    }
+    for (int64_t l = 0; l < kx / 8; ++l) {
+      int32_t sum = 0;
+      for (int i = 0; i < 8; ++i) sum += q[8 * l + i];
+      qx.nc8[m * kx / 8 + l] = -128 * sum;
+      qx.dl8[m * kx / 8 + l] = qx.d[m * ng + 8 * l / kGroup];
     }
   }
 }
@@ -132,11 +163,98 @@ inline __m512i lookup64(__m512i c, const __m512i* tab) {
   return _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), lo, hi);
 }
 
+// the block scales of 8 lanes x 8 values of K from position j (B in 32..): lane l holds
+// scale[(j + 8 l) / B]; idx picks each lane's one of the (up to 4) scales loaded
+template <typename ST>
+inline __m512 lane_scales(const ST* scale, int64_t j, int64_t B, int64_t nb, __m512i idx) {
+  const int64_t b = j / B;
+  const int64_t n = std::min<int64_t>(4, nb - b);
+  __m128 s4;
+  if constexpr (std::is_same_v<ST, float>) {
+    s4 = _mm_maskz_loadu_ps(static_cast<__mmask8>((1u << n) - 1), scale + b);
+  } else {
+    s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1), scale + b));
+  }
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(s4));
+}
+
+// 4-bit W rows r < R times rows m0..m0+MT-1 of x (qx's pair layout): each whole 128 of K is one
+// 64-byte load of codes whose low nibbles (even positions) and high nibbles (odd ones) look up
+// cbq + 128 with vpshufb, two vpdpbusd per row into one int32 lane sum per 8 values of K; a last
+// whole 64 the same at half width. The lanes' fp32 sums, then int8_tail for what is left.
+template <int R, int MT, typename ST>
+void pair4_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
+                const Int8Tables& t, int64_t K, int64_t B, const QuantX& qx, int64_t m0,
+                float* out /* [R][MT] */) {
+  const __m512i tab = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(t.u8)));
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  // lane l's scale: loaded scale (8 l) / B of the chunk's up to 4
+  const __m512i idx = B >= 128 ? _mm512_setzero_si512()
+                    : B == 64 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                              : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m512 acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int64_t kx = qx.kx, full128 = K / 128 * 128, full64 = K / 64 * 64;
+  for (int64_t j = 0; j < full128; j += 128) {
+    __m512i lo[R], hi[R];
+    __m512 ws[R];
+    for (int r = 0; r < R; ++r) {
+      const __m512i v = _mm512_loadu_si512(q + r * row_bytes + j / 2);
+      lo[r] = _mm512_shuffle_epi8(tab, _mm512_and_si512(v, low));
+      hi[r] = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
+      ws[r] = lane_scales(scale + r * nb, j, B, nb, idx);
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int64_t o = (m0 + m) * kx + j;
+      const __m512i xl = _mm512_loadu_si512(qx.qp.data() + o);
+      const __m512i xh = _mm512_loadu_si512(qx.qp.data() + o + 64);
+      const __m512i nc = _mm512_loadu_si512(qx.nc8.data() + o / 8);
+      const __m512 dl = _mm512_loadu_ps(qx.dl8.data() + o / 8);
+      for (int r = 0; r < R; ++r) {
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(nc, lo[r], xl), hi[r], xh);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), ws[r]), dl, acc[r][m]);
+      }
+    }
+  }
+  if (full64 > full128) {  // one whole 64 left: the same at 256 bits, into lanes 0..7
+    const int64_t j = full128;
+    const __m256i tab8 = _mm512_castsi512_si256(tab), low8 = _mm256_set1_epi8(0x0F);
+    for (int r = 0; r < R; ++r) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * row_bytes + j / 2));
+      const __m256i lo = _mm256_shuffle_epi8(tab8, _mm256_and_si256(v, low8));
+      const __m256i hi = _mm256_shuffle_epi8(tab8, _mm256_and_si256(_mm256_srli_epi16(v, 4), low8));
+      const __m256 ws = _mm512_castps512_ps256(lane_scales(scale + r * nb, j, B, nb, idx));
+      for (int m = 0; m < MT; ++m) {
+        const int64_t o = (m0 + m) * kx + j;
+        const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.qp.data() + o));
+        const __m256i xh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.qp.data() + o + 32));
+        const __m256i nc = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.nc8.data() + o / 8));
+        const __m256 dl = _mm256_loadu_ps(qx.dl8.data() + o / 8);
+        const __m256i s = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(nc, lo, xl), hi, xh);
+        const __m256 p = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s), ws), dl);
+        acc[r][m] = _mm512_add_ps(acc[r][m], _mm512_zextps256_ps512(p));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      const int64_t o = (m0 + m) * kx;
+      out[r * MT + m] = vsum16(acc[r][m]) +
+          int8_tail<4>(q + r * row_bytes, scale + r * nb, t, K, (K + 7) / 8 * 8, B,
+                       qx.q.data() + o, qx.d.data() + o / kGroup, full64);
+    }
+}
+
 // rows r < R of W times rows m0..m0+MT-1 of x (R x MT accumulators, each summed alone)
 template <int BITS, int R, int MT, typename ST>
 void int8_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
                const Int8Tables& t, int64_t K, int64_t kp, int64_t B, const QuantX& qx,
                int64_t m0, float* out /* [R][MT] */) {
+  if constexpr (BITS == 4) {
+    pair4_tile<R, MT>(q, row_bytes, scale, nb, t, K, B, qx, m0, out);
+    return;
+  }
   __m512i tab[4];
   for (int i = 0; i < 4; ++i) tab[i] = _mm512_load_si512(t.u8 + 64 * i);
   __m512 acc[R][MT];
@@ -273,7 +391,11 @@ void int8_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
 }
 #endif
 
-// rows [n0, n1) of y (M, N): M = 1 takes 4 rows of W at a time, more rows of x 4 at a time
+// rows of W a decoding step takes together: one (kRows in cpu_kernels.cpp says why)
+constexpr int kInt8DecodeRows = 1;
+
+// rows [n0, n1) of y (M, N): M = 1 takes kInt8DecodeRows rows of W at a time, more rows of x 4 at
+// a time
 template <int BITS, typename ST>
 void int8_rows(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
                const Int8Tables& t, int64_t K, int64_t kp, int64_t B, const QuantX& qx,
@@ -283,10 +405,10 @@ void int8_rows(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qn = q + n * row_bytes;
     const ST* sn = scale + n * nb;
-    if (M == 1 && n + 4 <= n1) {
-      int8_tile<BITS, 4, 1>(qn, row_bytes, sn, nb, t, K, kp, B, qx, 0, v);
-      for (int r = 0; r < 4; ++r) put(n + r, 0, v[r]);
-      n += 3;
+    if (M == 1 && kInt8DecodeRows > 1 && n + kInt8DecodeRows <= n1) {
+      int8_tile<BITS, kInt8DecodeRows, 1>(qn, row_bytes, sn, nb, t, K, kp, B, qx, 0, v);
+      for (int r = 0; r < kInt8DecodeRows; ++r) put(n + r, 0, v[r]);
+      n += kInt8DecodeRows - 1;
       continue;
     }
     int64_t m = 0;
@@ -319,6 +441,9 @@ at::Tensor kbit_linear_int8(const at::Tensor& x, const at::Tensor& qweight, cons
   int8_tables(cbc.data_ptr<float>(), static_cast<int>(bits), t);
   QuantX qx;
   quantize_x(x.data_ptr<float>(), M, K, t.cfac, qx);
+#if KBIT_INT8 == 512
+  if (bits == 4) pair_layout(M, K, qx);
+#endif
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   auto run = [&](auto tag, const auto* scale) {
