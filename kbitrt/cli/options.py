@@ -42,9 +42,9 @@ def cpu_weight_options(f):
                      "under --cpu-activations fp32 only for 3..6-bit models).")(f)
     f = click.option("--cpu-activations", type=click.Choice(["auto", "int8", "fp32"]), default=None,
                      expose_value=False, callback=_set_cpu_activations,
-                     help="CPU decode: activations quantized to int8 per 32 values with integer "
+                     help="CPU: activations quantized to int8 per 32 values with integer "
                      "dot products, or the exact fp32 path; auto (default, KBIT_CPU_ACTIVATIONS): "
-                     "int8 except for 4-bit weights, whose fp32 path is as fast.")(f)
+                     "int8, except 4-bit weights on CPUs without AVX-512 VNNI.")(f)
     return click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit "
                         "weights resident, at any width (= --cpu-weights packed), and the KV "
                         "cache in fp16 (= --kv-cache fp16 under the CPU's fp32 activations).")(f)

@@ -10,6 +10,7 @@ padding, cache slots are shared by the batch and a token's model position is `sl
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from typing import Callable, Protocol
 
@@ -80,19 +81,17 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, nh, T, hd); cos, sin (B, 1, T, rd): rotate the first rd dims of each head."""
-    rd = cos.shape[-1]
-    if rd == x.shape[-1]:  # whole heads (most models): no slicing, fewer ops per decode step
-        return x * cos + rotate_half(x) * sin
-    rot, rest = x[..., :rd], x[..., rd:]
-    rot = rot * cos + rotate_half(rot) * sin
-    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+    """x (B, nh, T, hd); cos, sin (B, 1, T, rd): rotate the first rd dims of each head, bit for
+    bit transformers' x * cos + rotate_half(x) * sin, whose halves are x1 * cos - x2 * sin and
+    x2 * cos + x1 * sin: products added in place into x * cos, no negated and concatenated copy
+    of x (on a long CPU prefill those were a tenth of the time outside the linears)."""
+    rd, half = cos.shape[-1], cos.shape[-1] // 2
+    rot = x if rd == x.shape[-1] else x[..., :rd]
+    out = rot * cos
+    out[..., :half] -= rot[..., half:] * sin[..., :half]  # (-x2) * s == -(x2 * s): exact
+    out[..., half:] += rot[..., :half] * sin[..., half:]
+    return out if rot is x else torch.cat((out, x[..., rd:]), dim=-1)
 
 
 def softcapped_attention(q, k, v, mask, a: ModelArgs) -> torch.Tensor:
@@ -103,6 +102,32 @@ def softcapped_attention(q, k, v, mask, a: ModelArgs) -> torch.Tensor:
     scores = q @ k.transpose(2, 3) * (a.attn_scale or a.head_dim ** -0.5)  # (B, nh, T, S)
     scores = torch.tanh(scores / a.attn_softcap) * a.attn_softcap + mask
     return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+# query rows per attention call of a long CPU prefill (`attention`)
+QUERY_CHUNK = 128
+
+
+def attention(q, k, v, mask, slots: torch.Tensor | None, a: ModelArgs) -> torch.Tensor:
+    """SDPA of q (B, nh, T, hd) over k, v (B, nkv, S, hd), cache slots 0..S-1, under the additive
+    mask (B, 1 or nh, T, S). Given the query rows' cache slots (a long step on the CPU), the rows
+    go in chunks of QUERY_CHUNK, each over the slots up to its last query's (the masks are causal:
+    later slots are hidden from every row of it): torch's CPU flash attention takes keys in blocks
+    of 512 and so skips none of the hidden half of a 512-token prefill, here 3/8 of it are never
+    computed. The same softmax over the same open keys: equal to one call to rounding."""
+    gqa, scale = a.n_kv_heads != a.n_heads, a.attn_scale
+    T = q.shape[2]
+    if slots is None or T < 2 * QUERY_CHUNK:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
+    B, nh, _, hd = q.shape
+    out = q.new_empty(B, T, nh, v.shape[-1])  # as the flash kernel lays out its own output
+    for start in range(0, T, QUERY_CHUNK):
+        rows = slice(start, start + QUERY_CHUNK)
+        n = int(slots[rows].max()) + 1
+        out[:, rows] = F.scaled_dot_product_attention(
+            q[:, :, rows], k[:, :, :n], v[:, :, :n], attn_mask=mask[:, :, rows, :n],
+            enable_gqa=gqa, scale=scale).transpose(1, 2)
+    return out.transpose(1, 2)
 
 
 def rope_table(pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
@@ -162,14 +187,15 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None and self.use_rope:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, nkv, S, hd)
+        mask, slots = mask[self.window], None
+        if self.kv_cache is not None:  # (B, nkv, S, hd): the slots the mask covers
+            k, v = self.kv_cache.update(input_pos, k, v, mask.shape[-1])
+            if q.device.type == "cpu" and not torch.compiler.is_compiling():
+                slots = input_pos
         if self.args.attn_softcap:
-            y = softcapped_attention(q, k, v, mask[self.window], self.args)
+            y = softcapped_attention(q, k, v, mask, self.args)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[self.window],
-                                               enable_gqa=self.args.n_kv_heads != self.args.n_heads,
-                                               scale=self.args.attn_scale)
+            y = attention(q, k, v, mask, slots, self.args)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -194,11 +220,12 @@ class MLP(nn.Module):
         self.gate, self.gate_up = None, gate_up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # act(gate) times up in place: the activation's output is this call's own
         if self.gate_up is not None:
             g, u = self.gate_up(x).chunk(2, dim=-1)
-            return self.down(self.act(g) * u)
+            return self.down(self.act(g).mul_(u))
         if self.gate is not None:
-            return self.down(self.act(self.gate(x)) * self.up(x))
+            return self.down(self.act(self.gate(x)).mul_(self.up(x)))
         return self.down(self.act(self.up(x)))
 
 
@@ -218,14 +245,16 @@ class Block(nn.Module):
         a = self.args
         if a.branch_norm or not a.pre_norm or a.residual_scale != 1.0:
             return self.scaled_forward(x, input_pos, rope, mask)
+        # residual adds into the branch's output, which is this call's own: x + b == b + x
         if a.parallel_residual:  # NeoX: both branches read the block input
-            return x + self.attn(self.attn_norm(x), input_pos, rope, mask) + self.mlp(self.mlp_norm(x))
+            y = self.attn(self.attn_norm(x), input_pos, rope, mask).add_(x)
+            return y.add_(self.mlp(self.mlp_norm(x)))
         h = x if a.post_norm else self.attn_norm(x)
-        x = (h if a.residual_from_norm else x) + self.attn(h, input_pos, rope, mask)
+        x = self.attn(h, input_pos, rope, mask).add_(h if a.residual_from_norm else x)
         if a.post_norm:  # OPT-350m: norm after the residual add
             x = self.attn_norm(x)
         h = x if a.post_norm else self.mlp_norm(x)
-        x = (h if a.residual_from_norm else x) + self.mlp(h)
+        x = self.mlp(h).add_(h if a.residual_from_norm else x)
         return self.mlp_norm(x) if a.post_norm else x
 
     def scaled_forward(self, x, input_pos, rope, mask):
@@ -258,6 +287,9 @@ class LayerEngine(Protocol):
 
 # builds an engine over a decoder's current tensors: (engine, None), or (None, why not)
 EngineBuilder = Callable[["Decoder"], "tuple[LayerEngine | None, str | None]"]
+# the runtime's context around a forward's Python layers, given their input (B, T, dim): on the
+# CPU, a long step's heap (runtime/memory.py heap_for_layers)
+LayersScope = Callable[[torch.Tensor], AbstractContextManager]
 
 
 class Decoder(nn.Module):
@@ -300,6 +332,10 @@ class Decoder(nn.Module):
         self.layer_stack: LayerEngine | None = None
         self.kept_stacks: dict[int, LayerEngine] = {}  # refresh_layer_stack's keys
         self.layer_stack_off: str | None = "no KV cache yet"  # why the Python layers run
+        # cached forwards since setup_caches that the stack served, and those it did not (the
+        # Python layers ran them: a long prefill), with their fewest and most tokens
+        self.stack_steps, self.unserved_steps, self.unserved_tokens = 0, 0, (0, 0)
+        self.layers_scope: LayersScope | None = None  # set by the runtime, as stack_builder
 
     # ---------------------------------------------------------------------------------- setup
 
@@ -325,6 +361,7 @@ class Decoder(nn.Module):
         dtype = self.kv_dtype or self.act_dtype or w.dtype
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype, w.device)
+        self.stack_steps, self.unserved_steps, self.unserved_tokens = 0, 0, (0, 0)
         self.close_layer_stack()
         self.refresh_layer_stack()
 
@@ -364,8 +401,25 @@ class Decoder(nn.Module):
 
     @property
     def cpu_layers(self) -> str:
-        """How the last cached run ran its layers: "stack" (C++) or "python (why)"."""
-        return "stack" if self.layer_stack_off is None else f"python ({self.layer_stack_off})"
+        """How the last cached run ran its layers: "stack" (C++), "python (why)", or, when the
+        stack left some steps to the Python layers (more tokens than its loops take: a long
+        prefill), "stack (python: 1 of 9 steps, of 512 tokens)"."""
+        if self.layer_stack_off is not None:
+            return f"python ({self.layer_stack_off})"
+        if not self.unserved_steps:
+            return "stack"
+        lo, hi = self.unserved_tokens
+        return (f"stack (python: {self.unserved_steps} of {self.unserved_steps + self.stack_steps}"
+                f" steps, of {lo if lo == hi else f'{lo}-{hi}'} tokens)")
+
+    def count_step(self, served: bool, tokens: int) -> None:
+        """Count a cached forward the stack served, or one it left to the Python layers."""
+        if served:
+            self.stack_steps += 1
+            return
+        lo, hi = self.unserved_tokens
+        self.unserved_tokens = (min(lo, tokens) if self.unserved_steps else tokens, max(hi, tokens))
+        self.unserved_steps += 1
 
     def close_layer_stack(self) -> None:
         for stack in {id(s): s for s in (self.layer_stack, *self.kept_stacks.values())
@@ -398,6 +452,20 @@ class Decoder(nn.Module):
                 mask = mask + self.slopes.to(dtype)[None, :, None, None] * key_pos[:, None, None, :]
             out[window] = mask
         return out
+
+    def python_layers(self, x: torch.Tensor, input_pos: torch.Tensor, ropes: list,
+                      mask: dict[int | None, torch.Tensor]) -> torch.Tensor:
+        """The layers run from Python, inside the runtime's `layers_scope`. On the CPU a cached
+        step's masks, hence its attention, end at its last slot: the cache's later slots are
+        hidden from every query (transformers' dynamic cache holds no more)."""
+        eager = not torch.compiler.is_compiling()
+        if self.cache_len is not None and input_pos.device.type == "cpu" and eager:
+            n = int(input_pos.max()) + 1
+            mask = {w: m[..., :n] for w, m in mask.items()}
+        with self.layers_scope(x) if self.layers_scope is not None and eager else nullcontext():
+            for layer, layer_rope in zip(self.layers, ropes):
+                x = layer(x, input_pos, layer_rope, mask)
+        return x
 
     def embed(self, input_ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The forward up to the first layer, for input_ids (B, T) at model positions pos (B, T)."""
@@ -438,14 +506,11 @@ class Decoder(nn.Module):
             ropes = [tables[t] for t in a.rope_types]
         mask = self.masks(input_pos, pad, x.dtype)
         y = None
-        if self.layer_stack is not None and x.dtype == torch.float32 \
-                and not torch.compiler.is_compiling():
-            y = self.layer_stack(x, input_pos, rope, mask)  # None: not a step it serves
-        if y is None:
-            for layer, layer_rope in zip(self.layers, ropes):
-                x = layer(x, input_pos, layer_rope, mask)
-        else:
-            x = y
+        if self.layer_stack is not None and not torch.compiler.is_compiling():
+            if x.dtype == torch.float32:
+                y = self.layer_stack(x, input_pos, rope, mask)  # None: not a step it serves
+            self.count_step(y is not None, T)
+        x = self.python_layers(x, input_pos, ropes, mask) if y is None else y
         if last_only:
             x = x[:, -1:]
         if a.final_norm:

@@ -15,12 +15,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, nkv, T, hd) at slots input_pos (T,); return the whole cache in k's
-        dtype (a 16-bit cache under fp32 activations, `--kv-cache fp16`, is widened to read)."""
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               n_slots: int | None = None):
+        """Write k, v (B, nkv, T, hd) at slots input_pos (T,); return the cache's first n_slots
+        slots (default: all) in k's dtype (a 16-bit cache under fp32 activations, `--kv-cache
+        fp16`, is widened to read)."""
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k.to(k.dtype), self.v.to(v.dtype)
+        keys, values = self.k, self.v
+        if n_slots is not None and n_slots < keys.shape[2]:
+            keys, values = keys[:, :, :n_slots], values[:, :, :n_slots]
+        return keys.to(k.dtype), values.to(v.dtype)
 
     def rows(self, start: int, stop: int) -> KVCache:
         """This cache's rows start..stop-1 as a cache of their own: views, so what a forward

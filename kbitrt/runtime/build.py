@@ -16,6 +16,7 @@ from kbitrt.runtime.experts import install_kbit_experts
 from kbitrt.runtime import layer_stack
 from kbitrt.runtime.kernels import cpu as cpu_kernels
 from kbitrt.runtime.linear import HalfLinear, KbitLinear, stack_rows
+from kbitrt.runtime.memory import heap_for_layers
 from kbitrt.model.decoder import Decoder, default_positions
 from kbitrt.model.families import (checkpoint_names, family_for, model_args,
                                   rope_frequencies, why_not_native)
@@ -169,6 +170,7 @@ def build_native(source, config, device: torch.device, dtype: torch.dtype,
     with torch.device("meta"):
         model = Decoder(args)
     model.stack_builder = layer_stack.build  # the CPU layers in C++, set up with the KV caches
+    model.layers_scope = heap_for_layers  # a long CPU step's temporaries reuse the heap
     names = checkpoint_names(spec, args.n_layers, args.n_experts)
     tensors = _Tensors(source, device, dtype, cpu_weights)
     conv1d = _CONV1D.get(spec.name, ())

@@ -1,13 +1,18 @@
 """The CPU process's heap during a load: glibc's mmap threshold lowered while many small
-tensors come and go (no heap holes), and free heap handed back to the OS afterwards (malloc_trim)."""
+tensors come and go (no heap holes), and free heap handed back to the OS afterwards (malloc_trim);
+during a long step (a prefill) the heap kept for its large temporaries (heap_for_layers)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+from functools import lru_cache
+
+# rows (batch x tokens) of a forward from which its layers' temporaries stay in the heap: above
+# the fused kernels' FUSED_MAX_ROWS (kernels/cpu.py), the steps kbit_linear's GEMM runs
+LONG_STEP_ROWS = 33
 
 
-
-
-
+@lru_cache(maxsize=1)  # find_library runs ldconfig: once
 def _libc():
     import ctypes
     import ctypes.util
@@ -41,3 +46,27 @@ def release_free_heap() -> None:
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
+
+def heap_for_layers(x):
+    """The context for a forward's layers over x (B, T, dim): for a long step on the CPU (a
+    prefill), glibc keeps the freed memory of its large temporaries in the heap for the next ones
+    instead of unmapping each (limit_heap_growth's fixed threshold): a 512-token prefill of a
+    1.1B model otherwise maps, faults in and zeroes ~3.7 GB of fresh pages (~930k page faults,
+    benchmarks/cpu_step_profile.py --prefill). Afterwards the threshold is back and the freed
+    heap handed back (malloc_trim), so what stays resident is what it was."""
+    if x.device.type != "cpu" or x.shape[0] * x.shape[1] < LONG_STEP_ROWS:
+        return nullcontext()
+    libc = _libc()
+    return _kept_heap(libc) if libc is not None and hasattr(libc, "mallopt") else nullcontext()
+
+
+@contextmanager
+def _kept_heap(libc):
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: free memory at the heap's top stays
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB from the heap
+    try:
+        yield
+    finally:
+        libc.mallopt(-1, 128 * 1024)  # glibc's default, what the fixed threshold left
+        limit_heap_growth()
+        release_free_heap()

@@ -53,7 +53,7 @@ HEADERS = (Path(__file__).with_name("cpu_simd.h"),  # included by SOURCE
            Path(__file__).with_name("cpu_rows.h"), Path(__file__).with_name("cpu_planes.h"),
            Path(__file__).with_name("cpu_schema.h"),
            Path(__file__).with_name("cpu_gemm.h"),
-           Path(__file__).with_name("cpu_int8.h"))
+           Path(__file__).with_name("cpu_int8.h"), Path(__file__).with_name("cpu_gemm_int8.h"))
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # what half_linear reads
 FUSED_MAX_ROWS = 32  # rows of x the fused kernel takes; above, the prefill GEMM (cpu_gemm.h)
 _HEAD_CHUNK = 4096  # output rows per fp32 temporary of a 16-bit head above FUSED_MAX_ROWS
@@ -286,8 +286,9 @@ def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
 
 # what the fused decode path multiplies packed weights with (cpu_int8.h): "int8" quantizes x per
 # 32 values and sums integer products (VNNI / AVX2), "fp32" looks up fp32 weights and uses FMA,
-# "auto" int8 except for 4-bit weights, whose fp32 path is as fast (benchmarks/results/
-# cpu_matmul_shapes-*.json) and exact. The default: KBIT_CPU_ACTIVATIONS, else
+# "auto" int8, except for 4-bit weights where no AVX-512 VNNI path runs (there the exact fp32
+# path is as fast: benchmarks/results/cpu_matmul_shapes-*.json). Prefill (more than
+# FUSED_MAX_ROWS rows) follows the same choice (cpu_gemm_int8.h). The default: KBIT_CPU_ACTIVATIONS, else
 # DEFAULT_ACTIVATIONS (docs/cpu.md gives the fidelity)
 ACTIVATIONS = ("auto", "int8", "fp32")
 DEFAULT_ACTIVATIONS = "auto"

@@ -457,14 +457,20 @@ at::Tensor kbit_linear_int8(const at::Tensor& x, const at::Tensor& qweight, cons
 }
 
 // which path kbit_linear takes (kernels/cpu.py set_activations): 0 fp32, 1 int8 activations,
-// 2 int8 except 4-bit weights (whose fp32 path is as fast, and exact)
+// 2 auto: int8, except 4-bit weights where no AVX-512 VNNI path runs (the AVX2 and portable int8
+// paths are no faster there than the fp32 pair-ordered lookups, which are exact)
 std::atomic<int> g_int8_activations{0};
 
 void set_int8_activations(int64_t mode) { g_int8_activations.store(static_cast<int>(mode)); }
 
 bool int8_for(int64_t bits) {
   const int mode = g_int8_activations.load(std::memory_order_relaxed);
-  return mode == 1 || (mode == 2 && bits != 4);
+#if KBIT_INT8 == 512
+  constexpr bool kAutoAtFour = true;
+#else
+  constexpr bool kAutoAtFour = false;
+#endif
+  return mode == 1 || (mode == 2 && (bits != 4 || kAutoAtFour));
 }
 
 // 512 (AVX-512 VBMI + VNNI), 256 (AVX2) or 0 (portable loops): what runs the int8 path here

@@ -391,16 +391,18 @@ void with_decoder(const at::Tensor& qweight, const at::Tensor& absmax, const at:
 
 #include "cpu_gemm.h"
 #include "cpu_int8.h"
+#include "cpu_gemm_int8.h"
 
 constexpr int64_t kFusedMaxRows = 32;  // kernels/cpu.py FUSED_MAX_ROWS: above, cpu_gemm.h
 
 at::Tensor kbit_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
                        const at::Tensor& codebook, const c10::optional<at::Tensor>& bias,
                        int64_t bits, int64_t block_size, int64_t in_features) {
-  // decoding steps (up to kFusedMaxRows rows) may take 8-bit activations; prefill runs the GEMM
-  if (int8_for(bits) && block_size % kGroup == 0 &&
-      x.size(0) <= kFusedMaxRows)
-    return kbit_linear_int8(x, qweight, absmax, codebook, bias, bits, block_size, in_features);
+  // 8-bit activations (int8_for): the decode path up to kFusedMaxRows rows, above its GEMM
+  if (int8_for(bits) && block_size % kGroup == 0)
+    return x.size(0) <= kFusedMaxRows
+               ? kbit_linear_int8(x, qweight, absmax, codebook, bias, bits, block_size, in_features)
+               : kbit_gemm_int8(x, qweight, absmax, codebook, bias, bits, block_size, in_features);
   check_x(x, in_features);
   const int64_t M = x.size(0), N = qweight.size(0), K = in_features;
   auto y = at::empty({M, N}, x.options());

@@ -1,0 +1,252 @@
+// The prefill GEMM under 8-bit activations (docs/cpu.md, "int8 activations"): kbit_linear above
+// FUSED_MAX_ROWS rows when int8_for(bits). Included inside cpu_kernels.cpp's anonymous namespace
+// after cpu_int8.h, whose arithmetic it keeps (twin: kernels/int8_reference.py): x quantized per
+// row in groups of 32 by quantize_x, W's codes as the int8 codebook cbq (+ 128), per group the
+// exact int32 sum S of cbq * xq, and y[m, n] = sum over groups of (d[m, g] * absmax[n, g]) * S.
+// Only the order of the fp32 sums differs from the decode path (kbit_linear_int8), so a prefill
+// row matches what that path gives for it to fp32 rounding.
+//
+// AVX-512 VBMI + VNNI: one group per int32 lane. A superblock of 16 groups (512 values) is stored
+// with word (4 bytes) i of group g at lane g of 64-byte step i, for x (quantized once per call)
+// and for W (each worker decodes a panel of rows into cbq + 128 bytes, in L2). A tile of kTr W
+// rows x kTm tokens then sums 8 vpdpbusd per superblock into int32 lanes that each hold one
+// group's exact S (started at -128 * sum(xq), the unsigned operand's correction), and scales them
+// into fp32 once per superblock: 64 products per instruction, against 16 for the fp32 GEMM's FMA.
+// Every output is one fixed chain (lanes in superblock order, then the tree of vsum16), whatever
+// M, the tile it falls in or the worker, so y[m] does not depend on M above FUSED_MAX_ROWS.
+// Elsewhere (AVX2, the portable loops) the decode path's rows run at any M.
+#pragma once
+
+#if KBIT_INT8 == 512
+constexpr int64_t kSuper = 16 * kGroup;  // values per superblock: one group per lane
+constexpr int kTr = 4, kTm = 6;          // W rows x tokens per tile: 24 int32 accumulators
+constexpr int64_t kInt8PanelBytes = 384 * 1024;  // a worker's decoded W rows: in L2 beside x
+
+// the index vectors of the superblock transpose: three rounds, each pairing registers r and
+// r | 1 << k and keeping in r the words whose i has bit k clear (in word order), so after the
+// last round register i holds word i of groups 0..15 in lane order
+struct SuperTranspose {
+  alignas(64) int32_t idx[3][4][2][16];
+  SuperTranspose() {
+    int id[8][16];  // the word each lane holds: g * 8 + i (g the group, i its word)
+    for (int r = 0; r < 8; ++r)
+      for (int l = 0; l < 16; ++l) id[r][l] = r * 16 + l;
+    for (int k = 0; k < 3; ++k)
+      for (int r = 0, p = 0; r < 8; ++r) {
+        if (r >> k & 1) continue;
+        const int b = r | 1 << k;
+        int out[2][16], n[2] = {0, 0};
+        for (int want = 0; want < 128; ++want)  // in word order
+          for (int s = 0; s < 32; ++s) {
+            const int w = s < 16 ? id[r][s] : id[b][s - 16];
+            if (w != want) continue;
+            const int half = (w % 8) >> k & 1;
+            idx[k][p][half][n[half]] = s;
+            out[half][n[half]++] = w;
+          }
+        std::memcpy(id[r], out[0], sizeof out[0]);
+        std::memcpy(id[b], out[1], sizeof out[1]);
+        ++p;
+      }
+  }
+};
+
+// v[c] (64 bytes: words 0..7 of groups 2c and 2c + 1) -> v[i] (word i of groups 0..15)
+inline void transpose_super(__m512i* v) {
+  static const SuperTranspose t;
+  for (int k = 0; k < 3; ++k)
+    for (int r = 0, p = 0; r < 8; ++r) {
+      if (r >> k & 1) continue;
+      const int b = r | 1 << k;
+      const __m512i lo = _mm512_permutex2var_epi32(
+          v[r], _mm512_load_si512(t.idx[k][p][0]), v[b]);
+      v[b] = _mm512_permutex2var_epi32(v[r], _mm512_load_si512(t.idx[k][p][1]), v[b]);
+      v[r] = lo;
+      ++p;
+    }
+}
+
+// x quantized for the tile: rows padded to kTm (zeros), K to kq (superblocks), each row's bytes
+// in the superblock order, its group scales d and -128 * sum(xq) per group
+struct PackedX8 {
+  int64_t kq, ng;
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int32_t> nc;
+};
+
+void pack_x_int8(const float* x, int64_t M, int64_t K, float cfac, PackedX8& px) {
+  const int64_t kq = (K + kSuper - 1) / kSuper * kSuper, ng = kq / kGroup;
+  const int64_t rows = (M + kTm - 1) / kTm * kTm;
+  px.kq = kq;
+  px.ng = ng;
+  px.q.assign(rows * kq, 0);
+  px.d.assign(rows * ng, 0.f);
+  px.nc.assign(rows * ng, 0);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    QuantX qx;
+    quantize_x(x + m0 * K, m1 - m0, K, cfac, qx);
+    const int64_t kx = qx.kx;
+    for (int64_t m = m0; m < m1; ++m) {
+      const int8_t* src = qx.q.data() + (m - m0) * kx;
+      for (int64_t s = 0; s < kq; s += kSuper) {
+        __m512i v[8];
+        for (int c = 0; c < 8; ++c) {
+          const int64_t j = s + 64 * c;  // kx is a multiple of 64
+          v[c] = j < kx ? _mm512_loadu_si512(src + j) : _mm512_setzero_si512();
+        }
+        transpose_super(v);
+        for (int i = 0; i < 8; ++i) _mm512_storeu_si512(px.q.data() + m * kq + s + 64 * i, v[i]);
+      }
+      for (int64_t g = 0; g < kx / kGroup; ++g) {
+        px.d[m * ng + g] = qx.d[(m - m0) * (kx / kGroup) + g];
+        int32_t c = 0;
+        for (int l = 0; l < kGroup / 4; ++l) c += qx.nc[(m - m0) * (kx / 4) + g * kGroup / 4 + l];
+        px.nc[m * ng + g] = c;
+      }
+    }
+  });
+}
+
+// rows [n0, n0 + rows) of W as cbq + 128 bytes in the superblock order (wp, kq per row) and the
+// block scale of each group (wa, ng per row); rows up to `padded` and groups past K: scale 0
+template <int BITS, typename ST>
+void decode_panel_int8(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
+                       const Int8Tables& t, int64_t K, int64_t B, int64_t kq, int64_t ng,
+                       int64_t n0, int64_t rows, int64_t padded, uint8_t* wp, float* wa) {
+  __m512i tab[4];
+  for (int i = 0; i < 4; ++i) tab[i] = _mm512_load_si512(t.u8 + 64 * i);
+  const int64_t kp = (K + 7) / 8 * 8, full = K / 64 * 64;
+  alignas(64) uint8_t tail[64];
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = q + (n0 + r) * row_bytes;
+    for (int64_t s = 0; s < kq; s += kSuper) {
+      __m512i v[8];
+      for (int c = 0; c < 8; ++c) {
+        const int64_t j = s + 64 * c;
+        if (j < full) {
+          v[c] = lookup64<BITS>(codes64<BITS>(row, kp, j), tab);
+          continue;
+        }
+        for (int l = 0; l < 64; ++l)  // past K: any byte (x is 0 there)
+          tail[l] = j + l < K ? t.u8[code_at<BITS>(row, kp, j + l)] : 128;
+        v[c] = _mm512_load_si512(tail);
+      }
+      transpose_super(v);
+      for (int i = 0; i < 8; ++i) _mm512_storeu_si512(wp + r * kq + s + 64 * i, v[i]);
+    }
+    const ST* sr = scale + (n0 + r) * nb;
+    for (int64_t g = 0; g < ng; ++g)
+      wa[r * ng + g] = g * kGroup < K ? to_float(sr[g * kGroup / B]) : 0.f;
+  }
+  std::memset(wp + rows * kq, 128, (padded - rows) * kq);
+  std::fill(wa + rows * ng, wa + padded * ng, 0.f);
+}
+
+// out[r * kTm + m] = y of W row r (of wp, wa) and token m (of xq, xd, xnc), without bias; acc:
+// the fp32 sums, touched once per superblock (kept in L1: the registers hold the int32 sums)
+inline void int8_gemm_tile(const uint8_t* wp, const float* wa, const int8_t* xq, const float* xd,
+                           const int32_t* xnc, int64_t kq, int64_t ng, float (*acc)[kTm][16],
+                           float* out) {
+  for (int r = 0; r < kTr; ++r)
+    for (int m = 0; m < kTm; ++m) _mm512_store_ps(acc[r][m], _mm512_setzero_ps());
+  for (int64_t s = 0; s < kq; s += kSuper) {
+    const int64_t g = s / kGroup;
+    __m512i sum[kTr][kTm];
+    for (int m = 0; m < kTm; ++m) {
+      const __m512i c = _mm512_loadu_si512(xnc + m * ng + g);
+      for (int r = 0; r < kTr; ++r) sum[r][m] = c;
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; ++i) {
+      __m512i w[kTr];
+      for (int r = 0; r < kTr; ++r) w[r] = _mm512_loadu_si512(wp + r * kq + s + 64 * i);
+      for (int m = 0; m < kTm; ++m) {
+        __m512i xv = _mm512_loadu_si512(xq + m * kq + s + 64 * i);
+        // one load of x per token and step, in a register: folded into each vpdpbusd (as the
+        // compiler would) the loads, not the products, bound the loop
+        __asm__("" : "+v"(xv));
+        for (int r = 0; r < kTr; ++r) sum[r][m] = _mm512_dpbusd_epi32(sum[r][m], w[r], xv);
+      }
+    }
+    __m512 a[kTr];
+    for (int r = 0; r < kTr; ++r) a[r] = _mm512_loadu_ps(wa + r * ng + g);
+    for (int m = 0; m < kTm; ++m) {
+      const __m512 d = _mm512_loadu_ps(xd + m * ng + g);
+      for (int r = 0; r < kTr; ++r)
+        _mm512_store_ps(acc[r][m], _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][m]),
+                                                   _mm512_mul_ps(d, a[r]),
+                                                   _mm512_load_ps(acc[r][m])));
+    }
+  }
+  for (int r = 0; r < kTr; ++r)
+    for (int m = 0; m < kTm; ++m) out[r * kTm + m] = vsum16(_mm512_load_ps(acc[r][m]));
+}
+
+// W rows per panel: whole tiles, as many as kInt8PanelBytes holds, and at least two panels per
+// thread where N allows (the workers share the panels)
+inline int64_t int8_panel_rows(int64_t kq, int64_t N) {
+  const int64_t fit = std::max<int64_t>(1, kInt8PanelBytes / (kq * kTr));
+  const int64_t share = (N + 2 * at::get_num_threads() * kTr - 1) / (2 * at::get_num_threads() * kTr);
+  return std::max<int64_t>(1, std::min(fit, share)) * kTr;
+}
+
+template <int BITS, typename ST>
+void int8_gemm_panels(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
+                      const Int8Tables& t, int64_t K, int64_t B, const PackedX8& px, int64_t M,
+                      int64_t N, const float* bias, float* y) {
+  const int64_t kq = px.kq, ng = px.ng, nc = int8_panel_rows(kq, N), tiles = (N + nc - 1) / nc;
+  std::atomic<int64_t> next{0};  // workers take the next panel as they finish one (cpu_gemm.h)
+  at::parallel_for(0, std::min<int64_t>(tiles, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    std::vector<uint8_t> wp(nc * kq);
+    std::vector<float> wa(nc * ng);
+    alignas(64) float acc[kTr][kTm][16];
+    float v[kTr * kTm];
+    for (int64_t p; (p = next.fetch_add(1)) < tiles;) {
+      const int64_t n0 = p * nc, rows = std::min(nc, N - n0);
+      const int64_t padded = (rows + kTr - 1) / kTr * kTr;
+      decode_panel_int8<BITS>(q, row_bytes, scale, nb, t, K, B, kq, ng, n0, rows, padded,
+                              wp.data(), wa.data());
+      for (int64_t m0 = 0; m0 < M; m0 += kTm)
+        for (int64_t r0 = 0; r0 < padded; r0 += kTr) {
+          int8_gemm_tile(wp.data() + r0 * kq, wa.data() + r0 * ng, px.q.data() + m0 * kq,
+                         px.d.data() + m0 * ng, px.nc.data() + m0 * ng, kq, ng, acc, v);
+          for (int m = 0; m < kTm && m0 + m < M; ++m)
+            for (int r = 0; r < kTr && r0 + r < rows; ++r) {
+              const int64_t n = n0 + r0 + r;
+              y[(m0 + m) * N + n] = bias ? v[r * kTm + m] + bias[n] : v[r * kTm + m];
+            }
+        }
+    }
+  });
+}
+#endif
+
+// kbit_linear above FUSED_MAX_ROWS rows under int8 activations (block_size a multiple of 32)
+at::Tensor kbit_gemm_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
+                          const at::Tensor& codebook, const c10::optional<at::Tensor>& bias,
+                          int64_t bits, int64_t block_size, int64_t in_features) {
+#if KBIT_INT8 == 512
+  check_x(x, in_features);
+  TORCH_CHECK(block_size % kGroup == 0, "kbitrt_cpu: the int8 path needs blocks of 32k values");
+  const int64_t M = x.size(0), N = qweight.size(0), K = in_features;
+  auto y = at::empty({M, N}, x.options());
+  const float* b = bias_ptr(bias, N);
+  with_decoder(qweight, absmax, codebook, bits, block_size, K,
+               [&](auto decode, auto, auto, bool) { (void)decode; });  // checks the arguments
+  Int8Tables t;
+  const auto cbc = codebook.contiguous();
+  int8_tables(cbc.data_ptr<float>(), static_cast<int>(bits), t);
+  PackedX8 px;
+  pack_x_int8(x.data_ptr<float>(), M, K, t.cfac, px);
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  const int64_t nb = absmax.size(1), row_bytes = qweight.size(1);
+  with_bits_and_scale(bits, absmax, [&](auto tag, const auto* scale) {
+    int8_gemm_panels<decltype(tag)::value>(q, row_bytes, scale, nb, t, K, block_size, px, M, N,
+                                           b, y.data_ptr<float>());
+  });
+  return y;
+#else
+  return kbit_linear_int8(x, qweight, absmax, codebook, bias, bits, block_size, in_features);
+#endif
+}

@@ -1,0 +1,120 @@
+"""The int8-activation prefill GEMM (kernels/cpu_gemm_int8.h): kbit_linear above FUSED_MAX_ROWS
+rows under int8 activations. Against the torch twin (kernels/int8_reference.py) over every width,
+blocks of 32/64/128, ragged K and N, zero blocks and rows, M = 33 and 100; against the decode
+path's rows (the same arithmetic, sums in another order); rows independent of M; the routing by
+mode; and the AVX2 and portable builds (the decode path's rows at any M)."""
+
+import pytest
+import torch
+
+from kbitrt.format.config import QuantConfig
+from kbitrt.format.quantizer import quantize_weight
+from kbitrt.runtime.kernels import cpu
+from kbitrt.runtime.kernels.int8_reference import kbit_linear_int8_torch
+from kbitrt.runtime.kernels.reference import kbit_linear_torch, pad_codebook
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cpu.available(), f"fused CPU kernels did not build: {cpu.unavailable_reason()}"
+
+
+@pytest.fixture
+def mode():
+    before = cpu.activations()
+    yield cpu.set_activations
+    cpu.set_activations(before)
+
+
+def packed(n, k, bits, block, dtype="nf", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w[:, :block] = 0.0  # a zero block in every row
+    w[n // 2] = 0.0  # and a zero row
+    qw = quantize_weight(w, QuantConfig(bits=bits, block_size=block, dtype=dtype))
+    return qw.qweight, qw.kernel_absmax(), pad_codebook(qw.codebook, bits)
+
+
+def x_of(m, k, seed=0):
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    x[:, 32:64] = 0.0  # a zero activation group
+    x[m // 3] = 0.0  # and a zero row
+    return x
+
+
+def assert_near(got, want):
+    """The integer sums are exact: the rest differs from the float64 twin by fp32 rounding."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()) + 1e-6)
+
+
+# (N, K): N not a multiple of the 4-row tile, K ragged (not a multiple of 8, 32, 64 or of the
+# 512-value superblock), several superblocks, one whole superblock, K under one group
+SHAPES = [(37, 203), (13, 1000), (9, 1536), (6, 24)]
+
+
+@pytest.mark.parametrize("bits", range(3, 9))
+def test_gemm_matches_twin(bits, mode):
+    mode("int8")
+    for block in (32, 64, 128):
+        for i, (n, k) in enumerate(SHAPES):
+            dtype = ("nf", "int", "fp")[(bits + i) % 3]
+            q, a, c = packed(n, k, bits, block, dtype, seed=bits * 10 + i)
+            x, b = x_of(100, k, seed=i), torch.randn(n) if i % 2 else None
+            want = kbit_linear_int8_torch(x, q, a, c, b, bits, block, k)
+            for m in (33, 100):
+                assert_near(cpu.kbit_linear(x[:m], q, a, c, b, bits, block, k), want[:m])
+
+
+def test_rows_match_the_decode_path_and_do_not_depend_on_m(mode):
+    """A prefill row is the decode path's row to fp32 rounding (same int8 x, codebook, integer
+    sums and scales), and the same bits whether the batch has 33, 70 or 100 rows."""
+    mode("int8")
+    for bits, block in ((3, 32), (6, 128), (8, 64)):
+        q, a, c = packed(45, 1100, bits, block, seed=bits)
+        x = x_of(100, 1100, seed=1)
+        full = cpu.kbit_linear(x, q, a, c, None, bits, block, 1100)
+        rows = torch.cat([torch.ops.kbitrt_cpu.kbit_linear_int8(x[i:i + 25], q, a, c, None, bits,
+                                                                block, 1100)
+                          for i in range(0, 100, 25)])
+        assert_near(full, rows)
+        for m in (33, 70):
+            assert torch.equal(cpu.kbit_linear(x[:m], q, a, c, None, bits, block, 1100), full[:m])
+        assert torch.equal(cpu.kbit_linear(x[60:], q, a, c, None, bits, block, 1100), full[60:])
+
+
+def test_routing_by_mode(mode):
+    """Above FUSED_MAX_ROWS: int8 takes this GEMM, fp32 the exact fp32 GEMM, auto this one (the
+    fp32 one for 4-bit weights where the AVX-512 VNNI path does not run)."""
+    k, m = 600, cpu.FUSED_MAX_ROWS + 8
+    x = x_of(m, k)
+    q4, a4, c4 = packed(30, k, 4, 64)
+    q5, a5, c5 = packed(30, k, 5, 64)
+    exact4 = kbit_linear_torch(x, q4, a4, c4, None, None, None, 4, 64, k)
+    mode("int8")
+    int8_4 = cpu.kbit_linear(x, q4, a4, c4, None, 4, 64, k)
+    int8_5 = cpu.kbit_linear(x, q5, a5, c5, None, 5, 64, k)
+    assert_near(int8_4, kbit_linear_int8_torch(x, q4, a4, c4, None, 4, 64, k))
+    assert float((int8_4 - exact4).norm() / exact4.norm()) < 0.03
+    mode("fp32")
+    fp32_4 = cpu.kbit_linear(x, q4, a4, c4, None, 4, 64, k)
+    torch.testing.assert_close(fp32_4, exact4, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(fp32_4, int8_4)
+    mode("auto")  # int8, except 4-bit weights where no AVX-512 VNNI path runs
+    four = int8_4 if torch.ops.kbitrt_cpu.int8_width() == 512 else fp32_4
+    assert torch.equal(cpu.kbit_linear(x, q4, a4, c4, None, 4, 64, k), four)
+    assert torch.equal(cpu.kbit_linear(x, q5, a5, c5, None, 5, 64, k), int8_5)
+
+
+@pytest.mark.parametrize("variant", ["avx2", "portable"])
+def test_other_builds_match_twin(variant):
+    ops = cpu.load_variant(variant)
+    ops.set_int8_activations(1)
+    try:
+        for bits, block in ((3, 32), (5, 64), (8, 128)):
+            n, k = SHAPES[1]
+            q, a, c = packed(n, k, bits, block, seed=bits)
+            x, b = x_of(40, k), torch.randn(n)
+            assert_near(ops.kbit_linear(x, q, a, c, b, bits, block, k),
+                        kbit_linear_int8_torch(x, q, a, c, b, bits, block, k))
+    finally:
+        ops.set_int8_activations(0)
