@@ -132,6 +132,7 @@ inline __m512i codes64(const uint8_t* row, int64_t kp, int64_t j) {
   for (int t = 0; t < Layout<BITS>::n; ++t) {
     const Slice s = Layout<BITS>::s[t];
     const uint8_t* src = row + s.offset * (kp / 8) + j * s.width / 8;
+    prefetch_line(src + 64 * s.width);  // 8 steps of 64 codes on
     __m512i v;
     if (s.width == 8) {
       v = _mm512_loadu_si512(src);
@@ -163,11 +164,12 @@ inline __m512i lookup64(__m512i c, const __m512i* tab) {
   return _mm512_mask_blend_epi8(_mm512_movepi8_mask(c), lo, hi);
 }
 
-// the block scales of 8 lanes x 8 values of K from position j (B in 32..): lane l holds
-// scale[(j + 8 l) / B]; idx picks each lane's one of the (up to 4) scales loaded
+// the block scales of 8 lanes x 8 values of K from position j (B = 1 << shift, 32..): lane l
+// holds scale[(j + 8 l) / B]; idx picks each lane's one of the (up to 4) scales loaded. A shift,
+// not a division: a 64-bit idiv per 128 values was a tenth of the loop
 template <typename ST>
-inline __m512 lane_scales(const ST* scale, int64_t j, int64_t B, int64_t nb, __m512i idx) {
-  const int64_t b = j / B;
+inline __m512 lane_scales(const ST* scale, int64_t j, int shift, int64_t nb, __m512i idx) {
+  const int64_t b = j >> shift;
   const int64_t n = std::min<int64_t>(4, nb - b);
   __m128 s4;
   if constexpr (std::is_same_v<ST, float>) {
@@ -195,15 +197,18 @@ void pair4_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb
   __m512 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) prefetch_line(scale + (r + kScaleAheadRows) * nb);  // cpu_simd.h
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(B));
   const int64_t kx = qx.kx, full128 = K / 128 * 128, full64 = K / 64 * 64;
   for (int64_t j = 0; j < full128; j += 128) {
     __m512i lo[R], hi[R];
     __m512 ws[R];
     for (int r = 0; r < R; ++r) {
+      prefetch_line(q + r * row_bytes + j / 2 + kCodesAheadBytes);
       const __m512i v = _mm512_loadu_si512(q + r * row_bytes + j / 2);
       lo[r] = _mm512_shuffle_epi8(tab, _mm512_and_si512(v, low));
       hi[r] = _mm512_shuffle_epi8(tab, _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
-      ws[r] = lane_scales(scale + r * nb, j, B, nb, idx);
+      ws[r] = lane_scales(scale + r * nb, j, shift, nb, idx);
     }
     for (int m = 0; m < MT; ++m) {
       const int64_t o = (m0 + m) * kx + j;
@@ -224,7 +229,7 @@ void pair4_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb
       const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * row_bytes + j / 2));
       const __m256i lo = _mm256_shuffle_epi8(tab8, _mm256_and_si256(v, low8));
       const __m256i hi = _mm256_shuffle_epi8(tab8, _mm256_and_si256(_mm256_srli_epi16(v, 4), low8));
-      const __m256 ws = _mm512_castps512_ps256(lane_scales(scale + r * nb, j, B, nb, idx));
+      const __m256 ws = _mm512_castps512_ps256(lane_scales(scale + r * nb, j, shift, nb, idx));
       for (int m = 0; m < MT; ++m) {
         const int64_t o = (m0 + m) * kx + j;
         const __m256i xl = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.qp.data() + o));
@@ -260,13 +265,16 @@ void int8_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
   __m512 acc[R][MT];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) prefetch_line(scale + (r + kScaleAheadRows) * nb);  // cpu_simd.h
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(B));
   const int64_t full = K / 64 * 64, step = B < 64 ? 64 : B, kx = qx.kx;
   for (int64_t b0 = 0; b0 < full; b0 += step) {
     __m512 ws[R];
+    const int64_t b = b0 >> shift;
     for (int r = 0; r < R; ++r)
-      ws[r] = B < 64 ? _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(to_float(scale[r * nb + b0 / B])),
-                                            _mm512_set1_ps(to_float(scale[r * nb + b0 / B + 1])))
-                     : _mm512_set1_ps(to_float(scale[r * nb + b0 / B]));
+      ws[r] = B < 64 ? _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(to_float(scale[r * nb + b])),
+                                            _mm512_set1_ps(to_float(scale[r * nb + b + 1])))
+                     : _mm512_set1_ps(to_float(scale[r * nb + b]));
     const int64_t end = b0 + step < full ? b0 + step : full;
     for (int64_t j = b0; j < end; j += 64) {
       __m512i w[R];

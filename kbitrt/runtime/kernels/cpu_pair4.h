@@ -49,11 +49,16 @@ void rows_dot_pair4(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = acc[r][2] = acc[r][3] = vzero();
   const int64_t whole = K / 64 * 64, k16 = K / 16 * 16;
   const vf cbv = vload(cb);
-  for (int64_t b0 = 0; b0 < whole; b0 += B) {
+  // rows a few ahead: their scales (one line per row, too slow a stream for the hardware
+  // prefetcher) and the codes a few lines on; block indices counted, not divided
+  for (int r = 0; r < R; ++r) prefetch_line(scale + (r + kScaleAheadRows) * nb);
+  int64_t b = 0;
+  for (int64_t b0 = 0; b0 < whole; b0 += B, ++b) {
     vf table[R];
-    for (int r = 0; r < R; ++r) table[r] = vmul(cbv, vset(to_float(scale[r * nb + b0 / B])));
+    for (int r = 0; r < R; ++r) table[r] = vmul(cbv, vset(to_float(scale[r * nb + b])));
     const int64_t end = b0 + B < whole ? b0 + B : whole;
     for (int64_t j = b0; j < end; j += 64) {
+      for (int r = 0; r < R; ++r) prefetch_line(q + r * row_bytes + j / 2 + kCodesAheadBytes);
       const vf x0 = vload(x + j), x1 = vload(x + j + 16), x2 = vload(x + j + 32),
                x3 = vload(x + j + 48);
       for (int r = 0; r < R; ++r) {

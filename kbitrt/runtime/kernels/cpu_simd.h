@@ -5,6 +5,14 @@
 // lane; tests/neon_parity.cpp checks it against the portable loops under qemu-aarch64.
 #pragma once
 
+// Software prefetch for the decode kernels, one row of W at a time: the codes kCodesAheadBytes on
+// (the next rows follow this one's) and the scales kScaleAheadRows rows on, a line per row, too
+// slow a stream for the hardware prefetcher to run ahead of. On Zen 4 the scale loads stalled a
+// third of the 4-bit int8 loop; with both, TinyLlama's 22 layers' linears went 17.6 -> 12.6 ms.
+// A prefetch never faults, so running past the end of a tensor is harmless.
+constexpr int64_t kCodesAheadBytes = 2048, kScaleAheadRows = 8;
+inline void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 3); }
+
 #if KBIT_SIMD == 512 || KBIT_SIMD == 256
 // lanes 0..7 of h summed by the tree h[l] += h[l + w], w = 4, 2, 1
 inline float sum8(__m256 h) {
