@@ -1,5 +1,6 @@
 """CPU prefill matmuls at TinyLlama-1.1B's shapes: the k-bit GEMM over decoded tiles
-(kernels/cpu_gemm.h, what kbit_linear runs above FUSED_MAX_ROWS rows) against the old path (the
+(kernels/cpu_gemm.h, what kbit_linear runs above FUSED_MAX_ROWS rows) and its int8 twin
+(kernels/cpu_gemm_int8.h, what `auto` runs on AVX-512 VNNI) against the old path (the
 whole layer dequantized into an fp32 temporary, torch's matmul) and against torch's bf16 matmul
 on a bf16 copy of the weight (oneDNN: what a 16-bit model would run), same run, alternating.
 
@@ -64,7 +65,15 @@ def paths(q, a, c, bits, k, bf16: bool = True):
     def old(x):
         return F.linear(x, torch.ops.kbitrt_cpu.kbit_dequantize(q, a, c, bits, BLOCK, k))
 
-    out = {"new": lambda x: cpu.kbit_linear(x, q, a, c, None, bits, BLOCK, k), "old": old}
+    def gemm(mode):  # kbit_linear's GEMM under an activations mode (set per call: a global)
+        def run(x):
+            cpu.set_activations(mode)
+            return cpu.kbit_linear(x, q, a, c, None, bits, BLOCK, k)
+        return run
+
+    # "new": the fp32 GEMM (cpu_gemm.h); "new int8": the int8 GEMM (cpu_gemm_int8.h), what
+    # `auto` runs on AVX-512 VNNI
+    out = {"new": gemm("fp32"), "new int8": gemm("int8"), "old": old}
     if bf16:
         w16 = cpu.kbit_dequantize(q, a, c, bits, BLOCK, k).bfloat16()
         out["bf16 matmul (16-bit copy)"] = lambda x: F.linear(x.bfloat16(), w16).float()
@@ -96,6 +105,8 @@ def time_shape(n: int, k: int, m: int, bits: int, reps: int, threads: int) -> di
     res = {"N": n, "K": k, "M": m, "bits": bits,
            "temp_bytes": temporaries(n, k, m, threads),
            "new_vs_old_max_diff_rel": (outs["new"] - outs["old"]).abs().max().item() / scale,
+           "int8_vs_old_max_diff_rel": (outs["new int8"] - outs["old"]).abs().max().item()
+           / scale,
            "bf16_vs_old_max_diff_rel": (outs["bf16 matmul (16-bit copy)"] - outs["old"]).abs()
            .max().item() / scale}
     for name, ts in times.items():
@@ -106,6 +117,7 @@ def time_shape(n: int, k: int, m: int, bits: int, reps: int, threads: int) -> di
                      # all threads' CPU time: steadier than the wall on a shared machine
                      "cpu_ms_median": 1e3 * cpu_s, "gflops_per_cpu_s": flop / cpu_s / 1e9}
     res["speedup_new_vs_old"] = res["old"]["ms_median"] / res["new"]["ms_median"]
+    res["speedup_int8_vs_new"] = res["new"]["ms_median"] / res["new int8"]["ms_median"]
     return res
 
 
@@ -114,12 +126,13 @@ def layer_summary(rows: list[dict], m: int, bits: int) -> dict:
     mine = [r for r in rows if r["M"] == m and r["bits"] == bits and (r["N"], r["K"])
             in LAYER.values() and r["name"] in LAYER]
     out = {"M": m, "bits": bits}
-    for path in ("new", "old", "bf16 matmul (16-bit copy)"):
+    for path in ("new", "new int8", "old", "bf16 matmul (16-bit copy)"):
         ms = sum(r[path]["ms_median"] for r in mine)
         cpu_ms = sum(r[path]["cpu_ms_median"] for r in mine)
         out[path] = {"layer_ms": ms, "linears_tok_per_s_22_layers": m / (LAYERS * ms / 1e3),
                      "layer_cpu_ms": cpu_ms}
     out["speedup_new_vs_old"] = out["old"]["layer_ms"] / out["new"]["layer_ms"]
+    out["speedup_int8_vs_new"] = out["new"]["layer_ms"] / out["new int8"]["layer_ms"]
     return out
 
 
@@ -189,7 +202,8 @@ def main(argv=None) -> int:
             r = {"name": name, **time_shape(n, k, m, bits, args.reps, args.threads)}
             rows.append(r)
             print(f"{name:13s} N={n:5d} K={k:4d} M={m:3d} k={bits}: new "
-                  f"{r['new']['gflops_median']:6.1f} old {r['old']['gflops_median']:6.1f} "
+                  f"{r['new']['gflops_median']:6.1f} int8 {r['new int8']['gflops_median']:6.1f} "
+                  f"old {r['old']['gflops_median']:6.1f} "
                   f"bf16 {r['bf16 matmul (16-bit copy)']['gflops_median']:6.1f} GFLOP/s "
                   f"(x{r['speedup_new_vs_old']:.2f}); per CPU-s new "
                   f"{r['new']['gflops_per_cpu_s']:6.1f} old {r['old']['gflops_per_cpu_s']:6.1f}",
@@ -204,6 +218,7 @@ def main(argv=None) -> int:
     for s in layers:
         print(f"layer M={s['M']} k={s['bits']}: linears of 22 layers at "
               f"{s['new']['linears_tok_per_s_22_layers']:.1f} tok/s new, "
+              f"{s['new int8']['linears_tok_per_s_22_layers']:.1f} int8, "
               f"{s['old']['linears_tok_per_s_22_layers']:.1f} old (x{s['speedup_new_vs_old']:.2f})")
     record = {"kind": "cpu_prefill", "device": platform.processor() or platform.machine(),
               "cpu_model": next((line.split(":", 1)[1].strip() for line in
