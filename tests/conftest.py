@@ -165,3 +165,13 @@ def assert_one_line_error(result, text: str) -> None:
     assert result.exit_code == 2, result.output
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and text in lines[0], result.stderr
+
+
+@pytest.fixture
+def int8_mode():
+    """kernels.cpu.set_activations, with the mode before the test restored after it."""
+    from kbitrt.runtime.kernels import cpu
+
+    before = cpu.activations()
+    yield cpu.set_activations
+    cpu.set_activations(before)

@@ -19,13 +19,6 @@ def built():
     assert cpu.available(), f"fused CPU kernels did not build: {cpu.unavailable_reason()}"
 
 
-@pytest.fixture
-def mode():
-    before = cpu.activations()
-    yield cpu.set_activations
-    cpu.set_activations(before)
-
-
 def packed(n, k, bits, block, dtype="nf", seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
@@ -53,8 +46,8 @@ SHAPES = [(37, 203), (13, 1000), (9, 1536), (6, 24)]
 
 
 @pytest.mark.parametrize("bits", range(3, 9))
-def test_gemm_matches_twin(bits, mode):
-    mode("int8")
+def test_gemm_matches_twin(bits, int8_mode):
+    int8_mode("int8")
     for block in (32, 64, 128):
         for i, (n, k) in enumerate(SHAPES):
             dtype = ("nf", "int", "fp")[(bits + i) % 3]
@@ -65,10 +58,10 @@ def test_gemm_matches_twin(bits, mode):
                 assert_near(cpu.kbit_linear(x[:m], q, a, c, b, bits, block, k), want[:m])
 
 
-def test_rows_match_the_decode_path_and_do_not_depend_on_m(mode):
+def test_rows_match_the_decode_path_and_do_not_depend_on_m(int8_mode):
     """A prefill row is the decode path's row to fp32 rounding (same int8 x, codebook, integer
     sums and scales), and the same bits whether the batch has 33, 70 or 100 rows."""
-    mode("int8")
+    int8_mode("int8")
     for bits, block in ((3, 32), (6, 128), (8, 64)):
         q, a, c = packed(45, 1100, bits, block, seed=bits)
         x = x_of(100, 1100, seed=1)
@@ -82,7 +75,7 @@ def test_rows_match_the_decode_path_and_do_not_depend_on_m(mode):
         assert torch.equal(cpu.kbit_linear(x[60:], q, a, c, None, bits, block, 1100), full[60:])
 
 
-def test_routing_by_mode(mode):
+def test_routing_by_mode(int8_mode):
     """Above FUSED_MAX_ROWS: int8 takes this GEMM, fp32 the exact fp32 GEMM, auto this one (the
     fp32 one for 4-bit weights where the AVX-512 VNNI path does not run)."""
     k, m = 600, cpu.FUSED_MAX_ROWS + 8
@@ -90,16 +83,16 @@ def test_routing_by_mode(mode):
     q4, a4, c4 = packed(30, k, 4, 64)
     q5, a5, c5 = packed(30, k, 5, 64)
     exact4 = kbit_linear_torch(x, q4, a4, c4, None, None, None, 4, 64, k)
-    mode("int8")
+    int8_mode("int8")
     int8_4 = cpu.kbit_linear(x, q4, a4, c4, None, 4, 64, k)
     int8_5 = cpu.kbit_linear(x, q5, a5, c5, None, 5, 64, k)
     assert_near(int8_4, kbit_linear_int8_torch(x, q4, a4, c4, None, 4, 64, k))
     assert float((int8_4 - exact4).norm() / exact4.norm()) < 0.03
-    mode("fp32")
+    int8_mode("fp32")
     fp32_4 = cpu.kbit_linear(x, q4, a4, c4, None, 4, 64, k)
     torch.testing.assert_close(fp32_4, exact4, rtol=1e-5, atol=1e-4)
     assert not torch.equal(fp32_4, int8_4)
-    mode("auto")  # int8, except 4-bit weights where no AVX-512 VNNI path runs
+    int8_mode("auto")  # int8, except 4-bit weights where no AVX-512 VNNI path runs
     four = int8_4 if torch.ops.kbitrt_cpu.int8_width() == 512 else fp32_4
     assert torch.equal(cpu.kbit_linear(x, q4, a4, c4, None, 4, 64, k), four)
     assert torch.equal(cpu.kbit_linear(x, q5, a5, c5, None, 5, 64, k), int8_5)

@@ -17,13 +17,6 @@ def built():
     assert cpu.available(), f"fused CPU kernels did not build: {cpu.unavailable_reason()}"
 
 
-@pytest.fixture
-def int8_mode():
-    before = cpu.activations()
-    yield cpu.set_activations
-    cpu.set_activations(before)
-
-
 def _packed(n, k, bits, block, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g)
@@ -179,3 +172,28 @@ def test_a_bad_env_mode_is_refused():
                                     capture_output=True, timeout=120).stdout.strip()
     assert out["int4"] == "RunError KBIT_CPU_ACTIVATIONS='int4' is not one of auto, int8, fp32"
     assert out[" FP32 "] == "fp32"
+
+
+@pytest.mark.parametrize("march, simd, width", [
+    ("icelake-server", 512, "512"),  # AVX-512 with VBMI + VNNI: the VNNI kernels
+    ("x86-64-v4", 512, "256"),  # AVX-512 without them: the AVX2 loops, not the scalar ones
+    ("haswell", 256, "256"),
+    ("x86-64", 128, None),  # the NEON block's KBIT_SIMD: no x86 intrinsics
+    ("x86-64", 0, None),
+])
+def test_int8_width_per_build(march, simd, width):
+    """Which int8 path each build compiles (cpu_int8.h's KBIT_INT8), by the preprocessor alone."""
+    import shutil
+    import subprocess
+
+    from pathlib import Path
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++")
+    header = Path(cpu.__file__).with_name("cpu_int8.h")
+    flags = [f"-march={march}"] + ([f"-DKBIT_SIMD={simd}"] if simd else [])
+    macros = subprocess.run(["g++", *flags, "-dM", "-E", "-x", "c++", str(header)],
+                            capture_output=True, text=True, check=True).stdout
+    defined = [line.split()[2] for line in macros.splitlines()
+               if line.startswith("#define KBIT_INT8 ")]
+    assert defined == ([width] if width else [])

@@ -227,16 +227,10 @@ at::Tensor kbit_gemm_int8(const at::Tensor& x, const at::Tensor& qweight, const 
                           const at::Tensor& codebook, const c10::optional<at::Tensor>& bias,
                           int64_t bits, int64_t block_size, int64_t in_features) {
 #if KBIT_INT8 == 512
-  check_x(x, in_features);
-  TORCH_CHECK(block_size % kGroup == 0, "kbitrt_cpu: the int8 path needs blocks of 32k values");
   const int64_t M = x.size(0), N = qweight.size(0), K = in_features;
+  const Int8Tables t = checked_int8_tables(x, qweight, absmax, codebook, bits, block_size, K);
   auto y = at::empty({M, N}, x.options());
   const float* b = bias_ptr(bias, N);
-  with_decoder(qweight, absmax, codebook, bits, block_size, K,
-               [&](auto decode, auto, auto, bool) { (void)decode; });  // checks the arguments
-  Int8Tables t;
-  const auto cbc = codebook.contiguous();
-  int8_tables(cbc.data_ptr<float>(), static_cast<int>(bits), t);
   PackedX8 px;
   pack_x_int8(x.data_ptr<float>(), M, K, t.cfac, px);
   const uint8_t* q = qweight.data_ptr<uint8_t>();

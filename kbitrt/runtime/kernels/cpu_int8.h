@@ -15,9 +15,11 @@
 // depend on M (one accumulator per row pair in one fixed order), as on the fp32 path.
 #pragma once
 
+// x86 only: AVX-512 with VBMI + VNNI, else the AVX2 loops (AVX-512 without them included);
+// NEON (KBIT_SIMD == 128) and the portable build take the scalar loops
 #if KBIT_SIMD == 512 && defined(__AVX512VBMI__) && defined(__AVX512VNNI__)
 #define KBIT_INT8 512
-#elif KBIT_SIMD == 256
+#elif KBIT_SIMD == 256 || KBIT_SIMD == 512
 #define KBIT_INT8 256
 #endif
 
@@ -431,22 +433,30 @@ void int8_rows(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
   }
 }
 
+// the int8 paths' argument checks (x, W, blocks of 32k values), then the codebook's int8 tables
+Int8Tables checked_int8_tables(const at::Tensor& x, const at::Tensor& qweight,
+                               const at::Tensor& absmax, const at::Tensor& codebook, int64_t bits,
+                               int64_t block_size, int64_t K) {
+  check_x(x, K);
+  TORCH_CHECK(block_size % kGroup == 0, "kbitrt_cpu: the int8 path needs blocks of 32k values");
+  with_decoder(qweight, absmax, codebook, bits, block_size, K,
+               [&](auto decode, auto, auto, bool) { (void)decode; });  // checks the arguments
+  Int8Tables t;
+  const auto cbc = codebook.contiguous();
+  int8_tables(cbc.data_ptr<float>(), static_cast<int>(bits), t);
+  return t;
+}
+
 // y = x W^T through the int8 path (block_size a multiple of 32: every power of two the format
 // allows)
 at::Tensor kbit_linear_int8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& absmax,
                             const at::Tensor& codebook, const c10::optional<at::Tensor>& bias,
                             int64_t bits, int64_t block_size, int64_t in_features) {
-  check_x(x, in_features);
-  TORCH_CHECK(block_size % kGroup == 0, "kbitrt_cpu: the int8 path needs blocks of 32k values");
   const int64_t M = x.size(0), N = qweight.size(0), K = in_features;
+  const Int8Tables t = checked_int8_tables(x, qweight, absmax, codebook, bits, block_size, K);
   auto y = at::empty({M, N}, x.options());
   const float* b = bias_ptr(bias, N);
-  with_decoder(qweight, absmax, codebook, bits, block_size, K,
-               [&](auto decode, auto, auto, bool) { (void)decode; });  // checks the arguments
   const int64_t kp = (K + 7) / 8 * 8, nb = absmax.size(1), row_bytes = qweight.size(1);
-  Int8Tables t;
-  const auto cbc = codebook.contiguous();
-  int8_tables(cbc.data_ptr<float>(), static_cast<int>(bits), t);
   QuantX qx;
   quantize_x(x.data_ptr<float>(), M, K, t.cfac, qx);
 #if KBIT_INT8 == 512
