@@ -228,3 +228,34 @@ def test_read_jsonl_rejects_bad_gold(tmp_path):
     p.write_text('{"query": "q", "choices": ["a"], "gold": 3}\n')
     with pytest.raises(KbitFormatError, match="index into the 1 choices"):
         zeroshot.read_jsonl(p)
+
+
+def test_eval_scores_the_exact_path_unless_a_mode_is_chosen(folders, tmp_path, monkeypatch):
+    """kbit eval runs the CPU's exact fp32 activations by default (the weights' quantization
+    alone, comparable with docs/fidelity.md), and what --cpu-activations asks for otherwise; the
+    record says which. The context leaves no mode behind."""
+    from kbitrt.runtime.kernels import cpu
+
+    monkeypatch.delenv("KBIT_CPU_ACTIVATIONS", raising=False)
+    cpu.reset_activations()
+    recs = {}
+    try:
+        for flags in ([], ["--cpu-activations", "int8"]):
+            res = CliRunner().invoke(cli, ["eval", str(folders["k4"]), "--ppl", str(folders["text"]),
+                                           "--seqlen", "64", "--max-tokens", "200", "--json",
+                                           "-o", str(tmp_path / f"r{len(flags)}.json"), *flags])
+            assert res.exit_code == 0, res.output
+            recs[bool(flags)] = json.loads(res.stdout)
+            if not flags:
+                assert cpu.activations() == cpu.DEFAULT_ACTIVATIONS  # restored after the eval
+        cpu.reset_activations()  # forget the int8 the CLI set
+        with cpu.exact_unless_chosen() as mode:  # nothing chosen: fp32 inside, the default after
+            assert mode == "fp32" and cpu.activations() == "fp32"
+        assert cpu.activations() == cpu.DEFAULT_ACTIVATIONS
+    finally:  # the suite's mode (KBIT_CPU_ACTIVATIONS) back, in the kernels too
+        monkeypatch.undo()
+        cpu.reset_activations()
+    assert recs[False]["model"]["cpu_activations"] == "fp32"
+    assert recs[True]["model"]["cpu_activations"] == "int8"
+    exact, int8 = (recs[k]["perplexity"]["wiki.txt"]["perplexity"] for k in (False, True))
+    assert exact != int8 and int8 == pytest.approx(exact, rel=0.05)

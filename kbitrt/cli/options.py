@@ -44,7 +44,8 @@ def cpu_weight_options(f):
                      expose_value=False, callback=_set_cpu_activations,
                      help="CPU: activations quantized to int8 per 32 values with integer "
                      "dot products, or the exact fp32 path; auto (default, KBIT_CPU_ACTIVATIONS): "
-                     "int8, except 4-bit weights on CPUs without AVX-512 VNNI.")(f)
+                     "int8, except 4-bit weights on CPUs without AVX-512 VNNI. kbit eval "
+                     "defaults to fp32, to score the weights' quantization alone.")(f)
     return click.option("--low-memory", is_flag=True, help="CPU: keep only the packed k-bit "
                         "weights resident, at any width (= --cpu-weights packed), and the KV "
                         "cache in fp16 (= --kv-cache fp16 under the CPU's fp32 activations).")(f)

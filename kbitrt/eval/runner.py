@@ -62,7 +62,16 @@ def _texts(names: list[str]) -> dict[str, tuple[str, str]]:
 
 def evaluate_model(name: str, opts: EvalOptions, record: dict, save: Callable[[], None],
                    texts: dict, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Fill `record` (model, perplexity, tasks, mean) for one model, saving after each result."""
+    """Fill `record` (model, perplexity, tasks, mean) for one model, saving after each result.
+    On the CPU the exact fp32 activations unless a mode was chosen (cpu.exact_unless_chosen)."""
+    from kbitrt.runtime.kernels import cpu
+
+    with cpu.exact_unless_chosen() as mode:
+        return _evaluate_model(name, opts, record, save, texts, log, mode)
+
+
+def _evaluate_model(name: str, opts: EvalOptions, record: dict, save: Callable[[], None],
+                    texts: dict, log: Callable[[str], None], cpu_activations: str) -> dict:
     from kbitrt.eval.model_open import open_model
 
     t0 = time.perf_counter()
@@ -73,6 +82,8 @@ def evaluate_model(name: str, opts: EvalOptions, record: dict, save: Callable[[]
     record["model"]["load_seconds"] = time.perf_counter() - t0
     record["model"]["cpu_weights"] = lm.cpu_weights  # None on CUDA or for a plain HF model
     record["model"]["kv_cache"] = getattr(lm, "kv_cache", "auto")  # fp16 with --low-memory
+    if lm.cpu_weights is not None:  # the CPU's fused kernels: which activations they ran
+        record["model"]["cpu_activations"] = cpu_activations
     if lm.note:
         log(f"note: {lm.note}")
     seqlen = opts.seqlen or min(2048, lm.max_positions or 2048)

@@ -304,6 +304,30 @@ def set_activations(mode: str) -> None:
         torch.ops.kbitrt_cpu.set_int8_activations(_MODE_CODES[mode])
 
 
+def reset_activations() -> None:
+    """Forget set_activations: back to KBIT_CPU_ACTIVATIONS's mode, else DEFAULT_ACTIVATIONS."""
+    _state.pop("activations", None)
+    if _state.get("ok"):
+        torch.ops.kbitrt_cpu.set_int8_activations(_MODE_CODES[activations()])
+
+
+@contextmanager
+def exact_unless_chosen() -> Iterator[str]:
+    """Scoring runs (kbit eval, sweeps) on the exact fp32 path unless set_activations or
+    KBIT_CPU_ACTIVATIONS chose a mode: a k-bit model's perplexity then measures its weights'
+    quantization alone, comparable across widths and with docs/fidelity.md, not also the 8-bit
+    activations of the fast path (`--cpu-activations auto` scores what decoding runs). Yields
+    the mode in force."""
+    if "activations" in _state or os.environ.get("KBIT_CPU_ACTIVATIONS", "").strip():
+        yield activations()
+        return
+    set_activations("fp32")
+    try:
+        yield "fp32"
+    finally:
+        reset_activations()
+
+
 def activations() -> str:
     """The fused decode path's activations: set_activations', else KBIT_CPU_ACTIVATIONS's, else
     DEFAULT_ACTIVATIONS; RunError for a KBIT_CPU_ACTIVATIONS that is none of ACTIVATIONS."""
