@@ -41,8 +41,9 @@ def assert_near(got, want):
 
 
 # (N, K): N not a multiple of the 4-row tile, K ragged (not a multiple of 8, 32, 64 or of the
-# 512-value superblock), several superblocks, one whole superblock, K under one group
-SHAPES = [(37, 203), (13, 1000), (9, 1536), (6, 24)]
+# 512-value superblock), several superblocks, one whole superblock, K under one group, a last
+# superblock of more than 8 groups (800: 25; 203 and 1100 end in at most 8: the half-width path)
+SHAPES = [(37, 203), (13, 1000), (9, 1536), (6, 24), (11, 800)]
 
 
 @pytest.mark.parametrize("bits", range(3, 9))

@@ -143,14 +143,48 @@ void decode_panel_int8(const uint8_t* q, int64_t row_bytes, const ST* scale, int
   std::fill(wa + rows * ng, wa + padded * ng, 0.f);
 }
 
+// the last superblock when it holds at most 8 groups of K (K = 576: one whole superblock and 2
+// groups): its lanes 0..7 at 256 bits, half the work of the full width (lanes 8..15 hold zero
+// padding, whose products add nothing)
+inline void int8_gemm_half_super(const uint8_t* wp, const float* wa, const int8_t* xq,
+                                 const float* xd, const int32_t* xnc, int64_t kq, int64_t ng,
+                                 int64_t s, float (*acc)[kTm][16]) {
+  const int64_t g = s / kGroup;
+  __m256i sum[kTr][kTm];
+  for (int m = 0; m < kTm; ++m) {
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xnc + m * ng + g));
+    for (int r = 0; r < kTr; ++r) sum[r][m] = c;
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    __m256i w[kTr];
+    for (int r = 0; r < kTr; ++r)
+      w[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + r * kq + s + 64 * i));
+    for (int m = 0; m < kTm; ++m) {
+      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * kq + s + 64 * i));
+      __asm__("" : "+v"(xv));  // as in int8_gemm_tile
+      for (int r = 0; r < kTr; ++r) sum[r][m] = _mm256_dpbusd_epi32(sum[r][m], w[r], xv);
+    }
+  }
+  for (int m = 0; m < kTm; ++m) {
+    const __m256 d = _mm256_loadu_ps(xd + m * ng + g);
+    for (int r = 0; r < kTr; ++r)
+      _mm256_store_ps(acc[r][m], _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][m]),
+                                                 _mm256_mul_ps(d, _mm256_loadu_ps(wa + r * ng + g)),
+                                                 _mm256_load_ps(acc[r][m])));
+  }
+}
+
 // out[r * kTm + m] = y of W row r (of wp, wa) and token m (of xq, xd, xnc), without bias; acc:
-// the fp32 sums, touched once per superblock (kept in L1: the registers hold the int32 sums)
+// the fp32 sums, touched once per superblock (kept in L1: the registers hold the int32 sums);
+// tail_groups: the groups of K in the last superblock (1..16)
 inline void int8_gemm_tile(const uint8_t* wp, const float* wa, const int8_t* xq, const float* xd,
-                           const int32_t* xnc, int64_t kq, int64_t ng, float (*acc)[kTm][16],
-                           float* out) {
+                           const int32_t* xnc, int64_t kq, int64_t ng, int64_t tail_groups,
+                           float (*acc)[kTm][16], float* out) {
   for (int r = 0; r < kTr; ++r)
     for (int m = 0; m < kTm; ++m) _mm512_store_ps(acc[r][m], _mm512_setzero_ps());
-  for (int64_t s = 0; s < kq; s += kSuper) {
+  const int64_t wide = tail_groups <= 8 ? kq - kSuper : kq;  // superblocks at full width
+  for (int64_t s = 0; s < wide; s += kSuper) {
     const int64_t g = s / kGroup;
     __m512i sum[kTr][kTm];
     for (int m = 0; m < kTm; ++m) {
@@ -179,6 +213,7 @@ inline void int8_gemm_tile(const uint8_t* wp, const float* wa, const int8_t* xq,
                                                    _mm512_load_ps(acc[r][m])));
     }
   }
+  if (wide < kq) int8_gemm_half_super(wp, wa, xq, xd, xnc, kq, ng, wide, acc);
   for (int r = 0; r < kTr; ++r)
     for (int m = 0; m < kTm; ++m) out[r * kTm + m] = vsum16(_mm512_load_ps(acc[r][m]));
 }
@@ -196,6 +231,7 @@ void int8_gemm_panels(const uint8_t* q, int64_t row_bytes, const ST* scale, int6
                       const Int8Tables& t, int64_t K, int64_t B, const PackedX8& px, int64_t M,
                       int64_t N, const float* bias, float* y) {
   const int64_t kq = px.kq, ng = px.ng, nc = int8_panel_rows(kq, N), tiles = (N + nc - 1) / nc;
+  const int64_t tail_groups = (K + kGroup - 1) / kGroup - (kq / kSuper - 1) * (kSuper / kGroup);
   std::atomic<int64_t> next{0};  // workers take the next panel as they finish one (cpu_gemm.h)
   at::parallel_for(0, std::min<int64_t>(tiles, at::get_num_threads()), 1, [&](int64_t, int64_t) {
     std::vector<uint8_t> wp(nc * kq);
@@ -210,7 +246,8 @@ void int8_gemm_panels(const uint8_t* q, int64_t row_bytes, const ST* scale, int6
       for (int64_t m0 = 0; m0 < M; m0 += kTm)
         for (int64_t r0 = 0; r0 < padded; r0 += kTr) {
           int8_gemm_tile(wp.data() + r0 * kq, wa.data() + r0 * ng, px.q.data() + m0 * kq,
-                         px.d.data() + m0 * ng, px.nc.data() + m0 * ng, kq, ng, acc, v);
+                         px.d.data() + m0 * ng, px.nc.data() + m0 * ng, kq, ng, tail_groups,
+                         acc, v);
           for (int m = 0; m < kTm && m0 + m < M; ++m)
             for (int r = 0; r < kTr && r0 + r < rows; ++r) {
               const int64_t n = n0 + r0 + r;
