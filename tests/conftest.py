@@ -175,3 +175,18 @@ def int8_mode():
     before = cpu.activations()
     yield cpu.set_activations
     cpu.set_activations(before)
+
+
+def packed_with_zeros(n, k, bits, block, dtype="nf", seed=0):
+    """A random (n, k) weight quantized for the CPU kernels, with a zero block in every row and a
+    zero row: (qweight, kernel absmax, padded codebook)."""
+    from kbitrt.format.config import QuantConfig
+    from kbitrt.format.quantizer import quantize_weight
+    from kbitrt.runtime.kernels.reference import pad_codebook
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    w[:, :block] = 0.0
+    w[n // 2] = 0.0
+    qw = quantize_weight(w, QuantConfig(bits=bits, block_size=block, dtype=dtype))
+    return qw.qweight, qw.kernel_absmax(), pad_codebook(qw.codebook, bits)

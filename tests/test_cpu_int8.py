@@ -4,12 +4,11 @@ width and codebook, ragged K, zero blocks, M = 1..32, and its routing through cp
 
 import pytest
 import torch
+from conftest import packed_with_zeros
 
-from kbitrt.format.config import QuantConfig
-from kbitrt.format.quantizer import quantize_weight
 from kbitrt.runtime.kernels import cpu
 from kbitrt.runtime.kernels.int8_reference import kbit_linear_int8_torch, quantize_x
-from kbitrt.runtime.kernels.reference import kbit_linear_torch, pad_codebook
+from kbitrt.runtime.kernels.reference import kbit_linear_torch
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -17,13 +16,7 @@ def built():
     assert cpu.available(), f"fused CPU kernels did not build: {cpu.unavailable_reason()}"
 
 
-def _packed(n, k, bits, block, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    w[:, :block] = 0.0  # a zero block in every row
-    w[n // 2] = 0.0  # and a zero row
-    qw = quantize_weight(w, QuantConfig(bits=bits, block_size=block, dtype=dtype))
-    return qw.qweight, qw.kernel_absmax(), pad_codebook(qw.codebook, bits)
+_packed = packed_with_zeros
 
 
 def _x(m, k, seed):
