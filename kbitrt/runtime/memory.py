@@ -7,9 +7,7 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache
 
-# rows (batch x tokens) of a forward from which its layers' temporaries stay in the heap: above
-# the fused kernels' FUSED_MAX_ROWS (kernels/cpu.py), the steps kbit_linear's GEMM runs
-LONG_STEP_ROWS = 33
+from kbitrt.runtime.kernels.cpu import FUSED_MAX_ROWS
 
 
 @lru_cache(maxsize=1)  # find_library runs ldconfig: once
@@ -50,11 +48,12 @@ def release_free_heap() -> None:
 def heap_for_layers(x):
     """The context for a forward's layers over x (B, T, dim): for a long step on the CPU (a
     prefill), glibc keeps the freed memory of its large temporaries in the heap for the next ones
-    instead of unmapping each (limit_heap_growth's fixed threshold): a 512-token prefill of a
-    1.1B model otherwise maps, faults in and zeroes ~3.7 GB of fresh pages (~930k page faults,
-    benchmarks/cpu_step_profile.py --prefill). Afterwards the threshold is back and the freed
-    heap handed back (malloc_trim), so what stays resident is what it was."""
-    if x.device.type != "cpu" or x.shape[0] * x.shape[1] < LONG_STEP_ROWS:
+    instead of unmapping each (limit_heap_growth's fixed threshold), which otherwise maps, faults
+    in and zeroes fresh pages for every large temporary of every layer. A long step: more rows
+    (batch x tokens) than the fused kernels take, the steps kbit_linear's GEMM runs. Afterwards
+    the threshold is back and the freed heap handed back (malloc_trim), so what stays resident
+    is what it was."""
+    if x.device.type != "cpu" or x.shape[0] * x.shape[1] <= FUSED_MAX_ROWS:
         return nullcontext()
     libc = _libc()
     return _kept_heap(libc) if libc is not None and hasattr(libc, "mallopt") else nullcontext()

@@ -288,8 +288,8 @@ def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
 # 32 values and sums integer products (VNNI / AVX2), "fp32" looks up fp32 weights and uses FMA,
 # "auto" int8, except for 4-bit weights where no AVX-512 VNNI path runs (there the exact fp32
 # path is as fast: benchmarks/results/cpu_matmul_shapes-*.json). Prefill (more than
-# FUSED_MAX_ROWS rows) follows the same choice (cpu_gemm_int8.h). The default: KBIT_CPU_ACTIVATIONS, else
-# DEFAULT_ACTIVATIONS (docs/cpu.md gives the fidelity)
+# FUSED_MAX_ROWS rows) follows the same choice (cpu_gemm_int8.h). The default:
+# KBIT_CPU_ACTIVATIONS, else DEFAULT_ACTIVATIONS (docs/cpu.md gives the fidelity)
 ACTIVATIONS = ("auto", "int8", "fp32")
 DEFAULT_ACTIVATIONS = "auto"
 _MODE_CODES = {"fp32": 0, "int8": 1, "auto": 2}  # cpu_int8.h set_int8_activations

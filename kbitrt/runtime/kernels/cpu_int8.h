@@ -401,11 +401,8 @@ void int8_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
 }
 #endif
 
-// rows of W a decoding step takes together: one (kRows in cpu_kernels.cpp says why)
-constexpr int kInt8DecodeRows = 1;
-
-// rows [n0, n1) of y (M, N): M = 1 takes kInt8DecodeRows rows of W at a time, more rows of x 4 at
-// a time
+// rows [n0, n1) of y (M, N): one row of W at a time (kRows in cpu_kernels.cpp says why), rows of
+// x 4 at a time
 template <int BITS, typename ST>
 void int8_rows(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
                const Int8Tables& t, int64_t K, int64_t kp, int64_t B, const QuantX& qx,
@@ -415,12 +412,6 @@ void int8_rows(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* qn = q + n * row_bytes;
     const ST* sn = scale + n * nb;
-    if (M == 1 && kInt8DecodeRows > 1 && n + kInt8DecodeRows <= n1) {
-      int8_tile<BITS, kInt8DecodeRows, 1>(qn, row_bytes, sn, nb, t, K, kp, B, qx, 0, v);
-      for (int r = 0; r < kInt8DecodeRows; ++r) put(n + r, 0, v[r]);
-      n += kInt8DecodeRows - 1;
-      continue;
-    }
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
       int8_tile<BITS, 1, 4>(qn, row_bytes, sn, nb, t, K, kp, B, qx, m, v);
