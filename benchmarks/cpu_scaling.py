@@ -4,8 +4,9 @@
 
 Random-weight Llama models with the shapes of SmolLM2-135M, TinyLlama-1.1B, Llama-3.2-3B and
 Llama-3-8B, all with SmolLM2's tokenizer (vocabulary 49152: the 3B's and 8B's heads are smaller
-than the real ones, 128256). The same fp16 weights go to each runtime: kbit (nf4-b64 with its
-16-bit head and embedding, and with the k-bit head and embedding of `--head-bits/--embedding-bits`)
+than the real ones, 128256). The same fp16 weights go to each runtime: kbit (nf4-b64 as `kbit
+convert` writes it: the head and the embedding at 8 bits), kbit-h16 (both kept in 16 bits), and
+kbit-qhead (both at `--head-bits/--embedding-bits`)
 and llama.cpp (a GGUF written here with the `gguf` package, q and k permuted as llama.cpp's own
 converter does, then quantized by llama-cpp-python's `llama_model_quantize` to Q4_0 and Q4_K_M;
 llama.cpp keeps the output head in Q6_K there). The 8B runs at full width with fewer layers
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cpu_decode import machine, peak, rss, versions  # noqa: E402
 from cpu_memory_breakdown import worker_result  # noqa: E402
+from kbitrt.format.config import HEAD_BITS_DEFAULT  # noqa: E402
 
 VOCAB = 49152
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, tied
@@ -49,7 +51,7 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate, tied
     "8b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, tied=False),
 }
 DEFAULT_LAYERS = {"8b": 4}  # full width, fewer layers: extrapolated (see the docstring)
-RUNTIMES = ("kbit", "kbit-qhead", "llama.cpp-Q4_0", "llama.cpp-Q4_K_M")
+RUNTIMES = ("kbit", "kbit-h16", "kbit-qhead", "llama.cpp-Q4_0", "llama.cpp-Q4_K_M")
 PROMPT, NEW, PREFILL = 16, 128, 512
 
 
@@ -210,9 +212,11 @@ def prepare(args, size: str, layers: int) -> dict[str, Path]:
     """Every runtime's model of `size`, built once under the workdir."""
     base = Path(args.workdir) / f"{size}-L{layers}"
     hf = make_hf(size, layers, base / "hf")
-    paths = {"kbit": make_kbit(hf, base / "kbit-nf4-b64", None, None),
-             "kbit-qhead": make_kbit(hf, base / f"kbit-nf4-b64-h{args.head_bits}e{args.embedding_bits}",
-                                     args.head_bits, args.embedding_bits)}
+    default = HEAD_BITS_DEFAULT  # what `kbit convert` writes unless told otherwise
+    widths = {"kbit": (default, default), "kbit-h16": (None, None),
+              "kbit-qhead": (args.head_bits, args.embedding_bits)}
+    paths = {name: make_kbit(hf, base / ("kbit-nf4-b64" + (f"-h{h}e{e}" if h else "")), h, e)
+             for name, (h, e) in widths.items() if name in args.runtimes.split(",")}
     wanted = [r.split("-", 1)[1] for r in args.runtimes.split(",") if r.startswith("llama.cpp-")]
     missing = [t for t in wanted if not (base / f"{t}.gguf").exists()]
     if missing:
@@ -409,7 +413,7 @@ def main(argv=None) -> int:
                     f"(default {DEFAULT_LAYERS}), extrapolated to the full depth")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--runtimes", default="kbit,kbit-qhead,llama.cpp-Q4_0",
+    ap.add_argument("--runtimes", default="kbit,kbit-h16,llama.cpp-Q4_0",
                     help=f"of {','.join(RUNTIMES)}")
     # 6: llama.cpp's Q4_0/Q4_K_M head is Q6_K; on the CPU a 6-bit head GEMV is ~2x faster than
     # the 16-bit one, an 8-bit one slower (head_bits_smollm2-cpu.json, head_gemv)
@@ -433,8 +437,9 @@ def main(argv=None) -> int:
     record = {"kind": "cpu_scaling", "machine": machine(), "cores": os.cpu_count(),
               "threads": args.threads, "reps": args.reps, "prompt_tokens": PROMPT,
               "decode_tokens": NEW, "prefill_tokens": PREFILL, "vocab": VOCAB,
-              "kbit": {"quantization": "nf4-b64", "qhead": {"head_bits": args.head_bits,
-                                                             "embedding_bits": args.embedding_bits}},
+              "kbit": {"quantization": "nf4-b64", "head_bits": HEAD_BITS_DEFAULT,
+                       "embedding_bits": HEAD_BITS_DEFAULT, "kbit-h16": "16-bit head and embedding",
+                       "qhead": {"head_bits": args.head_bits, "embedding_bits": args.embedding_bits}},
               "versions": versions(("torch", "transformers", "llama-cpp-python", "gguf", "kbitrt")),
               "commit": commit, "argv": sys.argv, "loadavg_start": os.getloadavg(), "sizes": {}}
     names = args.runtimes.split(",")

@@ -7,6 +7,7 @@ import json
 from click.testing import CliRunner
 
 from kbitrt.cli.main import cli
+from kbitrt.format.reader import KbitModel
 
 
 def run(*args):
@@ -19,7 +20,11 @@ def test_convert_inspect_dequantize_json(tiny_models, tmp_path):
             "-o", tmp_path / "out", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    assert s["label"] == "fp5(E3M1)-b64" and s["linears_quantized"] == 14
+    # the default: the output head and the input embedding at 8 bits (a tied pair: stored once)
+    assert s["label"] == "fp5(E3M1)-b64-head8-emb8" and s["linears_quantized"] == 15
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert (qc["head_bits"], qc["embedding_bits"]) == (8, 8)
+    assert qc["module_bits"] == {"model.embed_tokens": 8}
     r = run("inspect", tmp_path / "out", "--json")
     i = json.loads(r.stdout)
     assert i["bits_per_param_quantized"] == s["bits_per_param_quantized"]
@@ -29,6 +34,12 @@ def test_convert_inspect_dequantize_json(tiny_models, tmp_path):
     r = run("dequantize", tmp_path / "out", "-o", tmp_path / "dq", "--dtype", "bf16")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "dq" / "config.json").read_text())["dtype"] == "bfloat16"
+    r = run("convert", src, "-o", tmp_path / "h16", "--head-bits", 16, "--embedding-bits", 16, "--json")
+    s = json.loads(r.stdout)
+    assert s["label"] == "nf4-b64" and s["linears_quantized"] == 14
+    r = run("convert", src, "-o", tmp_path / "qh", "--quantize-head", "--embedding-bits", 16, "--json")
+    assert json.loads(r.stdout)["label"] == "nf4-b64" and \
+        "lm_head" in KbitModel.open(tmp_path / "qh").modules  # the head at --bits, as before
 
 
 def test_summary_table(tiny_models, tmp_path):

@@ -125,3 +125,85 @@ def test_bad_widths_are_one_line(sources, tmp_path):
         QuantConfig(head_bits=12)
     cfg = QuantConfig(bits=4, head_bits=8, module_bits=(("lm_head", 8),))
     assert QuantConfig.from_json(cfg.to_json()) == cfg and cfg.for_module("lm_head").bits == 8
+
+
+# --- the default of `kbit convert` (8-bit head and embedding) in every family and every loader ---
+
+def _dequantized_pair(name: str, config, tmp_path):
+    """(kbit folder of the tiny `name` with an 8-bit head and embedding, transformers on its
+    dequantized weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from kbitrt.convert.dequantize import dequantize_model
+
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for p in hf.parameters():  # larger than the default init, so a lost scale is not hidden
+        p.data.normal_(0, 0.2)
+    hf.save_pretrained(tmp_path / "src")
+    folder = tmp_path / "q"
+    convert(tmp_path / "src", folder, QuantConfig(bits=4, block_size=32, head_bits=8, embedding_bits=8))
+    dequantize_model(folder, tmp_path / "dq", "fp32", force=True)
+    return folder, AutoModelForCausalLM.from_pretrained(tmp_path / "dq", dtype=torch.float32).eval()
+
+
+def _gemma():
+    from transformers import GemmaConfig
+
+    return GemmaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=1, head_dim=16)
+
+
+def _families():
+    from test_models import PYTHON_LAYERS, TINY
+
+    return {**TINY, **PYTHON_LAYERS, "gemma": _gemma}
+
+
+@pytest.mark.parametrize("name", sorted(_families()))
+def test_every_family_with_an_8_bit_head_and_embedding_matches_transformers(name, tmp_path):
+    from test_models import ATOL, batch, hf_logits
+
+    folder, ref_model = _dequantized_pair(name, _families()[name](), tmp_path)
+    ids, mask, _ = batch(pads=(0, 0))
+    ref = hf_logits(ref_model, ids, mask)
+    # gemma has no native spec: the transformers backend, which keeps its scaled embedding
+    lm = build_model(KbitModel.open(folder), "cpu", cpu_weights="fp32")
+    assert isinstance(lm.model.model.get_input_embeddings() if lm.backend == "transformers"
+                      else lm.model.tok_emb, QuantizedEmbedding)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).float(), ref, atol=ATOL, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma", "gpt2", "neox"])
+def test_from_pretrained_and_save_pretrained_keep_the_8_bit_head_and_embedding(name, tmp_path):
+    """transformers loads the k-bit embedding into its own embedding class (Gemma's scale), a tied
+    pair as one table, the head at its own width, computes in the dtype asked for, and saves the
+    same tensors back."""
+    import kbitrt  # noqa: F401  (registers the "kbit" quantizer)
+    from test_models import batch, hf_logits
+    from transformers import AutoModelForCausalLM
+
+    from conftest import hf_weights
+
+    folder, ref_model = _dequantized_pair(name, _families()[name](), tmp_path)
+    ids, mask, _ = batch(pads=(0, 0))
+    ref = hf_logits(ref_model, ids, mask)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, QuantizedEmbedding) and isinstance(emb, type(ref_model.get_input_embeddings()))
+    assert emb.table.bits == 8 and model.get_output_embeddings().bits == 8
+    tied = bool(ref_model.config.tie_word_embeddings)
+    assert (model.get_output_embeddings() is emb.table) is tied
+    got = hf_logits(model, ids, mask)
+    assert got.dtype == torch.float32  # the weights' compute dtype is the one asked for
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-2  # int8 activations on the CPU
+    model.save_pretrained(tmp_path / "again")
+    a, b = hf_weights(folder), hf_weights(tmp_path / "again")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    model.dequantize()
+    dense = model.get_input_embeddings()
+    assert type(dense) is type(ref_model.get_input_embeddings()) and not list(dense.children())
+    torch.testing.assert_close(dense.weight, ref_model.get_input_embeddings().weight)
+    assert not any(isinstance(m, KbitLinear) for m in model.modules())
+    torch.testing.assert_close(hf_logits(model, ids, mask), ref, atol=1e-4, rtol=1e-4)

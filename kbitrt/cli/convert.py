@@ -12,8 +12,8 @@ from rich.table import Table
 from kbitrt.errors import KbitError, KbitFormatError
 from kbitrt.eval.progress import byte_progress
 from kbitrt.format import dtypes
-from kbitrt.format.config import (ABSMAX_DTYPES, IMPORTANCE, METHODS, SCALES, OutlierSpec, QuantConfig,
-                                  parse_bits16)
+from kbitrt.format.config import (ABSMAX_DTYPES, HEAD_BITS_DEFAULT, IMPORTANCE, METHODS, SCALES,
+                                  OutlierSpec, QuantConfig, parse_bits16)
 
 err = Console(stderr=True)
 out = Console()
@@ -59,10 +59,12 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
               help="gptq: dampening, a fraction of the mean Hessian diagonal")
 @click.option("--act-order", is_flag=True, help="gptq: columns in order of decreasing activation")
 @click.option("--quantize-head", is_flag=True, help="also quantize the output head (lm_head)")
-@click.option("--head-bits", default="16", show_default=True,
-              help="output head width: 3..8, or 16 to keep it unquantized (docs/format.md)")
-@click.option("--embedding-bits", default="16", show_default=True,
-              help="input embedding width: 3..8 (only looked-up rows are dequantized), or 16")
+@click.option("--head-bits", default="auto", show_default=True,
+              help="output head width: 3..8, or 16 to keep it unquantized; auto: 8 (--bits with "
+                   "--quantize-head, 16 with --any-precision; docs/format.md)")
+@click.option("--embedding-bits", default="auto", show_default=True,
+              help="input embedding width: 3..8 (only looked-up rows are dequantized), or 16; "
+                   "auto: 8 (16 with --any-precision)")
 @click.option("--dtype16", default="auto", show_default=True, type=click.Choice(["auto", "fp16", "bf16"]),
               help="dtype of what stays unquantized (auto: the model's bf16, else fp16)")
 @click.option("--max-shard-size", default="5GB", show_default=True,
@@ -92,8 +94,9 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
         check_repo_id(push_to_hub)  # names no token it was given by mistake
         resolve_token(None)
 
-    widths = dict(head_bits=parse_bits16("--head-bits", head_bits),
-                  embedding_bits=parse_bits16("--embedding-bits", embedding_bits))
+    auto = None if any_precision else HEAD_BITS_DEFAULT  # one file of planes: 16-bit head
+    widths = dict(head_bits=parse_bits16("--head-bits", head_bits, None if quantize_head else auto),
+                  embedding_bits=parse_bits16("--embedding-bits", embedding_bits, auto))
     if any_precision and any(widths.values()):
         raise KbitFormatError("--head-bits/--embedding-bits: not with --any-precision")
     config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,

@@ -11,7 +11,7 @@ from torch import nn
 
 from kbitrt.errors import KbitFormatError, RunError
 from kbitrt.runtime.devices import cpu_path
-from kbitrt.runtime.embedding import QuantizedEmbedding
+from kbitrt.runtime.embedding import quantized_like
 from kbitrt.runtime.experts import install_kbit_experts
 from kbitrt.runtime import layer_stack
 from kbitrt.runtime.kernels import cpu as cpu_kernels
@@ -146,7 +146,7 @@ def _where(source) -> str:
 def quantized_embedding(model: nn.Module, tensors: _Tensors, name: str, shared: bool,
                         attr: str = "tok_emb") -> None:
     """A k-bit stored embedding `name` becomes a QuantizedEmbedding (runtime/embedding.py) at
-    `attr`; `shared` (a tied head stored once): the same KbitLinear becomes model.lm_head."""
+    `attr`, keeping the model's own embedding class (Gemma's scale); `shared` (a tied head stored once): the same KbitLinear becomes model.lm_head."""
     if name not in tensors.quantized:
         return
     emb = model.get_submodule(attr)
@@ -158,7 +158,7 @@ def quantized_embedding(model: nn.Module, tensors: _Tensors, name: str, shared: 
     # only the looked-up rows are read: packed codes, unless the head multiplies by them too
     table = kbit_module(qw, None, tensors.dtype, tensors.device,
                         tensors.cpu_weights if shared else "packed")
-    model.set_submodule(attr, QuantizedEmbedding(table, tensors.dtype))
+    model.set_submodule(attr, quantized_like(emb, table, tensors.dtype))
     if shared:
         model.lm_head = table
 

@@ -41,11 +41,20 @@ def gather_dequantize_torch(table: KbitLinear, ids: torch.Tensor) -> torch.Tenso
     return table.dequantize(torch.float32)[ids]
 
 
-class QuantizedEmbedding(nn.Module):
-    """nn.Embedding's forward over a k-bit table (a KbitLinear, shared with a tied head)."""
+class QuantizedEmbedding(nn.Embedding):
+    """nn.Embedding's forward over a k-bit table (a KbitLinear, shared with a tied head).
+
+    An nn.Embedding subclass so that a model's own embedding class can be kept on top of it
+    (`quantized_like`): Gemma's scaled embedding calls `super().forward(ids)` and multiplies, and
+    that super() is then this lookup."""
 
     def __init__(self, table: KbitLinear, dtype: torch.dtype):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Embedding's: it would allocate the dense table
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
+        self.scale_grad_by_freq, self.sparse = False, False
+        self._set_table(table, dtype)
+
+    def _set_table(self, table: KbitLinear, dtype: torch.dtype) -> None:
         self.table, self.dtype = table, dtype
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
 
@@ -61,3 +70,36 @@ class QuantizedEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.table.bits}-bit"
+
+
+_KEPT_CLASSES: dict[type, type] = {}
+
+
+def quantized_like(old: nn.Embedding, table: KbitLinear, dtype: torch.dtype) -> QuantizedEmbedding:
+    """A QuantizedEmbedding in place of the embedding `old` that keeps `old`'s class and state:
+    a subclass of nn.Embedding (transformers' scaled embeddings) keeps its forward, buffers and
+    attributes, and its `super().forward` becomes the k-bit lookup."""
+    cls = type(old)
+    if cls in (nn.Embedding, QuantizedEmbedding) or issubclass(cls, QuantizedEmbedding):
+        return QuantizedEmbedding(table, dtype)
+    if not isinstance(old, nn.Embedding):
+        raise TypeError(f"{cls.__name__} is not an embedding")
+    kept = _KEPT_CLASSES.get(cls)
+    if kept is None:  # (cls, QuantizedEmbedding): cls.forward's super() resolves to the lookup
+        kept = _KEPT_CLASSES[cls] = type(f"Kbit{cls.__name__}", (cls, QuantizedEmbedding), {})
+    module = kept.__new__(kept)
+    module.__dict__.update(old.__dict__)
+    module._parameters = {k: v for k, v in old._parameters.items() if k != "weight"}
+    module._buffers, module._modules = dict(old._buffers), dict(old._modules)
+    module._set_table(table, dtype)
+    return module
+
+
+def dense_like(module: QuantizedEmbedding, weight: torch.Tensor) -> nn.Embedding:
+    """The model's own embedding class again, holding the dense (vocab, dim) `weight`."""
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, QuantizedEmbedding))
+    dense = cls.__new__(cls)
+    dense.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ("table", "dtype")})
+    dense._modules = {k: v for k, v in module._modules.items() if k != "table"}
+    dense._parameters = {**module._parameters, "weight": nn.Parameter(weight, requires_grad=False)}
+    return dense

@@ -20,6 +20,7 @@ from kbitrt.format.safetensors_io import SAFETENSORS_TORCH_DTYPES
 from kbitrt.format.config import (ABSMAX, ABSMAX_OFFSET, ABSMAX_SCALE, CODEBOOK, OUTLIER_IDX,
                                  OUTLIER_WEIGHT, QWEIGHT, SHAPE, KbitFormatError, LinearLayout,
                                  QuantConfig, header_metadata)
+from kbitrt.runtime.embedding import QuantizedEmbedding, dense_like, quantized_like
 from kbitrt.runtime.experts import install_kbit_experts
 from kbitrt.runtime.kernels.reference import pad_codebook
 from kbitrt.runtime.linear import KbitLinear
@@ -150,6 +151,33 @@ def stored_tensors(mod: KbitLinear) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
+def _stored_specs(km: KbitModel, name: str, entry, quant, plain: set[str]) -> dict:
+    """(dtype, shape) of each tensor stored for the quantized module `name`, at its own width."""
+    d16 = km.info(f"{name}.{OUTLIER_WEIGHT}").dtype if entry.n_outliers else "F16"
+    if isinstance(quant, AnyPrecisionConfig):  # every plane is read, `bits` kept
+        stored = bitplane_specs(entry.out_features, entry.in_features, quant, entry.n_outliers, d16)
+    else:
+        stored = LinearLayout(entry.out_features, entry.in_features, quant.for_module(name),
+                              entry.n_outliers, km.info(f"{name}.{CODEBOOK}").shape[0]
+                              ).tensor_specs(d16)
+    specs = {suffix: (SAFETENSORS_TORCH_DTYPES[st], tuple(shape)) for suffix, (st, shape) in stored.items()}
+    if f"{name}.bias" in plain:
+        info = km.info(f"{name}.bias")
+        specs["bias"] = (SAFETENSORS_TORCH_DTYPES[info.dtype], tuple(info.shape))
+    return specs
+
+
+def _init_buffers(model, module: nn.Module, device: torch.device) -> None:
+    """The buffers `module` computes rather than stores (Gemma's embed_scale), still on the meta
+    device because the module was out of the model while transformers loaded: made and set by the
+    model's own initializer, as transformers does for the modules it loads."""
+    meta = [k for k, b in module._buffers.items() if b is not None and b.is_meta]
+    if meta:
+        for k in meta:
+            module._buffers[k] = torch.empty_like(module._buffers[k], device=device)
+        model._init_weights(module)
+
+
 def _find_module(model: nn.Module, name: str) -> str | None:
     """The model's name for a checkpoint module name (checkpoints saved with/without the prefix)."""
     for cand in prefix_variants(name, getattr(model, "base_model_prefix", "") or ""):
@@ -178,71 +206,103 @@ class KbitHfQuantizer(HfQuantizer):
             raise KbitFormatError("a kbit model is loaded from its folder: from_pretrained(path)")
         km = KbitModel.open(Path(checkpoint_files[0]).parent)  # validates every shard first
         quant = self.quantization_config.quant_config
-        self.compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.float16
+        # transformers' preprocess_model keeps its `dtype` argument to itself: the skeleton's own
+        # dtype is the one from_pretrained was asked for
+        self.compute_dtype = dtype if isinstance(dtype, torch.dtype) else model.dtype
         self.placed = []
         install_kbit_experts(model)  # MoE: a linear slot per expert (runtime/experts.py)
         names = set(km.plain_names)
+        self.embeddings = {}  # a k-bit embedding's target -> the model's own embedding module
         for name, entry in km.modules.items():
             target = _find_module(model, name)
             if target is None:
                 raise KbitFormatError(f"{km.path}: quantized module {name} is not in a "
                                       f"{type(model).__name__}")
             old = model.get_submodule(target)
-            if not isinstance(old, (nn.Linear, Conv1D)):
+            if isinstance(old, nn.Embedding):  # --embedding-bits: (vocab, dim) stored as a linear
+                shape = (old.num_embeddings, old.embedding_dim)
+                self.embeddings[target] = old
+            elif isinstance(old, (nn.Linear, Conv1D)):
+                shape = tuple(old.weight.shape)[::-1 if isinstance(old, Conv1D) else 1]
+            else:
                 raise KbitFormatError(f"{name} is a {type(old).__name__}, not a linear")
-            shape = tuple(old.weight.shape)
-            if isinstance(old, Conv1D):
-                shape = shape[::-1]  # Conv1D holds (in, out); kbit stores (out, in)
-            if shape != (entry.out_features, entry.in_features):
+            if shape != (entry.out_features, entry.in_features):  # Conv1D holds (in, out)
                 raise KbitFormatError(f"{km.path}: {name} is ({entry.out_features}, "
                                       f"{entry.in_features}), the model's linear is {shape}")
-            specs = {}
-            d16 = km.info(f"{name}.{OUTLIER_WEIGHT}").dtype if entry.n_outliers else "F16"
-            if isinstance(quant, AnyPrecisionConfig):  # every plane is read, `bits` kept
-                stored = bitplane_specs(entry.out_features, entry.in_features, quant,
-                                        entry.n_outliers, d16)
-            else:
-                stored = LinearLayout(entry.out_features, entry.in_features, quant,
-                                      entry.n_outliers, km.info(f"{name}.{CODEBOOK}").shape[0]
-                                      ).tensor_specs(d16)
-            for suffix, (st_dtype, shape_) in stored.items():
-                specs[suffix] = (SAFETENSORS_TORCH_DTYPES[st_dtype], tuple(shape_))
-            if f"{name}.bias" in names:
-                info = km.info(f"{name}.bias")
-                specs["bias"] = (SAFETENSORS_TORCH_DTYPES[info.dtype], tuple(info.shape))
-            model.set_submodule(target, KbitPlaceholder(specs))
-            self.placed.append(target)
+            model.set_submodule(target, KbitPlaceholder(_stored_specs(km, name, entry, quant, names)))
+            self.placed.append((target, name))
         self.quant = quant
+        self._untie_stored_once(model)
+
+    def _untie_stored_once(self, model) -> None:
+        """A tied pair stored once as a k-bit embedding has no `weight` to tie: transformers is
+        told so, and the head waits, empty, to become the embedding's table after loading."""
+        head = model.get_output_embeddings()
+        if not self.embeddings or head is None or isinstance(head, KbitPlaceholder) \
+                or not getattr(model.config, "tie_word_embeddings", False):
+            return
+        weights = {f"{target}.weight" for target in self.embeddings}
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        model.all_tied_weights_keys = {k: v for k, v in tied.items()
+                                       if k not in weights and v not in weights}
+        model.set_output_embeddings(KbitPlaceholder({}))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         with torch.no_grad():
-            for name in self.placed:
+            for name, stored in self.placed:
                 placeholder = model.get_submodule(name)
                 if any(t.is_meta for t in placeholder.buffers()):
                     missing = [k for k, t in placeholder._buffers.items() if t.is_meta]
                     raise KbitFormatError(f"{name}: tensors {missing} were not loaded")
-                model.set_submodule(name, placeholder.to_kbit_linear(self.quant, self.compute_dtype))
+                quant = self.quant.for_module(stored)  # the head's own width
+                table = placeholder.to_kbit_linear(quant, self.compute_dtype)
+                old = self.embeddings.get(name)
+                if old is not None:
+                    _init_buffers(model, old, table.qweight.device)
+                model.set_submodule(name, table if old is None else
+                                    quantized_like(old, table, self.compute_dtype))
+            head = model.get_output_embeddings()
+            emb = model.get_input_embeddings()
+            if isinstance(emb, QuantizedEmbedding) and getattr(model.config, "tie_word_embeddings", False) \
+                    and not isinstance(head, KbitLinear):  # a tied pair stored once: one table
+                model.set_output_embeddings(emb.table)
         return model
 
     def get_state_dict_and_metadata(self, model):
-        """The kbit format: every KbitLinear's stored tensors, and the format block in each header."""
+        """The kbit format: every KbitLinear's stored tensors, and the format block in each header.
+        A k-bit embedding's table is stored under the embedding's name; a head that is that same
+        table (a tied pair stored once) is not stored again."""
         state = model.state_dict()
-        for name, mod in model.named_modules():
-            if isinstance(mod, KbitLinear):
-                for b in _KBIT_BUFFERS:
-                    state.pop(f"{name}.{b}", None)
-                state.update({f"{name}.{k}": v for k, v in stored_tensors(mod).items()})
+        seen = set()
+        for name, mod in model.named_modules(remove_duplicate=False):
+            if not isinstance(mod, KbitLinear):
+                continue
+            for b in _KBIT_BUFFERS:
+                state.pop(f"{name}.{b}", None)
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            parent, _, attr = name.rpartition(".")
+            if attr == "table" and isinstance(model.get_submodule(parent), QuantizedEmbedding):
+                name = parent
+            state.update({f"{name}.{k}": v for k, v in stored_tensors(mod).items()})
         meta = header_metadata(self.quant)
         meta.pop("format")  # transformers adds it
         return state, meta
 
     def _dequantize(self, model, dtype=None):
-        """model.dequantize(): plain nn.Linear layers with the dequantized weights."""
+        """model.dequantize(): plain nn.Linear layers (and embeddings) with the dequantized weights."""
         from kbitrt.runtime.build import plain_linear
 
-        for name, mod in list(model.named_modules()):
-            if isinstance(mod, KbitLinear):
-                w = mod.dequantize(dtype or torch.float32)
+        if isinstance(dtype, str):  # transformers passes config.dtype, a name
+            dtype = getattr(torch, dtype.removeprefix("torch."))
+        dtype = dtype or torch.float32
+        embeddings = {n for n, m in model.named_modules() if isinstance(m, QuantizedEmbedding)}
+        for name, mod in list(model.named_modules(remove_duplicate=False)):  # a tied head too
+            if name in embeddings:
+                model.set_submodule(name, dense_like(mod, mod.table.dequantize(dtype)))
+            elif isinstance(mod, KbitLinear) and name.rpartition(".")[0] not in embeddings:
+                w = mod.dequantize(dtype)
                 bias = mod.bias.to(w.dtype) if mod.bias is not None else None
                 model.set_submodule(name, plain_linear(w, bias))
         return model
