@@ -93,8 +93,8 @@ def test_kbit_linear_routes_by_mode(int8_mode):
     exact = kbit_linear_torch(x, q, a, c, None, None, None, bits, 64, k)
     torch.testing.assert_close(got32, exact, rtol=1e-5, atol=1e-4)
     assert float((got8 - exact).norm() / exact.norm()) < 0.03
-    int8_mode("auto")  # the default: int8, except 4-bit weights without the AVX-512 VNNI path
-    four = got8 if torch.ops.kbitrt_cpu.int8_width() == 512 else got32
+    int8_mode("auto")  # the default: int8, except 4-bit weights under the portable loops
+    four = got8 if torch.ops.kbitrt_cpu.int8_width() else got32
     assert torch.equal(cpu.kbit_linear(x, q, a, c, None, bits, 64, k), four)
     q5, a5, c5 = _packed(64, k, 5, 64, "nf", seed=1)
     assert torch.equal(cpu.kbit_linear(x, q5, a5, c5, None, 5, 64, k),

@@ -286,8 +286,8 @@ def kbit_linear(x: torch.Tensor, qweight: torch.Tensor, absmax: torch.Tensor,
 
 # what the fused decode path multiplies packed weights with (cpu_int8.h): "int8" quantizes x per
 # 32 values and sums integer products (VNNI / AVX2), "fp32" looks up fp32 weights and uses FMA,
-# "auto" int8, except for 4-bit weights where no AVX-512 VNNI path runs (there the exact fp32
-# path is as fast: benchmarks/results/cpu_matmul_shapes-*.json). Prefill (more than
+# "auto" int8 on AVX-512 VNNI and AVX2, and on the portable loops except for 4-bit weights (there
+# the exact fp32 path is as fast). Prefill (more than
 # FUSED_MAX_ROWS rows) follows the same choice (cpu_gemm_int8.h). The default:
 # KBIT_CPU_ACTIVATIONS, else DEFAULT_ACTIVATIONS (docs/cpu.md gives the fidelity)
 ACTIVATIONS = ("auto", "int8", "fp32")
