@@ -5,7 +5,7 @@
 Random-weight Llama models with the shapes of SmolLM2-135M, TinyLlama-1.1B, Llama-3.2-3B and
 Llama-3-8B, all with SmolLM2's tokenizer (vocabulary 49152: the 3B's and 8B's heads are smaller
 than the real ones, 128256). The same fp16 weights go to each runtime: kbit (nf4-b64 as `kbit
-convert` writes it: the head and the embedding at 8 bits), kbit-h16 (both kept in 16 bits), and
+convert` writes it: the head and the embedding as int8), kbit-h16 (both kept in 16 bits), and
 kbit-qhead (both at `--head-bits/--embedding-bits`)
 and llama.cpp (a GGUF written here with the `gguf` package, q and k permuted as llama.cpp's own
 converter does, then quantized by llama-cpp-python's `llama_model_quantize` to Q4_0 and Q4_K_M;
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cpu_decode import machine, peak, rss, versions  # noqa: E402
 from cpu_memory_breakdown import worker_result  # noqa: E402
-from kbitrt.format.config import HEAD_BITS_DEFAULT  # noqa: E402
+from kbitrt.format.config import HEAD_BITS_DEFAULT, HEAD_DTYPE_AT_8  # noqa: E402
 
 VOCAB = 49152
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, tied
@@ -198,13 +198,14 @@ def quantize_gguf(f16: Path, out: Path, ftype: str) -> Path:
     return out
 
 
-def make_kbit(hf: Path, out: Path, head_bits: int | None, embedding_bits: int | None) -> Path:
+def make_kbit(hf: Path, out: Path, head_bits: int | None, embedding_bits: int | None,
+              head_dtype: str | None = None) -> Path:
     from kbitrt.convert.converter import convert
     from kbitrt.format.config import QuantConfig
 
     if not (out / "config.json").exists():
         convert(hf, out, QuantConfig(bits=4, block_size=64, dtype="nf", head_bits=head_bits,
-                                     embedding_bits=embedding_bits))
+                                     embedding_bits=embedding_bits, head_dtype=head_dtype))
     return out
 
 
@@ -213,10 +214,11 @@ def prepare(args, size: str, layers: int) -> dict[str, Path]:
     base = Path(args.workdir) / f"{size}-L{layers}"
     hf = make_hf(size, layers, base / "hf")
     default = HEAD_BITS_DEFAULT  # what `kbit convert` writes unless told otherwise
-    widths = {"kbit": (default, default), "kbit-h16": (None, None),
-              "kbit-qhead": (args.head_bits, args.embedding_bits)}
-    paths = {name: make_kbit(hf, base / ("kbit-nf4-b64" + (f"-h{h}e{e}" if h else "")), h, e)
-             for name, (h, e) in widths.items() if name in args.runtimes.split(",")}
+    widths = {"kbit": (default, default, HEAD_DTYPE_AT_8), "kbit-h16": (None, None, None),
+              "kbit-qhead": (args.head_bits, args.embedding_bits, None)}
+    paths = {name: make_kbit(hf, base / ("kbit-nf4-b64" + (f"-h{h}e{e}" if h else "") +
+                                         (f"-{t}" if t else "")), h, e, t)
+             for name, (h, e, t) in widths.items() if name in args.runtimes.split(",")}
     wanted = [r.split("-", 1)[1] for r in args.runtimes.split(",") if r.startswith("llama.cpp-")]
     missing = [t for t in wanted if not (base / f"{t}.gguf").exists()]
     if missing:
@@ -438,7 +440,7 @@ def main(argv=None) -> int:
               "threads": args.threads, "reps": args.reps, "prompt_tokens": PROMPT,
               "decode_tokens": NEW, "prefill_tokens": PREFILL, "vocab": VOCAB,
               "kbit": {"quantization": "nf4-b64", "head_bits": HEAD_BITS_DEFAULT,
-                       "embedding_bits": HEAD_BITS_DEFAULT, "kbit-h16": "16-bit head and embedding",
+                       "embedding_bits": HEAD_BITS_DEFAULT, "head_dtype": HEAD_DTYPE_AT_8, "kbit-h16": "16-bit head and embedding",
                        "qhead": {"head_bits": args.head_bits, "embedding_bits": args.embedding_bits}},
               "versions": versions(("torch", "transformers", "llama-cpp-python", "gguf", "kbitrt")),
               "commit": commit, "argv": sys.argv, "loadavg_start": os.getloadavg(), "sizes": {}}

@@ -20,11 +20,15 @@ def test_convert_inspect_dequantize_json(tiny_models, tmp_path):
             "-o", tmp_path / "out", "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    # the default: the output head and the input embedding at 8 bits (a tied pair: stored once)
-    assert s["label"] == "fp5(E3M1)-b64-head8-emb8" and s["linears_quantized"] == 15
+    # the default: the output head and the input embedding at 8 bits of the int grid (a tied
+    # pair: stored once), whatever the linears' type and its options (fp's exponent bits)
+    assert s["label"] == "fp5(E3M1)-b64-headint8-embint8" and s["linears_quantized"] == 15
     qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
-    assert (qc["head_bits"], qc["embedding_bits"]) == (8, 8)
+    assert (qc["head_bits"], qc["embedding_bits"], qc["head_dtype"]) == (8, 8, "int")
     assert qc["module_bits"] == {"model.embed_tokens": 8}
+    assert qc["module_dtypes"] == {"model.embed_tokens": "int"}
+    emb = KbitModel.open(tmp_path / "out").quantized("model.embed_tokens")
+    assert emb.bits == 8 and emb.codebook.numel() == 255  # int8: -127..127
     r = run("inspect", tmp_path / "out", "--json")
     i = json.loads(r.stdout)
     assert i["bits_per_param_quantized"] == s["bits_per_param_quantized"]
@@ -37,6 +41,9 @@ def test_convert_inspect_dequantize_json(tiny_models, tmp_path):
     r = run("convert", src, "-o", tmp_path / "h16", "--head-bits", 16, "--embedding-bits", 16, "--json")
     s = json.loads(r.stdout)
     assert s["label"] == "nf4-b64" and s["linears_quantized"] == 14
+    r = run("convert", src, "-o", tmp_path / "nf8", "--head-dtype", "nf", "--json")
+    assert json.loads(r.stdout)["label"] == "nf4-b64-head8-emb8"  # the linears' type: no suffix
+    assert KbitModel.open(tmp_path / "nf8").quantized("model.embed_tokens").codebook.numel() == 256
     r = run("convert", src, "-o", tmp_path / "qh", "--quantize-head", "--embedding-bits", 16, "--json")
     assert json.loads(r.stdout)["label"] == "nf4-b64" and \
         "lm_head" in KbitModel.open(tmp_path / "qh").modules  # the head at --bits, as before

@@ -54,6 +54,7 @@ def test_other_builds_match_twin(variant):
     assert ops.int8_width() == (256 if variant == "avx2" else 0)
     for bits in range(3, 9):
         _check(ops, bits, "nf", SHAPES[:2], ms=(1, 5))
+    _check(ops, 8, "int", SHAPES[:2], ms=(1, 5))  # AVX2: the linear 8-bit codebook, no lookups
 
 
 def test_rows_do_not_depend_on_m():

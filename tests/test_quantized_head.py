@@ -127,6 +127,20 @@ def test_bad_widths_are_one_line(sources, tmp_path):
     assert QuantConfig.from_json(cfg.to_json()) == cfg and cfg.for_module("lm_head").bits == 8
 
 
+def test_head_dtype_is_recorded_per_module_and_drops_the_linears_own_options():
+    cfg = QuantConfig(bits=5, dtype="fp", exponent_bits=3, head_bits=8, embedding_bits=8,
+                      head_dtype="int", module_bits=(("lm_head", 8),),
+                      module_dtypes=(("lm_head", "int"),))
+    assert QuantConfig.from_json(cfg.to_json()) == cfg
+    head = cfg.for_module("lm_head")
+    assert (head.bits, head.dtype, head.exponent_bits, head.module_dtypes) == (8, "int", None, ())
+    assert cfg.for_module("model.layers.0.mlp.up_proj") is cfg
+    with pytest.raises(KbitFormatError, match="module_dtypes"):
+        QuantConfig.from_json({**cfg.to_json(), "module_dtypes": {"lm_head": 8}})
+    with pytest.raises(KbitFormatError):
+        QuantConfig(head_bits=8, head_dtype="nonesuch")
+
+
 # --- the default of `kbit convert` (8-bit head and embedding) in every family and every loader ---
 
 def _dequantized_pair(name: str, config, tmp_path):
@@ -142,7 +156,8 @@ def _dequantized_pair(name: str, config, tmp_path):
         p.data.normal_(0, 0.2)
     hf.save_pretrained(tmp_path / "src")
     folder = tmp_path / "q"
-    convert(tmp_path / "src", folder, QuantConfig(bits=4, block_size=32, head_bits=8, embedding_bits=8))
+    convert(tmp_path / "src", folder, QuantConfig(bits=4, block_size=32, head_bits=8, embedding_bits=8,
+                                                  head_dtype="int"))  # kbit convert's default
     dequantize_model(folder, tmp_path / "dq", "fp32", force=True)
     return folder, AutoModelForCausalLM.from_pretrained(tmp_path / "dq", dtype=torch.float32).eval()
 

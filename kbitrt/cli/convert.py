@@ -12,8 +12,8 @@ from rich.table import Table
 from kbitrt.errors import KbitError, KbitFormatError
 from kbitrt.eval.progress import byte_progress
 from kbitrt.format import dtypes
-from kbitrt.format.config import (ABSMAX_DTYPES, HEAD_BITS_DEFAULT, IMPORTANCE, METHODS, SCALES,
-                                  OutlierSpec, QuantConfig, parse_bits16)
+from kbitrt.format.config import (ABSMAX_DTYPES, HEAD_BITS_DEFAULT, HEAD_DTYPE_AT_8, IMPORTANCE,
+                                  METHODS, SCALES, OutlierSpec, QuantConfig, parse_bits16)
 
 err = Console(stderr=True)
 out = Console()
@@ -65,6 +65,10 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
 @click.option("--embedding-bits", default="auto", show_default=True,
               help="input embedding width: 3..8 (only looked-up rows are dequantized), or 16; "
                    "auto: 8 (16 with --any-precision)")
+@click.option("--head-dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", *dtypes.names()]),
+              help="data type of a quantized head and embedding; auto: int at 8 bits (exact "
+                   "integer products on the CPU, llama.cpp's Q8_0 grid), else --dtype")
 @click.option("--dtype16", default="auto", show_default=True, type=click.Choice(["auto", "fp16", "bf16"]),
               help="dtype of what stays unquantized (auto: the model's bf16, else fp16)")
 @click.option("--max-shard-size", default="5GB", show_default=True,
@@ -82,7 +86,7 @@ def _table(title: str, rows: list[tuple[str, str]]) -> Table:
               help="one file serving every width LO..HI (e.g. 3-8; bit planes, docs/any_precision.md)")
 def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype, outliers, scales,
                 importance, method, calib, calib_samples, calib_seqlen, damp, act_order, quantize_head,
-                head_bits, embedding_bits, dtype16, max_shard_size, revision, trust_remote_code, force, drop_unused, as_json,
+                head_bits, embedding_bits, head_dtype, dtype16, max_shard_size, revision, trust_remote_code, force, drop_unused, as_json,
                 push_to_hub, any_precision):
     """Quantize SOURCE (a local HF folder or a Hub id) into a kbit folder, streaming."""
     from kbitrt.convert.staging import resolve_output
@@ -99,6 +103,10 @@ def convert_cmd(source, output, bits, block, dtype, exponent_bits, absmax_dtype,
                   embedding_bits=parse_bits16("--embedding-bits", embedding_bits, auto))
     if any_precision and any(widths.values()):
         raise KbitFormatError("--head-bits/--embedding-bits: not with --any-precision")
+    if head_dtype == "auto":  # int where every quantized one of them is 8 bits
+        chosen = {b for b in widths.values() if b is not None}
+        head_dtype = HEAD_DTYPE_AT_8 if chosen == {8} else None
+    widths["head_dtype"] = head_dtype if any(widths.values()) and head_dtype != dtype else None
     config = QuantConfig(bits=bits, block_size=block, dtype=dtype, exponent_bits=exponent_bits,
                          absmax_dtype=absmax_dtype, outliers=outliers,
                          quantize_head=quantize_head, scales=scales, method=method,

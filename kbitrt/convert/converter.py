@@ -244,7 +244,8 @@ class Converter:
 
     def _plan_head_and_embedding(self, weights: dict[str, str]) -> None:
         """The output head and the input embedding at their own widths (head_bits,
-        embedding_bits), recorded in module_bits. A tied pair at one width is stored once, as the
+        embedding_bits) and data type (head_dtype), recorded in module_bits and module_dtypes.
+        A tied pair at one width is stored once, as the
         embedding, and read by both; otherwise a tied head is a copy of the embedding."""
         mm, cfg = self.map, self.config
         emb_module = mm.embedding_key.rpartition(".")[0] if mm.embedding_key else None
@@ -263,8 +264,11 @@ class Converter:
         if mm.head in weights:
             bits[mm.head] = head_bits
         own = tuple(sorted((m, b) for m, b in bits.items() if b is not None and b != cfg.bits))
-        if own:
-            self.config = replace(cfg, module_bits=own)
+        typed = {emb_module} | ({mm.head} if cfg.head_bits is not None else set())  # not --quantize-head's
+        types = tuple(sorted((m, cfg.head_dtype) for m, b in bits.items()
+                             if b is not None and m in typed and cfg.head_dtype not in (None, cfg.dtype)))
+        if own or types:
+            self.config = replace(cfg, module_bits=own, module_dtypes=types)
 
     def planned_tensors(self) -> list[PlannedTensor]:
         out = []

@@ -14,8 +14,14 @@ GROUP = 32  # activation values per int8 scale (cpu_int8.h kGroup)
 
 
 def int8_codebook(codebook: torch.Tensor, bits: int) -> tuple[torch.Tensor, float]:
-    """int8 (2^bits,) rint(cb * 127 / cmax) and the fp32 cmax / 127 that scales it back."""
+    """int8 (2^bits,) rint(cb * 127 / cmax) and the fp32 cmax / 127 that scales it back; the int
+    data type at 8 bits (the padded affine cb[c] = (c - 127) * step) exactly: c - 127 and step."""
     cb = codebook.float().reshape(-1)[: 1 << bits]
+    if bits == 8:
+        step = (cb[255] - cb[0]) / torch.tensor(255.0)
+        grid = (torch.arange(256, dtype=torch.float32) - 127) * step
+        if step > 0 and cb[127] == 0 and bool(((cb - grid).abs() <= 1e-6 * cb[0].abs()).all()):
+            return (torch.arange(256) - 127).clamp(max=127).to(torch.int8), float(step)
     cmax = cb.abs().max()
     inv = torch.where(cmax > 0, torch.tensor(127.0) / cmax, torch.tensor(0.0))
     q = torch.round(cb * inv).clamp(-127, 127).to(torch.int8)
