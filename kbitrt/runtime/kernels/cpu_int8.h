@@ -104,17 +104,18 @@ void quantize_x(const float* x, int64_t M, int64_t K, float cfac, QuantX& out) {
   }
 }
 
-// QuantX's pair layout (qp, nc8, dl8) from its q and d: the whole 128s of K, then 64s
-void pair_layout(int64_t M, int64_t K, QuantX& qx) {
-  const int64_t kx = qx.kx, ng = kx / kGroup, full128 = K / 128 * 128;
+// QuantX's pair layout (qp, nc8, dl8) from its q and d: the whole `big`s of K (128: AVX-512,
+// 64: AVX2), then 64s
+void pair_layout(int64_t M, int64_t K, QuantX& qx, int64_t big = 128) {
+  const int64_t kx = qx.kx, ng = kx / kGroup, full128 = K / big * big;
   qx.qp.assign(M * kx, 0);
   qx.nc8.assign(M * kx / 8, 0);
   qx.dl8.assign(M * kx / 8, 0.f);
   for (int64_t m = 0; m < M; ++m) {
     const int8_t* q = qx.q.data() + m * kx;
     int8_t* p = qx.qp.data() + m * kx;
-    for (int64_t c0 = 0; c0 < kx; c0 += (c0 < full128 ? 128 : 64)) {
-      const int64_t half = c0 < full128 ? 64 : 32;
+    for (int64_t c0 = 0; c0 < kx; c0 += (c0 < full128 ? big : 64)) {
+      const int64_t half = c0 < full128 ? big / 2 : 32;
       for (int64_t i = 0; i < half; ++i) {
         p[c0 + i] = q[c0 + 2 * i];
         p[c0 + half + i] = q[c0 + 2 * i + 1];
@@ -364,10 +365,68 @@ inline __m256i lookup32(__m256i c, const __m256i* tab) {
   return r;
 }
 
+// 4-bit W rows r < R times rows m0..m0+MT-1 of x in qx's pair layout (per 64: the even
+// positions, then the odd ones), blocks of 64k values: one 32-byte load of codes gives 64 of
+// them, the low nibbles (even) and high nibbles (odd) each one vpshufb of cbq, and the two
+// maddubs sums add into one int32 lane per 8 values of K (their group's scale in dl8): about
+// two thirds of codes32's instructions per value. int8_tail for what is left of K.
+template <int R, int MT, typename ST>
+void pair4_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
+                const Int8Tables& t, int64_t K, int64_t B, const QuantX& qx, int64_t m0,
+                float* out /* [R][MT] */) {
+  const __m256i tab = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(t.s8)));
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[R][MT];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r) prefetch_line(scale + (r + kScaleAheadRows) * nb);  // cpu_simd.h
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(B));
+  const int64_t kx = qx.kx, full64 = K / 64 * 64;
+  for (int64_t j = 0; j < full64; j += 64) {
+    __m256i we[R], wo[R], ae[R], ao[R];
+    float ws[R];
+    for (int r = 0; r < R; ++r) {
+      if ((j & 127) == 0) prefetch_line(q + r * row_bytes + j / 2 + kCodesAheadBytes);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + r * row_bytes + j / 2));
+      we[r] = _mm256_shuffle_epi8(tab, _mm256_and_si256(v, low));
+      wo[r] = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
+      ae[r] = _mm256_abs_epi8(we[r]);
+      ao[r] = _mm256_abs_epi8(wo[r]);
+      ws[r] = to_float(scale[r * nb + (j >> shift)]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int64_t o = (m0 + m) * kx + j;
+      const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.qp.data() + o));
+      const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.qp.data() + o + 32));
+      const __m256 dl = _mm256_loadu_ps(qx.dl8.data() + o / 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256i s = _mm256_add_epi32(
+            _mm256_madd_epi16(_mm256_maddubs_epi16(ae[r], _mm256_sign_epi8(xe, we[r])), ones),
+            _mm256_madd_epi16(_mm256_maddubs_epi16(ao[r], _mm256_sign_epi8(xo, wo[r])), ones));
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dl, _mm256_set1_ps(ws[r])),
+                                    acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      const int64_t o = (m0 + m) * kx;
+      out[r * MT + m] = sum8(acc[r][m]) +
+          int8_tail<4>(q + r * row_bytes, scale + r * nb, t, K, (K + 7) / 8 * 8, B,
+                       qx.q.data() + o, qx.d.data() + o / kGroup, full64);
+    }
+}
+
 template <int BITS, int R, int MT, typename ST, bool LIN = false>
 void int8_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
                const Int8Tables& t, int64_t K, int64_t kp, int64_t B, const QuantX& qx,
                int64_t m0, float* out /* [R][MT] */) {
+  if constexpr (BITS == 4 && !LIN) {
+    if (B % 64 == 0) {  // qx holds the pair layout (kbit_linear_int8)
+      pair4_tile<R, MT>(q, row_bytes, scale, nb, t, K, B, qx, m0, out);
+      return;
+    }
+  }
   __m256i tab[16];
   for (int i = 0; i < 16 && i < (1 << BITS) / 16 + (BITS < 4); ++i)
     tab[i] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(t.s8 + 16 * i)));
@@ -477,6 +536,8 @@ at::Tensor kbit_linear_int8(const at::Tensor& x, const at::Tensor& qweight, cons
   quantize_x(x.data_ptr<float>(), M, K, t.cfac, qx);
 #if KBIT_INT8 == 512
   if (bits == 4) pair_layout(M, K, qx);
+#elif KBIT_INT8 == 256
+  if (bits == 4 && block_size % 64 == 0) pair_layout(M, K, qx, 64);
 #endif
   const uint8_t* q = qweight.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
