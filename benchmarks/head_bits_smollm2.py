@@ -24,10 +24,12 @@ from kbitrt.eval.model_open import open_model  # noqa: E402
 from kbitrt.eval.results import environment, model_record, write_json  # noqa: E402
 from kbitrt.runtime.devices import resolve_device  # noqa: E402
 
-# (label, head bits, embedding bits); None: 16 bits. "fp32" is the source itself.
+# (label, head bits, embedding bits[, their data type]); None: 16 bits. "fp32" is the source.
+# "int8" is `kbit convert`'s default (--head-dtype auto); the others keep the linears' nf.
 SETTINGS = [("fp32", None, None), ("nf4 head16 emb16", 16, 16), ("nf4 head8 emb8", 8, 8),
             ("nf4 head6 emb6", 6, 6), ("nf4 head5 emb5", 5, 5), ("nf4 head4 emb4", 4, 4),
-            ("nf4 head8 emb16", 8, 16), ("nf4 head16 emb4", 16, 4)]
+            ("nf4 head8 emb16", 8, 16), ("nf4 head16 emb4", 16, 4),
+            ("nf4 head8 emb8 int8", 8, 8, "int")]
 
 
 def main(argv=None) -> int:
@@ -37,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text", default=str(DATA / "wiki_en_dev.txt"))
     ap.add_argument("-o", "--output",
                     default=str(ROOT / "benchmarks/results/head_bits_smollm2-cpu.json"))
+    ap.add_argument("--settings", default=None,
+                    help="comma-separated labels of SETTINGS to run (default: all)")
     ap.add_argument("--head-speed-only", action="store_true",
                     help="time the head GEMV alone and add it to the existing JSON")
     args = ap.parse_args(argv)
@@ -58,18 +62,21 @@ def main(argv=None) -> int:
     record = {"kind": "head_bits_smollm2", **environment(resolve_device("cpu")),
               "options": vars(args), "results": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, head, emb in SETTINGS:
+        wanted = args.settings.split(",") if args.settings else [s[0] for s in SETTINGS]
+        for label, head, emb, *head_dtype in (s for s in SETTINGS if s[0] in wanted):
             path = src
             if head is not None:
                 path = Path(tmp) / label.replace(" ", "-")
                 convert(src, path, QuantConfig(bits=4, block_size=64, dtype="nf",
                                                head_bits=None if head == 16 else head,
-                                               embedding_bits=None if emb == 16 else emb))
+                                               embedding_bits=None if emb == 16 else emb,
+                                               head_dtype=(head_dtype or [None])[0]))
             lm = open_model(str(path), device="cpu")
             tokens = ppl.tokenize(lm, text, args.tokens)
             p = ppl.perplexity(lm, tokens, "gptq", args.seqlen, dataset=Path(args.text).name)
             files = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
             record["results"].append({"setting": label, "head_bits": head, "embedding_bits": emb,
+                                      "head_dtype": (head_dtype or [None])[0],
                                       "model": model_record(str(path), lm), "file_bytes": files,
                                       "perplexity": p.to_json()})
             write_json(Path(args.output), record)

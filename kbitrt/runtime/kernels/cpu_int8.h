@@ -143,6 +143,20 @@ float int8_tail(const uint8_t* row, const ST* scale, const Int8Tables& t, int64_
   return acc;
 }
 
+// the 4-bit pair tiles' end: each accumulator's lane sum, plus int8_tail from `from` on
+template <int R, int MT, typename Acc, typename LaneSum, typename ST>
+void pair4_finish(Acc (&acc)[R][MT], LaneSum lane_sum, const uint8_t* q, int64_t row_bytes,
+                  const ST* scale, int64_t nb, const Int8Tables& t, int64_t K, int64_t B,
+                  const QuantX& qx, int64_t m0, int64_t from, float* out /* [R][MT] */) {
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < MT; ++m) {
+      const int64_t o = (m0 + m) * qx.kx;
+      out[r * MT + m] = lane_sum(acc[r][m]) +
+          int8_tail<4>(q + r * row_bytes, scale + r * nb, t, K, (K + 7) / 8 * 8, B,
+                       qx.q.data() + o, qx.d.data() + o / kGroup, from);
+    }
+}
+
 #if KBIT_INT8 == 512
 // the 64 codes j..j+63 (j % 64 == 0) as bytes, in order
 template <int BITS>
@@ -261,13 +275,8 @@ void pair4_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) {
-      const int64_t o = (m0 + m) * kx;
-      out[r * MT + m] = vsum16(acc[r][m]) +
-          int8_tail<4>(q + r * row_bytes, scale + r * nb, t, K, (K + 7) / 8 * 8, B,
-                       qx.q.data() + o, qx.d.data() + o / kGroup, full64);
-    }
+  pair4_finish<R, MT>(acc, [](__m512 a) { return vsum16(a); }, q, row_bytes, scale, nb, t, K, B, qx,
+                      m0, full64, out);
 }
 
 // rows r < R of W times rows m0..m0+MT-1 of x (R x MT accumulators, each summed alone)
@@ -408,13 +417,8 @@ void pair4_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb
       }
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < MT; ++m) {
-      const int64_t o = (m0 + m) * kx;
-      out[r * MT + m] = sum8(acc[r][m]) +
-          int8_tail<4>(q + r * row_bytes, scale + r * nb, t, K, (K + 7) / 8 * 8, B,
-                       qx.q.data() + o, qx.d.data() + o / kGroup, full64);
-    }
+  pair4_finish<R, MT>(acc, [](__m256 a) { return sum8(a); }, q, row_bytes, scale, nb, t, K, B, qx,
+                      m0, full64, out);
 }
 
 template <int BITS, int R, int MT, typename ST, bool LIN = false>
