@@ -2,7 +2,7 @@
 rows under int8 activations. Against the torch twin (kernels/int8_reference.py) over every width,
 blocks of 32/64/128, ragged K and N, zero blocks and rows, M = 33 and 100; against the decode
 path's rows (the same arithmetic, sums in another order); rows independent of M; the routing by
-mode; and the AVX2 and portable builds (the decode path's rows at any M)."""
+mode; and the AVX2 build's GEMM and the portable build (the decode path's rows at any M)."""
 
 import pytest
 import torch
@@ -94,14 +94,19 @@ def test_routing_by_mode(int8_mode):
 
 @pytest.mark.parametrize("variant", ["avx2", "portable"])
 def test_other_builds_match_twin(variant):
+    """The AVX2 build's own GEMM (8 groups a superblock, then groups in order) and the portable
+    rows: 4 bits, int at 8 (its codes are the int8 values), K of whole superblocks and of a
+    ragged rest, tokens not a multiple of the 4-token tile; rows independent of M."""
     ops = cpu.load_variant(variant)
     ops.set_int8_activations(1)
     try:
-        for bits, block in ((3, 32), (5, 64), (8, 128)):
-            n, k = SHAPES[1]
-            q, a, c = packed(n, k, bits, block, seed=bits)
-            x, b = x_of(40, k), torch.randn(n)
-            assert_near(ops.kbit_linear(x, q, a, c, b, bits, block, k),
-                        kbit_linear_int8_torch(x, q, a, c, b, bits, block, k))
+        for i, (bits, block, dtype) in enumerate(((3, 32, "nf"), (4, 64, "nf"), (5, 64, "fp"),
+                                                  (8, 128, "int"), (8, 64, "nf"))):
+            n, k = SHAPES[i % 3 + 1]
+            q, a, c = packed(n, k, bits, block, dtype, seed=bits)
+            x, b = x_of(42, k), torch.randn(n)
+            full = ops.kbit_linear(x, q, a, c, b, bits, block, k)
+            assert_near(full, kbit_linear_int8_torch(x, q, a, c, b, bits, block, k))
+            assert torch.equal(ops.kbit_linear(x[:33], q, a, c, b, bits, block, k), full[:33])
     finally:
         ops.set_int8_activations(0)
