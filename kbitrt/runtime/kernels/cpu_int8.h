@@ -328,9 +328,11 @@ void int8_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
     }
 }
 #elif KBIT_INT8 == 256
-// the 32 codes j..j+31 (j % 32 == 0) as bytes, in order
+// the 32 codes j..j+31 (j % 32 == 0) as bytes, in order. codes32 and lookup32 are always_inline:
+// once the prefill GEMM's panel decode used them too, gcc stopped inlining codes32 into the
+// 8-bit head's rows (a call per 32 codes: that GEMV 10-30% slower)
 template <int BITS>
-inline __m256i codes32(const uint8_t* row, int64_t kp, int64_t j) {
+__attribute__((always_inline)) inline __m256i codes32(const uint8_t* row, int64_t kp, int64_t j) {
   __m256i c = _mm256_setzero_si256();
   for (int t = 0; t < Layout<BITS>::n; ++t) {
     const Slice s = Layout<BITS>::s[t];
@@ -363,7 +365,7 @@ inline __m256i codes32(const uint8_t* row, int64_t kp, int64_t j) {
 
 // cbq[c] for 32 codes: vpshufb on the low 4 bits, one table per value of the bits above
 template <int BITS>
-inline __m256i lookup32(__m256i c, const __m256i* tab) {
+__attribute__((always_inline)) inline __m256i lookup32(__m256i c, const __m256i* tab) {
   if (BITS <= 4) return _mm256_shuffle_epi8(tab[0], c);
   const __m256i lo = _mm256_and_si256(c, _mm256_set1_epi8(0x0F));
   const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), _mm256_set1_epi8(0x0F));
@@ -380,7 +382,7 @@ inline __m256i lookup32(__m256i c, const __m256i* tab) {
 // maddubs sums add into one int32 lane per 8 values of K (their group's scale in dl8): about
 // two thirds of codes32's instructions per value. int8_tail for what is left of K.
 template <int R, int MT, typename ST>
-void pair4_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
+__attribute__((always_inline)) inline void pair4_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
                 const Int8Tables& t, int64_t K, int64_t B, const QuantX& qx, int64_t m0,
                 float* out /* [R][MT] */) {
   const __m256i tab = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(t.s8)));
@@ -491,6 +493,22 @@ void int8_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
 
 // rows [n0, n1) of y (M, N): one row of W at a time (kRows in cpu_kernels.cpp says why), rows of
 // x 4 at a time
+// one row of W times tokens m0..m0+MT-1: on AVX2, 4-bit rows in pair order inline (pair4_tile is
+// always_inline: a call per row, 9 steps at K = 576, cost 5-11% of SmolLM2's GEMVs; in one process,
+// alternating), else int8_tile
+template <int BITS, int MT, typename ST, bool LIN>
+__attribute__((always_inline)) inline void row_tile(const uint8_t* q, int64_t row_bytes,
+                                                    const ST* scale, int64_t nb,
+                                                    const Int8Tables& t, int64_t K, int64_t kp,
+                                                    int64_t B, const QuantX& qx, int64_t m0,
+                                                    float* out) {
+#if KBIT_INT8 == 256
+  if constexpr (BITS == 4 && !LIN)
+    if (B % 64 == 0) return pair4_tile<1, MT>(q, row_bytes, scale, nb, t, K, B, qx, m0, out);
+#endif
+  int8_tile<BITS, 1, MT, ST, LIN>(q, row_bytes, scale, nb, t, K, kp, B, qx, m0, out);
+}
+
 template <int BITS, typename ST, bool LIN = false>
 void int8_rows(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
                const Int8Tables& t, int64_t K, int64_t kp, int64_t B, const QuantX& qx,
@@ -502,11 +520,11 @@ void int8_rows(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
     const ST* sn = scale + n * nb;
     int64_t m = 0;
     for (; m + 4 <= M; m += 4) {
-      int8_tile<BITS, 1, 4, ST, LIN>(qn, row_bytes, sn, nb, t, K, kp, B, qx, m, v);
+      row_tile<BITS, 4, ST, LIN>(qn, row_bytes, sn, nb, t, K, kp, B, qx, m, v);
       for (int i = 0; i < 4; ++i) put(n, m + i, v[i]);
     }
     for (; m < M; ++m) {
-      int8_tile<BITS, 1, 1, ST, LIN>(qn, row_bytes, sn, nb, t, K, kp, B, qx, m, v);
+      row_tile<BITS, 1, ST, LIN>(qn, row_bytes, sn, nb, t, K, kp, B, qx, m, v);
       put(n, m, v[0]);
     }
   }
