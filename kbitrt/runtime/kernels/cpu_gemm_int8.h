@@ -29,6 +29,24 @@ struct PackedX8 {
   std::vector<int32_t> nc;
 };
 
+// px sized for kq values a row and M rows padded to tm (zeros), x quantized (quantize_x) a chunk
+// of rows per worker, and pack(m, qx, r) called for each row m: row r of the chunk's qx
+template <typename Pack>
+void pack_x_rows(const float* x, int64_t M, int64_t K, float cfac, int64_t kq, int64_t tm,
+                 bool sums, PackedX8& px, Pack pack) {
+  const int64_t ng = kq / kGroup, rows = (M + tm - 1) / tm * tm;
+  px.kq = kq;
+  px.ng = ng;
+  px.q.assign(rows * kq, 0);
+  px.d.assign(rows * ng, 0.f);
+  px.nc.assign(sums ? rows * ng : 0, 0);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    QuantX qx;
+    quantize_x(x + m0 * K, m1 - m0, K, cfac, qx);
+    for (int64_t m = m0; m < m1; ++m) pack(m, qx, m - m0);
+  });
+}
+
 #if KBIT_INT8 == 512
 constexpr int64_t kSuper = 16 * kGroup;  // values per superblock: one group per lane
 constexpr int kTr = 4, kTm = 6;          // W rows x tokens per tile: 24 int32 accumulators
@@ -86,33 +104,23 @@ inline void transpose_super(__m512i* v) {
 
 void pack_x_int8(const float* x, int64_t M, int64_t K, float cfac, PackedX8& px) {
   const int64_t kq = (K + kSuper - 1) / kSuper * kSuper, ng = kq / kGroup;
-  const int64_t rows = (M + kTm - 1) / kTm * kTm;
-  px.kq = kq;
-  px.ng = ng;
-  px.q.assign(rows * kq, 0);
-  px.d.assign(rows * ng, 0.f);
-  px.nc.assign(rows * ng, 0);
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    QuantX qx;
-    quantize_x(x + m0 * K, m1 - m0, K, cfac, qx);
+  pack_x_rows(x, M, K, cfac, kq, kTm, true, px, [&](int64_t m, const QuantX& qx, int64_t r) {
     const int64_t kx = qx.kx;
-    for (int64_t m = m0; m < m1; ++m) {
-      const int8_t* src = qx.q.data() + (m - m0) * kx;
-      for (int64_t s = 0; s < kq; s += kSuper) {
-        __m512i v[8];
-        for (int c = 0; c < 8; ++c) {
-          const int64_t j = s + 64 * c;  // kx is a multiple of 64
-          v[c] = j < kx ? _mm512_loadu_si512(src + j) : _mm512_setzero_si512();
-        }
-        transpose_super(v);
-        for (int i = 0; i < 8; ++i) _mm512_storeu_si512(px.q.data() + m * kq + s + 64 * i, v[i]);
+    const int8_t* src = qx.q.data() + r * kx;
+    for (int64_t s = 0; s < kq; s += kSuper) {
+      __m512i v[8];
+      for (int c = 0; c < 8; ++c) {
+        const int64_t j = s + 64 * c;  // kx is a multiple of 64
+        v[c] = j < kx ? _mm512_loadu_si512(src + j) : _mm512_setzero_si512();
       }
-      for (int64_t g = 0; g < kx / kGroup; ++g) {
-        px.d[m * ng + g] = qx.d[(m - m0) * (kx / kGroup) + g];
-        int32_t c = 0;
-        for (int l = 0; l < kGroup / 4; ++l) c += qx.nc[(m - m0) * (kx / 4) + g * kGroup / 4 + l];
-        px.nc[m * ng + g] = c;
-      }
+      transpose_super(v);
+      for (int i = 0; i < 8; ++i) _mm512_storeu_si512(px.q.data() + m * kq + s + 64 * i, v[i]);
+    }
+    for (int64_t g = 0; g < kx / kGroup; ++g) {
+      px.d[m * ng + g] = qx.d[r * (kx / kGroup) + g];
+      int32_t c = 0;
+      for (int l = 0; l < kGroup / 4; ++l) c += qx.nc[r * (kx / 4) + g * kGroup / 4 + l];
+      px.nc[m * ng + g] = c;
     }
   });
 }
@@ -265,29 +273,20 @@ inline void transpose_super(__m256i* v) {
 
 void pack_x_int8(const float* x, int64_t M, int64_t K, float cfac, PackedX8& px) {
   const int64_t kq = (K + kGroup - 1) / kGroup * kGroup, ng = kq / kGroup, whole = K / kSuper * kSuper;
-  const int64_t rows = (M + kTm - 1) / kTm * kTm;
-  px.kq = kq;
-  px.ng = ng;
-  px.q.assign(rows * kq, 0);
-  px.d.assign(rows * ng, 0.f);
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    QuantX qx;
-    quantize_x(x + m0 * K, m1 - m0, K, cfac, qx);
+  pack_x_rows(x, M, K, cfac, kq, kTm, false, px, [&](int64_t m, const QuantX& qx, int64_t r) {
     const int64_t kx = qx.kx;
-    for (int64_t m = m0; m < m1; ++m) {
-      const int8_t* src = qx.q.data() + (m - m0) * kx;
-      int8_t* dst = px.q.data() + m * kq;
-      for (int64_t s = 0; s < whole; s += kSuper) {
-        __m256i v[8];
-        for (int g = 0; g < 8; ++g)
-          v[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + s + kGroup * g));
-        transpose_super(v);
-        for (int i = 0; i < 8; ++i)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + s + kGroup * i), v[i]);
-      }
-      std::memcpy(dst + whole, src + whole, kq - whole);
-      std::memcpy(px.d.data() + m * ng, qx.d.data() + (m - m0) * (kx / kGroup), ng * sizeof(float));
+    const int8_t* src = qx.q.data() + r * kx;
+    int8_t* dst = px.q.data() + m * kq;
+    for (int64_t s = 0; s < whole; s += kSuper) {
+      __m256i v[8];
+      for (int g = 0; g < 8; ++g)
+        v[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + s + kGroup * g));
+      transpose_super(v);
+      for (int i = 0; i < 8; ++i)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + s + kGroup * i), v[i]);
     }
+    std::memcpy(dst + whole, src + whole, kq - whole);
+    std::memcpy(px.d.data() + m * ng, qx.d.data() + r * (kx / kGroup), ng * sizeof(float));
   });
 }
 
