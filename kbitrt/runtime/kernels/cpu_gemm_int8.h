@@ -271,20 +271,27 @@ inline void transpose_super(__m256i* v) {
   }
 }
 
+// the whole superblocks of a row in order (src) -> in the superblock order (dst; may be src)
+inline void transpose_whole(const void* src, void* dst, int64_t whole) {
+  const auto* in = static_cast<const uint8_t*>(src);
+  auto* out = static_cast<uint8_t*>(dst);
+  for (int64_t s = 0; s < whole; s += kSuper) {
+    __m256i v[8];
+    for (int g = 0; g < 8; ++g)
+      v[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + s + kGroup * g));
+    transpose_super(v);
+    for (int i = 0; i < 8; ++i)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + s + kGroup * i), v[i]);
+  }
+}
+
 void pack_x_int8(const float* x, int64_t M, int64_t K, float cfac, PackedX8& px) {
   const int64_t kq = (K + kGroup - 1) / kGroup * kGroup, ng = kq / kGroup, whole = K / kSuper * kSuper;
   pack_x_rows(x, M, K, cfac, kq, kTm, false, px, [&](int64_t m, const QuantX& qx, int64_t r) {
     const int64_t kx = qx.kx;
     const int8_t* src = qx.q.data() + r * kx;
     int8_t* dst = px.q.data() + m * kq;
-    for (int64_t s = 0; s < whole; s += kSuper) {
-      __m256i v[8];
-      for (int g = 0; g < 8; ++g)
-        v[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + s + kGroup * g));
-      transpose_super(v);
-      for (int i = 0; i < 8; ++i)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + s + kGroup * i), v[i]);
-    }
+    transpose_whole(src, dst, whole);
     std::memcpy(dst + whole, src + whole, kq - whole);
     std::memcpy(px.d.data() + m * ng, qx.d.data() + r * (kx / kGroup), ng * sizeof(float));
   });
@@ -311,14 +318,7 @@ void decode_panel_int8(const uint8_t* q, int64_t row_bytes, const ST* scale, int
     }
     for (int64_t i = full; i < kq; ++i)  // past K: 0 (x is 0 there too)
       dst[i] = i < K ? static_cast<uint8_t>(t.s8[code_at<BITS>(row, kp, i)]) : 0;
-    for (int64_t s = 0; s < whole; s += kSuper) {
-      __m256i v[8];
-      for (int g = 0; g < 8; ++g)
-        v[g] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dst + s + kGroup * g));
-      transpose_super(v);
-      for (int i = 0; i < 8; ++i)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + s + kGroup * i), v[i]);
-    }
+    transpose_whole(dst, dst, whole);
     const ST* sr = scale + (n0 + r) * nb;
     for (int64_t g = 0; g < ng; ++g) wa[r * ng + g] = to_float(sr[g * kGroup / B]);
   }
