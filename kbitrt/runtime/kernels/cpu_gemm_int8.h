@@ -15,7 +15,7 @@
 // Every output is one fixed chain (lanes in superblock order, then the tree of vsum16), whatever
 // M, the tile it falls in or the worker, so y[m] does not depend on M above FUSED_MAX_ROWS.
 // AVX2: the same panels and tiles at half the width (8 groups a superblock), products by maddubs
-// with the sign trick; 1.6-1.9x the decode path's rows it replaced (docs/cpu.md, "AVX2").
+// with the sign trick, instead of the decode path's rows (docs/cpu.md, "On an AVX2-only CPU").
 // The portable loops run the decode path's rows at any M.
 #pragma once
 

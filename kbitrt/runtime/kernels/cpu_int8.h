@@ -330,7 +330,7 @@ void int8_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
 #elif KBIT_INT8 == 256
 // the 32 codes j..j+31 (j % 32 == 0) as bytes, in order. codes32 and lookup32 are always_inline:
 // once the prefill GEMM's panel decode used them too, gcc stopped inlining codes32 into the
-// 8-bit head's rows (a call per 32 codes: that GEMV 10-30% slower)
+// 8-bit head's rows (a call per 32 codes)
 template <int BITS>
 __attribute__((always_inline)) inline __m256i codes32(const uint8_t* row, int64_t kp, int64_t j) {
   __m256i c = _mm256_setzero_si256();
@@ -494,8 +494,7 @@ void int8_tile(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
 // rows [n0, n1) of y (M, N): one row of W at a time (kRows in cpu_kernels.cpp says why), rows of
 // x 4 at a time
 // one row of W times tokens m0..m0+MT-1: on AVX2, 4-bit rows in pair order inline (pair4_tile is
-// always_inline: a call per row, 9 steps at K = 576, cost 5-11% of SmolLM2's GEMVs; in one process,
-// alternating), else int8_tile
+// always_inline: otherwise a call per row of only 9 steps at K = 576), else int8_tile
 template <int BITS, int MT, typename ST, bool LIN>
 __attribute__((always_inline)) inline void row_tile(const uint8_t* q, int64_t row_bytes,
                                                     const ST* scale, int64_t nb,
