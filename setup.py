@@ -27,8 +27,10 @@ class BuildPyWithKernels(build_py):
             return
         out = Path(self.build_lib) / "kbitrt" / "runtime" / "kernels" / "_prebuilt"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        # the checkout's own _prebuilt/ (scripts/setup.sh's), where it matches, is copied
         subprocess.run([sys.executable, "-m", "kbitrt.runtime.kernels.build_prebuilt", "--out",
-                        str(out)], env=env, check=False)
+                        str(out), "--reuse", str(ROOT / "kbitrt" / "runtime" / "kernels" / "_prebuilt")],
+                       env=env, check=False)
 
 
 class BinaryDistribution(Distribution):

@@ -131,6 +131,7 @@ def smollm2_kbit_folder(smollm2_dir, bits: int = 4, block: int = 64, dtype: str 
     from kbitrt.convert.converter import convert
     from kbitrt.format.config import QuantConfig
     from kbitrt.convert.gguf import DEFAULT_CACHE
+    from kbitrt.convert.staging import waiting_lock
 
     h = hashlib.sha256()
     for layer in ("format", "convert"):
@@ -138,10 +139,14 @@ def smollm2_kbit_folder(smollm2_dir, bits: int = 4, block: int = 64, dtype: str 
             h.update(f.read_bytes())
     stem = f"SmolLM2-135M-Instruct-{dtype}{bits}-b{block}-"
     out = DEFAULT_CACHE / f"{stem}{h.hexdigest()[:12]}"
-    if not (out / "config.json").exists():
-        for old in DEFAULT_CACHE.glob(f"{stem}*"):  # conversions by older format code
-            shutil.rmtree(old, ignore_errors=True)
-        convert(smollm2_dir, out, QuantConfig(bits=bits, block_size=block, dtype=dtype), force=True)
+    if (out / "config.json").exists():
+        return out
+    with waiting_lock(DEFAULT_CACHE / f".{stem}lock"):  # pytest -n: one worker converts
+        if not (out / "config.json").exists():
+            for old in DEFAULT_CACHE.glob(f"{stem}*"):  # conversions by older format code
+                shutil.rmtree(old, ignore_errors=True)
+            convert(smollm2_dir, out, QuantConfig(bits=bits, block_size=block, dtype=dtype),
+                    force=True)
     return out
 
 

@@ -150,3 +150,23 @@ def test_plain_tensor_shapes_are_checked_against_the_config(tmp_path):
     with pytest.raises(KbitFormatError, match="truncated|overlaps|tile"):
         convert(src, tmp_path / "out", QuantConfig())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_a_shared_cache_is_filled_by_one_process_while_the_others_wait(tmp_path):
+    """ensure_smollm2 and the tests' SmolLM2 conversion (pytest -n 2 on a fresh machine): a second
+    process waits on waiting_lock, then finds the cache built, instead of writing it meanwhile."""
+    import time
+
+    from kbitrt.convert.staging import waiting_lock
+
+    lock = tmp_path / ".cache.lock"
+    code = ("from pathlib import Path\nfrom kbitrt.convert.staging import waiting_lock\n"
+            f"with waiting_lock(Path({str(lock)!r})):\n    print('held', flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    with waiting_lock(lock):
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                             env=env)
+        time.sleep(2)
+        assert p.poll() is None  # waiting, not failed and not through
+    assert p.communicate(timeout=120)[0] == "held\n" and p.returncode == 0

@@ -130,7 +130,7 @@ def test_the_build_step_writes_every_variant_and_a_manifest(tmp_path, monkeypatc
     (out / "stale").mkdir(parents=True)  # an older set goes whole
     m = cpu_build.build_all(out, cpu.SOURCE, cpu.HEADERS, jobs=2)
     assert sorted(p.name for p in out.iterdir()) == sorted([*X86, cpu_build.MANIFEST])
-    assert m == json.loads((out / cpu_build.MANIFEST).read_text())
+    assert m.pop("reused") == [] and m == json.loads((out / cpu_build.MANIFEST).read_text())
     assert m["source"] == cpu_build.source_hash((cpu.SOURCE, *cpu.HEADERS))
     assert m["torch"] == torch.__version__ and list(m["variants"]) == list(X86)
     for name, v in X86.items():
@@ -141,6 +141,35 @@ def test_the_build_step_writes_every_variant_and_a_manifest(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="avx2"):
         cpu_build.build_all(out, cpu.SOURCE, cpu.HEADERS, ["avx2"])
     assert (out / cpu_build.MANIFEST).read_text() == json.dumps(m, indent=2) + "\n"
+
+
+def test_a_variant_built_the_same_way_is_copied_not_compiled(tmp_path, monkeypatch):
+    """setup.sh run twice, or `pip wheel .` after it (setup.py passes the checkout's _prebuilt/
+    as --reuse): same sources, torch, flags and compiler are copied; any difference compiles."""
+    fake = tmp_path / "cxx"
+    fake.write_text('#!/bin/sh\nout=""; prev=""\nfor a in "$@"; do [ "$prev" = "-o" ] && out="$a";'
+                    ' prev="$a"; done\necho built > "$out"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setattr(cpu_build, "machine", lambda: "x86_64")
+    first = tmp_path / "first"
+    assert cpu_build.build_all(first, cpu.SOURCE, cpu.HEADERS, ["avx2", "portable"])["reused"] == []
+    fake.write_text("#!/bin/sh\nexit 1\n")  # the same compiler, now unable to compile anything
+    m = cpu_build.build_all(first, cpu.SOURCE, cpu.HEADERS, ["avx2", "portable"])
+    assert m["reused"] == ["avx2", "portable"]
+    wheel = tmp_path / "wheel"
+    m = cpu_build.build_all(wheel, cpu.SOURCE, cpu.HEADERS, ["avx2"], reuse=[first])
+    assert m["reused"] == ["avx2"] and (wheel / "avx2" / cpu_build.LIBRARY).read_text() == "built\n"
+    assert "reused" not in json.loads((wheel / cpu_build.MANIFEST).read_text())
+    other_sources = (cpu.HEADERS[0],)  # another key: compiled, and this compiler fails
+    with pytest.raises(RuntimeError, match="avx2"):
+        cpu_build.build_all(tmp_path / "x", cpu.SOURCE, other_sources, ["avx2"], reuse=[first])
+    monkeypatch.setitem(X86, "avx2", X86["avx2"]._replace(cflags=("-march=znver3",)))
+    with pytest.raises(RuntimeError, match="avx2"):  # other flags
+        cpu_build.build_all(tmp_path / "y", cpu.SOURCE, cpu.HEADERS, ["avx2"], reuse=[first])
+    monkeypatch.setenv("CXX", "/bin/true")  # another compiler
+    assert cpu_build.build_all(tmp_path / "z", cpu.SOURCE, cpu.HEADERS, ["portable"],
+                               reuse=[first])["reused"] == []
 
 
 def test_a_prebuilt_library_loads_without_a_compiler(tmp_path, real_library):

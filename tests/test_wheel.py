@@ -30,6 +30,11 @@ def wheel(tmp_path_factory) -> Path:
         if (ROOT / f).is_file():
             (src / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, src / f)
+    # as in a checkout after scripts/setup.sh: its prebuilt kernels, where they match, are copied
+    # into the wheel instead of compiled again (test_prebuilt_kernels.py compiles them)
+    built = ROOT / "kbitrt" / "runtime" / "kernels" / "_prebuilt"
+    if built.is_dir():
+        shutil.copytree(built, src / built.relative_to(ROOT))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                           "--no-index", "-q", "-w", str(tmp / "dist"), str(src)],
                          capture_output=True, text=True, timeout=600)
@@ -57,6 +62,8 @@ def test_wheel_contents(wheel):
               "kbitrt/eval/data/mc/cause_and_effect_dev.jsonl",
               "kbitrt/eval/data/mc/general_knowledge_dev.jsonl"):
         assert f in names, f
+    if (ROOT / "kbitrt" / "runtime" / "kernels" / "_prebuilt" / "manifest.json").is_file():
+        assert "kbitrt/runtime/kernels/_prebuilt/manifest.json" in names  # setup.sh ran: built
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"kbitrt"}, top  # nothing generic at the top of site-packages
     assert not [n for n in names if "golden" in n or n.startswith(("tests/", "benchmarks/"))
@@ -95,11 +102,15 @@ def test_installed_wheel_runs(wheel, tmp_path):
              "p = sample_path('social_iqa-sample'); assert p.is_file(), p; "
              "from kbitrt.runtime.kernels import cpu; assert cpu.SOURCE.is_file(); "
              "assert all(h.is_file() for h in cpu.HEADERS); "
-             "assert cpu.available(), cpu.unavailable_reason(); print(kbitrt.__file__)")
+             "assert cpu.available(), cpu.unavailable_reason(); print(kbitrt.__file__); "
+             "print(cpu.loaded_variant())")
     out = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith(str(site)), out.stdout  # the installed copy, not the repo
+    with zipfile.ZipFile(wheel) as zf:  # kernels in the wheel: loaded, not compiled
+        if "kbitrt/runtime/kernels/_prebuilt/manifest.json" in zf.namelist():
+            assert out.stdout.split()[-1] != "native" and "prebuilt" in out.stdout, out.stdout
     kbit = venv / "bin" / "kbit"
     assert kbit.exists()
     for args in (["--help"], ["eval", "--help"], ["run", "--help"], ["bench", "--help"]):

@@ -11,6 +11,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from kbitrt.convert.staging import waiting_lock
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path(os.environ.get("KBIT_CACHE", Path.home() / ".cache" / "kbitrt"))
 
@@ -24,10 +26,24 @@ def gguf_dir() -> Path:
 
 
 def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of an HF folder with SmolLM2-135M-Instruct in fp32, built from the GGUF on first use."""
+    """Path of an HF folder with SmolLM2-135M-Instruct in fp32, built from the GGUF on first use.
+    Processes starting at once (parallel tests, two shells) build it once: the others wait."""
     out = Path(cache_dir) if cache_dir else DEFAULT_CACHE / "SmolLM2-135M-Instruct"
-    if (out / "model.safetensors").exists() and (out / "config.json").exists():
+    if _built(out):
         return out
+    with waiting_lock(out.with_name(f".{out.name}.lock")):
+        if not _built(out):
+            _build_smollm2(out)
+    return out
+
+
+def _built(out: Path) -> bool:
+    return (out / "model.safetensors").exists() and (out / "config.json").exists()
+
+
+def _build_smollm2(out: Path) -> None:
+    import shutil
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -41,10 +57,11 @@ def ensure_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     model.load_state_dict(loaded.state_dict())
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
     tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a build that was killed
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)  # a partial folder without its weights
     tmp.rename(out)
-    return out
 
 
 if __name__ == "__main__":

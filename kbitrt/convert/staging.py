@@ -81,6 +81,19 @@ def output_lock(out: Path) -> Iterator[Path]:
         os.close(fd)
 
 
+@contextmanager
+def waiting_lock(lock: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock`, waiting for another holder: for caches that several
+    processes may fill at once (the first builds, the others then find it built)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def remove_stale_partials(out: Path, keep: Path | None = None) -> list[Path]:
     """Staging folders of `out` left by dead writers (call while holding output_lock)."""
     gone = []

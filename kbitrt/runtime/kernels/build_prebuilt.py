@@ -4,6 +4,10 @@ command after install loads them instead of compiling. Run by scripts/setup.sh a
 when a wheel is built; needs a C++ compiler and torch, nothing else.
 
     python -m kbitrt.runtime.kernels.build_prebuilt [--out DIR] [--variants avx2,portable] [--jobs N]
+        [--reuse DIR]
+
+A variant already built from the same sources, torch, flags and compiler (in --out, or a --reuse
+folder: setup.py passes the checkout's own _prebuilt/) is copied, not compiled again.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--variants", default=None, help="comma list (default: all of "
                     f"{', '.join(variants()) or 'none'})")
     ap.add_argument("--jobs", type=int, default=None, help="compilers at once (default: cores)")
+    ap.add_argument("--reuse", type=Path, action="append", default=[],
+                    help="a folder of prebuilt kernels to copy matching variants from")
     args = ap.parse_args(argv)
     if sys.platform != "linux" or not variants():
         print(f"kbit: no prebuilt CPU kernels on {sys.platform}/{machine()} (they are built on "
@@ -32,12 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or prebuilt_dir()
     names = args.variants.split(",") if args.variants else None
     try:
-        manifest = build_all(out, SOURCE, HEADERS, names, args.jobs)
+        manifest = build_all(out, SOURCE, HEADERS, names, args.jobs, args.reuse)
     except (OSError, RuntimeError, RunError) as e:
         print(f"kbit: the prebuilt CPU kernels did not build ({e}); they are built on first use "
               "instead", file=sys.stderr)
         return 1
-    print(f"kbit: prebuilt CPU kernels {', '.join(manifest['variants'])} in {out}")
+    reused = f" ({', '.join(manifest['reused'])} up to date, copied)" if manifest["reused"] else ""
+    print(f"kbit: prebuilt CPU kernels {', '.join(manifest['variants'])} in {out}{reused}")
     return 0
 
 

@@ -142,18 +142,41 @@ def compile_command(source: Path, out: Path, cflags: Sequence[str]) -> list[str]
     std = "-std=c++20" if (major, minor) >= (2, 10) else "-std=c++17"
     inc = [*cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     libs = cpp_extension.library_paths()
-    return [os.environ.get("CXX", "c++"), "-shared", "-fPIC", std, "-O3", *cflags, "-fopenmp",
+    return [compiler(), "-shared", "-fPIC", std, "-O3", *cflags, "-fopenmp",
             "-DKBIT_NS=kbitrt_cpu", "-DTORCH_EXTENSION_NAME=kbitrt_cpu",
             "-DTORCH_API_INCLUDE_EXTENSION_H", *(f"-isystem{d}" for d in inc), str(source),
             *(f"-L{d}" for d in libs), "-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python",
             "-o", str(out)]
 
 
+def compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
+def reusable_library(folder: Path, key: str, name: str) -> Path | None:
+    """`folder`'s library of variant `name` where its manifest says it was compiled from the same
+    sources (`key`), for this torch and machine, with the same flags and compiler: copied
+    instead of compiled again (setup.sh run twice, `pip wheel .` after setup.sh)."""
+    import torch
+
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    same = (manifest.get("source") == key and manifest.get("torch") == torch.__version__
+            and manifest.get("machine") == machine() and manifest.get("cxx") == compiler()
+            and manifest.get("variants", {}).get(name) == list(variants()[name].cflags))
+    lib = folder / name / LIBRARY
+    return lib if same and lib.is_file() else None
+
+
 def build_all(out: Path, source: Path, headers: Sequence[Path],
-              names: Sequence[str] | None = None, jobs: int | None = None) -> dict:
+              names: Sequence[str] | None = None, jobs: int | None = None,
+              reuse: Sequence[Path] = ()) -> dict:
     """Compile `source` (which includes `headers`) for the variants (default: every one of this
     architecture) into `out` with its manifest. The libraries are compiled, never loaded, so an
-    x86 machine without AVX-512 builds the AVX-512 ones too."""
+    x86 machine without AVX-512 builds the AVX-512 ones too. A variant already built the same
+    way in `out` or a `reuse` folder is copied (the returned manifest's "reused" lists them)."""
     import torch
 
     table = variants()
@@ -166,22 +189,29 @@ def build_all(out: Path, source: Path, headers: Sequence[Path],
                                 else None))
     tmp.chmod(0o755)  # readable by every user of an installed package
     try:
-        def one(name: str) -> tuple[str, str]:
+        def one(name: str) -> tuple[str, str, bool]:
             (tmp / name).mkdir()
+            for folder in (out, *reuse):
+                lib = reusable_library(folder, key, name)
+                if lib is not None:
+                    shutil.copy2(lib, tmp / name / LIBRARY)
+                    return name, "", True
             cmd = compile_command(source, tmp / name / LIBRARY, table[name].cflags)
             p = subprocess.run(cmd, capture_output=True, text=True)
-            return name, "" if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1]
+            error = "" if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1]
+            return name, error, False
 
         with concurrent.futures.ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:
-            errors = {n: e for n, e in pool.map(one, names) if e}
+            done = list(pool.map(one, names))
+        errors = {n: e for n, e, _ in done if e}
         if errors:
             raise RuntimeError("; ".join(f"{n}: {e[:200]}" for n, e in errors.items()))
-        manifest = {"source": key, "torch": torch.__version__,
-                    "machine": machine(), "variants": {n: list(table[n].cflags) for n in names}}
+        manifest = {"source": key, "torch": torch.__version__, "machine": machine(),
+                    "cxx": compiler(), "variants": {n: list(table[n].cflags) for n in names}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(out, ignore_errors=True)  # the old set goes whole: no stale mix
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
-        return manifest
+        return {**manifest, "reused": [n for n, _, reused in done if reused]}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
