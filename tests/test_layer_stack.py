@@ -49,6 +49,9 @@ class Spy:
         self.served.append(y is not None)
         return y
 
+    def causal_only(self, decoder) -> bool:
+        return self.stack.causal_only(decoder)
+
     def close(self):
         self.stack.close()
 
@@ -277,6 +280,32 @@ def stacked_rows_split(wqkv, args):
         out.append(m)
         row += n
     return out
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "neox"])
+def test_unpadded_steps_take_the_causal_mask_from_the_positions(name):
+    """No pad given (a single prompt: `kbit run`): the stack gets no masks and hides the cache's
+    later slots by input_pos, bit for bit what the built masks give (pad of zeros), for a
+    prefill under the loops' row limit and one-token steps; a sliding-window model builds them."""
+    model = tiny(name, "packed")
+    ids, _ = tokens(1, 9, (0,))
+    out, masks = {}, []
+    build = model.masks
+    model.masks = lambda *a: masks.append(a) or build(*a)
+    for pad in (None, torch.zeros(1, dtype=torch.long)):
+        model.setup_caches(1, 12)
+        spy = Spy(model)
+        try:
+            with torch.no_grad():
+                steps = [model(ids[:, :5], torch.arange(5), pad)]
+                steps += [model(ids[:, t:t + 1], torch.tensor([t]), pad) for t in range(5, 9)]
+        finally:
+            model.drop_caches()
+        assert spy.served == [True] * 5 and spy.causal_only(model)
+        out[pad is None] = torch.cat(steps, 1)
+        assert len(masks) == (0 if pad is None else 5)  # built only where a pad was given
+        masks.clear()
+    assert torch.equal(out[True], out[False])
 
 
 def test_stack_is_freed_with_the_caches():

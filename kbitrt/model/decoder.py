@@ -491,6 +491,7 @@ class Decoder(nn.Module):
         """
         a = self.args
         B, T = input_ids.shape
+        unpadded = pad is None
         input_pos, pad = default_positions(input_ids, input_pos, pad)
         pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) model positions
         x = self.embed(input_ids, pos)
@@ -504,13 +505,18 @@ class Decoder(nn.Module):
         if self.layer_ropes is not None:
             tables = {t: rope_table(pos, f, scale, x.dtype) for t, (f, scale) in self.layer_ropes.items()}
             ropes = [tables[t] for t in a.rope_types]
-        mask = self.masks(input_pos, pad, x.dtype)
-        y = None
+        mask, y = None, None
         if self.layer_stack is not None and not torch.compiler.is_compiling():
             if x.dtype == torch.float32:
+                if not (unpadded and self.layer_stack.causal_only(self)):
+                    mask = self.masks(input_pos, pad, x.dtype)
                 y = self.layer_stack(x, input_pos, rope, mask)  # None: not a step it serves
             self.count_step(y is not None, T)
-        x = self.python_layers(x, input_pos, ropes, mask) if y is None else y
+        if y is None:
+            if mask is None:
+                mask = self.masks(input_pos, pad, x.dtype)
+            y = self.python_layers(x, input_pos, ropes, mask)
+        x = y
         if last_only:
             x = x[:, -1:]
         if a.final_norm:

@@ -243,8 +243,8 @@ at::Tensor stack_block(const StackConfig& c, const StackLayer& layer, at::Tensor
 }
 
 // every layer for x (B, T, dim) at cache slots input_pos (T,); cos, sin (B, 1, T, rd) or empty
-// (no rotary positions); masks: the additive masks the layers' mask indices name. An empty
-// result: the loops do not serve this step (nothing was written), the caller runs its layers
+// (no rotary positions); masks: the additive masks the layers' mask indices name (an empty one:
+// causal with no padding, from input_pos). An empty result: the loops do not serve this step (nothing was written), the caller runs its layers
 at::Tensor layer_stack_forward(int64_t handle, const at::Tensor& x, const at::Tensor& input_pos,
                                const at::Tensor& cos, const at::Tensor& sin,
                                const std::vector<at::Tensor>& masks) {
@@ -258,8 +258,9 @@ at::Tensor layer_stack_forward(int64_t handle, const at::Tensor& x, const at::Te
   // the loops' steps: a decoding step's few rows, everything fp32 and contiguous
   bool served = x.size(1) <= stack->cfg.fused_max_rows && input_pos.scalar_type() == at::kLong &&
                 input_pos.is_contiguous() && all_float({&x, &cos, &sin});
-  for (const at::Tensor& m : masks)
-    served = served && all_float({&m}) && m.size(-1) == stack->layers[0].k_cache.size(2);
+  for (const at::Tensor& m : masks)  // an empty mask: causal, implied by input_pos
+    served = served && all_float({&m}) &&
+             (m.numel() == 0 || m.size(-1) == stack->layers[0].k_cache.size(2));
   if (!served) return at::empty({0}, x.options());
   at::Tensor h = x;
   for (const StackLayer& layer : stack->layers) {

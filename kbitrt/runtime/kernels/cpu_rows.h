@@ -121,14 +121,19 @@ at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const a
     }
   at::Tensor y = at::empty({B, T, nh * hd}, x.options());
   float* ys = y.data_ptr<float>();
-  const float* ms = mask.data_ptr<float>();
-  const int64_t mb = mask.stride(0), mh = mask.size(1) == 1 ? 0 : mask.stride(1),
-                mt = mask.stride(2);
+  // an empty mask: causal with no padding, implied by the positions (token t sees the slots up
+  // to pos[t]; runtime/layer_stack.py passes it instead of building the masks every step)
+  const bool causal = mask.numel() == 0;
+  const float* ms = causal ? nullptr : mask.data_ptr<float>();
+  const int64_t mb = causal ? 0 : mask.stride(0),
+                mh = causal || mask.size(1) == 1 ? 0 : mask.stride(1),
+                mt = causal ? 0 : mask.stride(2);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   // slots after the last one any mask row leaves open (the causal mask hides the cache's future)
   // are neither widened nor looped over: they would add exp(-inf) = 0, the same sums
   int64_t live = 0;
-  for (int64_t b = 0; b < B; ++b)
+  for (int64_t t = 0; causal && t < T; ++t) live = std::max(live, pos[t] + 1);
+  for (int64_t b = 0; !causal && b < B; ++b)
     for (int64_t h = 0; h < (mh ? nh : 1); ++h)
       for (int64_t t = 0; t < T; ++t) {
         const float* mrow = ms + b * mb + h * mh + t * mt;
@@ -150,7 +155,8 @@ at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const a
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (nh * T), h = i / T % nh, t = i % T, g = h / group;
       const float* qi = q.data() + ((b * T + t) * nh + h) * hd;
-      const float* mrow = ms + b * mb + h * mh + t * mt;
+      const float* mrow = causal ? nullptr : ms + b * mb + h * mh + t * mt;
+      const int64_t seen = causal ? pos[t] + 1 : live;  // slots from here on are masked
       if (b * nkv + g != widened) {
         widened = b * nkv + g;
         kg = cache_floats(kc + widened * S * hd, live * hd, kbuf.data());
@@ -158,7 +164,10 @@ at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const a
       }
       float top = -INFINITY;
       for (int64_t s = 0; s < live; ++s) {
-        p[s] = mrow[s] == -INFINITY ? -INFINITY : dot(qi, kg + s * hd, hd) * scale + mrow[s];
+        if (causal)
+          p[s] = s < seen ? dot(qi, kg + s * hd, hd) * scale : -INFINITY;
+        else
+          p[s] = mrow[s] == -INFINITY ? -INFINITY : dot(qi, kg + s * hd, hd) * scale + mrow[s];
         top = p[s] > top ? p[s] : top;
       }
       float total = 0.f;
