@@ -52,6 +52,10 @@ class Spy:
     def causal_only(self, decoder) -> bool:
         return self.stack.causal_only(decoder)
 
+    @property
+    def final_norm(self):
+        return self.stack.final_norm
+
     def close(self):
         self.stack.close()
 
@@ -318,7 +322,8 @@ def test_stack_is_freed_with_the_caches():
     x = torch.zeros(1, 1, model.args.dim)
     with pytest.raises(RuntimeError, match="no layer stack"):
         torch.ops.kbitrt_cpu.layer_stack_forward(handle, x, torch.tensor([0]), torch.empty(0),
-                                                 torch.empty(0), [torch.zeros(1, 1, 1, 8)])
+                                                 torch.empty(0), [torch.zeros(1, 1, 1, 8)],
+                                                 torch.empty(0), torch.empty(0))
 
 
 def test_long_steps_run_the_python_layers():

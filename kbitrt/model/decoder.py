@@ -323,6 +323,7 @@ class Decoder(nn.Module):
         self.long_rope: LongRope | None = None
         self.layer_ropes: dict[str, tuple[torch.Tensor, float]] | None = None
         self.rope_scaling = 1.0
+        self.rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # rope_rows' table
         self.slopes: torch.Tensor | None = None
         # the layers run from C++ on the CPU (runtime/layer_stack.py), set up with the KV caches
         # by `stack_builder`, which the runtime sets when it builds the model (None: the Python
@@ -349,6 +350,7 @@ class Decoder(nn.Module):
             inv_freq, rope_scaling = next(iter(inv_freq.values()))
         self.inv_freq = None if inv_freq is None else inv_freq.to(device)
         self.rope_scaling = rope_scaling
+        self.rope_cache = None
         if self.args.positions == "alibi":
             self.slopes = alibi_slopes(self.args.n_heads).to(device)
 
@@ -362,6 +364,7 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = KVCache(batch, a.n_kv_heads, max_len, a.head_dim, dtype, w.device)
         self.stack_steps, self.unserved_steps, self.unserved_tokens = 0, 0, (0, 0)
+        self.rope_cache = None  # rope_rows' table: one row per slot of these caches
         self.close_layer_stack()
         self.refresh_layer_stack()
 
@@ -369,6 +372,22 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.attn.kv_cache = None
         self.close_layer_stack()
+        self.rope_cache = None
+
+    def rope_rows(self, pos: torch.Tensor, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """rope_table's (cos, sin) for one row of positions `pos` (1, T) inside the KV cache, as
+        rows of a table of every slot made once per cache (two lookups a step, not ten ops);
+        None where the table depends on more than the position (Phi-3's long factors)."""
+        if self.long_rope is not None or self.layer_ropes is not None or self.cache_len is None \
+                or pos.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        if self.rope_cache is None or self.rope_cache[0].dtype != dtype:
+            slots = torch.arange(self.cache_len, device=pos.device)[None, :]
+            self.rope_cache = rope_table(slots, self.inv_freq, self.rope_scaling, dtype)
+        cos, sin = self.rope_cache
+        slots = pos[0]
+        return cos[:, :, slots], sin[:, :, slots]
 
     def use_cache_rows(self, start: int, stop: int) -> None:
         """Let the next forwards read and write only rows start..stop-1 of the KV caches that
@@ -493,24 +512,29 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         unpadded = pad is None
         input_pos, pad = default_positions(input_ids, input_pos, pad)
-        pos = (input_pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) model positions
+        # (B, T) model positions; without padding the cache slots themselves (a decoding step
+        # on a small CPU model is dispatch-bound: each torch call here costs tens of us)
+        pos = input_pos.expand(B, T) if unpadded else (input_pos[None, :] - pad[:, None]).clamp(min=0)
         x = self.embed(input_ids, pos)
         rope = None
         if a.positions == "rotary":
-            inv_freq = self.inv_freq
-            if self.long_rope is not None and int(pos.max()) + 1 > self.long_rope.switch:
-                inv_freq = self.long_rope.long
-            rope = rope_table(pos, inv_freq, self.rope_scaling, x.dtype)
+            rope = self.rope_rows(pos, x.dtype) if unpadded and B == 1 else None
+            if rope is None:
+                inv_freq = self.inv_freq
+                if self.long_rope is not None and int(pos.max()) + 1 > self.long_rope.switch:
+                    inv_freq = self.long_rope.long
+                rope = rope_table(pos, inv_freq, self.rope_scaling, x.dtype)
         ropes = [rope] * a.n_layers
         if self.layer_ropes is not None:
             tables = {t: rope_table(pos, f, scale, x.dtype) for t, (f, scale) in self.layer_ropes.items()}
             ropes = [tables[t] for t in a.rope_types]
-        mask, y = None, None
+        mask, y, normed = None, None, False
         if self.layer_stack is not None and not torch.compiler.is_compiling():
             if x.dtype == torch.float32:
                 if not (unpadded and self.layer_stack.causal_only(self)):
                     mask = self.masks(input_pos, pad, x.dtype)
                 y = self.layer_stack(x, input_pos, rope, mask)  # None: not a step it serves
+                normed = y is not None and self.layer_stack.final_norm is not None
             self.count_step(y is not None, T)
         if y is None:
             if mask is None:
@@ -519,7 +543,7 @@ class Decoder(nn.Module):
         x = y
         if last_only:
             x = x[:, -1:]
-        if a.final_norm:
+        if a.final_norm and not normed:  # the stack's loops may have applied it
             x = self.norm(x)
         if a.project_dim:
             x = self.project_out(x)

@@ -118,6 +118,18 @@ def _norm(m: nn.Module, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
     return w, b
 
 
+def _final_norm(decoder: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The decoder's final norm as the loops run it after the last layer (its kind and eps are
+    the layers'), or None where the decoder applies its own (none, or one the loops lack)."""
+    a = decoder.args
+    if not a.final_norm:
+        return None
+    try:
+        return _norm(decoder.norm, a.norm)
+    except Unserved:
+        return None
+
+
 def stack_config(decoder: nn.Module) -> StackConfig:
     """The stack's switches: the decoder's spec (ModelArgs), with the activation and projection
     layouts its layers hold (the loader may have stacked q|k|v or gate|up), one for all layers."""
@@ -182,6 +194,7 @@ class LayerStack:
         if any(t.device.type != "cpu" for t in tensors):
             raise ValueError("tensors off the CPU")
         self.handle = self.ops.layer_stack_create(tensors, ints, float(decoder.args.norm_eps))
+        self.final_norm = _final_norm(decoder)  # (w, b) applied after the layers, or None
         # freed with this object, or at exit while torch is still there
         self._free = weakref.finalize(self, self.ops.layer_stack_free, self.handle)
 
@@ -198,7 +211,8 @@ class LayerStack:
         was written: the caller runs its Python layers). mask None: causal, no padding."""
         cos, sin = rope if rope is not None else (NONE, NONE)
         masks = [NONE] * len(self.windows) if mask is None else [mask[w] for w in self.windows]
-        y = self.ops.layer_stack_forward(self.handle, x, input_pos, cos, sin, masks)
+        norm_w, norm_b = self.final_norm or (NONE, NONE)
+        y = self.ops.layer_stack_forward(self.handle, x, input_pos, cos, sin, masks, norm_w, norm_b)
         return y if y.numel() else None
 
     def close(self) -> None:

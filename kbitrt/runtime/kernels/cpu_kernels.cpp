@@ -534,7 +534,7 @@ TORCH_LIBRARY(KBIT_NS, m) {
         &layer_stack_create);
   m.def("layer_stack_free(int handle) -> ()", &layer_stack_free);
   m.def("layer_stack_forward(int handle, Tensor x, Tensor input_pos, Tensor cos, Tensor sin, "
-        "Tensor[] masks) -> Tensor", &layer_stack_forward);
+        "Tensor[] masks, Tensor norm_w, Tensor norm_b) -> Tensor", &layer_stack_forward);
 }
 
 TORCH_LIBRARY_IMPL(KBIT_NS, CPU, m) {

@@ -244,10 +244,13 @@ at::Tensor stack_block(const StackConfig& c, const StackLayer& layer, at::Tensor
 
 // every layer for x (B, T, dim) at cache slots input_pos (T,); cos, sin (B, 1, T, rd) or empty
 // (no rotary positions); masks: the additive masks the layers' mask indices name (an empty one:
-// causal with no padding, from input_pos). An empty result: the loops do not serve this step (nothing was written), the caller runs its layers
+// causal with no padding, from input_pos); norm_w, norm_b: the decoder's final norm after the
+// last layer, of the layers' kind and eps (empty: none here, the caller applies it). An empty
+// result: the loops do not serve this step (nothing was written), the caller runs its layers
 at::Tensor layer_stack_forward(int64_t handle, const at::Tensor& x, const at::Tensor& input_pos,
                                const at::Tensor& cos, const at::Tensor& sin,
-                               const std::vector<at::Tensor>& masks) {
+                               const std::vector<at::Tensor>& masks, const at::Tensor& norm_w,
+                               const at::Tensor& norm_b) {
   std::shared_ptr<const LayerStack> stack;
   {
     std::lock_guard<std::mutex> lock(g_stacks_mutex);
@@ -267,6 +270,12 @@ at::Tensor layer_stack_forward(int64_t handle, const at::Tensor& x, const at::Te
     TORCH_CHECK(layer.mask_index < static_cast<int64_t>(masks.size()),
                 "kbitrt_cpu: a layer's mask is missing");
     h = stack_block(stack->cfg, layer, h, input_pos, cos, sin, masks[layer.mask_index]);
+  }
+  if (norm_w.numel()) {  // in C++: torch's rms_norm after the layers cost ~0.2 ms, cold
+    TORCH_CHECK(all_float({&norm_w, &norm_b}) && norm_w.numel() == h.size(-1) &&
+                    (!norm_b.numel() || norm_b.numel() == h.size(-1)),
+                "kbitrt_cpu: the final norm's weights are not ", h.size(-1), " contiguous fp32");
+    h = norm_rows(stack->cfg, norm_w, norm_b.numel() ? norm_b : at::Tensor(), h);
   }
   return h;
 }
