@@ -117,15 +117,22 @@ def test_kbit_cpu_isa_is_checked(monkeypatch):
         cpu_build.requested_isa()
 
 
-def test_the_build_step_writes_every_variant_and_a_manifest(tmp_path, monkeypatch):
-    """With a stand-in compiler that records its flags: each variant's own -march flags, the
-    runtime's op namespace, one folder per variant, and a manifest of the sources' hash."""
+def _fake_compiler(tmp_path: Path, monkeypatch, writes: str) -> Path:
+    """A stand-in CXX that writes `writes` (shell words: '"$@"' for its arguments) into its -o
+    file, on an x86_64 machine."""
     fake = tmp_path / "fake-cxx"
     fake.write_text('#!/bin/sh\nout=""; prev=""\nfor a in "$@"; do [ "$prev" = "-o" ] && out="$a";'
-                    ' prev="$a"; done\necho "$@" > "$out"\n')
+                    f' prev="$a"; done\necho {writes} > "$out"\n')
     fake.chmod(0o755)
     monkeypatch.setenv("CXX", str(fake))
     monkeypatch.setattr(cpu_build, "machine", lambda: "x86_64")
+    return fake
+
+
+def test_the_build_step_writes_every_variant_and_a_manifest(tmp_path, monkeypatch):
+    """With a stand-in compiler that records its flags: each variant's own -march flags, the
+    runtime's op namespace, one folder per variant, and a manifest of the sources' hash."""
+    _fake_compiler(tmp_path, monkeypatch, '"$@"')
     out = tmp_path / "out"
     (out / "stale").mkdir(parents=True)  # an older set goes whole
     m = cpu_build.build_all(out, cpu.SOURCE, cpu.HEADERS, jobs=2)
@@ -146,12 +153,7 @@ def test_the_build_step_writes_every_variant_and_a_manifest(tmp_path, monkeypatc
 def test_a_variant_built_the_same_way_is_copied_not_compiled(tmp_path, monkeypatch):
     """setup.sh run twice, or `pip wheel .` after it (setup.py passes the checkout's _prebuilt/
     as --reuse): same sources, torch, flags and compiler are copied; any difference compiles."""
-    fake = tmp_path / "cxx"
-    fake.write_text('#!/bin/sh\nout=""; prev=""\nfor a in "$@"; do [ "$prev" = "-o" ] && out="$a";'
-                    ' prev="$a"; done\necho built > "$out"\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("CXX", str(fake))
-    monkeypatch.setattr(cpu_build, "machine", lambda: "x86_64")
+    fake = _fake_compiler(tmp_path, monkeypatch, "built")
     first = tmp_path / "first"
     assert cpu_build.build_all(first, cpu.SOURCE, cpu.HEADERS, ["avx2", "portable"])["reused"] == []
     fake.write_text("#!/bin/sh\nexit 1\n")  # the same compiler, now unable to compile anything
