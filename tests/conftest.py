@@ -22,6 +22,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 # activations (kernels/cpu_int8.h) are checked by tests/test_cpu_int8.py
 os.environ.setdefault("KBIT_CPU_ACTIVATIONS", "fp32")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# `pytest -n N` (the README's test command): the cores shared out between the workers, so N
+# workers of torch's default (one thread per core) do not oversubscribe the machine, spinning
+# OpenMP threads taking cores from working ones. Subprocesses (the CLI, the README job) inherit it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY_CONFIGS = {
     "llama": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
