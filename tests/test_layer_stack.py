@@ -49,8 +49,9 @@ class Spy:
         self.served.append(y is not None)
         return y
 
-    def causal_only(self, decoder) -> bool:
-        return self.stack.causal_only(decoder)
+    @property
+    def causal_only(self) -> bool:
+        return self.stack.causal_only
 
     @property
     def final_norm(self):
@@ -305,7 +306,7 @@ def test_unpadded_steps_take_the_causal_mask_from_the_positions(name):
                 steps += [model(ids[:, t:t + 1], torch.tensor([t]), pad) for t in range(5, 9)]
         finally:
             model.drop_caches()
-        assert spy.served == [True] * 5 and spy.causal_only(model)
+        assert spy.served == [True] * 5 and spy.causal_only
         out[pad is None] = torch.cat(steps, 1)
         assert len(masks) == (0 if pad is None else 5)  # built only where a pad was given
         masks.clear()

@@ -386,8 +386,8 @@ class Decoder(nn.Module):
             slots = torch.arange(self.cache_len, device=pos.device)[None, :]
             self.rope_cache = rope_table(slots, self.inv_freq, self.rope_scaling, dtype)
         cos, sin = self.rope_cache
-        slots = pos[0]
-        return cos[:, :, slots], sin[:, :, slots]
+        row = pos[0]
+        return cos[:, :, row], sin[:, :, row]
 
     def use_cache_rows(self, start: int, stop: int) -> None:
         """Let the next forwards read and write only rows start..stop-1 of the KV caches that
@@ -531,7 +531,7 @@ class Decoder(nn.Module):
         mask, y, normed = None, None, False
         if self.layer_stack is not None and not torch.compiler.is_compiling():
             if x.dtype == torch.float32:
-                if not (unpadded and self.layer_stack.causal_only(self)):
+                if not (unpadded and self.layer_stack.causal_only):
                     mask = self.masks(input_pos, pad, x.dtype)
                 y = self.layer_stack(x, input_pos, rope, mask)  # None: not a step it serves
                 normed = y is not None and self.layer_stack.final_norm is not None

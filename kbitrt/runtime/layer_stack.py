@@ -187,6 +187,10 @@ class LayerStack:
         self.ops = ops if ops is not None else torch.ops.kbitrt_cpu
         config = stack_config(decoder)
         self.windows = list(dict.fromkeys(layer.attn.window for layer in decoder.layers))
+        # the plain causal mask is every layer's (no sliding window, no ALiBi): a step without
+        # left padding then passes no masks (~10 torch calls a step fewer), and the loops take
+        # them from the positions
+        self.causal_only = self.windows == [None] and decoder.slopes is None
         act_dtype = decoder.act_dtype or decoder.tok_emb.weight.dtype  # the cache may be narrower
         layers = [stack_layer(layer, decoder.args.norm, self.windows.index(layer.attn.window),
                               act_dtype) for layer in decoder.layers]
@@ -197,12 +201,6 @@ class LayerStack:
         self.final_norm = _final_norm(decoder)  # (w, b) applied after the layers, or None
         # freed with this object, or at exit while torch is still there
         self._free = weakref.finalize(self, self.ops.layer_stack_free, self.handle)
-
-    def causal_only(self, decoder: nn.Module) -> bool:
-        """Whether the plain causal mask is every layer's (no sliding window, no ALiBi): a step
-        without left padding then passes no masks, and the loops take them from the positions
-        (building them is ~10 torch calls a step, a few percent of a small model's step)."""
-        return self.windows == [None] and decoder.slopes is None
 
     def __call__(self, x: torch.Tensor, input_pos: torch.Tensor,
                  rope: tuple[torch.Tensor, torch.Tensor] | None,
