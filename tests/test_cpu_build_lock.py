@@ -65,20 +65,40 @@ def test_a_held_build_lock_times_out_with_one_line(cache):
     assert len(lines) == 1 and "held the build lock" in lines[0] and "KBIT_BUILD_TIMEOUT" in lines[0]
 
 
+def _wait_for_orphans(build_dir: Path, timeout: float = 300) -> None:
+    """Wait until no process names `build_dir`: ninja runs each compiler in a process group of its
+    own, so a killed build's compiler may still be writing an object file (CI once saw a late
+    write land after the corrupt library below and "mend" it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        live = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and str(build_dir).encode() in (proc / "cmdline").read_bytes():
+                    live.append(proc.name)
+            except OSError:  # it exited while we looked
+                continue
+        if not live:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"processes still building in {build_dir}: {live}")
+
+
 def test_a_build_killed_midway_then_a_corrupt_library_are_rebuilt(tmp_path):
     cache = tmp_path / "cache"
     build_dir = cache / "cpu-kernels" / cpu.build_name()
     p = subprocess.Popen([sys.executable, "-c", PROBE], env=_env(cache), text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not (build_dir / "lock").exists():  # torch's baton: the compiler is running
             assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
             time.sleep(0.05)
-        p.send_signal(signal.SIGKILL)
+        os.killpg(p.pid, signal.SIGKILL)  # python and ninja: no late link can follow
         p.wait(timeout=60)
     finally:
         p.kill()
+    _wait_for_orphans(build_dir)
     assert (build_dir / "lock").exists()  # what the dead build left
     r = _probe(cache)
     assert "LOADED True" in r.stdout, r.stderr
