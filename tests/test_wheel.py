@@ -56,6 +56,7 @@ def test_wheel_contents(wheel):
     for f in ("kbitrt/__init__.py", "kbitrt/cli/main.py", "kbitrt/runtime/linear.py",
               "kbitrt/runtime/kernels/cpu_kernels.cpp", "kbitrt/runtime/kernels/cpu_simd.h",
               "kbitrt/runtime/kernels/cpu_layers.h", "kbitrt/runtime/kernels/cpu_rows.h",
+              "kbitrt/runtime/kernels/cpu_step.h",
               "kbitrt/runtime/kernels/cpu_pair4.h", "kbitrt/runtime/kernels/cpu_schema.h",
               "kbitrt/eval/data/README.md", "kbitrt/eval/data/wiki_en_dev.txt",
               "kbitrt/eval/data/mc/social_iqa_dev.jsonl",

@@ -48,12 +48,8 @@ from kbitrt.runtime.kernels.cpu_build import (cpu_flags, prebuilt_library, reque
                                               variants)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-HEADERS = (Path(__file__).with_name("cpu_simd.h"),  # included by SOURCE
-           Path(__file__).with_name("cpu_pair4.h"), Path(__file__).with_name("cpu_layers.h"),
-           Path(__file__).with_name("cpu_rows.h"), Path(__file__).with_name("cpu_planes.h"),
-           Path(__file__).with_name("cpu_schema.h"),
-           Path(__file__).with_name("cpu_gemm.h"),
-           Path(__file__).with_name("cpu_int8.h"), Path(__file__).with_name("cpu_gemm_int8.h"))
+# every header SOURCE includes (a new one is in the build's name and the prebuilt manifest's key)
+HEADERS = tuple(sorted(Path(__file__).parent.glob("cpu_*.h")))
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # what half_linear reads
 FUSED_MAX_ROWS = 32  # rows of x the fused kernel takes; above, the prefill GEMM (cpu_gemm.h)
 _HEAD_CHUNK = 4096  # output rows per fp32 temporary of a 16-bit head above FUSED_MAX_ROWS

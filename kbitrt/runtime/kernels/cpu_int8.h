@@ -529,6 +529,35 @@ void int8_rows(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
   }
 }
 
+// x (M, K) quantized as the rows below read it for W of `bits` in blocks of `block`
+void quantize_for(const float* x, int64_t M, int64_t K, int64_t bits, int64_t block, float cfac,
+                  QuantX& qx) {
+  quantize_x(x, M, K, cfac, qx);
+#if KBIT_INT8 == 512
+  if (bits == 4) pair_layout(M, K, qx);
+#elif KBIT_INT8 == 256
+  if (bits == 4 && block % 64 == 0) pair_layout(M, K, qx, 64);
+#endif
+  (void)bits, (void)block;
+}
+
+// rows n0..n1 of y (M, N) = x W^T (+ bias) from x quantized by quantize_for
+void int8_rows_of(const at::Tensor& qweight, const at::Tensor& absmax, const Int8Tables& t,
+                  int64_t bits, int64_t block, int64_t K, const QuantX& qx, int64_t M,
+                  const float* bias, float* y, int64_t n0, int64_t n1) {
+  const int64_t N = qweight.size(0), kp = (K + 7) / 8 * 8, nb = absmax.size(1);
+  const int64_t row_bytes = qweight.size(1);
+  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  with_bits_and_scale(bits, absmax, [&](auto tag, const auto* scale) {
+    constexpr int BITS = decltype(tag)::value;
+    using ST = std::remove_cv_t<std::remove_pointer_t<decltype(scale)>>;
+    if (BITS == 8 && t.linear8)
+      int8_rows<BITS, ST, true>(q, row_bytes, scale, nb, t, K, kp, block, qx, M, N, bias, y, n0, n1);
+    else
+      int8_rows<BITS, ST>(q, row_bytes, scale, nb, t, K, kp, block, qx, M, N, bias, y, n0, n1);
+  });
+}
+
 // the int8 paths' argument checks (x, W, blocks of 32k values), then the codebook's int8 tables
 Int8Tables checked_int8_tables(const at::Tensor& x, const at::Tensor& qweight,
                                const at::Tensor& absmax, const at::Tensor& codebook, int64_t bits,
@@ -552,27 +581,15 @@ at::Tensor kbit_linear_int8(const at::Tensor& x, const at::Tensor& qweight, cons
   const Int8Tables t = checked_int8_tables(x, qweight, absmax, codebook, bits, block_size, K);
   auto y = at::empty({M, N}, x.options());
   const float* b = bias_ptr(bias, N);
-  const int64_t kp = (K + 7) / 8 * 8, nb = absmax.size(1), row_bytes = qweight.size(1);
-  QuantX qx;
-  quantize_x(x.data_ptr<float>(), M, K, t.cfac, qx);
-#if KBIT_INT8 == 512
-  if (bits == 4) pair_layout(M, K, qx);
-#elif KBIT_INT8 == 256
-  if (bits == 4 && block_size % 64 == 0) pair_layout(M, K, qx, 64);
-#endif
-  const uint8_t* q = qweight.data_ptr<uint8_t>();
+  // reused by each thread's calls: a step's ~120 linears would otherwise allocate 4-7 buffers each
+  // (a thread_local is not captured: the workers must see this thread's through a reference)
+  static thread_local QuantX mine;
+  QuantX& qx = mine;
+  quantize_for(x.data_ptr<float>(), M, K, bits, block_size, t.cfac, qx);
   float* yp = y.data_ptr<float>();
-  auto run = [&](auto tag, const auto* scale) {
-    constexpr int BITS = decltype(tag)::value;
-    using ST = std::remove_cv_t<std::remove_pointer_t<decltype(scale)>>;
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      if (BITS == 8 && t.linear8)
-        int8_rows<BITS, ST, true>(q, row_bytes, scale, nb, t, K, kp, block_size, qx, M, N, b, yp, n0, n1);
-      else
-        int8_rows<BITS, ST>(q, row_bytes, scale, nb, t, K, kp, block_size, qx, M, N, b, yp, n0, n1);
-    });
-  };
-  with_bits_and_scale(bits, absmax, run);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    int8_rows_of(qweight, absmax, t, bits, block_size, K, qx, M, b, yp, n0, n1);
+  });
   return y;
 }
 

@@ -529,6 +529,8 @@ TORCH_LIBRARY(KBIT_NS, m) {
   m.def("kbit_linear_int8(Tensor x, Tensor qweight, Tensor absmax, Tensor codebook, Tensor? bias, "
         "int bits, int block_size, int in_features) -> Tensor");
   m.def("set_int8_activations(int mode) -> ()", &set_int8_activations);
+  m.def("set_token_region(bool on) -> ()", &set_token_region);
+  m.def("token_region_steps() -> int", &token_region_steps);
   m.def("int8_width() -> int", &int8_width);
   m.def("layer_stack_create(Tensor[] tensors, int[] config, float eps) -> int",
         &layer_stack_create);

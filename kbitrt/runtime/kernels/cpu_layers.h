@@ -24,6 +24,7 @@ struct StackLinear {
   schema::LinearKind kind = schema::LinearKind::absent;
   int64_t bits = 0, block = 0, in_features = 0;
   at::Tensor w0, w1, w2, bias;
+  std::shared_ptr<const Int8Tables> int8;  // packed, blocks of 32k: the int8 path's tables
 };
 
 struct StackLayer {
@@ -47,6 +48,7 @@ struct StackConfig {
 struct LayerStack {
   StackConfig cfg;
   std::vector<StackLayer> layers;
+  bool token_region = false;  // cpu_step.h serves its one-token steps
 };
 
 std::mutex g_stacks_mutex;
@@ -97,6 +99,13 @@ StackLayer stack_layer(const int64_t* li, const at::Tensor* t, int64_t l) {
     s.bits = ints[wi::bits], s.block = ints[wi::block], s.in_features = ints[wi::in_features];
     s.w0 = opt(ts[wt::w0]), s.w1 = opt(ts[wt::w1]), s.w2 = opt(ts[wt::w2]);
     s.bias = opt(ts[wt::bias]);
+    if (s.kind == schema::LinearKind::packed && s.block % kGroup == 0 && s.w2.defined() &&
+        s.w2.scalar_type() == at::kFloat && s.bits >= 3 && s.bits <= 8 &&
+        s.w2.numel() >= (int64_t{1} << s.bits)) {
+      auto t = std::make_shared<Int8Tables>();
+      int8_tables(s.w2.contiguous().data_ptr<float>(), static_cast<int>(s.bits), *t);
+      s.int8 = std::move(t);
+    }
     TORCH_CHECK(s.kind == schema::LinearKind::absent || s.w0.defined(), "kbitrt_cpu: layer ", l,
                 " linear ", j, " has no weight");
   }
@@ -110,6 +119,8 @@ StackLayer stack_layer(const int64_t* li, const at::Tensor* t, int64_t l) {
               "kbitrt_cpu: layer ", l, " KV cache not contiguous fp32, fp16 or bf16");
   return layer;
 }
+
+bool token_region_fits(const StackConfig& c, const std::vector<StackLayer>& layers);  // cpu_step.h
 
 // ints: the config (schema::config_int), then per layer schema::layer_int::count; tensors: per
 // layer schema::layer_tensor::count, an empty tensor where there is none
@@ -128,6 +139,7 @@ int64_t layer_stack_create(const std::vector<at::Tensor>& tensors,
     stack->layers.push_back(stack_layer(
         config.data() + schema::config_int::count + l * schema::layer_int::count,
         tensors.data() + l * schema::layer_tensor::count, l));
+  stack->token_region = token_region_fits(stack->cfg, stack->layers);
   std::lock_guard<std::mutex> lock(g_stacks_mutex);
   g_stacks[g_next_stack] = std::move(stack);
   return g_next_stack++;
@@ -214,6 +226,7 @@ at::Tensor stack_act(const StackConfig& c, const at::Tensor& x) {
 }
 
 #include "cpu_rows.h"
+#include "cpu_step.h"
 
 // Block.forward (model/decoder.py) with cpu_rows.h's loops between the linears
 at::Tensor stack_block(const StackConfig& c, const StackLayer& layer, at::Tensor x,
@@ -266,10 +279,18 @@ at::Tensor layer_stack_forward(int64_t handle, const at::Tensor& x, const at::Te
              (m.numel() == 0 || m.size(-1) == stack->layers[0].k_cache.size(2));
   if (!served) return at::empty({0}, x.options());
   at::Tensor h = x;
-  for (const StackLayer& layer : stack->layers) {
-    TORCH_CHECK(layer.mask_index < static_cast<int64_t>(masks.size()),
-                "kbitrt_cpu: a layer's mask is missing");
-    h = stack_block(stack->cfg, layer, h, input_pos, cos, sin, masks[layer.mask_index]);
+  if (token_region_serves(*stack, x, masks)) {
+    switch (stack->layers[0].k_cache.scalar_type()) {
+      case at::kHalf: h = token_region<at::Half>(*stack, x, input_pos, cos, sin); break;
+      case at::kBFloat16: h = token_region<at::BFloat16>(*stack, x, input_pos, cos, sin); break;
+      default: h = token_region<float>(*stack, x, input_pos, cos, sin); break;
+    }
+  } else {
+    for (const StackLayer& layer : stack->layers) {
+      TORCH_CHECK(layer.mask_index < static_cast<int64_t>(masks.size()),
+                  "kbitrt_cpu: a layer's mask is missing");
+      h = stack_block(stack->cfg, layer, h, input_pos, cos, sin, masks[layer.mask_index]);
+    }
   }
   if (norm_w.numel()) {  // in C++: torch's rms_norm after the layers cost ~0.2 ms, cold
     TORCH_CHECK(all_float({&norm_w, &norm_b}) && norm_w.numel() == h.size(-1) &&

@@ -10,30 +10,33 @@
 // Included by cpu_layers.h after stack_linear and stack_act.
 #pragma once
 
+// one row y = norm(x) of D values
+void norm_into(const StackConfig& c, const at::Tensor& w, const at::Tensor& b, const float* xr,
+               float* yr, int64_t D) {
+  const float* ws = w.data_ptr<float>();
+  const float* bs = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float eps = static_cast<float>(c.eps);
+  if (c.norm == schema::Norm::rmsnorm) {
+    const float inv = 1.f / std::sqrt(dot(xr, xr, D) / D + eps);
+    for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * ws[i];
+    return;
+  }
+  float mean = 0.f, var = 0.f;
+  for (int64_t i = 0; i < D; ++i) mean += xr[i];
+  mean /= D;
+  for (int64_t i = 0; i < D; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+  const float inv = 1.f / std::sqrt(var / D + eps);
+  for (int64_t i = 0; i < D; ++i) yr[i] = (xr[i] - mean) * inv * ws[i] + (bs ? bs[i] : 0.f);
+}
+
 // y = norm(x) over the last dim, a new tensor (x contiguous fp32)
 at::Tensor norm_rows(const StackConfig& c, const at::Tensor& w, const at::Tensor& b,
                      const at::Tensor& x) {
   const int64_t D = x.size(-1), rows = x.numel() / D;
   at::Tensor y = at::empty_like(x);
-  const float *xs = x.data_ptr<float>(), *ws = w.data_ptr<float>();
-  const float* bs = b.defined() ? b.data_ptr<float>() : nullptr;
+  const float* xs = x.data_ptr<float>();
   float* ys = y.data_ptr<float>();
-  const float eps = static_cast<float>(c.eps);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = xs + r * D;
-    float* yr = ys + r * D;
-    if (c.norm == schema::Norm::rmsnorm) {
-      const float inv = 1.f / std::sqrt(dot(xr, xr, D) / D + eps);
-      for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * ws[i];
-      continue;
-    }
-    float mean = 0.f, var = 0.f;
-    for (int64_t i = 0; i < D; ++i) mean += xr[i];
-    mean /= D;
-    for (int64_t i = 0; i < D; ++i) var += (xr[i] - mean) * (xr[i] - mean);
-    const float inv = 1.f / std::sqrt(var / D + eps);
-    for (int64_t i = 0; i < D; ++i) yr[i] = (xr[i] - mean) * inv * ws[i] + (bs ? bs[i] : 0.f);
-  }
+  for (int64_t r = 0; r < rows; ++r) norm_into(c, w, b, xs + r * D, ys + r * D, D);
   return y;
 }
 
@@ -75,113 +78,158 @@ inline const float* cache_floats(const C* src, int64_t n, float* buf) {
   return buf;
 }
 
-// Attention.forward: the q/k/v linears, rotary, k and v into the cache at input_pos, softmax
-// attention over the cache under the additive mask (B, 1 or nh, T, S), then the output linear.
-// C: the caches' element type (float, or at::Half / at::BFloat16 for a 16-bit cache)
-template <typename C>
-at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const at::Tensor& x,
-                          const at::Tensor& input_pos, const at::Tensor& cos,
-                          const at::Tensor& sin, const at::Tensor& mask) {
-  const int64_t B = x.size(0), T = x.size(1), nh = c.n_heads, nkv = c.n_kv_heads,
-                hd = c.head_dim, S = layer.k_cache.size(2), group = nh / nkv;
-  auto lin = [&](int j, const at::Tensor& h) {
-    return stack_linear(layer.lin[j], c.fused_max_rows, h).contiguous();
-  };
-  at::Tensor qo = lin(schema::slot::q, x), ko, vo;
-  HeadView Q{qo.data_ptr<float>(), nh * hd, hd, 0}, K{}, V{};
-  if (c.qkv == schema::Qkv::separate) {
-    ko = lin(schema::slot::k, x), vo = lin(schema::slot::v, x);
-    K = {ko.data_ptr<float>(), nkv * hd, hd, 0}, V = {vo.data_ptr<float>(), nkv * hd, hd, 0};
-  } else if (c.qkv == schema::Qkv::fused) {  // rows q | k | v
+// where a step's q, k and v sit in the q/k/v linears' outputs (separate, fused or per head)
+struct QkvViews {
+  HeadView q, k, v;
+};
+
+QkvViews qkv_views(const StackConfig& c, const float* q, const float* k, const float* v) {
+  const int64_t nh = c.n_heads, nkv = c.n_kv_heads, hd = c.head_dim;
+  if (c.qkv == schema::Qkv::separate)
+    return {{q, nh * hd, hd, 0}, {k, nkv * hd, hd, 0}, {v, nkv * hd, hd, 0}};
+  if (c.qkv == schema::Qkv::fused) {  // rows q | k | v
     const int64_t W = (nh + 2 * nkv) * hd;
-    Q.row = W, K = {Q.base, W, hd, nh * hd}, V = {Q.base, W, hd, (nh + nkv) * hd};
-  } else {  // per head q, k, v
-    const int64_t W = 3 * nh * hd;
-    Q = {Q.base, W, 3 * hd, 0}, K = {Q.base, W, 3 * hd, hd}, V = {Q.base, W, 3 * hd, 2 * hd};
+    return {{q, W, hd, 0}, {q, W, hd, nh * hd}, {q, W, hd, (nh + nkv) * hd}};
   }
-  const int64_t rd = cos.numel() ? cos.size(-1) : 0;
-  const float *cs = rd ? cos.data_ptr<float>() : nullptr, *sn = rd ? sin.data_ptr<float>() : nullptr;
-  const int64_t* pos = input_pos.data_ptr<int64_t>();
-  C *kc = layer.k_cache.data_ptr<C>(), *vc = layer.v_cache.data_ptr<C>();
-  std::vector<float> q(B * T * nh * hd);
+  const int64_t W = 3 * nh * hd;  // per head q, k, v
+  return {{q, W, 3 * hd, 0}, {q, W, 3 * hd, hd}, {q, W, 3 * hd, 2 * hd}};
+}
+
+// rotary on k and q; k and v into the caches at slots pos, q (rotated) into q_out (B, T, nh, hd)
+template <typename C>
+void write_kv_rotate_q(const StackConfig& c, const QkvViews& in, int64_t B, int64_t T, int64_t S,
+                       const float* cs, const float* sn, int64_t rd, const int64_t* pos, C* kc,
+                       C* vc, float* q_out) {
+  const int64_t nh = c.n_heads, nkv = c.n_kv_heads, hd = c.head_dim;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T; ++t) {
       const int64_t bt = b * T + t;
       const float *cr = rd ? cs + bt * rd : nullptr, *sr = rd ? sn + bt * rd : nullptr;
       for (int64_t g = 0; g < nkv; ++g) {
         C* kd = kc + ((b * nkv + g) * S + pos[t]) * hd;
-        rotate_into(K.at(bt, g), cr, sr, rd, hd, kd);  // rd = 0: copied
-        rotate_into(V.at(bt, g), nullptr, nullptr, 0, hd, vc + ((b * nkv + g) * S + pos[t]) * hd);
+        rotate_into(in.k.at(bt, g), cr, sr, rd, hd, kd);  // rd = 0: copied
+        rotate_into(in.v.at(bt, g), nullptr, nullptr, 0, hd, vc + ((b * nkv + g) * S + pos[t]) * hd);
       }
       for (int64_t h = 0; h < nh; ++h) {
-        float* qd = q.data() + (bt * nh + h) * hd;
-        if (rd) rotate_into(Q.at(bt, h), cr, sr, rd, hd, qd);
-        else std::memcpy(qd, Q.at(bt, h), sizeof(float) * hd);
+        float* qd = q_out + (bt * nh + h) * hd;
+        if (rd) rotate_into(in.q.at(bt, h), cr, sr, rd, hd, qd);
+        else std::memcpy(qd, in.q.at(bt, h), sizeof(float) * hd);
       }
     }
-  at::Tensor y = at::empty({B, T, nh * hd}, x.options());
-  float* ys = y.data_ptr<float>();
-  // an empty mask: causal with no padding, implied by the positions (token t sees the slots up
-  // to pos[t]; runtime/layer_stack.py passes it instead of building the masks every step)
-  const bool causal = mask.numel() == 0;
-  const float* ms = causal ? nullptr : mask.data_ptr<float>();
-  const int64_t mb = causal ? 0 : mask.stride(0),
-                mh = causal || mask.size(1) == 1 ? 0 : mask.stride(1),
-                mt = causal ? 0 : mask.stride(2);
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  // slots after the last one any mask row leaves open (the causal mask hides the cache's future)
-  // are neither widened nor looped over: they would add exp(-inf) = 0, the same sums
+}
+
+// the additive mask (B, 1 or nh, T, S) as attend_items reads it; none (causal): the slots up to
+// each token's position
+struct MaskView {
+  const float* m = nullptr;  // nullptr: causal, implied by the positions
+  int64_t b = 0, h = 0, t = 0;
+};
+
+MaskView mask_view(const at::Tensor& mask) {
+  if (mask.numel() == 0) return {};
+  return {mask.data_ptr<float>(), mask.stride(0), mask.size(1) == 1 ? 0 : mask.stride(1),
+          mask.stride(2)};
+}
+
+// slots after the last one any mask row leaves open (the causal mask hides the cache's future)
+// are neither widened nor looped over: they would add exp(-inf) = 0, the same sums
+int64_t live_slots(const MaskView& mv, int64_t B, int64_t nh, int64_t T, int64_t S,
+                   const int64_t* pos) {
   int64_t live = 0;
-  for (int64_t t = 0; causal && t < T; ++t) live = std::max(live, pos[t] + 1);
-  for (int64_t b = 0; !causal && b < B; ++b)
-    for (int64_t h = 0; h < (mh ? nh : 1); ++h)
+  for (int64_t t = 0; !mv.m && t < T; ++t) live = std::max(live, pos[t] + 1);
+  for (int64_t b = 0; mv.m && b < B; ++b)
+    for (int64_t h = 0; h < (mv.h ? nh : 1); ++h)
       for (int64_t t = 0; t < T; ++t) {
-        const float* mrow = ms + b * mb + h * mh + t * mt;
+        const float* mrow = mv.m + b * mv.b + h * mv.h + t * mv.t;
         for (int64_t s = S - 1; s >= live; --s)
           if (mrow[s] != -INFINITY) {
             live = s + 1;
             break;
           }
       }
-  at::parallel_for(0, B * nh * T, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(live);
-    // a 16-bit cache's head group widened once per run of items that share it (items in order:
-    // batch row, head, token; a group's heads are neighbours), into buffers each thread keeps
-    static thread_local std::vector<float> kbuf, vbuf;
-    if (!std::is_same<C, float>::value && kbuf.size() < static_cast<size_t>(live * hd))
-      kbuf.resize(live * hd), vbuf.resize(live * hd);
-    int64_t widened = -1;
-    const float *kg = nullptr, *vg = nullptr;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (nh * T), h = i / T % nh, t = i % T, g = h / group;
-      const float* qi = q.data() + ((b * T + t) * nh + h) * hd;
-      const float* mrow = causal ? nullptr : ms + b * mb + h * mh + t * mt;
-      const int64_t seen = causal ? pos[t] + 1 : live;  // slots from here on are masked
-      if (b * nkv + g != widened) {
-        widened = b * nkv + g;
-        kg = cache_floats(kc + widened * S * hd, live * hd, kbuf.data());
-        vg = cache_floats(vc + widened * S * hd, live * hd, vbuf.data());
-      }
-      float top = -INFINITY;
-      for (int64_t s = 0; s < live; ++s) {
-        if (causal)
-          p[s] = s < seen ? dot(qi, kg + s * hd, hd) * scale : -INFINITY;
-        else
-          p[s] = mrow[s] == -INFINITY ? -INFINITY : dot(qi, kg + s * hd, hd) * scale + mrow[s];
-        top = p[s] > top ? p[s] : top;
-      }
-      float total = 0.f;
-      for (int64_t s = 0; s < live; ++s)
-        total += p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - top);
-      float* yi = ys + (b * T + t) * nh * hd + h * hd;
-      std::fill(yi, yi + hd, 0.f);
-      for (int64_t s = 0; s < live; ++s) {
-        if (p[s] == 0.f) continue;
-        const float ps = p[s] / total;
-        const float* vs = vg + s * hd;
-        for (int64_t d = 0; d < hd; ++d) yi[d] += ps * vs[d];
-      }
+  return live;
+}
+
+// softmax attention for items i0..i1 (in order: batch row, head, token) of q (B, T, nh, hd) over
+// the caches' first `live` slots, into ys (B, T, nh * hd)
+template <typename C>
+void attend_items(const StackConfig& c, int64_t B, int64_t T, int64_t S, const float* q,
+                  const C* kc, const C* vc, const MaskView& mv, const int64_t* pos, int64_t live,
+                  float* ys, int64_t i0, int64_t i1) {
+  const int64_t nh = c.n_heads, nkv = c.n_kv_heads, hd = c.head_dim, group = nh / nkv;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  static thread_local std::vector<float> p;
+  p.resize(std::max<size_t>(p.size(), live));
+  // a 16-bit cache's head group widened once per run of items that share it (a group's heads
+  // are neighbours), into buffers each thread keeps
+  static thread_local std::vector<float> kbuf, vbuf;
+  if (!std::is_same<C, float>::value && kbuf.size() < static_cast<size_t>(live * hd))
+    kbuf.resize(live * hd), vbuf.resize(live * hd);
+  int64_t widened = -1;
+  const float *kg = nullptr, *vg = nullptr;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t b = i / (nh * T), h = i / T % nh, t = i % T, g = h / group;
+    const float* qi = q + ((b * T + t) * nh + h) * hd;
+    const float* mrow = mv.m ? mv.m + b * mv.b + h * mv.h + t * mv.t : nullptr;
+    const int64_t seen = mv.m ? live : pos[t] + 1;  // slots from here on are masked
+    if (b * nkv + g != widened) {
+      widened = b * nkv + g;
+      kg = cache_floats(kc + widened * S * hd, live * hd, kbuf.data());
+      vg = cache_floats(vc + widened * S * hd, live * hd, vbuf.data());
     }
+    float top = -INFINITY;
+    for (int64_t s = 0; s < live; ++s) {
+      if (!mv.m)
+        p[s] = s < seen ? dot(qi, kg + s * hd, hd) * scale : -INFINITY;
+      else
+        p[s] = mrow[s] == -INFINITY ? -INFINITY : dot(qi, kg + s * hd, hd) * scale + mrow[s];
+      top = p[s] > top ? p[s] : top;
+    }
+    float total = 0.f;
+    for (int64_t s = 0; s < live; ++s)
+      total += p[s] = p[s] == -INFINITY ? 0.f : std::exp(p[s] - top);
+    float* yi = ys + (b * T + t) * nh * hd + h * hd;
+    std::fill(yi, yi + hd, 0.f);
+    for (int64_t s = 0; s < live; ++s) {
+      if (p[s] == 0.f) continue;
+      const float ps = p[s] / total;
+      const float* vs = vg + s * hd;
+      for (int64_t d = 0; d < hd; ++d) yi[d] += ps * vs[d];
+    }
+  }
+}
+
+// Attention.forward: the q/k/v linears, rotary, k and v into the cache at input_pos, softmax
+// attention over the cache under the additive mask (B, 1 or nh, T, S; an empty one: causal with
+// no padding, implied by the positions: token t sees the slots up to pos[t], so
+// runtime/layer_stack.py need not build the masks every step), then the output linear.
+// C: the caches' element type (float, or at::Half / at::BFloat16 for a 16-bit cache)
+template <typename C>
+at::Tensor attention_rows(const StackConfig& c, const StackLayer& layer, const at::Tensor& x,
+                          const at::Tensor& input_pos, const at::Tensor& cos,
+                          const at::Tensor& sin, const at::Tensor& mask) {
+  const int64_t B = x.size(0), T = x.size(1), nh = c.n_heads, hd = c.head_dim,
+                S = layer.k_cache.size(2);
+  auto lin = [&](int j, const at::Tensor& h) {
+    return stack_linear(layer.lin[j], c.fused_max_rows, h).contiguous();
+  };
+  const at::Tensor qo = lin(schema::slot::q, x);
+  at::Tensor ko, vo;
+  if (c.qkv == schema::Qkv::separate) ko = lin(schema::slot::k, x), vo = lin(schema::slot::v, x);
+  const QkvViews views = qkv_views(c, qo.data_ptr<float>(),
+                                   ko.defined() ? ko.data_ptr<float>() : nullptr,
+                                   vo.defined() ? vo.data_ptr<float>() : nullptr);
+  const int64_t rd = cos.numel() ? cos.size(-1) : 0;
+  const float *cs = rd ? cos.data_ptr<float>() : nullptr, *sn = rd ? sin.data_ptr<float>() : nullptr;
+  const int64_t* pos = input_pos.data_ptr<int64_t>();
+  C *kc = layer.k_cache.data_ptr<C>(), *vc = layer.v_cache.data_ptr<C>();
+  std::vector<float> q(B * T * nh * hd);
+  write_kv_rotate_q(c, views, B, T, S, cs, sn, rd, pos, kc, vc, q.data());
+  at::Tensor y = at::empty({B, T, nh * hd}, x.options());
+  const MaskView mv = mask_view(mask);
+  const int64_t live = live_slots(mv, B, nh, T, S, pos);
+  at::parallel_for(0, B * nh * T, 1, [&](int64_t i0, int64_t i1) {
+    attend_items(c, B, T, S, q.data(), kc, vc, mv, pos, live, y.data_ptr<float>(), i0, i1);
   });
   return stack_linear(layer.lin[schema::slot::o], c.fused_max_rows, y);
 }
