@@ -57,17 +57,20 @@ def test_other_builds_match_twin(variant):
     _check(ops, 8, "int", SHAPES[:2], ms=(1, 5))  # AVX2: the linear 8-bit codebook, no lookups
 
 
-def test_rows_do_not_depend_on_m():
-    """A token alone and in a batch of up to FUSED_MAX_ROWS tokens gets identical outputs."""
+@pytest.mark.parametrize("build", ["native", "avx2"])
+def test_rows_do_not_depend_on_m(build):
+    """A token alone and in a batch of up to FUSED_MAX_ROWS tokens gets identical outputs (the
+    AVX2 build's decoding rows run in pairs, a batch's one at a time; 45 rows: a lone last one)."""
+    ops = torch.ops.kbitrt_cpu if build == "native" else cpu.load_variant(build)
     for bits in (4, 7):
         q, a, c = _packed(45, 576, bits, 64, "nf", seed=bits)
         x = _x(cpu.FUSED_MAX_ROWS, 576, seed=1)
-        full = torch.ops.kbitrt_cpu.kbit_linear_int8(x, q, a, c, None, bits, 64, 576)
+        full = ops.kbit_linear_int8(x, q, a, c, None, bits, 64, 576)
         for m in (1, 2, 5, cpu.FUSED_MAX_ROWS):
-            part = torch.ops.kbitrt_cpu.kbit_linear_int8(x[:m], q, a, c, None, bits, 64, 576)
+            part = ops.kbit_linear_int8(x[:m], q, a, c, None, bits, 64, 576)
             assert torch.equal(part, full[:m])
         for r in (0, 17):
-            one = torch.ops.kbitrt_cpu.kbit_linear_int8(x[r:r + 1], q, a, c, None, bits, 64, 576)
+            one = ops.kbit_linear_int8(x[r:r + 1], q, a, c, None, bits, 64, 576)
             assert torch.equal(one, full[r:r + 1])
 
 

@@ -508,13 +508,32 @@ __attribute__((always_inline)) inline void row_tile(const uint8_t* q, int64_t ro
   int8_tile<BITS, 1, MT, ST, LIN>(q, row_bytes, scale, nb, t, K, kp, B, qx, m0, out);
 }
 
+#ifndef KBIT_PAIR_ROWS
+#define KBIT_PAIR_ROWS 2
+#endif
+constexpr int kPairRows = KBIT_PAIR_ROWS;
+
 template <int BITS, typename ST, bool LIN = false>
 void int8_rows(const uint8_t* q, int64_t row_bytes, const ST* scale, int64_t nb,
                const Int8Tables& t, int64_t K, int64_t kp, int64_t B, const QuantX& qx,
                int64_t M, int64_t N, const float* bias, float* y, int64_t n0, int64_t n1) {
   auto put = [&](int64_t n, int64_t m, float v) { y[m * N + n] = bias ? v + bias[n] : v; };
   float v[4];
-  for (int64_t n = n0; n < n1; ++n) {
+  int64_t n = n0;
+#if KBIT_INT8 == 256
+  // a decoding step's AVX2 4-bit rows in pairs: the x loads and their scales shared, two
+  // independent sums in flight (each row keeps its own accumulator: the same sums)
+  if constexpr (BITS == 4 && !LIN)
+    if (B % 64 == 0 && M < 4)
+      for (; n + kPairRows <= n1; n += kPairRows)
+        for (int64_t m = 0; m < M; ++m) {
+          float o[kPairRows];
+          pair4_tile<kPairRows, 1>(q + n * row_bytes, row_bytes, scale + n * nb, nb, t, K, B, qx,
+                                   m, o);
+          for (int r = 0; r < kPairRows; ++r) put(n + r, m, o[r]);
+        }
+#endif
+  for (; n < n1; ++n) {
     const uint8_t* qn = q + n * row_bytes;
     const ST* sn = scale + n * nb;
     int64_t m = 0;
