@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cpu_decode import machine, versions  # noqa: E402
+from kbitrt.eval.results import git_commit  # noqa: E402
 
 
 def timings(fn, sweep=None, reps: int = 200) -> list[float]:
@@ -59,8 +59,7 @@ def main(argv=None) -> int:
                          "cold_us_median": statistics.median(cold)}
         print(f"{name}: warm {results[name]['warm_us_median']:.1f} us, "
               f"cold {results[name]['cold_us_median']:.1f} us", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()  # with +dirty where kbitrt/ has uncommitted changes
     record = {"kind": "cold_calls", "machine": machine(), "cores": os.cpu_count(),
               "threads": args.threads, "dim": args.dim, "sweep_mb": args.sweep_mb,
               "versions": versions(("torch", "kbitrt")), "commit": commit,

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import cpu_scaling  # noqa: E402
 from cpu_decode import machine, versions  # noqa: E402
+from kbitrt.eval.results import git_commit  # noqa: E402
 
 KBIT, LLAMA = "kbit", "llama.cpp-Q4_0"
 
@@ -111,8 +111,7 @@ def main(argv=None) -> int:
     prep = argparse.Namespace(workdir=args.workdir, runtimes=f"{KBIT},{LLAMA}", head_bits=None,
                               embedding_bits=None)
     ids = cpu_scaling.token_ids(cpu_scaling.PROMPT + cpu_scaling.NEW)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()  # with +dirty where kbitrt/ has uncommitted changes
     record = {"kind": "cpu_interleaved", "machine": machine(), "cores": os.cpu_count(),
               "threads": args.threads, "reps": args.reps, "block": args.block,
               "prompt_tokens": cpu_scaling.PROMPT, "decode_tokens": cpu_scaling.NEW,

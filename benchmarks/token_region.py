@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from cpu_decode import machine, versions  # noqa: E402
+from kbitrt.eval.results import git_commit  # noqa: E402
 
 
 def alternate(model_dir: str, tokens: int, block: int, context: int) -> dict:
@@ -90,8 +90,7 @@ def main(argv=None) -> int:
               f"({r['speedup_per_pair_range'][0]:.2f}-{r['speedup_per_pair_range'][1]:.2f})",
               flush=True)
         results.append(r)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()  # with +dirty where kbitrt/ has uncommitted changes
     record = {"kind": "token_region", "machine": machine(), "cores": os.cpu_count(),
               "threads": args.threads, "tokens": args.tokens, "block": args.block,
               "context": args.context, "versions": versions(("torch", "kbitrt")),
