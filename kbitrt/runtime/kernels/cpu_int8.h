@@ -48,7 +48,8 @@ void int8_tables(const float* cb, int bits, Int8Tables& t) {
   t.cfac = cmax / 127.f;
   // the int data type at 8 bits (padded affine: cb[c] = (c - 127) * step, kernels/reference.py
   // pad_codebook): cbq = c - 127 and cfac = step, exact, and no lookups on AVX2
-  const float step = (cb[255] - cb[0]) / 255.f;
+  // (cb holds 1 << bits values: entries 127 and 255 are read at 8 bits only)
+  const float step = bits == 8 ? (cb[255] - cb[0]) / 255.f : 0.f;
   t.linear8 = bits == 8 && step > 0.f && cb[127] == 0.f;
   for (int c = 0; c < 256 && t.linear8; ++c)
     t.linear8 = std::fabs(cb[c] - (c - 127) * step) <= 1e-6f * std::fabs(cb[0]);

@@ -30,12 +30,15 @@ int64_t token_region_steps() { return g_token_region_steps.load(); }
 bool token_region_fits(const StackConfig& c, const std::vector<StackLayer>& layers) {
   if (c.parallel_residual || c.post_norm || c.residual_from_norm || c.act == schema::Act::gelu_new)
     return false;
-  for (const StackLayer& layer : layers)
+  for (const StackLayer& layer : layers) {
+    // token_region<C> reads every cache as layer 0's type (a mismatch would throw inside it)
+    if (layer.k_cache.scalar_type() != layers[0].k_cache.scalar_type()) return false;
     for (const StackLinear& s : layer.lin)
       if (s.kind != schema::LinearKind::absent &&
           (s.kind != schema::LinearKind::packed || !s.int8 ||
            (s.bias.defined() && (s.bias.scalar_type() != at::kFloat || !s.bias.is_contiguous()))))
         return false;
+  }
   return !layers.empty();
 }
 
@@ -149,14 +152,18 @@ template <typename C>
 at::Tensor token_region(const LayerStack& st, const at::Tensor& x, const at::Tensor& input_pos,
                         const at::Tensor& cos, const at::Tensor& sin) {
   const StackConfig& c = st.cfg;
-  const StackLayer& first = st.layers[0];
   const int64_t D = x.size(-1), heads = c.n_heads * c.head_dim;
   at::Tensor out = x.contiguous().clone();
   float* xs = out.data_ptr<float>();
   const int64_t* pos = input_pos.data_ptr<int64_t>();
   const int64_t rd = cos.numel() ? cos.size(-1) : 0;
   const float *cs = rd ? cos.data_ptr<float>() : nullptr, *sn = rd ? sin.data_ptr<float>() : nullptr;
-  auto width = [&](int j) { return first.lin[j].kind == schema::LinearKind::absent ? 0 : first.lin[j].w0.size(0); };
+  auto width = [&](int j) {  // the widest layer's (buffers shared by every layer)
+    int64_t w = 0;
+    for (const StackLayer& layer : st.layers)
+      if (layer.lin[j].kind != schema::LinearKind::absent) w = std::max(w, layer.lin[j].w0.size(0));
+    return w;
+  };
   namespace sl = schema::slot;
   TokenBuffers buf{std::vector<float>(width(sl::q)), std::vector<float>(width(sl::k)),
                    std::vector<float>(width(sl::v)), std::vector<float>(heads),
