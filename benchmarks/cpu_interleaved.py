@@ -105,6 +105,10 @@ def main(argv=None) -> int:
                                              / "cpu-scaling"))
     ap.add_argument("-o", "--output", default=None)
     args = ap.parse_args(argv)
+    unknown = [s for s in args.sizes.split(",") if s not in cpu_scaling.SHAPES]
+    if unknown or cpu_scaling.NEW % args.block:
+        ap.error(f"sizes are {', '.join(cpu_scaling.SHAPES)} (got {', '.join(unknown)})" if unknown
+                 else f"--block must divide {cpu_scaling.NEW}")
     import torch
 
     torch.set_num_threads(args.threads)

@@ -83,8 +83,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
     results = []
+    from kbitrt.errors import KbitError
+
     for m in args.models:
-        r = alternate(m, args.tokens, args.block, args.context)
+        try:
+            r = alternate(m, args.tokens, args.block, args.context)
+        except KbitError as e:  # a wrong path, not a kbit folder: one line, nothing written
+            print(f"token_region: {e}", file=sys.stderr)
+            return 2
         print(f"{m}: loops {r['loops_tok_s_median']:.1f} tok/s, region "
               f"{r['region_tok_s_median']:.1f} tok/s, per pair {r['speedup_per_pair_median']:.3f}x "
               f"({r['speedup_per_pair_range'][0]:.2f}-{r['speedup_per_pair_range'][1]:.2f})",
