@@ -49,6 +49,7 @@ struct LayerStack {
   StackConfig cfg;
   std::vector<StackLayer> layers;
   bool token_region = false;  // cpu_step.h serves its one-token steps
+  std::vector<int64_t> widths;  // the packed linears' distinct bit widths (int8_for, per step)
 };
 
 std::mutex g_stacks_mutex;
@@ -140,6 +141,11 @@ int64_t layer_stack_create(const std::vector<at::Tensor>& tensors,
         config.data() + schema::config_int::count + l * schema::layer_int::count,
         tensors.data() + l * schema::layer_tensor::count, l));
   stack->token_region = token_region_fits(stack->cfg, stack->layers);
+  for (const StackLayer& layer : stack->layers)
+    for (const StackLinear& s : layer.lin)
+      if (s.kind == schema::LinearKind::packed &&
+          std::find(stack->widths.begin(), stack->widths.end(), s.bits) == stack->widths.end())
+        stack->widths.push_back(s.bits);
   std::lock_guard<std::mutex> lock(g_stacks_mutex);
   g_stacks[g_next_stack] = std::move(stack);
   return g_next_stack++;

@@ -48,9 +48,8 @@ bool token_region_serves(const LayerStack& st, const at::Tensor& x,
   if (!st.token_region || !g_token_region.load() || x.size(0) * x.size(1) != 1) return false;
   for (const at::Tensor& m : masks)
     if (m.numel()) return false;
-  for (const StackLayer& layer : st.layers)
-    for (const StackLinear& s : layer.lin)
-      if (s.kind != schema::LinearKind::absent && !int8_for(s.bits)) return false;
+  for (int64_t bits : st.widths)
+    if (!int8_for(bits)) return false;
   return true;
 }
 
@@ -61,12 +60,15 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int64_t unit, int tid, int t
   return {std::min(n, units * tid / team * unit), std::min(n, units * (tid + 1) / team * unit)};
 }
 
-// rows n0..n1 of y = h W^T (+ bias) for one token, h quantized into this thread's qx
+// rows n0..n1 (and m0..m1) of y = h W^T (+ bias) for one token, h quantized once into this
+// thread's qx
 void token_rows(const StackLinear& s, const float* h, QuantX& qx, float* y, int64_t n0,
-                int64_t n1) {
+                int64_t n1, int64_t m0 = 0, int64_t m1 = 0) {
   quantize_for(h, 1, s.in_features, s.bits, s.block, s.int8->cfac, qx);
   const float* bias = s.bias.defined() ? s.bias.data_ptr<float>() : nullptr;
   int8_rows_of(s.w0, s.w1, *s.int8, s.bits, s.block, s.in_features, qx, 1, bias, y, n0, n1);
+  if (m1 > m0)
+    int8_rows_of(s.w0, s.w1, *s.int8, s.bits, s.block, s.in_features, qx, 1, bias, y, m0, m1);
 }
 
 // act(g[a:b]) in place as stack_act computes it (torch's kernel on the slice)
@@ -124,14 +126,9 @@ void token_layer(const StackConfig& c, const StackLayer& layer, float* xs, int64
   const auto [a, b] = share(H, 64, tid, team);
   float* g = c.mlp == schema::Mlp::gated ? buf.gate.data() : buf.up.data();
   if (c.mlp == schema::Mlp::gated_fused) {  // rows gate | up: this thread's of each
-    quantize_for(h, 1, D, lin[sl::up].bits, lin[sl::up].block, lin[sl::up].int8->cfac, qx);
-    const float* bias = lin[sl::up].bias.defined() ? lin[sl::up].bias.data_ptr<float>() : nullptr;
-    const StackLinear& s = lin[sl::up];
-    int8_rows_of(s.w0, s.w1, *s.int8, s.bits, s.block, D, qx, 1, bias, g, a, b);
-    int8_rows_of(s.w0, s.w1, *s.int8, s.bits, s.block, D, qx, 1, bias, g, H + a, H + b);
+    token_rows(lin[sl::up], h, qx, g, a, b, H + a, H + b);
   } else {
-    const auto [u0, u1] = std::make_pair(a, b);
-    token_rows(lin[sl::up], h, qx, buf.up.data(), u0, u1);
+    token_rows(lin[sl::up], h, qx, buf.up.data(), a, b);
     if (c.mlp == schema::Mlp::gated) token_rows(lin[sl::gate], h, qx, g, a, b);
   }
   try {
